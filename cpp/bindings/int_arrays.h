@@ -18,40 +18,56 @@ namespace nb = nanobind;
 template <typename T>
 using CpuVector = nb::ndarray<const T, nb::ndim<1>, nb::device::cpu, nb::c_contig>;
 
+// Lists and tuples are checked for first: asking them for the array protocols is slow,
+// and they are what most callers pass.
+inline bool is_list_or_tuple(nb::handle obj) { return PyList_Check(obj.ptr()) || PyTuple_Check(obj.ptr()); }
+
+// Converts any sequence of Python ints, checking that each fits in T.
+template <typename T>
+std::vector<T> read_int_sequence(nb::handle obj, const char* arg) {
+  PyObject* seq = PySequence_Fast(obj.ptr(), "");
+  if (!seq) {
+    PyErr_Clear();
+    throw nb::type_error((std::string(arg) + ": expected a sequence of ints or a 1-D int array").c_str());
+  }
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+  PyObject** items = PySequence_Fast_ITEMS(seq);
+  std::vector<T> out(n);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    int overflow = 0;
+    long long v = PyLong_AsLongLongAndOverflow(items[i], &overflow);
+    if (v == -1 && PyErr_Occurred()) {
+      PyErr_Clear();
+      Py_DECREF(seq);
+      throw nb::type_error((std::string(arg) + "[" + std::to_string(i) + "]: expected an int").c_str());
+    }
+    if (overflow || v < std::numeric_limits<T>::min() || v > std::numeric_limits<T>::max()) {
+      Py_DECREF(seq);
+      throw nb::value_error((std::string(arg) + "[" + std::to_string(i) + "]: expected an int that fits in " +
+                             (sizeof(T) == 4 ? "int32" : "int64")).c_str());
+    }
+    out[i] = static_cast<T>(v);
+  }
+  Py_DECREF(seq);
+  return out;
+}
+
 // A read-only view of int64 values, borrowed from an int64 array or owned after conversion.
 class Int64Input {
  public:
   Int64Input(nb::handle obj, const char* arg) {
     CpuVector<int64_t> i64;
-    if (nb::try_cast(obj, i64, /*convert=*/false)) {
+    CpuVector<int32_t> i32;
+    if (!is_list_or_tuple(obj) && nb::try_cast(obj, i64, /*convert=*/false)) {
       data_ = i64.data();
       size_ = static_cast<int64_t>(i64.shape(0));
       keep_alive_ = nb::borrow(obj);
       return;
     }
-    CpuVector<int32_t> i32;
-    if (nb::try_cast(obj, i32, /*convert=*/false)) {
+    if (!is_list_or_tuple(obj) && nb::try_cast(obj, i32, /*convert=*/false)) {
       owned_.assign(i32.data(), i32.data() + i32.shape(0));
     } else {
-      PyObject* seq = PySequence_Fast(obj.ptr(), "");
-      if (!seq) {
-        PyErr_Clear();
-        throw nb::type_error((std::string(arg) + ": expected a sequence of ints or a 1-D int array").c_str());
-      }
-      const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-      PyObject** items = PySequence_Fast_ITEMS(seq);
-      owned_.resize(n);
-      for (Py_ssize_t i = 0; i < n; ++i) {
-        int overflow = 0;
-        long long v = PyLong_AsLongLongAndOverflow(items[i], &overflow);
-        if (overflow || (v == -1 && PyErr_Occurred())) {
-          PyErr_Clear();
-          Py_DECREF(seq);
-          throw nb::type_error((std::string(arg) + "[" + std::to_string(i) + "]: expected an int64").c_str());
-        }
-        owned_[i] = v;
-      }
-      Py_DECREF(seq);
+      owned_ = read_int_sequence<int64_t>(obj, arg);
     }
     data_ = owned_.data();
     size_ = static_cast<int64_t>(owned_.size());
@@ -69,19 +85,24 @@ class Int64Input {
 
 // Token ids: int32 in the core, checked to fit.
 inline std::vector<int32_t> token_ids(nb::handle obj, const char* arg) {
-  CpuVector<int32_t> i32;
-  if (nb::try_cast(obj, i32, /*convert=*/false)) return {i32.data(), i32.data() + i32.shape(0)};
-  Int64Input values(obj, arg);
-  std::vector<int32_t> out(values.size());
-  for (int64_t i = 0; i < values.size(); ++i) {
-    int64_t v = values.data()[i];
-    if (v < std::numeric_limits<int32_t>::min() || v > std::numeric_limits<int32_t>::max()) {
-      throw nb::value_error((std::string(arg) + "[" + std::to_string(i) + "] = " + std::to_string(v) +
-                             " does not fit in int32").c_str());
+  if (!is_list_or_tuple(obj)) {
+    CpuVector<int32_t> i32;
+    if (nb::try_cast(obj, i32, /*convert=*/false)) return {i32.data(), i32.data() + i32.shape(0)};
+    CpuVector<int64_t> i64;
+    if (nb::try_cast(obj, i64, /*convert=*/false)) {
+      std::vector<int32_t> out(i64.shape(0));
+      for (size_t i = 0; i < out.size(); ++i) {
+        int64_t v = i64.data()[i];
+        if (v < std::numeric_limits<int32_t>::min() || v > std::numeric_limits<int32_t>::max()) {
+          throw nb::value_error((std::string(arg) + "[" + std::to_string(i) + "] = " + std::to_string(v) +
+                                 " does not fit in int32").c_str());
+        }
+        out[i] = static_cast<int32_t>(v);
+      }
+      return out;
     }
-    out[i] = static_cast<int32_t>(v);
   }
-  return out;
+  return read_int_sequence<int32_t>(obj, arg);
 }
 
 }  // namespace pagedlm::bindings

@@ -1,0 +1,91 @@
+"""The `pagedlm` command: `info` (build and GPU), `demo` (the block manager serving a
+simulated workload)."""
+import argparse
+import statistics
+import sys
+
+
+def _info(args):
+    import pagedlm
+    from pagedlm import _C
+
+    print(f"pagedlm {pagedlm.__version__}")
+    print(f"python {sys.version.split()[0]}")
+    if _C.cuda_compiled:
+        major, minor = divmod(_C.cuda_runtime_version // 10, 100)
+        print(f"CUDA kernels: compiled in (CUDA runtime {major}.{minor}, linked statically)")
+    else:
+        print("CUDA kernels: not compiled (CPU path only)")
+    devices, why_none = _C.cuda_devices()
+    if devices:
+        for d in devices:
+            cc = ".".join(map(str, d["compute_capability"]))
+            print(f"GPU {d['index']}: {d['name']}, compute capability {cc}, "
+                  f"{d['multiprocessors']} SMs, {d['total_memory'] / 2**30:.1f} GiB")
+    else:
+        print(f"GPU: none visible ({why_none})")
+    try:
+        import torch
+        print(f"torch {torch.__version__}")
+    except ImportError:
+        print("torch: not installed (needed for pagedlm.ops)")
+
+
+def _demo(args):
+    from tqdm import tqdm
+
+    import pagedlm
+    from pagedlm.workload import simulate, synthetic_requests
+
+    requests = synthetic_requests(args.requests, seed=args.seed)
+    bm = pagedlm.BlockManager(args.num_blocks, args.block_size, enable_prefix_caching=not args.no_prefix_caching)
+    print(f"Serving {len(requests)} simulated requests with {bm!r}")
+    with tqdm(unit=" steps", disable=args.quiet) as bar:
+        stats = simulate(bm, requests, max_running=args.max_running, seed=args.seed,
+                         on_step=lambda step, s: bar.update(1))
+    kv = bm.stats()
+    print()
+    rows = [
+        ("decode steps", f"{stats.steps:,}"),
+        ("tokens generated", f"{stats.generated_tokens:,}"),
+        ("prompt tokens", f"{stats.prompt_tokens:,}"),
+        ("  served from the prefix cache", f"{stats.cached_prompt_tokens:,} "
+                                           f"({stats.cached_prompt_tokens / max(stats.prompt_tokens, 1):.0%})"),
+        ("copy-on-write block copies", f"{stats.cow_copies:,}"),
+        ("preemptions (recomputed later)", f"{stats.preemptions:,}"),
+        ("KV utilization, paged (median step)", f"{statistics.median(stats.paged_utilization):.1%}"),
+        ("KV utilization, max-length reservation", f"{statistics.median(stats.reserved_utilization):.1%}"),
+        ("blocks cached for reuse at the end", f"{kv['cached_blocks']:,}"),
+        ("cached blocks evicted (LRU)", f"{kv['evictions']:,}"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="pagedlm", description="Paged KV-cache kernels for LLM inference.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    info = sub.add_parser("info", help="version, CUDA build and visible GPUs")
+    info.set_defaults(func=_info)
+
+    demo = sub.add_parser("demo", help="the block manager serving a simulated workload")
+    demo.add_argument("--requests", type=int, default=1000)
+    demo.add_argument("--num-blocks", type=int, default=16384)
+    demo.add_argument("--block-size", type=int, default=16)
+    demo.add_argument("--max-running", type=int, default=256)
+    demo.add_argument("--no-prefix-caching", action="store_true")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--quiet", action="store_true", help="no progress bar")
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Installs pagedlm and its test dependencies into .venv, builds and runs the C++ unit tests,
+# then runs pytest. The CUDA kernels are compiled whenever nvcc is present (nothing runs
+# them without a GPU; `pytest -m gpu` does on a GPU machine). Exits non-zero on any failure.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}"
+
+# C++ test dependencies (GoogleTest, Google Benchmark) from the system's packages.
+if ! dpkg -s libgtest-dev libbenchmark-dev >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libgtest-dev libbenchmark-dev
+  else
+    echo "tools/test.sh: install libgtest-dev and libbenchmark-dev (GoogleTest, Google Benchmark)" >&2
+    exit 1
+  fi
+fi
+
+[ -x .venv/bin/python ] || python3 -m venv .venv
+PY=.venv/bin/python
+$PY -m pip install -q --upgrade pip
+$PY -m pip install -q "torch==${PAGEDLM_TEST_TORCH:-2.13.0}" scikit-build-core nanobind
+$PY -m pip install -q --no-build-isolation ".[test]"
+
+if command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ]; then
+  $PY -c "import pagedlm._C as C; assert C.cuda_compiled, 'nvcc is here but the CUDA kernels were not built'"
+fi
+.venv/bin/pagedlm info
+
+cmake -S . -B build/cpp -G Ninja -DPAGEDLM_BUILD_TESTS=ON -DPAGEDLM_CUDA=OFF -DCMAKE_BUILD_TYPE=Release >/dev/null
+cmake --build build/cpp
+ctest --test-dir build/cpp --output-on-failure
+
+$PY -m pytest -q "$@"
