@@ -66,7 +66,7 @@ BlockId BlockManager::take_block() {
   BlockId block;
   if (free_count_ > 0) {
     block = free_ring_[free_head_];
-    free_head_ = (free_head_ + 1) % num_blocks_;
+    if (++free_head_ == num_blocks_) free_head_ = 0;  // a branch, not a division: this is the hot path
     --free_count_;
   } else {
     block = lru_head_;  // callers have checked num_free_blocks(), so this is a block
@@ -83,7 +83,8 @@ void BlockManager::release(BlockId block) {
   if (prefix_caching_ && cache_id_[block] != 0) {
     lru_push_back(block);
   } else {
-    free_ring_[(free_head_ + free_count_) % num_blocks_] = block;
+    int32_t tail = free_head_ + free_count_;
+    free_ring_[tail >= num_blocks_ ? tail - num_blocks_ : tail] = block;
     ++free_count_;
   }
 }
@@ -186,7 +187,8 @@ int64_t BlockManager::allocate(SeqId seq_id, const TokenId* tokens, int64_t n) {
   }
 
   for (BlockId block : hits) acquire(block);
-  seq.blocks = hits;
+  seq.blocks.reserve(hits.size() + needed);
+  seq.blocks.assign(hits.begin(), hits.end());
   for (int64_t i = 0; i < needed; ++i) seq.blocks.push_back(take_block());
   seq.num_tokens = n;
   const int64_t cached_tokens = static_cast<int64_t>(hits.size()) * block_size_;
