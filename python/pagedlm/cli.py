@@ -1,5 +1,5 @@
 """The `pagedlm` command: `info` (build and GPU), `demo` (the block manager serving a
-simulated workload)."""
+simulated workload), `scaling` (parameter, FLOP and memory estimators, scaling laws)."""
 import argparse
 import statistics
 import sys
@@ -79,13 +79,16 @@ def build_parser():
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(func=_demo)
+
+    from pagedlm.scaling.cli import add_parser as add_scaling_parser
+    add_scaling_parser(sub)
     return parser
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    args.func(args)
+    return args.func(args) or 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
