@@ -8,5 +8,6 @@ namespace pagedlm::bindings {
 void bind_errors(nanobind::module_& m);
 void bind_block_manager(nanobind::module_& m);
 void bind_build_info(nanobind::module_& m);
+void bind_ops(nanobind::module_& m);
 
 }  // namespace pagedlm::bindings

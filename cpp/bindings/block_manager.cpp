@@ -23,7 +23,7 @@ template <typename T, size_t Rank>
 nb::ndarray<nb::numpy, T, nb::ndim<Rank>> new_numpy(const size_t (&shape)[Rank], T** data) {
   size_t size = 1;
   for (size_t extent : shape) size *= extent;
-  auto buffer = std::make_unique<T[]>(size == 0 ? 1 : size);
+  std::unique_ptr<T[]> buffer(new T[size == 0 ? 1 : size]);  // not zeroed: the caller fills it
   *data = buffer.get();
   nb::capsule owner(buffer.release(), [](void* p) noexcept { delete[] static_cast<T*>(p); });
   return nb::ndarray<nb::numpy, T, nb::ndim<Rank>>(*data, Rank, shape, owner);

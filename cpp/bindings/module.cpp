@@ -49,4 +49,5 @@ NB_MODULE(_C, m) {
   pagedlm::bindings::bind_errors(m);
   pagedlm::bindings::bind_block_manager(m);
   pagedlm::bindings::bind_build_info(m);
+  pagedlm::bindings::bind_ops(m);
 }

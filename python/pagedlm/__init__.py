@@ -17,10 +17,14 @@ _LAZY = {
     "OutOfBlocksError": "pagedlm._C",
 }
 
-__all__ = ["__version__", *_LAZY]
+_SUBMODULES = ("ops", "scaling", "workload")
+
+__all__ = ["__version__", *_LAZY, *_SUBMODULES]
 
 
 def __getattr__(name):
+    if name in _SUBMODULES:
+        return import_module(f"pagedlm.{name}")
     if name in _LAZY:
         value = getattr(import_module(_LAZY[name]), name)
         globals()[name] = value

@@ -1,0 +1,273 @@
+// Kernel bindings: check every argument, then dispatch to the CPU path or the CUDA
+// launcher by where the tensors live. Outputs are written in place (declared noconvert so
+// that nanobind never hands a kernel a temporary copy).
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/optional.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+
+#include "bindings.h"
+#include "pagedlm/errors.h"
+#include "pagedlm/kv_cache.h"
+#include "pagedlm/paged_decode.h"
+#include "tensor_checks.h"
+
+#ifdef PAGEDLM_WITH_CUDA
+#include "launchers.h"
+#endif
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+namespace pagedlm::bindings {
+namespace {
+
+void check_cuda(int code, const char* op) {
+#ifdef PAGEDLM_WITH_CUDA
+  if (code != 0) throw std::runtime_error(std::string(op) + ": CUDA error: " + cuda::error_string(code));
+#else
+  (void)code;
+  (void)op;
+#endif
+}
+
+[[noreturn]] void no_cuda(const char* op) {
+  throw nb::value_error((std::string(op) + ": got CUDA tensors, but pagedlm was built without CUDA").c_str());
+}
+
+template <typename T>
+void expect_float_like(const T& t, DType dtype, const char* arg, const char* reference) {
+  if (float_dtype(t, arg) != dtype) {
+    throw nb::type_error((std::string(arg) + ": dtype must match " + reference).c_str());
+  }
+}
+
+// [num_blocks, block_size, num_kv_heads, head_dim], contiguous; returns its dtype.
+template <typename T>
+DType check_cache(const T& cache, const char* arg) {
+  expect_rank(cache, 4, arg);
+  expect_contiguous(cache, arg);
+  return float_dtype(cache, arg);
+}
+
+template <typename A, typename B>
+void expect_same_shape(const A& a, const B& b, const char* arg, const char* reference) {
+  bool same = a.ndim() == b.ndim();
+  for (size_t i = 0; same && i < a.ndim(); ++i) same = a.shape(i) == b.shape(i);
+  if (!same) fail(arg, "shape " + shape_str(a) + " must equal the shape of " + reference + " " + shape_str(b));
+}
+
+void write_kv_cache(Tensor key, Tensor value, MutTensor key_cache, MutTensor value_cache, Tensor slot_mapping,
+                    uintptr_t stream) {
+  const DType dtype = check_cache(key_cache, "key_cache");
+  check_cache(value_cache, "value_cache");
+  expect_same_shape(value_cache, key_cache, "value_cache", "key_cache");
+  expect_float_like(value_cache, dtype, "value_cache", "key_cache");
+  const int64_t num_kv_heads = key_cache.shape(2), head_dim = key_cache.shape(3);
+  for (auto [t, arg] : {std::pair<const Tensor&, const char*>{key, "key"}, {value, "value"}}) {
+    expect_rank(t, 3, arg);
+    expect_dim(t, 1, num_kv_heads, arg, "num_kv_heads of the cache");
+    expect_dim(t, 2, head_dim, arg, "head_dim of the cache");
+    expect_float_like(t, dtype, arg, "key_cache");
+    if ((t.shape(2) > 1 && t.stride(2) != 1) || (t.shape(1) > 1 && t.stride(1) != head_dim)) {
+      fail(arg, "each token's heads must be contiguous (strides [*, head_dim, 1])");
+    }
+  }
+  expect_same_shape(value, key, "value", "key");
+  expect_rank(slot_mapping, 1, "slot_mapping");
+  expect_int(slot_mapping, 64, "slot_mapping");
+  expect_contiguous(slot_mapping, "slot_mapping");
+  expect_dim(slot_mapping, 0, key.shape(0), "slot_mapping", "num_tokens of key");
+
+  const Placement where = placement_of(key_cache);
+  expect_same_placement(value_cache, where, "value_cache", "key_cache");
+  expect_same_placement(key, where, "key", "key_cache");
+  expect_same_placement(value, where, "value", "key_cache");
+  expect_same_placement(slot_mapping, where, "slot_mapping", "key_cache");
+
+  WriteKVCacheParams p;
+  p.key = key.data();
+  p.value = value.data();
+  p.key_cache = key_cache.data();
+  p.value_cache = value_cache.data();
+  p.slot_mapping = static_cast<const int64_t*>(slot_mapping.data());
+  p.num_tokens = key.shape(0);
+  p.key_stride = key.shape(0) > 1 ? key.stride(0) : num_kv_heads * head_dim;
+  p.value_stride = value.shape(0) > 1 ? value.stride(0) : num_kv_heads * head_dim;
+  p.num_slots = static_cast<int64_t>(key_cache.shape(0)) * key_cache.shape(1);
+  p.num_kv_heads = static_cast<int32_t>(num_kv_heads);
+  p.head_dim = static_cast<int32_t>(head_dim);
+  p.dtype = dtype;
+  if (!where.cuda) {
+    nb::gil_scoped_release release;
+    write_kv_cache_cpu(p);
+    return;
+  }
+#ifdef PAGEDLM_WITH_CUDA
+  check_cuda(cuda::write_kv_cache(p, reinterpret_cast<void*>(stream)), "write_kv_cache");
+#else
+  (void)stream;
+  no_cuda("write_kv_cache");
+#endif
+}
+
+void copy_blocks(MutTensor key_cache, MutTensor value_cache, Tensor block_mapping, uintptr_t stream) {
+  const DType dtype = check_cache(key_cache, "key_caches[i]");
+  check_cache(value_cache, "value_caches[i]");
+  expect_same_shape(value_cache, key_cache, "value_caches[i]", "key_caches[i]");
+  expect_float_like(value_cache, dtype, "value_caches[i]", "key_caches[i]");
+  expect_rank(block_mapping, 2, "block_mapping");
+  expect_int(block_mapping, 64, "block_mapping");
+  expect_contiguous(block_mapping, "block_mapping");
+  expect_dim(block_mapping, 1, 2, "block_mapping", "(src, dst)");
+  const Placement where = placement_of(key_cache);
+  expect_same_placement(value_cache, where, "value_caches[i]", "key_caches[i]");
+  expect_same_placement(block_mapping, where, "block_mapping", "the caches");
+
+  CopyBlocksParams p;
+  p.key_cache = key_cache.data();
+  p.value_cache = value_cache.data();
+  p.block_mapping = static_cast<const int64_t*>(block_mapping.data());
+  p.num_pairs = block_mapping.shape(0);
+  p.num_blocks = key_cache.shape(0);
+  p.block_elems = static_cast<int64_t>(key_cache.shape(1)) * key_cache.shape(2) * key_cache.shape(3);
+  p.dtype = dtype;
+  if (!where.cuda) {
+    nb::gil_scoped_release release;
+    copy_blocks_cpu(p);
+    return;
+  }
+#ifdef PAGEDLM_WITH_CUDA
+  check_cuda(cuda::copy_blocks(p, reinterpret_cast<void*>(stream)), "copy_blocks");
+#else
+  (void)stream;
+  no_cuda("copy_blocks");
+#endif
+}
+
+void paged_decode(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, Tensor seq_lens,
+                  MutTensor out, std::optional<MutTensor> lse, double scale, int64_t sliding_window, double soft_cap,
+                  std::optional<MutTensor> workspace, uintptr_t stream) {
+  const DType dtype = check_cache(key_cache, "key_cache");
+  check_cache(value_cache, "value_cache");
+  expect_same_shape(value_cache, key_cache, "value_cache", "key_cache");
+  expect_float_like(value_cache, dtype, "value_cache", "key_cache");
+  const int64_t num_blocks = key_cache.shape(0), block_size = key_cache.shape(1);
+  const int64_t num_kv_heads = key_cache.shape(2), head_dim = key_cache.shape(3);
+
+  expect_rank(query, 3, "query");
+  expect_contiguous(query, "query");
+  expect_float_like(query, dtype, "query", "key_cache");
+  const int64_t batch = query.shape(0), num_heads = query.shape(1);
+  expect_dim(query, 2, head_dim, "query", "head_dim of the cache");
+  if (num_kv_heads == 0 || num_heads % num_kv_heads != 0) {
+    fail("query", "num_heads (" + std::to_string(num_heads) + ") must be a multiple of the cache's num_kv_heads (" +
+                      std::to_string(num_kv_heads) + ")");
+  }
+  expect_rank(block_tables, 2, "block_tables");
+  expect_int(block_tables, 32, "block_tables");
+  expect_contiguous(block_tables, "block_tables");
+  expect_dim(block_tables, 0, batch, "block_tables", "batch");
+  expect_rank(seq_lens, 1, "seq_lens");
+  expect_int(seq_lens, 32, "seq_lens");
+  expect_contiguous(seq_lens, "seq_lens");
+  expect_dim(seq_lens, 0, batch, "seq_lens", "batch");
+  expect_same_shape(out, query, "out", "query");
+  expect_contiguous(out, "out");
+  expect_float_like(out, dtype, "out", "query");
+  if (lse) {
+    expect_rank(*lse, 2, "lse");
+    expect_dim(*lse, 0, batch, "lse", "batch");
+    expect_dim(*lse, 1, num_heads, "lse", "num_heads");
+    expect_contiguous(*lse, "lse");
+    if (float_dtype(*lse, "lse") != DType::f32) throw nb::type_error("lse: dtype must be float32");
+  }
+  if (sliding_window < 0) fail("sliding_window", "must be positive or None");
+  if (soft_cap < 0) fail("soft_cap", "must be positive or None");
+
+  const Placement where = placement_of(query);
+  expect_same_placement(key_cache, where, "key_cache", "query");
+  expect_same_placement(value_cache, where, "value_cache", "query");
+  expect_same_placement(block_tables, where, "block_tables", "query");
+  expect_same_placement(seq_lens, where, "seq_lens", "query");
+  expect_same_placement(out, where, "out", "query");
+  if (lse) expect_same_placement(*lse, where, "lse", "query");
+
+  PagedDecodeParams p;
+  p.query = query.data();
+  p.key_cache = key_cache.data();
+  p.value_cache = value_cache.data();
+  p.block_tables = static_cast<const int32_t*>(block_tables.data());
+  p.seq_lens = static_cast<const int32_t*>(seq_lens.data());
+  p.out = out.data();
+  p.lse = lse ? static_cast<float*>(lse->data()) : nullptr;
+  p.dtype = dtype;
+  p.batch = static_cast<int32_t>(batch);
+  p.num_heads = static_cast<int32_t>(num_heads);
+  p.num_kv_heads = static_cast<int32_t>(num_kv_heads);
+  p.head_dim = static_cast<int32_t>(head_dim);
+  p.block_size = static_cast<int32_t>(block_size);
+  p.num_blocks = static_cast<int32_t>(num_blocks);
+  p.max_blocks_per_seq = static_cast<int32_t>(block_tables.shape(1));
+  p.scale = static_cast<float>(scale);
+  p.sliding_window = static_cast<int32_t>(sliding_window);
+  p.soft_cap = static_cast<float>(soft_cap);
+  if (!where.cuda) {
+    nb::gil_scoped_release release;
+    paged_decode_cpu(p);
+    return;
+  }
+#ifdef PAGEDLM_WITH_CUDA
+  if (head_dim != 64 && head_dim != 128 && head_dim != 256) {
+    fail("query", "head_dim " + std::to_string(head_dim) + " is not supported on CUDA (64, 128 or 256)");
+  }
+  cuda::DecodeWorkspace ws;
+  if (workspace) {
+    expect_same_placement(*workspace, where, "workspace", "query");
+    expect_contiguous(*workspace, "workspace");
+    ws.data = workspace->data();
+    ws.bytes = workspace->nbytes();
+  }
+  check_cuda(cuda::paged_decode(p, ws, reinterpret_cast<void*>(stream)), "paged_decode_attention");
+#else
+  (void)workspace;
+  (void)stream;
+  no_cuda("paged_decode_attention");
+#endif
+}
+
+void check_paged_decode_values(Tensor block_tables, Tensor seq_lens, int64_t block_size, int64_t num_blocks) {
+  expect_rank(block_tables, 2, "block_tables");
+  expect_int(block_tables, 32, "block_tables");
+  expect_contiguous(block_tables, "block_tables");
+  expect_rank(seq_lens, 1, "seq_lens");
+  expect_int(seq_lens, 32, "seq_lens");
+  expect_dim(seq_lens, 0, block_tables.shape(0), "seq_lens", "batch");
+  if (placement_of(block_tables).cuda || placement_of(seq_lens).cuda) {
+    throw nb::value_error("check_paged_decode_values takes CPU tensors");
+  }
+  pagedlm::check_paged_decode_values(static_cast<const int32_t*>(block_tables.data()),
+                                     static_cast<const int32_t*>(seq_lens.data()),
+                                     static_cast<int32_t>(block_tables.shape(0)),
+                                     static_cast<int32_t>(block_tables.shape(1)), static_cast<int32_t>(block_size),
+                                     static_cast<int32_t>(num_blocks));
+}
+
+}  // namespace
+
+void bind_ops(nb::module_& m) {
+  m.def("write_kv_cache", &write_kv_cache, "key"_a, "value"_a, "key_cache"_a.noconvert(), "value_cache"_a.noconvert(),
+        "slot_mapping"_a, "stream"_a);
+  m.def("copy_blocks", &copy_blocks, "key_cache"_a.noconvert(), "value_cache"_a.noconvert(), "block_mapping"_a,
+        "stream"_a);
+  m.def("paged_decode", &paged_decode, "query"_a, "key_cache"_a, "value_cache"_a, "block_tables"_a, "seq_lens"_a,
+        "out"_a.noconvert(), "lse"_a.noconvert().none(), "scale"_a, "sliding_window"_a, "soft_cap"_a,
+        "workspace"_a.noconvert().none(), "stream"_a);
+  m.def("check_paged_decode_values", &check_paged_decode_values, "block_tables"_a, "seq_lens"_a, "block_size"_a,
+        "num_blocks"_a);
+}
+
+}  // namespace pagedlm::bindings

@@ -1,0 +1,45 @@
+// KV-cache writes and block copies. The parameter structs are shared by the CPU path
+// (cpp/src/kv_cache.cpp) and the CUDA path (cuda/kv_cache.cu).
+#pragma once
+
+#include <cstdint>
+
+#include "pagedlm/dtype.h"
+
+namespace pagedlm {
+
+// key/value: [num_tokens, num_kv_heads, head_dim], each token's heads contiguous, tokens
+// `key_stride` / `value_stride` elements apart (so slices of a fused QKV work).
+// Caches: [num_blocks, block_size, num_kv_heads, head_dim] contiguous; a token goes to slot
+// slot_mapping[t] = block * block_size + offset, and -1 skips it.
+struct WriteKVCacheParams {
+  const void* key = nullptr;
+  const void* value = nullptr;
+  void* key_cache = nullptr;
+  void* value_cache = nullptr;
+  const int64_t* slot_mapping = nullptr;
+  int64_t num_tokens = 0;
+  int64_t key_stride = 0, value_stride = 0;
+  int64_t num_slots = 0;  // num_blocks * block_size
+  int32_t num_kv_heads = 0, head_dim = 0;
+  DType dtype = DType::f32;
+};
+
+// Copies whole blocks src -> dst within one layer's cache (both K and V), one (src, dst)
+// pair per row of block_mapping [num_pairs, 2].
+struct CopyBlocksParams {
+  void* key_cache = nullptr;
+  void* value_cache = nullptr;
+  const int64_t* block_mapping = nullptr;
+  int64_t num_pairs = 0;
+  int64_t num_blocks = 0;
+  int64_t block_elems = 0;  // block_size * num_kv_heads * head_dim
+  DType dtype = DType::f32;
+};
+
+// CPU path. Both check every slot / block id first and throw InvalidArgument naming the
+// argument before writing anything.
+void write_kv_cache_cpu(const WriteKVCacheParams& p);
+void copy_blocks_cpu(const CopyBlocksParams& p);
+
+}  // namespace pagedlm

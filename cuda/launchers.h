@@ -1,0 +1,26 @@
+// Host entry points of the CUDA kernels. Plain C++ (no CUDA headers), so the bindings can
+// include it. Every launcher runs on the given stream (a cudaStream_t), never
+// synchronizes, never allocates, and returns 0 or a CUDA error code.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "pagedlm/kv_cache.h"
+#include "pagedlm/paged_decode.h"
+
+namespace pagedlm::cuda {
+
+int write_kv_cache(const WriteKVCacheParams& p, void* stream);
+int copy_blocks(const CopyBlocksParams& p, void* stream);
+
+// Split-K workspace for paged decode: partial outputs and log-sum-exps, f32.
+struct DecodeWorkspace {
+  void* data = nullptr;
+  size_t bytes = 0;
+};
+int paged_decode(const PagedDecodeParams& p, const DecodeWorkspace& workspace, void* stream);
+
+const char* error_string(int code);
+
+}  // namespace pagedlm::cuda

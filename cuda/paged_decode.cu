@@ -1,0 +1,342 @@
+// CUDA paged-attention decode (flash-decoding), the GPU twin of cpp/src/paged_decode.cpp.
+//
+// A thread block owns one (sequence, kv head, group of up to 8 query heads, split of the
+// sequence): it reads each K/V row of its range once for all its query heads (GQA). Rows
+// stream through shared memory in tiles of 32 tokens with cp.async, kPipeline tiles in
+// flight, their 16-byte chunks XOR-swizzled so that threads reading different rows hit
+// different banks. Scores use an online softmax; with more than one split per sequence
+// each block writes a partial (output, log-sum-exp) to the caller's workspace and a merge
+// kernel combines them. Splits are chosen on the host from the grid size alone (no
+// synchronisation), and each block derives its token range from the sequence's real length.
+//
+// Bad values never fault: an out-of-range block id or length turns the row into NaN.
+#include <algorithm>
+#include <cfloat>
+#include <cstdint>
+#include <type_traits>
+
+#include "common.cuh"
+#include "launchers.h"
+
+namespace pagedlm::cuda {
+namespace {
+
+constexpr int kThreads = 128;
+constexpr int kTile = 32;  // tokens per tile
+constexpr float kLog2e = 1.4426950408889634f;
+
+struct SplitInfo {
+  int num_splits;
+  float* partial_out;  // [batch, num_heads, num_splits, head_dim]
+  float* partial_lse;  // [batch, num_heads, num_splits]
+};
+
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+template <typename T, int D>
+struct Layout {
+  static constexpr int kVec = 16 / sizeof(T);          // elements per 16-byte chunk
+  static constexpr int kChunks = D / kVec;              // chunks per row (>= 8 for every D, T here)
+  static constexpr int kStageBytes = 2 * kTile * D * sizeof(T);
+  static constexpr int kPipeline = kStageBytes <= 32768 ? 3 : 2;
+  // Chunk c of row r lives at chunk position c ^ (r % 8).
+  __device__ static int offset(int row, int chunk) { return row * D + ((chunk ^ (row & 7)) * kVec); }
+};
+
+// Loads N contiguous elements (N * sizeof(T) a power of two <= 16, suitably aligned) in one access.
+template <typename T, int N>
+__device__ __forceinline__ void load_vec(const T* src, float (&dst)[N]) {
+  constexpr int kBytes = N * sizeof(T);
+  using Raw = typename std::conditional<kBytes == 16, uint4, typename std::conditional<kBytes == 8, uint2,
+              typename std::conditional<kBytes == 4, uint32_t, uint16_t>::type>::type>::type;
+  const Raw raw = *reinterpret_cast<const Raw*>(src);
+  const T* elems = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+  for (int i = 0; i < N; ++i) dst[i] = to_float(elems[i]);
+}
+
+__device__ __forceinline__ float warp_max(float x) {
+  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+  return x;
+}
+__device__ __forceinline__ float warp_sum(float x) {
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
+// GT: query heads per block (1, 2, 4 or 8).
+template <typename T, int D, int GT>
+__global__ void __launch_bounds__(kThreads) paged_decode_kernel(PagedDecodeParams p, SplitInfo split) {
+  using L = Layout<T, D>;
+  constexpr int kDots = GT * kTile;                                  // scores per tile
+  constexpr int kLanesPerDot = kDots >= kThreads ? 1 : kThreads / kDots;
+  constexpr int kDotsPerThread = kDots >= kThreads ? kDots / kThreads : 1;
+  constexpr int kThreadsPerHead = kThreads / GT;                     // for the P.V product
+  constexpr int kOutPerThread = D / kThreadsPerHead > 0 ? D / kThreadsPerHead : 1;
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* kv_smem = reinterpret_cast<T*>(smem_raw);                       // [kPipeline][2][kTile][D]
+  float* q_smem = reinterpret_cast<float*>(smem_raw + L::kPipeline * L::kStageBytes);  // [GT][D]
+  float* p_smem = q_smem + GT * D;                                   // [GT][kTile]
+  float* rescale_smem = p_smem + GT * kTile;                         // [GT]
+  float* sum_smem = rescale_smem + GT;                               // [GT]
+  float* max_smem = sum_smem + GT;                                   // [GT]
+  __shared__ int bad_row;
+
+  const int split_id = blockIdx.x;
+  const int heads_per_kv = p.num_heads / p.num_kv_heads;
+  const int kv_head = blockIdx.y / (heads_per_kv / GT);
+  const int head0 = kv_head * heads_per_kv + (blockIdx.y % (heads_per_kv / GT)) * GT;
+  const int b = blockIdx.z;
+  const int tid = threadIdx.x;
+
+  const int len = p.seq_lens[b];
+  const int64_t capacity = static_cast<int64_t>(p.max_blocks_per_seq) * p.block_size;
+  const bool bad_len = len < 0 || len > capacity;
+  const int start = bad_len ? 0 : (p.sliding_window > 0 ? max(0, len - p.sliding_window) : 0);
+  const int span = bad_len ? 0 : len - start;
+  // Every split gets a whole number of tiles; trailing splits may be empty.
+  const int tiles = (span + kTile - 1) / kTile;
+  const int tiles_per_split = (tiles + split.num_splits - 1) / split.num_splits;
+  const int begin = start + split_id * tiles_per_split * kTile;
+  const int end = min(start + span, begin + tiles_per_split * kTile);
+  const int my_tiles = end > begin ? (end - begin + kTile - 1) / kTile : 0;
+
+  if (tid == 0) bad_row = bad_len;
+  __syncthreads();  // before any load can flag a bad block id
+  for (int i = tid; i < GT * D; i += kThreads) {
+    const int g = i / D, d = i % D;
+    q_smem[i] = to_float(static_cast<const T*>(p.query)[(static_cast<int64_t>(b) * p.num_heads + head0 + g) * D + d]) * p.scale;
+  }
+
+  const int32_t* table = p.block_tables + static_cast<int64_t>(b) * p.max_blocks_per_seq;
+  const int64_t row_stride = static_cast<int64_t>(p.num_kv_heads) * D;  // elements between tokens
+
+  // Issue the cp.async copies of tile `tile` into pipeline stage `stage`.
+  auto load_tile = [&](int tile, int stage) {
+    T* k_dst = kv_smem + stage * 2 * kTile * D;
+    T* v_dst = k_dst + kTile * D;
+    for (int i = tid; i < kTile * L::kChunks; i += kThreads) {
+      const int row = i / L::kChunks, chunk = i % L::kChunks;
+      const int t = begin + tile * kTile + row;
+      if (t >= end) continue;
+      const int32_t block = table[t / p.block_size];
+      if (block < 0 || block >= p.num_blocks) {
+        bad_row = 1;
+        continue;
+      }
+      const int64_t elem = (static_cast<int64_t>(block) * p.block_size + t % p.block_size) * row_stride +
+                           static_cast<int64_t>(kv_head) * D + chunk * L::kVec;
+      cp_async_16(k_dst + L::offset(row, chunk), static_cast<const T*>(p.key_cache) + elem);
+      cp_async_16(v_dst + L::offset(row, chunk), static_cast<const T*>(p.value_cache) + elem);
+    }
+  };
+
+  for (int s = 0; s < L::kPipeline - 1; ++s) {
+    if (s < my_tiles) load_tile(s, s);
+    cp_async_commit();
+  }
+
+  // Running softmax state, kept by the warp that owns each head (warp w owns heads w, w+4).
+  const int warp = tid / 32, lane = tid % 32;
+  float run_max[(GT + 3) / 4], run_sum[(GT + 3) / 4];
+  for (int i = 0; i < (GT + 3) / 4; ++i) run_max[i] = -INFINITY, run_sum[i] = 0.0f;
+  float acc[kOutPerThread];
+  for (int i = 0; i < kOutPerThread; ++i) acc[i] = 0.0f;
+  const int pv_head = tid / kThreadsPerHead;
+  const int pv_d0 = (tid % kThreadsPerHead) * kOutPerThread;
+  const bool pv_active = pv_d0 < D;
+
+  for (int tile = 0; tile < my_tiles; ++tile) {
+    const int stage = tile % L::kPipeline;
+    if (tile + L::kPipeline - 1 < my_tiles) load_tile(tile + L::kPipeline - 1, (tile + L::kPipeline - 1) % L::kPipeline);
+    cp_async_commit();
+    cp_async_wait<L::kPipeline - 1>();
+    __syncthreads();
+
+    const T* k_tile = kv_smem + stage * 2 * kTile * D;
+    const T* v_tile = k_tile + kTile * D;
+    const int tile_begin = begin + tile * kTile;
+
+    // Scores: each dot product over D is shared by kLanesPerDot adjacent lanes.
+#pragma unroll
+    for (int r = 0; r < kDotsPerThread; ++r) {
+      const int dot = (tid / kLanesPerDot) + r * (kThreads / kLanesPerDot);
+      const int g = dot / kTile, row = dot % kTile;
+      const int sub = tid % kLanesPerDot;
+      float s = 0.0f;
+#pragma unroll 4
+      for (int chunk = sub; chunk < L::kChunks; chunk += kLanesPerDot) {
+        float k[L::kVec];
+        load_vec<T, L::kVec>(k_tile + L::offset(row, chunk), k);
+        const float4* q = reinterpret_cast<const float4*>(q_smem + g * D + chunk * L::kVec);
+#pragma unroll
+        for (int e = 0; e < L::kVec / 4; ++e) {
+          const float4 qe = q[e];
+          s += qe.x * k[4 * e] + qe.y * k[4 * e + 1] + qe.z * k[4 * e + 2] + qe.w * k[4 * e + 3];
+        }
+      }
+#pragma unroll
+      for (int o = kLanesPerDot / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+      if (p.soft_cap > 0.0f) s = p.soft_cap * tanhf(s / p.soft_cap);
+      if (tile_begin + row >= end) s = -INFINITY;
+      if (sub == 0) p_smem[g * kTile + row] = s;
+    }
+    __syncthreads();
+
+    // Online softmax: warp w folds the tile into the state of heads w, w+4, ...
+    for (int i = 0, g = warp; g < GT; ++i, g += kThreads / 32) {
+      const float s = p_smem[g * kTile + lane];
+      const float new_max = fmaxf(run_max[i], warp_max(s));
+      const float rescale = new_max == -INFINITY ? 1.0f : exp2f((run_max[i] - new_max) * kLog2e);
+      const float prob = new_max == -INFINITY ? 0.0f : exp2f((s - new_max) * kLog2e);
+      run_sum[i] = run_sum[i] * rescale + warp_sum(prob);
+      run_max[i] = new_max;
+      p_smem[g * kTile + lane] = prob;
+      if (lane == 0) rescale_smem[g] = rescale;
+    }
+    __syncthreads();
+
+    if (pv_active) {
+      const float rescale = rescale_smem[pv_head];
+#pragma unroll
+      for (int i = 0; i < kOutPerThread; ++i) acc[i] *= rescale;
+      // Rows past the range hold stale data: skip them rather than multiply it by zero.
+      const int rows = min(kTile, end - tile_begin);
+      constexpr int kPiece = kOutPerThread < L::kVec ? kOutPerThread : L::kVec;  // elements within one chunk
+      for (int row = 0; row < rows; ++row) {
+        const float prob = p_smem[pv_head * kTile + row];
+#pragma unroll
+        for (int piece = 0; piece < kOutPerThread / kPiece; ++piece) {
+          const int d = pv_d0 + piece * kPiece;
+          float v[kPiece];
+          load_vec<T, kPiece>(v_tile + L::offset(row, d / L::kVec) + d % L::kVec, v);
+#pragma unroll
+          for (int i = 0; i < kPiece; ++i) acc[piece * kPiece + i] += prob * v[i];
+        }
+      }
+    }
+    __syncthreads();  // the stage is overwritten by the next iteration's prefetch
+  }
+  cp_async_wait<0>();
+
+  for (int i = 0, g = warp; g < GT; ++i, g += kThreads / 32) {
+    if (lane == 0) sum_smem[g] = run_sum[i], max_smem[g] = run_max[i];
+  }
+  __syncthreads();
+  if (!pv_active) return;
+
+  const bool bad = bad_row != 0;
+  const int head = head0 + pv_head;
+  const float total = sum_smem[pv_head];
+  const float inv = total > 0.0f ? 1.0f / total : 0.0f;  // an empty range yields zeros
+  const float lse = bad ? NAN : (total > 0.0f ? max_smem[pv_head] + logf(total) : -INFINITY);
+  const int64_t row_index = static_cast<int64_t>(b) * p.num_heads + head;
+  if (split.num_splits == 1) {
+    T* out = static_cast<T*>(p.out) + row_index * D + pv_d0;
+#pragma unroll
+    for (int i = 0; i < kOutPerThread; ++i) out[i] = from_float<T>(bad ? NAN : acc[i] * inv);
+    if (p.lse && pv_d0 == 0) p.lse[row_index] = lse;
+  } else {
+    float* out = split.partial_out + (row_index * split.num_splits + split_id) * D + pv_d0;
+#pragma unroll
+    for (int i = 0; i < kOutPerThread; ++i) out[i] = bad ? NAN : acc[i] * inv;
+    if (pv_d0 == 0) split.partial_lse[row_index * split.num_splits + split_id] = lse;
+  }
+}
+
+// Combines the splits of one (sequence, head): weights exp(lse_s - max lse).
+template <typename T>
+__global__ void merge_splits_kernel(PagedDecodeParams p, SplitInfo split) {
+  const int64_t row = blockIdx.x;
+  const float* lse = split.partial_lse + row * split.num_splits;
+  float max_lse = -INFINITY;
+  bool bad = false;
+  for (int s = 0; s < split.num_splits; ++s) {
+    bad |= isnan(lse[s]);
+    max_lse = fmaxf(max_lse, lse[s]);
+  }
+  float total = 0.0f;
+  for (int s = 0; s < split.num_splits; ++s) total += max_lse == -INFINITY ? 0.0f : __expf(lse[s] - max_lse);
+  const float inv = total > 0.0f ? 1.0f / total : 0.0f;
+  for (int d = threadIdx.x; d < p.head_dim; d += blockDim.x) {
+    float value = 0.0f;
+    for (int s = 0; s < split.num_splits; ++s) {
+      if (lse[s] != -INFINITY) value += __expf(lse[s] - max_lse) * split.partial_out[(row * split.num_splits + s) * p.head_dim + d];
+    }
+    static_cast<T*>(p.out)[row * p.head_dim + d] = from_float<T>(bad ? NAN : value * inv);
+  }
+  if (p.lse && threadIdx.x == 0) p.lse[row] = bad ? NAN : (total > 0.0f ? max_lse + logf(total) : -INFINITY);
+}
+
+int sm_count() {
+  static int count = [] {
+    int device = 0, n = 0;
+    cudaGetDevice(&device);
+    cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device);
+    return n > 0 ? n : 132;
+  }();
+  return count;
+}
+
+template <typename T, int D, int GT>
+int launch(const PagedDecodeParams& p, const DecodeWorkspace& ws, cudaStream_t stream) {
+  using L = Layout<T, D>;
+  const int head_groups = p.num_kv_heads * (p.num_heads / p.num_kv_heads / GT);
+  const int64_t rows = static_cast<int64_t>(p.batch) * p.num_heads;
+  // Enough blocks to fill every SM a few times over, but at least 256 tokens per split
+  // (judged against the table's capacity: the real lengths live on the device).
+  const int64_t capacity = static_cast<int64_t>(p.max_blocks_per_seq) * p.block_size;
+  const int64_t blocks_without_split = static_cast<int64_t>(head_groups) * p.batch;
+  int splits = static_cast<int>(std::min<int64_t>((4LL * sm_count() + blocks_without_split - 1) / blocks_without_split,
+                                                  (capacity + 255) / 256));
+  splits = std::max(1, std::min(splits, 128));
+  // The workspace bounds the splits: [rows, splits, D] outputs + [rows, splits] lse, f32.
+  while (splits > 1 && static_cast<size_t>(rows) * splits * (D + 1) * sizeof(float) > ws.bytes) --splits;
+  SplitInfo split{splits, nullptr, nullptr};
+  if (splits > 1) {
+    split.partial_out = static_cast<float*>(ws.data);
+    split.partial_lse = split.partial_out + rows * splits * D;
+  }
+  const int smem = L::kPipeline * L::kStageBytes + (GT * D + GT * kTile + 3 * GT) * sizeof(float);
+  auto kernel = paged_decode_kernel<T, D, GT>;
+  // Per device, and cheap; not a stream operation, so it is allowed during graph capture.
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  dim3 grid(splits, head_groups, p.batch);
+  kernel<<<grid, kThreads, smem, stream>>>(p, split);
+  if (splits > 1) merge_splits_kernel<T><<<static_cast<unsigned>(rows), 128, 0, stream>>>(p, split);
+  return static_cast<int>(cudaGetLastError());
+}
+
+template <typename T, int D>
+int launch_heads(const PagedDecodeParams& p, const DecodeWorkspace& ws, cudaStream_t stream) {
+  const int group = p.num_heads / p.num_kv_heads;
+  if (group % 8 == 0) return launch<T, D, 8>(p, ws, stream);
+  if (group % 4 == 0) return launch<T, D, 4>(p, ws, stream);
+  if (group % 2 == 0) return launch<T, D, 2>(p, ws, stream);
+  return launch<T, D, 1>(p, ws, stream);
+}
+
+}  // namespace
+
+int paged_decode(const PagedDecodeParams& p, const DecodeWorkspace& ws, void* stream_ptr) {
+  if (p.batch == 0) return 0;
+  auto stream = static_cast<cudaStream_t>(stream_ptr);
+  return dispatch_dtype(p.dtype, [&](auto type) {
+    using T = decltype(type);
+    switch (p.head_dim) {
+      case 64: return launch_heads<T, 64>(p, ws, stream);
+      case 128: return launch_heads<T, 128>(p, ws, stream);
+      case 256: return launch_heads<T, 256>(p, ws, stream);
+      default: return static_cast<int>(cudaErrorInvalidValue);
+    }
+  });
+}
+
+}  // namespace pagedlm::cuda

@@ -1,0 +1,156 @@
+"""pagedlm.ops: the kernels, callable on CPU and CUDA tensors, also registered as
+torch.ops.pagedlm.* (with fake implementations, so they trace under torch.compile).
+
+Each op launches on the caller's current CUDA stream, never synchronizes and never
+allocates device memory inside the kernel call: the split-K workspace of paged decode is
+one buffer per device, allocated on first use. Shapes, dtypes, devices and contiguity are
+always checked; values inside CUDA tensors (block ids, lengths) only when PAGEDLM_DEBUG=1,
+since reading them costs a synchronization.
+"""
+import os
+
+import torch
+
+from pagedlm import _C
+
+__all__ = ["write_kv_cache", "copy_blocks", "paged_decode_attention"]
+
+DECODE_WORKSPACE_BYTES = 32 << 20
+_workspaces = {}
+
+
+def _debug():
+    return os.environ.get("PAGEDLM_DEBUG") == "1"
+
+
+def _stream(t):
+    return torch.cuda.current_stream(t.device).cuda_stream if t.is_cuda else 0
+
+
+def _expect_tensors(**tensors):
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+
+
+def _decode_workspace(device):
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    ws = _workspaces.get(index)
+    if ws is None:
+        ws = _workspaces[index] = torch.empty(DECODE_WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+    return ws
+
+
+def write_kv_cache(key, value, key_cache, value_cache, slot_mapping):
+    """Writes key/value [num_tokens, num_kv_heads, head_dim] into the paged caches at
+    slot_mapping[t] = block * block_size + offset (int64; -1 skips the token)."""
+    _expect_tensors(key=key, value=value, key_cache=key_cache, value_cache=value_cache, slot_mapping=slot_mapping)
+    if _debug() and slot_mapping.is_cuda:
+        bad = (slot_mapping < -1) | (slot_mapping >= key_cache.shape[0] * key_cache.shape[1])
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(f"slot_mapping[{i}] = {int(slot_mapping[i])} is outside the cache")
+    _C.write_kv_cache(key, value, key_cache, value_cache, slot_mapping, _stream(key_cache))
+
+
+def copy_blocks(key_caches, value_caches, block_mapping):
+    """Copies whole blocks within each layer's caches: one (src, dst) pair per row of the
+    int64 [n, 2] block_mapping (the copy-on-write pairs of BlockManager.append)."""
+    _expect_tensors(block_mapping=block_mapping)
+    if len(key_caches) != len(value_caches):
+        raise ValueError(f"value_caches: {len(value_caches)} layers, key_caches has {len(key_caches)}")
+    if _debug() and block_mapping.is_cuda and len(key_caches):
+        num_blocks = key_caches[0].shape[0]
+        if bool(((block_mapping < 0) | (block_mapping >= num_blocks)).any()):
+            raise ValueError(f"block_mapping: a block id is outside [0, {num_blocks})")
+    for i, (k, v) in enumerate(zip(key_caches, value_caches)):
+        _expect_tensors(**{f"key_caches[{i}]": k, f"value_caches[{i}]": v})
+        _C.copy_blocks(k, v, block_mapping, _stream(k))
+
+
+def paged_decode_attention(query, key_cache, value_cache, block_tables, seq_lens, *, scale=None,
+                           sliding_window=None, soft_cap=None, return_lse=False, out=None):
+    """One new token per sequence attends to its cached tokens.
+
+    query [batch, num_heads, head_dim]; caches [num_blocks, block_size, num_kv_heads, head_dim];
+    block_tables int32 [batch, max_blocks]; seq_lens int32 [batch] (the current token
+    included). Returns out [batch, num_heads, head_dim], or (out, lse) with return_lse,
+    lse being the natural-log sum of exp(logits), float32 [batch, num_heads].
+    """
+    _expect_tensors(query=query, key_cache=key_cache, value_cache=value_cache, block_tables=block_tables,
+                    seq_lens=seq_lens)
+    if out is None:
+        out = torch.empty_like(query)
+    elif not isinstance(out, torch.Tensor):
+        raise TypeError(f"out: expected a torch.Tensor, got {type(out).__name__}")
+    lse = torch.empty(query.shape[:2], dtype=torch.float32, device=query.device) if return_lse else None
+    _decode_into(query, key_cache, value_cache, block_tables, seq_lens, out, lse, scale, sliding_window, soft_cap)
+    return (out, lse) if return_lse else out
+
+
+def _decode_into(query, key_cache, value_cache, block_tables, seq_lens, out, lse, scale, sliding_window, soft_cap):
+    if scale is None:
+        scale = query.shape[-1] ** -0.5 if query.dim() == 3 else 1.0
+    if sliding_window is not None and sliding_window <= 0:
+        raise ValueError(f"sliding_window: must be positive or None, got {sliding_window}")
+    if soft_cap is not None and soft_cap <= 0:
+        raise ValueError(f"soft_cap: must be positive or None, got {soft_cap}")
+    if _debug() and query.is_cuda and key_cache.dim() == 4:
+        _C.check_paged_decode_values(block_tables.cpu(), seq_lens.cpu(), key_cache.shape[1], key_cache.shape[0])
+    _C.paged_decode(query, key_cache, value_cache, block_tables, seq_lens, out, lse, float(scale),
+                    int(sliding_window or 0), float(soft_cap or 0.0), _decode_workspace(query.device),
+                    _stream(query))
+
+
+# ---- torch.library registration ------------------------------------------------------
+_lib = torch.library.Library("pagedlm", "DEF")
+_lib.define("write_kv_cache(Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache, "
+            "Tensor slot_mapping) -> ()")
+_lib.define("copy_blocks(Tensor(a!)[] key_caches, Tensor(b!)[] value_caches, Tensor block_mapping) -> ()")
+_lib.define("paged_decode_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
+            "Tensor seq_lens, float? scale=None, int? sliding_window=None, float? soft_cap=None) "
+            "-> (Tensor, Tensor)")
+_lib.define("paged_decode_attention_out(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
+            "Tensor seq_lens, Tensor(a!) out, Tensor(b!)? lse, float? scale=None, int? sliding_window=None, "
+            "float? soft_cap=None) -> ()")
+
+
+def _decode_functional(query, key_cache, value_cache, block_tables, seq_lens, scale=None, sliding_window=None,
+                       soft_cap=None):
+    return paged_decode_attention(query, key_cache, value_cache, block_tables, seq_lens, scale=scale,
+                                  sliding_window=sliding_window, soft_cap=soft_cap, return_lse=True)
+
+
+def _decode_out(query, key_cache, value_cache, block_tables, seq_lens, out, lse, scale=None, sliding_window=None,
+                soft_cap=None):
+    _decode_into(query, key_cache, value_cache, block_tables, seq_lens, out, lse, scale, sliding_window, soft_cap)
+
+
+for _key in ("CPU", "CUDA"):
+    _lib.impl("write_kv_cache", write_kv_cache, _key)
+    _lib.impl("copy_blocks", copy_blocks, _key)
+    _lib.impl("paged_decode_attention", _decode_functional, _key)
+    _lib.impl("paged_decode_attention_out", _decode_out, _key)
+
+
+@torch.library.register_fake("pagedlm::write_kv_cache")
+def _(key, value, key_cache, value_cache, slot_mapping):
+    return None
+
+
+@torch.library.register_fake("pagedlm::copy_blocks")
+def _(key_caches, value_caches, block_mapping):
+    return None
+
+
+@torch.library.register_fake("pagedlm::paged_decode_attention")
+def _(query, key_cache, value_cache, block_tables, seq_lens, scale=None, sliding_window=None, soft_cap=None):
+    return torch.empty_like(query), query.new_empty(query.shape[:2], dtype=torch.float32)
+
+
+@torch.library.register_fake("pagedlm::paged_decode_attention_out")
+def _(query, key_cache, value_cache, block_tables, seq_lens, out, lse, scale=None, sliding_window=None,
+      soft_cap=None):
+    return None

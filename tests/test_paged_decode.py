@@ -1,0 +1,215 @@
+"""paged_decode_attention against the float64 reference: CPU in CI, CUDA (marked gpu) on the
+GPU machine. Outputs are poisoned with NaN before every run, inputs are fresh random
+values, and block tables are scrambled."""
+import itertools
+import math
+
+import pytest
+import torch
+
+import pagedlm.ops as ops
+from attention_reference import TOLERANCE, decode_reference, paged_inputs
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+HEADS = [(32, 32), (32, 8), (16, 1)]
+HEAD_DIMS = [64, 128, 256]
+BLOCK_SIZES = [1, 16, 32]
+# Lengths mixed within a batch: 1, 17, 1000 and 4097 tokens, plus zero and odd sizes.
+LENGTHS = {1: [4097], 7: [1, 17, 1000, 4097, 0, 97, 513], 33: [1, 17, 1000, 4097] + [17, 1, 97] * 9 + [33, 250]}
+
+
+def grid():
+    """Every (dtype, heads, head_dim) combination; batch, block size, window and soft cap
+    rotate through their values so that each appears with every dtype and head layout."""
+    cases = []
+    for i, (dtype, heads, head_dim) in enumerate(itertools.product(DTYPES, HEADS, HEAD_DIMS)):
+        batch = [1, 7, 33][i % 3]
+        block_size = BLOCK_SIZES[(i // 3) % 3]
+        window = [None, 300][(i // 2) % 2]
+        soft_cap = [None, 5.0][(i // 4) % 2]
+        cases.append(pytest.param(dtype, heads, head_dim, batch, block_size, window, soft_cap,
+                                  id=f"{str(dtype)[6:]}-h{heads[0]}x{heads[1]}-d{head_dim}-b{batch}-bs{block_size}"
+                                     f"-w{window}-cap{soft_cap}"))
+    return cases
+
+
+def run_and_check(device, dtype, heads, head_dim, batch, block_size, window, soft_cap, seed):
+    generator = torch.Generator().manual_seed(seed)
+    lengths = LENGTHS[batch]
+    q, kc, vc, tables, lens = paged_inputs(lengths, num_heads=heads[0], num_kv_heads=heads[1], head_dim=head_dim,
+                                           block_size=block_size, dtype=dtype, generator=generator)
+    expected, expected_lse = decode_reference(q, kc, vc, tables, lens, sliding_window=window, soft_cap=soft_cap)
+    args = [t.to(device) for t in (q, kc, vc, tables, lens)]
+    out = torch.full_like(args[0], math.nan)  # poison: every element must be written
+    result, lse = ops.paged_decode_attention(*args, sliding_window=window, soft_cap=soft_cap, return_lse=True,
+                                             out=out)
+    assert result is out
+    torch.testing.assert_close(out.cpu().double(), expected, atol=TOLERANCE[dtype], rtol=0)
+    torch.testing.assert_close(lse.cpu().double(), expected_lse, atol=1e-4 if dtype == torch.float32 else 1e-3,
+                               rtol=1e-4)
+    return out, lse
+
+
+@pytest.mark.parametrize("dtype, heads, head_dim, batch, block_size, window, soft_cap", grid())
+def test_cpu_matches_reference(dtype, heads, head_dim, batch, block_size, window, soft_cap):
+    run_and_check("cpu", dtype, heads, head_dim, batch, block_size, window, soft_cap, seed=hash((heads, head_dim)))
+
+
+@pytest.mark.parametrize("block_size", [1, 8, 16, 32, 64, 128, 256])
+def test_cpu_every_block_size_and_odd_head_dim(block_size):
+    # Any head dim runs on CPU; 80 and 7 are not CUDA sizes.
+    for head_dim in (80, 7):
+        run_and_check("cpu", torch.float32, (4, 2), head_dim, 7, block_size, None, None, seed=block_size)
+
+
+def test_decode_of_empty_sequence_is_zero_with_minus_inf_lse():
+    q, kc, vc, tables, _ = paged_inputs([5, 5], num_heads=4, num_kv_heads=2, head_dim=16, block_size=4,
+                                        dtype=torch.float32)
+    out, lse = ops.paged_decode_attention(q, kc, vc, tables, torch.tensor([0, 5], dtype=torch.int32),
+                                          return_lse=True)
+    assert torch.all(out[0] == 0) and torch.all(lse[0] == -math.inf)
+    assert torch.all(torch.isfinite(out[1]))
+
+
+def test_torch_op_matches_and_opcheck_passes():
+    q, kc, vc, tables, lens = paged_inputs([9, 40, 1], num_heads=8, num_kv_heads=2, head_dim=32, block_size=16,
+                                           dtype=torch.float32)
+    out, lse = torch.ops.pagedlm.paged_decode_attention(q, kc, vc, tables, lens, None, 64, None)
+    expected, expected_lse = ops.paged_decode_attention(q, kc, vc, tables, lens, sliding_window=64, return_lse=True)
+    assert torch.equal(out, expected) and torch.equal(lse, expected_lse)
+    torch.library.opcheck(torch.ops.pagedlm.paged_decode_attention.default, (q, kc, vc, tables, lens),
+                          {"soft_cap": 3.0})
+    out2, lse2 = torch.empty_like(q), torch.empty(3, 8)
+    torch.library.opcheck(torch.ops.pagedlm.paged_decode_attention_out.default,
+                          (q, kc, vc, tables, lens, out2, lse2))
+
+
+@pytest.fixture
+def small():
+    return paged_inputs([5, 9], num_heads=4, num_kv_heads=2, head_dim=16, block_size=4, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("mutate, error, argument", [
+    (lambda a: a.update(query=a["query"][0]), ValueError, "query"),
+    (lambda a: a.update(query=a["query"].half()), TypeError, "query"),
+    (lambda a: a.update(query=a["query"].transpose(0, 1).contiguous().transpose(0, 1)), ValueError, "query"),
+    (lambda a: a.update(query=a["query"][:, :3]), ValueError, "query"),
+    (lambda a: a.update(key_cache=a["key_cache"][..., :8]), ValueError, "key_cache"),
+    (lambda a: a.update(value_cache=a["value_cache"].double()), TypeError, "value_cache"),
+    (lambda a: a.update(block_tables=a["block_tables"].long()), TypeError, "block_tables"),
+    (lambda a: a.update(block_tables=a["block_tables"][:1]), ValueError, "block_tables"),
+    (lambda a: a.update(seq_lens=a["seq_lens"].long()), TypeError, "seq_lens"),
+    (lambda a: a.update(seq_lens=torch.tensor([5, 13], dtype=torch.int32)), ValueError, "seq_lens"),
+    (lambda a: a.update(seq_lens=torch.tensor([-1, 9], dtype=torch.int32)), ValueError, "seq_lens"),
+    (lambda a: a["block_tables"].__setitem__((1, 2), 99), ValueError, "block_tables"),
+    (lambda a: a["block_tables"].__setitem__((0, 0), -1), ValueError, "block_tables"),
+    (lambda a: a.update(out=torch.empty(2, 4, 8)), ValueError, "out"),
+    (lambda a: a.update(out=torch.empty(2, 4, 16, dtype=torch.float16)), TypeError, "out"),
+    (lambda a: a.update(query=a["query"].numpy()), TypeError, "query"),
+    (lambda a: a.update(sliding_window=0), ValueError, "sliding_window"),
+    (lambda a: a.update(soft_cap=-1.0), ValueError, "soft_cap"),
+])
+def test_bad_input_raises_naming_the_argument(small, mutate, error, argument):
+    q, kc, vc, tables, lens = small
+    args = dict(query=q, key_cache=kc, value_cache=vc, block_tables=tables, seq_lens=lens)
+    mutate(args)
+    with pytest.raises(error, match=argument):
+        ops.paged_decode_attention(**args)
+
+
+def test_num_heads_must_be_a_multiple_of_kv_heads():
+    q, kc, vc, tables, lens = paged_inputs([5], num_heads=3, num_kv_heads=2, head_dim=16, block_size=4,
+                                           dtype=torch.float32)
+    with pytest.raises(ValueError, match="num_heads"):
+        ops.paged_decode_attention(q, kc, vc, tables, lens)
+
+
+# ---- CUDA -----------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, heads, head_dim, batch, block_size, window, soft_cap", grid())
+def test_cuda_matches_reference_and_cpu(dtype, heads, head_dim, batch, block_size, window, soft_cap):
+    seed = hash((heads, head_dim, "cuda"))
+    out_gpu, lse_gpu = run_and_check("cuda", dtype, heads, head_dim, batch, block_size, window, soft_cap, seed)
+    out_cpu, lse_cpu = run_and_check("cpu", dtype, heads, head_dim, batch, block_size, window, soft_cap, seed)
+    torch.testing.assert_close(out_gpu.cpu().float(), out_cpu.float(), atol=2 * TOLERANCE[dtype], rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block_size", [1, 8, 16, 32, 64, 128, 256])
+@pytest.mark.parametrize("heads", [(32, 8), (8, 8), (16, 1), (12, 4), (6, 3)])
+def test_cuda_block_sizes_and_head_groups(block_size, heads):
+    run_and_check("cuda", torch.bfloat16, heads, 128, 7, block_size, None, None, seed=block_size)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("length", [32768, 131072])
+def test_cuda_long_context_split_k(length):
+    run_and_check("cuda", torch.bfloat16, (32, 8), 128, 1, 16, None, None, seed=length) if length <= 32768 else \
+        _long_single(length)
+
+
+def _long_single(length):
+    # One 128K sequence: the reference on 8 heads only keeps it affordable.
+    generator = torch.Generator().manual_seed(length)
+    q, kc, vc, tables, lens = paged_inputs([length], num_heads=8, num_kv_heads=2, head_dim=128, block_size=16,
+                                           dtype=torch.bfloat16, generator=generator)
+    expected, _ = decode_reference(q, kc, vc, tables, lens)
+    out = ops.paged_decode_attention(*[t.cuda() for t in (q, kc, vc, tables, lens)])
+    torch.testing.assert_close(out.cpu().double(), expected, atol=TOLERANCE[torch.bfloat16], rtol=0)
+
+
+@pytest.mark.gpu
+def test_cuda_bad_block_id_gives_nan_row_not_a_fault():
+    q, kc, vc, tables, lens = [t.cuda() for t in paged_inputs([40, 40], num_heads=8, num_kv_heads=2, head_dim=64,
+                                                              block_size=16, dtype=torch.float16)]
+    tables[0, 1] = 10_000_000
+    lens[1] = 1 << 30  # beyond the table's capacity
+    out = ops.paged_decode_attention(q, kc, vc, tables, lens)
+    torch.cuda.synchronize()
+    assert torch.isnan(out[0]).all() and torch.isnan(out[1]).all()
+
+
+@pytest.mark.gpu
+def test_cuda_debug_mode_checks_values(monkeypatch):
+    q, kc, vc, tables, lens = [t.cuda() for t in paged_inputs([40], num_heads=8, num_kv_heads=2, head_dim=64,
+                                                              block_size=16, dtype=torch.float16)]
+    tables[0, 1] = 10_000
+    monkeypatch.setenv("PAGEDLM_DEBUG", "1")
+    with pytest.raises(ValueError, match="block_tables"):
+        ops.paged_decode_attention(q, kc, vc, tables, lens)
+
+
+@pytest.mark.gpu
+def test_cuda_rejects_unsupported_head_dim_and_mixed_devices():
+    q, kc, vc, tables, lens = paged_inputs([5], num_heads=4, num_kv_heads=2, head_dim=80, block_size=4,
+                                           dtype=torch.float16)
+    with pytest.raises(ValueError, match="head_dim"):
+        ops.paged_decode_attention(q.cuda(), kc.cuda(), vc.cuda(), tables.cuda(), lens.cuda())
+    with pytest.raises(ValueError, match="seq_lens"):
+        ops.paged_decode_attention(q.cuda(), kc.cuda(), vc.cuda(), tables.cuda(), lens)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_capture_and_replay():
+    generator = torch.Generator().manual_seed(7)
+    q, kc, vc, tables, lens = [t.cuda() for t in paged_inputs([3000, 17, 500], num_heads=32, num_kv_heads=8,
+                                                              head_dim=128, block_size=16, dtype=torch.bfloat16,
+                                                              generator=generator)]
+    out = torch.empty_like(q)
+    ops.paged_decode_attention(q, kc, vc, tables, lens, out=out)  # warm-up allocates the workspace
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ops.paged_decode_attention(q, kc, vc, tables, lens, out=out)
+    q.copy_(torch.randn_like(q))
+    lens.copy_(torch.tensor([2999, 1, 480], dtype=torch.int32))
+    graph.replay()
+    torch.cuda.synchronize()
+    expected, _ = decode_reference(q.cpu(), kc.cpu(), vc.cpu(), tables.cpu(), lens.cpu())
+    torch.testing.assert_close(out.cpu().double(), expected, atol=TOLERANCE[torch.bfloat16], rtol=0)
+
+
+@pytest.mark.gpu
+def test_cuda_opcheck():
+    q, kc, vc, tables, lens = [t.cuda() for t in paged_inputs([9, 300], num_heads=8, num_kv_heads=2, head_dim=64,
+                                                              block_size=16, dtype=torch.bfloat16)]
+    torch.library.opcheck(torch.ops.pagedlm.paged_decode_attention.default, (q, kc, vc, tables, lens))
