@@ -1,25 +1,47 @@
 #!/usr/bin/env bash
 # Everything the GPU machine is used for, in one call (see shared/GPU.md): build offline
-# (wiping build/ first), report the build and the card, run the GPU tests, then the CPU
-# tests there too. Results go to $OUT (or ./gpu-out).
-#   bash bench/gpu_check.sh
+# (wiping build/ first), report the build and the card, run the GPU tests and
+# compute-sanitizer, then the benchmarks with the anchors side by side. Results go to
+# $OUT (or ./gpu-out). FlashInfer's sdist is expected in .anchors/ (carried).
+#   bash bench/gpu_check.sh [--no-tests] [--no-bench]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu-out}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 CMAKE_BUILD_PARALLEL_LEVEL=16
+run_tests=1 run_bench=1
+for arg in "$@"; do
+  case $arg in --no-tests) run_tests=0 ;; --no-bench) run_bench=0 ;; esac
+done
 
 rm -rf build
 { time python3 -m pip install --no-build-isolation --no-deps --no-index -q . ; } > "$OUT/build.log" 2>&1 \
   || { tail -50 "$OUT/build.log"; exit 1; }
-tail -3 "$OUT/build.log"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
 pagedlm info | tee -a "$OUT/gpu.txt"
+status=0
 
-python3 -m pytest -q -m gpu -p no:cacheprovider > "$OUT/pytest-gpu.log" 2>&1
-gpu_rc=$?  # 5: no GPU test collected
-tail -3 "$OUT/pytest-gpu.log"
-python3 -m pytest -q -p no:cacheprovider > "$OUT/pytest-cpu.log" 2>&1
-cpu_rc=$?
-tail -3 "$OUT/pytest-cpu.log"
-[ $gpu_rc -eq 0 ] || [ $gpu_rc -eq 5 ] && [ $cpu_rc -eq 0 ]
+if [ $run_tests = 1 ]; then
+  python3 -m pytest -q -m gpu -p no:cacheprovider -x > "$OUT/pytest-gpu.log" 2>&1; rc=$?
+  tail -5 "$OUT/pytest-gpu.log"
+  [ $rc -eq 0 ] || [ $rc -eq 5 ] || status=1
+  for tool in memcheck racecheck; do
+    compute-sanitizer --tool $tool --error-exitcode 9 python3 bench/sanitize_case.py > "$OUT/sanitizer-$tool.log" 2>&1 \
+      || status=1
+    echo "compute-sanitizer $tool: $(tail -2 "$OUT/sanitizer-$tool.log" | tr '\n' ' ')"
+  done
+fi
+
+if [ $run_bench = 1 ]; then
+  if ls .anchors/flashinfer_python-*.tar.gz >/dev/null 2>&1; then
+    tar xzf .anchors/flashinfer_python-*.tar.gz -C /tmp
+    python3 -m pip install -q --no-build-isolation --no-deps --no-index /tmp/flashinfer_python-* > "$OUT/flashinfer-install.log" 2>&1
+    printf '#!/bin/sh\nexec /usr/local/cuda/bin/nvcc -static-global-template-stub=false "$@"\n' > /tmp/nvcc-wrapper
+    chmod +x /tmp/nvcc-wrapper
+    export PYTORCH_NVCC=/tmp/nvcc-wrapper
+  fi
+  PAGEDLM_COMMIT=$(cat .git-commit 2>/dev/null || echo unknown) \
+    python3 bench/bench_paged_decode.py --out "$OUT/decode.md" > "$OUT/bench-decode.log" 2>&1 || status=1
+  tail -12 "$OUT/bench-decode.log"
+fi
+exit $status

@@ -1,0 +1,172 @@
+"""Paged-decode benchmark: pagedlm, FlashInfer 0.2.8 (if installed) and torch gather + SDPA
+side by side on the decode shapes of shared/BENCH.md, with the card's copy bandwidth
+measured in the same run. bf16, 32 query / 8 kv heads, head_dim 128, page 16, pages
+scattered at random through the cache.
+
+    python bench/bench_paged_decode.py                 # CUDA: all shapes, writes a markdown table
+    python bench/bench_paged_decode.py --device cpu    # CPU path vs torch on CPU, f32, B=8 L=2048
+"""
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import subprocess
+import time
+
+import torch
+import torch.nn.functional as F
+
+import pagedlm.ops as ops
+
+GPU_SHAPES = [(1, 32768), (8, 8192), (64, 4096), (256, 2048), (1, 131072), (512, 512)]
+HEADS, KV_HEADS, HEAD_DIM, PAGE = 32, 8, 128, 16
+
+
+def make_inputs(batch, length, dtype, device, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    pages_per_seq = length // PAGE
+    num_pages = batch * pages_per_seq
+    tables = torch.randperm(num_pages, generator=g).view(batch, pages_per_seq).int().to(device)
+    cache_shape = (num_pages, PAGE, KV_HEADS, HEAD_DIM)
+    key_cache = torch.randn(cache_shape, dtype=dtype, device=device)
+    value_cache = torch.randn(cache_shape, dtype=dtype, device=device)
+    query = torch.randn(batch, HEADS, HEAD_DIM, dtype=dtype, device=device)
+    lens = torch.full((batch,), length, dtype=torch.int32, device=device)
+    return query, key_cache, value_cache, tables, lens
+
+
+def torch_gather_sdpa(query, key_cache, value_cache, tables):
+    batch = query.shape[0]
+    k = key_cache[tables.long()].reshape(batch, -1, KV_HEADS, HEAD_DIM).transpose(1, 2)
+    v = value_cache[tables.long()].reshape(batch, -1, KV_HEADS, HEAD_DIM).transpose(1, 2)
+    return F.scaled_dot_product_attention(query.unsqueeze(2), k, v, enable_gqa=True).squeeze(2)
+
+
+def flashinfer_decode(query, key_cache, value_cache, tables, batch, length):
+    import flashinfer
+    workspace = torch.empty(256 << 20, dtype=torch.uint8, device=query.device)
+    wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD")
+    pages = length // PAGE
+    indptr = torch.arange(batch + 1, dtype=torch.int32, device=query.device) * pages
+    last_page_len = torch.full((batch,), PAGE, dtype=torch.int32, device=query.device)
+    wrapper.plan(indptr, tables.flatten(), last_page_len, HEADS, KV_HEADS, HEAD_DIM, PAGE,
+                 q_data_type=query.dtype, kv_data_type=key_cache.dtype)
+    return lambda: wrapper.run(query, (key_cache, value_cache))
+
+
+def copy_bandwidth(device):
+    from triton.testing import do_bench
+    src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
+    return 2 * src.numel() / (ms * 1e-3)
+
+
+def bench_cuda(args):
+    from triton.testing import do_bench
+    name = torch.cuda.get_device_name()
+    copy_bw = copy_bandwidth("cuda")
+    try:
+        import flashinfer  # noqa: F401
+        have_flashinfer = True
+    except ImportError:
+        have_flashinfer = False
+    rows = []
+    for batch, length in GPU_SHAPES:
+        q, kc, vc, tables, lens = make_inputs(batch, length, torch.bfloat16, "cuda")
+        kv_bytes = 2 * batch * length * KV_HEADS * HEAD_DIM * 2
+        candidates = {"pagedlm": lambda: ops.paged_decode_attention(q, kc, vc, tables, lens)}
+        if have_flashinfer:
+            candidates["FlashInfer 0.2.8"] = flashinfer_decode(q, kc, vc, tables, batch, length)
+        if batch * length <= 1 << 20:
+            candidates["torch gather+SDPA"] = lambda: torch_gather_sdpa(q, kc, vc, tables)
+        reference = candidates["pagedlm"]()
+        times = {}
+        for label, fn in candidates.items():
+            out = fn()
+            err = ((out.float() - reference.float()).norm() / reference.float().norm()).item()
+            assert err < 2e-2, (label, err)
+            times[label] = do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3
+        rows.append((batch, length, kv_bytes, times))
+        del q, kc, vc, tables, lens
+        torch.cuda.empty_cache()
+
+    labels = ["pagedlm"] + (["FlashInfer 0.2.8"] if have_flashinfer else []) + ["torch gather+SDPA"]
+    lines = [f"### Paged decode — {datetime.date.today()}, {name}, commit {git_commit()}", "",
+             f"`python bench/bench_paged_decode.py` — bf16, {HEADS}/{KV_HEADS} heads, D={HEAD_DIM}, page {PAGE}, "
+             f"scattered pages, `triton.testing.do_bench` median (L2 flushed). Copy bandwidth measured in the same "
+             f"run: **{copy_bw / 1e9:.0f} GB/s** (bytes read + written).", "",
+             "| B | L | " + " | ".join(f"{label} us (GB/s, % copy)" for label in labels) + " | pagedlm / FlashInfer |",
+             "|---|---|" + "---|" * len(labels) + "---|"]
+    for batch, length, kv_bytes, times in rows:
+        cells = []
+        for label in labels:
+            t = times.get(label)
+            cells.append("—" if t is None else f"{t:.1f} ({kv_bytes / t / 1e3:.0f}, {kv_bytes / t * 1e6 / copy_bw:.0%})")
+        ratio = times["pagedlm"] and times.get("FlashInfer 0.2.8")
+        speedup = f"{times['FlashInfer 0.2.8'] / times['pagedlm']:.2f}x" if ratio else "—"
+        lines.append(f"| {batch} | {length} | " + " | ".join(cells) + f" | {speedup} |")
+    return "\n".join(lines) + "\n"
+
+
+def bench_cpu(args):
+    torch.set_num_threads(os.cpu_count())
+    batch, length = 8, 2048
+    q, kc, vc, tables, lens = make_inputs(batch, length, torch.float32, "cpu")
+    fns = {"pagedlm CPU path": lambda: ops.paged_decode_attention(q, kc, vc, tables, lens),
+           "torch gather+SDPA (CPU)": lambda: torch_gather_sdpa(q, kc, vc, tables)}
+    reference = fns["pagedlm CPU path"]()
+    times = {}
+    for label, fn in fns.items():
+        assert torch.allclose(fn(), reference, atol=1e-4)
+        runs = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            fn()
+            runs.append(time.perf_counter() - start)
+        times[label] = statistics.median(runs) * 1e3
+    lines = [f"### Paged decode, CPU — {datetime.date.today()}, {cpu_name()} ({os.cpu_count()} cores), "
+             f"commit {git_commit()}", "",
+             f"`python bench/bench_paged_decode.py --device cpu` — f32, B={batch}, L={length}, {HEADS}/{KV_HEADS} "
+             f"heads, D={HEAD_DIM}, page {PAGE}, median of {args.repeats}.", "",
+             "| implementation | ms |", "|---|---|"]
+    lines += [f"| {label} | {ms:.2f} |" for label, ms in times.items()]
+    lines += ["", f"pagedlm CPU path vs torch: **{times['torch gather+SDPA (CPU)'] / times['pagedlm CPU path']:.2f}x** "
+              "(target >= 2x)."]
+    return "\n".join(lines) + "\n"
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
+def git_commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return os.environ.get("PAGEDLM_COMMIT", "unknown")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--out", help="also write the table to this file")
+    parser.add_argument("--append-results", action="store_true", help="append the table to bench/RESULTS.md")
+    args = parser.parse_args()
+    text = bench_cuda(args) if args.device == "cuda" else bench_cpu(args)
+    print(text)
+    for path in filter(None, [args.out, os.path.join(os.path.dirname(__file__), "RESULTS.md")
+                              if args.append_results else None]):
+        with open(path, "a") as f:
+            f.write("\n" + text)
+
+
+if __name__ == "__main__":
+    main()

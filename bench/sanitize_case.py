@@ -1,0 +1,21 @@
+"""A small CUDA case for compute-sanitizer (memcheck, racecheck): every op once, split-K
+on, a bad block id and an out-of-range length included."""
+import torch
+
+import pagedlm.ops as ops
+
+torch.manual_seed(0)
+for dtype, head_dim in [(torch.bfloat16, 128), (torch.float32, 64), (torch.float16, 256)]:
+    kc = torch.randn(40, 16, 2, head_dim, device="cuda", dtype=dtype)
+    vc = torch.randn_like(kc)
+    q = torch.randn(3, 8, head_dim, device="cuda", dtype=dtype)
+    tables = torch.randperm(40, device="cuda")[:39].view(3, 13).int()
+    tables[2, 3] = 1 << 20
+    lens = torch.tensor([200, 1, 1 << 30], dtype=torch.int32, device="cuda")
+    out, lse = ops.paged_decode_attention(q, kc, vc, tables, lens, return_lse=True, sliding_window=150)
+    ops.write_kv_cache(torch.randn(5, 2, head_dim, device="cuda", dtype=dtype),
+                       torch.randn(5, 2, head_dim, device="cuda", dtype=dtype), kc, vc,
+                       torch.tensor([0, 17, -1, 639, 5], device="cuda"))
+    ops.copy_blocks([kc], [vc], torch.tensor([[0, 1], [5, 39]], device="cuda"))
+torch.cuda.synchronize()
+print("sanitize case done")
