@@ -97,7 +97,7 @@ def bench_cuda(args):
              f"`python bench/bench_paged_decode.py` — bf16, {HEADS}/{KV_HEADS} heads, D={HEAD_DIM}, page {PAGE}, "
              f"scattered pages, `triton.testing.do_bench` median (L2 flushed). Copy bandwidth measured in the same "
              f"run: **{copy_bw / 1e9:.0f} GB/s** (bytes read + written).", "",
-             "| B | L | " + " | ".join(f"{label} us (GB/s, % copy)" for label in labels) + " | pagedlm / FlashInfer |",
+             "| B | L | " + " | ".join(f"{label} us (GB/s, % copy)" for label in labels) + " | pagedlm speed vs FlashInfer |",
              "|---|---|" + "---|" * len(labels) + "---|"]
     for batch, length, kv_bytes, times in rows:
         cells = []
