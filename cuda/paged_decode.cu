@@ -3,8 +3,9 @@
 // A thread block owns one (sequence, kv head, group of up to 8 query heads, split of the
 // sequence): it reads each K/V row of its range once for all its query heads (GQA). Rows
 // stream through shared memory in tiles of 32 tokens with cp.async, kPipeline tiles in
-// flight, their 16-byte chunks XOR-swizzled so that threads reading different rows hit
-// different banks. Scores use an online softmax; with more than one split per sequence
+// flight, their 16-byte chunks XOR-swizzled so that lanes reading different rows hit
+// different banks. Each lane keeps a quarter of q in registers; four lanes share a dot
+// product. Scores use an online softmax; with more than one split per sequence
 // each block writes a partial (output, log-sum-exp) to the caller's workspace and a merge
 // kernel combines them. Splits are chosen on the host from the grid size alone (no
 // synchronisation), and each block derives its token range from the sequence's real length.
@@ -45,8 +46,10 @@ struct Layout {
   static constexpr int kChunks = D / kVec;              // chunks per row (>= 8 for every D, T here)
   static constexpr int kStageBytes = 2 * kTile * D * sizeof(T);
   static constexpr int kPipeline = kStageBytes <= 32768 ? 3 : 2;
-  // Chunk c of row r lives at chunk position c ^ (r % 8).
-  __device__ static int offset(int row, int chunk) { return row * D + ((chunk ^ (row & 7)) * kVec); }
+  // Chunk c of row r lives at position c ^ (4 if r is odd). In the score loop a phase of 8
+  // lanes reads chunks {q, q+4, ...} (q = 0..3) of two adjacent rows: the XOR sends the two
+  // rows to opposite halves of the 128-byte bank line, so the 8 reads hit 8 distinct banks.
+  __device__ static int offset(int row, int chunk) { return row * D + ((chunk ^ ((row & 1) << 2)) * kVec); }
 };
 
 // Loads N contiguous elements (N * sizeof(T) a power of two <= 16, suitably aligned) in one access.
@@ -74,16 +77,18 @@ __device__ __forceinline__ float warp_sum(float x) {
 template <typename T, int D, int GT>
 __global__ void __launch_bounds__(kThreads) paged_decode_kernel(PagedDecodeParams p, SplitInfo split) {
   using L = Layout<T, D>;
-  constexpr int kDots = GT * kTile;                                  // scores per tile
-  constexpr int kLanesPerDot = kDots >= kThreads ? 1 : kThreads / kDots;
-  constexpr int kDotsPerThread = kDots >= kThreads ? kDots / kThreads : 1;
+  // Scores: 4 lanes share a dot product, each holding a quarter of q in registers; a warp
+  // covers 8 tokens at a time (lane = 4 * slot + quarter) and loops over the rest.
+  constexpr int kWarpsPerHead = GT >= 4 ? 1 : 4 / GT;
+  constexpr int kHeadsPerWarp = GT > 4 ? GT / 4 : 1;
+  constexpr int kRowsPerSlot = kTile / kWarpsPerHead / 8;
+  constexpr int kQuarterChunks = L::kChunks / 4;
   constexpr int kThreadsPerHead = kThreads / GT;                     // for the P.V product
   constexpr int kOutPerThread = D / kThreadsPerHead > 0 ? D / kThreadsPerHead : 1;
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* kv_smem = reinterpret_cast<T*>(smem_raw);                       // [kPipeline][2][kTile][D]
-  float* q_smem = reinterpret_cast<float*>(smem_raw + L::kPipeline * L::kStageBytes);  // [GT][D]
-  float* p_smem = q_smem + GT * D;                                   // [GT][kTile]
+  float* p_smem = reinterpret_cast<float*>(smem_raw + L::kPipeline * L::kStageBytes);  // [GT][kTile]
   float* rescale_smem = p_smem + GT * kTile;                         // [GT]
   float* sum_smem = rescale_smem + GT;                               // [GT]
   float* max_smem = sum_smem + GT;                                   // [GT]
@@ -110,9 +115,20 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(PagedDecodeParam
 
   if (tid == 0) bad_row = bad_len;
   __syncthreads();  // before any load can flag a bad block id
-  for (int i = tid; i < GT * D; i += kThreads) {
-    const int g = i / D, d = i % D;
-    q_smem[i] = to_float(static_cast<const T*>(p.query)[(static_cast<int64_t>(b) * p.num_heads + head0 + g) * D + d]) * p.scale;
+
+  const int warp = tid / 32, lane = tid % 32;
+  const int slot = lane / 4, quarter = lane % 4;
+  float q[kHeadsPerWarp][kQuarterChunks][L::kVec];  // this lane's quarter of q, scaled
+#pragma unroll
+  for (int h = 0; h < kHeadsPerWarp; ++h) {
+    const int g = GT >= 4 ? warp + 4 * h : warp / kWarpsPerHead;
+    const T* q_row = static_cast<const T*>(p.query) + (static_cast<int64_t>(b) * p.num_heads + head0 + g) * D;
+#pragma unroll
+    for (int i = 0; i < kQuarterChunks; ++i) {
+      load_vec<T, L::kVec>(q_row + (quarter + 4 * i) * L::kVec, q[h][i]);
+#pragma unroll
+      for (int e = 0; e < L::kVec; ++e) q[h][i][e] *= p.scale;
+    }
   }
 
   const int32_t* table = p.block_tables + static_cast<int64_t>(b) * p.max_blocks_per_seq;
@@ -144,7 +160,6 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(PagedDecodeParam
   }
 
   // Running softmax state, kept by the warp that owns each head (warp w owns heads w, w+4).
-  const int warp = tid / 32, lane = tid % 32;
   float run_max[(GT + 3) / 4], run_sum[(GT + 3) / 4];
   for (int i = 0; i < (GT + 3) / 4; ++i) run_max[i] = -INFINITY, run_sum[i] = 0.0f;
   float acc[kOutPerThread];
@@ -164,29 +179,28 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(PagedDecodeParam
     const T* v_tile = k_tile + kTile * D;
     const int tile_begin = begin + tile * kTile;
 
-    // Scores: each dot product over D is shared by kLanesPerDot adjacent lanes.
+    // Scores of this warp's heads for its rows of the tile.
 #pragma unroll
-    for (int r = 0; r < kDotsPerThread; ++r) {
-      const int dot = (tid / kLanesPerDot) + r * (kThreads / kLanesPerDot);
-      const int g = dot / kTile, row = dot % kTile;
-      const int sub = tid % kLanesPerDot;
-      float s = 0.0f;
-#pragma unroll 4
-      for (int chunk = sub; chunk < L::kChunks; chunk += kLanesPerDot) {
-        float k[L::kVec];
-        load_vec<T, L::kVec>(k_tile + L::offset(row, chunk), k);
-        const float4* q = reinterpret_cast<const float4*>(q_smem + g * D + chunk * L::kVec);
+    for (int h = 0; h < kHeadsPerWarp; ++h) {
+      const int g = GT >= 4 ? warp + 4 * h : warp / kWarpsPerHead;
+      const int row0 = (GT >= 4 ? 0 : (warp % kWarpsPerHead) * (kTile / kWarpsPerHead)) + slot;
 #pragma unroll
-        for (int e = 0; e < L::kVec / 4; ++e) {
-          const float4 qe = q[e];
-          s += qe.x * k[4 * e] + qe.y * k[4 * e + 1] + qe.z * k[4 * e + 2] + qe.w * k[4 * e + 3];
+      for (int j = 0; j < kRowsPerSlot; ++j) {
+        const int row = row0 + 8 * j;
+        float s = 0.0f;
+#pragma unroll
+        for (int i = 0; i < kQuarterChunks; ++i) {
+          float k[L::kVec];
+          load_vec<T, L::kVec>(k_tile + L::offset(row, quarter + 4 * i), k);
+#pragma unroll
+          for (int e = 0; e < L::kVec; ++e) s += q[h][i][e] * k[e];
         }
+        s += __shfl_xor_sync(0xffffffffu, s, 1);
+        s += __shfl_xor_sync(0xffffffffu, s, 2);
+        if (p.soft_cap > 0.0f) s = p.soft_cap * tanhf(s / p.soft_cap);
+        if (tile_begin + row >= end) s = -INFINITY;
+        if (quarter == 0) p_smem[g * kTile + row] = s;
       }
-#pragma unroll
-      for (int o = kLanesPerDot / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-      if (p.soft_cap > 0.0f) s = p.soft_cap * tanhf(s / p.soft_cap);
-      if (tile_begin + row >= end) s = -INFINITY;
-      if (sub == 0) p_smem[g * kTile + row] = s;
     }
     __syncthreads();
 
@@ -210,15 +224,20 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(PagedDecodeParam
       // Rows past the range hold stale data: skip them rather than multiply it by zero.
       const int rows = min(kTile, end - tile_begin);
       constexpr int kPiece = kOutPerThread < L::kVec ? kOutPerThread : L::kVec;  // elements within one chunk
-      for (int row = 0; row < rows; ++row) {
-        const float prob = p_smem[pv_head * kTile + row];
+      for (int row4 = 0; row4 < rows; row4 += 4) {
+        const float4 probs = *reinterpret_cast<const float4*>(p_smem + pv_head * kTile + row4);
+        const float prob4[4] = {probs.x, probs.y, probs.z, probs.w};
 #pragma unroll
-        for (int piece = 0; piece < kOutPerThread / kPiece; ++piece) {
-          const int d = pv_d0 + piece * kPiece;
-          float v[kPiece];
-          load_vec<T, kPiece>(v_tile + L::offset(row, d / L::kVec) + d % L::kVec, v);
+        for (int r = 0; r < 4; ++r) {
+          if (row4 + r >= rows) break;
 #pragma unroll
-          for (int i = 0; i < kPiece; ++i) acc[piece * kPiece + i] += prob * v[i];
+          for (int piece = 0; piece < kOutPerThread / kPiece; ++piece) {
+            const int d = pv_d0 + piece * kPiece;
+            float v[kPiece];
+            load_vec<T, kPiece>(v_tile + L::offset(row4 + r, d / L::kVec) + d % L::kVec, v);
+#pragma unroll
+            for (int i = 0; i < kPiece; ++i) acc[piece * kPiece + i] += prob4[r] * v[i];
+          }
         }
       }
     }
@@ -304,7 +323,7 @@ int launch(const PagedDecodeParams& p, const DecodeWorkspace& ws, cudaStream_t s
     split.partial_out = static_cast<float*>(ws.data);
     split.partial_lse = split.partial_out + rows * splits * D;
   }
-  const int smem = L::kPipeline * L::kStageBytes + (GT * D + GT * kTile + 3 * GT) * sizeof(float);
+  const int smem = L::kPipeline * L::kStageBytes + (GT * kTile + 3 * GT) * sizeof(float);
   auto kernel = paged_decode_kernel<T, D, GT>;
   // Per device, and cheap; not a stream operation, so it is allowed during graph capture.
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
@@ -317,7 +336,10 @@ int launch(const PagedDecodeParams& p, const DecodeWorkspace& ws, cudaStream_t s
 template <typename T, int D>
 int launch_heads(const PagedDecodeParams& p, const DecodeWorkspace& ws, cudaStream_t stream) {
   const int group = p.num_heads / p.num_kv_heads;
-  if (group % 8 == 0) return launch<T, D, 8>(p, ws, stream);
+  // Eight heads per block keep 2 x D/4 q values per lane in registers: only for D <= 128.
+  if constexpr (D <= 128) {
+    if (group % 8 == 0) return launch<T, D, 8>(p, ws, stream);
+  }
   if (group % 4 == 0) return launch<T, D, 4>(p, ws, stream);
   if (group % 2 == 0) return launch<T, D, 2>(p, ws, stream);
   return launch<T, D, 1>(p, ws, stream);
