@@ -1,6 +1,8 @@
 // CUDA paged-attention decode (flash-decoding), the GPU twin of cpp/src/paged_decode.cpp.
+// f16/bf16 caches take the tensor-core kernel of paged_decode_tc.cuh; f32 caches the
+// CUDA-core kernel below.
 //
-// A thread block owns one (sequence, kv head, group of up to 8 query heads, split of the
+// CUDA-core kernel: a thread block owns one (sequence, kv head, group of up to 8 query heads, split of the
 // sequence): it reads each K/V row of its range once for all its query heads (GQA). Rows
 // stream through shared memory in tiles of 32 tokens with cp.async, kPipeline tiles in
 // flight, their 16-byte chunks XOR-swizzled so that lanes reading different rows hit
@@ -73,6 +75,27 @@ __device__ __forceinline__ float warp_sum(float x) {
   return x;
 }
 
+// The tokens one split of one sequence attends to: [start, len) cut into num_splits runs of
+// whole tiles (trailing splits may be empty). A length outside the block table's capacity
+// is flagged, never read through.
+struct TokenRange {
+  int begin, end;
+  bool bad_len;
+};
+
+__device__ __forceinline__ TokenRange split_range(const PagedDecodeParams& p, int b, int split_id, int num_splits,
+                                                  int tile) {
+  const int len = p.seq_lens[b];
+  const int64_t capacity = static_cast<int64_t>(p.max_blocks_per_seq) * p.block_size;
+  const bool bad_len = len < 0 || len > capacity;
+  const int start = bad_len ? 0 : (p.sliding_window > 0 ? max(0, len - p.sliding_window) : 0);
+  const int span = bad_len ? 0 : len - start;
+  const int tiles = (span + tile - 1) / tile;
+  const int tiles_per_split = (tiles + num_splits - 1) / num_splits;
+  const int begin = start + split_id * tiles_per_split * tile;
+  return {begin, min(start + span, begin + tiles_per_split * tile), bad_len};
+}
+
 // GT: query heads per block (1, 2, 4 or 8).
 template <typename T, int D, int GT>
 __global__ void __launch_bounds__(kThreads) paged_decode_kernel(PagedDecodeParams p, SplitInfo split) {
@@ -101,19 +124,11 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(PagedDecodeParam
   const int b = blockIdx.z;
   const int tid = threadIdx.x;
 
-  const int len = p.seq_lens[b];
-  const int64_t capacity = static_cast<int64_t>(p.max_blocks_per_seq) * p.block_size;
-  const bool bad_len = len < 0 || len > capacity;
-  const int start = bad_len ? 0 : (p.sliding_window > 0 ? max(0, len - p.sliding_window) : 0);
-  const int span = bad_len ? 0 : len - start;
-  // Every split gets a whole number of tiles; trailing splits may be empty.
-  const int tiles = (span + kTile - 1) / kTile;
-  const int tiles_per_split = (tiles + split.num_splits - 1) / split.num_splits;
-  const int begin = start + split_id * tiles_per_split * kTile;
-  const int end = min(start + span, begin + tiles_per_split * kTile);
+  const TokenRange range = split_range(p, b, split_id, split.num_splits, kTile);
+  const int begin = range.begin, end = range.end;
   const int my_tiles = end > begin ? (end - begin + kTile - 1) / kTile : 0;
 
-  if (tid == 0) bad_row = bad_len;
+  if (tid == 0) bad_row = range.bad_len;
   __syncthreads();  // before any load can flag a bad block id
 
   const int warp = tid / 32, lane = tid % 32;
@@ -270,6 +285,14 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(PagedDecodeParam
   }
 }
 
+}  // namespace
+}  // namespace pagedlm::cuda
+
+#include "paged_decode_tc.cuh"
+
+namespace pagedlm::cuda {
+namespace {
+
 // Combines the splits of one (sequence, head): weights exp(lse_s - max lse).
 template <typename T>
 __global__ void merge_splits_kernel(PagedDecodeParams p, SplitInfo split) {
@@ -304,45 +327,70 @@ int sm_count() {
   return count;
 }
 
-template <typename T, int D, int GT>
-int launch(const PagedDecodeParams& p, const DecodeWorkspace& ws, cudaStream_t stream) {
-  using L = Layout<T, D>;
-  const int head_groups = p.num_kv_heads * (p.num_heads / p.num_kv_heads / GT);
-  const int64_t rows = static_cast<int64_t>(p.batch) * p.num_heads;
-  // Enough blocks to fill every SM a few times over, but at least 256 tokens per split
-  // (judged against the table's capacity: the real lengths live on the device).
+// Splits per sequence: as many as fill the resident block slots of the GPU in one wave
+// (never more than one wave's worth, which would leave a ragged tail), with at least 256
+// tokens of table capacity per split. The real lengths are on the device; each block
+// trims its range to them.
+template <typename Kernel>
+SplitInfo choose_splits(Kernel kernel, int threads, int smem, int64_t blocks_per_split, const PagedDecodeParams& p,
+                        const DecodeWorkspace& ws) {
+  int per_sm = 1;
+  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem);
+  const int64_t slots = static_cast<int64_t>(std::max(per_sm, 1)) * sm_count();
   const int64_t capacity = static_cast<int64_t>(p.max_blocks_per_seq) * p.block_size;
-  const int64_t blocks_without_split = static_cast<int64_t>(head_groups) * p.batch;
-  int splits = static_cast<int>(std::min<int64_t>((4LL * sm_count() + blocks_without_split - 1) / blocks_without_split,
-                                                  (capacity + 255) / 256));
-  splits = std::max(1, std::min(splits, 128));
+  int64_t splits = std::min<int64_t>(slots / std::max<int64_t>(blocks_per_split, 1), (capacity + 255) / 256);
+  splits = std::max<int64_t>(1, std::min<int64_t>(splits, 128));
+  const int64_t rows = static_cast<int64_t>(p.batch) * p.num_heads;
   // The workspace bounds the splits: [rows, splits, D] outputs + [rows, splits] lse, f32.
-  while (splits > 1 && static_cast<size_t>(rows) * splits * (D + 1) * sizeof(float) > ws.bytes) --splits;
-  SplitInfo split{splits, nullptr, nullptr};
+  while (splits > 1 && static_cast<size_t>(rows * splits * (p.head_dim + 1)) * sizeof(float) > ws.bytes) --splits;
+  SplitInfo split{static_cast<int>(splits), nullptr, nullptr};
   if (splits > 1) {
     split.partial_out = static_cast<float*>(ws.data);
-    split.partial_lse = split.partial_out + rows * splits * D;
+    split.partial_lse = split.partial_out + rows * splits * p.head_dim;
   }
-  const int smem = L::kPipeline * L::kStageBytes + (GT * kTile + 3 * GT) * sizeof(float);
-  auto kernel = paged_decode_kernel<T, D, GT>;
+  return split;
+}
+
+template <typename T, typename Kernel>
+int launch_with_splits(Kernel kernel, int threads, int smem, int head_groups, const PagedDecodeParams& p,
+                       const DecodeWorkspace& ws, cudaStream_t stream) {
   // Per device, and cheap; not a stream operation, so it is allowed during graph capture.
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  dim3 grid(splits, head_groups, p.batch);
-  kernel<<<grid, kThreads, smem, stream>>>(p, split);
-  if (splits > 1) merge_splits_kernel<T><<<static_cast<unsigned>(rows), 128, 0, stream>>>(p, split);
+  const SplitInfo split = choose_splits(kernel, threads, smem, static_cast<int64_t>(head_groups) * p.batch, p, ws);
+  kernel<<<dim3(split.num_splits, head_groups, p.batch), threads, smem, stream>>>(p, split);
+  if (split.num_splits > 1) {
+    const unsigned rows = static_cast<unsigned>(static_cast<int64_t>(p.batch) * p.num_heads);
+    merge_splits_kernel<T><<<rows, 128, 0, stream>>>(p, split);
+  }
   return static_cast<int>(cudaGetLastError());
+}
+
+// f32 (and any dtype without tensor cores here): the CUDA-core kernel.
+template <typename T, int D, int GT>
+int launch_simt(const PagedDecodeParams& p, const DecodeWorkspace& ws, cudaStream_t stream) {
+  using L = Layout<T, D>;
+  const int head_groups = p.num_kv_heads * (p.num_heads / p.num_kv_heads / GT);
+  const int smem = L::kPipeline * L::kStageBytes + (GT * kTile + 3 * GT) * sizeof(float);
+  return launch_with_splits<T>(paged_decode_kernel<T, D, GT>, kThreads, smem, head_groups, p, ws, stream);
 }
 
 template <typename T, int D>
 int launch_heads(const PagedDecodeParams& p, const DecodeWorkspace& ws, cudaStream_t stream) {
-  const int group = p.num_heads / p.num_kv_heads;
-  // Eight heads per block keep 2 x D/4 q values per lane in registers: only for D <= 128.
-  if constexpr (D <= 128) {
-    if (group % 8 == 0) return launch<T, D, 8>(p, ws, stream);
+  if constexpr (!std::is_same<T, float>::value) {
+    const int group = p.num_heads / p.num_kv_heads;
+    const int head_groups = p.num_kv_heads * ((group + tc::kRows - 1) / tc::kRows);
+    return launch_with_splits<T>(tc::paged_decode_tc_kernel<T, D>, tc::kWarps * 32, tc::Smem<D>::kBytes,
+                                 head_groups, p, ws, stream);
+  } else {
+    const int group = p.num_heads / p.num_kv_heads;
+    // Eight heads per block keep 2 x D/4 q values per lane in registers: only for D <= 128.
+    if constexpr (D <= 128) {
+      if (group % 8 == 0) return launch_simt<T, D, 8>(p, ws, stream);
+    }
+    if (group % 4 == 0) return launch_simt<T, D, 4>(p, ws, stream);
+    if (group % 2 == 0) return launch_simt<T, D, 2>(p, ws, stream);
+    return launch_simt<T, D, 1>(p, ws, stream);
   }
-  if (group % 4 == 0) return launch<T, D, 4>(p, ws, stream);
-  if (group % 2 == 0) return launch<T, D, 2>(p, ws, stream);
-  return launch<T, D, 1>(p, ws, stream);
 }
 
 }  // namespace

@@ -1,0 +1,269 @@
+// Tensor-core paged decode for f16/bf16 caches (included by paged_decode.cu).
+//
+// The query heads of one kv head (up to 16; GQA groups are 4-8 in practice) form the 16
+// rows of an mma.m16n8k16 A operand, so each K/V row is read from memory once and fed to
+// the tensor cores for every head at once. A block of 4 warps streams 64-token tiles
+// through shared memory (cp.async, 2-3 tiles in flight, 16-byte chunks XOR-swizzled by row
+// so that ldmatrix reads of 8 rows hit 8 different banks). Each warp owns 16 tokens of every
+// tile and keeps its own online softmax (FlashAttention-2 style: S stays in registers and
+// becomes the A operand of P.V), so warps never wait for each other inside a tile; their
+// four partial states are merged once at the end.
+#pragma once
+
+namespace pagedlm::cuda {
+namespace tc {
+
+constexpr int kTile = 64;   // tokens per tile
+constexpr int kRows = 16;   // query heads per block (mma M)
+constexpr int kWarps = 4;
+
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(s));
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(s));
+}
+
+template <int D>
+struct Smem {
+  static constexpr int kChunks = D / 8;  // 16-byte chunks per row
+  static constexpr int kStageElems = 2 * kTile * D;
+  static constexpr int kStages = kStageElems * 2 <= 32768 ? 3 : 2;
+  static constexpr int kPipelineBytes = kStages * kStageElems * 2;
+  static constexpr int kMergeBytes = kWarps * kRows * D * 4;  // per-warp outputs, reusing the pipeline
+  static constexpr int kBytes = kPipelineBytes > kMergeBytes ? kPipelineBytes : kMergeBytes;
+  __device__ static int offset(int row, int chunk) { return row * D + ((chunk ^ (row & 7)) * 8); }
+};
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kWarps * 32) paged_decode_tc_kernel(PagedDecodeParams p, SplitInfo split) {
+  using S = Smem<D>;
+  extern __shared__ uint4 smem_raw[];
+  T* kv_smem = reinterpret_cast<T*>(smem_raw);
+  __shared__ float warp_stats[kWarps][kRows][2];  // running max, sum
+  __shared__ int bad_row;
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int group = p.num_heads / p.num_kv_heads;
+  const int chunks_per_kv = (group + kRows - 1) / kRows;
+  const int kv_head = blockIdx.y / chunks_per_kv;
+  const int first = (blockIdx.y % chunks_per_kv) * kRows;
+  const int head0 = kv_head * group + first;
+  const int rows_valid = min(kRows, group - first);
+  const int b = blockIdx.z, split_id = blockIdx.x;
+  const TokenRange range = split_range(p, b, split_id, split.num_splits, kTile);
+  const int begin = range.begin, end = range.end;
+  const int my_tiles = end > begin ? (end - begin + kTile - 1) / kTile : 0;
+
+  if (tid == 0) bad_row = range.bad_len;
+  __syncthreads();
+
+  const int32_t* table = p.block_tables + static_cast<int64_t>(b) * p.max_blocks_per_seq;
+  const int64_t row_stride = static_cast<int64_t>(p.num_kv_heads) * D;
+  auto load_tile = [&](int tile, int stage) {
+    T* k_dst = kv_smem + stage * S::kStageElems;
+    T* v_dst = k_dst + kTile * D;
+    for (int i = tid; i < kTile * S::kChunks; i += kWarps * 32) {
+      const int row = i / S::kChunks, chunk = i % S::kChunks;
+      const int t = begin + tile * kTile + row;
+      const int32_t block = t < end ? table[t / p.block_size] : 0;
+      const bool valid = t < end && block >= 0 && block < p.num_blocks;
+      if (t < end && !valid) bad_row = 1;
+      if (!valid) {  // zeros, not stale data: P.V multiplies these rows by exactly zero
+        *reinterpret_cast<uint4*>(k_dst + S::offset(row, chunk)) = make_uint4(0, 0, 0, 0);
+        *reinterpret_cast<uint4*>(v_dst + S::offset(row, chunk)) = make_uint4(0, 0, 0, 0);
+        continue;
+      }
+      const int64_t elem = (static_cast<int64_t>(block) * p.block_size + t % p.block_size) * row_stride +
+                           static_cast<int64_t>(kv_head) * D + chunk * 8;
+      cp_async_16(k_dst + S::offset(row, chunk), static_cast<const T*>(p.key_cache) + elem);
+      cp_async_16(v_dst + S::offset(row, chunk), static_cast<const T*>(p.value_cache) + elem);
+    }
+  };
+  for (int s = 0; s < S::kStages - 1; ++s) {
+    if (s < my_tiles) load_tile(s, s);
+    cp_async_commit();
+  }
+
+  // Q as the mma A operand: rows lane/4 and lane/4 + 8, columns (lane%4)*2 (+8) per k-step.
+  const int r0 = lane / 4, r1 = r0 + 8, col = (lane % 4) * 2;
+  uint32_t q_frag[D / 16][4];
+  {
+    const T* q = static_cast<const T*>(p.query) + (static_cast<int64_t>(b) * p.num_heads + head0) * D;
+    auto q_pair = [&](int row, int c) -> uint32_t {
+      return row < rows_valid ? *reinterpret_cast<const uint32_t*>(q + row * D + c) : 0u;
+    };
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) {
+      q_frag[ks][0] = q_pair(r0, ks * 16 + col);
+      q_frag[ks][1] = q_pair(r1, ks * 16 + col);
+      q_frag[ks][2] = q_pair(r0, ks * 16 + col + 8);
+      q_frag[ks][3] = q_pair(r1, ks * 16 + col + 8);
+    }
+  }
+
+  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};  // rows r0, r1; sum is lane-partial
+  float o[D / 8][4];
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+  const int mi = lane / 8, ri = lane % 8;  // ldmatrix: which 8x8 matrix and row this lane addresses
+
+  for (int tile = 0; tile < my_tiles; ++tile) {
+    const int stage = tile % S::kStages;
+    if (tile + S::kStages - 1 < my_tiles) load_tile(tile + S::kStages - 1, (tile + S::kStages - 1) % S::kStages);
+    cp_async_commit();
+    cp_async_wait<S::kStages - 1>();
+    __syncthreads();
+
+    const T* k_tile = kv_smem + stage * S::kStageElems;
+    const T* v_tile = k_tile + kTile * D;
+    const int rb = warp * 16;  // this warp's tokens in the tile
+
+    // S = Q K^T for 16 tokens: two n-tiles of 8 tokens.
+    float s[2][4] = {{0, 0, 0, 0}, {0, 0, 0, 0}};
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) {
+      uint32_t kf[4];  // matrices: (tokens 0-7, k lo), (0-7, k hi), (8-15, k lo), (8-15, k hi)
+      ldmatrix_x4(kf, k_tile + S::offset(rb + (mi / 2) * 8 + ri, ks * 2 + (mi % 2)));
+      mma_16816<T>(s[0], q_frag[ks], kf[0], kf[1]);
+      mma_16816<T>(s[1], q_frag[ks], kf[2], kf[3]);
+    }
+
+    // Online softmax on rows r0 (elements 0, 1) and r1 (elements 2, 3) of each n-tile.
+    const int token0 = begin + tile * kTile + rb + col;
+    float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float v = s[j][e] * p.scale;
+        if (p.soft_cap > 0.0f) v = p.soft_cap * tanhf(v / p.soft_cap);
+        if (token0 + j * 8 + (e & 1) >= end) v = -INFINITY;
+        s[j][e] = v;
+        tile_max[e >> 1] = fmaxf(tile_max[e >> 1], v);
+      }
+    }
+    float rescale[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 1));
+      tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 2));
+      const float new_max = fmaxf(row_max[h], tile_max[h]);
+      rescale[h] = new_max == -INFINITY ? 1.0f : exp2f((row_max[h] - new_max) * kLog2e);
+      row_max[h] = new_max;
+      row_sum[h] *= rescale[h];
+    }
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float m = row_max[e >> 1];
+        s[j][e] = m == -INFINITY ? 0.0f : exp2f((s[j][e] - m) * kLog2e);
+        row_sum[e >> 1] += s[j][e];
+      }
+    }
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      o[n][0] *= rescale[0], o[n][1] *= rescale[0];
+      o[n][2] *= rescale[1], o[n][3] *= rescale[1];
+    }
+
+    // O += P V: P (16 x 16 tokens) is S re-packed as an A operand; V via transposed ldmatrix.
+    const uint32_t p_frag[4] = {pack2<T>(s[0][0], s[0][1]), pack2<T>(s[0][2], s[0][3]),
+                                pack2<T>(s[1][0], s[1][1]), pack2<T>(s[1][2], s[1][3])};
+#pragma unroll
+    for (int np = 0; np < D / 16; ++np) {
+      uint32_t vf[4];  // matrices: (tokens 0-7, d lo), (8-15, d lo), (0-7, d hi), (8-15, d hi)
+      ldmatrix_x4_trans(vf, v_tile + S::offset(rb + (mi % 2) * 8 + ri, np * 2 + mi / 2));
+      mma_16816<T>(o[2 * np], p_frag, vf[0], vf[1]);
+      mma_16816<T>(o[2 * np + 1], p_frag, vf[2], vf[3]);
+    }
+    __syncthreads();  // the stage is refilled by the next iteration's prefetch
+  }
+  cp_async_wait<0>();
+
+  // Merge the four warps' partial states: through shared memory, reusing the pipeline.
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    row_sum[h] += __shfl_xor_sync(0xffffffffu, row_sum[h], 1);
+    row_sum[h] += __shfl_xor_sync(0xffffffffu, row_sum[h], 2);
+  }
+  __syncthreads();
+  float* warp_out = reinterpret_cast<float*>(smem_raw);  // [kWarps][kRows][D]
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) {
+    float* base = warp_out + (warp * kRows) * D + n * 8 + col;
+    base[r0 * D] = o[n][0];
+    base[r0 * D + 1] = o[n][1];
+    base[r1 * D] = o[n][2];
+    base[r1 * D + 1] = o[n][3];
+  }
+  if (lane % 4 == 0) {
+    warp_stats[warp][r0][0] = row_max[0], warp_stats[warp][r0][1] = row_sum[0];
+    warp_stats[warp][r1][0] = row_max[1], warp_stats[warp][r1][1] = row_sum[1];
+  }
+  __syncthreads();
+
+  const bool bad = bad_row != 0;
+  for (int item = tid; item < rows_valid * D; item += kWarps * 32) {
+    const int row = item / D, d = item % D;
+    float m = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) m = fmaxf(m, warp_stats[w][row][0]);
+    float total = 0.0f, value = 0.0f;
+    if (m != -INFINITY) {
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) {
+        const float weight = exp2f((warp_stats[w][row][0] - m) * kLog2e);  // 0 for a warp that saw nothing
+        total += weight * warp_stats[w][row][1];
+        value += weight * warp_out[(w * kRows + row) * D + d];
+      }
+    }
+    const float result = bad ? NAN : (total > 0.0f ? value / total : 0.0f);
+    const float lse = bad ? NAN : (total > 0.0f ? m + logf(total) : -INFINITY);
+    const int64_t row_index = static_cast<int64_t>(b) * p.num_heads + head0 + row;
+    if (split.num_splits == 1) {
+      static_cast<T*>(p.out)[row_index * D + d] = from_float<T>(result);
+      if (p.lse && d == 0) p.lse[row_index] = lse;
+    } else {
+      split.partial_out[(row_index * split.num_splits + split_id) * D + d] = result;
+      if (d == 0) split.partial_lse[row_index * split.num_splits + split_id] = lse;
+    }
+  }
+}
+
+}  // namespace tc
+}  // namespace pagedlm::cuda
