@@ -91,32 +91,54 @@ __global__ void __launch_bounds__(kWarps * 32) paged_decode_tc_kernel(PagedDecod
   if (tid == 0) bad_row = range.bad_len;
   __syncthreads();
 
+  // Each thread copies one fixed 16-byte column (chunk) of kIdsPerThread rows per tile. The
+  // rows' block ids are read from the table one tile before their copies are issued, so the
+  // table's latency overlaps a tile of compute instead of stalling the copy.
+  constexpr int kColumnThreads = kWarps * 32 / S::kChunks;  // threads per chunk column
+  constexpr int kIdsPerThread = kTile / kColumnThreads;
+  const int my_chunk = tid % S::kChunks, my_row0 = tid / S::kChunks;
   const int32_t* table = p.block_tables + static_cast<int64_t>(b) * p.max_blocks_per_seq;
   const int64_t row_stride = static_cast<int64_t>(p.num_kv_heads) * D;
-  auto load_tile = [&](int tile, int stage) {
+  const bool pow2_block = (p.block_size & (p.block_size - 1)) == 0;
+  const int block_shift = __ffs(p.block_size) - 1;
+  auto fetch_ids = [&](int tile, int32_t (&ids)[kIdsPerThread]) {
+#pragma unroll
+    for (int k = 0; k < kIdsPerThread; ++k) {
+      const int t = begin + tile * kTile + my_row0 + k * kColumnThreads;
+      ids[k] = t < end ? table[pow2_block ? t >> block_shift : t / p.block_size] : 0;
+    }
+  };
+  auto issue_tile = [&](int tile, int stage, const int32_t (&ids)[kIdsPerThread]) {
     T* k_dst = kv_smem + stage * S::kStageElems;
     T* v_dst = k_dst + kTile * D;
-    for (int i = tid; i < kTile * S::kChunks; i += kWarps * 32) {
-      const int row = i / S::kChunks, chunk = i % S::kChunks;
+#pragma unroll
+    for (int k = 0; k < kIdsPerThread; ++k) {
+      const int row = my_row0 + k * kColumnThreads;
       const int t = begin + tile * kTile + row;
-      const int32_t block = t < end ? table[t / p.block_size] : 0;
+      const int32_t block = ids[k];
       const bool valid = t < end && block >= 0 && block < p.num_blocks;
       if (t < end && !valid) bad_row = 1;
       if (!valid) {  // zeros, not stale data: P.V multiplies these rows by exactly zero
-        *reinterpret_cast<uint4*>(k_dst + S::offset(row, chunk)) = make_uint4(0, 0, 0, 0);
-        *reinterpret_cast<uint4*>(v_dst + S::offset(row, chunk)) = make_uint4(0, 0, 0, 0);
+        *reinterpret_cast<uint4*>(k_dst + S::offset(row, my_chunk)) = make_uint4(0, 0, 0, 0);
+        *reinterpret_cast<uint4*>(v_dst + S::offset(row, my_chunk)) = make_uint4(0, 0, 0, 0);
         continue;
       }
-      const int64_t elem = (static_cast<int64_t>(block) * p.block_size + t % p.block_size) * row_stride +
-                           static_cast<int64_t>(kv_head) * D + chunk * 8;
-      cp_async_16(k_dst + S::offset(row, chunk), static_cast<const T*>(p.key_cache) + elem);
-      cp_async_16(v_dst + S::offset(row, chunk), static_cast<const T*>(p.value_cache) + elem);
+      const int in_block = pow2_block ? t & (p.block_size - 1) : t % p.block_size;
+      const int64_t elem = (static_cast<int64_t>(block) * p.block_size + in_block) * row_stride +
+                           static_cast<int64_t>(kv_head) * D + my_chunk * 8;
+      cp_async_16(k_dst + S::offset(row, my_chunk), static_cast<const T*>(p.key_cache) + elem);
+      cp_async_16(v_dst + S::offset(row, my_chunk), static_cast<const T*>(p.value_cache) + elem);
     }
   };
+  int32_t next_ids[kIdsPerThread];
   for (int s = 0; s < S::kStages - 1; ++s) {
-    if (s < my_tiles) load_tile(s, s);
+    if (s < my_tiles) {
+      fetch_ids(s, next_ids);
+      issue_tile(s, s, next_ids);
+    }
     cp_async_commit();
   }
+  if (S::kStages - 1 < my_tiles) fetch_ids(S::kStages - 1, next_ids);
 
   // Q as the mma A operand: rows lane/4 and lane/4 + 8, columns (lane%4)*2 (+8) per k-step.
   const int r0 = lane / 4, r1 = r0 + 8, col = (lane % 4) * 2;
@@ -143,8 +165,10 @@ __global__ void __launch_bounds__(kWarps * 32) paged_decode_tc_kernel(PagedDecod
 
   for (int tile = 0; tile < my_tiles; ++tile) {
     const int stage = tile % S::kStages;
-    if (tile + S::kStages - 1 < my_tiles) load_tile(tile + S::kStages - 1, (tile + S::kStages - 1) % S::kStages);
+    const int ahead = tile + S::kStages - 1;
+    if (ahead < my_tiles) issue_tile(ahead, ahead % S::kStages, next_ids);
     cp_async_commit();
+    if (ahead + 1 < my_tiles) fetch_ids(ahead + 1, next_ids);
     cp_async_wait<S::kStages - 1>();
     __syncthreads();
 
