@@ -293,28 +293,39 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(PagedDecodeParam
 namespace pagedlm::cuda {
 namespace {
 
-// Combines the splits of one (sequence, head): weights exp(lse_s - max lse).
+// Combines the splits of one (sequence, head): weights exp(lse_s - max lse). One thread per
+// split computes its weight (splits <= 128 = blockDim), then each thread sums one column.
 template <typename T>
-__global__ void merge_splits_kernel(PagedDecodeParams p, SplitInfo split) {
+__global__ void __launch_bounds__(128) merge_splits_kernel(PagedDecodeParams p, SplitInfo split) {
+  __shared__ float weight[128];
+  __shared__ float warp_max_lse[4], warp_total[4];
+  __shared__ int any_bad;
   const int64_t row = blockIdx.x;
-  const float* lse = split.partial_lse + row * split.num_splits;
-  float max_lse = -INFINITY;
-  bool bad = false;
-  for (int s = 0; s < split.num_splits; ++s) {
-    bad |= isnan(lse[s]);
-    max_lse = fmaxf(max_lse, lse[s]);
-  }
-  float total = 0.0f;
-  for (int s = 0; s < split.num_splits; ++s) total += max_lse == -INFINITY ? 0.0f : __expf(lse[s] - max_lse);
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const float lse = tid < split.num_splits ? split.partial_lse[row * split.num_splits + tid] : -INFINITY;
+  if (tid == 0) any_bad = 0;
+  __syncthreads();
+  if (isnan(lse)) any_bad = 1;
+  const float local_max = warp_max(isnan(lse) ? -INFINITY : lse);
+  if (lane == 0) warp_max_lse[warp] = local_max;
+  __syncthreads();
+  const float max_lse = fmaxf(fmaxf(warp_max_lse[0], warp_max_lse[1]), fmaxf(warp_max_lse[2], warp_max_lse[3]));
+  const float w = max_lse == -INFINITY || isnan(lse) ? 0.0f : exp2f((lse - max_lse) * kLog2e);
+  weight[tid] = w;
+  const float local_total = warp_sum(w);
+  if (lane == 0) warp_total[warp] = local_total;
+  __syncthreads();
+  const float total = warp_total[0] + warp_total[1] + warp_total[2] + warp_total[3];
   const float inv = total > 0.0f ? 1.0f / total : 0.0f;
-  for (int d = threadIdx.x; d < p.head_dim; d += blockDim.x) {
+  const bool bad = any_bad != 0;
+  const float* partial = split.partial_out + row * split.num_splits * p.head_dim;
+  for (int d = tid; d < p.head_dim; d += blockDim.x) {
     float value = 0.0f;
-    for (int s = 0; s < split.num_splits; ++s) {
-      if (lse[s] != -INFINITY) value += __expf(lse[s] - max_lse) * split.partial_out[(row * split.num_splits + s) * p.head_dim + d];
-    }
+#pragma unroll 8
+    for (int s = 0; s < split.num_splits; ++s) value += weight[s] * partial[s * p.head_dim + d];
     static_cast<T*>(p.out)[row * p.head_dim + d] = from_float<T>(bad ? NAN : value * inv);
   }
-  if (p.lse && threadIdx.x == 0) p.lse[row] = bad ? NAN : (total > 0.0f ? max_lse + logf(total) : -INFINITY);
+  if (p.lse && tid == 0) p.lse[row] = bad ? NAN : (total > 0.0f ? max_lse + logf(total) : -INFINITY);
 }
 
 int sm_count() {

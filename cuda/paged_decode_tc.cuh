@@ -165,25 +165,34 @@ __global__ void __launch_bounds__(kWarps * 32) paged_decode_tc_kernel(PagedDecod
 
   for (int tile = 0; tile < my_tiles; ++tile) {
     const int stage = tile % S::kStages;
+    // One barrier per tile: after it, tile `tile` has landed for every thread and every warp
+    // is done with tile - 1, whose stage the copies issued next overwrite.
+    cp_async_wait<S::kStages - 2>();
+    __syncthreads();
     const int ahead = tile + S::kStages - 1;
     if (ahead < my_tiles) issue_tile(ahead, ahead % S::kStages, next_ids);
     cp_async_commit();
     if (ahead + 1 < my_tiles) fetch_ids(ahead + 1, next_ids);
-    cp_async_wait<S::kStages - 1>();
-    __syncthreads();
 
     const T* k_tile = kv_smem + stage * S::kStageElems;
     const T* v_tile = k_tile + kTile * D;
     const int rb = warp * 16;  // this warp's tokens in the tile
 
     // S = Q K^T for 16 tokens: two n-tiles of 8 tokens.
-    float s[2][4] = {{0, 0, 0, 0}, {0, 0, 0, 0}};
+    // Even and odd k-steps accumulate separately: two independent mma chains per n-tile.
+    float s[2][4] = {{0, 0, 0, 0}, {0, 0, 0, 0}}, s_odd[2][4] = {{0, 0, 0, 0}, {0, 0, 0, 0}};
 #pragma unroll
     for (int ks = 0; ks < D / 16; ++ks) {
       uint32_t kf[4];  // matrices: (tokens 0-7, k lo), (0-7, k hi), (8-15, k lo), (8-15, k hi)
       ldmatrix_x4(kf, k_tile + S::offset(rb + (mi / 2) * 8 + ri, ks * 2 + (mi % 2)));
-      mma_16816<T>(s[0], q_frag[ks], kf[0], kf[1]);
-      mma_16816<T>(s[1], q_frag[ks], kf[2], kf[3]);
+      float (&acc)[2][4] = ks % 2 ? s_odd : s;
+      mma_16816<T>(acc[0], q_frag[ks], kf[0], kf[1]);
+      mma_16816<T>(acc[1], q_frag[ks], kf[2], kf[3]);
+    }
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[j][e] += s_odd[j][e];
     }
 
     // Online softmax on rows r0 (elements 0, 1) and r1 (elements 2, 3) of each n-tile.
@@ -235,7 +244,6 @@ __global__ void __launch_bounds__(kWarps * 32) paged_decode_tc_kernel(PagedDecod
       mma_16816<T>(o[2 * np], p_frag, vf[0], vf[1]);
       mma_16816<T>(o[2 * np + 1], p_frag, vf[2], vf[3]);
     }
-    __syncthreads();  // the stage is refilled by the next iteration's prefetch
   }
   cp_async_wait<0>();
 
@@ -248,12 +256,10 @@ __global__ void __launch_bounds__(kWarps * 32) paged_decode_tc_kernel(PagedDecod
   __syncthreads();
   float* warp_out = reinterpret_cast<float*>(smem_raw);  // [kWarps][kRows][D]
 #pragma unroll
-  for (int n = 0; n < D / 8; ++n) {
+  for (int n = 0; n < D / 8; ++n) {  // rows past rows_valid are padding: not stored
     float* base = warp_out + (warp * kRows) * D + n * 8 + col;
-    base[r0 * D] = o[n][0];
-    base[r0 * D + 1] = o[n][1];
-    base[r1 * D] = o[n][2];
-    base[r1 * D + 1] = o[n][3];
+    if (r0 < rows_valid) base[r0 * D] = o[n][0], base[r0 * D + 1] = o[n][1];
+    if (r1 < rows_valid) base[r1 * D] = o[n][2], base[r1 * D + 1] = o[n][3];
   }
   if (lane % 4 == 0) {
     warp_stats[warp][r0][0] = row_max[0], warp_stats[warp][r0][1] = row_sum[0];
