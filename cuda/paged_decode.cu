@@ -15,6 +15,7 @@
 // Bad values never fault: an out-of-range block id or length turns the row into NaN.
 #include <algorithm>
 #include <cfloat>
+#include <cmath>
 #include <cstdint>
 #include <type_traits>
 
@@ -349,8 +350,18 @@ SplitInfo choose_splits(Kernel kernel, int threads, int smem, int64_t blocks_per
   cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem);
   const int64_t slots = static_cast<int64_t>(std::max(per_sm, 1)) * sm_count();
   const int64_t capacity = static_cast<int64_t>(p.max_blocks_per_seq) * p.block_size;
-  int64_t splits = std::min<int64_t>(slots / std::max<int64_t>(blocks_per_split, 1), (capacity + 255) / 256);
-  splits = std::max<int64_t>(1, std::min<int64_t>(splits, 128));
+  const int64_t max_splits = std::max<int64_t>(1, std::min<int64_t>(128, (capacity + 255) / 256));
+  const int64_t work = std::max<int64_t>(blocks_per_split, 1);
+  // The fewest splits whose blocks fill their last wave at least 90% (a ragged last wave
+  // leaves SMs idle while it runs); failing that, the best-filled count.
+  int64_t splits = 1;
+  double best_fill = 0.0;
+  for (int64_t s = 1; s <= max_splits; ++s) {
+    const double waves = static_cast<double>(work * s) / slots;
+    const double fill = waves / std::ceil(waves);
+    if (fill > best_fill + 1e-9) best_fill = fill, splits = s;
+    if (fill >= 0.9) break;
+  }
   const int64_t rows = static_cast<int64_t>(p.batch) * p.num_heads;
   // The workspace bounds the splits: [rows, splits, D] outputs + [rows, splits] lse, f32.
   while (splits > 1 && static_cast<size_t>(rows * splits * (p.head_dim + 1)) * sizeof(float) > ws.bytes) --splits;
@@ -390,8 +401,11 @@ int launch_heads(const PagedDecodeParams& p, const DecodeWorkspace& ws, cudaStre
   if constexpr (!std::is_same<T, float>::value) {
     const int group = p.num_heads / p.num_kv_heads;
     const int head_groups = p.num_kv_heads * ((group + tc::kRows - 1) / tc::kRows);
-    return launch_with_splits<T>(tc::paged_decode_tc_kernel<T, D>, tc::kWarps * 32, tc::Smem<D>::kBytes,
-                                 head_groups, p, ws, stream);
+    // Two pipeline stages and registers capped for three blocks per SM measured better than
+    // three stages at two blocks per SM (bench/RESULTS.md, v6). D = 256 needs the registers.
+    constexpr int kMinBlocks = D <= 128 ? 3 : 1;
+    return launch_with_splits<T>(tc::paged_decode_tc_kernel<T, D, 2, kMinBlocks>, tc::kWarps * 32,
+                                 tc::Smem<D, 2>::kBytes, head_groups, p, ws, stream);
   } else {
     const int group = p.num_heads / p.num_kv_heads;
     // Eight heads per block keep 2 x D/4 q values per lane in registers: only for D <= 128.

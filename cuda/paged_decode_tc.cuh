@@ -3,11 +3,12 @@
 // The query heads of one kv head (up to 16; GQA groups are 4-8 in practice) form the 16
 // rows of an mma.m16n8k16 A operand, so each K/V row is read from memory once and fed to
 // the tensor cores for every head at once. A block of 4 warps streams 64-token tiles
-// through shared memory (cp.async, 2-3 tiles in flight, 16-byte chunks XOR-swizzled by row
-// so that ldmatrix reads of 8 rows hit 8 different banks). Each warp owns 16 tokens of every
-// tile and keeps its own online softmax (FlashAttention-2 style: S stays in registers and
-// becomes the A operand of P.V), so warps never wait for each other inside a tile; their
-// four partial states are merged once at the end.
+// through shared memory with cp.async (one tile landing while another is computed), their
+// 16-byte chunks XOR-swizzled by row so that ldmatrix reads of 8 rows hit 8 different
+// banks. Each warp owns 16 tokens of every tile and keeps its own online softmax
+// (FlashAttention-2 style: S stays in registers and becomes the A operand of P.V), so warps
+// never wait for each other inside a tile; their four partial states are merged once at
+// the end.
 #pragma once
 
 namespace pagedlm::cuda {
@@ -57,20 +58,20 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(s));
 }
 
-template <int D>
+template <int D, int Stages>
 struct Smem {
   static constexpr int kChunks = D / 8;  // 16-byte chunks per row
   static constexpr int kStageElems = 2 * kTile * D;
-  static constexpr int kStages = kStageElems * 2 <= 32768 ? 3 : 2;
+  static constexpr int kStages = Stages;
   static constexpr int kPipelineBytes = kStages * kStageElems * 2;
   static constexpr int kMergeBytes = kWarps * kRows * D * 4;  // per-warp outputs, reusing the pipeline
   static constexpr int kBytes = kPipelineBytes > kMergeBytes ? kPipelineBytes : kMergeBytes;
   __device__ static int offset(int row, int chunk) { return row * D + ((chunk ^ (row & 7)) * 8); }
 };
 
-template <typename T, int D>
-__global__ void __launch_bounds__(kWarps * 32) paged_decode_tc_kernel(PagedDecodeParams p, SplitInfo split) {
-  using S = Smem<D>;
+template <typename T, int D, int Stages, int MinBlocks>
+__global__ void __launch_bounds__(kWarps * 32, MinBlocks) paged_decode_tc_kernel(PagedDecodeParams p, SplitInfo split) {
+  using S = Smem<D, Stages>;
   extern __shared__ uint4 smem_raw[];
   T* kv_smem = reinterpret_cast<T*>(smem_raw);
   __shared__ float warp_stats[kWarps][kRows][2];  // running max, sum
