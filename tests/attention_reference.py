@@ -61,3 +61,65 @@ def paged_inputs(seq_lens, *, num_heads, num_kv_heads, head_dim, block_size, dty
 
 # Absolute tolerances on outputs of magnitude ~1: rounding of the output dominates.
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def prefill_reference(query, key_cache, value_cache, block_tables, cu_seqlens_q, seq_lens, *, causal=True,
+                      masks=None, scale=None, sliding_window=None, soft_cap=None):
+    """Returns (out float64 [total_q, H, D], lse float64 [total_q, H]). masks: None or, per
+    sequence, a bool [q_len, seq_len] matrix replacing the causal mask. Sequence i's queries
+    are its last q_len positions; a row that sees nothing gives zeros and -inf."""
+    total_q, num_heads, head_dim = query.shape
+    block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
+    group = num_heads // num_kv_heads
+    scale = head_dim ** -0.5 if scale is None else scale
+    out = torch.zeros(total_q, num_heads, head_dim, dtype=torch.float64)
+    lse = torch.full((total_q, num_heads), -math.inf, dtype=torch.float64)
+    for b in range(len(seq_lens)):
+        start, stop, length = int(cu_seqlens_q[b]), int(cu_seqlens_q[b + 1]), int(seq_lens[b])
+        q_len = stop - start
+        if q_len == 0:
+            continue
+        k = gather(key_cache, block_tables[b].cpu(), length, block_size).repeat_interleave(group, dim=1)
+        v = gather(value_cache, block_tables[b].cpu(), length, block_size).repeat_interleave(group, dim=1)
+        q = query[start:stop].double()
+        logits = torch.einsum("qhd,thd->hqt", q, k) * scale
+        if soft_cap:
+            logits = soft_cap * torch.tanh(logits / soft_cap)
+        positions = torch.arange(length - q_len, length).unsqueeze(1)  # [q_len, 1]
+        keys = torch.arange(length).unsqueeze(0)                       # [1, length]
+        if masks is not None:
+            visible = masks[b].clone()
+        elif causal:
+            visible = keys <= positions
+        else:
+            visible = torch.ones(q_len, length, dtype=torch.bool)
+        if sliding_window:
+            visible &= keys > positions - sliding_window
+        logits = logits.masked_fill(~visible, -math.inf)
+        row_lse = logits.logsumexp(-1)                                 # [h, q]
+        probs = torch.where(visible, (logits - row_lse.unsqueeze(-1)).exp(), torch.zeros((), dtype=torch.float64))
+        out[start:stop] = torch.einsum("hqt,thd->qhd", probs.nan_to_num(0.0), v)
+        lse[start:stop] = row_lse.transpose(0, 1)
+    return out, lse
+
+
+def pack_masks(masks):
+    """FlashInfer's packing: each sequence's row-major bits, little-endian within a byte,
+    starting on a byte boundary. Returns (uint8 tensor, int32 byte indptr)."""
+    chunks, indptr = [], [0]
+    for m in masks:
+        bits = m.flatten().to(torch.uint8)
+        pad = (-bits.numel()) % 8
+        bits = torch.cat([bits, torch.zeros(pad, dtype=torch.uint8)]).view(-1, 8)
+        packed = (bits << torch.arange(8, dtype=torch.uint8)).sum(1).to(torch.uint8)
+        chunks.append(packed)
+        indptr.append(indptr[-1] + packed.numel())
+    return torch.cat(chunks), torch.tensor(indptr, dtype=torch.int32)
+
+
+def flat_masks(masks):
+    """The unpacked format: all masks flattened and concatenated, indptr counting elements."""
+    indptr = [0]
+    for m in masks:
+        indptr.append(indptr[-1] + m.numel())
+    return torch.cat([m.flatten() for m in masks]), torch.tensor(indptr, dtype=torch.int32)

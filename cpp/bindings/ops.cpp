@@ -13,6 +13,7 @@
 #include "pagedlm/errors.h"
 #include "pagedlm/kv_cache.h"
 #include "pagedlm/paged_decode.h"
+#include "pagedlm/paged_prefill.h"
 #include "tensor_checks.h"
 
 #ifdef PAGEDLM_WITH_CUDA
@@ -239,6 +240,116 @@ void paged_decode(Tensor query, Tensor key_cache, Tensor value_cache, Tensor blo
 #endif
 }
 
+void paged_prefill(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, Tensor cu_seqlens_q,
+                   Tensor seq_lens, MutTensor out, std::optional<MutTensor> lse, std::optional<Tensor> custom_mask,
+                   std::optional<Tensor> mask_indptr, bool causal, double scale, int64_t sliding_window,
+                   double soft_cap, uintptr_t stream) {
+  const DType dtype = check_cache(key_cache, "key_cache");
+  check_cache(value_cache, "value_cache");
+  expect_same_shape(value_cache, key_cache, "value_cache", "key_cache");
+  expect_float_like(value_cache, dtype, "value_cache", "key_cache");
+  const int64_t num_blocks = key_cache.shape(0), block_size = key_cache.shape(1);
+  const int64_t num_kv_heads = key_cache.shape(2), head_dim = key_cache.shape(3);
+
+  expect_rank(query, 3, "query");
+  expect_contiguous(query, "query");
+  expect_float_like(query, dtype, "query", "key_cache");
+  const int64_t total_q = query.shape(0), num_heads = query.shape(1);
+  expect_dim(query, 2, head_dim, "query", "head_dim of the cache");
+  if (num_kv_heads == 0 || num_heads % num_kv_heads != 0) {
+    fail("query", "num_heads (" + std::to_string(num_heads) + ") must be a multiple of the cache's num_kv_heads (" +
+                      std::to_string(num_kv_heads) + ")");
+  }
+  expect_rank(seq_lens, 1, "seq_lens");
+  expect_int(seq_lens, 32, "seq_lens");
+  expect_contiguous(seq_lens, "seq_lens");
+  const int64_t batch = seq_lens.shape(0);
+  expect_rank(cu_seqlens_q, 1, "cu_seqlens_q");
+  expect_int(cu_seqlens_q, 32, "cu_seqlens_q");
+  expect_contiguous(cu_seqlens_q, "cu_seqlens_q");
+  expect_dim(cu_seqlens_q, 0, batch + 1, "cu_seqlens_q", "batch + 1");
+  expect_rank(block_tables, 2, "block_tables");
+  expect_int(block_tables, 32, "block_tables");
+  expect_contiguous(block_tables, "block_tables");
+  expect_dim(block_tables, 0, batch, "block_tables", "batch");
+  expect_same_shape(out, query, "out", "query");
+  expect_contiguous(out, "out");
+  expect_float_like(out, dtype, "out", "query");
+  if (lse) {
+    expect_rank(*lse, 2, "lse");
+    expect_dim(*lse, 0, total_q, "lse", "total_q");
+    expect_dim(*lse, 1, num_heads, "lse", "num_heads");
+    expect_contiguous(*lse, "lse");
+    if (float_dtype(*lse, "lse") != DType::f32) throw nb::type_error("lse: dtype must be float32");
+  }
+  if (custom_mask.has_value() != mask_indptr.has_value()) fail("mask_indptr", "must be given with custom_mask");
+  bool packed = false;
+  if (custom_mask) {
+    expect_rank(*custom_mask, 1, "custom_mask");
+    expect_contiguous(*custom_mask, "custom_mask");
+    const nb::dlpack::dtype d = custom_mask->dtype();
+    const bool is_bool = d.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Bool) && d.bits == 8;
+    const bool is_u8 = d.code == static_cast<uint8_t>(nb::dlpack::dtype_code::UInt) && d.bits == 8;
+    if (!is_bool && !is_u8) throw nb::type_error("custom_mask: dtype must be bool (flat) or uint8 (bit-packed)");
+    packed = is_u8;
+    expect_rank(*mask_indptr, 1, "mask_indptr");
+    expect_int(*mask_indptr, 32, "mask_indptr");
+    expect_contiguous(*mask_indptr, "mask_indptr");
+    expect_dim(*mask_indptr, 0, batch + 1, "mask_indptr", "batch + 1");
+  }
+  if (sliding_window < 0) fail("sliding_window", "must be positive or None");
+  if (soft_cap < 0) fail("soft_cap", "must be positive or None");
+
+  const Placement where = placement_of(query);
+  expect_same_placement(key_cache, where, "key_cache", "query");
+  expect_same_placement(value_cache, where, "value_cache", "query");
+  expect_same_placement(block_tables, where, "block_tables", "query");
+  expect_same_placement(cu_seqlens_q, where, "cu_seqlens_q", "query");
+  expect_same_placement(seq_lens, where, "seq_lens", "query");
+  expect_same_placement(out, where, "out", "query");
+  if (lse) expect_same_placement(*lse, where, "lse", "query");
+  if (custom_mask) {
+    expect_same_placement(*custom_mask, where, "custom_mask", "query");
+    expect_same_placement(*mask_indptr, where, "mask_indptr", "query");
+  }
+
+  PagedPrefillParams p;
+  p.query = query.data();
+  p.key_cache = key_cache.data();
+  p.value_cache = value_cache.data();
+  p.block_tables = static_cast<const int32_t*>(block_tables.data());
+  p.cu_seqlens_q = static_cast<const int32_t*>(cu_seqlens_q.data());
+  p.seq_lens = static_cast<const int32_t*>(seq_lens.data());
+  p.out = out.data();
+  p.lse = lse ? static_cast<float*>(lse->data()) : nullptr;
+  if (custom_mask) {
+    p.mask = static_cast<const uint8_t*>(custom_mask->data());
+    p.mask_indptr = static_cast<const int32_t*>(mask_indptr->data());
+    p.mask_packed = packed;
+    p.mask_size = static_cast<int64_t>(custom_mask->shape(0));
+  }
+  p.dtype = dtype;
+  p.batch = static_cast<int32_t>(batch);
+  p.total_q = static_cast<int32_t>(total_q);
+  p.num_heads = static_cast<int32_t>(num_heads);
+  p.num_kv_heads = static_cast<int32_t>(num_kv_heads);
+  p.head_dim = static_cast<int32_t>(head_dim);
+  p.block_size = static_cast<int32_t>(block_size);
+  p.num_blocks = static_cast<int32_t>(num_blocks);
+  p.max_blocks_per_seq = static_cast<int32_t>(block_tables.shape(1));
+  p.causal = causal;
+  p.scale = static_cast<float>(scale);
+  p.sliding_window = static_cast<int32_t>(sliding_window);
+  p.soft_cap = static_cast<float>(soft_cap);
+  if (!where.cuda) {
+    nb::gil_scoped_release release;
+    paged_prefill_cpu(p);
+    return;
+  }
+  (void)stream;
+  throw nb::value_error("paged_prefill_attention: the CUDA path is not implemented yet; pass CPU tensors");
+}
+
 void check_paged_decode_values(Tensor block_tables, Tensor seq_lens, int64_t block_size, int64_t num_blocks) {
   expect_rank(block_tables, 2, "block_tables");
   expect_int(block_tables, 32, "block_tables");
@@ -266,6 +377,9 @@ void bind_ops(nb::module_& m) {
   m.def("paged_decode", &paged_decode, "query"_a, "key_cache"_a, "value_cache"_a, "block_tables"_a, "seq_lens"_a,
         "out"_a.noconvert(), "lse"_a.noconvert().none(), "scale"_a, "sliding_window"_a, "soft_cap"_a,
         "workspace"_a.noconvert().none(), "stream"_a);
+  m.def("paged_prefill", &paged_prefill, "query"_a, "key_cache"_a, "value_cache"_a, "block_tables"_a,
+        "cu_seqlens_q"_a, "seq_lens"_a, "out"_a.noconvert(), "lse"_a.noconvert().none(), "custom_mask"_a.none(),
+        "mask_indptr"_a.none(), "causal"_a, "scale"_a, "sliding_window"_a, "soft_cap"_a, "stream"_a);
   m.def("check_paged_decode_values", &check_paged_decode_values, "block_tables"_a, "seq_lens"_a, "block_size"_a,
         "num_blocks"_a);
 }

@@ -15,6 +15,7 @@
 
 #include "pagedlm/errors.h"
 #include "pagedlm/parallel.h"
+#include "multiversion.h"
 
 namespace pagedlm {
 namespace {
@@ -43,12 +44,6 @@ void check_paged_decode_values(const int32_t* block_tables, const int32_t* seq_l
 }
 
 namespace {
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define PAGEDLM_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define PAGEDLM_MULTIVERSION
-#endif
 
 // One (sequence, kv head): all `group` query heads of that kv head.
 PAGEDLM_MULTIVERSION

@@ -13,7 +13,7 @@ import torch
 
 from pagedlm import _C
 
-__all__ = ["write_kv_cache", "copy_blocks", "paged_decode_attention"]
+__all__ = ["write_kv_cache", "copy_blocks", "paged_decode_attention", "paged_prefill_attention"]
 
 DECODE_WORKSPACE_BYTES = 32 << 20
 _workspaces = {}
@@ -104,6 +104,47 @@ def _decode_into(query, key_cache, value_cache, block_tables, seq_lens, out, lse
                     _stream(query))
 
 
+def paged_prefill_attention(query, key_cache, value_cache, block_tables, cu_seqlens_q, seq_lens, *, causal=True,
+                            custom_mask=None, mask_indptr=None, scale=None, sliding_window=None, soft_cap=None,
+                            return_lse=False, out=None):
+    """New query tokens of a packed batch attend to their sequences' cached tokens.
+
+    query [total_q, num_heads, head_dim], sequence i's rows being cu_seqlens_q[i]:cu_seqlens_q[i+1]
+    (int32 [batch+1]); they are the LAST q_len_i of its seq_lens[i] cached positions (the new
+    tokens' K/V written first with write_kv_cache), so the causal mask is bottom-right aligned.
+    custom_mask replaces the causal mask: per sequence a row-major [q_len_i, seq_len_i] boolean
+    matrix, either a flat torch.bool tensor with mask_indptr (int32 [batch+1]) counting elements,
+    or a uint8 tensor bit-packed as FlashInfer packs it with mask_indptr counting bytes. A row
+    that sees no token returns zeros (lse -inf). Returns out, or (out, lse) with return_lse.
+    CPU tensors only for now: the CUDA kernel is not written yet.
+    """
+    _expect_tensors(query=query, key_cache=key_cache, value_cache=value_cache, block_tables=block_tables,
+                    cu_seqlens_q=cu_seqlens_q, seq_lens=seq_lens)
+    if (custom_mask is None) != (mask_indptr is None):
+        raise ValueError("mask_indptr: custom_mask and mask_indptr go together")
+    if out is None:
+        out = torch.empty_like(query)
+    elif not isinstance(out, torch.Tensor):
+        raise TypeError(f"out: expected a torch.Tensor, got {type(out).__name__}")
+    lse = torch.empty(query.shape[:2], dtype=torch.float32, device=query.device) if return_lse else None
+    _prefill_into(query, key_cache, value_cache, block_tables, cu_seqlens_q, seq_lens, out, lse, causal, custom_mask,
+                  mask_indptr, scale, sliding_window, soft_cap)
+    return (out, lse) if return_lse else out
+
+
+def _prefill_into(query, key_cache, value_cache, block_tables, cu_seqlens_q, seq_lens, out, lse, causal, custom_mask,
+                  mask_indptr, scale, sliding_window, soft_cap):
+    if scale is None:
+        scale = query.shape[-1] ** -0.5 if query.dim() == 3 else 1.0
+    if sliding_window is not None and sliding_window <= 0:
+        raise ValueError(f"sliding_window: must be positive or None, got {sliding_window}")
+    if soft_cap is not None and soft_cap <= 0:
+        raise ValueError(f"soft_cap: must be positive or None, got {soft_cap}")
+    _C.paged_prefill(query, key_cache, value_cache, block_tables, cu_seqlens_q, seq_lens, out, lse, custom_mask,
+                     mask_indptr, bool(causal), float(scale), int(sliding_window or 0), float(soft_cap or 0.0),
+                     _stream(query))
+
+
 # ---- torch.library registration ------------------------------------------------------
 _lib = torch.library.Library("pagedlm", "DEF")
 _lib.define("write_kv_cache(Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache, "
@@ -111,6 +152,10 @@ _lib.define("write_kv_cache(Tensor key, Tensor value, Tensor(a!) key_cache, Tens
 _lib.define("copy_blocks(Tensor(a!)[] key_caches, Tensor(b!)[] value_caches, Tensor block_mapping) -> ()")
 _lib.define("paged_decode_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
             "Tensor seq_lens, float? scale=None, int? sliding_window=None, float? soft_cap=None) "
+            "-> (Tensor, Tensor)")
+_lib.define("paged_prefill_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
+            "Tensor cu_seqlens_q, Tensor seq_lens, bool causal=True, Tensor? custom_mask=None, "
+            "Tensor? mask_indptr=None, float? scale=None, int? sliding_window=None, float? soft_cap=None) "
             "-> (Tensor, Tensor)")
 _lib.define("paged_decode_attention_out(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
             "Tensor seq_lens, Tensor(a!) out, Tensor(b!)? lse, float? scale=None, int? sliding_window=None, "
@@ -128,11 +173,19 @@ def _decode_out(query, key_cache, value_cache, block_tables, seq_lens, out, lse,
     _decode_into(query, key_cache, value_cache, block_tables, seq_lens, out, lse, scale, sliding_window, soft_cap)
 
 
+def _prefill_functional(query, key_cache, value_cache, block_tables, cu_seqlens_q, seq_lens, causal=True,
+                        custom_mask=None, mask_indptr=None, scale=None, sliding_window=None, soft_cap=None):
+    return paged_prefill_attention(query, key_cache, value_cache, block_tables, cu_seqlens_q, seq_lens,
+                                   causal=causal, custom_mask=custom_mask, mask_indptr=mask_indptr, scale=scale,
+                                   sliding_window=sliding_window, soft_cap=soft_cap, return_lse=True)
+
+
 for _key in ("CPU", "CUDA"):
     _lib.impl("write_kv_cache", write_kv_cache, _key)
     _lib.impl("copy_blocks", copy_blocks, _key)
     _lib.impl("paged_decode_attention", _decode_functional, _key)
     _lib.impl("paged_decode_attention_out", _decode_out, _key)
+    _lib.impl("paged_prefill_attention", _prefill_functional, _key)
 
 
 @torch.library.register_fake("pagedlm::write_kv_cache")
@@ -154,3 +207,9 @@ def _(query, key_cache, value_cache, block_tables, seq_lens, scale=None, sliding
 def _(query, key_cache, value_cache, block_tables, seq_lens, out, lse, scale=None, sliding_window=None,
       soft_cap=None):
     return None
+
+
+@torch.library.register_fake("pagedlm::paged_prefill_attention")
+def _(query, key_cache, value_cache, block_tables, cu_seqlens_q, seq_lens, causal=True, custom_mask=None,
+      mask_indptr=None, scale=None, sliding_window=None, soft_cap=None):
+    return torch.empty_like(query), query.new_empty(query.shape[:2], dtype=torch.float32)

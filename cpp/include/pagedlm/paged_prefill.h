@@ -1,0 +1,47 @@
+// Paged-attention prefill: a packed batch of new query tokens per sequence attends to that
+// sequence's tokens in the paged KV cache (whose new tokens were written first). Sequence
+// i's q_len_i queries are the LAST q_len_i of its seq_len_i positions, so one kernel serves
+// plain prefill, chunked prefill, prefill after a prefix-cache hit and multi-token
+// verification. The parameter struct is shared by the CPU path (cpp/src/paged_prefill.cpp)
+// and the CUDA path.
+#pragma once
+
+#include <cstdint>
+
+#include "pagedlm/dtype.h"
+
+namespace pagedlm {
+
+struct PagedPrefillParams {
+  const void* query = nullptr;            // [total_q, num_heads, head_dim] contiguous
+  const void* key_cache = nullptr;        // [num_blocks, block_size, num_kv_heads, head_dim] contiguous
+  const void* value_cache = nullptr;
+  const int32_t* block_tables = nullptr;  // [batch, max_blocks_per_seq] contiguous
+  const int32_t* cu_seqlens_q = nullptr;  // [batch + 1]: sequence i's queries are rows [cu[i], cu[i+1])
+  const int32_t* seq_lens = nullptr;      // [batch]: cached tokens, the new ones included
+  void* out = nullptr;                    // [total_q, num_heads, head_dim] contiguous
+  float* lse = nullptr;                   // [total_q, num_heads] natural-log sum-exp, or null
+  // Optional custom mask replacing the causal one: sequence i's [q_len_i, seq_len_i]
+  // row-major booleans start at mask + mask_indptr[i] (elements when unpacked, bytes when
+  // packed: bit j of byte t is element 8t + j).
+  const uint8_t* mask = nullptr;
+  const int32_t* mask_indptr = nullptr;
+  bool mask_packed = false;
+  int64_t mask_size = 0;                  // elements (unpacked) or bytes (packed) in mask
+  DType dtype = DType::f32;
+  int32_t batch = 0, total_q = 0, num_heads = 0, num_kv_heads = 0, head_dim = 0;
+  int32_t block_size = 0, num_blocks = 0, max_blocks_per_seq = 0;
+  bool causal = true;
+  float scale = 1.0f;
+  int32_t sliding_window = 0;  // > 0: query at position p sees only positions > p - sliding_window
+  float soft_cap = 0.0f;       // > 0: logits become soft_cap * tanh(logits / soft_cap)
+};
+
+// Throws InvalidArgument naming cu_seqlens_q, seq_lens, block_tables or mask_indptr when a
+// value is out of range. Host arrays only.
+void check_paged_prefill_values(const PagedPrefillParams& p);
+
+// CPU path: checks the values, then runs multithreaded over (sequence, kv head, query tile).
+void paged_prefill_cpu(const PagedPrefillParams& p);
+
+}  // namespace pagedlm

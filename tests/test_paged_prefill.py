@@ -1,0 +1,154 @@
+"""paged_prefill_attention against the float64 reference (CPU path; the CUDA kernel does not
+exist yet). Outputs are poisoned, inputs fresh, block tables scrambled."""
+import itertools
+import math
+
+import pytest
+import torch
+
+import pagedlm.ops as ops
+from attention_reference import (TOLERANCE, flat_masks, pack_masks, paged_inputs, prefill_reference)
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def make_batch(seq_lens, q_lens, *, heads, head_dim, block_size, dtype, seed):
+    generator = torch.Generator().manual_seed(seed)
+    _, kc, vc, tables, lens = paged_inputs(seq_lens, num_heads=heads[0], num_kv_heads=heads[1], head_dim=head_dim,
+                                           block_size=block_size, dtype=dtype, generator=generator)
+    cu = torch.tensor([0, *itertools.accumulate(q_lens)], dtype=torch.int32)
+    query = torch.randn(int(cu[-1]), heads[0], head_dim, generator=generator).to(dtype)
+    return query, kc, vc, tables, cu, lens
+
+
+def check(batch, dtype, **kwargs):
+    query, kc, vc, tables, cu, lens = batch
+    masks = kwargs.pop("masks", None)
+    mask_args = {}
+    if masks is not None:
+        fmt = kwargs.pop("mask_format", "flat")
+        mask, indptr = (pack_masks if fmt == "packed" else flat_masks)(masks)
+        mask_args = dict(custom_mask=mask, mask_indptr=indptr)
+    expected, expected_lse = prefill_reference(query, kc, vc, tables, cu, lens, masks=masks, **kwargs)
+    out = torch.full_like(query, math.nan)
+    result, lse = ops.paged_prefill_attention(query, kc, vc, tables, cu, lens, return_lse=True, out=out,
+                                              **mask_args, **kwargs)
+    assert result is out
+    torch.testing.assert_close(out.double(), expected, atol=TOLERANCE[dtype], rtol=0)
+    torch.testing.assert_close(lse.double(), expected_lse, atol=1e-3, rtol=1e-4)
+    return out, lse
+
+
+def grid():
+    cases = []
+    for i, (dtype, heads, head_dim) in enumerate(itertools.product(DTYPES, [(8, 8), (8, 2), (4, 1)], [64, 128, 256])):
+        block_size = [1, 16, 32][i % 3]
+        window = [None, 40][(i // 3) % 2]
+        soft_cap = [None, 5.0][(i // 2) % 2]
+        cases.append(pytest.param(dtype, heads, head_dim, block_size, window, soft_cap,
+                                  id=f"{str(dtype)[6:]}-h{heads[0]}x{heads[1]}-d{head_dim}-bs{block_size}-w{window}"
+                                     f"-cap{soft_cap}"))
+    return cases
+
+
+@pytest.mark.parametrize("dtype, heads, head_dim, block_size, window, soft_cap", grid())
+def test_mixed_batch_matches_reference(dtype, heads, head_dim, block_size, window, soft_cap):
+    # Plain prefill (q_len = seq_len), chunks after cached tokens, a single new token, 97.
+    seq_lens, q_lens = [97, 130, 1, 60, 33], [97, 45, 1, 1, 17]
+    batch = make_batch(seq_lens, q_lens, heads=heads, head_dim=head_dim, block_size=block_size, dtype=dtype,
+                       seed=hash((heads, head_dim)))
+    check(batch, dtype, sliding_window=window, soft_cap=soft_cap)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_single_query_equals_decode(dtype):
+    seq_lens = [1, 17, 300, 64]
+    batch = make_batch(seq_lens, [1] * 4, heads=(8, 2), head_dim=64, block_size=16, dtype=dtype, seed=5)
+    query, kc, vc, tables, cu, lens = batch
+    prefill, prefill_lse = ops.paged_prefill_attention(query, kc, vc, tables, cu, lens, sliding_window=100,
+                                                       soft_cap=4.0, return_lse=True)
+    decode, decode_lse = ops.paged_decode_attention(query, kc, vc, tables, lens, sliding_window=100, soft_cap=4.0,
+                                                    return_lse=True)
+    torch.testing.assert_close(prefill.float(), decode.float(), atol=TOLERANCE[dtype], rtol=0)
+    torch.testing.assert_close(prefill_lse, decode_lse, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mask_format", ["flat", "packed"])
+def test_custom_mask_equal_to_causal_gives_causal_result(mask_format):
+    seq_lens, q_lens = [50, 23, 9], [50, 7, 3]
+    batch = make_batch(seq_lens, q_lens, heads=(8, 2), head_dim=64, block_size=16, dtype=torch.float32, seed=7)
+    masks = [torch.arange(n).unsqueeze(0) <= torch.arange(n - q, n).unsqueeze(1) for n, q in zip(seq_lens, q_lens)]
+    causal, causal_lse = check(batch, torch.float32)
+    masked, masked_lse = check(batch, torch.float32, masks=masks, mask_format=mask_format)
+    torch.testing.assert_close(masked, causal, atol=1e-6, rtol=0)
+    torch.testing.assert_close(masked_lse, causal_lse, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("mask_format", ["flat", "packed"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_random_masks_with_empty_rows(mask_format, dtype):
+    seq_lens, q_lens = [40, 13, 70], [11, 13, 5]
+    batch = make_batch(seq_lens, q_lens, heads=(4, 2), head_dim=64, block_size=8, dtype=dtype, seed=11)
+    generator = torch.Generator().manual_seed(3)
+    masks = [torch.rand(q, n, generator=generator) < 0.3 for n, q in zip(seq_lens, q_lens)]
+    masks[0][2] = False  # a row that sees nothing: zeros, lse -inf
+    out, lse = check(batch, dtype, masks=masks, mask_format=mask_format)
+    assert torch.all(out[2] == 0) and torch.all(lse[2] == -math.inf)
+
+
+def test_tree_shaped_mask_for_speculative_verification():
+    # A prefix of 20 cached tokens, then a token tree of 7 nodes: node i sees the prefix and
+    # its ancestors (node 0 is the root, parents[i] < i).
+    parents = [-1, 0, 0, 1, 1, 2, 5]
+    prefix, nodes = 20, len(parents)
+    tree = torch.zeros(nodes, prefix + nodes, dtype=torch.bool)
+    tree[:, :prefix] = True
+    for i in range(nodes):
+        j = i
+        while j >= 0:
+            tree[i, prefix + j] = True
+            j = parents[j]
+    batch = make_batch([prefix + nodes], [nodes], heads=(8, 2), head_dim=128, block_size=16, dtype=torch.bfloat16,
+                       seed=13)
+    check(batch, torch.bfloat16, masks=[tree])
+    check(batch, torch.bfloat16, masks=[tree], mask_format="packed")
+
+
+def test_non_causal():
+    batch = make_batch([30, 8], [10, 8], heads=(4, 4), head_dim=32, block_size=4, dtype=torch.float32, seed=17)
+    check(batch, torch.float32, causal=False)
+
+
+def test_torch_op_and_opcheck():
+    query, kc, vc, tables, cu, lens = make_batch([12, 30], [12, 5], heads=(4, 2), head_dim=32, block_size=8,
+                                                 dtype=torch.float32, seed=19)
+    out, lse = torch.ops.pagedlm.paged_prefill_attention(query, kc, vc, tables, cu, lens)
+    expected = ops.paged_prefill_attention(query, kc, vc, tables, cu, lens)
+    assert torch.equal(out, expected)
+    torch.library.opcheck(torch.ops.pagedlm.paged_prefill_attention.default, (query, kc, vc, tables, cu, lens),
+                          {"sliding_window": 6})
+
+
+@pytest.mark.parametrize("mutate, error, argument", [
+    (lambda a: a.update(cu_seqlens_q=torch.tensor([0, 12, 16], dtype=torch.int32)), ValueError, "cu_seqlens_q"),
+    (lambda a: a.update(cu_seqlens_q=torch.tensor([1, 12, 17], dtype=torch.int32)), ValueError, "cu_seqlens_q"),
+    (lambda a: a.update(cu_seqlens_q=torch.tensor([0, 17], dtype=torch.int32)), ValueError, "cu_seqlens_q"),
+    (lambda a: a.update(cu_seqlens_q=a["cu_seqlens_q"].long()), TypeError, "cu_seqlens_q"),
+    (lambda a: a.update(seq_lens=torch.tensor([10, 30], dtype=torch.int32)), ValueError, "cu_seqlens_q"),
+    (lambda a: a.update(seq_lens=torch.tensor([12, 300], dtype=torch.int32)), ValueError, "seq_lens"),
+    (lambda a: a["block_tables"].__setitem__((1, 0), 1000), ValueError, "block_tables"),
+    (lambda a: a.update(custom_mask=torch.ones(10, dtype=torch.bool),
+                        mask_indptr=torch.tensor([0, 5, 10], dtype=torch.int32)), ValueError, "mask_indptr"),
+    (lambda a: a.update(custom_mask=torch.ones(300, dtype=torch.float32),
+                        mask_indptr=torch.tensor([0, 144, 294], dtype=torch.int32)), TypeError, "custom_mask"),
+    (lambda a: a.update(custom_mask=torch.ones(300, dtype=torch.bool)), ValueError, "mask_indptr"),
+    (lambda a: a.update(query=a["query"][:, :3]), ValueError, "query"),
+    (lambda a: a.update(sliding_window=-2), ValueError, "sliding_window"),
+])
+def test_bad_input_raises_naming_the_argument(mutate, error, argument):
+    query, kc, vc, tables, cu, lens = make_batch([12, 30], [12, 5], heads=(4, 2), head_dim=32, block_size=8,
+                                                 dtype=torch.float32, seed=23)
+    args = dict(query=query, key_cache=kc, value_cache=vc, block_tables=tables, cu_seqlens_q=cu, seq_lens=lens)
+    mutate(args)
+    with pytest.raises(error, match=argument):
+        ops.paged_prefill_attention(**args)
