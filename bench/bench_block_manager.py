@@ -12,7 +12,6 @@ import datetime
 import gc
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -23,6 +22,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import pagedlm  # noqa: E402
+from bench_common import cpu_name, git_commit, write_results  # noqa: E402
 from block_manager_trace import record_trace  # noqa: E402
 from py_block_manager import PyBlockManager  # noqa: E402
 
@@ -89,17 +89,6 @@ def run_cpp_bench(path):
     return rows
 
 
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpp-bench", help="path of the built bench_block_manager binary")
@@ -130,19 +119,7 @@ def main():
         lines += ["", "| C++ microbenchmark (one core) | ops/s | time per iteration |", "|---|---|---|"]
         for name, (ips, t, unit) in run_cpp_bench(args.cpp_bench).items():
             lines.append(f"| {name} | {ips / 1e6:.2f} M | {t:.2f} {unit} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.append_results:
-        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md"), "a") as f:
-            f.write("\n" + text)
-
-
-def git_commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    write_results("\n".join(lines) + "\n", append_results=args.append_results)
 
 
 if __name__ == "__main__":

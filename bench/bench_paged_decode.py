@@ -9,15 +9,14 @@ scattered at random through the cache.
 import argparse
 import datetime
 import os
-import platform
 import statistics
-import subprocess
 import time
 
 import torch
 import torch.nn.functional as F
 
 import pagedlm.ops as ops
+from bench_common import cpu_name, git_commit, write_results
 
 GPU_SHAPES = [(1, 32768), (8, 8192), (64, 4096), (256, 2048), (1, 131072), (512, 512)]
 HEADS, KV_HEADS, HEAD_DIM, PAGE = 32, 8, 128, 16
@@ -137,22 +136,6 @@ def bench_cpu(args):
     return "\n".join(lines) + "\n"
 
 
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
-
-
-def git_commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("PAGEDLM_COMMIT", "unknown")
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
@@ -161,11 +144,7 @@ def main():
     parser.add_argument("--append-results", action="store_true", help="append the table to bench/RESULTS.md")
     args = parser.parse_args()
     text = bench_cuda(args) if args.device == "cuda" else bench_cpu(args)
-    print(text)
-    for path in filter(None, [args.out, os.path.join(os.path.dirname(__file__), "RESULTS.md")
-                              if args.append_results else None]):
-        with open(path, "a") as f:
-            f.write("\n" + text)
+    write_results(text, args.out, args.append_results)
 
 
 if __name__ == "__main__":

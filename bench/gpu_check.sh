@@ -28,7 +28,7 @@ if [ $run_tests = 1 ]; then
   for tool in memcheck racecheck; do
     compute-sanitizer --tool $tool --error-exitcode 9 python3 bench/sanitize_case.py > "$OUT/sanitizer-$tool.log" 2>&1 \
       || status=1
-    echo "compute-sanitizer $tool: $(tail -2 "$OUT/sanitizer-$tool.log" | tr '\n' ' ')"
+    echo "compute-sanitizer $tool: $(grep -E 'SUMMARY|case done' "$OUT/sanitizer-$tool.log" | tr '\n' ' ')"
   done
 fi
 
@@ -40,8 +40,10 @@ if [ $run_bench = 1 ]; then
     chmod +x /tmp/nvcc-wrapper
     export PYTORCH_NVCC=/tmp/nvcc-wrapper
   fi
-  PAGEDLM_COMMIT=$(cat .git-commit 2>/dev/null || echo unknown) \
-    python3 bench/bench_paged_decode.py --out "$OUT/decode.md" > "$OUT/bench-decode.log" 2>&1 || status=1
+  export PAGEDLM_COMMIT=$(cat .git-commit 2>/dev/null || echo unknown)
+  python3 bench/bench_paged_decode.py --out "$OUT/decode.md" > "$OUT/bench-decode.log" 2>&1 || status=1
   tail -12 "$OUT/bench-decode.log"
+  python3 bench/bench_paged_prefill.py --out "$OUT/prefill.md" > "$OUT/bench-prefill.log" 2>&1 || status=1
+  tail -8 "$OUT/bench-prefill.log"
 fi
 exit $status

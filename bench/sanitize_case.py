@@ -19,3 +19,19 @@ for dtype, head_dim in [(torch.bfloat16, 128), (torch.float32, 64), (torch.float
     ops.copy_blocks([kc], [vc], torch.tensor([[0, 1], [5, 39]], device="cuda"))
 torch.cuda.synchronize()
 print("sanitize case done")
+
+# Prefill: a causal batch, a custom mask, a bad block id.
+for dtype, head_dim in [(torch.bfloat16, 128), (torch.float16, 64)]:
+    kc = torch.randn(40, 16, 2, head_dim, device="cuda", dtype=dtype)
+    vc = torch.randn_like(kc)
+    tables = torch.randperm(40, device="cuda")[:39].view(3, 13).int()
+    tables[2, 1] = 1 << 20
+    lens = torch.tensor([200, 70, 30], dtype=torch.int32, device="cuda")
+    cu = torch.tensor([0, 100, 103, 133], dtype=torch.int32, device="cuda")
+    q = torch.randn(133, 8, head_dim, device="cuda", dtype=dtype)
+    ops.paged_prefill_attention(q, kc, vc, tables, cu, lens, sliding_window=64)
+    mask = torch.rand(100 * 200 + 3 * 70 + 30 * 30, device="cuda") < 0.5
+    indptr = torch.tensor([0, 20000, 20210, 21110], dtype=torch.int32, device="cuda")
+    ops.paged_prefill_attention(q, kc, vc, tables, cu, lens, custom_mask=mask, mask_indptr=indptr)
+torch.cuda.synchronize()
+print("sanitize prefill case done")

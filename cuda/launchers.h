@@ -8,6 +8,7 @@
 
 #include "pagedlm/kv_cache.h"
 #include "pagedlm/paged_decode.h"
+#include "pagedlm/paged_prefill.h"
 
 namespace pagedlm::cuda {
 
@@ -20,6 +21,9 @@ struct DecodeWorkspace {
   size_t bytes = 0;
 };
 int paged_decode(const PagedDecodeParams& p, const DecodeWorkspace& workspace, void* stream);
+
+// f16/bf16 only (f32 prefill runs on the CPU path alone for now).
+int paged_prefill(const PagedPrefillParams& p, void* stream);
 
 const char* error_string(int code);
 

@@ -21,27 +21,19 @@
 
 #include "common.cuh"
 #include "launchers.h"
+#include "mma.cuh"
 
 namespace pagedlm::cuda {
 namespace {
 
 constexpr int kThreads = 128;
 constexpr int kTile = 32;  // tokens per tile
-constexpr float kLog2e = 1.4426950408889634f;
 
 struct SplitInfo {
   int num_splits;
   float* partial_out;  // [batch, num_heads, num_splits, head_dim]
   float* partial_lse;  // [batch, num_heads, num_splits]
 };
-
-__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
 template <typename T, int D>
 struct Layout {

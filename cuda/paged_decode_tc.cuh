@@ -11,52 +11,15 @@
 // the end.
 #pragma once
 
+#include "mma.cuh"
+#include "paged_tiles.cuh"
+
 namespace pagedlm::cuda {
 namespace tc {
 
 constexpr int kTile = 64;   // tokens per tile
 constexpr int kRows = 16;   // query heads per block (mma M)
 constexpr int kWarps = 4;
-
-template <typename T>
-__device__ __forceinline__ uint32_t pack2(float lo, float hi);
-template <>
-__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
-  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<uint32_t*>(&v);
-}
-template <>
-__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
-  __half2 v = __floats2half2_rn(lo, hi);
-  return *reinterpret_cast<uint32_t*>(&v);
-}
-
-template <typename T>
-__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-                 "{%0,%1,%2,%3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-                 "{%0,%1,%2,%3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(s));
-}
-
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(s));
-}
 
 template <int D, int Stages>
 struct Smem {
@@ -66,7 +29,6 @@ struct Smem {
   static constexpr int kPipelineBytes = kStages * kStageElems * 2;
   static constexpr int kMergeBytes = kWarps * kRows * D * 4;  // per-warp outputs, reusing the pipeline
   static constexpr int kBytes = kPipelineBytes > kMergeBytes ? kPipelineBytes : kMergeBytes;
-  __device__ static int offset(int row, int chunk) { return row * D + ((chunk ^ (row & 7)) * 8); }
 };
 
 template <typename T, int D, int Stages, int MinBlocks>
@@ -92,54 +54,18 @@ __global__ void __launch_bounds__(kWarps * 32, MinBlocks) paged_decode_tc_kernel
   if (tid == 0) bad_row = range.bad_len;
   __syncthreads();
 
-  // Each thread copies one fixed 16-byte column (chunk) of kIdsPerThread rows per tile. The
-  // rows' block ids are read from the table one tile before their copies are issued, so the
-  // table's latency overlaps a tile of compute instead of stalling the copy.
-  constexpr int kColumnThreads = kWarps * 32 / S::kChunks;  // threads per chunk column
-  constexpr int kIdsPerThread = kTile / kColumnThreads;
-  const int my_chunk = tid % S::kChunks, my_row0 = tid / S::kChunks;
-  const int32_t* table = p.block_tables + static_cast<int64_t>(b) * p.max_blocks_per_seq;
-  const int64_t row_stride = static_cast<int64_t>(p.num_kv_heads) * D;
-  const bool pow2_block = (p.block_size & (p.block_size - 1)) == 0;
-  const int block_shift = __ffs(p.block_size) - 1;
-  auto fetch_ids = [&](int tile, int32_t (&ids)[kIdsPerThread]) {
-#pragma unroll
-    for (int k = 0; k < kIdsPerThread; ++k) {
-      const int t = begin + tile * kTile + my_row0 + k * kColumnThreads;
-      ids[k] = t < end ? table[pow2_block ? t >> block_shift : t / p.block_size] : 0;
-    }
-  };
-  auto issue_tile = [&](int tile, int stage, const int32_t (&ids)[kIdsPerThread]) {
-    T* k_dst = kv_smem + stage * S::kStageElems;
-    T* v_dst = k_dst + kTile * D;
-#pragma unroll
-    for (int k = 0; k < kIdsPerThread; ++k) {
-      const int row = my_row0 + k * kColumnThreads;
-      const int t = begin + tile * kTile + row;
-      const int32_t block = ids[k];
-      const bool valid = t < end && block >= 0 && block < p.num_blocks;
-      if (t < end && !valid) bad_row = 1;
-      if (!valid) {  // zeros, not stale data: P.V multiplies these rows by exactly zero
-        *reinterpret_cast<uint4*>(k_dst + S::offset(row, my_chunk)) = make_uint4(0, 0, 0, 0);
-        *reinterpret_cast<uint4*>(v_dst + S::offset(row, my_chunk)) = make_uint4(0, 0, 0, 0);
-        continue;
-      }
-      const int in_block = pow2_block ? t & (p.block_size - 1) : t % p.block_size;
-      const int64_t elem = (static_cast<int64_t>(block) * p.block_size + in_block) * row_stride +
-                           static_cast<int64_t>(kv_head) * D + my_chunk * 8;
-      cp_async_16(k_dst + S::offset(row, my_chunk), static_cast<const T*>(p.key_cache) + elem);
-      cp_async_16(v_dst + S::offset(row, my_chunk), static_cast<const T*>(p.value_cache) + elem);
-    }
-  };
-  int32_t next_ids[kIdsPerThread];
+  using Tiles = PagedTiles<T, D, kTile, kWarps * 32>;
+  Tiles tiles(p.key_cache, p.value_cache, p.block_tables + static_cast<int64_t>(b) * p.max_blocks_per_seq,
+              p.num_kv_heads, kv_head, p.block_size, p.num_blocks, end);
+  auto stage_k = [&](int stage) { return kv_smem + stage * S::kStageElems; };
   for (int s = 0; s < S::kStages - 1; ++s) {
     if (s < my_tiles) {
-      fetch_ids(s, next_ids);
-      issue_tile(s, s, next_ids);
+      tiles.fetch(begin + s * kTile);
+      tiles.issue(begin + s * kTile, stage_k(s), stage_k(s) + kTile * D, &bad_row);
     }
     cp_async_commit();
   }
-  if (S::kStages - 1 < my_tiles) fetch_ids(S::kStages - 1, next_ids);
+  if (S::kStages - 1 < my_tiles) tiles.fetch(begin + (S::kStages - 1) * kTile);
 
   // Q as the mma A operand: rows lane/4 and lane/4 + 8, columns (lane%4)*2 (+8) per k-step.
   const int r0 = lane / 4, r1 = r0 + 8, col = (lane % 4) * 2;
@@ -171,9 +97,12 @@ __global__ void __launch_bounds__(kWarps * 32, MinBlocks) paged_decode_tc_kernel
     cp_async_wait<S::kStages - 2>();
     __syncthreads();
     const int ahead = tile + S::kStages - 1;
-    if (ahead < my_tiles) issue_tile(ahead, ahead % S::kStages, next_ids);
+    if (ahead < my_tiles) {
+      T* k_dst = stage_k(ahead % S::kStages);
+      tiles.issue(begin + ahead * kTile, k_dst, k_dst + kTile * D, &bad_row);
+    }
     cp_async_commit();
-    if (ahead + 1 < my_tiles) fetch_ids(ahead + 1, next_ids);
+    if (ahead + 1 < my_tiles) tiles.fetch(begin + (ahead + 1) * kTile);
 
     const T* k_tile = kv_smem + stage * S::kStageElems;
     const T* v_tile = k_tile + kTile * D;
@@ -185,7 +114,7 @@ __global__ void __launch_bounds__(kWarps * 32, MinBlocks) paged_decode_tc_kernel
 #pragma unroll
     for (int ks = 0; ks < D / 16; ++ks) {
       uint32_t kf[4];  // matrices: (tokens 0-7, k lo), (0-7, k hi), (8-15, k lo), (8-15, k hi)
-      ldmatrix_x4(kf, k_tile + S::offset(rb + (mi / 2) * 8 + ri, ks * 2 + (mi % 2)));
+      ldmatrix_x4(kf, k_tile + Tiles::offset(rb + (mi / 2) * 8 + ri, ks * 2 + (mi % 2)));
       float (&acc)[2][4] = ks % 2 ? s_odd : s;
       mma_16816<T>(acc[0], q_frag[ks], kf[0], kf[1]);
       mma_16816<T>(acc[1], q_frag[ks], kf[2], kf[3]);
@@ -241,7 +170,7 @@ __global__ void __launch_bounds__(kWarps * 32, MinBlocks) paged_decode_tc_kernel
 #pragma unroll
     for (int np = 0; np < D / 16; ++np) {
       uint32_t vf[4];  // matrices: (tokens 0-7, d lo), (8-15, d lo), (0-7, d hi), (8-15, d hi)
-      ldmatrix_x4_trans(vf, v_tile + S::offset(rb + (mi % 2) * 8 + ri, np * 2 + mi / 2));
+      ldmatrix_x4_trans(vf, v_tile + Tiles::offset(rb + (mi % 2) * 8 + ri, np * 2 + mi / 2));
       mma_16816<T>(o[2 * np], p_frag, vf[0], vf[1]);
       mma_16816<T>(o[2 * np + 1], p_frag, vf[2], vf[3]);
     }

@@ -152,3 +152,98 @@ def test_bad_input_raises_naming_the_argument(mutate, error, argument):
     mutate(args)
     with pytest.raises(error, match=argument):
         ops.paged_prefill_attention(**args)
+
+
+# ---- CUDA -----------------------------------------------------------------------------
+def cuda_check(batch, dtype, **kwargs):
+    """CUDA against the float64 reference and against the CPU path."""
+    masks = kwargs.pop("masks", None)
+    fmt = kwargs.pop("mask_format", "flat")
+    mask_args = {}
+    if masks is not None:
+        mask, indptr = (pack_masks if fmt == "packed" else flat_masks)(masks)
+        mask_args = dict(custom_mask=mask, mask_indptr=indptr)
+    query, kc, vc, tables, cu, lens = batch
+    expected, expected_lse = prefill_reference(query, kc, vc, tables, cu, lens, masks=masks, **kwargs)
+    cpu = ops.paged_prefill_attention(query, kc, vc, tables, cu, lens, **mask_args, **kwargs)
+    gpu_args = [t.cuda() for t in batch]
+    gpu_mask = {k: v.cuda() for k, v in mask_args.items()}
+    out = torch.full_like(gpu_args[0], math.nan)
+    _, lse = ops.paged_prefill_attention(*gpu_args, return_lse=True, out=out, **gpu_mask, **kwargs)
+    torch.testing.assert_close(out.cpu().double(), expected, atol=TOLERANCE[dtype], rtol=0)
+    torch.testing.assert_close(lse.cpu().double(), expected_lse, atol=2e-3, rtol=1e-3)
+    torch.testing.assert_close(out.cpu().float(), cpu.float(), atol=2 * TOLERANCE[dtype], rtol=0)
+    return out, lse
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, heads, head_dim, block_size, window, soft_cap",
+                         [c for c in grid() if c.values[0] != torch.float32])
+def test_cuda_mixed_batch(dtype, heads, head_dim, block_size, window, soft_cap):
+    seq_lens, q_lens = [97, 130, 1, 60, 33, 300], [97, 45, 1, 1, 17, 150]
+    batch = make_batch(seq_lens, q_lens, heads=heads, head_dim=head_dim, block_size=block_size, dtype=dtype,
+                       seed=hash((heads, head_dim, "cuda")))
+    cuda_check(batch, dtype, sliding_window=window, soft_cap=soft_cap)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mask_format", ["flat", "packed"])
+def test_cuda_custom_masks_and_tree(mask_format):
+    seq_lens, q_lens = [40, 13, 70, 27], [11, 13, 5, 7]
+    batch = make_batch(seq_lens, q_lens, heads=(8, 2), head_dim=128, block_size=16, dtype=torch.bfloat16, seed=31)
+    generator = torch.Generator().manual_seed(5)
+    masks = [torch.rand(q, n, generator=generator) < 0.3 for n, q in zip(seq_lens, q_lens)]
+    masks[0][2] = False
+    out, lse = cuda_check(batch, torch.bfloat16, masks=masks, mask_format=mask_format)
+    assert torch.all(out[2] == 0) and torch.all(lse[2] == -math.inf)
+
+
+@pytest.mark.gpu
+def test_cuda_long_causal_prefill_and_non_causal():
+    batch = make_batch([1500, 700], [1500, 200], heads=(8, 2), head_dim=128, block_size=16, dtype=torch.float16,
+                       seed=37)
+    cuda_check(batch, torch.float16)
+    cuda_check(batch, torch.float16, causal=False)
+
+
+@pytest.mark.gpu
+def test_cuda_single_query_equals_decode():
+    query, kc, vc, tables, cu, lens = [t.cuda() for t in make_batch([1, 17, 300, 64], [1] * 4, heads=(8, 2),
+                                                                     head_dim=64, block_size=16,
+                                                                     dtype=torch.bfloat16, seed=41)]
+    prefill = ops.paged_prefill_attention(query, kc, vc, tables, cu, lens, sliding_window=100)
+    decode = ops.paged_decode_attention(query, kc, vc, tables, lens, sliding_window=100)
+    torch.testing.assert_close(prefill.float(), decode.float(), atol=TOLERANCE[torch.bfloat16], rtol=0)
+
+
+@pytest.mark.gpu
+def test_cuda_bad_block_gives_nan_rows_and_graph_capture_works():
+    query, kc, vc, tables, cu, lens = [t.cuda() for t in make_batch([80, 40], [30, 40], heads=(8, 2), head_dim=64,
+                                                                     block_size=16, dtype=torch.float16, seed=43)]
+    out = torch.empty_like(query)
+    ops.paged_prefill_attention(query, kc, vc, tables, cu, lens, out=out)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ops.paged_prefill_attention(query, kc, vc, tables, cu, lens, out=out)
+    query.copy_(torch.randn_like(query))
+    graph.replay()
+    torch.cuda.synchronize()
+    expected, _ = prefill_reference(query.cpu(), kc.cpu(), vc.cpu(), tables.cpu(), cu.cpu(), lens.cpu())
+    torch.testing.assert_close(out.cpu().double(), expected, atol=TOLERANCE[torch.float16], rtol=0)
+    tables[0, 2] = 1 << 24
+    ops.paged_prefill_attention(query, kc, vc, tables, cu, lens, out=out)
+    torch.cuda.synchronize()
+    assert torch.isnan(out[:30]).all() and torch.isfinite(out[30:]).all()
+
+
+@pytest.mark.gpu
+def test_cuda_rejects_f32_and_odd_head_dims():
+    batch = make_batch([20], [5], heads=(4, 2), head_dim=64, block_size=16, dtype=torch.float32, seed=47)
+    with pytest.raises(TypeError, match="query"):
+        ops.paged_prefill_attention(*[t.cuda() for t in batch])
+    batch = make_batch([20], [5], heads=(4, 2), head_dim=80, block_size=16, dtype=torch.float16, seed=47)
+    with pytest.raises(ValueError, match="head_dim"):
+        ops.paged_prefill_attention(*[t.cuda() for t in batch])
+    torch.library.opcheck(torch.ops.pagedlm.paged_prefill_attention.default,
+                          tuple(t.cuda() for t in make_batch([20, 9], [5, 9], heads=(4, 2), head_dim=64,
+                                                             block_size=16, dtype=torch.float16, seed=53)))

@@ -346,8 +346,16 @@ void paged_prefill(Tensor query, Tensor key_cache, Tensor value_cache, Tensor bl
     paged_prefill_cpu(p);
     return;
   }
+#ifdef PAGEDLM_WITH_CUDA
+  if (head_dim != 64 && head_dim != 128 && head_dim != 256) {
+    fail("query", "head_dim " + std::to_string(head_dim) + " is not supported on CUDA (64, 128 or 256)");
+  }
+  if (dtype == DType::f32) throw nb::type_error("query: CUDA prefill takes float16 or bfloat16 (float32: CPU only)");
+  check_cuda(cuda::paged_prefill(p, reinterpret_cast<void*>(stream)), "paged_prefill_attention");
+#else
   (void)stream;
-  throw nb::value_error("paged_prefill_attention: the CUDA path is not implemented yet; pass CPU tensors");
+  no_cuda("paged_prefill_attention");
+#endif
 }
 
 void check_paged_decode_values(Tensor block_tables, Tensor seq_lens, int64_t block_size, int64_t num_blocks) {

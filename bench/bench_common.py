@@ -1,0 +1,30 @@
+"""What every benchmark script shares: the machine's and the commit's names for the
+results header, and appending a table to bench/RESULTS.md or another file."""
+import os
+import platform
+import subprocess
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def git_commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=HERE).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return os.environ.get("PAGEDLM_COMMIT", "unknown")  # the GPU machine gets no .git
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
+def write_results(text, out=None, append_results=False):
+    print(text)
+    for path in filter(None, [out, os.path.join(HERE, "RESULTS.md") if append_results else None]):
+        with open(path, "a") as f:
+            f.write("\n" + text)

@@ -1,0 +1,77 @@
+// Streaming a sequence's K/V rows from the paged cache into shared-memory tiles, for the
+// tensor-core kernels. Each thread copies one fixed 16-byte column (chunk) of several rows
+// per tile; the rows' block ids are fetched from the block table one tile before their
+// copies are issued, so the table's latency hides behind a tile of compute. Rows past the
+// range or behind a bad block id are zero-filled (P.V then multiplies them by exactly zero)
+// and a bad id raises the caller's flag. Chunk c of row r is stored at c ^ (r % 8), so
+// ldmatrix reads of 8 rows hit 8 different banks.
+#pragma once
+
+#include <cstdint>
+
+#include "mma.cuh"
+
+namespace pagedlm::cuda {
+
+template <typename T, int D, int Tile, int Threads>
+struct PagedTiles {
+  static constexpr int kChunks = D / 8;  // 16-byte chunks per row
+  static constexpr int kColumnThreads = Threads / kChunks;
+  static constexpr int kIdsPerThread = Tile / kColumnThreads;
+  static constexpr int kTileElems = Tile * D;
+
+  __device__ static int offset(int row, int chunk) { return row * D + ((chunk ^ (row & 7)) * 8); }
+  __device__ static int log2_floor(int x) {
+    int shift = 0;
+    while ((2 << shift) <= x) ++shift;
+    return shift;
+  }
+
+  const T* key_cache;
+  const T* value_cache;
+  const int32_t* table;
+  int64_t row_stride;  // elements between consecutive tokens of one block
+  int kv_head, block_size, num_blocks, block_shift, my_chunk, my_row0, end;
+  bool pow2_block;
+  int32_t ids[kIdsPerThread];
+
+  __device__ PagedTiles(const void* k, const void* v, const int32_t* block_table, int num_kv_heads, int kv_head_,
+                        int block_size_, int num_blocks_, int end_)
+      : key_cache(static_cast<const T*>(k)), value_cache(static_cast<const T*>(v)), table(block_table),
+        row_stride(static_cast<int64_t>(num_kv_heads) * D), kv_head(kv_head_), block_size(block_size_),
+        num_blocks(num_blocks_), block_shift(log2_floor(block_size_)), my_chunk(threadIdx.x % kChunks),
+        my_row0(threadIdx.x / kChunks), end(end_), pow2_block((block_size_ & (block_size_ - 1)) == 0) {}
+
+  // Reads the block ids of the tile starting at token `first`.
+  __device__ void fetch(int first) {
+#pragma unroll
+    for (int k = 0; k < kIdsPerThread; ++k) {
+      const int t = first + my_row0 + k * kColumnThreads;
+      ids[k] = t < end ? table[pow2_block ? t >> block_shift : t / block_size] : 0;
+    }
+  }
+
+  // Issues the copies of the tile starting at token `first` (ids from fetch(first)).
+  __device__ void issue(int first, T* k_dst, T* v_dst, int* bad_flag) const {
+#pragma unroll
+    for (int k = 0; k < kIdsPerThread; ++k) {
+      const int row = my_row0 + k * kColumnThreads;
+      const int t = first + row;
+      const int32_t block = ids[k];
+      const bool valid = t < end && block >= 0 && block < num_blocks;
+      if (t < end && !valid) *bad_flag = 1;
+      if (!valid) {
+        *reinterpret_cast<uint4*>(k_dst + offset(row, my_chunk)) = make_uint4(0, 0, 0, 0);
+        *reinterpret_cast<uint4*>(v_dst + offset(row, my_chunk)) = make_uint4(0, 0, 0, 0);
+        continue;
+      }
+      const int in_block = pow2_block ? t & (block_size - 1) : t % block_size;
+      const int64_t elem = (static_cast<int64_t>(block) * block_size + in_block) * row_stride +
+                           static_cast<int64_t>(kv_head) * D + my_chunk * 8;
+      cp_async_16(k_dst + offset(row, my_chunk), key_cache + elem);
+      cp_async_16(v_dst + offset(row, my_chunk), value_cache + elem);
+    }
+  }
+};
+
+}  // namespace pagedlm::cuda
