@@ -4,7 +4,7 @@
 // A block of 4 warps owns 64 consecutive queries of one sequence and one query head; each
 // warp owns 16 of them as the rows of its mma A operand and keeps their online softmax in
 // registers (S becomes the A operand of P.V without leaving registers). K/V tiles stream
-// through shared memory with cp.async while the previous tile is computed (PagedTiles).
+// through shared memory with cp.async, two tiles landing while one is computed (PagedTiles).
 // The grid is sized from total_q on the host; each block finds its (sequence, query tile)
 // by walking cu_seqlens_q on the device, so nothing is synchronised and the launch is
 // graph-capturable. Bad values never fault: a bad block id, length or cu_seqlens_q turns
@@ -26,7 +26,8 @@ template <int D>
 struct PrefillShape {
   static constexpr int kKvTile = D <= 128 ? 64 : 32;  // tokens per K/V tile (register budget at D = 256)
   static constexpr int kStageElems = 2 * kKvTile * D;
-  static constexpr int kSmemBytes = 2 * kStageElems * 2;  // two stages of K and V, 2-byte elements
+  static constexpr int kStages = 3;                        // two tiles land while one is computed
+  static constexpr int kSmemBytes = kStages * kStageElems * 2;  // 2-byte elements
 };
 
 template <typename T, int D>
@@ -69,12 +70,15 @@ __global__ void __launch_bounds__(kWarps * 32) paged_prefill_kernel(PagedPrefill
   Tiles tiles(p.key_cache, p.value_cache, p.block_tables + static_cast<int64_t>(b) * p.max_blocks_per_seq,
               p.num_kv_heads, kv_head, p.block_size, p.num_blocks, kv_end);
   auto stage_k = [&](int stage) { return kv_smem + stage * Shape::kStageElems; };
-  if (kv_tiles > 0) {
-    tiles.fetch(kv_lo);
-    tiles.issue(kv_lo, stage_k(0), stage_k(0) + kKvTile * D, &bad_row);
+  constexpr int kStages = Shape::kStages;
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < kv_tiles) {
+      tiles.fetch(kv_lo + s * kKvTile);
+      tiles.issue(kv_lo + s * kKvTile, stage_k(s), stage_k(s) + kKvTile * D, &bad_row);
+    }
+    cp_async_commit();
   }
-  cp_async_commit();
-  if (kv_tiles > 1) tiles.fetch(kv_lo + kKvTile);
+  if (kStages - 1 < kv_tiles) tiles.fetch(kv_lo + (kStages - 1) * kKvTile);
 
   // This warp's 16 query rows: r0 = lane / 4 and r1 = r0 + 8.
   const int r0 = lane / 4, col = (lane % 4) * 2;
@@ -98,7 +102,7 @@ __global__ void __launch_bounds__(kWarps * 32) paged_prefill_kernel(PagedPrefill
   const int row_lo[2] = {p.sliding_window > 0 ? row_pos[0] - p.sliding_window + 1 : 0,
                          p.sliding_window > 0 ? row_pos[1] - p.sliding_window + 1 : 0};
   auto visible = [&](int h, int t) {
-    if (t >= kv_end || t < row_lo[h]) return false;
+    if (row_q[h] >= q_len || t >= kv_end || t < row_lo[h]) return false;  // padding rows see nothing
     if (p.mask) {
       const int64_t elem = static_cast<int64_t>(row_q[h]) * len + t;
       const int64_t at = p.mask_indptr[b] + (p.mask_packed ? elem / 8 : elem);
@@ -118,16 +122,17 @@ __global__ void __launch_bounds__(kWarps * 32) paged_prefill_kernel(PagedPrefill
   const int mi = lane / 8, ri = lane % 8;
 
   for (int kt = 0; kt < kv_tiles; ++kt) {
-    cp_async_wait<0>();
+    cp_async_wait<kStages - 2>();
     __syncthreads();  // tile kt landed everywhere; everyone is done with tile kt - 1's stage
-    if (kt + 1 < kv_tiles) {
-      T* k_dst = stage_k((kt + 1) % 2);
-      tiles.issue(kv_lo + (kt + 1) * kKvTile, k_dst, k_dst + kKvTile * D, &bad_row);
+    const int ahead = kt + kStages - 1;
+    if (ahead < kv_tiles) {
+      T* k_dst = stage_k(ahead % kStages);
+      tiles.issue(kv_lo + ahead * kKvTile, k_dst, k_dst + kKvTile * D, &bad_row);
     }
     cp_async_commit();
-    if (kt + 2 < kv_tiles) tiles.fetch(kv_lo + (kt + 2) * kKvTile);
+    if (ahead + 1 < kv_tiles) tiles.fetch(kv_lo + (ahead + 1) * kKvTile);
 
-    const T* k_tile = stage_k(kt % 2);
+    const T* k_tile = stage_k(kt % kStages);
     const T* v_tile = k_tile + kKvTile * D;
     const int t0 = kv_lo + kt * kKvTile;
 
