@@ -26,8 +26,9 @@ if [ $run_tests = 1 ]; then
   tail -5 "$OUT/pytest-gpu.log"
   [ $rc -eq 0 ] || [ $rc -eq 5 ] || status=1
   for tool in memcheck racecheck; do
-    compute-sanitizer --tool $tool --error-exitcode 9 python3 bench/sanitize_case.py > "$OUT/sanitizer-$tool.log" 2>&1 \
-      || status=1
+    { compute-sanitizer --tool $tool --error-exitcode 9 python3 bench/sanitize_case.py \
+      && compute-sanitizer --tool $tool --error-exitcode 9 python3 bench/bench_verify.py --smoke; } \
+      > "$OUT/sanitizer-$tool.log" 2>&1 || status=1
     echo "compute-sanitizer $tool: $(grep -E 'SUMMARY|case done' "$OUT/sanitizer-$tool.log" | tr '\n' ' ')"
   done
 fi
@@ -35,6 +36,10 @@ fi
 if [ $run_bench = 1 ]; then
   if ls .anchors/flashinfer_python-*.tar.gz >/dev/null 2>&1; then
     tar xzf .anchors/flashinfer_python-*.tar.gz -C /tmp
+    # FlashInfer's sampling kernels need three substitutions to build under CUDA 13 (shared/GPU.md).
+    sed -i -e 's/cub::Max()/cuda::maximum<>()/g' -e 's/cub::Min()/cuda::minimum<>()/g' \
+      -e 's/max(q_vec\[j\] - p_vec\[j\], 0)/fmaxf(q_vec[j] - p_vec[j], 0.f)/g' \
+      /tmp/flashinfer_python-*/include/flashinfer/sampling.cuh
     python3 -m pip install -q --no-build-isolation --no-deps --no-index /tmp/flashinfer_python-* > "$OUT/flashinfer-install.log" 2>&1
     printf '#!/bin/sh\nexec /usr/local/cuda/bin/nvcc -static-global-template-stub=false "$@"\n' > /tmp/nvcc-wrapper
     chmod +x /tmp/nvcc-wrapper
@@ -45,5 +50,7 @@ if [ $run_bench = 1 ]; then
   tail -12 "$OUT/bench-decode.log"
   python3 bench/bench_paged_prefill.py --out "$OUT/prefill.md" > "$OUT/bench-prefill.log" 2>&1 || status=1
   tail -8 "$OUT/bench-prefill.log"
+  python3 bench/bench_verify.py --out "$OUT/verify.md" > "$OUT/bench-verify.log" 2>&1 || status=1
+  tail -10 "$OUT/bench-verify.log"
 fi
 exit $status

@@ -12,8 +12,10 @@ import os
 import torch
 
 from pagedlm import _C
+from pagedlm.verify import verify_greedy, verify_speculative, verify_tree_greedy, verify_tree_speculative  # noqa: F401
 
-__all__ = ["write_kv_cache", "copy_blocks", "paged_decode_attention", "paged_prefill_attention"]
+__all__ = ["write_kv_cache", "copy_blocks", "paged_decode_attention", "paged_prefill_attention", "verify_greedy",
+           "verify_speculative", "verify_tree_greedy", "verify_tree_speculative"]
 
 DECODE_WORKSPACE_BYTES = 32 << 20
 _workspaces = {}
