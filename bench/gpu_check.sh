@@ -22,7 +22,7 @@ pagedlm info | tee -a "$OUT/gpu.txt"
 status=0
 
 if [ $run_tests = 1 ]; then
-  python3 -m pytest -q -m gpu -p no:cacheprovider -x > "$OUT/pytest-gpu.log" 2>&1; rc=$?
+  python3 -m pytest -q -m gpu -p no:cacheprovider > "$OUT/pytest-gpu.log" 2>&1; rc=$?
   tail -5 "$OUT/pytest-gpu.log"
   [ $rc -eq 0 ] || [ $rc -eq 5 ] || status=1
   for tool in memcheck racecheck; do
