@@ -10,6 +10,7 @@
 #include <string>
 
 #include "bindings.h"
+#include "dispatch.h"
 #include "pagedlm/errors.h"
 #include "pagedlm/kv_cache.h"
 #include "pagedlm/paged_decode.h"
@@ -25,19 +26,6 @@ using namespace nb::literals;
 
 namespace pagedlm::bindings {
 namespace {
-
-void check_cuda(int code, const char* op) {
-#ifdef PAGEDLM_WITH_CUDA
-  if (code != 0) throw std::runtime_error(std::string(op) + ": CUDA error: " + cuda::error_string(code));
-#else
-  (void)code;
-  (void)op;
-#endif
-}
-
-[[noreturn]] void no_cuda(const char* op) {
-  throw nb::value_error((std::string(op) + ": got CUDA tensors, but pagedlm was built without CUDA").c_str());
-}
 
 template <typename T>
 void expect_float_like(const T& t, DType dtype, const char* arg, const char* reference) {
@@ -59,6 +47,93 @@ void expect_same_shape(const A& a, const B& b, const char* arg, const char* refe
   bool same = a.ndim() == b.ndim();
   for (size_t i = 0; same && i < a.ndim(); ++i) same = a.shape(i) == b.shape(i);
   if (!same) fail(arg, "shape " + shape_str(a) + " must equal the shape of " + reference + " " + shape_str(b));
+}
+
+// What paged decode and prefill check alike: the caches, query [rows, num_heads, head_dim],
+// out, lse [rows, num_heads], the options, and that all of them share the query's device.
+struct AttentionShape {
+  DType dtype;
+  int64_t num_blocks, block_size, num_kv_heads, head_dim, rows, num_heads;
+  Placement where;
+};
+
+AttentionShape check_attention(const Tensor& query, const Tensor& key_cache, const Tensor& value_cache,
+                               const MutTensor& out, const std::optional<MutTensor>& lse, int64_t sliding_window,
+                               double soft_cap) {
+  AttentionShape a;
+  a.dtype = check_cache(key_cache, "key_cache");
+  check_cache(value_cache, "value_cache");
+  expect_same_shape(value_cache, key_cache, "value_cache", "key_cache");
+  expect_float_like(value_cache, a.dtype, "value_cache", "key_cache");
+  a.num_blocks = key_cache.shape(0), a.block_size = key_cache.shape(1);
+  a.num_kv_heads = key_cache.shape(2), a.head_dim = key_cache.shape(3);
+  expect_rank(query, 3, "query");
+  expect_contiguous(query, "query");
+  expect_float_like(query, a.dtype, "query", "key_cache");
+  a.rows = query.shape(0), a.num_heads = query.shape(1);
+  expect_dim(query, 2, a.head_dim, "query", "head_dim of the cache");
+  if (a.num_kv_heads == 0 || a.num_heads % a.num_kv_heads != 0) {
+    fail("query", "num_heads (" + std::to_string(a.num_heads) + ") must be a multiple of the cache's num_kv_heads (" +
+                      std::to_string(a.num_kv_heads) + ")");
+  }
+  expect_same_shape(out, query, "out", "query");
+  expect_contiguous(out, "out");
+  expect_float_like(out, a.dtype, "out", "query");
+  if (lse) {
+    expect_rank(*lse, 2, "lse");
+    expect_dim(*lse, 0, a.rows, "lse", "query rows");
+    expect_dim(*lse, 1, a.num_heads, "lse", "num_heads");
+    expect_contiguous(*lse, "lse");
+    if (float_dtype(*lse, "lse") != DType::f32) throw nb::type_error("lse: dtype must be float32");
+  }
+  if (sliding_window < 0) fail("sliding_window", "must be positive or None");
+  if (soft_cap < 0) fail("soft_cap", "must be positive or None");
+  a.where = placement_of(query);
+  expect_same_placement(key_cache, a.where, "key_cache", "query");
+  expect_same_placement(value_cache, a.where, "value_cache", "query");
+  expect_same_placement(out, a.where, "out", "query");
+  if (lse) expect_same_placement(*lse, a.where, "lse", "query");
+  return a;
+}
+
+// Block tables int32 [batch, max_blocks] and an int32 [n] vector, on the query's device.
+void check_index(const Tensor& t, size_t rank, int64_t dim0, const char* arg, const char* meaning,
+                 const Placement& where) {
+  expect_rank(t, rank, arg);
+  expect_int(t, 32, arg);
+  expect_contiguous(t, arg);
+  expect_dim(t, 0, dim0, arg, meaning);
+  expect_same_placement(t, where, arg, "query");
+}
+
+template <typename Params>
+void fill_attention(Params& p, const AttentionShape& a, const Tensor& query, const Tensor& key_cache,
+                    const Tensor& value_cache, const Tensor& block_tables, const Tensor& seq_lens, MutTensor& out,
+                    std::optional<MutTensor>& lse, double scale, int64_t sliding_window, double soft_cap) {
+  p.query = query.data();
+  p.key_cache = key_cache.data();
+  p.value_cache = value_cache.data();
+  p.block_tables = static_cast<const int32_t*>(block_tables.data());
+  p.seq_lens = static_cast<const int32_t*>(seq_lens.data());
+  p.out = out.data();
+  p.lse = lse ? static_cast<float*>(lse->data()) : nullptr;
+  p.dtype = a.dtype;
+  p.batch = static_cast<int32_t>(seq_lens.shape(0));
+  p.num_heads = static_cast<int32_t>(a.num_heads);
+  p.num_kv_heads = static_cast<int32_t>(a.num_kv_heads);
+  p.head_dim = static_cast<int32_t>(a.head_dim);
+  p.block_size = static_cast<int32_t>(a.block_size);
+  p.num_blocks = static_cast<int32_t>(a.num_blocks);
+  p.max_blocks_per_seq = static_cast<int32_t>(block_tables.shape(1));
+  p.scale = static_cast<float>(scale);
+  p.sliding_window = static_cast<int32_t>(sliding_window);
+  p.soft_cap = static_cast<float>(soft_cap);
+}
+
+[[maybe_unused]] void expect_cuda_head_dim(int64_t head_dim) {
+  if (head_dim != 64 && head_dim != 128 && head_dim != 256) {
+    fail("query", "head_dim " + std::to_string(head_dim) + " is not supported on CUDA (64, 128 or 256)");
+  }
 }
 
 void write_kv_cache(Tensor key, Tensor value, MutTensor key_cache, MutTensor value_cache, Tensor slot_mapping,
@@ -152,79 +227,20 @@ void copy_blocks(MutTensor key_cache, MutTensor value_cache, Tensor block_mappin
 void paged_decode(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, Tensor seq_lens,
                   MutTensor out, std::optional<MutTensor> lse, double scale, int64_t sliding_window, double soft_cap,
                   std::optional<MutTensor> workspace, uintptr_t stream) {
-  const DType dtype = check_cache(key_cache, "key_cache");
-  check_cache(value_cache, "value_cache");
-  expect_same_shape(value_cache, key_cache, "value_cache", "key_cache");
-  expect_float_like(value_cache, dtype, "value_cache", "key_cache");
-  const int64_t num_blocks = key_cache.shape(0), block_size = key_cache.shape(1);
-  const int64_t num_kv_heads = key_cache.shape(2), head_dim = key_cache.shape(3);
-
-  expect_rank(query, 3, "query");
-  expect_contiguous(query, "query");
-  expect_float_like(query, dtype, "query", "key_cache");
-  const int64_t batch = query.shape(0), num_heads = query.shape(1);
-  expect_dim(query, 2, head_dim, "query", "head_dim of the cache");
-  if (num_kv_heads == 0 || num_heads % num_kv_heads != 0) {
-    fail("query", "num_heads (" + std::to_string(num_heads) + ") must be a multiple of the cache's num_kv_heads (" +
-                      std::to_string(num_kv_heads) + ")");
-  }
-  expect_rank(block_tables, 2, "block_tables");
-  expect_int(block_tables, 32, "block_tables");
-  expect_contiguous(block_tables, "block_tables");
-  expect_dim(block_tables, 0, batch, "block_tables", "batch");
-  expect_rank(seq_lens, 1, "seq_lens");
-  expect_int(seq_lens, 32, "seq_lens");
-  expect_contiguous(seq_lens, "seq_lens");
-  expect_dim(seq_lens, 0, batch, "seq_lens", "batch");
-  expect_same_shape(out, query, "out", "query");
-  expect_contiguous(out, "out");
-  expect_float_like(out, dtype, "out", "query");
-  if (lse) {
-    expect_rank(*lse, 2, "lse");
-    expect_dim(*lse, 0, batch, "lse", "batch");
-    expect_dim(*lse, 1, num_heads, "lse", "num_heads");
-    expect_contiguous(*lse, "lse");
-    if (float_dtype(*lse, "lse") != DType::f32) throw nb::type_error("lse: dtype must be float32");
-  }
-  if (sliding_window < 0) fail("sliding_window", "must be positive or None");
-  if (soft_cap < 0) fail("soft_cap", "must be positive or None");
-
-  const Placement where = placement_of(query);
-  expect_same_placement(key_cache, where, "key_cache", "query");
-  expect_same_placement(value_cache, where, "value_cache", "query");
-  expect_same_placement(block_tables, where, "block_tables", "query");
-  expect_same_placement(seq_lens, where, "seq_lens", "query");
-  expect_same_placement(out, where, "out", "query");
-  if (lse) expect_same_placement(*lse, where, "lse", "query");
-
+  const AttentionShape a = check_attention(query, key_cache, value_cache, out, lse, sliding_window, soft_cap);
+  const Placement where = a.where;
+  check_index(block_tables, 2, a.rows, "block_tables", "batch", where);
+  check_index(seq_lens, 1, a.rows, "seq_lens", "batch", where);
   PagedDecodeParams p;
-  p.query = query.data();
-  p.key_cache = key_cache.data();
-  p.value_cache = value_cache.data();
-  p.block_tables = static_cast<const int32_t*>(block_tables.data());
-  p.seq_lens = static_cast<const int32_t*>(seq_lens.data());
-  p.out = out.data();
-  p.lse = lse ? static_cast<float*>(lse->data()) : nullptr;
-  p.dtype = dtype;
-  p.batch = static_cast<int32_t>(batch);
-  p.num_heads = static_cast<int32_t>(num_heads);
-  p.num_kv_heads = static_cast<int32_t>(num_kv_heads);
-  p.head_dim = static_cast<int32_t>(head_dim);
-  p.block_size = static_cast<int32_t>(block_size);
-  p.num_blocks = static_cast<int32_t>(num_blocks);
-  p.max_blocks_per_seq = static_cast<int32_t>(block_tables.shape(1));
-  p.scale = static_cast<float>(scale);
-  p.sliding_window = static_cast<int32_t>(sliding_window);
-  p.soft_cap = static_cast<float>(soft_cap);
+  fill_attention(p, a, query, key_cache, value_cache, block_tables, seq_lens, out, lse, scale, sliding_window,
+                 soft_cap);
   if (!where.cuda) {
     nb::gil_scoped_release release;
     paged_decode_cpu(p);
     return;
   }
 #ifdef PAGEDLM_WITH_CUDA
-  if (head_dim != 64 && head_dim != 128 && head_dim != 256) {
-    fail("query", "head_dim " + std::to_string(head_dim) + " is not supported on CUDA (64, 128 or 256)");
-  }
+  expect_cuda_head_dim(a.head_dim);
   cuda::DecodeWorkspace ws;
   if (workspace) {
     expect_same_placement(*workspace, where, "workspace", "query");
@@ -244,44 +260,13 @@ void paged_prefill(Tensor query, Tensor key_cache, Tensor value_cache, Tensor bl
                    Tensor seq_lens, MutTensor out, std::optional<MutTensor> lse, std::optional<Tensor> custom_mask,
                    std::optional<Tensor> mask_indptr, bool causal, double scale, int64_t sliding_window,
                    double soft_cap, uintptr_t stream) {
-  const DType dtype = check_cache(key_cache, "key_cache");
-  check_cache(value_cache, "value_cache");
-  expect_same_shape(value_cache, key_cache, "value_cache", "key_cache");
-  expect_float_like(value_cache, dtype, "value_cache", "key_cache");
-  const int64_t num_blocks = key_cache.shape(0), block_size = key_cache.shape(1);
-  const int64_t num_kv_heads = key_cache.shape(2), head_dim = key_cache.shape(3);
-
-  expect_rank(query, 3, "query");
-  expect_contiguous(query, "query");
-  expect_float_like(query, dtype, "query", "key_cache");
-  const int64_t total_q = query.shape(0), num_heads = query.shape(1);
-  expect_dim(query, 2, head_dim, "query", "head_dim of the cache");
-  if (num_kv_heads == 0 || num_heads % num_kv_heads != 0) {
-    fail("query", "num_heads (" + std::to_string(num_heads) + ") must be a multiple of the cache's num_kv_heads (" +
-                      std::to_string(num_kv_heads) + ")");
-  }
+  const AttentionShape a = check_attention(query, key_cache, value_cache, out, lse, sliding_window, soft_cap);
+  const Placement where = a.where;
   expect_rank(seq_lens, 1, "seq_lens");
-  expect_int(seq_lens, 32, "seq_lens");
-  expect_contiguous(seq_lens, "seq_lens");
   const int64_t batch = seq_lens.shape(0);
-  expect_rank(cu_seqlens_q, 1, "cu_seqlens_q");
-  expect_int(cu_seqlens_q, 32, "cu_seqlens_q");
-  expect_contiguous(cu_seqlens_q, "cu_seqlens_q");
-  expect_dim(cu_seqlens_q, 0, batch + 1, "cu_seqlens_q", "batch + 1");
-  expect_rank(block_tables, 2, "block_tables");
-  expect_int(block_tables, 32, "block_tables");
-  expect_contiguous(block_tables, "block_tables");
-  expect_dim(block_tables, 0, batch, "block_tables", "batch");
-  expect_same_shape(out, query, "out", "query");
-  expect_contiguous(out, "out");
-  expect_float_like(out, dtype, "out", "query");
-  if (lse) {
-    expect_rank(*lse, 2, "lse");
-    expect_dim(*lse, 0, total_q, "lse", "total_q");
-    expect_dim(*lse, 1, num_heads, "lse", "num_heads");
-    expect_contiguous(*lse, "lse");
-    if (float_dtype(*lse, "lse") != DType::f32) throw nb::type_error("lse: dtype must be float32");
-  }
+  check_index(seq_lens, 1, batch, "seq_lens", "batch", where);
+  check_index(cu_seqlens_q, 1, batch + 1, "cu_seqlens_q", "batch + 1", where);
+  check_index(block_tables, 2, batch, "block_tables", "batch", where);
   if (custom_mask.has_value() != mask_indptr.has_value()) fail("mask_indptr", "must be given with custom_mask");
   bool packed = false;
   if (custom_mask) {
@@ -296,61 +281,30 @@ void paged_prefill(Tensor query, Tensor key_cache, Tensor value_cache, Tensor bl
     expect_int(*mask_indptr, 32, "mask_indptr");
     expect_contiguous(*mask_indptr, "mask_indptr");
     expect_dim(*mask_indptr, 0, batch + 1, "mask_indptr", "batch + 1");
-  }
-  if (sliding_window < 0) fail("sliding_window", "must be positive or None");
-  if (soft_cap < 0) fail("soft_cap", "must be positive or None");
-
-  const Placement where = placement_of(query);
-  expect_same_placement(key_cache, where, "key_cache", "query");
-  expect_same_placement(value_cache, where, "value_cache", "query");
-  expect_same_placement(block_tables, where, "block_tables", "query");
-  expect_same_placement(cu_seqlens_q, where, "cu_seqlens_q", "query");
-  expect_same_placement(seq_lens, where, "seq_lens", "query");
-  expect_same_placement(out, where, "out", "query");
-  if (lse) expect_same_placement(*lse, where, "lse", "query");
-  if (custom_mask) {
     expect_same_placement(*custom_mask, where, "custom_mask", "query");
     expect_same_placement(*mask_indptr, where, "mask_indptr", "query");
   }
 
   PagedPrefillParams p;
-  p.query = query.data();
-  p.key_cache = key_cache.data();
-  p.value_cache = value_cache.data();
-  p.block_tables = static_cast<const int32_t*>(block_tables.data());
+  fill_attention(p, a, query, key_cache, value_cache, block_tables, seq_lens, out, lse, scale, sliding_window,
+                 soft_cap);
   p.cu_seqlens_q = static_cast<const int32_t*>(cu_seqlens_q.data());
-  p.seq_lens = static_cast<const int32_t*>(seq_lens.data());
-  p.out = out.data();
-  p.lse = lse ? static_cast<float*>(lse->data()) : nullptr;
+  p.total_q = static_cast<int32_t>(a.rows);
+  p.causal = causal;
   if (custom_mask) {
     p.mask = static_cast<const uint8_t*>(custom_mask->data());
     p.mask_indptr = static_cast<const int32_t*>(mask_indptr->data());
     p.mask_packed = packed;
     p.mask_size = static_cast<int64_t>(custom_mask->shape(0));
   }
-  p.dtype = dtype;
-  p.batch = static_cast<int32_t>(batch);
-  p.total_q = static_cast<int32_t>(total_q);
-  p.num_heads = static_cast<int32_t>(num_heads);
-  p.num_kv_heads = static_cast<int32_t>(num_kv_heads);
-  p.head_dim = static_cast<int32_t>(head_dim);
-  p.block_size = static_cast<int32_t>(block_size);
-  p.num_blocks = static_cast<int32_t>(num_blocks);
-  p.max_blocks_per_seq = static_cast<int32_t>(block_tables.shape(1));
-  p.causal = causal;
-  p.scale = static_cast<float>(scale);
-  p.sliding_window = static_cast<int32_t>(sliding_window);
-  p.soft_cap = static_cast<float>(soft_cap);
   if (!where.cuda) {
     nb::gil_scoped_release release;
     paged_prefill_cpu(p);
     return;
   }
 #ifdef PAGEDLM_WITH_CUDA
-  if (head_dim != 64 && head_dim != 128 && head_dim != 256) {
-    fail("query", "head_dim " + std::to_string(head_dim) + " is not supported on CUDA (64, 128 or 256)");
-  }
-  if (dtype == DType::f32) throw nb::type_error("query: CUDA prefill takes float16 or bfloat16 (float32: CPU only)");
+  expect_cuda_head_dim(a.head_dim);
+  if (a.dtype == DType::f32) throw nb::type_error("query: CUDA prefill takes float16 or bfloat16 (float32: CPU only)");
   check_cuda(cuda::paged_prefill(p, reinterpret_cast<void*>(stream)), "paged_prefill_attention");
 #else
   (void)stream;

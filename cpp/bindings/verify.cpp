@@ -11,6 +11,7 @@
 #include <string>
 
 #include "bindings.h"
+#include "dispatch.h"
 #include "pagedlm/philox.h"
 #include "pagedlm/verify.h"
 #include "tensor_checks.h"
@@ -73,19 +74,6 @@ RandomStream random_stream(uint64_t seed, uint64_t offset, const OptTensor& offs
     r.offset_tensor = static_cast<const int64_t*>(offset_tensor->data());
   }
   return r;
-}
-
-void check_cuda(int code, const char* op) {
-#ifdef PAGEDLM_WITH_CUDA
-  if (code != 0) throw std::runtime_error(std::string(op) + ": CUDA error: " + cuda::error_string(code));
-#else
-  (void)code;
-  (void)op;
-#endif
-}
-
-[[noreturn]] void no_cuda(const char* op) {
-  throw nb::value_error((std::string(op) + ": got CUDA tensors, but pagedlm was built without CUDA").c_str());
 }
 
 // Shapes, dtypes and placement shared by both chain ops; returns where they run.

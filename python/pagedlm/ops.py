@@ -7,11 +7,10 @@ one buffer per device, allocated on first use. Shapes, dtypes, devices and conti
 always checked; values inside CUDA tensors (block ids, lengths) only when PAGEDLM_DEBUG=1,
 since reading them costs a synchronization.
 """
-import os
-
 import torch
 
 from pagedlm import _C
+from pagedlm._torch_glue import debug_checks, expect_tensors, stream_of
 from pagedlm.verify import verify_greedy, verify_speculative, verify_tree_greedy, verify_tree_speculative  # noqa: F401
 
 __all__ = ["write_kv_cache", "copy_blocks", "paged_decode_attention", "paged_prefill_attention", "verify_greedy",
@@ -21,18 +20,15 @@ DECODE_WORKSPACE_BYTES = 32 << 20
 _workspaces = {}
 
 
-def _debug():
-    return os.environ.get("PAGEDLM_DEBUG") == "1"
-
-
-def _stream(t):
-    return torch.cuda.current_stream(t.device).cuda_stream if t.is_cuda else 0
-
-
-def _expect_tensors(**tensors):
-    for name, t in tensors.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+def _attention_options(query, scale, sliding_window, soft_cap):
+    """(scale, window, cap) as the kernels take them: head_dim**-0.5 by default, 0 for off."""
+    if scale is None:
+        scale = query.shape[-1] ** -0.5 if query.dim() == 3 else 1.0
+    if sliding_window is not None and sliding_window <= 0:
+        raise ValueError(f"sliding_window: must be positive or None, got {sliding_window}")
+    if soft_cap is not None and soft_cap <= 0:
+        raise ValueError(f"soft_cap: must be positive or None, got {soft_cap}")
+    return float(scale), int(sliding_window or 0), float(soft_cap or 0.0)
 
 
 def _decode_workspace(device):
@@ -48,28 +44,28 @@ def _decode_workspace(device):
 def write_kv_cache(key, value, key_cache, value_cache, slot_mapping):
     """Writes key/value [num_tokens, num_kv_heads, head_dim] into the paged caches at
     slot_mapping[t] = block * block_size + offset (int64; -1 skips the token)."""
-    _expect_tensors(key=key, value=value, key_cache=key_cache, value_cache=value_cache, slot_mapping=slot_mapping)
-    if _debug() and slot_mapping.is_cuda:
+    expect_tensors(key=key, value=value, key_cache=key_cache, value_cache=value_cache, slot_mapping=slot_mapping)
+    if debug_checks() and slot_mapping.is_cuda:
         bad = (slot_mapping < -1) | (slot_mapping >= key_cache.shape[0] * key_cache.shape[1])
         if bool(bad.any()):
             i = int(bad.nonzero()[0, 0])
             raise ValueError(f"slot_mapping[{i}] = {int(slot_mapping[i])} is outside the cache")
-    _C.write_kv_cache(key, value, key_cache, value_cache, slot_mapping, _stream(key_cache))
+    _C.write_kv_cache(key, value, key_cache, value_cache, slot_mapping, stream_of(key_cache))
 
 
 def copy_blocks(key_caches, value_caches, block_mapping):
     """Copies whole blocks within each layer's caches: one (src, dst) pair per row of the
     int64 [n, 2] block_mapping (the copy-on-write pairs of BlockManager.append)."""
-    _expect_tensors(block_mapping=block_mapping)
+    expect_tensors(block_mapping=block_mapping)
     if len(key_caches) != len(value_caches):
         raise ValueError(f"value_caches: {len(value_caches)} layers, key_caches has {len(key_caches)}")
-    if _debug() and block_mapping.is_cuda and len(key_caches):
+    if debug_checks() and block_mapping.is_cuda and len(key_caches):
         num_blocks = key_caches[0].shape[0]
         if bool(((block_mapping < 0) | (block_mapping >= num_blocks)).any()):
             raise ValueError(f"block_mapping: a block id is outside [0, {num_blocks})")
     for i, (k, v) in enumerate(zip(key_caches, value_caches)):
-        _expect_tensors(**{f"key_caches[{i}]": k, f"value_caches[{i}]": v})
-        _C.copy_blocks(k, v, block_mapping, _stream(k))
+        expect_tensors(**{f"key_caches[{i}]": k, f"value_caches[{i}]": v})
+        _C.copy_blocks(k, v, block_mapping, stream_of(k))
 
 
 def paged_decode_attention(query, key_cache, value_cache, block_tables, seq_lens, *, scale=None,
@@ -81,7 +77,7 @@ def paged_decode_attention(query, key_cache, value_cache, block_tables, seq_lens
     included). Returns out [batch, num_heads, head_dim], or (out, lse) with return_lse,
     lse being the natural-log sum of exp(logits), float32 [batch, num_heads].
     """
-    _expect_tensors(query=query, key_cache=key_cache, value_cache=value_cache, block_tables=block_tables,
+    expect_tensors(query=query, key_cache=key_cache, value_cache=value_cache, block_tables=block_tables,
                     seq_lens=seq_lens)
     if out is None:
         out = torch.empty_like(query)
@@ -93,17 +89,11 @@ def paged_decode_attention(query, key_cache, value_cache, block_tables, seq_lens
 
 
 def _decode_into(query, key_cache, value_cache, block_tables, seq_lens, out, lse, scale, sliding_window, soft_cap):
-    if scale is None:
-        scale = query.shape[-1] ** -0.5 if query.dim() == 3 else 1.0
-    if sliding_window is not None and sliding_window <= 0:
-        raise ValueError(f"sliding_window: must be positive or None, got {sliding_window}")
-    if soft_cap is not None and soft_cap <= 0:
-        raise ValueError(f"soft_cap: must be positive or None, got {soft_cap}")
-    if _debug() and query.is_cuda and key_cache.dim() == 4:
+    scale, sliding_window, soft_cap = _attention_options(query, scale, sliding_window, soft_cap)
+    if debug_checks() and query.is_cuda and key_cache.dim() == 4:
         _C.check_paged_decode_values(block_tables.cpu(), seq_lens.cpu(), key_cache.shape[1], key_cache.shape[0])
-    _C.paged_decode(query, key_cache, value_cache, block_tables, seq_lens, out, lse, float(scale),
-                    int(sliding_window or 0), float(soft_cap or 0.0), _decode_workspace(query.device),
-                    _stream(query))
+    _C.paged_decode(query, key_cache, value_cache, block_tables, seq_lens, out, lse, scale, sliding_window, soft_cap,
+                    _decode_workspace(query.device), stream_of(query))
 
 
 def paged_prefill_attention(query, key_cache, value_cache, block_tables, cu_seqlens_q, seq_lens, *, causal=True,
@@ -120,7 +110,7 @@ def paged_prefill_attention(query, key_cache, value_cache, block_tables, cu_seql
     that sees no token returns zeros (lse -inf). Returns out, or (out, lse) with return_lse.
     CPU tensors only for now: the CUDA kernel is not written yet.
     """
-    _expect_tensors(query=query, key_cache=key_cache, value_cache=value_cache, block_tables=block_tables,
+    expect_tensors(query=query, key_cache=key_cache, value_cache=value_cache, block_tables=block_tables,
                     cu_seqlens_q=cu_seqlens_q, seq_lens=seq_lens)
     if (custom_mask is None) != (mask_indptr is None):
         raise ValueError("mask_indptr: custom_mask and mask_indptr go together")
@@ -136,15 +126,9 @@ def paged_prefill_attention(query, key_cache, value_cache, block_tables, cu_seql
 
 def _prefill_into(query, key_cache, value_cache, block_tables, cu_seqlens_q, seq_lens, out, lse, causal, custom_mask,
                   mask_indptr, scale, sliding_window, soft_cap):
-    if scale is None:
-        scale = query.shape[-1] ** -0.5 if query.dim() == 3 else 1.0
-    if sliding_window is not None and sliding_window <= 0:
-        raise ValueError(f"sliding_window: must be positive or None, got {sliding_window}")
-    if soft_cap is not None and soft_cap <= 0:
-        raise ValueError(f"soft_cap: must be positive or None, got {soft_cap}")
+    scale, sliding_window, soft_cap = _attention_options(query, scale, sliding_window, soft_cap)
     _C.paged_prefill(query, key_cache, value_cache, block_tables, cu_seqlens_q, seq_lens, out, lse, custom_mask,
-                     mask_indptr, bool(causal), float(scale), int(sliding_window or 0), float(soft_cap or 0.0),
-                     _stream(query))
+                     mask_indptr, bool(causal), scale, sliding_window, soft_cap, stream_of(query))
 
 
 # ---- torch.library registration ------------------------------------------------------

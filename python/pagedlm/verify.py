@@ -8,29 +8,15 @@ devices are always checked; token ids, lengths and parents inside CUDA tensors o
 PAGEDLM_DEBUG=1 (reading them costs a synchronization); CUDA kernels never read out of bounds
 (an out-of-range draft token counts as rejected, an out-of-range parent as padding).
 """
-import os
 
 import torch
 
 from pagedlm import _C
+from pagedlm._torch_glue import debug_checks, expect_tensors, stream_of
 
 __all__ = ["verify_greedy", "verify_speculative", "verify_tree_greedy", "verify_tree_speculative"]
 
 _UINT64 = (1 << 64) - 1
-
-
-def _debug():
-    return os.environ.get("PAGEDLM_DEBUG") == "1"
-
-
-def _stream(t):
-    return torch.cuda.current_stream(t.device).cuda_stream if t.is_cuda else 0
-
-
-def _expect_tensors(**tensors):
-    for name, t in tensors.items():
-        if t is not None and not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
 
 
 def _as_uint64(name, value):
@@ -87,7 +73,7 @@ def _tree_outputs(tree_tokens, width):
 
 
 def _check_cuda_chain_values(draft_tokens, draft_lens, vocab):
-    if _debug() and draft_tokens.is_cuda and draft_tokens.dim() == 2:
+    if debug_checks() and draft_tokens.is_cuda and draft_tokens.dim() == 2:
         _C.check_chain_values(draft_tokens.cpu(), None if draft_lens is None else draft_lens.cpu(), vocab)
 
 
@@ -100,11 +86,11 @@ def verify_greedy(draft_tokens, target_logits, *, draft_lens=None):
     (values in [0, k]) for ragged drafts. Returns (output_tokens int64 [B, k+1] padded with -1,
     num_accepted int32 [B]); row b emits output_tokens[b, :num_accepted[b] + 1].
     """
-    _expect_tensors(draft_tokens=draft_tokens, target_logits=target_logits, draft_lens=draft_lens)
+    expect_tensors(draft_tokens=draft_tokens, target_logits=target_logits, draft_lens=draft_lens)
     vocab = target_logits.shape[-1] if target_logits.dim() == 3 else 0
     _check_cuda_chain_values(draft_tokens, draft_lens, vocab)
     output_tokens, num_accepted = _chain_outputs(draft_tokens)
-    _C.verify_greedy(draft_tokens, target_logits, draft_lens, output_tokens, num_accepted, _stream(target_logits))
+    _C.verify_greedy(draft_tokens, target_logits, draft_lens, output_tokens, num_accepted, stream_of(target_logits))
     return output_tokens, num_accepted
 
 
@@ -126,7 +112,7 @@ def verify_speculative(draft_tokens, draft_probs, target_probs, *, seed, offset=
     samples from p instead, and a p with no mass at all gives token 0.
     Returns (output_tokens int64 [B, k+1] padded with -1, num_accepted int32 [B]).
     """
-    _expect_tensors(draft_tokens=draft_tokens, draft_probs=draft_probs, target_probs=target_probs,
+    expect_tensors(draft_tokens=draft_tokens, draft_probs=draft_probs, target_probs=target_probs,
                     draft_lens=draft_lens)
     offset_value, offset_tensor = _offset_args(offset, target_probs.device)
     return _speculative(draft_tokens, draft_probs, target_probs, _as_uint64("seed", seed), offset_value, offset_tensor,
@@ -138,7 +124,7 @@ def _speculative(draft_tokens, draft_probs, target_probs, seed, offset, offset_t
     _check_cuda_chain_values(draft_tokens, draft_lens, vocab)
     output_tokens, num_accepted = _chain_outputs(draft_tokens)
     _C.verify_speculative(draft_tokens, draft_probs, target_probs, draft_lens, seed & _UINT64, offset & _UINT64,
-                          offset_tensor, output_tokens, num_accepted, _stream(target_probs))
+                          offset_tensor, output_tokens, num_accepted, stream_of(target_probs))
     return output_tokens, num_accepted
 
 
@@ -155,12 +141,12 @@ def verify_tree_greedy(tree_tokens, parents, target_logits, *, max_depth=None):
     on CPU it is the trees' real depth + 1, and on CUDA T (finding the depth there would
     synchronize).
     """
-    _expect_tensors(tree_tokens=tree_tokens, parents=parents, target_logits=target_logits)
+    expect_tensors(tree_tokens=tree_tokens, parents=parents, target_logits=target_logits)
     vocab = target_logits.shape[-1] if target_logits.dim() == 3 else 0
     width = _tree_width(tree_tokens, parents, target_logits, max_depth)
     _check_cuda_tree_values(tree_tokens, parents, vocab)
     outputs = _tree_outputs(tree_tokens, width)
-    _C.verify_tree_greedy(tree_tokens, parents, target_logits, *outputs, _stream(target_logits))
+    _C.verify_tree_greedy(tree_tokens, parents, target_logits, *outputs, stream_of(target_logits))
     return outputs
 
 
@@ -175,7 +161,7 @@ def verify_tree_speculative(tree_tokens, parents, target_probs, *, seed, offset=
     Tree layout and outputs as verify_tree_greedy; target_probs f32 [B, T, V]; seed and offset
     as verify_speculative.
     """
-    _expect_tensors(tree_tokens=tree_tokens, parents=parents, target_probs=target_probs)
+    expect_tensors(tree_tokens=tree_tokens, parents=parents, target_probs=target_probs)
     offset_value, offset_tensor = _offset_args(offset, target_probs.device)
     return _tree_speculative(tree_tokens, parents, target_probs, _as_uint64("seed", seed), offset_value,
                              offset_tensor, max_depth)
@@ -187,12 +173,12 @@ def _tree_speculative(tree_tokens, parents, target_probs, seed, offset, offset_t
     _check_cuda_tree_values(tree_tokens, parents, vocab)
     outputs = _tree_outputs(tree_tokens, width)
     _C.verify_tree_speculative(tree_tokens, parents, target_probs, seed & _UINT64, offset & _UINT64, offset_tensor,
-                               *outputs, _stream(target_probs))
+                               *outputs, stream_of(target_probs))
     return outputs
 
 
 def _check_cuda_tree_values(tree_tokens, parents, vocab):
-    if _debug() and tree_tokens.is_cuda and parents.shape == tree_tokens.shape and tree_tokens.shape[1] > 0:
+    if debug_checks() and tree_tokens.is_cuda and parents.shape == tree_tokens.shape and tree_tokens.shape[1] > 0:
         _C.tree_max_depth(tree_tokens.cpu(), parents.cpu(), vocab)
 
 
