@@ -130,7 +130,7 @@ void fill_attention(Params& p, const AttentionShape& a, const Tensor& query, con
   p.soft_cap = static_cast<float>(soft_cap);
 }
 
-[[maybe_unused]] void expect_cuda_head_dim(int64_t head_dim) {
+void expect_cuda_head_dim(int64_t head_dim) {
   if (head_dim != 64 && head_dim != 128 && head_dim != 256) {
     fail("query", "head_dim " + std::to_string(head_dim) + " is not supported on CUDA (64, 128 or 256)");
   }
@@ -177,17 +177,7 @@ void write_kv_cache(Tensor key, Tensor value, MutTensor key_cache, MutTensor val
   p.num_kv_heads = static_cast<int32_t>(num_kv_heads);
   p.head_dim = static_cast<int32_t>(head_dim);
   p.dtype = dtype;
-  if (!where.cuda) {
-    nb::gil_scoped_release release;
-    write_kv_cache_cpu(p);
-    return;
-  }
-#ifdef PAGEDLM_WITH_CUDA
-  check_cuda(cuda::write_kv_cache(p, reinterpret_cast<void*>(stream)), "write_kv_cache");
-#else
-  (void)stream;
-  no_cuda("write_kv_cache");
-#endif
+  run_on(where, p, write_kv_cache_cpu, PAGEDLM_CUDA_LAUNCHER(write_kv_cache), stream, "write_kv_cache");
 }
 
 void copy_blocks(MutTensor key_cache, MutTensor value_cache, Tensor block_mapping, uintptr_t stream) {
@@ -211,17 +201,7 @@ void copy_blocks(MutTensor key_cache, MutTensor value_cache, Tensor block_mappin
   p.num_blocks = key_cache.shape(0);
   p.block_elems = static_cast<int64_t>(key_cache.shape(1)) * key_cache.shape(2) * key_cache.shape(3);
   p.dtype = dtype;
-  if (!where.cuda) {
-    nb::gil_scoped_release release;
-    copy_blocks_cpu(p);
-    return;
-  }
-#ifdef PAGEDLM_WITH_CUDA
-  check_cuda(cuda::copy_blocks(p, reinterpret_cast<void*>(stream)), "copy_blocks");
-#else
-  (void)stream;
-  no_cuda("copy_blocks");
-#endif
+  run_on(where, p, copy_blocks_cpu, PAGEDLM_CUDA_LAUNCHER(copy_blocks), stream, "copy_blocks");
 }
 
 void paged_decode(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, Tensor seq_lens,
@@ -239,8 +219,8 @@ void paged_decode(Tensor query, Tensor key_cache, Tensor value_cache, Tensor blo
     paged_decode_cpu(p);
     return;
   }
-#ifdef PAGEDLM_WITH_CUDA
   expect_cuda_head_dim(a.head_dim);
+#ifdef PAGEDLM_WITH_CUDA
   cuda::DecodeWorkspace ws;
   if (workspace) {
     expect_same_placement(*workspace, where, "workspace", "query");
@@ -297,19 +277,11 @@ void paged_prefill(Tensor query, Tensor key_cache, Tensor value_cache, Tensor bl
     p.mask_packed = packed;
     p.mask_size = static_cast<int64_t>(custom_mask->shape(0));
   }
-  if (!where.cuda) {
-    nb::gil_scoped_release release;
-    paged_prefill_cpu(p);
-    return;
+  if (where.cuda) {
+    expect_cuda_head_dim(a.head_dim);
+    if (a.dtype == DType::f32) throw nb::type_error("query: CUDA prefill takes float16 or bfloat16 (float32: CPU only)");
   }
-#ifdef PAGEDLM_WITH_CUDA
-  expect_cuda_head_dim(a.head_dim);
-  if (a.dtype == DType::f32) throw nb::type_error("query: CUDA prefill takes float16 or bfloat16 (float32: CPU only)");
-  check_cuda(cuda::paged_prefill(p, reinterpret_cast<void*>(stream)), "paged_prefill_attention");
-#else
-  (void)stream;
-  no_cuda("paged_prefill_attention");
-#endif
+  run_on(where, p, paged_prefill_cpu, PAGEDLM_CUDA_LAUNCHER(paged_prefill), stream, "paged_prefill_attention");
 }
 
 void check_paged_decode_values(Tensor block_tables, Tensor seq_lens, int64_t block_size, int64_t num_blocks) {

@@ -117,20 +117,12 @@ void verify_greedy(Tensor draft_tokens, Tensor target_logits, OptTensor draft_le
       check_chain(draft_tokens, target_logits, "target_logits", draft_lens, output_tokens, num_accepted, p);
   p.target_dtype = float_dtype(target_logits, "target_logits");
   p.vocab = vocab_of(target_logits, "target_logits", std::numeric_limits<int32_t>::max());
-  if (!where.cuda) {
-    nb::gil_scoped_release release;
-    verify_greedy_cpu(p);
-    return;
-  }
 #ifdef PAGEDLM_WITH_CUDA
-  if (p.k > cuda::kMaxGreedyDraftTokens) {
+  if (where.cuda && p.k > cuda::kMaxGreedyDraftTokens) {
     fail("draft_tokens", "at most " + std::to_string(cuda::kMaxGreedyDraftTokens) + " draft tokens per row on CUDA");
   }
-  check_cuda(cuda::verify_greedy(p, reinterpret_cast<void*>(stream)), "verify_greedy");
-#else
-  (void)stream;
-  no_cuda("verify_greedy");
 #endif
+  run_on(where, p, verify_greedy_cpu, PAGEDLM_CUDA_LAUNCHER(verify_greedy), stream, "verify_greedy");
 }
 
 void verify_speculative(Tensor draft_tokens, OptTensor draft_probs, Tensor target_probs, OptTensor draft_lens,
@@ -150,17 +142,7 @@ void verify_speculative(Tensor draft_tokens, OptTensor draft_probs, Tensor targe
     p.draft_probs = static_cast<const float*>(draft_probs->data());
   }
   p.random = random_stream(seed, offset, offset_tensor, where);
-  if (!where.cuda) {
-    nb::gil_scoped_release release;
-    verify_speculative_cpu(p);
-    return;
-  }
-#ifdef PAGEDLM_WITH_CUDA
-  check_cuda(cuda::verify_speculative(p, reinterpret_cast<void*>(stream)), "verify_speculative");
-#else
-  (void)stream;
-  no_cuda("verify_speculative");
-#endif
+  run_on(where, p, verify_speculative_cpu, PAGEDLM_CUDA_LAUNCHER(verify_speculative), stream, "verify_speculative");
 }
 
 // Shapes, dtypes and placement shared by both tree ops; returns where they run.
@@ -221,17 +203,7 @@ void verify_tree_greedy(Tensor tree_tokens, Tensor parents, Tensor target_logits
       check_tree(tree_tokens, parents, target_logits, "target_logits", accepted_nodes, num_accepted, next_token, p);
   p.target_dtype = float_dtype(target_logits, "target_logits");
   p.vocab = vocab_of(target_logits, "target_logits", std::numeric_limits<int32_t>::max());
-  if (!where.cuda) {
-    nb::gil_scoped_release release;
-    verify_tree_greedy_cpu(p);
-    return;
-  }
-#ifdef PAGEDLM_WITH_CUDA
-  check_cuda(cuda::verify_tree_greedy(p, reinterpret_cast<void*>(stream)), "verify_tree_greedy");
-#else
-  (void)stream;
-  no_cuda("verify_tree_greedy");
-#endif
+  run_on(where, p, verify_tree_greedy_cpu, PAGEDLM_CUDA_LAUNCHER(verify_tree_greedy), stream, "verify_tree_greedy");
 }
 
 void verify_tree_speculative(Tensor tree_tokens, Tensor parents, Tensor target_probs, uint64_t seed, uint64_t offset,
@@ -243,17 +215,7 @@ void verify_tree_speculative(Tensor tree_tokens, Tensor parents, Tensor target_p
   expect_f32(target_probs, "target_probs");
   p.vocab = vocab_of(target_probs, "target_probs", kMaxSampledVocab);
   p.random = random_stream(seed, offset, offset_tensor, where);
-  if (!where.cuda) {
-    nb::gil_scoped_release release;
-    verify_tree_speculative_cpu(p);
-    return;
-  }
-#ifdef PAGEDLM_WITH_CUDA
-  check_cuda(cuda::verify_tree_speculative(p, reinterpret_cast<void*>(stream)), "verify_tree_speculative");
-#else
-  (void)stream;
-  no_cuda("verify_tree_speculative");
-#endif
+  run_on(where, p, verify_tree_speculative_cpu, PAGEDLM_CUDA_LAUNCHER(verify_tree_speculative), stream, "verify_tree_speculative");
 }
 
 template <typename T>
