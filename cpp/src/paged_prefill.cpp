@@ -1,10 +1,13 @@
-// CPU path of paged-attention prefill: the reference semantics for the CUDA kernel.
+// CPU path of paged-attention prefill, and through attend_query_tile of decode too: the
+// reference semantics for the CUDA kernels.
 //
 // Work is split over (sequence, kv head, tile of 16 queries): the rows of a work item are
 // the tile's queries times the kv head's GQA group, and they share every K/V chunk read.
 // As in the decode path, a chunk of 32 keys is widened to f32 and transposed so that each
 // row's scores vectorise across tokens; masked scores become -inf before an online softmax.
 #include "pagedlm/paged_prefill.h"
+
+#include "attention_cpu.h"
 
 #include <algorithm>
 #include <cmath>
@@ -20,7 +23,6 @@ namespace pagedlm {
 namespace {
 
 constexpr int kChunk = 32;
-constexpr int kQueryTile = 16;
 
 [[noreturn]] void bad_value(const std::string& what) { throw InvalidArgument(what); }
 
@@ -67,16 +69,14 @@ void check_paged_prefill_values(const PagedPrefillParams& p) {
 
 namespace {
 
-struct Tile {
-  int32_t b, kv_head, q0;  // sequence, kv head, first query (within the sequence) of the tile
-};
+}  // namespace
 
 PAGEDLM_MULTIVERSION
-void prefill_tile(const PagedPrefillParams& p, const Tile& tile, std::vector<float>& scratch) {
+void attend_query_tile(const PagedPrefillParams& p, const QueryTile& tile, std::vector<float>& scratch) {
   const int32_t D = p.head_dim, group = p.num_heads / p.num_kv_heads;
   const int32_t len = p.seq_lens[tile.b];
   const int32_t q_len = p.cu_seqlens_q[tile.b + 1] - p.cu_seqlens_q[tile.b];
-  const int32_t queries = std::min(kQueryTile, q_len - tile.q0);
+  const int32_t queries = std::min(kCpuQueryTile, q_len - tile.q0);
   const int32_t rows = queries * group;  // row r: query q0 + r / group, head r % group
   const int32_t first_pos = len - q_len + tile.q0;  // absolute position of the tile's first query
   const int32_t esize = dtype_size(p.dtype);
@@ -184,20 +184,18 @@ void prefill_tile(const PagedPrefillParams& p, const Tile& tile, std::vector<flo
   }
 }
 
-}  // namespace
-
 void paged_prefill_cpu(const PagedPrefillParams& p) {
   check_paged_prefill_values(p);
-  std::vector<Tile> tiles;
+  std::vector<QueryTile> tiles;
   for (int32_t b = 0; b < p.batch; ++b) {
     const int32_t q_len = p.cu_seqlens_q[b + 1] - p.cu_seqlens_q[b];
     for (int32_t h = 0; h < p.num_kv_heads; ++h) {
-      for (int32_t q0 = 0; q0 < q_len; q0 += kQueryTile) tiles.push_back({b, h, q0});
+      for (int32_t q0 = 0; q0 < q_len; q0 += kCpuQueryTile) tiles.push_back({b, h, q0});
     }
   }
   parallel_for(static_cast<int64_t>(tiles.size()), [&](int64_t i) {
     thread_local std::vector<float> scratch;
-    prefill_tile(p, tiles[i], scratch);
+    attend_query_tile(p, tiles[i], scratch);
   });
 }
 
