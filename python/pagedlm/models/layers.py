@@ -1,0 +1,83 @@
+"""The layers of a Llama-family block: RMSNorm, rotary embeddings (with llama3 scaling),
+attention over the paged KV cache through pagedlm.ops, and the SwiGLU MLP."""
+import math
+
+import torch
+from torch import nn
+
+import pagedlm.ops as ops
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_frequencies(head_dim, theta, scaling):
+    """Inverse frequencies of the rotary embedding; llama3 scaling stretches the low ones."""
+    # float32 throughout, as Hugging Face computes it, so the angles agree to the last bit.
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
+    if not scaling:
+        return inv_freq
+    factor = scaling["factor"]
+    low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+    context = scaling.get("original_max_position_embeddings", 8192)
+    wavelen = 2 * math.pi / inv_freq
+    # Long wavelengths are divided by the factor, short ones kept, the band between blended.
+    blend = ((context / wavelen - low) / (high - low)).clamp(0.0, 1.0)
+    scaled = torch.where(wavelen > context / low, inv_freq / factor, inv_freq)
+    medium = (wavelen >= context / high) & (wavelen <= context / low)
+    return torch.where(medium, (1 - blend) * inv_freq / factor + blend * inv_freq, scaled)
+
+
+def apply_rope(x, positions, inv_freq):
+    """x [tokens, heads, head_dim], rotate-half convention (as Hugging Face's Llama)."""
+    angles = positions.float().unsqueeze(-1) * inv_freq.to(x.device)  # [tokens, head_dim/2]
+    cos, sin = angles.cos().unsqueeze(1), angles.sin().unsqueeze(1)
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
+        bias = args.attention_bias
+        self.q_proj = nn.Linear(args.hidden_size, args.num_heads * args.head_dim, bias=bias)
+        self.k_proj = nn.Linear(args.hidden_size, args.num_kv_heads * args.head_dim, bias=bias)
+        self.v_proj = nn.Linear(args.hidden_size, args.num_kv_heads * args.head_dim, bias=bias)
+        self.o_proj = nn.Linear(args.num_heads * args.head_dim, args.hidden_size, bias=False)
+        self.sliding_window = args.sliding_window
+
+    def forward(self, x, positions, inv_freq, batch, kv_cache):
+        tokens = x.shape[0]
+        q = apply_rope(self.q_proj(x).view(tokens, self.num_heads, self.head_dim), positions, inv_freq)
+        k = apply_rope(self.k_proj(x).view(tokens, self.num_kv_heads, self.head_dim), positions, inv_freq)
+        v = self.v_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
+        key_cache, value_cache = kv_cache
+        ops.write_kv_cache(k, v, key_cache, value_cache, batch.slot_mapping)
+        if batch.decode_only:
+            out = ops.paged_decode_attention(q, key_cache, value_cache, batch.block_tables, batch.seq_lens,
+                                             sliding_window=self.sliding_window)
+        else:
+            out = ops.paged_prefill_attention(q, key_cache, value_cache, batch.block_tables, batch.cu_seqlens_q,
+                                              batch.seq_lens, sliding_window=self.sliding_window)
+        return self.o_proj(out.view(tokens, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))

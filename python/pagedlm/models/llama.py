@@ -1,0 +1,77 @@
+"""LlamaForCausalLM over a paged KV cache: embeddings, decoder blocks, final norm, LM head.
+Matmuls are torch's; attention and KV-cache writes are pagedlm's paged ops. One forward
+takes a packed batch of new tokens from many sequences (prefill chunks and decode steps
+mixed), described by an AttentionBatch built from the block manager."""
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pagedlm.models.layers import MLP, Attention, RMSNorm, rope_frequencies
+
+
+@dataclass
+class AttentionBatch:
+    """Where a forward's tokens go in the paged cache and what they attend to.
+
+    slot_mapping int64 [tokens]; block_tables int32 [seqs, max_blocks]; seq_lens int32 [seqs]
+    (cached tokens, the new ones included); cu_seqlens_q int32 [seqs + 1] (each sequence's
+    new tokens are contiguous in the batch). decode_only: every sequence brings one token.
+    """
+    slot_mapping: torch.Tensor
+    block_tables: torch.Tensor
+    seq_lens: torch.Tensor
+    cu_seqlens_q: torch.Tensor
+    decode_only: bool
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.self_attn = Attention(args)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.mlp = MLP(args)
+
+    def forward(self, x, positions, inv_freq, batch, kv_cache):
+        x = x + self.self_attn(self.input_layernorm(x), positions, inv_freq, batch, kv_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(args) for _ in range(args.num_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Parameter names follow Hugging Face's, so a safetensors checkpoint loads as it is."""
+
+    def __init__(self, args):
+        super().__init__()
+        self.args = args
+        self.model = LlamaModel(args)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_frequencies(args.head_dim, args.rope_theta, args.rope_scaling),
+                             persistent=False)
+
+    def make_kv_caches(self, num_blocks, block_size, *, dtype=None, device=None):
+        """One (key_cache, value_cache) pair per layer: [num_blocks, block_size, kv_heads, head_dim]."""
+        dtype = dtype or self.lm_head.weight.dtype
+        device = device or self.lm_head.weight.device
+        shape = (num_blocks, block_size, self.args.num_kv_heads, self.args.head_dim)
+        return [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+                for _ in range(self.args.num_layers)]
+
+    @torch.inference_mode()
+    def forward(self, input_ids, positions, batch, kv_caches, logits_indices=None):
+        """input_ids, positions int64 [tokens]; returns logits float32 [len(logits_indices) or tokens, vocab]."""
+        x = self.model.embed_tokens(input_ids)
+        for layer, kv_cache in zip(self.model.layers, kv_caches):
+            x = layer(x, positions, self.inv_freq, batch, kv_cache)
+        x = self.model.norm(x if logits_indices is None else x[logits_indices])
+        return self.lm_head(x).float()

@@ -1,0 +1,99 @@
+"""Building a model from a Hugging Face folder (config.json + *.safetensors, sharded or not)
+or from a config with seeded random weights. Nothing is fetched from a hub; a missing or
+malformed file raises an error naming it."""
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from pagedlm.models.config import ModelArgs
+from pagedlm.models.layers import rope_frequencies
+from pagedlm.models.llama import LlamaForCausalLM
+
+
+def read_config(folder):
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no config.json in the model folder")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def _weight_files(folder):
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ValueError(f"{index}: not a safetensors index ({e})") from None
+        files = [folder / n for n in names]
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no *.safetensors weights")
+    for f in files:
+        if not f.is_file():
+            raise FileNotFoundError(f"{f}: listed in the index but missing")
+    return files
+
+
+def load_model(folder, *, dtype=torch.float32, device="cpu"):
+    """A LlamaForCausalLM with the folder's weights, in dtype on device."""
+    args = ModelArgs.from_hf(read_config(folder), source=str(Path(folder) / "config.json"))
+    with torch.device("meta"):
+        model = LlamaForCausalLM(args)
+    model = model.to_empty(device=device).to(dtype)
+    if args.tie_word_embeddings:  # to_empty made the two parameters separate again
+        model.lm_head.weight = model.model.embed_tokens.weight
+    _keep_rope_in_f32(model, device)
+    expected = dict(model.named_parameters())
+    loaded = set()
+    for f in _weight_files(folder):
+        try:
+            tensors = load_file(str(f), device=str(device))
+        except Exception as e:  # safetensors raises its own error types
+            raise ValueError(f"{f}: cannot read safetensors ({e})") from None
+        for name, tensor in tensors.items():
+            if name not in expected:
+                continue  # e.g. rotary buffers some exporters include
+            if expected[name].shape != tensor.shape:
+                raise ValueError(f"{f}: {name} has shape {tuple(tensor.shape)}, the config implies "
+                                 f"{tuple(expected[name].shape)}")
+            with torch.no_grad():
+                expected[name].copy_(tensor)
+            loaded.add(name)
+    if args.tie_word_embeddings:
+        loaded.add("lm_head.weight")
+    missing = sorted(set(expected) - loaded)
+    if missing:
+        raise ValueError(f"{folder}: weights missing from the checkpoint: {', '.join(missing[:5])}"
+                         + (" ..." if len(missing) > 5 else ""))
+    return model.eval()
+
+
+def random_model(config, *, seed=0, dtype=torch.float32, device="cpu", std=0.02):
+    """A model with seeded random weights, from a config.json dict (or a transformers config)."""
+    if hasattr(config, "to_dict"):
+        config = config.to_dict()
+    args = ModelArgs.from_hf(config, source="config")
+    generator = torch.Generator().manual_seed(seed)
+    model = LlamaForCausalLM(args)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=generator) * std)
+    model = model.to(dtype=dtype, device=device)
+    _keep_rope_in_f32(model, device)
+    return model.eval()
+
+
+def _keep_rope_in_f32(model, device):
+    """.to(dtype) also casts the rotary frequencies; recompute them in float32."""
+    args = model.args
+    model.inv_freq = rope_frequencies(args.head_dim, args.rope_theta, args.rope_scaling).to(device)
