@@ -15,9 +15,11 @@ except PackageNotFoundError:  # running from a source tree
 _LAZY = {
     "BlockManager": "pagedlm._C",
     "OutOfBlocksError": "pagedlm._C",
+    "LLM": "pagedlm.llm",
+    "SamplingParams": "pagedlm.llm",
 }
 
-_SUBMODULES = ("ops", "scaling", "workload")
+_SUBMODULES = ("ops", "scaling", "workload", "models", "engine")
 
 __all__ = ["__version__", *_LAZY, *_SUBMODULES]
 

@@ -1,0 +1,161 @@
+"""pagedlm.LLM: offline generation with the familiar vLLM API, on the C++ block manager and
+pagedlm's paged-attention ops (continuous batching, preemption by recompute, prefix
+caching, n > 1 by copy-on-write forks)."""
+import itertools
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import pagedlm
+from pagedlm.engine.runner import ModelRunner, sample
+from pagedlm.engine.scheduler import Scheduler
+from pagedlm.engine.sequence import SamplingParams, Sequence, Status
+from pagedlm.models import LlamaForCausalLM, load_model
+from pagedlm.models.loader import read_config
+
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
+
+CPU_KV_BUDGET_BYTES = 1 << 30
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list
+    finish_reason: str
+    cumulative_logprob: float
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: object
+    prompt_token_ids: list
+    outputs: list
+    metrics: dict = field(default_factory=dict)
+
+
+class LLM:
+    def __init__(self, model, *, device=None, dtype=None, block_size=16, num_blocks=None,
+                 gpu_memory_utilization=0.9, max_num_seqs=256, max_num_batched_tokens=8192,
+                 enable_prefix_caching=True, seed=0):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.tokenizer, self.eos_token_id = None, None
+        if isinstance(model, LlamaForCausalLM):
+            self.model = model.to(self.device)
+        else:
+            self.model = load_model(model, dtype=dtype, device=self.device)
+            self.eos_token_id = read_config(model).get("eos_token_id")
+            self.tokenizer = _load_tokenizer(Path(model))
+        args = self.model.args
+        if num_blocks is None:
+            bytes_per_block = (2 * args.num_layers * block_size * args.num_kv_heads * args.head_dim
+                               * self.model.lm_head.weight.element_size())
+            budget = (torch.cuda.mem_get_info(self.device)[0] * gpu_memory_utilization
+                      if self.device.type == "cuda" else CPU_KV_BUDGET_BYTES)
+            num_blocks = max(1, int(budget // bytes_per_block))
+        self.block_manager = pagedlm.BlockManager(num_blocks, block_size, enable_prefix_caching)
+        self.kv_caches = self.model.make_kv_caches(num_blocks, block_size)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
+        self.runner = ModelRunner(self.model, self.kv_caches, self.block_manager, self.device)
+        self.seed = seed
+        self._ids = itertools.count()
+        self._requests = {}
+
+    # -- requests ---------------------------------------------------------------------
+    def add_request(self, prompt, params):
+        """Queues a prompt (text or token ids); returns its request id."""
+        request_id = str(next(self._ids))
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("prompts: text needs a tokenizer.json in the model folder; pass token ids")
+            token_ids = self.tokenizer.encode(prompt).ids
+        else:
+            token_ids = [int(t) for t in prompt]
+        if not token_ids:
+            raise ValueError(f"prompts[{request_id}]: empty prompt")
+        seqs = [Sequence(next(self._ids), request_id, i, list(token_ids), params) for i in range(params.n)]
+        self._requests[request_id] = dict(prompt=prompt, token_ids=token_ids, seqs=seqs, start=time.perf_counter(),
+                                          first_token=None)
+        needed = -(-(len(token_ids) + params.max_tokens) // self.block_manager.block_size)
+        if needed > self.block_manager.num_blocks:
+            warnings.warn(f"request {request_id}: needs {needed} KV blocks, the cache has "
+                          f"{self.block_manager.num_blocks}; refused")
+            for s in seqs:
+                s.status, s.finish_reason = Status.FINISHED, "refused"
+        else:
+            self.scheduler.add(seqs)
+        return request_id
+
+    def abort(self, request_id):
+        self.scheduler.abort(request_id)
+
+    def step(self):
+        """One engine iteration; returns the number of tokens sampled."""
+        scheduled, copies = self.scheduler.schedule()
+        if not scheduled:
+            return 0
+        logits = self.runner.step(scheduled, copies)
+        for s in scheduled:
+            seq = s.seq
+            token, logprob = sample(logits[seq], seq, self.seed)
+            seq.output.append(token)
+            seq.cumulative_logprob += logprob
+            request = self._requests[seq.request_id]
+            request["first_token"] = request["first_token"] or time.perf_counter()
+            if token in seq.params.stop_token_ids or (token == self.eos_token_id and not seq.params.ignore_eos):
+                seq.finish_reason = "stop"
+            elif len(seq.output) >= seq.params.max_tokens:
+                seq.finish_reason = "length"
+            if seq.finish_reason:
+                self.scheduler.finish(seq)
+        return len(scheduled)
+
+    # -- the offline API ----------------------------------------------------------------
+    def generate(self, prompts, sampling_params=None, *, use_tqdm=True):
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params or SamplingParams()
+        ids = [self.add_request(p, params) for p in prompts]
+        with tqdm(total=len(ids), desc="generate", disable=not use_tqdm) as bar:
+            done = set()
+            while self.scheduler.has_work():
+                self.step()
+                finished = {r for r in ids if r not in done and
+                            all(s.status == Status.FINISHED for s in self._requests[r]["seqs"])}
+                bar.update(len(finished))
+                done |= finished
+        return [self._output(r) for r in ids]
+
+    def _output(self, request_id):
+        r = self._requests.pop(request_id)
+        seqs = r["seqs"]
+        outputs = [CompletionOutput(s.index, self._detokenize(s.output), list(s.output), s.finish_reason,
+                                    s.cumulative_logprob) for s in seqs]
+        end = time.perf_counter()
+        first = r["first_token"] or end
+        generated = sum(len(s.output) for s in seqs)
+        metrics = {"time_to_first_token": first - r["start"],
+                   "decode_tokens_per_s": (generated - len(seqs)) / (end - first) if end > first else 0.0,
+                   "cached_prompt_tokens": seqs[0].cached_prompt_tokens}
+        return RequestOutput(request_id, r["prompt"], r["token_ids"], outputs, metrics)
+
+    def _detokenize(self, token_ids):
+        return self.tokenizer.decode(token_ids) if self.tokenizer else ""
+
+
+def _load_tokenizer(folder):
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        return None
+    from tokenizers import Tokenizer
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception on malformed files
+        raise ValueError(f"{path}: cannot read the tokenizer ({e})") from None

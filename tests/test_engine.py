@@ -1,0 +1,116 @@
+"""pagedlm.LLM on a tiny random Llama saved by transformers: greedy output equal to
+transformers' generate, and the engine's promises — preemption, prefix caching, abort,
+n > 1 forks and batch-independent seeded sampling."""
+import pytest
+import torch
+
+import pagedlm
+from pagedlm import LLM, SamplingParams
+
+transformers = pytest.importorskip("transformers")
+
+TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY)).eval()
+    model.save_pretrained(folder)
+    return folder, model
+
+
+def prompts(count, seed=1, low=3, high=40):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(97, (int(torch.randint(low, high, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(count)]
+
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+def tokens(outputs):
+    return [[o.token_ids for o in r.outputs] for r in outputs]
+
+
+def test_greedy_equals_transformers_generate(checkpoint):
+    folder, reference = checkpoint
+    batch = prompts(6)
+    outputs = LLM(folder, device="cpu", block_size=4).generate(batch, GREEDY, use_tqdm=False)
+    for prompt, out in zip(batch, outputs):
+        with torch.no_grad():
+            expected = reference.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+                                          min_new_tokens=12)[0, len(prompt):].tolist()
+        assert out.outputs[0].token_ids == expected
+        assert out.outputs[0].finish_reason == "length"
+
+
+def test_preemption_changes_nothing(checkpoint):
+    folder, _ = checkpoint
+    batch = prompts(8, seed=2)
+    roomy = LLM(folder, device="cpu", block_size=4, num_blocks=512)
+    tight = LLM(folder, device="cpu", block_size=4, num_blocks=30)
+    expected = tokens(roomy.generate(batch, GREEDY, use_tqdm=False))
+    assert tokens(tight.generate(batch, GREEDY, use_tqdm=False)) == expected
+    assert tight.scheduler.preemptions > 0
+    assert tight.block_manager.stats()["used_blocks"] == 0
+
+
+def test_prefix_caching_reuses_blocks_and_changes_nothing(checkpoint):
+    folder, _ = checkpoint
+    shared = prompts(1, seed=3, low=30, high=31)[0]
+    batch = [shared + [5, 6, 7], shared + [9]]
+    plain = LLM(folder, device="cpu", block_size=4, enable_prefix_caching=False)
+    cached = LLM(folder, device="cpu", block_size=4, enable_prefix_caching=True)
+    expected = tokens(plain.generate(batch, GREEDY, use_tqdm=False))
+    cached.generate([shared], GREEDY, use_tqdm=False)  # fills the cache
+    outputs = cached.generate(batch, GREEDY, use_tqdm=False)
+    assert tokens(outputs) == expected
+    assert all(o.metrics["cached_prompt_tokens"] >= 28 for o in outputs)
+
+
+def test_n_samples_share_prompt_blocks_and_abort_frees_them(checkpoint):
+    folder, _ = checkpoint
+    llm = LLM(folder, device="cpu", block_size=4, num_blocks=64, enable_prefix_caching=False)
+    request = llm.add_request(list(range(1, 19)), SamplingParams(n=4, temperature=1.0, max_tokens=20, seed=7))
+    llm.step()
+    first_seq = llm._requests[request]["seqs"][0]
+    first_block = llm.block_manager.block_table(first_seq.seq_id)[0]
+    assert llm.block_manager.ref_count(first_block) == 4
+    llm.step()
+    llm.abort(request)
+    assert llm.block_manager.num_free_blocks == 64
+    assert not llm.scheduler.has_work()
+
+
+def test_seeded_sampling_is_the_same_alone_or_in_a_batch(checkpoint):
+    folder, _ = checkpoint
+    target = [3, 1, 4, 1, 5, 9, 2, 6]
+    params = SamplingParams(temperature=0.8, top_k=20, top_p=0.9, max_tokens=10, seed=1234, ignore_eos=True)
+    alone = LLM(folder, device="cpu", block_size=4).generate([target], params, use_tqdm=False)
+    crowd = LLM(folder, device="cpu", block_size=4, seed=99).generate(prompts(5, seed=4) + [target], params,
+                                                                      use_tqdm=False)
+    assert alone[0].outputs[0].token_ids == crowd[-1].outputs[0].token_ids
+    other = LLM(folder, device="cpu", block_size=4).generate(
+        [target], SamplingParams(temperature=0.8, max_tokens=10, seed=4321, ignore_eos=True), use_tqdm=False)
+    assert other[0].outputs[0].token_ids != alone[0].outputs[0].token_ids
+
+
+def test_a_request_that_can_never_fit_is_refused_and_others_carry_on(checkpoint):
+    folder, _ = checkpoint
+    llm = LLM(folder, device="cpu", block_size=4, num_blocks=8)
+    with pytest.warns(UserWarning, match="refused"):
+        outputs = llm.generate([list(range(1, 60)), [1, 2, 3]], SamplingParams(temperature=0, max_tokens=4),
+                               use_tqdm=False)
+    assert outputs[0].outputs[0].finish_reason == "refused" and outputs[0].outputs[0].token_ids == []
+    assert len(outputs[1].outputs[0].token_ids) == 4
+
+
+def test_bad_sampling_params_name_the_field():
+    for kwargs, field in [(dict(n=0), "n"), (dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"),
+                          (dict(top_k=0), "top_k"), (dict(max_tokens=0), "max_tokens")]:
+        with pytest.raises(ValueError, match=field):
+            SamplingParams(**kwargs)
+    assert pagedlm.SamplingParams is SamplingParams
