@@ -114,3 +114,22 @@ def test_bad_sampling_params_name_the_field():
         with pytest.raises(ValueError, match=field):
             SamplingParams(**kwargs)
     assert pagedlm.SamplingParams is SamplingParams
+
+
+def test_cli_generate_from_a_folder_with_a_tokenizer(checkpoint, tmp_path, capsys):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from pagedlm.cli import main
+    folder, _ = checkpoint
+    words = [f"w{i}" for i in range(97)]
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="w0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    model_dir = tmp_path / "with-tokenizer"
+    model_dir.mkdir()
+    for f in folder.iterdir():
+        (model_dir / f.name).write_bytes(f.read_bytes())
+    tokenizer.save(str(model_dir / "tokenizer.json"))
+    assert main(["generate", "--model", str(model_dir), "--device", "cpu", "--max-tokens", "5", "w3 w1 w4"]) == 0
+    printed = capsys.readouterr()
+    assert printed.out.startswith("w3 w1 w4") and len(printed.out.split()) == 3 + 5
+    assert "5 tokens, length" in printed.err

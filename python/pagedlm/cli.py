@@ -1,5 +1,6 @@
 """The `pagedlm` command: `info` (build and GPU), `demo` (the block manager serving a
-simulated workload), `scaling` (parameter, FLOP and memory estimators, scaling laws)."""
+simulated workload), `generate` (text from a model folder), `scaling` (parameter, FLOP and
+memory estimators, scaling laws)."""
 import argparse
 import statistics
 import sys
@@ -63,6 +64,18 @@ def _demo(args):
         print(f"{name:<{width}}  {value}")
 
 
+def _generate(args):
+    from pagedlm.llm import LLM, SamplingParams
+
+    llm = LLM(args.model, device=args.device)
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed)
+    for output in llm.generate(args.prompts, params, use_tqdm=False):
+        completion = output.outputs[0]
+        print(f"{output.prompt}{completion.text}")
+        print(f"[{len(completion.token_ids)} tokens, {completion.finish_reason}; "
+              f"first token after {output.metrics['time_to_first_token'] * 1e3:.0f} ms]", file=sys.stderr)
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="pagedlm", description="Paged KV-cache kernels for LLM inference.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -79,6 +92,16 @@ def build_parser():
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(func=_demo)
+
+    generate = sub.add_parser("generate", help="generate text with a Llama-family model folder")
+    generate.add_argument("prompts", nargs="+")
+    generate.add_argument("--model", required=True, help="folder with config.json, *.safetensors, tokenizer.json")
+    generate.add_argument("--max-tokens", type=int, default=64)
+    generate.add_argument("--temperature", type=float, default=0.0)
+    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    generate.set_defaults(func=_generate)
 
     from pagedlm.scaling.cli import add_parser as add_scaling_parser
     add_scaling_parser(sub)

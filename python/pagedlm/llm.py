@@ -136,7 +136,7 @@ class LLM:
     def _output(self, request_id):
         r = self._requests.pop(request_id)
         seqs = r["seqs"]
-        outputs = [CompletionOutput(s.index, self._detokenize(s.output), list(s.output), s.finish_reason,
+        outputs = [CompletionOutput(s.index, self._completion_text(s), list(s.output), s.finish_reason,
                                     s.cumulative_logprob) for s in seqs]
         end = time.perf_counter()
         first = r["first_token"] or end
@@ -146,8 +146,14 @@ class LLM:
                    "cached_prompt_tokens": seqs[0].cached_prompt_tokens}
         return RequestOutput(request_id, r["prompt"], r["token_ids"], outputs, metrics)
 
-    def _detokenize(self, token_ids):
-        return self.tokenizer.decode(token_ids) if self.tokenizer else ""
+    def _completion_text(self, seq):
+        """The text the output adds to the prompt: decoding the two together and dropping the
+        prompt's text keeps the spaces and merges that decoding the output alone would lose."""
+        if not self.tokenizer or not seq.output:
+            return ""
+        prompt_text = self.tokenizer.decode(seq.prompt)
+        full_text = self.tokenizer.decode(seq.prompt + seq.output)
+        return full_text[len(prompt_text):] if full_text.startswith(prompt_text) else self.tokenizer.decode(seq.output)
 
 
 def _load_tokenizer(folder):
