@@ -133,3 +133,26 @@ def test_cli_generate_from_a_folder_with_a_tokenizer(checkpoint, tmp_path, capsy
     printed = capsys.readouterr()
     assert printed.out.startswith("w3 w1 w4") and len(printed.out.split()) == 3 + 5
     assert "5 tokens, length" in printed.err
+
+
+def test_chunked_prefill_changes_nothing(checkpoint):
+    folder, _ = checkpoint
+    batch = prompts(6, seed=5, low=20, high=60)
+    whole = LLM(folder, device="cpu", block_size=4)
+    chunked = LLM(folder, device="cpu", block_size=4, max_num_batched_tokens=16)
+    assert tokens(chunked.generate(batch, GREEDY, use_tqdm=False)) == tokens(whole.generate(batch, GREEDY,
+                                                                                          use_tqdm=False))
+
+
+@pytest.mark.parametrize("num_blocks, budget, prefix_caching", [(40, 16, True), (25, 7, True), (40, 16, False)])
+def test_chunking_preemption_and_caching_together_change_nothing(checkpoint, num_blocks, budget, prefix_caching):
+    folder, _ = checkpoint
+    batch = prompts(10, seed=9, low=5, high=70)
+    expected = tokens(LLM(folder, device="cpu", block_size=4).generate(batch, GREEDY, use_tqdm=False))
+    llm = LLM(folder, device="cpu", block_size=4, num_blocks=num_blocks, max_num_batched_tokens=budget,
+              enable_prefix_caching=prefix_caching)
+    assert tokens(llm.generate(batch, GREEDY, use_tqdm=False)) == expected
+    assert llm.scheduler.preemptions > 0 and llm.block_manager.stats()["used_blocks"] == 0
+    sampled = SamplingParams(n=3, temperature=0.9, max_tokens=15, seed=3, ignore_eos=True)
+    alone = LLM(folder, device="cpu", block_size=4).generate(batch[:3], sampled, use_tqdm=False)
+    assert tokens(llm.generate(batch[:3], sampled, use_tqdm=False)) == tokens(alone)

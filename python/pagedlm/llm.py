@@ -102,9 +102,8 @@ class LLM:
         if not scheduled:
             return 0
         logits = self.runner.step(scheduled, copies)
-        for s in scheduled:
-            seq = s.seq
-            token, logprob = sample(logits[seq], seq, self.seed)
+        for seq, row in logits.items():
+            token, logprob = sample(row, seq, self.seed)
             seq.output.append(token)
             seq.cumulative_logprob += logprob
             request = self._requests[seq.request_id]
@@ -115,7 +114,7 @@ class LLM:
                 seq.finish_reason = "length"
             if seq.finish_reason:
                 self.scheduler.finish(seq)
-        return len(scheduled)
+        return len(logits)
 
     # -- the offline API ----------------------------------------------------------------
     def generate(self, prompts, sampling_params=None, *, use_tqdm=True):

@@ -14,31 +14,37 @@ class ModelRunner:
         self.model, self.kv_caches, self.bm, self.device = model, kv_caches, block_manager, device
 
     def step(self, scheduled, copies):
-        """Runs the forward; returns {seq: next-token logits (float32 [vocab])}."""
+        """Runs the forward; returns {seq: next-token logits (float32 [vocab])} for the
+        sequences that now have every token cached."""
         if copies:
             mapping = torch.tensor(copies, dtype=torch.int64, device=self.device)
             ops.copy_blocks([k for k, _ in self.kv_caches], [v for _, v in self.kv_caches], mapping)
         computing = [s for s in scheduled if s.num_new > 0]
         ids, positions, counts = [], [], []
         for s in computing:
-            tokens = s.seq.tokens
-            ids += tokens[len(tokens) - s.num_new:]
-            positions += range(len(tokens) - s.num_new, len(tokens))
+            start = s.seq.num_cached  # the step computes tokens [start, start + num_new)
+            ids += s.seq.tokens[start:start + s.num_new]
+            positions += range(start, start + s.num_new)
             counts.append(s.num_new)
         seq_ids = [s.seq.seq_id for s in computing]
         cu = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int32)
         batch = AttentionBatch(
             slot_mapping=torch.from_numpy(self.bm.slot_mapping(seq_ids, counts)).to(self.device),
             block_tables=torch.from_numpy(self.bm.block_tables(seq_ids)).to(self.device),
-            seq_lens=torch.tensor([len(s.seq) for s in computing], dtype=torch.int32, device=self.device),
+            seq_lens=torch.tensor([s.seq.num_cached + s.num_new for s in computing], dtype=torch.int32,
+                                  device=self.device),
             cu_seqlens_q=cu.to(self.device),
             decode_only=all(c == 1 for c in counts))
         logits = self.model(torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device),
                             batch, self.kv_caches, logits_indices=(cu[1:] - 1).to(self.device))
         by_seq = {s.seq: logits[i] for i, s in enumerate(computing)}
         for s in computing:
-            s.seq.num_cached = len(s.seq)
-        return {s.seq: by_seq[s.logits_of] for s in scheduled}
+            s.seq.num_cached += s.num_new
+        for s in scheduled:  # a fork holds its parent's cached tokens
+            if s.seq is not s.logits_of:
+                s.seq.num_cached = s.logits_of.num_cached
+        # A sequence samples once all its tokens are cached (not after a mid-prompt chunk).
+        return {s.seq: by_seq[s.logits_of] for s in scheduled if s.logits_of.num_cached == len(s.logits_of)}
 
 
 def sample(logits, seq, engine_seed):

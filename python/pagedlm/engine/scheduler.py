@@ -1,10 +1,10 @@
 """Iteration-level continuous batching over the C++ BlockManager, as nano-vllm does it: two
-queues, running sequences first (one token each), then waiting ones admitted while blocks,
-sequence slots and the token budget last. When a running sequence cannot get a slot, the
+queues, running sequences first (a decode token or a prefill chunk each), then waiting ones
+admitted while blocks, sequence slots and the token budget (max_num_batched_tokens) last. When a running sequence cannot get a slot, the
 newest running sequence is preempted by recompute: its blocks are freed and it goes back to
 the front of the waiting queue with every token it has produced. Nothing is dropped.
 
-Not yet: chunked prefill (a prompt is prefilled in one step, even past the token budget).
+A prompt longer than the step's token budget is prefilled in chunks, mixed with decodes.
 """
 from collections import deque
 from dataclasses import dataclass
@@ -36,44 +36,56 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self):
-        """The sequences of one step and the copy-on-write block copies to do before it."""
+        """The sequences of one step and the copy-on-write block copies to do before it.
+
+        A running sequence computes its uncached tokens: one after a decode step, or the next
+        chunk of a prompt that did not fit the token budget. Slots are reserved only for the
+        tokens computed in this step, so a block enters the prefix cache in the step that
+        writes its KV (and a sequence admitted in the same step reads that KV after it is
+        written, since every layer writes the whole batch's KV before attending).
+        """
         batch, copies = [], []
+        budget = self.max_num_batched_tokens
         running = list(self.running)
-        while running:
+        while running and budget > 0:
             seq = running.pop(0)
-            while not self._reserve_slot(seq, copies):
+            count = min(len(seq) - seq.num_cached, budget)
+            while not self._reserve(seq, count, copies):
                 victim = running.pop() if running else seq
                 self._preempt(victim)
                 if victim is seq:
                     break
             else:
-                batch.append(Scheduled(seq, 1, seq))
-        budget = self.max_num_batched_tokens - len(batch)
-        while self.waiting and len(self.running) + len(self.waiting[0]) <= self.max_num_seqs:
+                batch.append(Scheduled(seq, count, seq))
+                budget -= count
+        while self.waiting and budget > 0 and len(self.running) + len(self.waiting[0]) <= self.max_num_seqs:
             group = self.waiting[0]
             first = group[0]
-            if len(first) > budget and batch:
+            # Forks share their parent's whole prompt, so a group of n > 1 is prefilled in one step.
+            count = len(first) if len(group) > 1 else min(len(first), budget)
+            if count > budget and batch:
                 break
-            if not self.bm.can_allocate(len(first) + len(group)):
+            if not self.bm.can_allocate(count + len(group)):
                 break
             self.waiting.popleft()
-            cached = self.bm.allocate(first.seq_id, first.tokens)
+            cached = self.bm.allocate(first.seq_id, first.tokens[:count])
             first.num_cached = cached
             if not first.output:
                 first.cached_prompt_tokens = cached
-            batch.append(Scheduled(first, len(first) - cached, first))
+            batch.append(Scheduled(first, count - cached, first))
             for child in group[1:]:
                 self.bm.fork(first.seq_id, child.seq_id)
                 batch.append(Scheduled(child, 0, first))
             for seq in group:
                 seq.status = Status.RUNNING
                 self.running.append(seq)
-            budget -= len(first) - cached
+            budget -= count - cached
         return batch, copies
 
-    def _reserve_slot(self, seq, copies):
+    def _reserve(self, seq, count, copies):
+        """Slots for the seq's next `count` uncached tokens; False when blocks ran out."""
         try:
-            copies += self.bm.append(seq.seq_id, [seq.tokens[-1]])
+            copies += self.bm.append(seq.seq_id, seq.tokens[seq.num_cached:seq.num_cached + count])
             return True
         except pagedlm.OutOfBlocksError:
             return False
