@@ -156,3 +156,10 @@ def test_chunking_preemption_and_caching_together_change_nothing(checkpoint, num
     sampled = SamplingParams(n=3, temperature=0.9, max_tokens=15, seed=3, ignore_eos=True)
     alone = LLM(folder, device="cpu", block_size=4).generate(batch[:3], sampled, use_tqdm=False)
     assert tokens(llm.generate(batch[:3], sampled, use_tqdm=False)) == tokens(alone)
+
+
+def test_engine_demo_serves_synthetic_requests(capsys):
+    from pagedlm.cli import main
+    main(["demo", "--engine", "--requests", "6", "--num-blocks", "120", "--block-size", "8"])
+    out = capsys.readouterr().out
+    assert "tokens/s" in out and "KV utilization" in out and "preemptions" in out

@@ -33,6 +33,8 @@ def _info(args):
 
 
 def _demo(args):
+    if args.engine:
+        return _engine_demo(args)
     from tqdm import tqdm
 
     import pagedlm
@@ -64,6 +66,42 @@ def _demo(args):
         print(f"{name:<{width}}  {value}")
 
 
+def _engine_demo(args):
+    """A small random-weight Llama served by pagedlm.LLM on whatever device is present."""
+    import time
+
+    import torch
+
+    from pagedlm.llm import LLM, SamplingParams
+    from pagedlm.models import random_model
+    from pagedlm.workload import synthetic_requests
+
+    config = dict(model_type="llama", vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                  num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = random_model(config, seed=args.seed, device=device,
+                         dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+    llm = LLM(model, device=device, block_size=args.block_size, num_blocks=args.num_blocks, seed=args.seed)
+    requests = synthetic_requests(args.requests, seed=args.seed, max_prompt=512, max_new_tokens=64,
+                                  vocab_size=config["vocab_size"])
+    params = [SamplingParams(n=r.num_samples, temperature=0.8, max_tokens=r.max_new_tokens, ignore_eos=True,
+                             seed=i) for i, r in enumerate(requests)]
+    print(f"Serving {len(requests)} synthetic requests with a random {model.args.num_layers}-layer Llama on {device}")
+    start = time.perf_counter()
+    ids = [llm.add_request(r.prompt, p) for r, p in zip(requests, params)]
+    utilization = []
+    while llm.scheduler.has_work():
+        llm.step()
+        utilization.append(llm.block_manager.stats()["utilization"])
+    elapsed = time.perf_counter() - start
+    outputs = [llm.take_output(r) for r in ids]
+    generated = sum(len(o.token_ids) for r in outputs for o in r.outputs)
+    print(f"output tokens        {generated:,} in {elapsed:.1f} s ({generated / elapsed:,.0f} tokens/s)")
+    print(f"KV utilization       {sum(utilization) / max(len(utilization), 1):.1%} of allocated slots (mean step)")
+    print(f"preemptions          {llm.scheduler.preemptions}")
+    print(f"cached prompt tokens {sum(r.metrics['cached_prompt_tokens'] for r in outputs):,}")
+
+
 def _generate(args):
     from pagedlm.llm import LLM, SamplingParams
 
@@ -91,6 +129,8 @@ def build_parser():
     demo.add_argument("--no-prefix-caching", action="store_true")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
+    demo.add_argument("--engine", action="store_true",
+                      help="serve the requests with pagedlm.LLM on a small random-weight Llama (needs torch)")
     demo.set_defaults(func=_demo)
 
     generate = sub.add_parser("generate", help="generate text with a Llama-family model folder")

@@ -130,9 +130,10 @@ class LLM:
                             all(s.status == Status.FINISHED for s in self._requests[r]["seqs"])}
                 bar.update(len(finished))
                 done |= finished
-        return [self._output(r) for r in ids]
+        return [self.take_output(r) for r in ids]
 
-    def _output(self, request_id):
+    def take_output(self, request_id):
+        """The RequestOutput of a request whose sequences have finished; forgets the request."""
         r = self._requests.pop(request_id)
         seqs = r["seqs"]
         outputs = [CompletionOutput(s.index, self._completion_text(s), list(s.output), s.finish_reason,
