@@ -17,10 +17,6 @@
 #include "pagedlm/paged_prefill.h"
 #include "tensor_checks.h"
 
-#ifdef PAGEDLM_WITH_CUDA
-#include "launchers.h"
-#endif
-
 namespace nb = nanobind;
 using namespace nb::literals;
 

@@ -17,7 +17,6 @@
 #include "tensor_checks.h"
 
 #ifdef PAGEDLM_WITH_CUDA
-#include "launchers.h"
 #include "verify_launchers.h"
 #endif
 
