@@ -3,15 +3,16 @@
 # (wiping build/ first), report the build and the card, run the GPU tests and
 # compute-sanitizer, then the benchmarks with the anchors side by side. Results go to
 # $OUT (or ./gpu-out). FlashInfer's sdist is expected in .anchors/ (carried).
-#   bash bench/gpu_check.sh [--no-tests] [--no-bench]
+#   bash bench/gpu_check.sh [--no-tests] [--no-bench] [--bench "decode prefill verify engine"]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu-out}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 CMAKE_BUILD_PARALLEL_LEVEL=16
-run_tests=1 run_bench=1
-for arg in "$@"; do
-  case $arg in --no-tests) run_tests=0 ;; --no-bench) run_bench=0 ;; esac
+run_tests=1 run_bench=1 benches="decode prefill verify engine"
+while [ $# -gt 0 ]; do
+  case $1 in --no-tests) run_tests=0 ;; --no-bench) run_bench=0 ;; --bench) benches=$2; shift ;; esac
+  shift
 done
 
 rm -rf build
@@ -46,11 +47,11 @@ if [ $run_bench = 1 ]; then
     export PYTORCH_NVCC=/tmp/nvcc-wrapper
   fi
   export PAGEDLM_COMMIT=$(cat .git-commit 2>/dev/null || echo unknown)
-  python3 bench/bench_paged_decode.py --out "$OUT/decode.md" > "$OUT/bench-decode.log" 2>&1 || status=1
-  tail -12 "$OUT/bench-decode.log"
-  python3 bench/bench_paged_prefill.py --out "$OUT/prefill.md" > "$OUT/bench-prefill.log" 2>&1 || status=1
-  tail -8 "$OUT/bench-prefill.log"
-  python3 bench/bench_verify.py --out "$OUT/verify.md" > "$OUT/bench-verify.log" 2>&1 || status=1
-  tail -10 "$OUT/bench-verify.log"
+  declare -A script=([decode]=bench_paged_decode [prefill]=bench_paged_prefill [verify]=bench_verify
+                     [engine]=bench_engine)
+  for name in $benches; do
+    python3 "bench/${script[$name]}.py" --out "$OUT/$name.md" > "$OUT/bench-$name.log" 2>&1 || status=1
+    tail -12 "$OUT/bench-$name.log"
+  done
 fi
 exit $status

@@ -74,7 +74,8 @@ def test_prefix_caching_reuses_blocks_and_changes_nothing(checkpoint):
 def test_n_samples_share_prompt_blocks_and_abort_frees_them(checkpoint):
     folder, _ = checkpoint
     llm = LLM(folder, device="cpu", block_size=4, num_blocks=64, enable_prefix_caching=False)
-    request = llm.add_request(list(range(1, 19)), SamplingParams(n=4, temperature=1.0, max_tokens=20, seed=7))
+    request = llm.add_request(list(range(1, 19)), SamplingParams(n=4, temperature=1.0, max_tokens=20, seed=7,
+                                                                               ignore_eos=True))
     llm.step()
     first_seq = llm._requests[request]["seqs"][0]
     first_block = llm.block_manager.block_table(first_seq.seq_id)[0]

@@ -11,7 +11,8 @@ import torch
 from tqdm import tqdm
 
 import pagedlm
-from pagedlm.engine.runner import ModelRunner, sample
+from pagedlm.engine.runner import ModelRunner
+from pagedlm.engine.sampler import sample
 from pagedlm.engine.scheduler import Scheduler
 from pagedlm.engine.sequence import SamplingParams, Sequence, Status
 from pagedlm.models import LlamaForCausalLM, load_model
@@ -43,15 +44,16 @@ class RequestOutput:
 class LLM:
     def __init__(self, model, *, device=None, dtype=None, block_size=16, num_blocks=None,
                  gpu_memory_utilization=0.9, max_num_seqs=256, max_num_batched_tokens=8192,
-                 enable_prefix_caching=True, seed=0):
+                 enable_prefix_caching=True, seed=0, enforce_eager=False):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
-        self.tokenizer, self.eos_token_id = None, None
+        self.tokenizer, self.eos_token_ids = None, frozenset()
         if isinstance(model, LlamaForCausalLM):
             self.model = model.to(self.device)
         else:
             self.model = load_model(model, dtype=dtype, device=self.device)
-            self.eos_token_id = read_config(model).get("eos_token_id")
+            eos = read_config(model).get("eos_token_id")  # an id, a list of ids (Llama 3) or absent
+            self.eos_token_ids = frozenset([eos] if isinstance(eos, int) else eos or ())
             self.tokenizer = _load_tokenizer(Path(model))
         args = self.model.args
         if num_blocks is None:
@@ -63,7 +65,10 @@ class LLM:
         self.block_manager = pagedlm.BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.kv_caches = self.model.make_kv_caches(num_blocks, block_size)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
-        self.runner = ModelRunner(self.model, self.kv_caches, self.block_manager, self.device)
+        # Decode steps replay CUDA graphs on the GPU unless enforce_eager (as vLLM's option).
+        self.runner = ModelRunner(self.model, self.kv_caches, self.block_manager, self.device,
+                                  max_num_seqs=max_num_seqs,
+                                  use_cuda_graphs=self.device.type == "cuda" and not enforce_eager)
         self.seed = seed
         self._ids = itertools.count()
         self._requests = {}
@@ -101,20 +106,22 @@ class LLM:
         scheduled, copies = self.scheduler.schedule()
         if not scheduled:
             return 0
-        logits = self.runner.step(scheduled, copies)
-        for seq, row in logits.items():
-            token, logprob = sample(row, seq, self.seed)
+        seqs, logits = self.runner.step(scheduled, copies)
+        if not seqs:
+            return 0
+        sampled, logprobs = sample(logits, seqs, self.seed)
+        for seq, token, logprob in zip(seqs, sampled, logprobs):
             seq.output.append(token)
             seq.cumulative_logprob += logprob
             request = self._requests[seq.request_id]
             request["first_token"] = request["first_token"] or time.perf_counter()
-            if token in seq.params.stop_token_ids or (token == self.eos_token_id and not seq.params.ignore_eos):
+            if token in seq.params.stop_token_ids or (token in self.eos_token_ids and not seq.params.ignore_eos):
                 seq.finish_reason = "stop"
             elif len(seq.output) >= seq.params.max_tokens:
                 seq.finish_reason = "length"
             if seq.finish_reason:
                 self.scheduler.finish(seq)
-        return len(logits)
+        return len(seqs)
 
     # -- the offline API ----------------------------------------------------------------
     def generate(self, prompts, sampling_params=None, *, use_tqdm=True):

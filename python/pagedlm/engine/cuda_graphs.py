@@ -1,0 +1,103 @@
+"""CUDA graphs for decode-only steps: the whole forward (every layer's KV write, paged decode
+attention and matmuls, then the LM head) captured once per batch-size bucket and block-table
+width, and replayed with the step's inputs copied into static buffers.
+
+A step of B sequences runs the graph of the smallest bucket >= B; the padding rows write no
+KV (slot -1) and attend to nothing (length 0, an all -1 block-table row), so they cost little
+and change nothing. Tables are captured at a few widths (powers of two from MIN_WIDTH blocks)
+because the decode kernel sizes its split-K from the table's capacity: a table sized for the
+model's longest context would split short sequences into many empty pieces.
+"""
+import torch
+
+from pagedlm.models import AttentionBatch
+
+MIN_WIDTH = 64          # blocks per table row in the narrowest graphs
+MAX_WIDTH = 1 << 16     # wider tables run eagerly
+
+
+def batch_buckets(max_num_seqs):
+    """1, 2, 4, 8, then multiples of 16 up to max_num_seqs (the padding stays under 16 rows)."""
+    buckets = [b for b in (1, 2, 4, 8) if b < max_num_seqs]
+    buckets += range(16, max_num_seqs, 16)
+    return buckets + [max_num_seqs]
+
+
+class DecodeGraphs:
+    def __init__(self, model, kv_caches, max_num_seqs, device):
+        self.model, self.kv_caches, self.device = model, kv_caches, device
+        self.buckets = batch_buckets(max_num_seqs)
+        self.pool = torch.cuda.graph_pool_handle()
+        self.widths = {}   # width -> _GraphSet
+        self.captures = 0  # graphs captured so far (each costs one warm-up forward and a capture)
+        # The common width is captured up front, largest bucket first so that the smaller
+        # captures reuse its pool memory; other widths and buckets on first use.
+        narrow = self._graph_set(MIN_WIDTH)
+        for bucket in reversed(self.buckets):
+            narrow.graph(bucket)
+
+    def fits(self, batch, width):
+        return batch <= self.buckets[-1] and width <= MAX_WIDTH
+
+    def run(self, ids, positions, slots, tables):
+        """Logits float32 [len(ids), vocab] of one decode step (a view of the graph's output)."""
+        batch, needed = len(ids), tables.shape[1]
+        width = MIN_WIDTH
+        while width < needed:
+            width *= 2
+        graphs = self._graph_set(width)
+        bucket = next(b for b in self.buckets if b >= batch)
+        pad = bucket - batch
+        # ids, positions, slots, lengths: one [4, bucket] host tensor, one copy.
+        meta = torch.tensor([ids + [0] * pad, positions + [0] * pad, [0] * bucket,
+                             [p + 1 for p in positions] + [0] * pad])
+        meta[2, :batch] = slots
+        meta[2, batch:] = -1
+        padded = torch.full((bucket, width), -1, dtype=torch.int32)
+        padded[:batch, :needed] = tables
+        graphs.meta[:, :bucket].copy_(meta, non_blocking=True)
+        graphs.tables[:bucket].copy_(padded, non_blocking=True)
+        graphs.graph(bucket).replay()
+        return graphs.logits[bucket][:batch]
+
+    def _graph_set(self, width):
+        if width not in self.widths:
+            self.widths[width] = _GraphSet(self, width)
+        return self.widths[width]
+
+
+class _GraphSet:
+    """Static input buffers of one table width and the graphs captured over them."""
+
+    def __init__(self, owner, width):
+        self.owner = owner
+        largest = owner.buckets[-1]
+        self.meta = torch.zeros(4, largest, dtype=torch.int64, device=owner.device)
+        self.meta[2] = -1
+        self.tables = torch.full((largest, width), -1, dtype=torch.int32, device=owner.device)
+        self.graphs, self.logits = {}, {}
+
+    def graph(self, bucket):
+        if bucket not in self.graphs:
+            self.graphs[bucket] = self._capture(bucket)
+        return self.graphs[bucket]
+
+    def _forward(self, bucket):
+        meta = self.meta[:, :bucket]
+        batch = AttentionBatch(slot_mapping=meta[2], block_tables=self.tables[:bucket], seq_lens=meta[3].int(),
+                               cu_seqlens_q=None, decode_only=True)
+        return self.owner.model(meta[0], meta[1], batch, self.owner.kv_caches)
+
+    def _capture(self, bucket):
+        owner = self.owner
+        self.meta[:, :bucket] = torch.tensor([[0], [0], [-1], [0]])  # padding rows: no KV write, nothing read
+        stream = torch.cuda.Stream(owner.device)
+        stream.wait_stream(torch.cuda.current_stream(owner.device))
+        with torch.cuda.stream(stream):
+            self._forward(bucket)  # warm-up: lazy allocations and kernel choices happen outside the capture
+        torch.cuda.current_stream(owner.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=owner.pool):
+            self.logits[bucket] = self._forward(bucket)
+        owner.captures += 1
+        return graph

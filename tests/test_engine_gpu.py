@@ -1,0 +1,109 @@
+"""pagedlm.LLM on the GPU: f32 greedy output equal to transformers', bf16 greedy choices that
+transformers' own logits agree with (within bf16 tolerance), CUDA-graph decode equal to eager,
+and preemption, prefix caching and seeded sampling unchanged from the CPU."""
+import pytest
+import torch
+
+from pagedlm import LLM, SamplingParams
+
+transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.gpu
+
+TINY = dict(vocab_size=211, hidden_size=128, intermediate_size=224, num_hidden_layers=3, num_attention_heads=8,
+            num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-5, initializer_range=0.05)
+GREEDY = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-llama-gpu")
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY)).eval()
+    model.save_pretrained(folder)
+    return folder, model
+
+
+def prompts(count, seed=1, low=3, high=90):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(TINY["vocab_size"], (int(torch.randint(low, high, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(count)]
+
+
+def engine(folder, device="cuda", **kwargs):
+    """An LLM with a small fixed cache (the default would take 90% of the GPU's free memory)."""
+    kwargs.setdefault("num_blocks", 2048)
+    kwargs.setdefault("dtype", torch.float32)
+    return LLM(folder, device=device, **kwargs)
+
+
+def tokens(outputs):
+    return [[o.token_ids for o in r.outputs] for r in outputs]
+
+
+def test_f32_greedy_equals_transformers(checkpoint):
+    folder, reference = checkpoint
+    reference = reference.to("cuda")
+    batch = prompts(7)
+    outputs = engine(folder, block_size=16).generate(batch, GREEDY, use_tqdm=False)
+    for prompt, out in zip(batch, outputs):
+        with torch.no_grad():
+            expected = reference.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=20, min_new_tokens=20,
+                                          do_sample=False)[0, len(prompt):].tolist()
+        assert out.outputs[0].token_ids == expected
+
+
+def test_bf16_greedy_choices_agree_with_transformers_logits(checkpoint):
+    """bf16 rounding may flip a near-tie, so compare choices, not sequences: at every step the
+    token pagedlm picked must be within bf16 tolerance of the best under transformers' bf16
+    logits for the same prefix, and the log-probabilities must agree."""
+    folder, reference = checkpoint
+    reference = transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).to("cuda").eval()
+    batch = prompts(9, seed=2)
+    outputs = engine(folder, dtype=torch.bfloat16, block_size=16).generate(batch, GREEDY, use_tqdm=False)
+    for prompt, out in zip(batch, outputs):
+        chosen = out.outputs[0].token_ids
+        with torch.no_grad():
+            logits = reference(torch.tensor([prompt + chosen], device="cuda")).logits[0].float()
+        steps = logits[len(prompt) - 1:-1]
+        picked = steps.gather(-1, torch.tensor(chosen, device="cuda")[:, None]).squeeze(-1)
+        tolerance = 0.03 * steps.abs().amax(-1) + 0.02
+        assert bool((picked >= steps.amax(-1) - tolerance).all())
+        logprob = steps.log_softmax(-1).gather(-1, torch.tensor(chosen, device="cuda")[:, None]).sum()
+        assert out.outputs[0].cumulative_logprob == pytest.approx(float(logprob), abs=0.05 * len(chosen))
+
+
+@pytest.mark.parametrize("count, block_size", [(1, 16), (5, 16), (19, 4)])
+def test_cuda_graph_decode_equals_eager(checkpoint, count, block_size):
+    folder, _ = checkpoint
+    batch = prompts(count, seed=3 + count, high=300)  # at block_size 4 some tables pass 64 blocks (a wider graph)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    eager = engine(folder, block_size=block_size, enforce_eager=True)
+    graphed = engine(folder, block_size=block_size, max_num_seqs=32)
+    expected = eager.generate(batch, params, use_tqdm=False)
+    got = graphed.generate(batch, params, use_tqdm=False)
+    assert graphed.runner.graphs.captures > 0 and eager.runner.graphs is None
+    assert tokens(got) == tokens(expected)
+    for a, b in zip(got, expected):
+        assert a.outputs[0].cumulative_logprob == pytest.approx(b.outputs[0].cumulative_logprob, abs=1e-3)
+
+
+def test_preemption_and_prefix_caching_change_nothing_on_gpu(checkpoint):
+    folder, _ = checkpoint
+    shared = prompts(1, seed=8, low=40, high=41)[0]
+    batch = [shared + p for p in prompts(10, seed=9, low=1, high=30)]
+    expected = tokens(engine(folder, block_size=4, enable_prefix_caching=False).generate(batch, GREEDY, use_tqdm=False))
+    tight = engine(folder, block_size=4, num_blocks=60, max_num_batched_tokens=32)
+    outputs = tight.generate(batch, GREEDY, use_tqdm=False)
+    assert tokens(outputs) == expected
+    assert tight.scheduler.preemptions > 0 and tight.block_manager.stats()["used_blocks"] == 0
+    assert any(o.metrics["cached_prompt_tokens"] > 0 for o in outputs)
+
+
+def test_seeded_sampling_matches_the_cpu(checkpoint):
+    folder, _ = checkpoint
+    batch = prompts(4, seed=11)
+    params = SamplingParams(n=2, temperature=0.9, top_k=50, top_p=0.95, max_tokens=12, seed=5, ignore_eos=True)
+    on_gpu = engine(folder).generate(batch, params, use_tqdm=False)
+    on_cpu = engine(folder, device="cpu").generate(batch, params, use_tqdm=False)
+    assert tokens(on_gpu) == tokens(on_cpu)
+    assert len({tuple(t) for r in tokens(on_gpu) for t in r}) > 1
