@@ -8,11 +8,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def git_commit():
+    if os.environ.get("PAGEDLM_COMMIT"):  # set by gpu_check.sh: the GPU machine's copy may lack .git
+        return os.environ["PAGEDLM_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
                               cwd=HERE).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("PAGEDLM_COMMIT", "unknown")  # the GPU machine gets no .git
+        return "unknown"
 
 
 def cpu_name():

@@ -56,6 +56,7 @@ def flashinfer_chain(draft_probs, drafts, target_probs):
 
         out = fn()  # first use JIT-compiles
         torch.cuda.synchronize()
+        out = out[0] if isinstance(out, tuple) else out  # some versions also return the counters
         assert out.shape == (drafts.shape[0], drafts.shape[1] + 1)
         return fn
     except Exception as error:  # not installed, or its JIT build failed: report, don't stop

@@ -9,7 +9,7 @@ from pagedlm import LLM, SamplingParams
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.gpu
 
-TINY = dict(vocab_size=211, hidden_size=128, intermediate_size=224, num_hidden_layers=3, num_attention_heads=8,
+TINY = dict(vocab_size=211, hidden_size=256, intermediate_size=224, num_hidden_layers=3, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-5, initializer_range=0.05)
 GREEDY = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
 
