@@ -29,6 +29,13 @@ def _record(role, plan, shape, result, windows, model, extra):
     }
 
 
+@torch.no_grad()
+def _greedy_sample(model, tokenizer, prompt="def fibonacci(n):", max_new_tokens=48):
+    ids = torch.tensor([tokenizer.encode(prompt).ids], device=next(model.parameters()).device)
+    out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)[0, ids.shape[1]:]
+    return {"prompt": prompt, "greedy_completion": tokenizer.decode(out.tolist())}
+
+
 def train_pair(plan, tokenizer, train_stream, heldout, out_dir, *, seed, compile_model, log):
     """Train, evaluate and save target and draft under out_dir; returns their records."""
     device = train_stream.device
@@ -50,6 +57,7 @@ def train_pair(plan, tokenizer, train_stream, heldout, out_dir, *, seed, compile
         if teacher is not None:
             extra["greedy_agreement_with_target"] = evaluate.greedy_agreement(model, teacher, windows)
         extra["shipped_sample_loss"] = float(evaluate.window_losses(model, shipped).mean())
+        extra["sample"] = _greedy_sample(model, tokenizer)
         records[role] = _record(role, plan, shape, result, windows, model, extra)
         save_folder(model, tokenizer, out_dir / role, records[role])
         log(f"{role}: {result.tokens:,} tokens in {result.wall_s:.0f} s (stopped by {result.stopped_by}), "
