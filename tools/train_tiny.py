@@ -24,15 +24,12 @@ from tiny.plan import SMOKE, Plan
 from tiny.sweep import run_sweep
 from tiny.tokenizer import encode_stream, train_tokenizer
 
-START = time.monotonic()
-
-
 class Log:
-    def __init__(self, path):
-        self.file = open(path, "a", encoding="utf-8")
+    def __init__(self, path, start):
+        self.file, self.start = open(path, "a", encoding="utf-8"), start
 
     def __call__(self, message):
-        line = f"[{time.monotonic() - START:6.1f}s] {message}"
+        line = f"[{time.monotonic() - self.start:6.1f}s] {message}"
         print(line, flush=True)
         self.file.write(line + "\n")
         self.file.flush()
@@ -73,18 +70,19 @@ def main(argv=None):
     parser.add_argument("--time-limit", type=float,
                         help="seconds from start by which the sweep must end (default: the plan's, 470)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile each model (off: see tools/tiny/README)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each model (off by default: every shape compiles anew, which costs more than most runs last)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    start = time.monotonic()
 
     plan = SMOKE if args.smoke else Plan()
-    deadline = START + (args.time_limit or plan.time_limit_s)
+    deadline = start + (args.time_limit or plan.time_limit_s)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cpu":
         torch.set_num_threads(1)  # these models are too small to gain from threads; on a busy CPU they lose 10x
     models_dir = args.out / "tiny-code"
     models_dir.mkdir(parents=True, exist_ok=True)
-    log = Log(args.out / "train.log")
+    log = Log(args.out / "train.log", start)
     log(f"train_tiny {'smoke ' if args.smoke else ''}on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
         f"torch {torch.__version__}, mode {args.mode}")
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -96,7 +94,7 @@ def main(argv=None):
         train_pair(plan, tokenizer, train_stream, heldout_ids, models_dir, **common)
     if args.mode in ("all", "sweep"):
         run_sweep(plan, train_stream, heldout_ids, args.out / "runs.csv", deadline=deadline - plan.reserve_s, **common)
-    log(f"done in {time.monotonic() - START:.0f} s")
+    log(f"done in {time.monotonic() - start:.0f} s")
     return 0
 
 

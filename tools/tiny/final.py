@@ -56,6 +56,7 @@ def train_pair(plan, tokenizer, train_stream, heldout, out_dir, *, seed, compile
         extra = {"distill_weight": plan.distill_weight} if teacher else {}
         if teacher is not None:
             extra["greedy_agreement_with_target"] = evaluate.greedy_agreement(model, teacher, windows)
+            extra["shipped_sample_agreement"] = evaluate.greedy_agreement(model, teacher, shipped)
         extra["shipped_sample_loss"] = float(evaluate.window_losses(model, shipped).mean())
         extra["sample"] = _greedy_sample(model, tokenizer)
         records[role] = _record(role, plan, shape, result, windows, model, extra)
