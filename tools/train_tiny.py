@@ -70,7 +70,9 @@ def main(argv=None):
     parser.add_argument("--time-limit", type=float,
                         help="seconds from start by which the sweep must end (default: the plan's, 470)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile each model (off by default: every shape compiles anew, which costs more than most runs last)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile each model (off by default: every new shape compiles anew, "
+                             "which costs more than most runs last)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     start = time.monotonic()
