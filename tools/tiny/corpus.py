@@ -78,38 +78,45 @@ def _python_files(root, skip):
                 yield Path(folder, name)
 
 
+def _order_key(path):
+    """A fixed pseudo-random order that needs no file contents, so only what the corpus keeps is read."""
+    return hashlib.sha256(str(path).encode()).hexdigest()
+
+
 def collect(max_bytes, held_out_per_mille=15, roots=None):
-    """Unique UTF-8 Python files, in an order fixed by their content hash, until max_bytes of
-    text; a file is held out when its hash falls in the first held_out_per_mille of 1000 buckets.
-    roots: [(folder, "stdlib" or "site")], default search_roots(). Returns (files, licences by origin)."""
+    """Unique UTF-8 Python files, in a pseudo-random order fixed by their paths, until max_bytes
+    of text; a file is held out when its content hash falls in the first held_out_per_mille of
+    1000 buckets. roots: [(folder, "stdlib" or "site")], default search_roots().
+    Returns (files, licences by origin)."""
     roots = search_roots() if roots is None else [(Path(r).resolve(), kind) for r, kind in roots]
-    seen, candidates, licences = set(), [], {"stdlib": STDLIB_LICENCE}
+    candidates, owners, licences = [], {}, {"stdlib": STDLIB_LICENCE}
     for root, kind in roots:
-        owner, found = distributions(root) if kind == "site" else ({}, {})
-        licences.update(found)
+        if kind == "site":
+            owner, found = distributions(root)
+            owners.update(owner)
+            licences.update(found)
         skip = {str(r) for r, _ in roots if r != root}
-        for path in _python_files(root, skip):
-            try:
-                if path.stat().st_size > MAX_FILE_BYTES:
-                    continue
-                data = path.read_bytes()
-                text = data.decode("utf-8")
-            except (OSError, UnicodeDecodeError):
-                continue
-            digest = hashlib.sha256(data).hexdigest()
-            if digest in seen or not text.strip():
-                continue
-            seen.add(digest)
-            origin = "stdlib" if kind == "stdlib" else owner.get(str(path.resolve()), "unknown")
-            candidates.append(SourceFile(str(path), digest, text, origin))
-    candidates.sort(key=lambda f: f.sha256)
-    files, total = [], 0
-    for f in candidates:
+        candidates += [(path, kind) for path in _python_files(root, skip)]
+    candidates.sort(key=lambda c: _order_key(c[0]))
+    files, seen, total = [], set(), 0
+    for path, kind in candidates:
         if total >= max_bytes:
             break
-        f.held_out = int(f.sha256[:8], 16) % 1000 < held_out_per_mille
-        files.append(f)
-        total += len(f.text.encode("utf-8"))
+        try:
+            if path.stat().st_size > MAX_FILE_BYTES:
+                continue
+            data = path.read_bytes()
+            text = data.decode("utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        digest = hashlib.sha256(data).hexdigest()
+        if digest in seen or not text.strip():
+            continue
+        seen.add(digest)
+        origin = "stdlib" if kind == "stdlib" else owners.get(str(path.resolve()), "unknown")
+        files.append(SourceFile(str(path), digest, text, origin,
+                                held_out=int(digest[:8], 16) % 1000 < held_out_per_mille))
+        total += len(data)
     if not files:
         raise RuntimeError(f"no Python files found under {', '.join(str(r) for r, _ in roots)}")
     return files, licences
