@@ -14,7 +14,7 @@ WORK=$(mktemp -d)
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 # The trainer stops its sweep by itself at 470 s; the timeout only guards against a hang.
 status=0
-timeout 520 python3 tools/train_tiny.py --out "$WORK" --device cuda "$@" || status=$?
+timeout 500 python3 tools/train_tiny.py --out "$WORK" --device cuda "$@" || status=$?
 
 STAGE="$WORK/stage"
 DATA="$STAGE/python/pagedlm/data/tiny-code"
