@@ -66,8 +66,21 @@ def _demo(args):
         print(f"{name:<{width}}  {value}")
 
 
+def _model_folder(args):
+    """--model, else the model shipped in the package; None (after printing why) when neither exists."""
+    if args.model:
+        return args.model
+    from pagedlm.data import tiny_model
+    try:
+        return tiny_model("target")
+    except FileNotFoundError as err:
+        print(f"pagedlm {args.command}: error: no --model given and {err}", file=sys.stderr)
+        return None
+
+
 def _engine_demo(args):
-    """A small random-weight Llama served by pagedlm.LLM on whatever device is present."""
+    """pagedlm.LLM serving synthetic requests on whatever device is present, with the shipped
+    model (or --model, or with --random-weights a small random Llama)."""
     import time
 
     import torch
@@ -76,17 +89,26 @@ def _engine_demo(args):
     from pagedlm.models import random_model
     from pagedlm.workload import synthetic_requests
 
-    config = dict(model_type="llama", vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                  num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = random_model(config, seed=args.seed, device=device,
-                         dtype=torch.bfloat16 if device == "cuda" else torch.float32)
-    llm = LLM(model, device=device, block_size=args.block_size, num_blocks=args.num_blocks, seed=args.seed)
-    requests = synthetic_requests(args.requests, seed=args.seed, max_prompt=512, max_new_tokens=64,
-                                  vocab_size=config["vocab_size"])
+    options = dict(device=device, block_size=args.block_size, num_blocks=args.num_blocks, seed=args.seed)
+    if args.random_weights:
+        config = dict(model_type="llama", vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                      num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096)
+        model = random_model(config, seed=args.seed, device=device,
+                             dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+        llm, what = LLM(model, **options), f"a random {model.args.num_layers}-layer Llama"
+    else:
+        folder = _model_folder(args)
+        if folder is None:
+            return 2
+        llm, what = LLM(folder, **options), str(folder)
+    positions = llm.model.args.max_position_embeddings  # requests stay within what the model was trained on
+    max_new = min(64, positions // 4)
+    requests = synthetic_requests(args.requests, seed=args.seed, max_prompt=min(512, positions - max_new),
+                                  max_new_tokens=max_new, vocab_size=llm.model.args.vocab_size)
     params = [SamplingParams(n=r.num_samples, temperature=0.8, max_tokens=r.max_new_tokens, ignore_eos=True,
                              seed=i) for i, r in enumerate(requests)]
-    print(f"Serving {len(requests)} synthetic requests with a random {model.args.num_layers}-layer Llama on {device}")
+    print(f"Serving {len(requests)} synthetic requests with {what} on {device}")
     start = time.perf_counter()
     ids = [llm.add_request(r.prompt, p) for r, p in zip(requests, params)]
     utilization = []
@@ -105,7 +127,10 @@ def _engine_demo(args):
 def _generate(args):
     from pagedlm.llm import LLM, SamplingParams
 
-    llm = LLM(args.model, device=args.device)
+    folder = _model_folder(args)
+    if folder is None:
+        return 2
+    llm = LLM(folder, device=args.device)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed)
     for output in llm.generate(args.prompts, params, use_tqdm=False):
         completion = output.outputs[0]
@@ -130,12 +155,15 @@ def build_parser():
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.add_argument("--engine", action="store_true",
-                      help="serve the requests with pagedlm.LLM on a small random-weight Llama (needs torch)")
+                      help="serve the requests with pagedlm.LLM and the shipped code model (needs torch)")
+    demo.add_argument("--model", help="with --engine: a model folder instead of the shipped one")
+    demo.add_argument("--random-weights", action="store_true", help="with --engine: a small random-weight Llama")
     demo.set_defaults(func=_demo)
 
     generate = sub.add_parser("generate", help="generate text with a Llama-family model folder")
     generate.add_argument("prompts", nargs="+")
-    generate.add_argument("--model", required=True, help="folder with config.json, *.safetensors, tokenizer.json")
+    generate.add_argument("--model", help="folder with config.json, *.safetensors, tokenizer.json "
+                                           "(default: the code model shipped in the package)")
     generate.add_argument("--max-tokens", type=int, default=64)
     generate.add_argument("--temperature", type=float, default=0.0)
     generate.add_argument("--top-p", type=float, default=1.0)

@@ -156,6 +156,34 @@ def _plot(args):
 
 
 @_reports_errors
+def _fit(args):
+    import json
+
+    import numpy as np
+
+    from .fit import fit_chinchilla
+    from .plot import read_runs
+    runs = read_runs(args.runs)
+    law = fit_chinchilla(runs["N"], runs["D"], runs["loss"], n_starts=args.starts)
+    budgets = np.unique(runs.get("budget", runs["flops"]))
+    print(f"Fitted to the {runs['N'].size} runs of {args.runs} "
+          f"({'the paper grid' if args.starts is None else f'{args.starts} starts'}): "
+          f"L = {law.E:.4g} + {law.A:.4g}/N^{law.alpha:.4g} + {law.B:.4g}/D^{law.beta:.4g}\n")
+    rows = []
+    for candidate in (law, laws.CHINCHILLA, laws.EPOCH_2024):
+        n, d, _ = candidate.optimal(budgets)
+        rows.append((candidate.name, f"{candidate.E:.3f}", f"{candidate.alpha:.3f}", f"{candidate.beta:.3f}",
+                     f"{candidate.beta / (candidate.alpha + candidate.beta):.3f}", *(f"{x:.1f}" for x in d / n)))
+    print(_table(rows, ("law", "E", "alpha", "beta", "N_opt ~ C^a", *(f"D/N at {c:.2g}" for c in budgets))))
+    if args.json:
+        record = {k: getattr(law, k) for k in ("E", "A", "B", "alpha", "beta")}
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({**record, "runs": str(args.runs), "n_starts": args.starts}, f, indent=1)
+            f.write("\n")
+        print(f"\nwrote {args.json}")
+
+
+@_reports_errors
 def _presets(args):
     rows = [(name, f"{count_params(ModelConfig.preset(name)):,}", source) for name, (_, source) in PRESETS.items()]
     print(_table(rows, ("preset", "parameters", "source"), align="lrl"))
@@ -214,6 +242,12 @@ def _populate(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--law", default="chinchilla", choices=["chinchilla", "epoch2024"])
     p.add_argument("--runs", metavar="CSV", help="measured runs (columns N,D,flops,loss): plot them and their fit")
     p.set_defaults(func=_plot)
+
+    p = sub.add_parser("fit", help="fit a Chinchilla law to measured runs; compare it with the published ones")
+    p.add_argument("--runs", metavar="CSV", required=True, help="columns N,D,flops,loss (and budget)")
+    p.add_argument("--starts", type=int, help="keep this many L-BFGS starts (default: all 4,500 of the paper)")
+    p.add_argument("--json", metavar="FILE", help="also write the fitted constants here")
+    p.set_defaults(func=_fit)
 
     p = sub.add_parser("presets", help="list the preset models and their sources")
     p.set_defaults(func=_presets)

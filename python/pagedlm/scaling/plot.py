@@ -1,7 +1,7 @@
 """IsoFLOP figure: loss against model size at fixed compute, and the compute-optimal frontier.
 
-Optionally overlays measured runs (CSV with columns N, D, flops, loss) and the law fitted to
-them. matplotlib is imported only here, inside the functions, and drawn with the Agg canvas
+Optionally overlays measured runs (CSV with columns N, D, flops, loss, and optionally budget:
+the nominal FLOPs that groups runs stopped short of it) and the law fitted to them. matplotlib is imported only here, inside the functions, and drawn with the Agg canvas
 so no display or global pyplot state is touched.
 """
 from __future__ import annotations
@@ -18,16 +18,19 @@ RUN_COLUMNS = ("N", "D", "flops", "loss")
 
 
 def read_runs(path) -> dict[str, np.ndarray]:
-    """Columns N, D, flops, loss of a CSV of training runs, as float arrays."""
-    with open(os.fspath(path), newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
+    """Columns N, D, flops, loss (and budget, when present) of a CSV of training runs, as float arrays."""
+    try:
+        with open(os.fspath(path), newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as err:
+        raise ValueError(f"runs: cannot read {path} ({err.strerror})") from None
     if not rows:
         raise ValueError(f"runs: {path} has no rows")
     missing = [c for c in RUN_COLUMNS if c not in rows[0]]
     if missing:
         raise ValueError(f"runs: {path} lacks column(s) {', '.join(missing)}; need {', '.join(RUN_COLUMNS)}")
     try:
-        return {c: np.array([float(r[c]) for r in rows]) for c in RUN_COLUMNS}
+        return {c: np.array([float(r[c]) for r in rows]) for c in RUN_COLUMNS + ("budget",) if c in rows[0]}
     except ValueError as err:
         raise ValueError(f"runs: {path} has a value that is not a number ({err})") from None
 
@@ -45,7 +48,8 @@ def plot_isoflops(out, *, law: ChinchillaLaw = CHINCHILLA, budgets=None, runs=No
     if runs is not None:
         runs = read_runs(runs) if isinstance(runs, (str, os.PathLike)) else runs
         law = fit_chinchilla(runs["N"], runs["D"], runs["loss"], n_starts=n_starts)
-        budgets = np.unique(runs["flops"]) if budgets is None else budgets
+        group = runs.get("budget", runs["flops"])
+        budgets = np.unique(group) if budgets is None else budgets
     budgets = np.logspace(18, 24, 7) if budgets is None else np.asarray(budgets, dtype=float)
 
     fig = Figure(figsize=(11, 4.5), layout="constrained")
@@ -58,7 +62,7 @@ def plot_isoflops(out, *, law: ChinchillaLaw = CHINCHILLA, budgets=None, runs=No
         curves.plot(n, law.loss(n, C / (6 * n)), color=color, label=f"{C:.1e} FLOPs")
         curves.plot([n_star], [l_star], "o", color=color)
         if runs is not None:
-            here = np.isclose(runs["flops"], C)
+            here = np.isclose(group, C)
             curves.scatter(runs["N"][here], runs["loss"][here], marker="x", color=color, zorder=3)
     curves.plot(n_opt, l_opt, "k--", lw=1, label="compute-optimal")
     curves.set(xscale="log", xlabel="parameters N", ylabel="loss (nats/token)",
@@ -69,6 +73,10 @@ def plot_isoflops(out, *, law: ChinchillaLaw = CHINCHILLA, budgets=None, runs=No
     n_line, d_line, _ = law.optimal(c_line)
     frontier.plot(c_line, n_line, label="N_opt (parameters)")
     frontier.plot(c_line, d_line, label="D_opt (tokens)")
+    if runs is not None:  # the best measured run of each budget
+        best = [np.flatnonzero(np.isclose(group, C))[np.argmin(runs["loss"][np.isclose(group, C)])] for C in budgets]
+        frontier.scatter(budgets, runs["N"][best], marker="x", color="C0", zorder=3, label="lowest-loss run: N")
+        frontier.scatter(budgets, runs["D"][best], marker="x", color="C1", zorder=3, label="lowest-loss run: D")
     frontier.set(xscale="log", yscale="log", xlabel="training compute C (FLOPs)",
                  title=f"Frontier: {law.name or 'law'} E={law.E:.3g} A={law.A:.4g} B={law.B:.4g} "
                        f"alpha={law.alpha:.3g} beta={law.beta:.3g}")
