@@ -22,7 +22,7 @@ struct DecodeWorkspace {
 };
 int paged_decode(const PagedDecodeParams& p, const DecodeWorkspace& workspace, void* stream);
 
-// f16/bf16 only (f32 prefill runs on the CPU path alone for now).
+// f16/bf16 on tensor cores, f32 on CUDA cores.
 int paged_prefill(const PagedPrefillParams& p, void* stream);
 
 const char* error_string(int code);

@@ -1,4 +1,4 @@
-// CUDA paged-attention prefill for f16/bf16 caches: FlashAttention-2 on mma.m16n8k16 over
+// CUDA paged-attention prefill for f16/bf16 caches (f32: paged_prefill_f32.cu): FlashAttention-2 on mma.m16n8k16 over
 // the paged KV cache; the GPU twin of cpp/src/paged_prefill.cpp.
 //
 // A block of 4 warps owns 64 consecutive queries of one sequence and one query head; each
@@ -14,7 +14,9 @@
 #include "common.cuh"
 #include "launchers.h"
 #include "mma.cuh"
+#include "paged_prefill_f32.h"
 #include "paged_tiles.cuh"
+#include "prefill_mask.cuh"
 
 namespace pagedlm::cuda {
 namespace {
@@ -98,22 +100,8 @@ __global__ void __launch_bounds__(kWarps * 32) paged_prefill_kernel(PagedPrefill
       q_frag[ks][3] = q_pair(row_q[1], ks * 16 + col + 8);
     }
   }
-  const int row_pos[2] = {len - q_len + row_q[0], len - q_len + row_q[1]};
-  const int row_lo[2] = {p.sliding_window > 0 ? row_pos[0] - p.sliding_window + 1 : 0,
-                         p.sliding_window > 0 ? row_pos[1] - p.sliding_window + 1 : 0};
-  auto visible = [&](int h, int t) {
-    if (row_q[h] >= q_len || t >= kv_end || t < row_lo[h]) return false;  // padding rows see nothing
-    if (p.mask) {
-      const int64_t elem = static_cast<int64_t>(row_q[h]) * len + t;
-      const int64_t at = p.mask_indptr[b] + (p.mask_packed ? elem / 8 : elem);
-      if (at < 0 || at >= p.mask_size) {  // a bad mask_indptr: flag the row, never read outside the mask
-        bad_row = 1;
-        return false;
-      }
-      return p.mask_packed ? ((p.mask[at] >> (elem % 8)) & 1) != 0 : p.mask[at] != 0;
-    }
-    return !causal || t <= row_pos[h];
-  };
+  const PrefillRow rows[2] = {prefill_row(p, row_q[0], len, q_len), prefill_row(p, row_q[1], len, q_len)};
+  auto visible = [&](int h, int t) { return prefill_visible(p, b, len, q_len, causal, rows[h], t, kv_end, &bad_row); };
 
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};  // sum is lane-partial
   float o[D / 8][4];
@@ -247,11 +235,10 @@ int launch(const PagedPrefillParams& p, cudaStream_t stream) {
 int paged_prefill(const PagedPrefillParams& p, void* stream_ptr) {
   if (p.batch == 0 || p.total_q == 0) return 0;
   auto stream = static_cast<cudaStream_t>(stream_ptr);
-  if (p.dtype == DType::f32) return static_cast<int>(cudaErrorNotSupported);  // the bindings say so first
   return dispatch_dtype(p.dtype, [&](auto type) {
     using T = decltype(type);
     if constexpr (std::is_same<T, float>::value) {
-      return static_cast<int>(cudaErrorNotSupported);
+      return paged_prefill_f32(p, stream);
     } else {
       switch (p.head_dim) {
         case 64: return launch<T, 64>(p, stream);

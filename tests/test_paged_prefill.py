@@ -1,5 +1,6 @@
-"""paged_prefill_attention against the float64 reference (CPU path; the CUDA kernel does not
-exist yet). Outputs are poisoned, inputs fresh, block tables scrambled."""
+"""paged_prefill_attention against the float64 reference, on the CPU path and (marker gpu) the
+CUDA kernels: tensor cores for f16/bf16, CUDA cores for f32. Outputs are poisoned, inputs
+fresh, block tables scrambled."""
 import itertools
 import math
 
@@ -177,8 +178,7 @@ def cuda_check(batch, dtype, **kwargs):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype, heads, head_dim, block_size, window, soft_cap",
-                         [c for c in grid() if c.values[0] != torch.float32])
+@pytest.mark.parametrize("dtype, heads, head_dim, block_size, window, soft_cap", grid())
 def test_cuda_mixed_batch(dtype, heads, head_dim, block_size, window, soft_cap):
     seq_lens, q_lens = [97, 130, 1, 60, 33, 300], [97, 45, 1, 1, 17, 150]
     batch = make_batch(seq_lens, q_lens, heads=heads, head_dim=head_dim, block_size=block_size, dtype=dtype,
@@ -187,23 +187,24 @@ def test_cuda_mixed_batch(dtype, heads, head_dim, block_size, window, soft_cap):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("mask_format", ["flat", "packed"])
-def test_cuda_custom_masks_and_tree(mask_format):
+def test_cuda_custom_masks_and_tree(mask_format, dtype):
     seq_lens, q_lens = [40, 13, 70, 27], [11, 13, 5, 7]
-    batch = make_batch(seq_lens, q_lens, heads=(8, 2), head_dim=128, block_size=16, dtype=torch.bfloat16, seed=31)
+    batch = make_batch(seq_lens, q_lens, heads=(8, 2), head_dim=128, block_size=16, dtype=dtype, seed=31)
     generator = torch.Generator().manual_seed(5)
     masks = [torch.rand(q, n, generator=generator) < 0.3 for n, q in zip(seq_lens, q_lens)]
     masks[0][2] = False
-    out, lse = cuda_check(batch, torch.bfloat16, masks=masks, mask_format=mask_format)
+    out, lse = cuda_check(batch, dtype, masks=masks, mask_format=mask_format)
     assert torch.all(out[2] == 0) and torch.all(lse[2] == -math.inf)
 
 
 @pytest.mark.gpu
-def test_cuda_long_causal_prefill_and_non_causal():
-    batch = make_batch([1500, 700], [1500, 200], heads=(8, 2), head_dim=128, block_size=16, dtype=torch.float16,
-                       seed=37)
-    cuda_check(batch, torch.float16)
-    cuda_check(batch, torch.float16, causal=False)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_cuda_long_causal_prefill_and_non_causal(dtype):
+    batch = make_batch([1500, 700], [1500, 200], heads=(8, 2), head_dim=128, block_size=16, dtype=dtype, seed=37)
+    cuda_check(batch, dtype)
+    cuda_check(batch, dtype, causal=False)
 
 
 @pytest.mark.gpu
@@ -217,9 +218,10 @@ def test_cuda_single_query_equals_decode():
 
 
 @pytest.mark.gpu
-def test_cuda_bad_block_gives_nan_rows_and_graph_capture_works():
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_cuda_bad_block_gives_nan_rows_and_graph_capture_works(dtype):
     query, kc, vc, tables, cu, lens = [t.cuda() for t in make_batch([80, 40], [30, 40], heads=(8, 2), head_dim=64,
-                                                                     block_size=16, dtype=torch.float16, seed=43)]
+                                                                     block_size=16, dtype=dtype, seed=43)]
     out = torch.empty_like(query)
     ops.paged_prefill_attention(query, kc, vc, tables, cu, lens, out=out)
     graph = torch.cuda.CUDAGraph()
@@ -229,7 +231,7 @@ def test_cuda_bad_block_gives_nan_rows_and_graph_capture_works():
     graph.replay()
     torch.cuda.synchronize()
     expected, _ = prefill_reference(query.cpu(), kc.cpu(), vc.cpu(), tables.cpu(), cu.cpu(), lens.cpu())
-    torch.testing.assert_close(out.cpu().double(), expected, atol=TOLERANCE[torch.float16], rtol=0)
+    torch.testing.assert_close(out.cpu().double(), expected, atol=TOLERANCE[dtype], rtol=0)
     tables[0, 2] = 1 << 24
     ops.paged_prefill_attention(query, kc, vc, tables, cu, lens, out=out)
     torch.cuda.synchronize()
@@ -237,10 +239,7 @@ def test_cuda_bad_block_gives_nan_rows_and_graph_capture_works():
 
 
 @pytest.mark.gpu
-def test_cuda_rejects_f32_and_odd_head_dims():
-    batch = make_batch([20], [5], heads=(4, 2), head_dim=64, block_size=16, dtype=torch.float32, seed=47)
-    with pytest.raises(TypeError, match="query"):
-        ops.paged_prefill_attention(*[t.cuda() for t in batch])
+def test_cuda_rejects_odd_head_dims():
     batch = make_batch([20], [5], heads=(4, 2), head_dim=80, block_size=16, dtype=torch.float16, seed=47)
     with pytest.raises(ValueError, match="head_dim"):
         ops.paged_prefill_attention(*[t.cuda() for t in batch])

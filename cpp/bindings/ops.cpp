@@ -273,10 +273,7 @@ void paged_prefill(Tensor query, Tensor key_cache, Tensor value_cache, Tensor bl
     p.mask_packed = packed;
     p.mask_size = static_cast<int64_t>(custom_mask->shape(0));
   }
-  if (where.cuda) {
-    expect_cuda_head_dim(a.head_dim);
-    if (a.dtype == DType::f32) throw nb::type_error("query: CUDA prefill takes float16 or bfloat16 (float32: CPU only)");
-  }
+  if (where.cuda) expect_cuda_head_dim(a.head_dim);
   run_on(where, p, paged_prefill_cpu, PAGEDLM_CUDA_LAUNCHER(paged_prefill), stream, "paged_prefill_attention");
 }
 
