@@ -17,6 +17,7 @@ from pagedlm.engine.scheduler import Scheduler
 from pagedlm.engine.sequence import SamplingParams, Sequence, Status
 from pagedlm.models import LlamaForCausalLM, load_model
 from pagedlm.models.loader import read_config
+from pagedlm.spec import Speculator, make_proposer
 
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
 
@@ -44,7 +45,7 @@ class RequestOutput:
 class LLM:
     def __init__(self, model, *, device=None, dtype=None, block_size=16, num_blocks=None,
                  gpu_memory_utilization=0.9, max_num_seqs=256, max_num_batched_tokens=8192,
-                 enable_prefix_caching=True, seed=0, enforce_eager=False):
+                 enable_prefix_caching=True, seed=0, enforce_eager=False, speculative=None):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.tokenizer, self.eos_token_ids = None, frozenset()
@@ -70,6 +71,12 @@ class LLM:
                                   max_num_seqs=max_num_seqs,
                                   use_cuda_graphs=self.device.type == "cuda" and not enforce_eager)
         self.seed = seed
+        self.speculator = None
+        if speculative is not None:
+            proposer = make_proposer(speculative, load_draft=lambda m: self._load_draft(m, dtype),
+                                     num_blocks=num_blocks, block_size=block_size, device=self.device,
+                                     engine_seed=seed)
+            self.speculator = Speculator(proposer, self.runner, max_num_batched_tokens, seed)
         self._ids = itertools.count()
         self._requests = {}
 
@@ -106,22 +113,38 @@ class LLM:
         scheduled, copies = self.scheduler.schedule()
         if not scheduled:
             return 0
+        if self.speculator is not None:
+            return self._step_speculative(scheduled, copies)
         seqs, logits = self.runner.step(scheduled, copies)
         if not seqs:
             return 0
         sampled, logprobs = sample(logits, seqs, self.seed)
         for seq, token, logprob in zip(seqs, sampled, logprobs):
-            seq.output.append(token)
-            seq.cumulative_logprob += logprob
-            request = self._requests[seq.request_id]
-            request["first_token"] = request["first_token"] or time.perf_counter()
-            if token in seq.params.stop_token_ids or (token in self.eos_token_ids and not seq.params.ignore_eos):
-                seq.finish_reason = "stop"
-            elif len(seq.output) >= seq.params.max_tokens:
-                seq.finish_reason = "length"
-            if seq.finish_reason:
-                self.scheduler.finish(seq)
+            self._emit(seq, token, logprob)
         return len(seqs)
+
+    def _step_speculative(self, scheduled, copies):
+        count = 0
+        for seq, tokens in self.speculator.step(scheduled, copies).items():
+            for token, logprob in tokens:
+                count += 1
+                if self._emit(seq, token, logprob):
+                    break  # tokens past a stop or max_tokens are dropped
+        return count
+
+    def _emit(self, seq, token, logprob):
+        """Appends a sampled token; True when it finishes the sequence."""
+        seq.output.append(token)
+        seq.cumulative_logprob += logprob
+        request = self._requests[seq.request_id]
+        request["first_token"] = request["first_token"] or time.perf_counter()
+        if token in seq.params.stop_token_ids or (token in self.eos_token_ids and not seq.params.ignore_eos):
+            seq.finish_reason = "stop"
+        elif len(seq.output) >= seq.params.max_tokens:
+            seq.finish_reason = "length"
+        if seq.finish_reason:
+            self.scheduler.finish(seq)
+        return bool(seq.finish_reason)
 
     # -- the offline API ----------------------------------------------------------------
     def generate(self, prompts, sampling_params=None, *, use_tqdm=True):
@@ -151,7 +174,17 @@ class LLM:
         metrics = {"time_to_first_token": first - r["start"],
                    "decode_tokens_per_s": (generated - len(seqs)) / (end - first) if end > first else 0.0,
                    "cached_prompt_tokens": seqs[0].cached_prompt_tokens}
+        if self.speculator is not None:
+            metrics.update(self.speculator.metrics(seqs))
         return RequestOutput(request_id, r["prompt"], r["token_ids"], outputs, metrics)
+
+    def _load_draft(self, model, dtype):
+        draft = model.to(self.device) if isinstance(model, LlamaForCausalLM) else load_model(model, dtype=dtype,
+                                                                                               device=self.device)
+        if draft.args.vocab_size != self.model.args.vocab_size:
+            raise ValueError(f"speculative['model']: vocabulary of {draft.args.vocab_size} tokens, the target's is "
+                             f"{self.model.args.vocab_size}")
+        return draft
 
     def _completion_text(self, seq):
         """The text the output adds to the prompt: decoding the two together and dropping the

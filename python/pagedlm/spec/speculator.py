@@ -1,0 +1,151 @@
+"""The engine step with speculation: the scheduled batch runs as usual, and each sequence in
+its decode phase also brings a proposer's draft — a chain or a tree — computed in the same
+target forward and verified losslessly with pagedlm's verification kernels.
+
+Draft slots are reserved in the BlockManager after the scheduler's, and only when blocks are
+free (else the sequence decodes plainly this step). After verification the cache is cut back
+with truncate to the committed tokens: for a chain, plus the accepted drafts, whose KV is
+exactly their causal KV; for a tree, nothing more (accepted tokens are recomputed next step,
+and tree slots carry the id -1, so no tree block can ever match a real prompt in the prefix
+cache). Rejected tokens never reach the output.
+"""
+import time
+from collections import defaultdict
+
+import torch
+
+import pagedlm
+import pagedlm.ops as ops
+from pagedlm.engine.sampler import sample
+from pagedlm.engine.sequence import Status
+from pagedlm.spec.forward import ForwardItem, paged_forward
+from pagedlm.spec.sampling import processed_probs, request_seed, token_logprobs
+
+TREE_SLOT = -1
+
+
+class Speculator:
+    def __init__(self, proposer, runner, max_num_batched_tokens, engine_seed):
+        self.proposer, self.runner = proposer, runner
+        self.budget, self.engine_seed = max_num_batched_tokens, engine_seed
+        self.stats = defaultdict(lambda: dict(drafted=0, accepted=0, verify_steps=0, forwards=0, drafting_s=0.0))
+
+    def step(self, scheduled, copies):
+        """One forward; returns {seq: [(token, logprob), ...]} for the sequences that emit."""
+        for seq in [s for s in self.stats if s.status == Status.FINISHED]:
+            self.proposer.forget(seq)
+        bm = self.runner.bm
+        computing = [s for s in scheduled if s.num_new > 0]
+        candidates = [s.seq for s in computing if s.seq.output and s.num_new == len(s.seq) - s.seq.num_cached]
+        left = self.budget - sum(s.num_new for s in computing)
+        caps = [max(0, s.params.max_tokens - len(s.output) - 1) if left > 0 else 0 for s in candidates]
+        start = time.perf_counter()
+        drafts = self.proposer.propose([s for s, c in zip(candidates, caps) if c], [c for c in caps if c])
+        drafting = time.perf_counter() - start
+        for seq in drafts:
+            self.stats[seq]["drafting_s"] += drafting
+        for seq, draft in list(drafts.items()):
+            if len(draft.tokens) > left or not self._reserve(bm, seq, draft, copies):
+                del drafts[seq]
+            else:
+                left -= len(draft.tokens)
+        if copies:
+            mapping = torch.tensor(copies, dtype=torch.int64, device=self.runner.device)
+            ops.copy_blocks([k for k, _ in self.runner.kv_caches], [v for _, v in self.runner.kv_caches], mapping)
+
+        items = []
+        for s in computing:
+            draft = drafts.get(s.seq)
+            extra = draft.tokens if draft else []
+            rows = range(s.num_new - 1, s.num_new + len(extra))
+            items.append(ForwardItem(s.seq.seq_id, s.seq.tokens[s.seq.num_cached:][:s.num_new] + extra,
+                                     s.seq.num_cached, len(extra), draft.parents if draft else None, list(rows)))
+        logits = paged_forward(self.runner.model, self.runner.kv_caches, bm, self.runner.device, items)
+        by_seq, first = {}, 0
+        for s, item in zip(computing, items):
+            by_seq[s.seq] = logits[first:first + len(item.logit_rows)]
+            first += len(item.logit_rows)
+            s.seq.num_cached += s.num_new
+
+        plain = []
+        for s in scheduled:
+            if s.seq is not s.logits_of:  # a fork holds its parent's cached tokens
+                s.seq.num_cached = s.logits_of.num_cached
+            if s.logits_of.num_cached == len(s.logits_of) and s.seq not in drafts:
+                plain.append(s)
+        emitted = {}
+        if plain:
+            rows = torch.stack([by_seq[s.logits_of][-1] for s in plain])
+            tokens, logprobs = sample(rows, [s.seq for s in plain], self.engine_seed)
+            emitted = {s.seq: [(t, lp)] for s, t, lp in zip(plain, tokens, logprobs)}
+        emitted.update(self._verify(drafts, by_seq))
+        for seq in emitted:
+            self.stats[seq]["forwards"] += 1
+        return emitted
+
+    def _verify(self, drafts, by_seq):
+        emitted = {}
+        for seq, draft in drafts.items():
+            rows = by_seq[seq]
+            path, tokens = self._accept(seq, draft, rows)
+            logprobs = token_logprobs(rows[path], seq.params, tokens)
+            chain_kept = len(path) - 1 if draft.parents is None else 0
+            self.proposer.update(seq, draft, rows, len(path) - 1)
+            seq.num_cached += chain_kept
+            self.runner.bm.truncate(seq.seq_id, seq.num_cached)
+            stats = self.stats[seq]
+            stats["drafted"] += len(draft.tokens if draft.candidates is None else draft.candidates)
+            stats["accepted"] += len(path) - 1
+            stats["verify_steps"] += 1
+            emitted[seq] = list(zip(tokens, logprobs))
+        return emitted
+
+    def _accept(self, seq, draft, rows):
+        """(rows of the accepted path, the last token's first; the tokens to emit)."""
+        greedy = seq.params.temperature == 0
+        if draft.parents is None:
+            drafted = torch.tensor([draft.tokens], dtype=torch.int64)
+            if greedy:
+                out, accepted = ops.verify_greedy(drafted, rows.unsqueeze(0))
+            else:
+                probs = processed_probs(rows, seq.params).unsqueeze(0)
+                q = None if draft.probs is None else draft.probs.unsqueeze(0).float()
+                out, accepted = ops.verify_speculative(drafted, q, probs, seed=request_seed(seq, self.engine_seed),
+                                                       offset=len(seq))
+            count = int(accepted[0])
+            return list(range(count + 1)), out[0, :count + 1].tolist()
+        nodes = draft.candidates
+        index = {extra: i + 1 for i, extra in enumerate(nodes)}
+        tree_tokens = torch.tensor([[seq.tokens[-1]] + [draft.tokens[e] for e in nodes]], dtype=torch.int64)
+        parents = torch.tensor([[-1] + [index.get(draft.parents[e], 0) for e in nodes]], dtype=torch.int32)
+        tree_rows = rows[[0] + [e + 1 for e in nodes]].unsqueeze(0)
+        if greedy:
+            accepted_nodes, accepted, next_token = ops.verify_tree_greedy(tree_tokens, parents, tree_rows)
+        else:
+            accepted_nodes, accepted, next_token = ops.verify_tree_speculative(
+                tree_tokens, parents, processed_probs(tree_rows[0], seq.params).unsqueeze(0),
+                seed=request_seed(seq, self.engine_seed), offset=len(seq))
+        path = accepted_nodes[0, :int(accepted[0]) + 1].tolist()
+        tokens = tree_tokens[0, path[1:]].tolist() + [int(next_token[0])]
+        return [0] + [nodes[p - 1] + 1 for p in path[1:]], tokens
+
+    def _reserve(self, bm, seq, draft, copies):
+        ids = draft.tokens if draft.parents is None else [TREE_SLOT] * len(draft.tokens)
+        try:
+            copies += bm.append(seq.seq_id, ids)
+            return True
+        except pagedlm.OutOfBlocksError:
+            return False
+
+    def metrics(self, seqs):
+        """The speculation metrics of a request's sequences (and forgets them)."""
+        total = defaultdict(float)
+        for seq in seqs:
+            self.proposer.forget(seq)
+            for key, value in self.stats.pop(seq, {}).items():
+                total[key] += value
+        generated = sum(len(s.output) for s in seqs)
+        return {"acceptance_rate": total["accepted"] / total["drafted"] if total["drafted"] else 0.0,
+                "mean_accepted_length": total["accepted"] / total["verify_steps"] if total["verify_steps"] else 0.0,
+                "tokens_per_forward": generated / total["forwards"] if total["forwards"] else 0.0,
+                "drafting_time_s": total["drafting_s"]}
