@@ -17,20 +17,20 @@ class DraftModelProposer:
         self.model, self.num_tokens, self.device, self.engine_seed = model, num_tokens, device, engine_seed
         self.bm = pagedlm.BlockManager(num_blocks, block_size, False)
         self.kv_caches = model.make_kv_caches(num_blocks, block_size)
-        self.seqs = set()  # sequences holding blocks in the draft cache
+        self.cached = {}  # seq -> the tokens whose draft KV is cached (or reserved)
 
     def propose(self, seqs, caps):
-        for seq in [s for s in self.seqs if s.status != Status.RUNNING]:
+        for seq in [s for s in self.cached if s.status != Status.RUNNING]:
             self.forget(seq)
         active, inputs = {}, {}
         for seq, cap in zip(seqs, caps):
             cap = min(cap, self.num_tokens)
-            catch_up = seq.tokens[self._cached(seq):]
+            catch_up = seq.tokens[self._valid(seq):]
             if cap > 0 and self._reserve(seq, catch_up):
                 active[seq], inputs[seq] = cap, catch_up
         drafts = {seq: Draft([], probs=[]) for seq in active}
         while active:
-            items = [ForwardItem(seq.seq_id, toks, self._cached(seq) - len(toks), 0, None, [len(toks) - 1])
+            items = [ForwardItem(seq.seq_id, toks, len(self.cached[seq]) - len(toks), 0, None, [len(toks) - 1])
                      for seq, toks in inputs.items()]
             logits = paged_forward(self.model, self.kv_caches, self.bm, self.device, items)
             for row, seq in zip(logits, list(active)):
@@ -45,25 +45,35 @@ class DraftModelProposer:
         return drafts
 
     def update(self, seq, draft, logits, accepted):
-        """The draft cache keeps the sequence and the accepted drafts it computed."""
-        if seq in self.seqs:
-            self.bm.truncate(seq.seq_id, min(self.bm.num_tokens(seq.seq_id), len(seq) + accepted))
+        pass  # the next propose() keeps what still matches the sequence
 
     def forget(self, seq):
-        if seq in self.seqs:
+        if self.cached.pop(seq, None) is not None:
             self.bm.free(seq.seq_id)
-            self.seqs.discard(seq)
 
-    def _cached(self, seq):
-        return self.bm.num_tokens(seq.seq_id) if seq in self.seqs else 0
+    def _valid(self, seq):
+        """Cuts the draft cache back to its longest prefix the sequence still has (drafts that
+        were rejected, or never verified, go), always leaving the last token to compute."""
+        cached = self.cached.get(seq)
+        if cached is None:
+            return 0
+        keep = 0
+        tokens = seq.tokens
+        limit = min(len(cached), len(tokens) - 1)
+        while keep < limit and cached[keep] == tokens[keep]:
+            keep += 1
+        del cached[keep:]
+        self.bm.truncate(seq.seq_id, keep)
+        return keep
 
     def _reserve(self, seq, tokens):
         """Slots for tokens in the draft cache; on running out the sequence is not drafted."""
         try:
-            if seq not in self.seqs:
+            if seq not in self.cached:
                 self.bm.allocate(seq.seq_id, [])
-                self.seqs.add(seq)
+                self.cached[seq] = []
             self.bm.append(seq.seq_id, tokens)
+            self.cached[seq] += tokens
             return True
         except pagedlm.OutOfBlocksError:
             self.forget(seq)

@@ -8,6 +8,7 @@ rooted at the last token. The candidates form a trie under the same root. The ou
 last level are the window's next level, and each column yields the n-gram
 window[0][j], ..., window[N-2][j], output[j] of consecutive positions."""
 import random
+import zlib
 
 from pagedlm.spec.draft import Draft
 
@@ -61,6 +62,7 @@ class LookaheadProposer:
         return (level - 1) * self.W + j
 
     def _initial_window(self, seq):
-        # Random prompt tokens, as the paper starts; seeded by the sequence for reproducibility.
-        rng = random.Random(seq.seq_id)
+        # Random prompt tokens, as the paper starts, seeded by the content so that a sampled
+        # request's drafts, and so its tokens, do not depend on the batch.
+        rng = random.Random(zlib.crc32(str((seq.prompt, seq.index)).encode()))
         return [[rng.choice(seq.prompt) for _ in range(self.W)] for _ in range(self.N - 1)]
