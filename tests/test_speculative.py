@@ -63,7 +63,7 @@ def plain(models):
     def run(batch, params=GREEDY, **kwargs):
         key = (repr(batch), params, repr(sorted(kwargs.items())))
         if key not in cache:
-            cache[key] = tokens(LLM(models["target"], device="cpu", block_size=4, **kwargs)
+            cache[key] = tokens(LLM(models["target"], device="cpu", block_size=4, num_blocks=256, **kwargs)
                                 .generate(batch, params, use_tqdm=False))
         return cache[key]
     return run
@@ -73,7 +73,7 @@ def plain(models):
 @pytest.mark.parametrize("batch_size", [1, 5])
 def test_greedy_equals_plain_decoding(models, plain, name, batch_size):
     batch = prompts(batch_size)
-    llm = LLM(models["target"], device="cpu", block_size=4, speculative=speculative(name, models))
+    llm = LLM(models["target"], device="cpu", block_size=4, num_blocks=256, speculative=speculative(name, models))
     outputs = llm.generate(batch, GREEDY, use_tqdm=False)
     assert tokens(outputs) == plain(batch)
     metrics = [o.metrics for o in outputs]
@@ -105,9 +105,9 @@ def test_seeded_sampling_does_not_depend_on_the_batch(models, name):
     target = [3, 1, 4, 1, 5, 9, 2, 6, 3, 1, 4, 1]
     params = SamplingParams(n=2, temperature=0.8, top_k=30, top_p=0.95, max_tokens=12, seed=1234, ignore_eos=True)
     config = speculative(name, models)
-    alone = LLM(models["target"], device="cpu", block_size=4, speculative=config).generate([target], params,
-                                                                                         use_tqdm=False)
-    crowd = LLM(models["target"], device="cpu", block_size=4, seed=5, speculative=config).generate(
+    alone = LLM(models["target"], device="cpu", block_size=4, num_blocks=256, speculative=config).generate(
+        [target], params, use_tqdm=False)
+    crowd = LLM(models["target"], device="cpu", block_size=4, num_blocks=256, seed=5, speculative=config).generate(
         prompts(4, seed=4) + [target], params, use_tqdm=False)
     assert tokens(alone)[0] == tokens(crowd)[-1]
     assert tokens(alone)[0][0] != tokens(alone)[0][1]  # the two samples are drawn independently
@@ -119,7 +119,7 @@ def test_bad_speculative_configs_name_the_key(models):
                         (dict(method="lookahead", window=3, ngram=1, guesses=2), "ngram"),
                         (dict(method="jacobi", num_tokens=2.5), "num_tokens")]:
         with pytest.raises(ValueError, match=key):
-            LLM(models["target"], device="cpu", speculative=config)
+            LLM(models["target"], device="cpu", num_blocks=8, speculative=config)
 
 
 # ---- the sampled distribution ------------------------------------------------------------
@@ -174,7 +174,7 @@ def test_draft_sampling_follows_the_target_distribution(small_pair, monkeypatch)
     config = dict(method="draft", model=draft_dir, num_tokens=2)
 
     def engine():
-        return LLM(target_dir, device="cpu", block_size=4, max_num_seqs=4096, speculative=config)
+        return LLM(target_dir, device="cpu", block_size=4, num_blocks=8192, max_num_seqs=4096, speculative=config)
     p_value, acceptance = sampled_p_value(engine(), prompt, expected, 3000)
     assert p_value > 1e-3
     assert 0.1 < acceptance < 0.9  # both accepted drafts and residual draws are exercised

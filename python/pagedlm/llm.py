@@ -17,7 +17,7 @@ from pagedlm.engine.scheduler import Scheduler
 from pagedlm.engine.sequence import SamplingParams, Sequence, Status
 from pagedlm.models import LlamaForCausalLM, load_model
 from pagedlm.models.loader import read_config
-from pagedlm.spec import Speculator, make_proposer
+from pagedlm.spec import Speculator, check_config, make_proposer
 
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
 
@@ -46,6 +46,8 @@ class LLM:
     def __init__(self, model, *, device=None, dtype=None, block_size=16, num_blocks=None,
                  gpu_memory_utilization=0.9, max_num_seqs=256, max_num_batched_tokens=8192,
                  enable_prefix_caching=True, seed=0, enforce_eager=False, speculative=None):
+        if speculative is not None:
+            check_config(speculative)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.tokenizer, self.eos_token_ids = None, frozenset()

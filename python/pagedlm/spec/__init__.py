@@ -11,15 +11,14 @@ from pagedlm.spec.lookahead import LookaheadProposer
 from pagedlm.spec.ngram import NgramProposer
 from pagedlm.spec.speculator import Speculator
 
-__all__ = ["Speculator", "make_proposer"]
+__all__ = ["Speculator", "check_config", "make_proposer"]
 
 _KEYS = {"ngram": {"num_tokens", "max_ngram"}, "draft": {"model", "num_tokens"}, "jacobi": {"num_tokens"},
          "lookahead": {"window", "ngram", "guesses"}}
 
 
-def make_proposer(config, *, load_draft, num_blocks, block_size, device, engine_seed):
-    """The proposer a `speculative` dict asks for; ValueError naming the key that is wrong.
-    load_draft(model) gives the draft model from a folder (or passes a model through)."""
+def check_config(config):
+    """ValueError naming the key of a `speculative` dict that is wrong."""
     if not isinstance(config, dict) or config.get("method") not in _KEYS:
         raise ValueError(f"speculative: expected a dict with method in {sorted(_KEYS)}, got {config!r}")
     method = config["method"]
@@ -31,6 +30,12 @@ def make_proposer(config, *, load_draft, num_blocks, block_size, device, engine_
         smallest = 2 if key == "ngram" else 1
         if isinstance(value, bool) or not isinstance(value, int) or value < smallest:
             raise ValueError(f"speculative['{key}']: must be an int >= {smallest}, got {value!r}")
+
+
+def make_proposer(config, *, load_draft, num_blocks, block_size, device, engine_seed):
+    """The proposer a checked `speculative` dict asks for. load_draft(model) gives the draft
+    model from a folder (or passes a model through)."""
+    method = config["method"]
     if method == "ngram":
         return NgramProposer(config["num_tokens"], config["max_ngram"])
     if method == "jacobi":
