@@ -19,7 +19,8 @@ import pagedlm.ops as ops
 from pagedlm.engine.sampler import sample
 from pagedlm.engine.sequence import Status
 from pagedlm.spec.forward import ForwardItem, paged_forward
-from pagedlm.spec.sampling import processed_probs, request_seed, token_logprobs
+from pagedlm.spec.sampling import token_logprobs
+from pagedlm.spec.verification import accept
 
 TREE_SLOT = -1
 
@@ -85,13 +86,11 @@ class Speculator:
 
     def _verify(self, drafts, by_seq):
         emitted = {}
-        for seq, draft in drafts.items():
-            rows = by_seq[seq]
-            path, tokens = self._accept(seq, draft, rows)
+        for seq, (path, tokens) in accept(drafts, by_seq, self.engine_seed).items():
+            draft, rows = drafts[seq], by_seq[seq]
             logprobs = token_logprobs(rows[path], seq.params, tokens)
-            chain_kept = len(path) - 1 if draft.parents is None else 0
             self.proposer.update(seq, draft, rows, len(path) - 1)
-            seq.num_cached += chain_kept
+            seq.num_cached += len(path) - 1 if draft.parents is None else 0
             self.runner.bm.truncate(seq.seq_id, seq.num_cached)
             stats = self.stats[seq]
             stats["drafted"] += len(draft.tokens if draft.candidates is None else draft.candidates)
@@ -99,35 +98,6 @@ class Speculator:
             stats["verify_steps"] += 1
             emitted[seq] = list(zip(tokens, logprobs))
         return emitted
-
-    def _accept(self, seq, draft, rows):
-        """(rows of the accepted path, the last token's first; the tokens to emit)."""
-        greedy = seq.params.temperature == 0
-        if draft.parents is None:
-            drafted = torch.tensor([draft.tokens], dtype=torch.int64)
-            if greedy:
-                out, accepted = ops.verify_greedy(drafted, rows.unsqueeze(0))
-            else:
-                probs = processed_probs(rows, seq.params).unsqueeze(0)
-                q = None if draft.probs is None else draft.probs.unsqueeze(0).float()
-                out, accepted = ops.verify_speculative(drafted, q, probs, seed=request_seed(seq, self.engine_seed),
-                                                       offset=len(seq))
-            count = int(accepted[0])
-            return list(range(count + 1)), out[0, :count + 1].tolist()
-        nodes = draft.candidates
-        index = {extra: i + 1 for i, extra in enumerate(nodes)}
-        tree_tokens = torch.tensor([[seq.tokens[-1]] + [draft.tokens[e] for e in nodes]], dtype=torch.int64)
-        parents = torch.tensor([[-1] + [index.get(draft.parents[e], 0) for e in nodes]], dtype=torch.int32)
-        tree_rows = rows[[0] + [e + 1 for e in nodes]].unsqueeze(0)
-        if greedy:
-            accepted_nodes, accepted, next_token = ops.verify_tree_greedy(tree_tokens, parents, tree_rows)
-        else:
-            accepted_nodes, accepted, next_token = ops.verify_tree_speculative(
-                tree_tokens, parents, processed_probs(tree_rows[0], seq.params).unsqueeze(0),
-                seed=request_seed(seq, self.engine_seed), offset=len(seq))
-        path = accepted_nodes[0, :int(accepted[0]) + 1].tolist()
-        tokens = tree_tokens[0, path[1:]].tolist() + [int(next_token[0])]
-        return [0] + [nodes[p - 1] + 1 for p in path[1:]], tokens
 
     def _reserve(self, bm, seq, draft, copies):
         ids = draft.tokens if draft.parents is None else [TREE_SLOT] * len(draft.tokens)
