@@ -7,6 +7,7 @@ deliberately broken verification fails)."""
 import pytest
 import torch
 
+import pagedlm
 from pagedlm import LLM, SamplingParams
 
 transformers = pytest.importorskip("transformers")
@@ -181,8 +182,7 @@ def test_draft_sampling_follows_the_target_distribution(small_pair, monkeypatch)
 
     # Broken: a verification that trusts the draft (q taken to be p, so every draft is accepted)
     # emits the draft's distribution. (A one-hot q would not be broken: that is still exact.)
-    import pagedlm.spec.speculator as speculator
-    verify = speculator.ops.verify_speculative
-    monkeypatch.setattr(speculator.ops, "verify_speculative",
+    verify = pagedlm.ops.verify_speculative
+    monkeypatch.setattr(pagedlm.ops, "verify_speculative",
                         lambda drafted, q, p, **kw: verify(drafted, p[:, :-1].contiguous(), p, **kw))
     assert sampled_p_value(engine(), prompt, expected, 3000)[0] < 1e-6

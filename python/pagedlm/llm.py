@@ -11,6 +11,7 @@ import torch
 from tqdm import tqdm
 
 import pagedlm
+from pagedlm.beam_search import BeamSearch, BeamSearchParams, beam_score
 from pagedlm.engine.runner import ModelRunner
 from pagedlm.engine.sampler import sample
 from pagedlm.engine.scheduler import Scheduler
@@ -19,7 +20,7 @@ from pagedlm.models import LlamaForCausalLM, load_model
 from pagedlm.models.loader import read_config
 from pagedlm.spec import Speculator, check_config, make_proposer
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "SamplingParams", "BeamSearchParams", "RequestOutput", "CompletionOutput"]
 
 CPU_KV_BUDGET_BYTES = 1 << 30
 
@@ -86,14 +87,7 @@ class LLM:
     def add_request(self, prompt, params):
         """Queues a prompt (text or token ids); returns its request id."""
         request_id = str(next(self._ids))
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("prompts: text needs a tokenizer.json in the model folder; pass token ids")
-            token_ids = self.tokenizer.encode(prompt).ids
-        else:
-            token_ids = [int(t) for t in prompt]
-        if not token_ids:
-            raise ValueError(f"prompts[{request_id}]: empty prompt")
+        token_ids = self._token_ids(prompt, f"prompts[{request_id}]")
         seqs = [Sequence(next(self._ids), request_id, i, list(token_ids), params) for i in range(params.n)]
         self._requests[request_id] = dict(prompt=prompt, token_ids=token_ids, seqs=seqs, start=time.perf_counter(),
                                           first_token=None)
@@ -106,6 +100,17 @@ class LLM:
         else:
             self.scheduler.add(seqs)
         return request_id
+
+    def _token_ids(self, prompt, name):
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(f"{name}: text needs a tokenizer.json in the model folder; pass token ids")
+            token_ids = self.tokenizer.encode(prompt).ids
+        else:
+            token_ids = [int(t) for t in prompt]
+        if not token_ids:
+            raise ValueError(f"{name}: empty prompt")
+        return token_ids
 
     def abort(self, request_id):
         self.scheduler.abort(request_id)
@@ -164,11 +169,30 @@ class LLM:
                 done |= finished
         return [self.take_output(r) for r in ids]
 
+    def beam_search(self, prompts, params):
+        """The best params.beam_width beams of each prompt (text or token ids), best first, as
+        RequestOutputs; metrics hold the beams' scores and the KV memory that sharing saved.
+        Prompts are searched together in waves that fit the cache with nothing shared."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        token_ids = [self._token_ids(p, f"prompts[{i}]") for i, p in enumerate(prompts)]
+        search = BeamSearch(self.model, self.kv_caches, self.block_manager, self.device, self.eos_token_ids, params)
+        results = []
+        for i, (beams, saved) in enumerate(search.run_in_waves(token_ids)):
+            prompt = token_ids[i]
+            outputs = [CompletionOutput(rank, self._completion_text(prompt, b.tokens[len(prompt):]),
+                                        b.tokens[len(prompt):], "stop" if b.finished else "length", b.cum_logprob)
+                       for rank, b in enumerate(beams)]
+            metrics = {"beam_scores": [beam_score(b, params.length_penalty) for b in beams],
+                       "kv_memory_saved": saved}
+            results.append(RequestOutput(str(i), prompts[i], prompt, outputs, metrics))
+        return results
+
     def take_output(self, request_id):
         """The RequestOutput of a request whose sequences have finished; forgets the request."""
         r = self._requests.pop(request_id)
         seqs = r["seqs"]
-        outputs = [CompletionOutput(s.index, self._completion_text(s), list(s.output), s.finish_reason,
+        outputs = [CompletionOutput(s.index, self._completion_text(s.prompt, s.output), list(s.output), s.finish_reason,
                                     s.cumulative_logprob) for s in seqs]
         end = time.perf_counter()
         first = r["first_token"] or end
@@ -188,14 +212,14 @@ class LLM:
                              f"{self.model.args.vocab_size}")
         return draft
 
-    def _completion_text(self, seq):
+    def _completion_text(self, prompt, output):
         """The text the output adds to the prompt: decoding the two together and dropping the
         prompt's text keeps the spaces and merges that decoding the output alone would lose."""
-        if not self.tokenizer or not seq.output:
+        if not self.tokenizer or not output:
             return ""
-        prompt_text = self.tokenizer.decode(seq.prompt)
-        full_text = self.tokenizer.decode(seq.prompt + seq.output)
-        return full_text[len(prompt_text):] if full_text.startswith(prompt_text) else self.tokenizer.decode(seq.output)
+        prompt_text = self.tokenizer.decode(prompt)
+        full_text = self.tokenizer.decode(prompt + output)
+        return full_text[len(prompt_text):] if full_text.startswith(prompt_text) else self.tokenizer.decode(output)
 
 
 def _load_tokenizer(folder):

@@ -8,7 +8,7 @@ import torch
 import pagedlm
 from pagedlm.engine.sequence import Status
 from pagedlm.spec.draft import Draft
-from pagedlm.spec.forward import ForwardItem, paged_forward
+from pagedlm.engine.forward import ForwardItem, paged_forward
 from pagedlm.spec.sampling import processed_probs, request_seed
 
 

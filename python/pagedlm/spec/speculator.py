@@ -18,7 +18,7 @@ import pagedlm
 import pagedlm.ops as ops
 from pagedlm.engine.sampler import sample
 from pagedlm.engine.sequence import Status
-from pagedlm.spec.forward import ForwardItem, paged_forward
+from pagedlm.engine.forward import ForwardItem, paged_forward
 from pagedlm.spec.sampling import token_logprobs
 from pagedlm.spec.verification import accept
 
