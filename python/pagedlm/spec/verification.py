@@ -39,12 +39,14 @@ def tree_view(seq, draft):
 def _greedy_chains(seqs, drafts, rows_of):
     k = max(len(drafts[s].tokens) for s in seqs)
     drafted = torch.zeros(len(seqs), k, dtype=torch.int64)
-    logits = torch.zeros(len(seqs), k + 1, rows_of[seqs[0]].shape[-1])
     for i, s in enumerate(seqs):
-        n = len(drafts[s].tokens)
-        drafted[i, :n] = torch.tensor(drafts[s].tokens)
-        logits[i, :n + 1] = rows_of[s]
-    lens = torch.tensor([len(drafts[s].tokens) for s in seqs], dtype=torch.int32)
+        drafted[i, :len(drafts[s].tokens)] = torch.tensor(drafts[s].tokens)
+    device = rows_of[seqs[0]].device
+    logits = torch.zeros(len(seqs), k + 1, rows_of[seqs[0]].shape[-1], device=device)
+    for i, s in enumerate(seqs):
+        logits[i, :len(rows_of[s])] = rows_of[s]
+    lens = torch.tensor([len(drafts[s].tokens) for s in seqs], dtype=torch.int32, device=device)
+    drafted = drafted.to(device)
     out, accepted = ops.verify_greedy(drafted, logits, draft_lens=lens)
     return {s: (list(range(int(a) + 1)), row[:int(a) + 1].tolist()) for s, row, a in zip(seqs, out, accepted)}
 
@@ -54,19 +56,20 @@ def _greedy_trees(seqs, drafts, rows_of):
     width = max(len(v[0]) for v in views)
     tokens = torch.zeros(len(seqs), width, dtype=torch.int64)
     parents = torch.full((len(seqs), width), -1, dtype=torch.int32)  # -1 past node 0: padding
-    logits = torch.zeros(len(seqs), width, rows_of[seqs[0]].shape[-1])
+    device = rows_of[seqs[0]].device
+    logits = torch.zeros(len(seqs), width, rows_of[seqs[0]].shape[-1], device=device)
     for i, (s, (toks, pars, rows)) in enumerate(zip(seqs, views)):
         tokens[i, :len(toks)] = torch.tensor(toks)
         parents[i, :len(pars)] = torch.tensor(pars, dtype=torch.int32)
         logits[i, :len(rows)] = rows_of[s][rows]
-    nodes, accepted, next_token = ops.verify_tree_greedy(tokens, parents, logits)
+    nodes, accepted, next_token = ops.verify_tree_greedy(tokens.to(device), parents.to(device), logits)
     return {s: _tree_result(v, nodes[i], accepted[i], next_token[i]) for i, (s, v) in enumerate(zip(seqs, views))}
 
 
 def _sampled(seq, draft, rows, engine_seed):
     seed, offset = request_seed(seq, engine_seed), len(seq)
     if draft.parents is None:
-        drafted = torch.tensor([draft.tokens], dtype=torch.int64)
+        drafted = torch.tensor([draft.tokens], dtype=torch.int64, device=rows.device)
         q = None if draft.probs is None else draft.probs.unsqueeze(0).float()
         out, accepted = ops.verify_speculative(drafted, q, processed_probs(rows, seq.params).unsqueeze(0), seed=seed,
                                                offset=offset)
@@ -75,7 +78,8 @@ def _sampled(seq, draft, rows, engine_seed):
     view = tree_view(seq, draft)
     probs = processed_probs(rows[view[2]], seq.params).unsqueeze(0)
     nodes, accepted, next_token = ops.verify_tree_speculative(
-        torch.tensor([view[0]]), torch.tensor([view[1]], dtype=torch.int32), probs, seed=seed, offset=offset)
+        torch.tensor([view[0]], device=rows.device), torch.tensor([view[1]], dtype=torch.int32, device=rows.device),
+        probs, seed=seed, offset=offset)
     return _tree_result(view, nodes[0], accepted[0], next_token[0])
 
 
