@@ -2,8 +2,8 @@
 a draft equal to the target (everything accepted) and an unrelated one (almost nothing),
 greedy outputs equal plain greedy decoding token for token, also under chunked prefill,
 preemption and prefix caching; seeded sampled outputs do not depend on the batch; and the
-draft method's sampled tokens follow the target's distribution (a chi-square test that a
-deliberately broken verification fails)."""
+sampled tokens follow the target's distribution (chi-square tests against the exact
+distribution, for the draft method with a deliberately broken variant that must fail)."""
 import pytest
 import torch
 
@@ -156,7 +156,10 @@ def exact_distribution(model, prompt, length):
 
 
 def sampled_p_value(llm, prompt, expected, samples):
-    params = SamplingParams(n=samples, temperature=1.0, max_tokens=3, seed=11, ignore_eos=True)
+    """Chi-square p-value of the first 3 tokens of `samples` samples against `expected`. Six
+    are generated, so that verified drafts (lookahead's pool fills after one step) decide some
+    of the first three; and the acceptance rate."""
+    params = SamplingParams(n=samples, temperature=1.0, max_tokens=6, seed=11, ignore_eos=True)
     request = llm.generate([prompt], params, use_tqdm=False)[0]
     outputs = request.outputs
     codes = torch.tensor([(o.token_ids[0] * VOCAB + o.token_ids[1]) * VOCAB + o.token_ids[2] for o in outputs])
@@ -168,15 +171,27 @@ def sampled_p_value(llm, prompt, expected, samples):
     return p_value, request.metrics["acceptance_rate"]
 
 
+PROMPT = [1, 3, 0, 2, 2, 1, 3, 0]
+
+
+def small_engine(target_dir, config):
+    return LLM(target_dir, device="cpu", block_size=4, num_blocks=8192, max_num_seqs=4096, speculative=config)
+
+
+@pytest.mark.parametrize("config", [dict(method="ngram", num_tokens=2, max_ngram=2),
+                                    dict(method="lookahead", window=3, ngram=2, guesses=3)])
+def test_deterministic_drafts_keep_the_target_distribution(small_pair, config):
+    target_dir, _, target = small_pair
+    p_value, acceptance = sampled_p_value(small_engine(target_dir, config), PROMPT,
+                                          exact_distribution(target, PROMPT, 3), 2000)
+    assert p_value > 1e-3 and acceptance > 0.05
+
+
 def test_draft_sampling_follows_the_target_distribution(small_pair, monkeypatch):
     target_dir, draft_dir, target = small_pair
-    prompt = [1, 3, 0, 2, 2]
-    expected = exact_distribution(target, prompt, 3)
+    expected = exact_distribution(target, PROMPT, 3)
     config = dict(method="draft", model=draft_dir, num_tokens=2)
-
-    def engine():
-        return LLM(target_dir, device="cpu", block_size=4, num_blocks=8192, max_num_seqs=4096, speculative=config)
-    p_value, acceptance = sampled_p_value(engine(), prompt, expected, 3000)
+    p_value, acceptance = sampled_p_value(small_engine(target_dir, config), PROMPT, expected, 3000)
     assert p_value > 1e-3
     assert 0.1 < acceptance < 0.9  # both accepted drafts and residual draws are exercised
 
@@ -185,4 +200,4 @@ def test_draft_sampling_follows_the_target_distribution(small_pair, monkeypatch)
     verify = pagedlm.ops.verify_speculative
     monkeypatch.setattr(pagedlm.ops, "verify_speculative",
                         lambda drafted, q, p, **kw: verify(drafted, p[:, :-1].contiguous(), p, **kw))
-    assert sampled_p_value(engine(), prompt, expected, 3000)[0] < 1e-6
+    assert sampled_p_value(small_engine(target_dir, config), PROMPT, expected, 3000)[0] < 1e-6
