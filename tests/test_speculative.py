@@ -83,6 +83,8 @@ def test_greedy_equals_plain_decoding(models, plain, name, batch_size):
         assert all(m["acceptance_rate"] > 0.95 and m["tokens_per_forward"] > 3 for m in metrics)
     if name == "draft-other":
         assert sum(m["acceptance_rate"] for m in metrics) / len(metrics) < 0.5
+        # The switch: rejected outright again and again, a sequence stops drafting for a while.
+        assert all(0 < m["draft_steps"] < GREEDY.max_tokens - 4 for m in metrics)
     assert llm.block_manager.stats()["used_blocks"] == 0
 
 

@@ -8,6 +8,10 @@ with truncate to the committed tokens: for a chain, plus the accepted drafts, wh
 exactly their causal KV; for a tree, nothing more (accepted tokens are recomputed next step,
 and tree slots carry the id -1, so no tree block can ever match a real prompt in the prefix
 cache). Rejected tokens never reach the output.
+
+The switch: a sequence whose drafts are all rejected BACKOFF_AFTER steps in a row stops
+drafting for 1, 2, 4, ... (at most MAX_PAUSE) steps, and decodes plainly meanwhile; an
+accepted draft resets it. So a method that does not pay on some text costs little there.
 """
 import time
 from collections import defaultdict
@@ -23,6 +27,7 @@ from pagedlm.spec.sampling import token_logprobs
 from pagedlm.spec.verification import accept
 
 TREE_SLOT = -1
+BACKOFF_AFTER, MAX_PAUSE = 2, 16
 
 
 class Speculator:
@@ -30,6 +35,7 @@ class Speculator:
         self.proposer, self.runner = proposer, runner
         self.budget, self.engine_seed = max_num_batched_tokens, engine_seed
         self.stats = defaultdict(lambda: dict(drafted=0, accepted=0, verify_steps=0, forwards=0, drafting_s=0.0))
+        self.misses, self.paused = defaultdict(int), defaultdict(int)  # per sequence: the switch
 
     def step(self, scheduled, copies):
         """One forward; returns {seq: [(token, logprob), ...]} for the sequences that emit."""
@@ -37,7 +43,8 @@ class Speculator:
             self.proposer.forget(seq)
         bm = self.runner.bm
         computing = [s for s in scheduled if s.num_new > 0]
-        candidates = [s.seq for s in computing if s.seq.output and s.num_new == len(s.seq) - s.seq.num_cached]
+        candidates = [s.seq for s in computing if s.seq.output and s.num_new == len(s.seq) - s.seq.num_cached
+                      and self._drafting(s.seq)]
         left = self.budget - sum(s.num_new for s in computing)
         caps = [max(0, s.params.max_tokens - len(s.output) - 1) if left > 0 else 0 for s in candidates]
         start = time.perf_counter()
@@ -92,12 +99,29 @@ class Speculator:
             self.proposer.update(seq, draft, rows, len(path) - 1)
             seq.num_cached += len(path) - 1 if draft.parents is None else 0
             self.runner.bm.truncate(seq.seq_id, seq.num_cached)
+            drafted = len(draft.tokens if draft.candidates is None else draft.candidates)
             stats = self.stats[seq]
-            stats["drafted"] += len(draft.tokens if draft.candidates is None else draft.candidates)
+            stats["drafted"] += drafted
             stats["accepted"] += len(path) - 1
             stats["verify_steps"] += 1
+            self._record(seq, drafted, len(path) - 1)
             emitted[seq] = list(zip(tokens, logprobs))
         return emitted
+
+    def _drafting(self, seq):
+        """False while the sequence is paused by the switch (counting the pause down)."""
+        if self.paused[seq] > 0:
+            self.paused[seq] -= 1
+            return False
+        return True
+
+    def _record(self, seq, drafted, accepted):
+        if accepted:
+            self.misses[seq] = 0
+        elif drafted:
+            self.misses[seq] += 1
+            if self.misses[seq] >= BACKOFF_AFTER:
+                self.paused[seq] = min(MAX_PAUSE, 2 ** (self.misses[seq] - BACKOFF_AFTER))
 
     def _reserve(self, bm, seq, draft, copies):
         ids = draft.tokens if draft.parents is None else [TREE_SLOT] * len(draft.tokens)
@@ -112,10 +136,13 @@ class Speculator:
         total = defaultdict(float)
         for seq in seqs:
             self.proposer.forget(seq)
+            self.misses.pop(seq, None)
+            self.paused.pop(seq, None)
             for key, value in self.stats.pop(seq, {}).items():
                 total[key] += value
         generated = sum(len(s.output) for s in seqs)
         return {"acceptance_rate": total["accepted"] / total["drafted"] if total["drafted"] else 0.0,
                 "mean_accepted_length": total["accepted"] / total["verify_steps"] if total["verify_steps"] else 0.0,
                 "tokens_per_forward": generated / total["forwards"] if total["forwards"] else 0.0,
+                "draft_steps": int(total["verify_steps"]),
                 "drafting_time_s": total["drafting_s"]}
