@@ -1,24 +1,16 @@
-"""The target's sampling distribution, batched over rows, exactly as the engine's sampler
-forms it (temperature, then top-k, then the top-p nucleus), and each request's seed: what
-lossless verification needs to accept or correct drafts as plain sampling would draw."""
+"""The target's sampling distribution over several rows of one request, as the engine's
+sampler forms it, and each request's seed: what lossless verification needs to accept or
+correct drafts as plain sampling would draw."""
 import zlib
 
 import torch
 
+from pagedlm.engine.sampler import probabilities
+
 
 def processed_probs(logits, params):
-    """float32 [rows, vocab] probabilities that plain sampling would draw from."""
-    scaled = logits.float() / params.temperature
-    if params.top_k > 0:
-        kth = torch.topk(scaled, min(params.top_k, scaled.shape[-1]), dim=-1).values[:, -1:]
-        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-    probs = torch.softmax(scaled, -1)
-    if params.top_p < 1.0:
-        sorted_probs, order = probs.sort(-1, descending=True)
-        outside = sorted_probs.cumsum(-1) - sorted_probs > params.top_p  # keep the smallest nucleus
-        probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
-        probs /= probs.sum(-1, keepdim=True)
-    return probs
+    """float32 [rows, vocab]: what plain sampling would draw from at each row, for one request."""
+    return probabilities(logits.float(), [params] * logits.shape[0])
 
 
 def token_logprobs(logits, params, tokens):
