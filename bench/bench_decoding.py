@@ -2,11 +2,13 @@
 (draft k in {2, 4, 6}, ngram, jacobi, lookahead at a few W/N/G) at batch 1 and batch 16, on
 CPU or GPU; and the KV memory that sharing saves in beam search and parallel sampling.
 
-    python bench/bench_decoding.py --target DIR --draft DIR --prompts FILE [--append-results]
-    python bench/bench_decoding.py            # random-weight target and draft (a smoke run)
+    python bench/bench_decoding.py [--target DIR --draft DIR --prompts FILE] [--append-results]
 
---prompts: a text file, one prompt per line (or a .jsonl with a "prompt" field), tokenized with
-the target's tokenizer.json; without it, random token prompts that repeat themselves a little.
+Without --target/--draft: the shipped code pair (pagedlm.data.tiny_model) when this install has
+it, else random-weight models (a smoke run). --prompts: a text file, one prompt per line (or a
+.jsonl with a "prompt" field) tokenized with the target's tokenizer, or a .npy of held-out token
+windows (the first --prompt-len tokens of each); by default the shipped pair's heldout.npy,
+else random token prompts that repeat themselves a little.
 Every run is greedy with ignore_eos, so each method emits exactly plain decoding's tokens.
 
 Columns: tokens/s (generated tokens over wall time, prefill included; the median of --repeats
@@ -26,6 +28,7 @@ import torch
 
 from bench_common import cpu_name, git_commit, write_results
 from pagedlm import LLM, BeamSearchParams, SamplingParams
+from pagedlm.data import TINY_CODE, tiny_model
 from pagedlm.models import random_model
 
 RANDOM_TARGET = dict(vocab_size=2048, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
@@ -41,11 +44,17 @@ METHODS = [("plain", None)] + [
 ]
 
 
-def load_prompts(path, llm, count, seed=0):
+def load_prompts(path, llm, count, prompt_len, seed=0):
     if path is None:
         g = torch.Generator().manual_seed(seed)
         vocab = llm.model.args.vocab_size
         return [(torch.randint(vocab, (24,), generator=g).tolist() * 4) for _ in range(count)]
+    if path.endswith(".npy"):
+        import numpy as np
+        windows = np.load(path)
+        if len(windows) < count:
+            raise ValueError(f"--prompts: {path} has {len(windows)} windows, the run needs {count}")
+        return [w[:prompt_len].astype(int).tolist() for w in windows[:count]]
     lines = Path(path).read_text().splitlines()
     texts = [json.loads(line)["prompt"] for line in lines] if path.endswith(".jsonl") else lines
     texts = [t for t in texts if t.strip()]
@@ -107,6 +116,7 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--num-prompts", type=int, default=16)
+    parser.add_argument("--prompt-len", type=int, default=64, help="tokens per prompt from a .npy of windows")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--num-blocks", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per cell; the median is shown")
@@ -114,9 +124,14 @@ def main():
     parser.add_argument("--out"), parser.add_argument("--append-results", action="store_true")
     args = parser.parse_args()
     dtype = torch.bfloat16 if args.device != "cpu" else torch.float32
+    if args.target is None and (TINY_CODE / "target" / "config.json").is_file():
+        args.target, args.draft = str(tiny_model("target")), args.draft or str(tiny_model("draft"))
+        args.prompts = args.prompts or (str(TINY_CODE / "heldout.npy") if (TINY_CODE / "heldout.npy").is_file()
+                                        else None)
     target = args.target or random_model(RANDOM_TARGET, seed=0, dtype=dtype, device=args.device)
     draft = args.draft or random_model(RANDOM_DRAFT, seed=1, dtype=dtype, device=args.device)
-    prompts = load_prompts(args.prompts, LLM(target, device=args.device, num_blocks=16), args.num_prompts)
+    prompts = load_prompts(args.prompts, LLM(target, device=args.device, num_blocks=16), args.num_prompts,
+                           args.prompt_len)
     methods = [m for m in METHODS if m[1] is None or not args.methods or any(m[0].startswith(p) for p in args.methods)]
 
     rows = []
