@@ -41,26 +41,46 @@ class Speculator:
         """One forward; returns {seq: [(token, logprob), ...]} for the sequences that emit."""
         for seq in [s for s in self.stats if s.status == Status.FINISHED]:
             self.proposer.forget(seq)
-        bm = self.runner.bm
+        drafts = self._draft(scheduled, copies)
+        emitted = self._speculative_step(scheduled, copies, drafts) if drafts else self._plain_step(scheduled, copies)
+        for seq in emitted:
+            self.stats[seq]["forwards"] += 1
+        return emitted
+
+    def _draft(self, scheduled, copies):
+        """{seq: draft} whose slots are reserved, within the step's token budget."""
         computing = [s for s in scheduled if s.num_new > 0]
         candidates = [s.seq for s in computing if s.seq.output and s.num_new == len(s.seq) - s.seq.num_cached
                       and self._drafting(s.seq)]
         left = self.budget - sum(s.num_new for s in computing)
         caps = [max(0, s.params.max_tokens - len(s.output) - 1) if left > 0 else 0 for s in candidates]
+        if not any(caps):
+            return {}
         start = time.perf_counter()
         drafts = self.proposer.propose([s for s, c in zip(candidates, caps) if c], [c for c in caps if c])
         drafting = time.perf_counter() - start
         for seq in drafts:
             self.stats[seq]["drafting_s"] += drafting
         for seq, draft in list(drafts.items()):
-            if len(draft.tokens) > left or not self._reserve(bm, seq, draft, copies):
+            if len(draft.tokens) > left or not self._reserve(seq, draft, copies):
                 del drafts[seq]
             else:
                 left -= len(draft.tokens)
+        return drafts
+
+    def _plain_step(self, scheduled, copies):
+        """No drafts this step: the runner's own path (CUDA graphs for decode steps included)."""
+        seqs, logits = self.runner.step(scheduled, copies)
+        if not seqs:
+            return {}
+        tokens, logprobs = sample(logits, seqs, self.engine_seed)
+        return {seq: [(t, lp)] for seq, t, lp in zip(seqs, tokens, logprobs)}
+
+    def _speculative_step(self, scheduled, copies, drafts):
         if copies:
             mapping = torch.tensor(copies, dtype=torch.int64, device=self.runner.device)
             ops.copy_blocks([k for k, _ in self.runner.kv_caches], [v for _, v in self.runner.kv_caches], mapping)
-
+        computing = [s for s in scheduled if s.num_new > 0]
         items = []
         for s in computing:
             draft = drafts.get(s.seq)
@@ -68,7 +88,7 @@ class Speculator:
             rows = range(s.num_new - 1, s.num_new + len(extra))
             items.append(ForwardItem(s.seq.seq_id, s.seq.tokens[s.seq.num_cached:][:s.num_new] + extra,
                                      s.seq.num_cached, len(extra), draft.parents if draft else None, list(rows)))
-        logits = paged_forward(self.runner.model, self.runner.kv_caches, bm, self.runner.device, items)
+        logits = paged_forward(self.runner.model, self.runner.kv_caches, self.runner.bm, self.runner.device, items)
         by_seq, first = {}, 0
         for s, item in zip(computing, items):
             by_seq[s.seq] = logits[first:first + len(item.logit_rows)]
@@ -87,8 +107,6 @@ class Speculator:
             tokens, logprobs = sample(rows, [s.seq for s in plain], self.engine_seed)
             emitted = {s.seq: [(t, lp)] for s, t, lp in zip(plain, tokens, logprobs)}
         emitted.update(self._verify(drafts, by_seq))
-        for seq in emitted:
-            self.stats[seq]["forwards"] += 1
         return emitted
 
     def _verify(self, drafts, by_seq):
@@ -123,10 +141,10 @@ class Speculator:
             if self.misses[seq] >= BACKOFF_AFTER:
                 self.paused[seq] = min(MAX_PAUSE, 2 ** (self.misses[seq] - BACKOFF_AFTER))
 
-    def _reserve(self, bm, seq, draft, copies):
+    def _reserve(self, seq, draft, copies):
         ids = draft.tokens if draft.parents is None else [TREE_SLOT] * len(draft.tokens)
         try:
-            copies += bm.append(seq.seq_id, ids)
+            copies += self.runner.bm.append(seq.seq_id, ids)
             return True
         except pagedlm.OutOfBlocksError:
             return False
