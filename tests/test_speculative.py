@@ -116,6 +116,33 @@ def test_seeded_sampling_does_not_depend_on_the_batch(models, name):
     assert tokens(alone)[0][0] != tokens(alone)[0][1]  # the two samples are drawn independently
 
 
+@pytest.mark.parametrize("name", METHODS)
+def test_greedy_and_sampled_requests_mixed_with_chunked_prefills(models, plain, name):
+    """Greedy requests keep plain decoding's tokens next to sampled ones and to long prompts
+    prefilling in chunks; the sampled ones are reproducible. (Their tokens may differ from a
+    run alone: here the token budget drops some of their drafts, and the draft shapes which
+    tokens speculative sampling emits, not their distribution.)"""
+    def run():
+        llm = LLM(models["target"], device="cpu", block_size=4, num_blocks=256, max_num_batched_tokens=24,
+                  speculative=speculative(name, models))
+        sampled = SamplingParams(temperature=0.7, max_tokens=10, seed=3, ignore_eos=True)
+        ids = [llm.add_request(p, GREEDY) for p in greedy] + [llm.add_request(p, sampled) for p in greedy]
+        ids += [llm.add_request(p, GREEDY) for p in long_prompts]
+        while llm.scheduler.has_work():
+            llm.step()
+        return tokens([llm.take_output(i) for i in ids])
+    greedy, long_prompts = prompts(3, seed=6), prompts(2, seed=7, low=50, high=70)
+    outputs = run()
+    assert outputs[:3] == plain(greedy) and outputs[6:] == plain(long_prompts)
+    assert all(len(o[0]) == 10 for o in outputs[3:6]) and run() == outputs
+
+
+def test_a_draft_models_cache_shares_the_memory_budget(models):
+    plain_blocks = LLM(models["target"], device="cpu").block_manager.num_blocks
+    config = speculative("draft-other", models)
+    assert LLM(models["target"], device="cpu", speculative=config).block_manager.num_blocks < plain_blocks
+
+
 def test_bad_speculative_configs_name_the_key(models):
     for config, key in [(dict(method="medusa"), "speculative"), (dict(method="ngram", num_tokens=3), "speculative"),
                         (dict(method="ngram", num_tokens=0, max_ngram=2), "num_tokens"),

@@ -59,10 +59,11 @@ class LLM:
             eos = read_config(model).get("eos_token_id")  # an id, a list of ids (Llama 3) or absent
             self.eos_token_ids = frozenset([eos] if isinstance(eos, int) else eos or ())
             self.tokenizer = _load_tokenizer(Path(model))
-        args = self.model.args
+        draft = (self._load_draft(speculative["model"], dtype)
+                 if speculative is not None and speculative["method"] == "draft" else None)
         if num_blocks is None:
-            bytes_per_block = (2 * args.num_layers * block_size * args.num_kv_heads * args.head_dim
-                               * self.model.lm_head.weight.element_size())
+            # A draft model's cache has as many blocks as the target's.
+            bytes_per_block = sum(_kv_block_bytes(m, block_size) for m in (self.model, draft) if m is not None)
             budget = (torch.cuda.mem_get_info(self.device)[0] * gpu_memory_utilization
                       if self.device.type == "cuda" else CPU_KV_BUDGET_BYTES)
             num_blocks = max(1, int(budget // bytes_per_block))
@@ -76,9 +77,8 @@ class LLM:
         self.seed = seed
         self.speculator = None
         if speculative is not None:
-            proposer = make_proposer(speculative, load_draft=lambda m: self._load_draft(m, dtype),
-                                     num_blocks=num_blocks, block_size=block_size, device=self.device,
-                                     engine_seed=seed)
+            proposer = make_proposer(speculative, draft_model=draft, num_blocks=num_blocks, block_size=block_size,
+                                     device=self.device, engine_seed=seed)
             self.speculator = Speculator(proposer, self.runner, max_num_batched_tokens, seed)
         self._ids = itertools.count()
         self._requests = {}
@@ -220,6 +220,11 @@ class LLM:
         prompt_text = self.tokenizer.decode(prompt)
         full_text = self.tokenizer.decode(prompt + output)
         return full_text[len(prompt_text):] if full_text.startswith(prompt_text) else self.tokenizer.decode(output)
+
+
+def _kv_block_bytes(model, block_size):
+    args = model.args
+    return 2 * args.num_layers * block_size * args.num_kv_heads * args.head_dim * model.lm_head.weight.element_size()
 
 
 def _load_tokenizer(folder):

@@ -32,9 +32,9 @@ def check_config(config):
             raise ValueError(f"speculative['{key}']: must be an int >= {smallest}, got {value!r}")
 
 
-def make_proposer(config, *, load_draft, num_blocks, block_size, device, engine_seed):
-    """The proposer a checked `speculative` dict asks for. load_draft(model) gives the draft
-    model from a folder (or passes a model through)."""
+def make_proposer(config, *, draft_model, num_blocks, block_size, device, engine_seed):
+    """The proposer a checked `speculative` dict asks for (draft_model: the loaded draft, for
+    the draft method)."""
     method = config["method"]
     if method == "ngram":
         return NgramProposer(config["num_tokens"], config["max_ngram"])
@@ -42,5 +42,4 @@ def make_proposer(config, *, load_draft, num_blocks, block_size, device, engine_
         return JacobiProposer(config["num_tokens"])
     if method == "lookahead":
         return LookaheadProposer(config["window"], config["ngram"], config["guesses"])
-    return DraftModelProposer(load_draft(config["model"]), config["num_tokens"], num_blocks, block_size, device,
-                              engine_seed)
+    return DraftModelProposer(draft_model, config["num_tokens"], num_blocks, block_size, device, engine_seed)
