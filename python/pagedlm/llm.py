@@ -11,14 +11,16 @@ import torch
 from tqdm import tqdm
 
 import pagedlm
+from pagedlm.beam_search import BeamSearch, BeamSearchParams, beam_score
 from pagedlm.engine.runner import ModelRunner
 from pagedlm.engine.sampler import sample
 from pagedlm.engine.scheduler import Scheduler
 from pagedlm.engine.sequence import SamplingParams, Sequence, Status
 from pagedlm.models import LlamaForCausalLM, load_model
 from pagedlm.models.loader import read_config
+from pagedlm.spec import Speculator, check_config, make_proposer
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "SamplingParams", "BeamSearchParams", "RequestOutput", "CompletionOutput"]
 
 CPU_KV_BUDGET_BYTES = 1 << 30
 
@@ -44,7 +46,9 @@ class RequestOutput:
 class LLM:
     def __init__(self, model, *, device=None, dtype=None, block_size=16, num_blocks=None,
                  gpu_memory_utilization=0.9, max_num_seqs=256, max_num_batched_tokens=8192,
-                 enable_prefix_caching=True, seed=0, enforce_eager=False):
+                 enable_prefix_caching=True, seed=0, enforce_eager=False, speculative=None):
+        if speculative is not None:
+            check_config(speculative)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.tokenizer, self.eos_token_ids = None, frozenset()
@@ -55,10 +59,11 @@ class LLM:
             eos = read_config(model).get("eos_token_id")  # an id, a list of ids (Llama 3) or absent
             self.eos_token_ids = frozenset([eos] if isinstance(eos, int) else eos or ())
             self.tokenizer = _load_tokenizer(Path(model))
-        args = self.model.args
+        draft = (self._load_draft(speculative["model"], dtype)
+                 if speculative is not None and speculative["method"] == "draft" else None)
         if num_blocks is None:
-            bytes_per_block = (2 * args.num_layers * block_size * args.num_kv_heads * args.head_dim
-                               * self.model.lm_head.weight.element_size())
+            # A draft model's cache has as many blocks as the target's.
+            bytes_per_block = sum(_kv_block_bytes(m, block_size) for m in (self.model, draft) if m is not None)
             budget = (torch.cuda.mem_get_info(self.device)[0] * gpu_memory_utilization
                       if self.device.type == "cuda" else CPU_KV_BUDGET_BYTES)
             num_blocks = max(1, int(budget // bytes_per_block))
@@ -70,6 +75,11 @@ class LLM:
                                   max_num_seqs=max_num_seqs,
                                   use_cuda_graphs=self.device.type == "cuda" and not enforce_eager)
         self.seed = seed
+        self.speculator = None
+        if speculative is not None:
+            proposer = make_proposer(speculative, draft_model=draft, num_blocks=num_blocks, block_size=block_size,
+                                     device=self.device, engine_seed=seed)
+            self.speculator = Speculator(proposer, self.runner, max_num_batched_tokens, seed)
         self._ids = itertools.count()
         self._requests = {}
 
@@ -77,14 +87,7 @@ class LLM:
     def add_request(self, prompt, params):
         """Queues a prompt (text or token ids); returns its request id."""
         request_id = str(next(self._ids))
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("prompts: text needs a tokenizer.json in the model folder; pass token ids")
-            token_ids = self.tokenizer.encode(prompt).ids
-        else:
-            token_ids = [int(t) for t in prompt]
-        if not token_ids:
-            raise ValueError(f"prompts[{request_id}]: empty prompt")
+        token_ids = self._token_ids(prompt, f"prompts[{request_id}]")
         seqs = [Sequence(next(self._ids), request_id, i, list(token_ids), params) for i in range(params.n)]
         self._requests[request_id] = dict(prompt=prompt, token_ids=token_ids, seqs=seqs, start=time.perf_counter(),
                                           first_token=None)
@@ -98,6 +101,17 @@ class LLM:
             self.scheduler.add(seqs)
         return request_id
 
+    def _token_ids(self, prompt, name):
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(f"{name}: text needs a tokenizer.json in the model folder; pass token ids")
+            token_ids = self.tokenizer.encode(prompt).ids
+        else:
+            token_ids = [int(t) for t in prompt]
+        if not token_ids:
+            raise ValueError(f"{name}: empty prompt")
+        return token_ids
+
     def abort(self, request_id):
         self.scheduler.abort(request_id)
 
@@ -106,22 +120,38 @@ class LLM:
         scheduled, copies = self.scheduler.schedule()
         if not scheduled:
             return 0
+        if self.speculator is not None:
+            return self._step_speculative(scheduled, copies)
         seqs, logits = self.runner.step(scheduled, copies)
         if not seqs:
             return 0
         sampled, logprobs = sample(logits, seqs, self.seed)
         for seq, token, logprob in zip(seqs, sampled, logprobs):
-            seq.output.append(token)
-            seq.cumulative_logprob += logprob
-            request = self._requests[seq.request_id]
-            request["first_token"] = request["first_token"] or time.perf_counter()
-            if token in seq.params.stop_token_ids or (token in self.eos_token_ids and not seq.params.ignore_eos):
-                seq.finish_reason = "stop"
-            elif len(seq.output) >= seq.params.max_tokens:
-                seq.finish_reason = "length"
-            if seq.finish_reason:
-                self.scheduler.finish(seq)
+            self._emit(seq, token, logprob)
         return len(seqs)
+
+    def _step_speculative(self, scheduled, copies):
+        count = 0
+        for seq, tokens in self.speculator.step(scheduled, copies).items():
+            for token, logprob in tokens:
+                count += 1
+                if self._emit(seq, token, logprob):
+                    break  # tokens past a stop or max_tokens are dropped
+        return count
+
+    def _emit(self, seq, token, logprob):
+        """Appends a sampled token; True when it finishes the sequence."""
+        seq.output.append(token)
+        seq.cumulative_logprob += logprob
+        request = self._requests[seq.request_id]
+        request["first_token"] = request["first_token"] or time.perf_counter()
+        if token in seq.params.stop_token_ids or (token in self.eos_token_ids and not seq.params.ignore_eos):
+            seq.finish_reason = "stop"
+        elif len(seq.output) >= seq.params.max_tokens:
+            seq.finish_reason = "length"
+        if seq.finish_reason:
+            self.scheduler.finish(seq)
+        return bool(seq.finish_reason)
 
     # -- the offline API ----------------------------------------------------------------
     def generate(self, prompts, sampling_params=None, *, use_tqdm=True):
@@ -139,11 +169,30 @@ class LLM:
                 done |= finished
         return [self.take_output(r) for r in ids]
 
+    def beam_search(self, prompts, params):
+        """The best params.beam_width beams of each prompt (text or token ids), best first, as
+        RequestOutputs; metrics hold the beams' scores and the KV memory that sharing saved.
+        Prompts are searched together in waves that fit the cache with nothing shared."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        token_ids = [self._token_ids(p, f"prompts[{i}]") for i, p in enumerate(prompts)]
+        search = BeamSearch(self.model, self.kv_caches, self.block_manager, self.device, self.eos_token_ids, params)
+        results = []
+        for i, (beams, saved) in enumerate(search.run_in_waves(token_ids)):
+            prompt = token_ids[i]
+            outputs = [CompletionOutput(rank, self._completion_text(prompt, b.tokens[len(prompt):]),
+                                        b.tokens[len(prompt):], "stop" if b.finished else "length", b.cum_logprob)
+                       for rank, b in enumerate(beams)]
+            metrics = {"beam_scores": [beam_score(b, params.length_penalty) for b in beams],
+                       "kv_memory_saved": saved}
+            results.append(RequestOutput(str(i), prompts[i], prompt, outputs, metrics))
+        return results
+
     def take_output(self, request_id):
         """The RequestOutput of a request whose sequences have finished; forgets the request."""
         r = self._requests.pop(request_id)
         seqs = r["seqs"]
-        outputs = [CompletionOutput(s.index, self._completion_text(s), list(s.output), s.finish_reason,
+        outputs = [CompletionOutput(s.index, self._completion_text(s.prompt, s.output), list(s.output), s.finish_reason,
                                     s.cumulative_logprob) for s in seqs]
         end = time.perf_counter()
         first = r["first_token"] or end
@@ -151,16 +200,31 @@ class LLM:
         metrics = {"time_to_first_token": first - r["start"],
                    "decode_tokens_per_s": (generated - len(seqs)) / (end - first) if end > first else 0.0,
                    "cached_prompt_tokens": seqs[0].cached_prompt_tokens}
+        if self.speculator is not None:
+            metrics.update(self.speculator.metrics(seqs))
         return RequestOutput(request_id, r["prompt"], r["token_ids"], outputs, metrics)
 
-    def _completion_text(self, seq):
+    def _load_draft(self, model, dtype):
+        draft = model.to(self.device) if isinstance(model, LlamaForCausalLM) else load_model(model, dtype=dtype,
+                                                                                               device=self.device)
+        if draft.args.vocab_size != self.model.args.vocab_size:
+            raise ValueError(f"speculative['model']: vocabulary of {draft.args.vocab_size} tokens, the target's is "
+                             f"{self.model.args.vocab_size}")
+        return draft
+
+    def _completion_text(self, prompt, output):
         """The text the output adds to the prompt: decoding the two together and dropping the
         prompt's text keeps the spaces and merges that decoding the output alone would lose."""
-        if not self.tokenizer or not seq.output:
+        if not self.tokenizer or not output:
             return ""
-        prompt_text = self.tokenizer.decode(seq.prompt)
-        full_text = self.tokenizer.decode(seq.prompt + seq.output)
-        return full_text[len(prompt_text):] if full_text.startswith(prompt_text) else self.tokenizer.decode(seq.output)
+        prompt_text = self.tokenizer.decode(prompt)
+        full_text = self.tokenizer.decode(prompt + output)
+        return full_text[len(prompt_text):] if full_text.startswith(prompt_text) else self.tokenizer.decode(output)
+
+
+def _kv_block_bytes(model, block_size):
+    args = model.args
+    return 2 * args.num_layers * block_size * args.num_kv_heads * args.head_dim * model.lm_head.weight.element_size()
 
 
 def _load_tokenizer(folder):

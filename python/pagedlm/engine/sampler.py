@@ -38,9 +38,10 @@ def _index(rows, device, total):
     return torch.tensor(rows, device=device)
 
 
-def _sample_rows(logits, seqs, engine_seed):
+def probabilities(logits, params):
+    """float32 [rows, vocab]: the distribution each row samples from (temperature, top-k, top-p),
+    params holding one SamplingParams per row, none greedy. Speculative verification uses it too."""
     device = logits.device
-    params = [s.params for s in seqs]
     temperature = torch.tensor([p.temperature for p in params], device=device)
     scaled = logits / temperature[:, None]
     top_k = [p.top_k if p.top_k > 0 else scaled.shape[-1] for p in params]
@@ -57,6 +58,12 @@ def _sample_rows(logits, seqs, engine_seed):
         outside = sorted_probs.cumsum(-1) - sorted_probs > top_p[:, None]
         probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
         probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def _sample_rows(logits, seqs, engine_seed):
+    device = logits.device
+    probs = probabilities(logits, [s.params for s in seqs])
     cdf = probs.cumsum(-1)
     total = cdf[:, -1:]
     uniform = torch.tensor([_uniform(s, engine_seed) for s in seqs], dtype=torch.float32, device=device)

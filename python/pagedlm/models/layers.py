@@ -68,7 +68,8 @@ class Attention(nn.Module):
                                              sliding_window=self.sliding_window)
         else:
             out = ops.paged_prefill_attention(q, key_cache, value_cache, batch.block_tables, batch.cu_seqlens_q,
-                                              batch.seq_lens, sliding_window=self.sliding_window)
+                                              batch.seq_lens, custom_mask=batch.custom_mask,
+                                              mask_indptr=batch.mask_indptr, sliding_window=self.sliding_window)
         return self.o_proj(out.view(tokens, -1))
 
 

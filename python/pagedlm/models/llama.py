@@ -17,12 +17,16 @@ class AttentionBatch:
     slot_mapping int64 [tokens]; block_tables int32 [seqs, max_blocks]; seq_lens int32 [seqs]
     (cached tokens, the new ones included); cu_seqlens_q int32 [seqs + 1] (each sequence's
     new tokens are contiguous in the batch). decode_only: every sequence brings one token.
+    custom_mask, mask_indptr: replace the causal mask (tree and lookahead verification), in
+    paged_prefill_attention's layout.
     """
     slot_mapping: torch.Tensor
     block_tables: torch.Tensor
     seq_lens: torch.Tensor
     cu_seqlens_q: torch.Tensor
     decode_only: bool
+    custom_mask: torch.Tensor | None = None
+    mask_indptr: torch.Tensor | None = None
 
 
 class DecoderLayer(nn.Module):

@@ -1,0 +1,79 @@
+"""One paged forward over a packed batch in which a sequence may bring extra tokens after its
+committed ones: a draft chain, or a token tree (lookahead, candidate tries). Each extra token
+sits at position last + depth and attends to the committed prefix and its tree ancestors, so
+a chain needs only the causal mask; a tree needs a custom mask, built for the whole batch."""
+from dataclasses import dataclass
+
+import torch
+
+from pagedlm.models import AttentionBatch
+
+
+@dataclass
+class ForwardItem:
+    seq_id: int
+    tokens: list          # committed uncached tokens, then the extra ones
+    start: int            # position of tokens[0]
+    num_extra: int        # how many of tokens are extras (0: a plain prefill chunk or decode)
+    parents: list | None  # tree: each extra's parent (-1 = the last committed token); None = a chain
+    logit_rows: list      # indices into tokens whose logits are wanted
+
+    def positions(self):
+        committed = len(self.tokens) - self.num_extra
+        last = self.start + committed - 1
+        if self.parents is None:
+            return list(range(self.start, last + 1 + self.num_extra))
+        return list(range(self.start, last + 1)) + [last + d for d in tree_depths(self.parents)]
+
+
+def tree_depths(parents):
+    depths = []
+    for p in parents:
+        depths.append(1 if p < 0 else depths[p] + 1)
+    return depths
+
+
+def item_mask(item, seq_len):
+    """[q_len, seq_len] bool: the committed rows causal (bottom-right), the extras seeing the
+    cached prefix, their ancestors and themselves."""
+    q_len = len(item.tokens)
+    offset = seq_len - q_len
+    rows = torch.arange(q_len).unsqueeze(1)
+    mask = torch.arange(seq_len).unsqueeze(0) <= rows + offset
+    if item.parents is not None:
+        first = q_len - item.num_extra
+        extra = mask[first:]
+        extra[:, offset + first:] = False
+        for i, p in enumerate(item.parents):
+            extra[i, offset + first + i] = True
+            if p >= 0:
+                extra[i] |= extra[p]
+    return mask
+
+
+def paged_forward(model, kv_caches, bm, device, items):
+    """Runs items (their slots already reserved in bm) through model; returns float32 logits
+    [sum(len(item.logit_rows)), vocab], items in order."""
+    counts = [len(it.tokens) for it in items]
+    seq_ids = [it.seq_id for it in items]
+    seq_lens = [bm.num_tokens(s) for s in seq_ids]
+    cu = [0]
+    for c in counts:
+        cu.append(cu[-1] + c)
+    mask = indptr = None
+    if any(it.parents is not None for it in items):
+        masks = [item_mask(it, n).flatten() for it, n in zip(items, seq_lens)]
+        mask = torch.cat(masks).to(device)
+        indptr = torch.tensor([0, *torch.tensor([m.numel() for m in masks]).cumsum(0).tolist()],
+                              dtype=torch.int32, device=device)
+    batch = AttentionBatch(
+        slot_mapping=torch.from_numpy(bm.slot_mapping(seq_ids, counts)).to(device),
+        block_tables=torch.from_numpy(bm.block_tables(seq_ids)).to(device),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+        cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=device),
+        decode_only=all(c == 1 for c in counts), custom_mask=mask, mask_indptr=indptr)
+    ids = [t for it in items for t in it.tokens]
+    positions = [p for it in items for p in it.positions()]
+    rows = [cu[i] + r for i, it in enumerate(items) for r in it.logit_rows]
+    return model(torch.tensor(ids, device=device), torch.tensor(positions, device=device), batch, kv_caches,
+                 logits_indices=torch.tensor(rows, device=device))

@@ -1,0 +1,45 @@
+"""Speculative decoding on the engine: LLM(model, speculative={"method": ...}).
+
+Methods (each in its own module): "ngram" (prompt lookup), "draft" (a smaller model with its
+own paged cache), "jacobi" (a window of guesses iterated to its fixed point) and "lookahead"
+(2-D Jacobi window, n-gram pool, verification trie in one forward). All are lossless: greedy
+requests emit exactly plain greedy decoding's tokens, sampled ones the target's distribution.
+"""
+from pagedlm.spec.draft_model import DraftModelProposer
+from pagedlm.spec.jacobi import JacobiProposer
+from pagedlm.spec.lookahead import LookaheadProposer
+from pagedlm.spec.ngram import NgramProposer
+from pagedlm.spec.speculator import Speculator
+
+__all__ = ["Speculator", "check_config", "make_proposer"]
+
+_KEYS = {"ngram": {"num_tokens", "max_ngram"}, "draft": {"model", "num_tokens"}, "jacobi": {"num_tokens"},
+         "lookahead": {"window", "ngram", "guesses"}}
+
+
+def check_config(config):
+    """ValueError naming the key of a `speculative` dict that is wrong."""
+    if not isinstance(config, dict) or config.get("method") not in _KEYS:
+        raise ValueError(f"speculative: expected a dict with method in {sorted(_KEYS)}, got {config!r}")
+    method = config["method"]
+    given = set(config) - {"method"}
+    if given != _KEYS[method]:
+        raise ValueError(f"speculative: method {method!r} takes keys {sorted(_KEYS[method])}, got {sorted(given)}")
+    ints = {k: v for k, v in config.items() if k not in ("method", "model")}
+    for key, value in ints.items():
+        smallest = 2 if key == "ngram" else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < smallest:
+            raise ValueError(f"speculative['{key}']: must be an int >= {smallest}, got {value!r}")
+
+
+def make_proposer(config, *, draft_model, num_blocks, block_size, device, engine_seed):
+    """The proposer a checked `speculative` dict asks for (draft_model: the loaded draft, for
+    the draft method)."""
+    method = config["method"]
+    if method == "ngram":
+        return NgramProposer(config["num_tokens"], config["max_ngram"])
+    if method == "jacobi":
+        return JacobiProposer(config["num_tokens"])
+    if method == "lookahead":
+        return LookaheadProposer(config["window"], config["ngram"], config["guesses"])
+    return DraftModelProposer(draft_model, config["num_tokens"], num_blocks, block_size, device, engine_seed)

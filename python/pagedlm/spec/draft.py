@@ -1,0 +1,20 @@
+"""Shared types of the speculative methods: what a proposer drafts for one sequence."""
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Draft:
+    """Extra tokens to verify after a sequence's last token.
+
+    parents None: a chain, tokens[i] following tokens[i-1]. Else a tree: parents[i] is the index
+    of token i's parent (-1 = the sequence's last token), always an earlier one. candidates:
+    the extras forming the verification tree (None = all); other extras are computed for the
+    proposer only (lookahead's window). probs: for a chain sampled from a distribution q,
+    float32 [len(tokens), vocab]; None = deterministic (one-hot q).
+    """
+    tokens: list
+    parents: list | None = None
+    candidates: list | None = None
+    probs: torch.Tensor | None = None

@@ -1,0 +1,68 @@
+"""Lookahead decoding (Fu et al. 2024), batched: per sequence a 2-D Jacobi window of N-1
+levels by W columns and a pool of n-grams harvested from it; each step verifies up to G
+pool n-grams that start with the last token, all in the same forward as the window.
+
+Window token (l, j) sits at position last + 1 + l + j and attends to level 0 up to column j,
+then to column j up to level l: a contiguous chain of positions, so the window is a tree
+rooted at the last token. The candidates form a trie under the same root. The outputs of the
+last level are the window's next level, and each column yields the n-gram
+window[0][j], ..., window[N-2][j], output[j] of consecutive positions."""
+import random
+import zlib
+
+from pagedlm.spec.draft import Draft
+
+
+class LookaheadProposer:
+    def __init__(self, window, ngram, guesses):
+        self.W, self.N, self.G = window, ngram, guesses
+        self.windows = {}  # seq -> N-1 levels of W tokens
+        self.pools = {}    # seq -> {first token: [continuations of N-1 tokens], newest last}
+
+    def propose(self, seqs, caps):
+        drafts = {}
+        for seq, cap in zip(seqs, caps):
+            window = self.windows.setdefault(seq, self._initial_window(seq))
+            tokens = [t for level in window for t in level]
+            parents = [self._parent(level, j) for level in range(self.N - 1) for j in range(self.W)]
+            trie = {}  # (parent extra index, token) -> extra index; shared prefixes verify once
+            for continuation in self.pools.get(seq, {}).get(seq.tokens[-1], [])[-self.G:]:
+                parent = -1
+                for token in continuation[:cap]:
+                    if (parent, token) not in trie:
+                        trie[parent, token] = len(tokens)
+                        tokens.append(token)
+                        parents.append(parent)
+                    parent = trie[parent, token]
+            drafts[seq] = Draft(tokens, parents, candidates=sorted(trie.values()))
+        return drafts
+
+    def update(self, seq, draft, logits, accepted):
+        """logits: rows of the last token and of every extra (window first)."""
+        size = self.W * (self.N - 1)
+        outputs = logits[1 + size - self.W:1 + size].argmax(-1).tolist()  # the last level's
+        window = self.windows[seq]
+        pool = self.pools.setdefault(seq, {})
+        for j in range(self.W):
+            gram = [window[level][j] for level in range(self.N - 1)] + [outputs[j]]
+            known = pool.setdefault(gram[0], [])
+            if gram[1:] in known:
+                known.remove(gram[1:])
+            known.append(gram[1:])
+            del known[:-self.G]
+        self.windows[seq] = window[1:] + [outputs]
+
+    def forget(self, seq):
+        self.windows.pop(seq, None)
+        self.pools.pop(seq, None)
+
+    def _parent(self, level, j):
+        if level == 0:
+            return j - 1  # -1 for column 0: the last token
+        return (level - 1) * self.W + j
+
+    def _initial_window(self, seq):
+        # Random prompt tokens, as the paper starts, seeded by the content so that a sampled
+        # request's drafts, and so its tokens, do not depend on the batch.
+        rng = random.Random(zlib.crc32(str((seq.prompt, seq.index)).encode()))
+        return [[rng.choice(seq.prompt) for _ in range(self.W)] for _ in range(self.N - 1)]

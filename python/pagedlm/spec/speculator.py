@@ -1,0 +1,166 @@
+"""The engine step with speculation: the scheduled batch runs as usual, and each sequence in
+its decode phase also brings a proposer's draft — a chain or a tree — computed in the same
+target forward and verified losslessly with pagedlm's verification kernels.
+
+Draft slots are reserved in the BlockManager after the scheduler's, and only when blocks are
+free (else the sequence decodes plainly this step). After verification the cache is cut back
+with truncate to the committed tokens: for a chain, plus the accepted drafts, whose KV is
+exactly their causal KV; for a tree, nothing more (accepted tokens are recomputed next step,
+and tree slots carry the id -1, so no tree block can ever match a real prompt in the prefix
+cache). Rejected tokens never reach the output.
+
+The switch: a sequence whose drafts are all rejected BACKOFF_AFTER steps in a row stops
+drafting for 1, 2, 4, ... (at most MAX_PAUSE) steps, and decodes plainly meanwhile; an
+accepted draft resets it. So a method that does not pay on some text costs little there.
+"""
+import time
+from collections import defaultdict
+
+import torch
+
+import pagedlm
+import pagedlm.ops as ops
+from pagedlm.engine.sampler import sample
+from pagedlm.engine.sequence import Status
+from pagedlm.engine.forward import ForwardItem, paged_forward
+from pagedlm.spec.sampling import token_logprobs
+from pagedlm.spec.verification import accept
+
+TREE_SLOT = -1
+BACKOFF_AFTER, MAX_PAUSE = 2, 16
+
+
+class Speculator:
+    def __init__(self, proposer, runner, max_num_batched_tokens, engine_seed):
+        self.proposer, self.runner = proposer, runner
+        self.budget, self.engine_seed = max_num_batched_tokens, engine_seed
+        self.stats = defaultdict(lambda: dict(drafted=0, accepted=0, verify_steps=0, forwards=0, drafting_s=0.0))
+        self.misses, self.paused = defaultdict(int), defaultdict(int)  # per sequence: the switch
+
+    def step(self, scheduled, copies):
+        """One forward; returns {seq: [(token, logprob), ...]} for the sequences that emit."""
+        for seq in [s for s in self.stats if s.status == Status.FINISHED]:
+            self.proposer.forget(seq)
+        drafts = self._draft(scheduled, copies)
+        emitted = self._speculative_step(scheduled, copies, drafts) if drafts else self._plain_step(scheduled, copies)
+        for seq in emitted:
+            self.stats[seq]["forwards"] += 1
+        return emitted
+
+    def _draft(self, scheduled, copies):
+        """{seq: draft} whose slots are reserved, within the step's token budget."""
+        computing = [s for s in scheduled if s.num_new > 0]
+        candidates = [s.seq for s in computing if s.seq.output and s.num_new == len(s.seq) - s.seq.num_cached
+                      and self._drafting(s.seq)]
+        left = self.budget - sum(s.num_new for s in computing)
+        caps = [max(0, s.params.max_tokens - len(s.output) - 1) if left > 0 else 0 for s in candidates]
+        if not any(caps):
+            return {}
+        start = time.perf_counter()
+        drafts = self.proposer.propose([s for s, c in zip(candidates, caps) if c], [c for c in caps if c])
+        drafting = time.perf_counter() - start
+        for seq in drafts:
+            self.stats[seq]["drafting_s"] += drafting
+        for seq, draft in list(drafts.items()):
+            if len(draft.tokens) > left or not self._reserve(seq, draft, copies):
+                del drafts[seq]
+            else:
+                left -= len(draft.tokens)
+        return drafts
+
+    def _plain_step(self, scheduled, copies):
+        """No drafts this step: the runner's own path (CUDA graphs for decode steps included)."""
+        seqs, logits = self.runner.step(scheduled, copies)
+        if not seqs:
+            return {}
+        tokens, logprobs = sample(logits, seqs, self.engine_seed)
+        return {seq: [(t, lp)] for seq, t, lp in zip(seqs, tokens, logprobs)}
+
+    def _speculative_step(self, scheduled, copies, drafts):
+        if copies:
+            mapping = torch.tensor(copies, dtype=torch.int64, device=self.runner.device)
+            ops.copy_blocks([k for k, _ in self.runner.kv_caches], [v for _, v in self.runner.kv_caches], mapping)
+        computing = [s for s in scheduled if s.num_new > 0]
+        items = []
+        for s in computing:
+            draft = drafts.get(s.seq)
+            extra = draft.tokens if draft else []
+            rows = range(s.num_new - 1, s.num_new + len(extra))
+            items.append(ForwardItem(s.seq.seq_id, s.seq.tokens[s.seq.num_cached:][:s.num_new] + extra,
+                                     s.seq.num_cached, len(extra), draft.parents if draft else None, list(rows)))
+        logits = paged_forward(self.runner.model, self.runner.kv_caches, self.runner.bm, self.runner.device, items)
+        by_seq, first = {}, 0
+        for s, item in zip(computing, items):
+            by_seq[s.seq] = logits[first:first + len(item.logit_rows)]
+            first += len(item.logit_rows)
+            s.seq.num_cached += s.num_new
+
+        plain = []
+        for s in scheduled:
+            if s.seq is not s.logits_of:  # a fork holds its parent's cached tokens
+                s.seq.num_cached = s.logits_of.num_cached
+            if s.logits_of.num_cached == len(s.logits_of) and s.seq not in drafts:
+                plain.append(s)
+        emitted = {}
+        if plain:
+            rows = torch.stack([by_seq[s.logits_of][-1] for s in plain])
+            tokens, logprobs = sample(rows, [s.seq for s in plain], self.engine_seed)
+            emitted = {s.seq: [(t, lp)] for s, t, lp in zip(plain, tokens, logprobs)}
+        emitted.update(self._verify(drafts, by_seq))
+        return emitted
+
+    def _verify(self, drafts, by_seq):
+        emitted = {}
+        for seq, (path, tokens) in accept(drafts, by_seq, self.engine_seed).items():
+            draft, rows = drafts[seq], by_seq[seq]
+            logprobs = token_logprobs(rows[path], seq.params, tokens)
+            self.proposer.update(seq, draft, rows, len(path) - 1)
+            seq.num_cached += len(path) - 1 if draft.parents is None else 0
+            self.runner.bm.truncate(seq.seq_id, seq.num_cached)
+            drafted = len(draft.tokens if draft.candidates is None else draft.candidates)
+            stats = self.stats[seq]
+            stats["drafted"] += drafted
+            stats["accepted"] += len(path) - 1
+            stats["verify_steps"] += 1
+            self._record(seq, drafted, len(path) - 1)
+            emitted[seq] = list(zip(tokens, logprobs))
+        return emitted
+
+    def _drafting(self, seq):
+        """False while the sequence is paused by the switch (counting the pause down)."""
+        if self.paused[seq] > 0:
+            self.paused[seq] -= 1
+            return False
+        return True
+
+    def _record(self, seq, drafted, accepted):
+        if accepted:
+            self.misses[seq] = 0
+        elif drafted:
+            self.misses[seq] += 1
+            if self.misses[seq] >= BACKOFF_AFTER:
+                self.paused[seq] = min(MAX_PAUSE, 2 ** (self.misses[seq] - BACKOFF_AFTER))
+
+    def _reserve(self, seq, draft, copies):
+        ids = draft.tokens if draft.parents is None else [TREE_SLOT] * len(draft.tokens)
+        try:
+            copies += self.runner.bm.append(seq.seq_id, ids)
+            return True
+        except pagedlm.OutOfBlocksError:
+            return False
+
+    def metrics(self, seqs):
+        """The speculation metrics of a request's sequences (and forgets them)."""
+        total = defaultdict(float)
+        for seq in seqs:
+            self.proposer.forget(seq)
+            self.misses.pop(seq, None)
+            self.paused.pop(seq, None)
+            for key, value in self.stats.pop(seq, {}).items():
+                total[key] += value
+        generated = sum(len(s.output) for s in seqs)
+        return {"acceptance_rate": total["accepted"] / total["drafted"] if total["drafted"] else 0.0,
+                "mean_accepted_length": total["accepted"] / total["verify_steps"] if total["verify_steps"] else 0.0,
+                "tokens_per_forward": generated / total["forwards"] if total["forwards"] else 0.0,
+                "draft_steps": int(total["verify_steps"]),
+                "drafting_time_s": total["drafting_s"]}
