@@ -164,3 +164,15 @@ def test_engine_demo_serves_synthetic_requests(capsys):
     main(["demo", "--engine", "--random-weights", "--requests", "6", "--num-blocks", "120", "--block-size", "8"])
     out = capsys.readouterr().out
     assert "tokens/s" in out and "KV utilization" in out and "preemptions" in out
+
+
+def test_more_samples_than_max_num_seqs_is_refused_and_others_carry_on(checkpoint):
+    folder, _ = checkpoint
+    llm = LLM(folder, device="cpu", block_size=4, num_blocks=64, max_num_seqs=2)
+    with pytest.warns(UserWarning, match="max_num_seqs"):
+        refused = llm.add_request([1, 2, 3], SamplingParams(n=3, max_tokens=2))
+    served = llm.add_request([4, 5], SamplingParams(n=2, max_tokens=2, ignore_eos=True))
+    while llm.scheduler.has_work():
+        llm.step()
+    assert [o.finish_reason for o in llm.take_output(refused).outputs] == ["refused"] * 3
+    assert [len(o.token_ids) for o in llm.take_output(served).outputs] == [2, 2]

@@ -92,9 +92,12 @@ class LLM:
         self._requests[request_id] = dict(prompt=prompt, token_ids=token_ids, seqs=seqs, start=time.perf_counter(),
                                           first_token=None)
         needed = -(-(len(token_ids) + params.max_tokens) // self.block_manager.block_size)
-        if needed > self.block_manager.num_blocks:
-            warnings.warn(f"request {request_id}: needs {needed} KV blocks, the cache has "
-                          f"{self.block_manager.num_blocks}; refused")
+        why_never = (f"needs {needed} KV blocks, the cache has {self.block_manager.num_blocks}"
+                     if needed > self.block_manager.num_blocks else
+                     f"needs {params.n} sequences at once, max_num_seqs is {self.scheduler.max_num_seqs}"
+                     if params.n > self.scheduler.max_num_seqs else None)
+        if why_never:
+            warnings.warn(f"request {request_id}: {why_never}; refused")
             for s in seqs:
                 s.status, s.finish_reason = Status.FINISHED, "refused"
         else:
