@@ -47,6 +47,7 @@ class DecodeGraphs:
             width *= 2
         graphs = self._graph_set(width)
         bucket = next(b for b in self.buckets if b >= batch)
+        graph = graphs.graph(bucket)  # before the inputs are copied in: a first capture resets the buffers
         pad = bucket - batch
         # ids, positions, slots, lengths: one [4, bucket] host tensor, one copy.
         meta = torch.tensor([ids + [0] * pad, positions + [0] * pad, [0] * bucket,
@@ -57,7 +58,7 @@ class DecodeGraphs:
         padded[:batch, :needed] = tables
         graphs.meta[:, :bucket].copy_(meta, non_blocking=True)
         graphs.tables[:bucket].copy_(padded, non_blocking=True)
-        graphs.graph(bucket).replay()
+        graph.replay()
         return graphs.logits[bucket][:batch]
 
     def _graph_set(self, width):
