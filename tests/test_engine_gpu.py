@@ -114,3 +114,10 @@ def test_seeded_sampling_matches_the_cpu(checkpoint):
     on_cpu = engine(folder, device="cpu").generate(batch, params, use_tqdm=False)
     assert tokens(on_gpu) == tokens(on_cpu)
     assert len({tuple(t) for r in tokens(on_gpu) for t in r}) > 1
+
+
+def test_a_head_dim_without_cuda_kernels_is_refused_up_front(tmp_path):
+    config = dict(TINY, hidden_size=160, num_attention_heads=2, num_key_value_heads=2)  # head_dim 80
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**config)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="model: head_dim 80"):
+        engine(tmp_path)

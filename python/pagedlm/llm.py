@@ -59,8 +59,11 @@ class LLM:
             eos = read_config(model).get("eos_token_id")  # an id, a list of ids (Llama 3) or absent
             self.eos_token_ids = frozenset([eos] if isinstance(eos, int) else eos or ())
             self.tokenizer = _load_tokenizer(Path(model))
+        _check_cuda_head_dim(self.model, self.device, "model")
         draft = (self._load_draft(speculative["model"], dtype)
                  if speculative is not None and speculative["method"] == "draft" else None)
+        if draft is not None:
+            _check_cuda_head_dim(draft, self.device, "speculative['model']")
         if num_blocks is None:
             # A draft model's cache has as many blocks as the target's.
             bytes_per_block = sum(_kv_block_bytes(m, block_size) for m in (self.model, draft) if m is not None)
@@ -228,6 +231,16 @@ class LLM:
 def _kv_block_bytes(model, block_size):
     args = model.args
     return 2 * args.num_layers * block_size * args.num_kv_heads * args.head_dim * model.lm_head.weight.element_size()
+
+
+CUDA_HEAD_DIMS = (64, 128, 256)  # what the CUDA attention kernels are built for
+
+
+def _check_cuda_head_dim(model, device, name):
+    head_dim = model.args.head_dim
+    if device.type == "cuda" and head_dim not in CUDA_HEAD_DIMS:
+        raise ValueError(f"{name}: head_dim {head_dim} has no CUDA attention kernel (built for {CUDA_HEAD_DIMS}); "
+                         f"run it on the CPU")
 
 
 def _load_tokenizer(folder):
