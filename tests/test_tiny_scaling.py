@@ -1,5 +1,5 @@
 """The scaling law measured on pagedlm's own runs (docs/tiny-code/runs.csv, made by
-tools/tiny_gpu.sh; law.json by `pagedlm scaling fit --runs ... --json ...`): the sweep is a real
+tools/tiny_sweep_gpu.sh; law.json by `pagedlm scaling fit --runs ... --json ...`): the sweep is a real
 isoFLOP grid, and fitting the committed runs again recovers the committed law."""
 import json
 from pathlib import Path
@@ -13,7 +13,7 @@ from pagedlm.scaling.plot import read_runs
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "tiny-code"
 
 if not (DOCS / "runs.csv").is_file() or not (DOCS / "law.json").is_file():
-    pytest.skip(f"{DOCS} holds no runs.csv and law.json yet: tools/tiny_gpu.sh makes the runs on a GPU machine",
+    pytest.skip(f"{DOCS} holds no runs.csv and law.json yet: tools/tiny_sweep_gpu.sh makes the runs on a GPU machine",
                 allow_module_level=True)
 
 

@@ -1,5 +1,6 @@
-"""tools/train_tiny.py: its parameter counts are pagedlm.scaling's, and its --smoke run goes
-through the whole pipeline (corpus, tokenizer, target + draft, sweep) in seconds on a CPU."""
+"""tools/train_tiny.py: its parameter counts are pagedlm.scaling's, its sweep plan fits the GPU
+job's clock, and its --smoke run goes through the whole pipeline (corpus, tokenizer, target +
+draft, sweep; the sweep alone on the shipped tokenizer) in seconds on a CPU."""
 import csv
 import json
 import sys
@@ -15,8 +16,10 @@ from pagedlm.scaling import ModelConfig, count_params, non_embedding_params
 
 transformers = pytest.importorskip("transformers")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-from tiny.models import llama_config  # noqa: E402
-from tiny.plan import LADDER, SMOKE, Plan  # noqa: E402
+from tiny.models import Shape, llama_config  # noqa: E402
+from tiny.plan import LADDER, SMOKE, Plan, sweep_runs  # noqa: E402
+
+SHIPPED_TOKENIZER = Path(__file__).resolve().parents[1] / "python" / "pagedlm" / "data" / "tiny-code" / "target" / "tokenizer.json"
 
 
 @pytest.mark.parametrize("shape", LADDER + [Plan().target, Plan().draft], ids=lambda s: s.name())
@@ -33,6 +36,33 @@ def test_shipped_pair_fits_the_size_limit():
     plan = Plan()
     assert plan.target.params(plan.vocab) >= 4 * plan.draft.params(plan.vocab)
     assert 2 * (plan.target.params(plan.vocab) + plan.draft.params(plan.vocab)) < 23e6  # bf16, tokenizers beside
+
+
+def test_sweep_plan_is_a_grid_that_fits_its_clock():
+    plan = Plan()
+    runs = sweep_runs(plan)
+    assert len(plan.sweep) >= 3 and all(len(shapes) >= 5 for shapes in plan.sweep.values())
+    for _, shape, tokens, batch, _ in runs:
+        assert tokens / (batch * plan.seq_len) >= plan.sweep_min_steps or batch == plan.sweep_batch_range[0]
+    # ~12 s of corpus and tokens before the sweep, and 10% of slack for the estimate
+    assert 12 + 1.1 * sum(r[4] for r in runs) + plan.reserve_s <= plan.time_limit_s
+
+
+@pytest.mark.skipif(not SHIPPED_TOKENIZER.is_file(), reason="no shipped tokenizer")
+def test_smoke_sweep_on_the_shipped_tokenizer(tmp_path):
+    import train_tiny
+
+    threads = torch.get_num_threads()
+    try:
+        assert train_tiny.main(["--out", str(tmp_path), "--smoke", "--device", "cpu", "--mode", "sweep",
+                                "--tokenizer", str(SHIPPED_TOKENIZER)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    with open(tmp_path / "runs.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == sum(len(shapes) for shapes in SMOKE.sweep.values())
+    assert all(int(row["N"]) == Shape(int(row["d_model"]), int(row["layers"])).params(4096) for row in rows)
+    assert (tmp_path / "tokenizer.json").read_bytes() == SHIPPED_TOKENIZER.read_bytes()
 
 
 def test_smoke_run_makes_loadable_models_and_a_sweep(tmp_path):

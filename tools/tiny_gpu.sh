@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The one GPU job of issue 9: corpus, tokenizer, the shipped target + draft and the isoFLOP
-# sweep (tools/train_tiny.py), in under 9 minutes on one H100/H200. Needs no pagedlm install.
+# The GPU job that makes the shipped pair of issue 9: corpus, tokenizer, target + draft
+# (tools/train_tiny.py --mode final), in about 4 minutes on one H100/H200. Needs no pagedlm
+# install. The isoFLOP sweep is a job of its own: tools/tiny_sweep_gpu.sh.
 # Results go to $OUT as at most 8 flat files (the device tool brings back no more):
 #   tiny.tar.part-aa, -ab, ...  a tar of repo paths: python/pagedlm/data/tiny-code/..., docs/tiny-code/...
 #                               unpack in the repo root: cat tiny.tar.part-* | tar -x
-#   runs.csv, train.log, target.json, draft.json   the same results, readable at once
+#   train.log, target.json, draft.json   the same results, readable at once
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the folder that receives the results}"
@@ -12,9 +13,9 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=true
 WORK=$(mktemp -d)
 
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
-# The trainer stops its sweep by itself at 470 s; the timeout only guards against a hang.
+# Each model stops at its own wall-clock cap (150 + 60 s); the timeout only guards against a hang.
 status=0
-timeout 500 python3 tools/train_tiny.py --out "$WORK" --device cuda "$@" || status=$?
+timeout 500 python3 tools/train_tiny.py --mode final --out "$WORK" --device cuda "$@" || status=$?
 
 STAGE="$WORK/stage"
 DATA="$STAGE/python/pagedlm/data/tiny-code"
@@ -28,7 +29,6 @@ for part in target draft; do
   fi
 done
 cp "$WORK/tiny-code/heldout.npy" "$WORK/tiny-code/manifest.json" "$DATA/" 2>/dev/null || true
-[ -f "$WORK/runs.csv" ] && cp "$WORK/runs.csv" "$DOCS/" && cp "$WORK/runs.csv" "$OUT/"
 [ -f "$WORK/files.tsv" ] && gzip -9 -c "$WORK/files.tsv" > "$DOCS/files.tsv.gz"
 cp "$WORK/train.log" "$DOCS/" && cp "$WORK/train.log" "$OUT/"
 chmod -R a+rX "$STAGE"
