@@ -27,7 +27,7 @@ import torch
 from tokenizers import Tokenizer
 
 from tiny.corpus import collect, write_manifest
-from tiny.final import train_pair
+from tiny.final import train_draft, train_pair
 from tiny.plan import SMOKE, Plan
 from tiny.sweep import run_sweep
 from tiny.tokenizer import EOT, encode_stream, train_tokenizer
@@ -85,7 +85,10 @@ def prepare_data(plan, smoke, out, log, tokenizer_path=None):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, type=Path, help="output folder (created)")
-    parser.add_argument("--mode", choices=("all", "final", "sweep"), default="all")
+    parser.add_argument("--mode", choices=("all", "final", "draft", "sweep"), nargs="+", default=["all"],
+                        help="draft: a new draft distilled from --teacher (with --tokenizer, the teacher's)")
+    parser.add_argument("--teacher", type=Path, default=Path(__file__).resolve().parents[1] / "python" / "pagedlm"
+                        / "data" / "tiny-code" / "target", help="the target a --mode draft run distils from")
     parser.add_argument("--smoke", action="store_true", help="tiny corpus and models: checks the pipeline in seconds")
     parser.add_argument("--tokenizer", type=Path,
                         help="tokenizer.json to use instead of training one (the shipped models' keeps a sweep "
@@ -109,16 +112,19 @@ def main(argv=None):
     models_dir.mkdir(parents=True, exist_ok=True)
     log = Log(args.out / "train.log", start)
     log(f"train_tiny {'smoke ' if args.smoke else ''}on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
-        f"torch {torch.__version__}, mode {args.mode}")
+        f"torch {torch.__version__}, mode {' '.join(args.mode)}")
     torch.backends.cuda.matmul.allow_tf32 = True
     tokenizer, train_ids, heldout_ids = prepare_data(plan, args.smoke, args.out, log, args.tokenizer)
     plan = dataclasses.replace(plan, vocab=tokenizer.get_vocab_size())
     (args.out / "manifest.json").replace(models_dir / "manifest.json")
     train_stream = torch.from_numpy(train_ids.astype(np.int32)).to(device)
     common = dict(seed=args.seed, compile_model=args.compile, log=log)
-    if args.mode in ("all", "final"):
+    modes = set(args.mode)
+    if modes & {"all", "final"}:
         train_pair(plan, tokenizer, train_stream, heldout_ids, models_dir, **common)
-    if args.mode in ("all", "sweep"):
+    if "draft" in modes:
+        train_draft(plan, tokenizer, train_stream, heldout_ids, models_dir, args.teacher, **common)
+    if modes & {"all", "sweep"}:
         run_sweep(plan, train_stream, heldout_ids, args.out / "runs.csv", deadline=deadline - plan.reserve_s, **common)
     log(f"done in {time.monotonic() - start:.0f} s")
     return 0

@@ -1,4 +1,4 @@
-"""The shipped pair: a ~9M-parameter target, then a draft 4.7x smaller distilled from it, both
+"""The shipped pair: a ~9M-parameter target, then a draft 4x smaller distilled from it, both
 stored in bf16 and evaluated as stored, with the draft's greedy agreement with the target."""
 import numpy as np
 import torch
@@ -38,31 +38,45 @@ def _greedy_sample(model, tokenizer, prompt="def fibonacci(n):", max_new_tokens=
 
 def train_pair(plan, tokenizer, train_stream, heldout, out_dir, *, seed, compile_model, log):
     """Train, evaluate and save target and draft under out_dir; returns their records."""
-    device = train_stream.device
     windows = evaluate.eval_windows(heldout, plan.final_eval_windows, plan.seq_len)
     shipped = evaluate.eval_windows(heldout, plan.shipped_windows, plan.seq_len)
     np.save(out_dir / "heldout.npy", shipped.astype(np.uint16))
-    models, records = {}, {}
-    for role, shape, cap in (("target", plan.target, plan.target_cap_s), ("draft", plan.draft, plan.draft_cap_s)):
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(llama_config(shape, plan.vocab, plan.seq_len)).to(device)
-        teacher = models.get("target")
-        log(f"{role}: {shape.name()}, {shape.params(plan.vocab):,} parameters, up to {plan.final_tokens:.3g} tokens "
-            f"or {cap:.0f} s" + (f", distilled from the target (weight {plan.distill_weight})" if teacher else ""))
-        result = train(model, train_stream, batch=plan.final_batch, seq_len=plan.seq_len, tokens=plan.final_tokens,
-                       cap_s=cap, peak_lr=peak_lr(plan, shape), seed=seed, teacher=teacher,
-                       distill_weight=plan.distill_weight if teacher else 0.0, log=log, compile_model=compile_model)
-        model = model.to(torch.bfloat16)
-        extra = {"distill_weight": plan.distill_weight} if teacher else {}
-        if teacher is not None:
-            extra["greedy_agreement_with_target"] = evaluate.greedy_agreement(model, teacher, windows)
-            extra["shipped_sample_agreement"] = evaluate.greedy_agreement(model, teacher, shipped)
-        extra["shipped_sample_loss"] = float(evaluate.window_losses(model, shipped).mean())
-        extra["sample"] = _greedy_sample(model, tokenizer)
-        records[role] = _record(role, plan, shape, result, windows, model, extra)
-        save_folder(model, tokenizer, out_dir / role, records[role])
-        log(f"{role}: {result.tokens:,} tokens in {result.wall_s:.0f} s (stopped by {result.stopped_by}), "
-            f"held-out loss {records[role]['heldout_loss']:.4f}"
-            + (f", greedy agreement with the target {extra['greedy_agreement_with_target']:.3f}" if teacher else ""))
-        models[role] = model
-    return records
+    common = dict(windows=windows, shipped=shipped, seed=seed, compile_model=compile_model, log=log)
+    target, target_record = _train_role("target", plan, tokenizer, train_stream, out_dir, teacher=None, **common)
+    _, draft_record = _train_role("draft", plan, tokenizer, train_stream, out_dir, teacher=target, **common)
+    return {"target": target_record, "draft": draft_record}
+
+
+def train_draft(plan, tokenizer, train_stream, heldout, out_dir, teacher_dir, *, seed, compile_model, log):
+    """A new draft distilled from an existing target (the shipped one): out_dir/draft."""
+    teacher = LlamaForCausalLM.from_pretrained(teacher_dir, dtype=torch.bfloat16).to(train_stream.device).eval()
+    log(f"teacher: {teacher_dir}")
+    windows = evaluate.eval_windows(heldout, plan.final_eval_windows, plan.seq_len)
+    shipped = evaluate.eval_windows(heldout, plan.shipped_windows, plan.seq_len)
+    _, record = _train_role("draft", plan, tokenizer, train_stream, out_dir, teacher=teacher, windows=windows,
+                            shipped=shipped, seed=seed, compile_model=compile_model, log=log)
+    return record
+
+
+def _train_role(role, plan, tokenizer, train_stream, out_dir, *, teacher, windows, shipped, seed, compile_model, log):
+    shape, cap = (plan.target, plan.target_cap_s) if role == "target" else (plan.draft, plan.draft_cap_s)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(llama_config(shape, plan.vocab, plan.seq_len)).to(train_stream.device)
+    log(f"{role}: {shape.name()}, {shape.params(plan.vocab):,} parameters, up to {plan.final_tokens:.3g} tokens "
+        f"or {cap:.0f} s" + (f", distilled from the target (weight {plan.distill_weight})" if teacher else ""))
+    result = train(model, train_stream, batch=plan.final_batch, seq_len=plan.seq_len, tokens=plan.final_tokens,
+                   cap_s=cap, peak_lr=peak_lr(plan, shape), seed=seed, teacher=teacher,
+                   distill_weight=plan.distill_weight if teacher else 0.0, log=log, compile_model=compile_model)
+    model = model.to(torch.bfloat16)
+    extra = {"distill_weight": plan.distill_weight} if teacher else {}
+    if teacher is not None:
+        extra["greedy_agreement_with_target"] = evaluate.greedy_agreement(model, teacher, windows)
+        extra["shipped_sample_agreement"] = evaluate.greedy_agreement(model, teacher, shipped)
+    extra["shipped_sample_loss"] = float(evaluate.window_losses(model, shipped).mean())
+    extra["sample"] = _greedy_sample(model, tokenizer)
+    record = _record(role, plan, shape, result, windows, model, extra)
+    save_folder(model, tokenizer, out_dir / role, record)
+    log(f"{role}: {result.tokens:,} tokens in {result.wall_s:.0f} s (stopped by {result.stopped_by}), "
+        f"held-out loss {record['heldout_loss']:.4f}"
+        + (f", greedy agreement with the target {extra['greedy_agreement_with_target']:.3f}" if teacher else ""))
+    return model, record
