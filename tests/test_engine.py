@@ -161,7 +161,7 @@ def test_chunking_preemption_and_caching_together_change_nothing(checkpoint, num
 
 def test_engine_demo_serves_synthetic_requests(capsys):
     from pagedlm.cli import main
-    main(["demo", "--engine", "--random-weights", "--requests", "6", "--num-blocks", "120", "--block-size", "8"])
+    main(["demo", "--random-weights", "--requests", "6", "--num-blocks", "120", "--block-size", "8"])
     out = capsys.readouterr().out
     assert "tokens/s" in out and "KV utilization" in out and "preemptions" in out
 

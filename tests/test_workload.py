@@ -27,6 +27,6 @@ def test_cli_info_and_demo(capsys):
     main(["info"])
     out = capsys.readouterr().out
     assert f"pagedlm {pagedlm.__version__}" in out and "CUDA kernels" in out
-    main(["demo", "--requests", "40", "--num-blocks", "2048", "--quiet"])
+    main(["demo", "--block-manager", "--requests", "40", "--num-blocks", "2048", "--quiet"])
     out = capsys.readouterr().out
     assert "tokens generated" in out and "prefix cache" in out

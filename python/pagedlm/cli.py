@@ -1,6 +1,7 @@
-"""The `pagedlm` command: `info` (build and GPU), `demo` (the block manager serving a
-simulated workload), `generate` (text from a model folder), `scaling` (parameter, FLOP and
-memory estimators, scaling laws)."""
+"""The `pagedlm` command: `info` (build and GPU), `demo` (pagedlm.LLM serving synthetic
+requests, or the block manager alone on a simulated workload), `generate` (text from a model
+folder, the shipped one by default), `scaling` (parameter, FLOP and memory estimators, scaling
+laws)."""
 import argparse
 import statistics
 import sys
@@ -33,14 +34,14 @@ def _info(args):
 
 
 def _demo(args):
-    if args.engine:
+    if not args.block_manager:
         return _engine_demo(args)
     from tqdm import tqdm
 
     import pagedlm
     from pagedlm.workload import simulate, synthetic_requests
 
-    requests = synthetic_requests(args.requests, seed=args.seed)
+    requests = synthetic_requests(args.requests or 1000, seed=args.seed)
     bm = pagedlm.BlockManager(args.num_blocks, args.block_size, enable_prefix_caching=not args.no_prefix_caching)
     print(f"Serving {len(requests)} simulated requests with {bm!r}")
     with tqdm(unit=" steps", disable=args.quiet) as bar:
@@ -104,7 +105,7 @@ def _engine_demo(args):
         llm, what = LLM(folder, **options), str(folder)
     positions = llm.model.args.max_position_embeddings  # requests stay within what the model was trained on
     max_new = min(64, positions // 4)
-    requests = synthetic_requests(args.requests, seed=args.seed, max_prompt=min(512, positions - max_new),
+    requests = synthetic_requests(args.requests or 300, seed=args.seed, max_prompt=min(512, positions - max_new),
                                   max_new_tokens=max_new, vocab_size=llm.model.args.vocab_size)
     params = [SamplingParams(n=r.num_samples, temperature=0.8, max_tokens=r.max_new_tokens, ignore_eos=True,
                              seed=i) for i, r in enumerate(requests)]
@@ -146,18 +147,19 @@ def build_parser():
     info = sub.add_parser("info", help="version, CUDA build and visible GPUs")
     info.set_defaults(func=_info)
 
-    demo = sub.add_parser("demo", help="the block manager serving a simulated workload")
-    demo.add_argument("--requests", type=int, default=1000)
+    demo = sub.add_parser("demo", help="pagedlm.LLM serving synthetic requests with continuous batching "
+                                       "(--block-manager: the block manager alone, on a simulated workload)")
+    demo.add_argument("--requests", type=int, help="default: 300 (engine), 1000 (--block-manager)")
     demo.add_argument("--num-blocks", type=int, default=16384)
     demo.add_argument("--block-size", type=int, default=16)
-    demo.add_argument("--max-running", type=int, default=256)
-    demo.add_argument("--no-prefix-caching", action="store_true")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--quiet", action="store_true", help="no progress bar")
-    demo.add_argument("--engine", action="store_true",
-                      help="serve the requests with pagedlm.LLM and the shipped code model (needs torch)")
-    demo.add_argument("--model", help="with --engine: a model folder instead of the shipped one")
-    demo.add_argument("--random-weights", action="store_true", help="with --engine: a small random-weight Llama")
+    demo.add_argument("--model", help="a model folder instead of the shipped one")
+    demo.add_argument("--random-weights", action="store_true", help="a small random-weight Llama instead")
+    demo.add_argument("--block-manager", action="store_true",
+                      help="replay a simulated workload on the block manager alone (no model, no torch)")
+    demo.add_argument("--max-running", type=int, default=256, help="with --block-manager")
+    demo.add_argument("--no-prefix-caching", action="store_true", help="with --block-manager")
+    demo.add_argument("--quiet", action="store_true", help="with --block-manager: no progress bar")
     demo.set_defaults(func=_demo)
 
     generate = sub.add_parser("generate", help="generate text with a Llama-family model folder")
