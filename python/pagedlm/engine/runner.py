@@ -42,7 +42,7 @@ class ModelRunner:
         tables = torch.from_numpy(self.bm.block_tables(seq_ids))
         slots = torch.from_numpy(self.bm.slot_mapping(seq_ids, counts))
         if all(c == 1 for c in counts):
-            ids = [s.seq.tokens[s.seq.num_cached] for s in computing]
+            ids = [s.seq.token_range(s.seq.num_cached, s.seq.num_cached + 1)[0] for s in computing]
             positions = [s.seq.num_cached for s in computing]
             if self.graphs is not None and self.graphs.fits(len(computing), tables.shape[1]):
                 return self.graphs.run(ids, positions, slots, tables)
@@ -50,7 +50,7 @@ class ModelRunner:
         ids, positions = [], []
         for s in computing:
             start = s.seq.num_cached  # the step computes tokens [start, start + num_new)
-            ids += s.seq.tokens[start:start + s.num_new]
+            ids += s.seq.token_range(start, start + s.num_new)
             positions += range(start, start + s.num_new)
         return self._eager(ids, positions, slots, tables, counts, decode_only=False)
 

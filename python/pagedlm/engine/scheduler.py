@@ -68,7 +68,7 @@ class Scheduler:
             if not self.bm.can_allocate(count + len(group)):
                 break
             self.waiting.popleft()
-            cached = self.bm.allocate(first.seq_id, first.tokens[:count])
+            cached = self.bm.allocate(first.seq_id, first.token_range(0, count))
             first.num_cached = cached
             if not first.output:
                 first.cached_prompt_tokens = cached
@@ -85,7 +85,7 @@ class Scheduler:
     def _reserve(self, seq, count, copies):
         """Slots for the seq's next `count` uncached tokens; False when blocks ran out."""
         try:
-            copies += self.bm.append(seq.seq_id, seq.tokens[seq.num_cached:seq.num_cached + count])
+            copies += self.bm.append(seq.seq_id, seq.token_range(seq.num_cached, seq.num_cached + count))
             return True
         except pagedlm.OutOfBlocksError:
             return False

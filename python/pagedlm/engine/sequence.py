@@ -51,5 +51,12 @@ class Sequence:
     def tokens(self):
         return self.prompt + self.output
 
+    def token_range(self, start, stop):
+        """tokens[start:stop] without building the whole list (the engine asks every step)."""
+        prompt_len = len(self.prompt)
+        if start >= prompt_len:
+            return self.output[start - prompt_len:stop - prompt_len]
+        return self.prompt[start:stop] + self.output[:max(0, stop - prompt_len)]
+
     def __len__(self):
         return len(self.prompt) + len(self.output)

@@ -86,7 +86,7 @@ class Speculator:
             draft = drafts.get(s.seq)
             extra = draft.tokens if draft else []
             rows = range(s.num_new - 1, s.num_new + len(extra))
-            items.append(ForwardItem(s.seq.seq_id, s.seq.tokens[s.seq.num_cached:][:s.num_new] + extra,
+            items.append(ForwardItem(s.seq.seq_id, s.seq.token_range(s.seq.num_cached, s.seq.num_cached + s.num_new) + extra,
                                      s.seq.num_cached, len(extra), draft.parents if draft else None, list(rows)))
         logits = paged_forward(self.runner.model, self.runner.kv_caches, self.runner.bm, self.runner.device, items)
         by_seq, first = {}, 0
