@@ -9,6 +9,7 @@ import torch
 
 import pagedlm
 from pagedlm import LLM, SamplingParams
+from pagedlm.spec.pay_switch import PROBE_EVERY, PaySwitch
 
 transformers = pytest.importorskip("transformers")
 scipy_stats = pytest.importorskip("scipy.stats")
@@ -18,12 +19,14 @@ TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=112, num_hidden_lay
 OTHER = dict(TINY, hidden_size=32, intermediate_size=48, num_hidden_layers=1)
 
 GREEDY = SamplingParams(temperature=0, max_tokens=14, ignore_eos=True)
+# The timing switch (pay_switch.py) is off here so that acceptance metrics are deterministic;
+# test_the_pay_switch_changes_no_greedy_token turns it on.
 METHODS = {
-    "ngram": dict(method="ngram", num_tokens=3, max_ngram=3),
-    "draft-same": dict(method="draft", model="target", num_tokens=4),
-    "draft-other": dict(method="draft", model="other", num_tokens=3),
-    "jacobi": dict(method="jacobi", num_tokens=4),
-    "lookahead": dict(method="lookahead", window=4, ngram=3, guesses=3),
+    "ngram": dict(method="ngram", num_tokens=3, max_ngram=3, adaptive=False),
+    "draft-same": dict(method="draft", model="target", num_tokens=4, adaptive=False),
+    "draft-other": dict(method="draft", model="other", num_tokens=3, adaptive=False),
+    "jacobi": dict(method="jacobi", num_tokens=4, adaptive=False),
+    "lookahead": dict(method="lookahead", window=4, ngram=3, guesses=3, adaptive=False),
 }
 
 
@@ -89,6 +92,42 @@ def test_greedy_equals_plain_decoding(models, plain, name, batch_size):
 
 
 @pytest.mark.parametrize("name", METHODS)
+def test_the_pay_switch_changes_no_greedy_token(models, plain, name):
+    batch = prompts(5, seed=2)
+    llm = LLM(models["target"], device="cpu", block_size=4, num_blocks=256,
+              speculative=dict(speculative(name, models), adaptive=True))
+    assert tokens(llm.generate(batch, GREEDY, use_tqdm=False)) == plain(batch)
+    assert llm.speculator.switch.steps > 0
+
+
+def test_the_pay_switch_gates_greedy_sequences_only(models, monkeypatch):
+    monkeypatch.setattr(PaySwitch, "drafting", lambda self: False)  # drafting never pays
+    llm = LLM(models["target"], device="cpu", block_size=4, num_blocks=256,
+              speculative=dict(speculative("draft-same", models), adaptive=True))
+    greedy, sampled = prompts(2, seed=3)
+    ids = [llm.add_request(greedy, GREEDY),
+           llm.add_request(sampled, SamplingParams(temperature=0.8, max_tokens=14, seed=1, ignore_eos=True))]
+    while llm.scheduler.has_work():
+        llm.step()
+    greedy_out, sampled_out = (llm.take_output(i) for i in ids)
+    assert greedy_out.metrics["draft_steps"] == 0 and sampled_out.metrics["draft_steps"] > 0
+
+
+def test_pay_switch_drafts_while_drafting_emits_faster_and_keeps_measuring():
+    switch = PaySwitch()
+    assert switch.drafting() is True
+    switch.record(True, tokens=2, seconds=1.0)    # drafting: 2 tokens/s
+    assert switch.drafting() is False
+    switch.record(False, tokens=3, seconds=1.0)   # plain: 3 tokens/s
+    choices = [switch.drafting() for _ in range(2 * PROBE_EVERY)]
+    assert choices.count(True) == 2               # plain wins; drafting is probed every PROBE_EVERY steps
+    for _ in range(20):                           # the text turns easy: drafting now emits 8 tokens/s
+        switch.record(True, tokens=8, seconds=1.0)
+    choices = [switch.drafting() for _ in range(PROBE_EVERY)]
+    assert choices.count(False) == 1              # drafting wins; plain is probed once per PROBE_EVERY
+
+
+@pytest.mark.parametrize("name", METHODS)
 def test_chunking_preemption_and_prefix_caching_change_nothing(models, plain, name):
     batch = prompts(8, seed=9, low=5, high=60)
     llm = LLM(models["target"], device="cpu", block_size=4, num_blocks=40, max_num_batched_tokens=16,
@@ -147,7 +186,8 @@ def test_bad_speculative_configs_name_the_key(models):
     for config, key in [(dict(method="medusa"), "speculative"), (dict(method="ngram", num_tokens=3), "speculative"),
                         (dict(method="ngram", num_tokens=0, max_ngram=2), "num_tokens"),
                         (dict(method="lookahead", window=3, ngram=1, guesses=2), "ngram"),
-                        (dict(method="jacobi", num_tokens=2.5), "num_tokens")]:
+                        (dict(method="jacobi", num_tokens=2.5), "num_tokens"),
+                        (dict(method="jacobi", num_tokens=2, adaptive="yes"), "adaptive")]:
         with pytest.raises(ValueError, match=key):
             LLM(models["target"], device="cpu", num_blocks=8, speculative=config)
 

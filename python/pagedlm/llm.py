@@ -82,7 +82,8 @@ class LLM:
         if speculative is not None:
             proposer = make_proposer(speculative, draft_model=draft, num_blocks=num_blocks, block_size=block_size,
                                      device=self.device, engine_seed=seed)
-            self.speculator = Speculator(proposer, self.runner, max_num_batched_tokens, seed)
+            self.speculator = Speculator(proposer, self.runner, max_num_batched_tokens, seed,
+                                         adaptive=speculative.get("adaptive", True))
         self._ids = itertools.count()
         self._requests = {}
 

@@ -4,6 +4,7 @@ Methods (each in its own module): "ngram" (prompt lookup), "draft" (a smaller mo
 own paged cache), "jacobi" (a window of guesses iterated to its fixed point) and "lookahead"
 (2-D Jacobi window, n-gram pool, verification trie in one forward). All are lossless: greedy
 requests emit exactly plain greedy decoding's tokens, sampled ones the target's distribution.
+Every method also takes "adaptive" (default True): the engine-wide switch of pay_switch.py.
 """
 from pagedlm.spec.draft_model import DraftModelProposer
 from pagedlm.spec.jacobi import JacobiProposer
@@ -22,10 +23,12 @@ def check_config(config):
     if not isinstance(config, dict) or config.get("method") not in _KEYS:
         raise ValueError(f"speculative: expected a dict with method in {sorted(_KEYS)}, got {config!r}")
     method = config["method"]
-    given = set(config) - {"method"}
+    given = set(config) - {"method", "adaptive"}
     if given != _KEYS[method]:
         raise ValueError(f"speculative: method {method!r} takes keys {sorted(_KEYS[method])}, got {sorted(given)}")
-    ints = {k: v for k, v in config.items() if k not in ("method", "model")}
+    if not isinstance(config.get("adaptive", True), bool):
+        raise ValueError(f"speculative['adaptive']: must be True or False, got {config['adaptive']!r}")
+    ints = {k: v for k, v in config.items() if k not in ("method", "model", "adaptive")}
     for key, value in ints.items():
         smallest = 2 if key == "ngram" else 1
         if isinstance(value, bool) or not isinstance(value, int) or value < smallest:

@@ -9,9 +9,11 @@ exactly their causal KV; for a tree, nothing more (accepted tokens are recompute
 and tree slots carry the id -1, so no tree block can ever match a real prompt in the prefix
 cache). Rejected tokens never reach the output.
 
-The switch: a sequence whose drafts are all rejected BACKOFF_AFTER steps in a row stops
-drafting for 1, 2, 4, ... (at most MAX_PAUSE) steps, and decodes plainly meanwhile; an
-accepted draft resets it. So a method that does not pay on some text costs little there.
+Two switches keep a method from costing more than it saves. Per sequence: one whose drafts
+are all rejected BACKOFF_AFTER steps in a row stops drafting for 1, 2, 4, ... (at most
+MAX_PAUSE) steps, and decodes plainly meanwhile; an accepted draft resets it. Engine-wide
+(unless the config says "adaptive": False): PaySwitch times decode steps with and without
+drafts and lets greedy sequences draft only while drafting emits more tokens per second.
 """
 import time
 from collections import defaultdict
@@ -23,6 +25,7 @@ import pagedlm.ops as ops
 from pagedlm.engine.sampler import sample
 from pagedlm.engine.sequence import Status
 from pagedlm.engine.forward import ForwardItem, paged_forward
+from pagedlm.spec.pay_switch import PaySwitch
 from pagedlm.spec.sampling import token_logprobs
 from pagedlm.spec.verification import accept
 
@@ -31,8 +34,9 @@ BACKOFF_AFTER, MAX_PAUSE = 2, 16
 
 
 class Speculator:
-    def __init__(self, proposer, runner, max_num_batched_tokens, engine_seed):
+    def __init__(self, proposer, runner, max_num_batched_tokens, engine_seed, *, adaptive=True):
         self.proposer, self.runner = proposer, runner
+        self.switch = PaySwitch() if adaptive else None
         self.budget, self.engine_seed = max_num_batched_tokens, engine_seed
         self.stats = defaultdict(lambda: dict(drafted=0, accepted=0, verify_steps=0, forwards=0, drafting_s=0.0))
         self.misses, self.paused = defaultdict(int), defaultdict(int)  # per sequence: the switch
@@ -41,17 +45,21 @@ class Speculator:
         """One forward; returns {seq: [(token, logprob), ...]} for the sequences that emit."""
         for seq in [s for s in self.stats if s.status == Status.FINISHED]:
             self.proposer.forget(seq)
-        drafts = self._draft(scheduled, copies)
+        start = time.perf_counter()
+        greedy_may_draft = self.switch is None or self.switch.drafting()
+        drafts = self._draft(scheduled, copies, greedy_may_draft)
         emitted = self._speculative_step(scheduled, copies, drafts) if drafts else self._plain_step(scheduled, copies)
         for seq in emitted:
             self.stats[seq]["forwards"] += 1
+        if self.switch is not None and all(s.num_new <= 1 for s in scheduled):  # prompt chunks blur the timing
+            self.switch.record(bool(drafts), sum(map(len, emitted.values())), time.perf_counter() - start)
         return emitted
 
-    def _draft(self, scheduled, copies):
+    def _draft(self, scheduled, copies, greedy_may_draft):
         """{seq: draft} whose slots are reserved, within the step's token budget."""
         computing = [s for s in scheduled if s.num_new > 0]
         candidates = [s.seq for s in computing if s.seq.output and s.num_new == len(s.seq) - s.seq.num_cached
-                      and self._drafting(s.seq)]
+                      and (greedy_may_draft or s.seq.params.temperature != 0) and self._drafting(s.seq)]
         left = self.budget - sum(s.num_new for s in computing)
         caps = [max(0, s.params.max_tokens - len(s.output) - 1) if left > 0 else 0 for s in candidates]
         if not any(caps):
