@@ -118,13 +118,16 @@ def test_pay_switch_drafts_while_drafting_emits_faster_and_keeps_measuring():
     assert switch.drafting() is True
     switch.record(True, tokens=2, seconds=1.0)    # drafting: 2 tokens/s
     assert switch.drafting() is False
-    switch.record(False, tokens=3, seconds=1.0)   # plain: 3 tokens/s
-    choices = [switch.drafting() for _ in range(2 * PROBE_EVERY)]
-    assert choices.count(True) == 2               # plain wins; drafting is probed every PROBE_EVERY steps
+    switch.record(False, tokens=3, seconds=1.0)   # plain: 3 tokens/s wins
+    choices = [switch.drafting() for _ in range(8 * PROBE_EVERY)]
+    # Probes of the losing mode after PROBE_EVERY steps, then 2x and 4x as long: they thin out.
+    probes = [i for i, drafted in enumerate(choices) if drafted]
+    assert len(probes) == 3 and probes[0] == PROBE_EVERY
+    assert probes[1] - probes[0] == 2 * PROBE_EVERY and probes[2] - probes[1] == 4 * PROBE_EVERY
     for _ in range(20):                           # the text turns easy: drafting now emits 8 tokens/s
         switch.record(True, tokens=8, seconds=1.0)
-    choices = [switch.drafting() for _ in range(PROBE_EVERY)]
-    assert choices.count(False) == 1              # drafting wins; plain is probed once per PROBE_EVERY
+    choices = [switch.drafting() for _ in range(PROBE_EVERY + 1)]
+    assert choices.count(False) == 1              # drafting wins; probes start over at PROBE_EVERY
 
 
 @pytest.mark.parametrize("name", METHODS)

@@ -4,22 +4,26 @@ Acceptance alone (the per-sequence backoff in speculator.py) cannot tell whether
 pays: a method can be accepted often and still lose, as a large lookahead tree does at batch
 16, or a draft model nearly as slow as its target. So the speculator also times its decode
 steps: it keeps an exponential average of emitted tokens per second in steps with drafts and
-in steps without, drafts while the first is at least the second, and re-measures the other
-mode every PROBE_EVERY steps so it notices when the balance turns (requests finish, the
-batch shrinks, acceptance changes with the text).
+in steps without, and drafts while the first is at least the second. It re-measures the other
+mode now and then, to notice when the balance turns (requests finish, the batch shrinks,
+acceptance changes with the text); a probe of the losing mode costs a slow step, so probes
+thin out while they keep confirming the choice: after PROBE_EVERY steps, then twice as long
+each time, up to MAX_PROBE_INTERVAL; a change of choice starts over.
 
 It gates greedy sequences only. A seeded sampled sequence's tokens depend on which of its
 steps drafted, and they must never depend on timing; those keep the acceptance rule alone.
 """
 
-PROBE_EVERY = 16   # steps between two measurements of the mode not in use
-SMOOTHING = 0.25   # weight of the newest step in the averages
+PROBE_EVERY = 16           # steps to the first measurement of the mode not in use
+MAX_PROBE_INTERVAL = 256   # the longest gap between two such measurements
+SMOOTHING = 0.25           # weight of the newest step in the averages
 
 
 class PaySwitch:
     def __init__(self):
         self.rate = {True: None, False: None}  # drafting? -> emitted tokens per second
         self.steps = 0
+        self.choice, self.interval, self.next_probe = None, PROBE_EVERY, PROBE_EVERY
 
     def drafting(self):
         """Whether greedy sequences draft this step."""
@@ -29,7 +33,13 @@ class PaySwitch:
         if self.rate[False] is None:
             return False
         pays = self.rate[True] >= self.rate[False]
-        return not pays if self.steps % PROBE_EVERY == 0 else pays
+        if pays != self.choice:
+            self.choice, self.interval, self.next_probe = pays, PROBE_EVERY, self.steps + PROBE_EVERY
+        if self.steps >= self.next_probe:
+            self.interval = min(2 * self.interval, MAX_PROBE_INTERVAL)
+            self.next_probe = self.steps + self.interval
+            return not pays
+        return pays
 
     def record(self, drafted, tokens, seconds):
         """One decode step's result: whether it drafted, tokens it emitted, its wall time."""
