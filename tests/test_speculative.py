@@ -9,7 +9,7 @@ import torch
 
 import pagedlm
 from pagedlm import LLM, SamplingParams
-from pagedlm.spec.pay_switch import PROBE_EVERY, PaySwitch
+from pagedlm.spec.pay_switch import PROBE_EVERY, PROBE_LENGTH, PaySwitch
 
 transformers = pytest.importorskip("transformers")
 scipy_stats = pytest.importorskip("scipy.stats")
@@ -120,14 +120,17 @@ def test_pay_switch_drafts_while_drafting_emits_faster_and_keeps_measuring():
     assert switch.drafting() is False
     switch.record(False, tokens=3, seconds=1.0)   # plain: 3 tokens/s wins
     choices = [switch.drafting() for _ in range(8 * PROBE_EVERY)]
-    # Probes of the losing mode after PROBE_EVERY steps, then 2x and 4x as long: they thin out.
-    probes = [i for i, drafted in enumerate(choices) if drafted]
-    assert len(probes) == 3 and probes[0] == PROBE_EVERY
-    assert probes[1] - probes[0] == 2 * PROBE_EVERY and probes[2] - probes[1] == 4 * PROBE_EVERY
+    # Probes of the losing mode, PROBE_LENGTH steps each, start after PROBE_EVERY steps and
+    # then twice and four times as far apart: they thin out while they confirm the choice.
+    starts = [i for i, drafted in enumerate(choices) if drafted and (i == 0 or not choices[i - 1])]
+    assert starts[0] == PROBE_EVERY and len(starts) == 3 and choices.count(True) == 3 * PROBE_LENGTH
+    assert [b - a for a, b in zip(starts, starts[1:])] == [2 * PROBE_EVERY + PROBE_LENGTH,
+                                                          4 * PROBE_EVERY + PROBE_LENGTH]
     for _ in range(20):                           # the text turns easy: drafting now emits 8 tokens/s
         switch.record(True, tokens=8, seconds=1.0)
-    choices = [switch.drafting() for _ in range(PROBE_EVERY + 1)]
-    assert choices.count(False) == 1              # drafting wins; probes start over at PROBE_EVERY
+    assert switch.rate(True) > switch.rate(False)
+    choices = [switch.drafting() for _ in range(PROBE_EVERY + PROBE_LENGTH)]
+    assert choices[0] is True and choices.count(False) == PROBE_LENGTH  # probes start over
 
 
 @pytest.mark.parametrize("name", METHODS)
