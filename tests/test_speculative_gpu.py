@@ -1,0 +1,72 @@
+"""Speculative decoding and beam search on the GPU (marker gpu): in f32, every method's greedy
+output equals plain greedy decoding on the same device (whose decode steps replay CUDA graphs
+while speculative steps run the paged prefill kernel), with the timing switch on and off; and
+beam search gives the CPU's beams."""
+import pytest
+import torch
+
+from pagedlm import LLM, BeamSearchParams, SamplingParams
+
+transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.gpu
+
+TARGET = dict(vocab_size=151, hidden_size=256, intermediate_size=320, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-5, initializer_range=0.05)
+DRAFT = dict(TARGET, hidden_size=128, intermediate_size=192, num_hidden_layers=1, num_attention_heads=2,
+             num_key_value_heads=1)  # head_dim 64, as the CUDA kernels need
+GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+METHODS = {
+    "ngram": dict(method="ngram", num_tokens=3, max_ngram=3),
+    "draft-same": dict(method="draft", model="target", num_tokens=4),
+    "draft-other": dict(method="draft", model="draft", num_tokens=3),
+    "jacobi": dict(method="jacobi", num_tokens=4),
+    "lookahead": dict(method="lookahead", window=4, ngram=3, guesses=3),
+}
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("spec-gpu")
+    for name, config, seed in (("target", TARGET, 0), ("draft", DRAFT, 1)):
+        torch.manual_seed(seed)
+        transformers.LlamaForCausalLM(transformers.LlamaConfig(**config)).save_pretrained(root / name)
+    return {"target": root / "target", "draft": root / "draft"}
+
+
+def engine(folders, device="cuda", **kwargs):
+    return LLM(folders["target"], device=device, dtype=torch.float32, block_size=16, num_blocks=1024, **kwargs)
+
+
+def prompts(count, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    # Repeated snippets give prompt lookup and the n-gram pool something to find.
+    return [torch.randint(TARGET["vocab_size"], (int(torch.randint(4, 30, (1,), generator=g)),), generator=g).tolist() * 2
+            for _ in range(count)]
+
+
+def tokens(outputs):
+    return [[o.token_ids for o in r.outputs] for r in outputs]
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize("name", METHODS)
+def test_greedy_equals_plain_decoding_on_the_gpu(folders, name, adaptive):
+    batch = prompts(5)
+    expected = tokens(engine(folders).generate(batch, GREEDY, use_tqdm=False))
+    config = dict(METHODS[name], adaptive=adaptive)
+    if "model" in config:
+        config["model"] = folders[config["model"]]
+    llm = engine(folders, speculative=config)
+    outputs = llm.generate(batch, GREEDY, use_tqdm=False)
+    assert tokens(outputs) == expected
+    if name == "draft-same" and not adaptive:
+        assert all(o.metrics["acceptance_rate"] > 0.95 for o in outputs)
+    assert llm.block_manager.stats()["used_blocks"] == 0
+
+
+def test_beam_search_on_the_gpu_equals_the_cpu(folders):
+    params = BeamSearchParams(beam_width=3, max_tokens=12, ignore_eos=True)
+    batch = prompts(3, seed=4)
+    on_gpu = engine(folders).beam_search(batch, params)
+    on_cpu = engine(folders, device="cpu").beam_search(batch, params)
+    assert [[o.token_ids for o in r.outputs] for r in on_gpu] == [[o.token_ids for o in r.outputs] for r in on_cpu]
