@@ -3,13 +3,13 @@
 # (wiping build/ first), report the build and the card, run the GPU tests and
 # compute-sanitizer, then the benchmarks with the anchors side by side. Results go to
 # $OUT (or ./gpu-out). FlashInfer's sdist is expected in .anchors/ (carried).
-#   bash bench/gpu_check.sh [--no-tests] [--no-bench] [--bench "decode prefill verify engine decoding"]
+#   bash bench/gpu_check.sh [--no-tests] [--no-bench] [--bench "decode prefill verify engine decoding pay_switch"]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu-out}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 CMAKE_BUILD_PARALLEL_LEVEL=16
-run_tests=1 run_bench=1 benches="decode prefill verify engine decoding"
+run_tests=1 run_bench=1 benches="decode prefill verify engine decoding pay_switch"
 while [ $# -gt 0 ]; do
   case $1 in --no-tests) run_tests=0 ;; --no-bench) run_bench=0 ;; --bench) benches=$2; shift ;; esac
   shift
@@ -48,7 +48,8 @@ if [ $run_bench = 1 ]; then
   fi
   export PAGEDLM_COMMIT=$(cat .git-commit 2>/dev/null || echo unknown)
   declare -A script=([decode]=bench_paged_decode [prefill]=bench_paged_prefill [verify]=bench_verify
-                     [engine]=bench_engine [decoding]=bench_decoding)
+                     [engine]=bench_engine [decoding]=bench_decoding
+                     [pay_switch]=bench_pay_switch)
   for name in $benches; do
     python3 "bench/${script[$name]}.py" --out "$OUT/$name.md" > "$OUT/bench-$name.log" 2>&1 || status=1
     tail -12 "$OUT/bench-$name.log"
