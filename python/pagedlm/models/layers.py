@@ -49,18 +49,18 @@ class Attention(nn.Module):
     def __init__(self, args):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
-        bias = args.attention_bias
-        self.q_proj = nn.Linear(args.hidden_size, args.num_heads * args.head_dim, bias=bias)
-        self.k_proj = nn.Linear(args.hidden_size, args.num_kv_heads * args.head_dim, bias=bias)
-        self.v_proj = nn.Linear(args.hidden_size, args.num_kv_heads * args.head_dim, bias=bias)
+        self.q_size, self.kv_size = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
+        # q, k and v in one matmul: the checkpoint's q_proj, k_proj and v_proj are its row blocks.
+        self.qkv_proj = nn.Linear(args.hidden_size, self.q_size + 2 * self.kv_size, bias=args.attention_bias)
         self.o_proj = nn.Linear(args.num_heads * args.head_dim, args.hidden_size, bias=False)
         self.sliding_window = args.sliding_window
 
     def forward(self, x, positions, inv_freq, batch, kv_cache):
         tokens = x.shape[0]
-        q = apply_rope(self.q_proj(x).view(tokens, self.num_heads, self.head_dim), positions, inv_freq)
-        k = apply_rope(self.k_proj(x).view(tokens, self.num_kv_heads, self.head_dim), positions, inv_freq)
-        v = self.v_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = apply_rope(q.view(tokens, self.num_heads, self.head_dim), positions, inv_freq)
+        k = apply_rope(k.view(tokens, self.num_kv_heads, self.head_dim), positions, inv_freq)
+        v = v.contiguous().view(tokens, self.num_kv_heads, self.head_dim)
         key_cache, value_cache = kv_cache
         ops.write_kv_cache(k, v, key_cache, value_cache, batch.slot_mapping)
         if batch.decode_only:
@@ -76,9 +76,10 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, args):
         super().__init__()
-        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        # gate and up in one matmul: the checkpoint's gate_proj and up_proj are its row blocks.
+        self.gate_up_proj = nn.Linear(args.hidden_size, 2 * args.intermediate_size, bias=False)
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(nn.functional.silu(gate) * up)

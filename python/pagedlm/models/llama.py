@@ -51,7 +51,8 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    """Parameter names follow Hugging Face's, so a safetensors checkpoint loads as it is."""
+    """Parameter names follow Hugging Face's, except the fused qkv_proj and gate_up_proj, whose
+    row blocks are the checkpoint's q/k/v_proj and gate/up_proj (loader.checkpoint_names)."""
 
     def __init__(self, args):
         super().__init__()

@@ -41,6 +41,31 @@ def _weight_files(folder):
     return files
 
 
+# Our fused parameters and the checkpoint parameters stacked in them, in row order.
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def checkpoint_names(model):
+    """{Hugging Face parameter name: (our parameter, its rows that hold it)}: most names map to a
+    whole parameter of ours; q/k/v and gate/up map to row blocks of qkv_proj and gate_up_proj."""
+    args = model.args
+    rows = {"qkv_proj": (args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim,
+                         args.num_kv_heads * args.head_dim),
+            "gate_up_proj": (args.intermediate_size, args.intermediate_size)}
+    names = {}
+    for name, param in model.named_parameters():
+        module, _, kind = name.rpartition(".")        # ...self_attn.qkv_proj, weight
+        parent, _, leaf = module.rpartition(".")
+        if leaf not in FUSED:
+            names[name] = (param, slice(None))
+            continue
+        start = 0
+        for part, size in zip(FUSED[leaf], rows[leaf]):
+            names[f"{parent}.{part}.{kind}"] = (param, slice(start, start + size))
+            start += size
+    return names
+
+
 def load_model(folder, *, dtype=torch.float32, device="cpu"):
     """A LlamaForCausalLM with the folder's weights, in dtype on device."""
     args = ModelArgs.from_hf(read_config(folder), source=str(Path(folder) / "config.json"))
@@ -50,7 +75,7 @@ def load_model(folder, *, dtype=torch.float32, device="cpu"):
     if args.tie_word_embeddings:  # to_empty made the two parameters separate again
         model.lm_head.weight = model.model.embed_tokens.weight
     _keep_rope_in_f32(model, device)
-    expected = dict(model.named_parameters())
+    expected = checkpoint_names(model)
     loaded = set()
     for f in _weight_files(folder):
         try:
@@ -60,11 +85,12 @@ def load_model(folder, *, dtype=torch.float32, device="cpu"):
         for name, tensor in tensors.items():
             if name not in expected:
                 continue  # e.g. rotary buffers some exporters include
-            if expected[name].shape != tensor.shape:
+            param, rows = expected[name]
+            if param[rows].shape != tensor.shape:
                 raise ValueError(f"{f}: {name} has shape {tuple(tensor.shape)}, the config implies "
-                                 f"{tuple(expected[name].shape)}")
+                                 f"{tuple(param[rows].shape)}")
             with torch.no_grad():
-                expected[name].copy_(tensor)
+                param[rows].copy_(tensor)
             loaded.add(name)
     if args.tie_word_embeddings:
         loaded.add("lm_head.weight")
