@@ -13,7 +13,7 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=true
 WORK=$(mktemp -d)
 
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
-# Each model stops at its own wall-clock cap (150 + 60 s); the timeout only guards against a hang.
+# Each model stops at its own wall-clock cap (150 + 55 s); the timeout only guards against a hang.
 status=0
 timeout 500 python3 tools/train_tiny.py --mode final --out "$WORK" --device cuda "$@" || status=$?
 
