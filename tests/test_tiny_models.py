@@ -83,3 +83,11 @@ def test_draft_agrees_with_target_as_recorded(sample_logits):
     # The same windows on the GPU in bf16, where a few near-ties may break the other way.
     assert agreement == pytest.approx(record("draft")["shipped_sample_agreement"], abs=0.03)
     assert record("draft")["greedy_agreement_with_target"] >= 0.6  # the target, over all held-out windows
+
+
+def test_cli_generates_code_with_no_arguments(capsys):
+    from pagedlm.cli import main
+    assert main(["generate", "--device", "cpu", "--max-tokens", "12"]) == 0
+    printed = capsys.readouterr()
+    assert printed.out.startswith("def fibonacci(n):") and len(printed.out) > len("def fibonacci(n):") + 5
+    assert "12 tokens, length" in printed.err

@@ -6,6 +6,8 @@ import argparse
 import statistics
 import sys
 
+DEFAULT_PROMPT = "def fibonacci(n):"  # what the shipped code model writes when asked nothing
+
 
 def _info(args):
     import pagedlm
@@ -163,7 +165,8 @@ def build_parser():
     demo.set_defaults(func=_demo)
 
     generate = sub.add_parser("generate", help="generate text with a Llama-family model folder")
-    generate.add_argument("prompts", nargs="+")
+    generate.add_argument("prompts", nargs="*", default=[DEFAULT_PROMPT],
+                          help=f"one or more prompts (default: {DEFAULT_PROMPT!r})")
     generate.add_argument("--model", help="folder with config.json, *.safetensors, tokenizer.json "
                                            "(default: the code model shipped in the package)")
     generate.add_argument("--max-tokens", type=int, default=64)
