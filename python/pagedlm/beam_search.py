@@ -15,8 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pagedlm import ops
-from pagedlm.engine.forward import ForwardItem, paged_forward
+from pagedlm.engine.forward import ForwardItem, apply_block_copies, paged_forward
 
 
 @dataclass(frozen=True)
@@ -150,9 +149,7 @@ class BeamSearch:
             if not last:  # the last step's tokens are never computed
                 copies += self.bm.append(seq_id, [token])
             new_beams.append(Beam(seq_id, beam.tokens + [token], cum))
-        if copies:
-            mapping = torch.tensor(copies, dtype=torch.int64, device=self.device)
-            ops.copy_blocks([k for k, _ in self.kv_caches], [v for _, v in self.kv_caches], mapping)
+        apply_block_copies(self.kv_caches, copies, self.device)
         return new_beams
 
     def _count_sharing(self, beams):

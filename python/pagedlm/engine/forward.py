@@ -6,7 +6,15 @@ from dataclasses import dataclass
 
 import torch
 
+import pagedlm.ops as ops
 from pagedlm.models import AttentionBatch
+
+
+def apply_block_copies(kv_caches, copies, device):
+    """The copy-on-write (src, dst) block pairs BlockManager.append returned, in every layer."""
+    if copies:
+        mapping = torch.tensor(copies, dtype=torch.int64).to(device, non_blocking=True)
+        ops.copy_blocks([k for k, _ in kv_caches], [v for _, v in kv_caches], mapping)
 
 
 @dataclass

@@ -3,8 +3,8 @@ forward over the paged cache (a captured CUDA graph for decode-only steps on the
 return the next-token logits of the sequences that now have every token cached."""
 import torch
 
-import pagedlm.ops as ops
 from pagedlm.engine.cuda_graphs import DecodeGraphs
+from pagedlm.engine.forward import apply_block_copies
 from pagedlm.models import AttentionBatch
 
 
@@ -16,9 +16,7 @@ class ModelRunner:
     def step(self, scheduled, copies):
         """Runs the forward; returns (sequences, logits float32 [len(sequences), vocab]) for the
         sequences that now have every token cached (not those after a mid-prompt chunk)."""
-        if copies:
-            mapping = torch.tensor(copies, dtype=torch.int64).to(self.device, non_blocking=True)
-            ops.copy_blocks([k for k, _ in self.kv_caches], [v for _, v in self.kv_caches], mapping)
+        apply_block_copies(self.kv_caches, copies, self.device)
         computing = [s for s in scheduled if s.num_new > 0]
         if computing:
             logits = self._forward(computing)

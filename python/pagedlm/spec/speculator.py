@@ -21,10 +21,9 @@ from collections import defaultdict
 import torch
 
 import pagedlm
-import pagedlm.ops as ops
 from pagedlm.engine.sampler import sample
 from pagedlm.engine.sequence import Status
-from pagedlm.engine.forward import ForwardItem, paged_forward
+from pagedlm.engine.forward import ForwardItem, apply_block_copies, paged_forward
 from pagedlm.spec.pay_switch import PaySwitch
 from pagedlm.spec.sampling import token_logprobs
 from pagedlm.spec.verification import accept
@@ -85,9 +84,7 @@ class Speculator:
         return {seq: [(t, lp)] for seq, t, lp in zip(seqs, tokens, logprobs)}
 
     def _speculative_step(self, scheduled, copies, drafts):
-        if copies:
-            mapping = torch.tensor(copies, dtype=torch.int64, device=self.runner.device)
-            ops.copy_blocks([k for k, _ in self.runner.kv_caches], [v for _, v in self.runner.kv_caches], mapping)
+        apply_block_copies(self.runner.kv_caches, copies, self.runner.device)
         computing = [s for s in scheduled if s.num_new > 0]
         items = []
         for s in computing:
