@@ -10,6 +10,7 @@
 // graph-capturable. Bad values never fault: a bad block id, length or cu_seqlens_q turns
 // the affected rows into NaN.
 #include <cstdint>
+#include <type_traits>
 
 #include "common.cuh"
 #include "launchers.h"
@@ -138,18 +139,29 @@ __global__ void __launch_bounds__(kWarps * 32) paged_prefill_kernel(PagedPrefill
       }
     }
 
+    // Only tiles on the causal diagonal, at the window's edge, past the sequence's end or under a
+    // custom mask hide any (row, key) pair of a real row; the others skip the per-element test.
+    const bool tile_masked = p.mask != nullptr || t0 + kKvTile > kv_end || (causal && t0 + kKvTile - 1 > pos0) ||
+                             (p.sliding_window > 0 && t0 < last_pos - p.sliding_window + 1);
     float tile_max[2] = {-INFINITY, -INFINITY};
+    auto finish_scores = [&](auto masked) {
 #pragma unroll
-    for (int j = 0; j < kNTiles; ++j) {
+      for (int j = 0; j < kNTiles; ++j) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int h = e >> 1, t = t0 + j * 8 + col + (e & 1);
-        float v = s[j][e] * p.scale;
-        if (p.soft_cap > 0.0f) v = p.soft_cap * tanhf(v / p.soft_cap);
-        if (!visible(h, t)) v = -INFINITY;
-        s[j][e] = v;
-        tile_max[h] = fmaxf(tile_max[h], v);
+        for (int e = 0; e < 4; ++e) {
+          const int h = e >> 1, t = t0 + j * 8 + col + (e & 1);
+          float v = s[j][e] * p.scale;
+          if (p.soft_cap > 0.0f) v = p.soft_cap * tanhf(v / p.soft_cap);
+          if (decltype(masked)::value && !visible(h, t)) v = -INFINITY;
+          s[j][e] = v;
+          tile_max[h] = fmaxf(tile_max[h], v);
+        }
       }
+    };
+    if (tile_masked) {
+      finish_scores(std::true_type{});
+    } else {
+      finish_scores(std::false_type{});
     }
     float rescale[2];
 #pragma unroll
