@@ -9,7 +9,10 @@ it, else random-weight models (a smoke run). --prompts: a text file, one prompt 
 .jsonl with a "prompt" field) tokenized with the target's tokenizer, or a .npy of held-out token
 windows (the first --prompt-len tokens of each); by default the shipped pair's heldout.npy,
 else random token prompts that repeat themselves a little.
-Every run is greedy with ignore_eos, so each method emits exactly plain decoding's tokens.
+Every run is greedy with ignore_eos, in float32 by default (--dtype), so each method should emit
+plain decoding's tokens; the table counts the requests whose tokens are identical (on the GPU a
+near-tie between two logits may still break differently in the verification forward, which
+computes the same logits with other kernels, than in plain decoding's).
 
 Columns: tokens/s (generated tokens over wall time, prefill included; the median of --repeats
 runs), speedup over plain at
@@ -74,7 +77,7 @@ def implied_alpha(mean_accepted, k):
 
 
 def run(target, speculative, prompts, batch, max_tokens, args):
-    llm = LLM(target, device=args.device, num_blocks=args.num_blocks, speculative=speculative)
+    llm = LLM(target, device=args.device, dtype=args.dtype, num_blocks=args.num_blocks, speculative=speculative)
     greedy = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     llm.generate(prompts[:batch], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
     speeds = []
@@ -97,7 +100,7 @@ def run(target, speculative, prompts, batch, max_tokens, args):
 
 def parallel_sampling_saving(target, prompts, n, args):
     """KV blocks that n samples sharing their prompt save against unshared copies, over the steps."""
-    llm = LLM(target, device=args.device, num_blocks=args.num_blocks, enable_prefix_caching=False)
+    llm = LLM(target, device=args.device, dtype=args.dtype, num_blocks=args.num_blocks, enable_prefix_caching=False)
     for p in prompts:
         llm.add_request(p, SamplingParams(n=n, temperature=1.0, max_tokens=args.max_tokens, seed=0))
     shared = unshared = 0
@@ -121,9 +124,10 @@ def main():
     parser.add_argument("--num-blocks", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per cell; the median is shown")
     parser.add_argument("--methods", nargs="+", help="names (prefixes) of the methods to run; plain always runs")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--out"), parser.add_argument("--append-results", action="store_true")
     args = parser.parse_args()
-    dtype = torch.bfloat16 if args.device != "cpu" else torch.float32
+    args.dtype = dtype = getattr(torch, args.dtype)
     if args.target is None and (TINY_CODE / "target" / "config.json").is_file():
         args.target, args.draft = str(tiny_model("target")), args.draft or str(tiny_model("draft"))
         args.prompts = args.prompts or (str(TINY_CODE / "heldout.npy") if (TINY_CODE / "heldout.npy").is_file()
@@ -142,7 +146,7 @@ def main():
             if config is not None and config.get("model") == "DRAFT":
                 config = dict(config, model=draft)
             result = plain if config is None else run(target, config, prompts, batch, args.max_tokens, args)
-            assert result["tokens"] == plain["tokens"], f"{name}: output differs from plain decoding"
+            same = sum(a == b for a, b in zip(result["tokens"], plain["tokens"]))
             k = (config or {}).get("num_tokens")
             analytic = ""
             alpha = ""
@@ -154,10 +158,11 @@ def main():
                     analytic = f"{per_step / (k * cost_ratio + 1):.2f}x (c={cost_ratio:.2f})"
             rows.append(f"| {batch} | {name} | {result['tokens_per_s']:.1f} | "
                         f"{result['tokens_per_s'] / plain['tokens_per_s']:.2f}x | {alpha} | "
-                        f"{result['tokens_per_forward']:.2f} | {result['drafting_s']:.3f} | {analytic} |")
+                        f"{result['tokens_per_forward']:.2f} | {result['drafting_s']:.3f} | {analytic} | "
+                        f"{same} of {len(prompts)} |")
             print(rows[-1], flush=True)
 
-    beam_llm = LLM(target, device=args.device, num_blocks=args.num_blocks)
+    beam_llm = LLM(target, device=args.device, dtype=args.dtype, num_blocks=args.num_blocks)
     beams = beam_llm.beam_search(prompts[:4], BeamSearchParams(beam_width=4, max_tokens=args.max_tokens))
     device_name = torch.cuda.get_device_name() if args.device != "cpu" else cpu_name()
     models = f"target {args.target}, draft {args.draft}" if args.target else "random-weight target and draft"
@@ -165,11 +170,13 @@ def main():
         f"### Decoding strategies — {datetime.date.today()}, {device_name}, commit {git_commit()}", "",
         f"`python bench/bench_decoding.py` — {models}; {len(prompts)} prompts "
         f"({'from ' + args.prompts if args.prompts else 'random, self-repeating'}), greedy, {args.max_tokens} "
-        f"tokens each, {dtype}; median of {args.repeats} runs. Plain decode steps replay CUDA graphs on the GPU; "
-        "speculative steps (draft forwards, verification) run eagerly. Every method's tokens equal plain decoding's.",
+        f"tokens each, {dtype}; median of {args.repeats} runs. On the GPU every forward but prompt prefill "
+        "replays a CUDA graph: plain decode steps, verification (VarlenGraphs), the draft's catch-up and its "
+        "greedy chain (DraftChainGraphs). The speculation switch (pay_switch.py) is on, as by default.",
         "",
-        "| batch | method | tokens/s | speedup | α | tokens/forward | drafting s/request | analytic (draft) |",
-        "|---|---|---|---|---|---|---|---|", *rows, "",
+        "| batch | method | tokens/s | speedup | α | tokens/forward | drafting s/request | analytic (draft) "
+        "| requests equal to plain |",
+        "|---|---|---|---|---|---|---|---|---|", *rows, "",
         f"KV memory saved by sharing blocks: beam search (width 4, {len(beams)} prompts) "
         f"{beams[0].metrics['kv_memory_saved']:.1%}; parallel sampling (n=4) "
         f"{parallel_sampling_saving(target, prompts[:4], 4, args):.1%}.", ""])

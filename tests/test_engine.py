@@ -109,6 +109,18 @@ def test_a_request_that_can_never_fit_is_refused_and_others_carry_on(checkpoint)
     assert len(outputs[1].outputs[0].token_ids) == 4
 
 
+def test_one_sampling_params_per_prompt(checkpoint):
+    folder, _ = checkpoint
+    llm = LLM(folder, device="cpu", block_size=4, num_blocks=64)
+    outputs = llm.generate([[1, 2, 3], [4, 5]], [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True)
+                                                 for m in (2, 5)], use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in outputs] == [2, 5]
+    with pytest.raises(ValueError, match="sampling_params: 1 given for 2 prompts"):
+        llm.generate([[1, 2, 3], [4, 5]], [SamplingParams()], use_tqdm=False)
+    with pytest.raises(TypeError, match="sampling_params"):
+        llm.generate([[1, 2, 3]], {"temperature": 0}, use_tqdm=False)
+
+
 def test_bad_sampling_params_name_the_field():
     for kwargs, field in [(dict(n=0), "n"), (dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"),
                           (dict(top_k=0), "top_k"), (dict(max_tokens=0), "max_tokens")]:

@@ -1,7 +1,8 @@
 """Speculative decoding and beam search on the GPU (marker gpu): in f32, every method's greedy
-output equals plain greedy decoding on the same device (whose decode steps replay CUDA graphs
-while speculative steps run the paged prefill kernel), with the timing switch on and off; and
-beam search gives the CPU's beams."""
+output equals plain greedy decoding on the same device, with the timing switch on and off, and
+with the speculative forwards replaying CUDA graphs (VarlenGraphs for verification and the
+draft's catch-up, DraftChainGraphs for the greedy draft chain) or run eagerly; and beam search
+gives the CPU's beams."""
 import pytest
 import torch
 
@@ -48,17 +49,22 @@ def tokens(outputs):
     return [[o.token_ids for o in r.outputs] for r in outputs]
 
 
+@pytest.mark.parametrize("eager", [False, True])
 @pytest.mark.parametrize("adaptive", [False, True])
 @pytest.mark.parametrize("name", METHODS)
-def test_greedy_equals_plain_decoding_on_the_gpu(folders, name, adaptive):
+def test_greedy_equals_plain_decoding_on_the_gpu(folders, name, adaptive, eager):
     batch = prompts(5)
     expected = tokens(engine(folders).generate(batch, GREEDY, use_tqdm=False))
     config = dict(METHODS[name], adaptive=adaptive)
     if "model" in config:
         config["model"] = folders[config["model"]]
-    llm = engine(folders, speculative=config)
+    llm = engine(folders, speculative=config, enforce_eager=eager)
     outputs = llm.generate(batch, GREEDY, use_tqdm=False)
     assert tokens(outputs) == expected
+    if not eager and not adaptive:
+        assert llm.runner.varlen.captures > 0, "verification never replayed a graph"
+        if name.startswith("draft"):
+            assert llm.speculator.proposer.chain.graphs, "the draft chain never replayed a graph"
     if name == "draft-same" and not adaptive:
         assert all(o.metrics["acceptance_rate"] > 0.95 for o in outputs)
     assert llm.block_manager.stats()["used_blocks"] == 0

@@ -11,6 +11,7 @@ import torch
 from tqdm import tqdm
 
 import pagedlm
+from pagedlm._torch_glue import debug_checks
 from pagedlm.beam_search import BeamSearch, BeamSearchParams, beam_score
 from pagedlm.engine.runner import ModelRunner
 from pagedlm.engine.sampler import sample
@@ -73,15 +74,18 @@ class LLM:
         self.block_manager = pagedlm.BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.kv_caches = self.model.make_kv_caches(num_blocks, block_size)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
-        # Decode steps replay CUDA graphs on the GPU unless enforce_eager (as vLLM's option).
+        # Decode steps replay CUDA graphs on the GPU unless enforce_eager (as vLLM's option) or
+        # PAGEDLM_DEBUG=1, whose value checks synchronize, which no capture allows.
         self.runner = ModelRunner(self.model, self.kv_caches, self.block_manager, self.device,
                                   max_num_seqs=max_num_seqs,
-                                  use_cuda_graphs=self.device.type == "cuda" and not enforce_eager)
+                                  use_cuda_graphs=self.device.type == "cuda" and not enforce_eager
+                                  and not debug_checks())
         self.seed = seed
         self.speculator = None
         if speculative is not None:
             proposer = make_proposer(speculative, draft_model=draft, num_blocks=num_blocks, block_size=block_size,
-                                     device=self.device, engine_seed=seed)
+                                     device=self.device, engine_seed=seed, use_cuda_graphs=self.runner.graphs is not None,
+                                     max_num_seqs=max_num_seqs)
             self.speculator = Speculator(proposer, self.runner, max_num_batched_tokens, seed,
                                          adaptive=speculative.get("adaptive", True))
         self._ids = itertools.count()
@@ -90,6 +94,8 @@ class LLM:
     # -- requests ---------------------------------------------------------------------
     def add_request(self, prompt, params):
         """Queues a prompt (text or token ids); returns its request id."""
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"sampling_params: expected SamplingParams, got {type(params).__name__}")
         request_id = str(next(self._ids))
         token_ids = self._token_ids(prompt, f"prompts[{request_id}]")
         seqs = [Sequence(next(self._ids), request_id, i, list(token_ids), params) for i in range(params.n)]
@@ -162,10 +168,16 @@ class LLM:
 
     # -- the offline API ----------------------------------------------------------------
     def generate(self, prompts, sampling_params=None, *, use_tqdm=True):
+        """sampling_params: one SamplingParams for every prompt, or a list of one per prompt (as vLLM takes)."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params = sampling_params or SamplingParams()
-        ids = [self.add_request(p, params) for p in prompts]
+        if isinstance(params, (list, tuple)):
+            if len(params) != len(prompts):
+                raise ValueError(f"sampling_params: {len(params)} given for {len(prompts)} prompts")
+        else:
+            params = [params] * len(prompts)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
         with tqdm(total=len(ids), desc="generate", disable=not use_tqdm) as bar:
             done = set()
             while self.scheduler.has_work():

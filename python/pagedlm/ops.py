@@ -108,7 +108,6 @@ def paged_prefill_attention(query, key_cache, value_cache, block_tables, cu_seql
     matrix, either a flat torch.bool tensor with mask_indptr (int32 [batch+1]) counting elements,
     or a uint8 tensor bit-packed as FlashInfer packs it with mask_indptr counting bytes. A row
     that sees no token returns zeros (lse -inf). Returns out, or (out, lse) with return_lse.
-    CPU tensors only for now: the CUDA kernel is not written yet.
     """
     expect_tensors(query=query, key_cache=key_cache, value_cache=value_cache, block_tables=block_tables,
                     cu_seqlens_q=cu_seqlens_q, seq_lens=seq_lens)

@@ -8,12 +8,49 @@ and change nothing. Tables are captured at a few widths (powers of two from MIN_
 because the decode kernel sizes its split-K from the table's capacity: a table sized for the
 model's longest context would split short sequences into many empty pieces.
 """
+import gc
+
 import torch
 
 from pagedlm.models import AttentionBatch
 
 MIN_WIDTH = 64          # blocks per table row in the narrowest graphs
 MAX_WIDTH = 1 << 16     # wider tables run eagerly
+
+
+def capture(forward, pool, device):
+    """(graph, output) of forward() captured into the memory pool, after one eager warm-up run
+    (lazy allocations and kernel choices happen outside the capture)."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        forward()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    # A collection during the capture may free another engine's graphs, which CUDA forbids
+    # while a stream captures (it invalidates the capture): collect now and hold it off.
+    gc.collect()
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        with torch.cuda.graph(graph, pool=pool):
+            output = forward()
+    finally:
+        if collecting:
+            gc.enable()
+    return graph, output
+
+
+def bucket_of(size, buckets):
+    return next(b for b in buckets if b >= size)
+
+
+def width_of(blocks):
+    """The captured table width for a table of `blocks` columns: a power of two >= MIN_WIDTH."""
+    width = MIN_WIDTH
+    while width < blocks:
+        width *= 2
+    return width
 
 
 def batch_buckets(max_num_seqs):
@@ -42,11 +79,8 @@ class DecodeGraphs:
     def run(self, ids, positions, slots, tables):
         """Logits float32 [len(ids), vocab] of one decode step (a view of the graph's output)."""
         batch, needed = len(ids), tables.shape[1]
-        width = MIN_WIDTH
-        while width < needed:
-            width *= 2
-        graphs = self._graph_set(width)
-        bucket = next(b for b in self.buckets if b >= batch)
+        graphs = self._graph_set(width_of(needed))
+        bucket = bucket_of(batch, self.buckets)
         graph = graphs.graph(bucket)  # before the inputs are copied in: a first capture resets the buffers
         pad = bucket - batch
         # ids, positions, slots, lengths: one [4, bucket] host tensor, one copy.
@@ -54,7 +88,7 @@ class DecodeGraphs:
                              [p + 1 for p in positions] + [0] * pad])
         meta[2, :batch] = slots
         meta[2, batch:] = -1
-        padded = torch.full((bucket, width), -1, dtype=torch.int32)
+        padded = torch.full((bucket, graphs.width), -1, dtype=torch.int32)
         padded[:batch, :needed] = tables
         graphs.meta[:, :bucket].copy_(meta, non_blocking=True)
         graphs.tables[:bucket].copy_(padded, non_blocking=True)
@@ -71,7 +105,7 @@ class _GraphSet:
     """Static input buffers of one table width and the graphs captured over them."""
 
     def __init__(self, owner, width):
-        self.owner = owner
+        self.owner, self.width = owner, width
         largest = owner.buckets[-1]
         self.meta = torch.zeros(4, largest, dtype=torch.int64, device=owner.device)
         self.meta[2] = -1
@@ -90,15 +124,7 @@ class _GraphSet:
         return self.owner.model(meta[0], meta[1], batch, self.owner.kv_caches)
 
     def _capture(self, bucket):
-        owner = self.owner
         self.meta[:, :bucket] = torch.tensor([[0], [0], [-1], [0]])  # padding rows: no KV write, nothing read
-        stream = torch.cuda.Stream(owner.device)
-        stream.wait_stream(torch.cuda.current_stream(owner.device))
-        with torch.cuda.stream(stream):
-            self._forward(bucket)  # warm-up: lazy allocations and kernel choices happen outside the capture
-        torch.cuda.current_stream(owner.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=owner.pool):
-            self.logits[bucket] = self._forward(bucket)
-        owner.captures += 1
+        graph, self.logits[bucket] = capture(lambda: self._forward(bucket), self.owner.pool, self.owner.device)
+        self.owner.captures += 1
         return graph

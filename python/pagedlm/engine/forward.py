@@ -59,8 +59,9 @@ def item_mask(item, seq_len):
     return mask
 
 
-def paged_forward(model, kv_caches, bm, device, items):
-    """Runs items (their slots already reserved in bm) through model; returns float32 logits
+def paged_forward(model, kv_caches, bm, device, items, graphs=None):
+    """Runs items (their slots already reserved in bm) through model, replaying one of graphs
+    (VarlenGraphs) when the batch fits them; returns float32 logits
     [sum(len(item.logit_rows)), vocab], items in order."""
     counts = [len(it.tokens) for it in items]
     seq_ids = [it.seq_id for it in items]
@@ -71,17 +72,23 @@ def paged_forward(model, kv_caches, bm, device, items):
     mask = indptr = None
     if any(it.parents is not None for it in items):
         masks = [item_mask(it, n).flatten() for it, n in zip(items, seq_lens)]
-        mask = torch.cat(masks).to(device)
-        indptr = torch.tensor([0, *torch.tensor([m.numel() for m in masks]).cumsum(0).tolist()],
-                              dtype=torch.int32, device=device)
-    batch = AttentionBatch(
-        slot_mapping=torch.from_numpy(bm.slot_mapping(seq_ids, counts)).to(device),
-        block_tables=torch.from_numpy(bm.block_tables(seq_ids)).to(device),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
-        cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=device),
-        decode_only=all(c == 1 for c in counts), custom_mask=mask, mask_indptr=indptr)
+        mask = torch.cat(masks)
+        indptr = [0, *torch.tensor([m.numel() for m in masks]).cumsum(0).tolist()]
+    slots = bm.slot_mapping(seq_ids, counts)
+    tables = bm.block_tables(seq_ids)
     ids = [t for it in items for t in it.tokens]
     positions = [p for it in items for p in it.positions()]
     rows = [cu[i] + r for i, it in enumerate(items) for r in it.logit_rows]
+    if graphs is not None and graphs.fits(len(ids), len(items), tables.shape[1]):
+        logits = graphs.run(ids, positions, slots, tables, cu, seq_lens, mask, indptr)
+        return logits if rows == list(range(len(ids))) else logits[torch.tensor(rows, device=device)]
+    batch = AttentionBatch(
+        slot_mapping=torch.from_numpy(slots).to(device),
+        block_tables=torch.from_numpy(tables).to(device),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+        cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=device),
+        decode_only=all(c == 1 for c in counts),
+        custom_mask=None if mask is None else mask.to(device),
+        mask_indptr=None if indptr is None else torch.tensor(indptr, dtype=torch.int32, device=device))
     return model(torch.tensor(ids, device=device), torch.tensor(positions, device=device), batch, kv_caches,
                  logits_indices=torch.tensor(rows, device=device))

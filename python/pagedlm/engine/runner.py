@@ -5,6 +5,7 @@ import torch
 
 from pagedlm.engine.cuda_graphs import DecodeGraphs
 from pagedlm.engine.forward import apply_block_copies
+from pagedlm.engine.varlen_graphs import VarlenGraphs
 from pagedlm.models import AttentionBatch
 
 
@@ -12,6 +13,8 @@ class ModelRunner:
     def __init__(self, model, kv_caches, block_manager, device, *, max_num_seqs, use_cuda_graphs):
         self.model, self.kv_caches, self.bm, self.device = model, kv_caches, block_manager, device
         self.graphs = DecodeGraphs(model, kv_caches, max_num_seqs, device) if use_cuda_graphs else None
+        # Forwards of a few tokens per sequence (speculative verification), captured on first use.
+        self.varlen = VarlenGraphs(model, kv_caches, max_num_seqs, device, self.graphs.pool) if use_cuda_graphs else None
 
     def step(self, scheduled, copies):
         """Runs the forward; returns (sequences, logits float32 [len(sequences), vocab]) for the

@@ -35,9 +35,10 @@ def check_config(config):
             raise ValueError(f"speculative['{key}']: must be an int >= {smallest}, got {value!r}")
 
 
-def make_proposer(config, *, draft_model, num_blocks, block_size, device, engine_seed):
+def make_proposer(config, *, draft_model, num_blocks, block_size, device, engine_seed, use_cuda_graphs=False,
+                  max_num_seqs=256):
     """The proposer a checked `speculative` dict asks for (draft_model: the loaded draft, for
-    the draft method)."""
+    the draft method, which replays CUDA graphs with use_cuda_graphs)."""
     method = config["method"]
     if method == "ngram":
         return NgramProposer(config["num_tokens"], config["max_ngram"])
@@ -45,4 +46,5 @@ def make_proposer(config, *, draft_model, num_blocks, block_size, device, engine
         return JacobiProposer(config["num_tokens"])
     if method == "lookahead":
         return LookaheadProposer(config["window"], config["ngram"], config["guesses"])
-    return DraftModelProposer(draft_model, config["num_tokens"], num_blocks, block_size, device, engine_seed)
+    return DraftModelProposer(draft_model, config["num_tokens"], num_blocks, block_size, device, engine_seed,
+                              use_cuda_graphs=use_cuda_graphs, max_num_seqs=max_num_seqs)

@@ -2,22 +2,36 @@
 its own paged cache and BlockManager (no prefix caching). Each step it catches up on the
 tokens it has not cached (the whole sequence at first, later the tokens the target emitted),
 then drafts k tokens one forward at a time, batched over sequences: greedy requests take the
-argmax, sampled ones draw from the draft's processed distribution q, which verification needs."""
+argmax, sampled ones draw from the draft's processed distribution q, which verification needs.
+On the GPU the catch-up replays a VarlenGraphs graph, and when every drafting request is greedy
+the other k - 1 forwards are one DraftChainGraphs replay with the argmax fed back on the device."""
 import torch
 
 import pagedlm
 from pagedlm.engine.sequence import Status
-from pagedlm.spec.draft import Draft
 from pagedlm.engine.forward import ForwardItem, paged_forward
+from pagedlm.engine.varlen_graphs import VarlenGraphs
+from pagedlm.spec.draft import Draft
+from pagedlm.spec.draft_chain import DraftChainGraphs
 from pagedlm.spec.sampling import processed_probs, request_seed
 
 
+PENDING = -1  # the token id of a reserved slot whose token the chain has yet to draft
+
+
 class DraftModelProposer:
-    def __init__(self, model, num_tokens, num_blocks, block_size, device, engine_seed):
+    def __init__(self, model, num_tokens, num_blocks, block_size, device, engine_seed, *, use_cuda_graphs=False,
+                 max_num_seqs=256):
         self.model, self.num_tokens, self.device, self.engine_seed = model, num_tokens, device, engine_seed
         self.bm = pagedlm.BlockManager(num_blocks, block_size, False)
         self.kv_caches = model.make_kv_caches(num_blocks, block_size)
         self.cached = {}  # seq -> the tokens whose draft KV is cached (or reserved)
+        self.varlen = self.chain = None
+        if use_cuda_graphs:
+            pool = torch.cuda.graph_pool_handle()
+            self.varlen = VarlenGraphs(model, self.kv_caches, max_num_seqs, device, pool)
+            if num_tokens > 1:
+                self.chain = DraftChainGraphs(model, self.kv_caches, num_tokens - 1, max_num_seqs, device, pool)
 
     def propose(self, seqs, caps):
         for seq in [s for s in self.cached if s.status != Status.RUNNING]:
@@ -28,11 +42,11 @@ class DraftModelProposer:
             catch_up = seq.tokens[self._valid(seq):]
             if cap > 0 and self._reserve(seq, catch_up):
                 active[seq], inputs[seq] = cap, catch_up
+        if active and self.chain is not None and all(s.params.temperature == 0 for s in active):
+            return self._greedy_chains(active, inputs)
         drafts = {seq: Draft([], probs=[]) for seq in active}
         while active:
-            items = [ForwardItem(seq.seq_id, toks, len(self.cached[seq]) - len(toks), 0, None, [len(toks) - 1])
-                     for seq, toks in inputs.items()]
-            logits = paged_forward(self.model, self.kv_caches, self.bm, self.device, items)
+            logits = self._forward(inputs)
             for row, seq in zip(logits, list(active)):
                 token, q = self._draw(seq, row, len(seq) + len(drafts[seq].tokens))
                 drafts[seq].tokens.append(token)
@@ -42,6 +56,44 @@ class DraftModelProposer:
             inputs = {seq: [drafts[seq].tokens[-1]] for seq in active}
         for d in drafts.values():
             d.probs = None if d.probs[0] is None else torch.stack(d.probs)
+        return drafts
+
+    def _forward(self, inputs):
+        """Logits of each sequence's last input token; inputs: {seq: tokens to compute}."""
+        items = [ForwardItem(seq.seq_id, toks, len(self.cached[seq]) - len(toks), 0, None, [len(toks) - 1])
+                 for seq, toks in inputs.items()]
+        return paged_forward(self.model, self.kv_caches, self.bm, self.device, items, self.varlen)
+
+    def _greedy_chains(self, caps, inputs):
+        """Greedy drafts: the catch-up forward gives each sequence its first token, one chain
+        replay the rest (slots for drafts 1 .. cap-1, whose KV the chain computes, reserved first;
+        a sequence the draft cache has no room for drafts one token)."""
+        first = self._forward(inputs).argmax(-1)
+        seqs = list(caps)
+        lengths = [caps[s] - 1 if caps[s] > 1 and self._reserve(s, [PENDING] * (caps[s] - 1)) else 0 for s in seqs]
+        tokens = first.unsqueeze(0)
+        if any(lengths):
+            chained = [(i, s, n) for i, (s, n) in enumerate(zip(seqs, lengths)) if n]
+            table = torch.from_numpy(self.bm.block_tables([s.seq_id for _, s, _ in chained]))
+            slot = torch.from_numpy(self.bm.slot_mapping([s.seq_id for _, s, _ in chained], [n for _, _, n in chained]))
+            steps = self.num_tokens - 1
+            positions, lens = torch.zeros(steps, len(seqs), dtype=torch.int64), torch.zeros(steps, len(seqs), dtype=torch.int64)
+            slots = torch.full((steps, len(seqs)), -1, dtype=torch.int64)
+            tables = torch.full((len(seqs), table.shape[1]), -1, dtype=torch.int32)
+            offset = 0
+            for row, (i, seq, n) in enumerate(chained):
+                start = len(self.cached[seq]) - n  # the first chained token's position
+                positions[:n, i] = torch.arange(start, start + n)
+                lens[:n, i] = positions[:n, i] + 1
+                slots[:n, i] = slot[offset:offset + n]
+                tables[i] = table[row]
+                offset += n
+            tokens = torch.cat([tokens, self.chain.run(first, positions, slots, lens, tables)])
+        drafts = {}
+        for seq, n, row in zip(seqs, lengths, tokens.T.tolist()):
+            drafts[seq] = Draft(row[:n + 1])
+            if n:
+                self.cached[seq][-n:] = row[:n]
         return drafts
 
     def update(self, seq, draft, logits, accepted):

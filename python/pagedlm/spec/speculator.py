@@ -93,7 +93,8 @@ class Speculator:
             rows = range(s.num_new - 1, s.num_new + len(extra))
             items.append(ForwardItem(s.seq.seq_id, s.seq.token_range(s.seq.num_cached, s.seq.num_cached + s.num_new) + extra,
                                      s.seq.num_cached, len(extra), draft.parents if draft else None, list(rows)))
-        logits = paged_forward(self.runner.model, self.runner.kv_caches, self.runner.bm, self.runner.device, items)
+        logits = paged_forward(self.runner.model, self.runner.kv_caches, self.runner.bm, self.runner.device, items,
+                               self.runner.varlen)
         by_seq, first = {}, 0
         for s, item in zip(computing, items):
             by_seq[s.seq] = logits[first:first + len(item.logit_rows)]

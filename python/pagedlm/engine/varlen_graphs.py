@@ -1,0 +1,98 @@
+"""CUDA graphs for small forwards in which each sequence brings a few tokens: speculative
+verification (the last token and its draft), the draft model catching up on the tokens the
+target accepted, a lookahead window under its custom mask.
+
+One graph serves any split of its tokens among its sequences: the prefill kernel finds each
+sequence's rows by walking cu_seqlens_q on the device, and its grid is sized from the
+buffers' shapes. Graphs are keyed by (token bucket, sequence bucket, table width, masked).
+The padding tokens form one padding sequence after the real ones, which writes no KV (slots
+-1) and reads block 0 (under a custom mask, nothing), so every value stays valid even for
+the strictest input checks; further padding sequences are empty. The logits of every token
+are computed, into one output buffer that all the graphs share (a graph per bucket and width
+each holding [tokens, vocab] float32 would cost gigabytes with a large vocabulary); callers
+pick their rows.
+"""
+import torch
+
+from pagedlm.engine.cuda_graphs import MAX_WIDTH, batch_buckets, bucket_of, capture, width_of
+from pagedlm.models import AttentionBatch
+
+TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512)  # larger forwards run eagerly
+
+
+class VarlenGraphs:
+    def __init__(self, model, kv_caches, max_num_seqs, device, pool):
+        self.model, self.kv_caches, self.device, self.pool = model, kv_caches, device, pool
+        self.seq_buckets = batch_buckets(max_num_seqs + 1)
+        self.graphs = {}
+        self.captures = 0
+        self.logits = None  # [TOKEN_BUCKETS[-1], vocab] float32, allocated at the first capture
+
+    def fits(self, tokens, seqs, width):
+        return tokens <= TOKEN_BUCKETS[-1] and seqs < self.seq_buckets[-1] and width <= MAX_WIDTH
+
+    def run(self, ids, positions, slots, tables, cu_seqlens, seq_lens, mask=None, mask_indptr=None):
+        """Logits float32 [len(ids), vocab] (a view of the shared output, valid until any of
+        these graphs replays). slots and tables: the block manager's arrays; mask: a flat bool tensor with
+        element offsets mask_indptr, as paged_prefill_attention takes them."""
+        n, b = len(ids), len(seq_lens)
+        tokens = bucket_of(n, TOKEN_BUCKETS)
+        seqs = bucket_of(b + (n < tokens), self.seq_buckets)  # room for the padding sequence
+        block_size = self.kv_caches[0][0].shape[1]
+        width = width_of(max(tables.shape[1], -(-tokens // block_size)))  # the padding sequence's blocks fit
+        key = (tokens, seqs, width, mask is not None)
+        graph = self.graphs.get(key)
+        if graph is None:
+            if self.logits is None:
+                self.logits = torch.empty(TOKEN_BUCKETS[-1], self.model.args.vocab_size, device=self.device)
+            graph = self.graphs[key] = _VarlenGraph(self, *key)
+            self.captures += 1
+        return graph.run(ids, positions, slots, tables, cu_seqlens, seq_lens, mask, mask_indptr)
+
+
+class _VarlenGraph:
+    def __init__(self, owner, tokens, seqs, width, masked):
+        self.tokens, self.seqs, self.width = tokens, seqs, width
+        device = owner.device
+        # ids, positions, slots | cu_seqlens_q | seq_lens: one int64 buffer, one copy per replay.
+        self.packed = torch.zeros(3 * tokens + 2 * seqs + 1, dtype=torch.int64, device=device)
+        self.tables = torch.zeros(seqs, width, dtype=torch.int32, device=device)
+        block_size = owner.kv_caches[0][0].shape[1]
+        capacity = tokens * max(width * block_size, tokens)  # sum of q_len x seq_len, the padding's included
+        self.mask = torch.zeros(capacity, dtype=torch.bool, device=device) if masked else None
+        self.mask_indptr = torch.zeros(seqs + 1, dtype=torch.int32, device=device) if masked else None
+        self._copy_inputs([], [], [], torch.zeros(0, 1, dtype=torch.int32), [0], [], torch.zeros(0, dtype=torch.bool),
+                          [0] if masked else None)  # captured with every token padding
+        self.graph, self.logits = capture(lambda: self._forward(owner), owner.pool, device)
+
+    def _forward(self, owner):
+        n, b, p = self.tokens, self.seqs, self.packed
+        batch = AttentionBatch(slot_mapping=p[2 * n:3 * n], block_tables=self.tables,
+                               seq_lens=p[3 * n + b + 1:].int(), cu_seqlens_q=p[3 * n:3 * n + b + 1].int(),
+                               decode_only=False, custom_mask=self.mask, mask_indptr=self.mask_indptr)
+        logits = owner.logits[:n]
+        logits.copy_(owner.model(p[:n], p[n:2 * n], batch, owner.kv_caches))
+        return logits
+
+    def _copy_inputs(self, ids, positions, slots, tables, cu_seqlens, seq_lens, mask, mask_indptr):
+        n, b = self.tokens, self.seqs
+        real, pad = len(ids), self.tokens - len(ids)
+        empty = b - len(seq_lens) - (pad > 0)
+        packed = torch.tensor(ids + [0] * pad + positions + list(range(pad)) + [-1] * n
+                              + cu_seqlens + [n] * (b - len(seq_lens)) + seq_lens + [pad] * (pad > 0) + [0] * empty)
+        packed[2 * n:2 * n + real] = torch.as_tensor(slots)
+        padded = torch.zeros(b, self.width, dtype=torch.int32)  # the padding sequences' blocks: block 0
+        padded[:len(seq_lens), :tables.shape[1]] = torch.as_tensor(tables)
+        self.packed.copy_(packed, non_blocking=True)
+        self.tables.copy_(padded, non_blocking=True)
+        if mask_indptr is not None:  # the padding sequence's rows see nothing
+            end = mask_indptr[-1] + pad * pad
+            self.mask[:mask.numel()].copy_(mask, non_blocking=True)
+            self.mask[mask.numel():end].zero_()
+            indptr = mask_indptr + [end] * (b - len(seq_lens))
+            self.mask_indptr.copy_(torch.tensor(indptr, dtype=torch.int32), non_blocking=True)
+
+    def run(self, ids, positions, slots, tables, cu_seqlens, seq_lens, mask, mask_indptr):
+        self._copy_inputs(ids, positions, slots, tables, cu_seqlens, seq_lens, mask, mask_indptr)
+        self.graph.replay()
+        return self.logits[:len(ids)]

@@ -1,0 +1,133 @@
+"""The CUDA-graph paths of speculative decoding, run on the CPU: VarlenGraphs (verification,
+the draft's catch-up, lookahead's masked forward) and DraftChainGraphs (the greedy draft
+chain with the argmax fed back), with `capture` replaced by a stand-in whose replay reruns
+the forward into the captured output. Their padding (a padding sequence over block 0, empty
+sequences, slots -1, spare chain steps) must pass the CPU kernels' strict input checks and
+change no token: greedy outputs equal plain decoding's, batched and alone."""
+import pytest
+import torch
+
+import pagedlm.engine.varlen_graphs as varlen_graphs
+import pagedlm.spec.draft_chain as draft_chain
+from pagedlm import LLM, SamplingParams
+from pagedlm.engine.varlen_graphs import VarlenGraphs
+from pagedlm.spec.draft_chain import DraftChainGraphs
+
+transformers = pytest.importorskip("transformers")
+
+TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5)
+OTHER = dict(TINY, hidden_size=32, intermediate_size=48, num_hidden_layers=1)
+GREEDY = SamplingParams(temperature=0, max_tokens=13, ignore_eos=True)
+MAX_SEQS = 8
+
+
+class _Replayed:
+    def __init__(self, forward, output):
+        self.forward, self.output = forward, output
+
+    def replay(self):
+        with torch.inference_mode():
+            self.output.copy_(self.forward())
+
+
+def replay_eagerly(forward, pool, device):
+    output = forward()
+    return _Replayed(forward, output), output
+
+
+@pytest.fixture(autouse=True)
+def eager_capture(monkeypatch):
+    monkeypatch.setattr(varlen_graphs, "capture", replay_eagerly)
+    monkeypatch.setattr(draft_chain, "capture", replay_eagerly)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("spec-graphs")
+    folders = {}
+    for name, config, seed in (("target", TINY, 0), ("other", OTHER, 1)):
+        torch.manual_seed(seed)
+        transformers.LlamaForCausalLM(transformers.LlamaConfig(**config)).save_pretrained(root / name)
+        folders[name] = root / name
+    return folders
+
+
+def prompts(count, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randint(97, (int(torch.randint(3, 30, (1,), generator=g)),), generator=g).tolist() * 2)[:45]
+            for _ in range(count)]
+
+
+def tokens(outputs):
+    return [[o.token_ids for o in r.outputs] for r in outputs]
+
+
+def engine(models, block_size, speculative=None):
+    llm = LLM(models["target"], device="cpu", block_size=block_size, num_blocks=512, max_num_seqs=MAX_SEQS,
+              speculative=speculative)
+    if speculative is not None:  # the graph objects the GPU engine builds, over the CPU caches
+        llm.runner.varlen = VarlenGraphs(llm.model, llm.kv_caches, MAX_SEQS, llm.device, None)
+        proposer = llm.speculator.proposer
+        if speculative["method"] == "draft":
+            proposer.varlen = VarlenGraphs(proposer.model, proposer.kv_caches, MAX_SEQS, llm.device, None)
+            proposer.chain = DraftChainGraphs(proposer.model, proposer.kv_caches, speculative["num_tokens"] - 1,
+                                              MAX_SEQS, llm.device, None)
+    return llm
+
+
+METHODS = {
+    "draft-same": dict(method="draft", model="target", num_tokens=4, adaptive=False),
+    "draft-other": dict(method="draft", model="other", num_tokens=3, adaptive=False),
+    "ngram": dict(method="ngram", num_tokens=3, max_ngram=3, adaptive=False),
+    "lookahead": dict(method="lookahead", window=4, ngram=3, guesses=3, adaptive=False),
+}
+
+
+@pytest.mark.parametrize("block_size", [1, 4])
+@pytest.mark.parametrize("batch_size", [1, 5])
+@pytest.mark.parametrize("name", METHODS)
+def test_graph_paths_emit_plain_greedy_tokens(models, name, batch_size, block_size):
+    batch = prompts(batch_size)
+    expected = tokens(engine(models, block_size).generate(batch, GREEDY, use_tqdm=False))
+    config = dict(METHODS[name])
+    if "model" in config:
+        config["model"] = models[config["model"]]
+    llm = engine(models, block_size, config)
+    outputs = llm.generate(batch, GREEDY, use_tqdm=False)
+    assert tokens(outputs) == expected
+    assert llm.runner.varlen.captures > 0, "verification never replayed a graph"
+    if name.startswith("draft"):
+        assert llm.speculator.proposer.chain.graphs, "the draft chain never replayed a graph"
+    if name == "draft-same":  # the draft is the target: every drafted token is accepted
+        assert all(o.metrics["acceptance_rate"] == 1.0 for o in outputs)
+
+
+def test_draft_chain_respects_each_sequences_cap(models):
+    """Requests a few tokens from their end draft fewer tokens than k; the chain's spare steps
+    must write nothing (a stray KV write would corrupt the draft cache and later drafts)."""
+    config = dict(METHODS["draft-same"], model=models["target"])
+    batch = prompts(4, seed=5)
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (2, 3, 6, 11)]
+    expected = tokens(engine(models, 4).generate(batch, params, use_tqdm=False))
+    llm = engine(models, 4, config)
+    assert tokens(llm.generate(batch, params, use_tqdm=False)) == expected
+    assert llm.speculator.proposer.bm.num_free_blocks == llm.speculator.proposer.bm.num_blocks
+
+
+def test_varlen_graph_logits_equal_the_eager_forward(models):
+    """A mixed batch (a decode, a 3-token draft, a 7-token chunk) through a graph with padding
+    equals the eager forward, row for row (both read the same cache: the prefixes' KV is
+    whatever the cache holds, the new tokens' KV is written by each)."""
+    from pagedlm.engine.forward import ForwardItem, paged_forward
+    llm = engine(models, 4)
+    bm = llm.block_manager
+    items = []
+    for seq_id, (cached, new) in enumerate([(9, 1), (5, 3), (0, 7)]):
+        bm.allocate(seq_id, list(range(cached + new)))
+        items.append(ForwardItem(seq_id, list(range(cached, cached + new)), cached, 0, None, list(range(new))))
+    graphs = VarlenGraphs(llm.model, llm.kv_caches, MAX_SEQS, llm.device, None)
+    eager = paged_forward(llm.model, llm.kv_caches, bm, llm.device, items).clone()
+    graphed = paged_forward(llm.model, llm.kv_caches, bm, llm.device, items, graphs)
+    assert graphs.captures == 1
+    torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-5)
