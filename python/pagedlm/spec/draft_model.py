@@ -96,7 +96,7 @@ class DraftModelProposer:
                 self.cached[seq][-n:] = row[:n]
         return drafts
 
-    def update(self, seq, draft, logits, accepted):
+    def update(self, seq, draft, row_argmax, accepted):
         pass  # the next propose() keeps what still matches the sequence
 
     def forget(self, seq):

@@ -20,10 +20,10 @@ class JacobiProposer:
                 drafts[seq] = Draft(window)
         return drafts
 
-    def update(self, seq, draft, logits, accepted):
-        """logits: rows of the last token and of each guess; accepted: guesses accepted. The
-        outputs past the correction guess the positions after it."""
-        self.guesses[seq] = logits[accepted + 1:].argmax(-1).tolist()
+    def update(self, seq, draft, row_argmax, accepted):
+        """row_argmax: the model's greedy token at the last token and at each guess; accepted:
+        guesses accepted. The outputs past the correction guess the positions after it."""
+        self.guesses[seq] = row_argmax[accepted + 1:len(draft.tokens) + 1]
 
     def forget(self, seq):
         self.guesses.pop(seq, None)

@@ -37,10 +37,10 @@ class LookaheadProposer:
             drafts[seq] = Draft(tokens, parents, candidates=sorted(trie.values()))
         return drafts
 
-    def update(self, seq, draft, logits, accepted):
-        """logits: rows of the last token and of every extra (window first)."""
+    def update(self, seq, draft, row_argmax, accepted):
+        """row_argmax: the model's greedy token at the last token and at every extra (window first)."""
         size = self.W * (self.N - 1)
-        outputs = logits[1 + size - self.W:1 + size].argmax(-1).tolist()  # the last level's
+        outputs = row_argmax[1 + size - self.W:1 + size]  # the last level's
         window = self.windows[seq]
         pool = self.pools.setdefault(seq, {})
         for j in range(self.W):

@@ -16,7 +16,7 @@ class NgramProposer:
                 drafts[seq] = Draft(tokens)
         return drafts
 
-    def update(self, seq, draft, logits, accepted):
+    def update(self, seq, draft, row_argmax, accepted):
         pass
 
     def forget(self, seq):

@@ -25,7 +25,6 @@ from pagedlm.engine.sampler import sample
 from pagedlm.engine.sequence import Status
 from pagedlm.engine.forward import ForwardItem, apply_block_copies, paged_forward
 from pagedlm.spec.pay_switch import PaySwitch
-from pagedlm.spec.sampling import token_logprobs
 from pagedlm.spec.verification import accept
 
 TREE_SLOT = -1
@@ -95,9 +94,9 @@ class Speculator:
                                      s.seq.num_cached, len(extra), draft.parents if draft else None, list(rows)))
         logits = paged_forward(self.runner.model, self.runner.kv_caches, self.runner.bm, self.runner.device, items,
                                self.runner.varlen)
-        by_seq, first = {}, 0
+        spans, first = {}, 0  # seq -> (its first row in logits, its rows)
         for s, item in zip(computing, items):
-            by_seq[s.seq] = logits[first:first + len(item.logit_rows)]
+            spans[s.seq] = (first, len(item.logit_rows))
             first += len(item.logit_rows)
             s.seq.num_cached += s.num_new
 
@@ -109,18 +108,17 @@ class Speculator:
                 plain.append(s)
         emitted = {}
         if plain:
-            rows = torch.stack([by_seq[s.logits_of][-1] for s in plain])
-            tokens, logprobs = sample(rows, [s.seq for s in plain], self.engine_seed)
+            last_rows = torch.tensor([sum(spans[s.logits_of]) - 1 for s in plain], device=logits.device)
+            tokens, logprobs = sample(logits[last_rows], [s.seq for s in plain], self.engine_seed)
             emitted = {s.seq: [(t, lp)] for s, t, lp in zip(plain, tokens, logprobs)}
-        emitted.update(self._verify(drafts, by_seq))
+        emitted.update(self._verify(drafts, logits, spans))
         return emitted
 
-    def _verify(self, drafts, by_seq):
+    def _verify(self, drafts, logits, spans):
         emitted = {}
-        for seq, (path, tokens) in accept(drafts, by_seq, self.engine_seed).items():
-            draft, rows = drafts[seq], by_seq[seq]
-            logprobs = token_logprobs(rows[path], seq.params, tokens)
-            self.proposer.update(seq, draft, rows, len(path) - 1)
+        for seq, (path, tokens, logprobs, row_argmax) in accept(drafts, logits, spans, self.engine_seed).items():
+            draft = drafts[seq]
+            self.proposer.update(seq, draft, row_argmax, len(path) - 1)
             seq.num_cached += len(path) - 1 if draft.parents is None else 0
             self.runner.bm.truncate(seq.seq_id, seq.num_cached)
             drafted = len(draft.tokens if draft.candidates is None else draft.candidates)

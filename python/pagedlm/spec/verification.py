@@ -2,27 +2,60 @@
 one batched call per draft shape (chains with verify_greedy and ragged draft_lens, trees with
 verify_tree_greedy and padding nodes). Sampled requests are verified one by one, each with
 its own seed and its position as the Philox offset, so a seeded request's tokens do not
-depend on its batch (the kernels take one seed per call)."""
+depend on its batch (the kernels take one seed per call).
+
+Everything the host needs from the greedy requests (the kernels' verdicts, each row's argmax
+and its log-probability) comes back in one transfer, so a step synchronizes once however
+many sequences it verifies: a greedy request emits each row's argmax, whose log-probability
+is computed for every row up front."""
 import torch
 
 import pagedlm.ops as ops
-from pagedlm.spec.sampling import processed_probs, request_seed
+from pagedlm.spec.sampling import processed_probs, request_seed, token_logprobs
 
 
-def accept(drafts, rows_of, engine_seed):
-    """{seq: (path, tokens)}: path indexes the seq's logit rows (0 = its last token, then the
-    accepted extras); tokens are the ones to emit, one per path entry."""
-    results = {}
-    greedy = [s for s in drafts if s.params.temperature == 0]
-    chains = [s for s in greedy if drafts[s].parents is None]
-    trees = [s for s in greedy if drafts[s].parents is not None]
+def accept(drafts, logits, spans, engine_seed):
+    """{seq: (path, tokens, logprobs, row_argmax)}. logits: the step's rows; spans: {seq: (its
+    first row, its row count)}, row 0 its last token's, then its extras'. path indexes the
+    seq's rows (0, then the accepted extras); tokens are the ones to emit, one per path entry,
+    with their log-probabilities; row_argmax is the argmax of each of the seq's rows (proposers
+    that iterate on the model's own guesses read it)."""
+    seqs = list(drafts)
+    width = max(spans[s][1] for s in seqs)
+    index = [[first + min(r, count - 1) for r in range(width)] for first, count in (spans[s] for s in seqs)]
+    padded = logits[torch.tensor(index, device=logits.device)]  # [B, width, V], short rows repeat their last
+    argmax = padded.argmax(-1)
+    logprob = torch.log_softmax(padded.float(), -1).gather(-1, argmax.unsqueeze(-1)).squeeze(-1)
+    greedy = [i for i, s in enumerate(seqs) if s.params.temperature == 0]
+    chains = [i for i in greedy if drafts[seqs[i]].parents is None]
+    trees = [i for i in greedy if drafts[seqs[i]].parents is not None]
+    views = [tree_view(seqs[i], drafts[seqs[i]]) for i in trees]
+    verdicts = [argmax, logprob]
     if chains:
-        results.update(_greedy_chains(chains, drafts, rows_of))
+        verdicts += _greedy_chains([drafts[seqs[i]] for i in chains], padded[chains])
     if trees:
-        results.update(_greedy_trees(trees, drafts, rows_of))
-    for seq in drafts:
+        verdicts += _greedy_trees(views, padded[trees])
+    argmax, logprob, *rest = _to_host(verdicts)
+    argmax, logprob, rest = argmax.long().tolist(), logprob.tolist(), [t.long().tolist() for t in rest]
+    results = {}
+    if chains:
+        out, accepted, rest = rest[0], rest[1], rest[2:]
+        for j, i in enumerate(chains):
+            path = list(range(accepted[j] + 1))
+            results[seqs[i]] = (path, out[j][:len(path)], [logprob[i][r] for r in path], argmax[i])
+    if trees:
+        nodes, accepted, next_token = rest
+        for j, (i, (tokens, _, rows)) in enumerate(zip(trees, views)):
+            accepted_nodes = nodes[j][:accepted[j] + 1]
+            path = [rows[n] for n in accepted_nodes]
+            emitted = [tokens[n] for n in accepted_nodes[1:]] + [next_token[j]]
+            results[seqs[i]] = (path, emitted, [logprob[i][r] for r in path], argmax[i])
+    for i, seq in enumerate(seqs):
         if seq.params.temperature > 0:
-            results[seq] = _sampled(seq, drafts[seq], rows_of[seq], engine_seed)
+            first, count = spans[seq]
+            rows = logits[first:first + count]
+            path, tokens = _sampled(seq, drafts[seq], rows, engine_seed)
+            results[seq] = (path, tokens, token_logprobs(rows[path], seq.params, tokens), argmax[i])
     return results
 
 
@@ -36,34 +69,39 @@ def tree_view(seq, draft):
             [0] + [e + 1 for e in nodes])
 
 
-def _greedy_chains(seqs, drafts, rows_of):
-    k = max(len(drafts[s].tokens) for s in seqs)
-    drafted = torch.zeros(len(seqs), k, dtype=torch.int64)
-    for i, s in enumerate(seqs):
-        drafted[i, :len(drafts[s].tokens)] = torch.tensor(drafts[s].tokens)
-    device = rows_of[seqs[0]].device
-    logits = torch.zeros(len(seqs), k + 1, rows_of[seqs[0]].shape[-1], device=device)
-    for i, s in enumerate(seqs):
-        logits[i, :len(rows_of[s])] = rows_of[s]
-    lens = torch.tensor([len(drafts[s].tokens) for s in seqs], dtype=torch.int32, device=device)
-    drafted = drafted.to(device)
-    out, accepted = ops.verify_greedy(drafted, logits, draft_lens=lens)
-    return {s: (list(range(int(a) + 1)), row[:int(a) + 1].tolist()) for s, row, a in zip(seqs, out, accepted)}
+def _to_host(tensors):
+    """The tensors on the host, after one device-to-host copy (every value fits a float64)."""
+    flat = torch.cat([t.reshape(-1).double() for t in tensors]).cpu()
+    return [part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
 
 
-def _greedy_trees(seqs, drafts, rows_of):
-    views = [tree_view(s, drafts[s]) for s in seqs]
+def _greedy_chains(drafts, padded):
+    """[output_tokens, num_accepted] on the device; padded: [B, rows, V], row 0 the last token's."""
+    k = max(len(d.tokens) for d in drafts)
+    host = torch.zeros(len(drafts), k + 1, dtype=torch.int64)  # the drafts, then their lengths
+    for i, d in enumerate(drafts):
+        host[i, :len(d.tokens)] = torch.tensor(d.tokens)
+        host[i, k] = len(d.tokens)
+    device_copy = host.to(padded.device, non_blocking=True)
+    out, accepted = ops.verify_greedy(device_copy[:, :k].contiguous(), padded[:, :k + 1].contiguous(),
+                                      draft_lens=device_copy[:, k].int())
+    return [out, accepted]
+
+
+def _greedy_trees(views, padded):
+    """[accepted_nodes, num_accepted, next_token] on the device."""
     width = max(len(v[0]) for v in views)
-    tokens = torch.zeros(len(seqs), width, dtype=torch.int64)
-    parents = torch.full((len(seqs), width), -1, dtype=torch.int32)  # -1 past node 0: padding
-    device = rows_of[seqs[0]].device
-    logits = torch.zeros(len(seqs), width, rows_of[seqs[0]].shape[-1], device=device)
-    for i, (s, (toks, pars, rows)) in enumerate(zip(seqs, views)):
+    tokens = torch.zeros(len(views), width, dtype=torch.int64)
+    parents = torch.full((len(views), width), -1, dtype=torch.int64)  # -1 past node 0: padding
+    rows = torch.zeros(len(views), width, dtype=torch.int64)
+    for i, (toks, pars, node_rows) in enumerate(views):
         tokens[i, :len(toks)] = torch.tensor(toks)
-        parents[i, :len(pars)] = torch.tensor(pars, dtype=torch.int32)
-        logits[i, :len(rows)] = rows_of[s][rows]
-    nodes, accepted, next_token = ops.verify_tree_greedy(tokens.to(device), parents.to(device), logits)
-    return {s: _tree_result(v, nodes[i], accepted[i], next_token[i]) for i, (s, v) in enumerate(zip(seqs, views))}
+        parents[i, :len(pars)] = torch.tensor(pars)
+        rows[i, :len(node_rows)] = torch.tensor(node_rows)
+    device_copy = torch.stack([tokens, parents, rows]).to(padded.device, non_blocking=True)
+    logits = padded[torch.arange(len(views), device=padded.device).unsqueeze(1), device_copy[2]]
+    nodes, accepted, next_token = ops.verify_tree_greedy(device_copy[0], device_copy[1].int(), logits)
+    return [nodes, accepted, next_token]
 
 
 def _sampled(seq, draft, rows, engine_seed):
@@ -75,15 +113,10 @@ def _sampled(seq, draft, rows, engine_seed):
                                                offset=offset)
         count = int(accepted[0])
         return list(range(count + 1)), out[0, :count + 1].tolist()
-    view = tree_view(seq, draft)
-    probs = processed_probs(rows[view[2]], seq.params).unsqueeze(0)
+    tokens, parents, node_rows = tree_view(seq, draft)
+    probs = processed_probs(rows[node_rows], seq.params).unsqueeze(0)
     nodes, accepted, next_token = ops.verify_tree_speculative(
-        torch.tensor([view[0]], device=rows.device), torch.tensor([view[1]], dtype=torch.int32, device=rows.device),
+        torch.tensor([tokens], device=rows.device), torch.tensor([parents], dtype=torch.int32, device=rows.device),
         probs, seed=seed, offset=offset)
-    return _tree_result(view, nodes[0], accepted[0], next_token[0])
-
-
-def _tree_result(view, nodes, accepted, next_token):
-    tokens, _, rows = view
-    path = nodes[:int(accepted) + 1].tolist()
-    return [rows[p] for p in path], [tokens[p] for p in path[1:]] + [int(next_token)]
+    path = nodes[0, :int(accepted[0]) + 1].tolist()
+    return [node_rows[p] for p in path], [tokens[p] for p in path[1:]] + [int(next_token[0])]
