@@ -1,14 +1,17 @@
 // CUDA paged-attention prefill for f16/bf16 caches (f32: paged_prefill_f32.cu): FlashAttention-2 on mma.m16n8k16 over
 // the paged KV cache; the GPU twin of cpp/src/paged_prefill.cpp.
 //
-// A block of 4 warps owns 64 consecutive queries of one sequence and one query head; each
-// warp owns 16 of them as the rows of its mma A operand and keeps their online softmax in
-// registers (S becomes the A operand of P.V without leaving registers). K/V tiles stream
-// through shared memory with cp.async, two tiles landing while one is computed (PagedTiles).
+// A block owns 128 consecutive queries of one sequence and one query head. At D <= 128 each of
+// its 4 warps owns 32 of them as two m16 tiles, so every K/V fragment read from shared memory
+// feeds two mma; at D = 256 (where two tiles' O accumulators would not fit in registers) 8
+// warps own 16 rows each. The query tile is staged in shared memory once; each warp keeps its
+// rows' online softmax in registers (S becomes the A operand of P.V without leaving registers)
+// and skips K/V tiles that none of its rows can see. K/V tiles stream through shared memory
+// with cp.async, two landing while one is computed (PagedTiles).
 // The grid is sized from total_q on the host; each block finds its (sequence, query tile)
 // by walking cu_seqlens_q on the device, so nothing is synchronised and the launch is
 // graph-capturable. Bad values never fault: a bad block id, length or cu_seqlens_q turns
-// the affected rows into NaN.
+// the affected block's rows into NaN.
 #include <cstdint>
 #include <type_traits>
 
@@ -22,25 +25,35 @@
 namespace pagedlm::cuda {
 namespace {
 
-constexpr int kWarps = 4;
-constexpr int kQueryTile = 16 * kWarps;
-
+// Per head dim: registers hold O for every row a warp owns plus S for one K/V tile, which sets
+// the tile sizes (two m-tiles and 64 keys at D = 64, two m-tiles and 32 keys at D = 128, one
+// m-tile and 32 keys at D = 256). 128 threads and up to 255 registers let two blocks share an SM
+// at D <= 128; at D = 256 one block of 8 warps fills it.
 template <int D>
 struct PrefillShape {
-  static constexpr int kKvTile = D <= 128 ? 64 : 32;  // tokens per K/V tile (register budget at D = 256)
+  static constexpr int kKvTile = D <= 64 ? 64 : 32;  // tokens per K/V tile
+  static constexpr int kMTiles = D <= 128 ? 2 : 1;   // m16 query tiles per warp
+  static constexpr int kWarps = D <= 128 ? 4 : 8;
+  static constexpr int kWarpRows = 16 * kMTiles;
+  static constexpr int kQueryTile = kWarpRows * kWarps;  // 128 queries per block
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kStages = 3;  // two tiles land while one is computed
+  static constexpr int kQueryElems = kQueryTile * D;
   static constexpr int kStageElems = 2 * kKvTile * D;
-  static constexpr int kStages = 3;                        // two tiles land while one is computed
-  static constexpr int kSmemBytes = kStages * kStageElems * 2;  // 2-byte elements
+  static constexpr int kSmemBytes = (kQueryElems + kStages * kStageElems) * 2;  // 2-byte elements: 64/80/160 KB
 };
 
 template <typename T, int D>
-__global__ void __launch_bounds__(kWarps * 32) paged_prefill_kernel(PagedPrefillParams p) {
+__global__ void __launch_bounds__(PrefillShape<D>::kThreads) paged_prefill_kernel(PagedPrefillParams p) {
   using Shape = PrefillShape<D>;
-  constexpr int kKvTile = Shape::kKvTile;
-  constexpr int kNTiles = kKvTile / 8;  // score columns per warp, in mma n-tiles
-  using Tiles = PagedTiles<T, D, kKvTile, kWarps * 32>;
+  constexpr int kKvTile = Shape::kKvTile, kMTiles = Shape::kMTiles, kWarpRows = Shape::kWarpRows;
+  constexpr int kQueryTile = Shape::kQueryTile, kStages = Shape::kStages;
+  constexpr int kNTiles = kKvTile / 8;  // score columns per m-tile, in mma n-tiles
+  constexpr int kRows = 2 * kMTiles;    // query rows per thread: r0 and r0 + 8 of each m-tile
+  using Tiles = PagedTiles<T, D, kKvTile, Shape::kThreads>;
   extern __shared__ uint4 smem_raw[];
-  T* kv_smem = reinterpret_cast<T*>(smem_raw);
+  T* q_smem = reinterpret_cast<T*>(smem_raw);
+  T* kv_smem = q_smem + Shape::kQueryElems;
   __shared__ int bad_row;
 
   // Which (sequence, query tile) is this block's?
@@ -68,12 +81,34 @@ __global__ void __launch_bounds__(kWarps * 32) paged_prefill_kernel(PagedPrefill
   const int kv_tiles = kv_end > kv_lo ? (kv_end - kv_lo + kKvTile - 1) / kKvTile : 0;
 
   if (tid == 0) bad_row = bad_len;
-  __syncthreads();
+
+  // The query tile goes to shared memory in the first copy group, padding rows as zeros.
+  {
+    constexpr int kChunks = D / 8;
+    const bool q_aligned = (reinterpret_cast<uintptr_t>(p.query) & 15) == 0;  // else 4-byte loads
+#pragma unroll
+    for (int i = tid; i < kQueryTile * kChunks; i += Shape::kThreads) {
+      const int row = i / kChunks, chunk = i % kChunks, qi = q0 + row;
+      T* dst = q_smem + Tiles::offset(row, chunk);
+      if (bad_len || qi >= q_len) {
+        *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
+        continue;
+      }
+      const T* src = static_cast<const T*>(p.query) + (static_cast<int64_t>(q_begin + qi) * p.num_heads + head) * D +
+                     chunk * 8;
+      if (q_aligned) {
+        cp_async_16(dst, src);
+      } else {
+        const uint32_t* w = reinterpret_cast<const uint32_t*>(src);
+        *reinterpret_cast<uint4*>(dst) = make_uint4(w[0], w[1], w[2], w[3]);
+      }
+    }
+  }
+  __syncthreads();  // bad_row is set before any copy can raise it
 
   Tiles tiles(p.key_cache, p.value_cache, p.block_tables + static_cast<int64_t>(b) * p.max_blocks_per_seq,
               p.num_kv_heads, kv_head, p.block_size, p.num_blocks, kv_end);
   auto stage_k = [&](int stage) { return kv_smem + stage * Shape::kStageElems; };
-  constexpr int kStages = Shape::kStages;
   for (int s = 0; s < kStages - 1; ++s) {
     if (s < kv_tiles) {
       tiles.fetch(kv_lo + s * kKvTile);
@@ -83,32 +118,35 @@ __global__ void __launch_bounds__(kWarps * 32) paged_prefill_kernel(PagedPrefill
   }
   if (kStages - 1 < kv_tiles) tiles.fetch(kv_lo + (kStages - 1) * kKvTile);
 
-  // This warp's 16 query rows: r0 = lane / 4 and r1 = r0 + 8.
+  // This warp's rows: r0 = lane / 4 and r0 + 8 of each of its m-tiles.
   const int r0 = lane / 4, col = (lane % 4) * 2;
-  const int row_q[2] = {q0 + warp * 16 + r0, q0 + warp * 16 + r0 + 8};  // within the sequence
-  uint32_t q_frag[D / 16][4];
-  {
-    auto q_pair = [&](int qi, int c) -> uint32_t {
-      if (bad_len || qi >= q_len) return 0u;
-      const T* row = static_cast<const T*>(p.query) + (static_cast<int64_t>(q_begin + qi) * p.num_heads + head) * D;
-      return *reinterpret_cast<const uint32_t*>(row + c);
-    };
+  const int warp_row0 = warp * kWarpRows;  // within the block's query tile
+  const int warp_q0 = q0 + warp_row0;
+  const bool warp_has_rows = warp_q0 < q_len;
+  const int warp_first_pos = pos0 + warp_row0;
+  const int warp_last_pos = warp_first_pos + min(kWarpRows, q_len - warp_q0) - 1;
+  PrefillRow rows[kRows];
 #pragma unroll
-    for (int ks = 0; ks < D / 16; ++ks) {
-      q_frag[ks][0] = q_pair(row_q[0], ks * 16 + col);
-      q_frag[ks][1] = q_pair(row_q[1], ks * 16 + col);
-      q_frag[ks][2] = q_pair(row_q[0], ks * 16 + col + 8);
-      q_frag[ks][3] = q_pair(row_q[1], ks * 16 + col + 8);
-    }
-  }
-  const PrefillRow rows[2] = {prefill_row(p, row_q[0], len, q_len), prefill_row(p, row_q[1], len, q_len)};
-  auto visible = [&](int h, int t) { return prefill_visible(p, b, len, q_len, causal, rows[h], t, kv_end, &bad_row); };
+  for (int r = 0; r < kRows; ++r) rows[r] = prefill_row(p, warp_q0 + (r / 2) * 16 + (r % 2) * 8 + r0, len, q_len);
+  auto visible = [&](int r, int t) { return prefill_visible(p, b, len, q_len, causal, rows[r], t, kv_end, &bad_row); };
 
-  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};  // sum is lane-partial
-  float o[D / 8][4];
+  float row_max[kRows], row_sum[kRows];  // sum is lane-partial
+  float o[kMTiles][D / 8][4];
 #pragma unroll
-  for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+  for (int r = 0; r < kRows; ++r) row_max[r] = -INFINITY, row_sum[r] = 0.0f;
+#pragma unroll
+  for (int m = 0; m < kMTiles; ++m) {
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) o[m][n][0] = o[m][n][1] = o[m][n][2] = o[m][n][3] = 0.0f;
+  }
+  // Lane offsets (elements) of the ldmatrix reads at k-step 0; mi = lane / 8 names the 8x8 matrix
+  // and ri its row. Stepping k by 16 flips bits that the row part never touches, so k-step ks
+  // reads offset ^ (16 * ks); stepping rows by 16 adds 16 * D, a constant the load folds in.
   const int mi = lane / 8, ri = lane % 8;
+  const int q_lane = Tiles::offset(warp_row0 + (mi % 2) * 8 + ri, mi / 2);
+  const int k_lane = Tiles::offset((mi / 2) * 8 + ri, mi % 2);
+  const int v_lane = Tiles::offset((mi % 2) * 8 + ri, mi / 2);
+  const uint32_t q_base = shared_address(q_smem), kv_base = shared_address(kv_smem);
 
   for (int kt = 0; kt < kv_tiles; ++kt) {
     cp_async_wait<kStages - 2>();
@@ -121,40 +159,62 @@ __global__ void __launch_bounds__(kWarps * 32) paged_prefill_kernel(PagedPrefill
     cp_async_commit();
     if (ahead + 1 < kv_tiles) tiles.fetch(kv_lo + (ahead + 1) * kKvTile);
 
-    const T* k_tile = stage_k(kt % kStages);
-    const T* v_tile = k_tile + kKvTile * D;
     const int t0 = kv_lo + kt * kKvTile;
+    // A warp whose rows are all padding, or all before this tile (causal) or all past it (window),
+    // would only add exact zeros: it skips the tile (warp-uniform).
+    if (!warp_has_rows || (causal && t0 > warp_last_pos) ||
+        (p.sliding_window > 0 && t0 + kKvTile <= warp_first_pos - p.sliding_window + 1)) {
+      continue;
+    }
+    const uint32_t k_tile = kv_base + (kt % kStages) * Shape::kStageElems * 2;  // byte addresses
+    const uint32_t v_tile = k_tile + kKvTile * D * 2;
 
-    float s[kNTiles][4];
+    float s[kMTiles][kNTiles][4];
 #pragma unroll
-    for (int j = 0; j < kNTiles; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+    for (int m = 0; m < kMTiles; ++m) {
+#pragma unroll
+      for (int j = 0; j < kNTiles; ++j) s[m][j][0] = s[m][j][1] = s[m][j][2] = s[m][j][3] = 0.0f;
+    }
 #pragma unroll
     for (int ks = 0; ks < D / 16; ++ks) {
+      uint32_t qf[kMTiles][4];  // (rows 0-7, k lo), (8-15, k lo), (0-7, k hi), (8-15, k hi)
+#pragma unroll
+      for (int m = 0; m < kMTiles; ++m) ldmatrix_x4(qf[m], q_base + 2 * ((q_lane ^ (ks * 16)) + m * 16 * D));
 #pragma unroll
       for (int np = 0; np < kNTiles / 2; ++np) {
         uint32_t kf[4];  // (tokens 0-7, k lo), (0-7, k hi), (8-15, k lo), (8-15, k hi) of this pair
-        ldmatrix_x4(kf, k_tile + Tiles::offset(np * 16 + (mi / 2) * 8 + ri, ks * 2 + (mi % 2)));
-        mma_16816<T>(s[2 * np], q_frag[ks], kf[0], kf[1]);
-        mma_16816<T>(s[2 * np + 1], q_frag[ks], kf[2], kf[3]);
+        ldmatrix_x4(kf, k_tile + 2 * ((k_lane ^ (ks * 16)) + np * 16 * D));
+#pragma unroll
+        for (int m = 0; m < kMTiles; ++m) {
+          mma_16816<T>(s[m][2 * np], qf[m], kf[0], kf[1]);
+          mma_16816<T>(s[m][2 * np + 1], qf[m], kf[2], kf[3]);
+        }
       }
     }
 
     // Only tiles on the causal diagonal, at the window's edge, past the sequence's end or under a
-    // custom mask hide any (row, key) pair of a real row; the others skip the per-element test.
-    const bool tile_masked = p.mask != nullptr || t0 + kKvTile > kv_end || (causal && t0 + kKvTile - 1 > pos0) ||
-                             (p.sliding_window > 0 && t0 < last_pos - p.sliding_window + 1);
-    float tile_max[2] = {-INFINITY, -INFINITY};
+    // custom mask hide any (row, key) pair of this warp's real rows; the others skip the
+    // per-element test.
+    const bool tile_masked = p.mask != nullptr || t0 + kKvTile > kv_end ||
+                             (causal && t0 + kKvTile - 1 > warp_first_pos) ||
+                             (p.sliding_window > 0 && t0 < warp_last_pos - p.sliding_window + 1);
+    float tile_max[kRows];
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) tile_max[r] = -INFINITY;
     auto finish_scores = [&](auto masked) {
 #pragma unroll
-      for (int j = 0; j < kNTiles; ++j) {
+      for (int m = 0; m < kMTiles; ++m) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int h = e >> 1, t = t0 + j * 8 + col + (e & 1);
-          float v = s[j][e] * p.scale;
-          if (p.soft_cap > 0.0f) v = p.soft_cap * tanhf(v / p.soft_cap);
-          if (decltype(masked)::value && !visible(h, t)) v = -INFINITY;
-          s[j][e] = v;
-          tile_max[h] = fmaxf(tile_max[h], v);
+        for (int j = 0; j < kNTiles; ++j) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int r = 2 * m + (e >> 1), t = t0 + j * 8 + col + (e & 1);
+            float v = s[m][j][e] * p.scale;
+            if (p.soft_cap > 0.0f) v = p.soft_cap * tanhf(v / p.soft_cap);
+            if (decltype(masked)::value && !visible(r, t)) v = -INFINITY;
+            s[m][j][e] = v;
+            tile_max[r] = fmaxf(tile_max[r], v);
+          }
         }
       }
     };
@@ -163,43 +223,55 @@ __global__ void __launch_bounds__(kWarps * 32) paged_prefill_kernel(PagedPrefill
     } else {
       finish_scores(std::false_type{});
     }
-    float rescale[2];
+    float rescale[kRows];
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 1));
-      tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 2));
-      const float new_max = fmaxf(row_max[h], tile_max[h]);
-      rescale[h] = new_max == -INFINITY ? 1.0f : exp2f((row_max[h] - new_max) * kLog2e);
-      row_max[h] = new_max;
-      row_sum[h] *= rescale[h];
+    for (int r = 0; r < kRows; ++r) {
+      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
+      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
+      const float new_max = fmaxf(row_max[r], tile_max[r]);
+      rescale[r] = new_max == -INFINITY ? 1.0f : exp2f((row_max[r] - new_max) * kLog2e);
+      row_max[r] = new_max;
+      row_sum[r] *= rescale[r];
     }
 #pragma unroll
-    for (int j = 0; j < kNTiles; ++j) {
+    for (int m = 0; m < kMTiles; ++m) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float m = row_max[e >> 1];
-        s[j][e] = m == -INFINITY ? 0.0f : exp2f((s[j][e] - m) * kLog2e);
-        row_sum[e >> 1] += s[j][e];
+      for (int j = 0; j < kNTiles; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r = 2 * m + (e >> 1);
+          const float mx = row_max[r];
+          s[m][j][e] = mx == -INFINITY ? 0.0f : exp2f((s[m][j][e] - mx) * kLog2e);
+          row_sum[r] += s[m][j][e];
+        }
+      }
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n) {
+        o[m][n][0] *= rescale[2 * m], o[m][n][1] *= rescale[2 * m];
+        o[m][n][2] *= rescale[2 * m + 1], o[m][n][3] *= rescale[2 * m + 1];
       }
     }
-#pragma unroll
-    for (int n = 0; n < D / 8; ++n) {
-      o[n][0] *= rescale[0], o[n][1] *= rescale[0];
-      o[n][2] *= rescale[1], o[n][3] *= rescale[1];
-    }
 
-    // O += P V, 16 tokens (two n-tiles of S) per k-step.
+    // O += P V, 16 tokens (two n-tiles of S) per k-step; each V fragment serves every m-tile.
 #pragma unroll
     for (int kk = 0; kk < kNTiles / 2; ++kk) {
-      const uint32_t p_frag[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
-                                  pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                                  pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+      uint32_t p_frag[kMTiles][4];
+#pragma unroll
+      for (int m = 0; m < kMTiles; ++m) {
+        p_frag[m][0] = pack2<T>(s[m][2 * kk][0], s[m][2 * kk][1]);
+        p_frag[m][1] = pack2<T>(s[m][2 * kk][2], s[m][2 * kk][3]);
+        p_frag[m][2] = pack2<T>(s[m][2 * kk + 1][0], s[m][2 * kk + 1][1]);
+        p_frag[m][3] = pack2<T>(s[m][2 * kk + 1][2], s[m][2 * kk + 1][3]);
+      }
 #pragma unroll
       for (int np = 0; np < D / 16; ++np) {
         uint32_t vf[4];  // (tokens 0-7, d lo), (8-15, d lo), (0-7, d hi), (8-15, d hi)
-        ldmatrix_x4_trans(vf, v_tile + Tiles::offset(kk * 16 + (mi % 2) * 8 + ri, np * 2 + mi / 2));
-        mma_16816<T>(o[2 * np], p_frag, vf[0], vf[1]);
-        mma_16816<T>(o[2 * np + 1], p_frag, vf[2], vf[3]);
+        ldmatrix_x4_trans(vf, v_tile + 2 * ((v_lane ^ (np * 16)) + kk * 16 * D));
+#pragma unroll
+        for (int m = 0; m < kMTiles; ++m) {
+          mma_16816<T>(o[m][2 * np], p_frag[m], vf[0], vf[1]);
+          mma_16816<T>(o[m][2 * np + 1], p_frag[m], vf[2], vf[3]);
+        }
       }
     }
   }
@@ -207,38 +279,40 @@ __global__ void __launch_bounds__(kWarps * 32) paged_prefill_kernel(PagedPrefill
   __syncthreads();  // bad_row is final
 
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    row_sum[h] += __shfl_xor_sync(0xffffffffu, row_sum[h], 1);
-    row_sum[h] += __shfl_xor_sync(0xffffffffu, row_sum[h], 2);
+  for (int r = 0; r < kRows; ++r) {
+    row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 1);
+    row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 2);
   }
   // With cu_seqlens_q itself out of range there is no row that is certainly ours to write.
   const bool rows_known = q_begin >= 0 && q_len >= 0 && q_begin + q_len <= p.total_q;
   const bool bad = bad_row != 0;
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    if (!rows_known || row_q[h] >= q_len) continue;
-    const int64_t out_row = (static_cast<int64_t>(q_begin + row_q[h]) * p.num_heads + head);
-    const float inv = row_sum[h] > 0.0f ? 1.0f / row_sum[h] : 0.0f;  // a row that sees nothing yields zeros
+  for (int r = 0; r < kRows; ++r) {
+    if (!rows_known || rows[r].q >= q_len) continue;
+    const int m = r / 2, h = r % 2;
+    const int64_t out_row = (static_cast<int64_t>(q_begin + rows[r].q) * p.num_heads + head);
+    const float inv = row_sum[r] > 0.0f ? 1.0f / row_sum[r] : 0.0f;  // a row that sees nothing yields zeros
     T* out = static_cast<T*>(p.out) + out_row * D;
 #pragma unroll
     for (int n = 0; n < D / 8; ++n) {
-      out[n * 8 + col] = from_float<T>(bad ? NAN : o[n][2 * h] * inv);
-      out[n * 8 + col + 1] = from_float<T>(bad ? NAN : o[n][2 * h + 1] * inv);
+      out[n * 8 + col] = from_float<T>(bad ? NAN : o[m][n][2 * h] * inv);
+      out[n * 8 + col + 1] = from_float<T>(bad ? NAN : o[m][n][2 * h + 1] * inv);
     }
     if (p.lse && lane % 4 == 0) {
-      p.lse[out_row] = bad ? NAN : (row_sum[h] > 0.0f ? row_max[h] + logf(row_sum[h]) : -INFINITY);
+      p.lse[out_row] = bad ? NAN : (row_sum[r] > 0.0f ? row_max[r] + logf(row_sum[r]) : -INFINITY);
     }
   }
 }
 
 template <typename T, int D>
 int launch(const PagedPrefillParams& p, cudaStream_t stream) {
+  using Shape = PrefillShape<D>;
   auto kernel = paged_prefill_kernel<T, D>;
-  const int smem = PrefillShape<D>::kSmemBytes;
+  const int smem = Shape::kSmemBytes;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  // Sequence i needs ceil(q_len_i / 64) blocks: at most total_q / 64 + batch in all.
-  const int64_t blocks = static_cast<int64_t>(p.total_q) / kQueryTile + p.batch;
-  kernel<<<dim3(static_cast<unsigned>(blocks), p.num_heads), kWarps * 32, smem, stream>>>(p);
+  // Sequence i needs ceil(q_len_i / 128) blocks: at most total_q / 128 + batch in all.
+  const int64_t blocks = static_cast<int64_t>(p.total_q) / Shape::kQueryTile + p.batch;
+  kernel<<<dim3(static_cast<unsigned>(blocks), p.num_heads), Shape::kThreads, smem, stream>>>(p);
   return static_cast<int>(cudaGetLastError());
 }
 
