@@ -130,6 +130,12 @@ __global__ void __launch_bounds__(PrefillShape<D>::kThreads) paged_prefill_kerne
   for (int r = 0; r < kRows; ++r) rows[r] = prefill_row(p, warp_q0 + (r / 2) * 16 + (r % 2) * 8 + r0, len, q_len);
   auto visible = [&](int r, int t) { return prefill_visible(p, b, len, q_len, causal, rows[r], t, kv_end, &bad_row); };
 
+  // Scores and row maxima live in the log2 domain (natural logits times log2 e), so each
+  // probability is one exp2. With a positive scale and no soft cap the max of the raw dot products
+  // times scale * log2 e is the scaled max, and the scale folds into the exp2's FFMA; otherwise
+  // every score is scaled (and capped) on its own first.
+  const bool fold_scale = p.scale > 0.0f && p.soft_cap <= 0.0f;
+  const float score_mult = fold_scale ? p.scale * kLog2e : 1.0f;
   float row_max[kRows], row_sum[kRows];  // sum is lane-partial
   float o[kMTiles][D / 8][4];
 #pragma unroll
@@ -198,6 +204,20 @@ __global__ void __launch_bounds__(PrefillShape<D>::kThreads) paged_prefill_kerne
     const bool tile_masked = p.mask != nullptr || t0 + kKvTile > kv_end ||
                              (causal && t0 + kKvTile - 1 > warp_first_pos) ||
                              (p.sliding_window > 0 && t0 < warp_last_pos - p.sliding_window + 1);
+    if (!fold_scale) {
+#pragma unroll
+      for (int m = 0; m < kMTiles; ++m) {
+#pragma unroll
+        for (int j = 0; j < kNTiles; ++j) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            float v = s[m][j][e] * p.scale;
+            if (p.soft_cap > 0.0f) v = p.soft_cap * tanhf(v / p.soft_cap);
+            s[m][j][e] = v * kLog2e;
+          }
+        }
+      }
+    }
     float tile_max[kRows];
 #pragma unroll
     for (int r = 0; r < kRows; ++r) tile_max[r] = -INFINITY;
@@ -209,11 +229,8 @@ __global__ void __launch_bounds__(PrefillShape<D>::kThreads) paged_prefill_kerne
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const int r = 2 * m + (e >> 1), t = t0 + j * 8 + col + (e & 1);
-            float v = s[m][j][e] * p.scale;
-            if (p.soft_cap > 0.0f) v = p.soft_cap * tanhf(v / p.soft_cap);
-            if (decltype(masked)::value && !visible(r, t)) v = -INFINITY;
-            s[m][j][e] = v;
-            tile_max[r] = fmaxf(tile_max[r], v);
+            if (decltype(masked)::value && !visible(r, t)) s[m][j][e] = -INFINITY;
+            tile_max[r] = fmaxf(tile_max[r], s[m][j][e]);
           }
         }
       }
@@ -228,8 +245,8 @@ __global__ void __launch_bounds__(PrefillShape<D>::kThreads) paged_prefill_kerne
     for (int r = 0; r < kRows; ++r) {
       tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
       tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
-      const float new_max = fmaxf(row_max[r], tile_max[r]);
-      rescale[r] = new_max == -INFINITY ? 1.0f : exp2f((row_max[r] - new_max) * kLog2e);
+      const float new_max = fmaxf(row_max[r], tile_max[r] * score_mult);
+      rescale[r] = new_max == -INFINITY ? 1.0f : exp2f(row_max[r] - new_max);
       row_max[r] = new_max;
       row_sum[r] *= rescale[r];
     }
@@ -241,7 +258,7 @@ __global__ void __launch_bounds__(PrefillShape<D>::kThreads) paged_prefill_kerne
         for (int e = 0; e < 4; ++e) {
           const int r = 2 * m + (e >> 1);
           const float mx = row_max[r];
-          s[m][j][e] = mx == -INFINITY ? 0.0f : exp2f((s[m][j][e] - mx) * kLog2e);
+          s[m][j][e] = mx == -INFINITY ? 0.0f : exp2f(fmaf(s[m][j][e], score_mult, -mx));
           row_sum[r] += s[m][j][e];
         }
       }
@@ -299,7 +316,7 @@ __global__ void __launch_bounds__(PrefillShape<D>::kThreads) paged_prefill_kerne
       out[n * 8 + col + 1] = from_float<T>(bad ? NAN : o[m][n][2 * h + 1] * inv);
     }
     if (p.lse && lane % 4 == 0) {
-      p.lse[out_row] = bad ? NAN : (row_sum[r] > 0.0f ? row_max[r] + logf(row_sum[r]) : -INFINITY);
+      p.lse[out_row] = bad ? NAN : (row_sum[r] > 0.0f ? (row_max[r] + log2f(row_sum[r])) * kLn2 : -INFINITY);
     }
   }
 }
