@@ -56,8 +56,11 @@ __global__ void __launch_bounds__(PrefillShape<D>::kThreads) paged_prefill_kerne
   T* kv_smem = q_smem + Shape::kQueryElems;
   __shared__ int bad_row;
 
-  // Which (sequence, query tile) is this block's?
-  int b = 0, tile = blockIdx.x;
+  // Which (sequence, query tile) is this block's? Blocks take the tiles last to first: under a
+  // causal mask a sequence's last query tiles see the most keys, so the longest blocks start
+  // first and the short ones fill the tail (the spare blocks of the grid's bound come first
+  // and leave at once).
+  int b = 0, tile = gridDim.x - 1 - blockIdx.x;
   for (; b < p.batch; ++b) {
     const int q_len = p.cu_seqlens_q[b + 1] - p.cu_seqlens_q[b];
     const int tiles = q_len > 0 ? (q_len + kQueryTile - 1) / kQueryTile : 0;
