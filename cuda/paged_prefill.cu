@@ -243,16 +243,22 @@ __global__ void __launch_bounds__(PrefillShape<D>::kThreads) paged_prefill_kerne
     } else {
       finish_scores(std::false_type{});
     }
-    float rescale[kRows];
+    float rescale[kRows], exp_offset[kRows];
+    bool max_moved = false;
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
       tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
       tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
       const float new_max = fmaxf(row_max[r], tile_max[r] * score_mult);
       rescale[r] = new_max == -INFINITY ? 1.0f : exp2f(row_max[r] - new_max);
+      max_moved |= rescale[r] != 1.0f;
       row_max[r] = new_max;
       row_sum[r] *= rescale[r];
+      // A row with no visible key yet has only -inf scores, which exp2 takes to 0 with any finite offset.
+      exp_offset[r] = new_max == -INFINITY ? 0.0f : -new_max;
     }
+    // Once the row maxima settle, rescale is exactly 1 and the O update can be skipped (warp-uniform).
+    max_moved = __any_sync(0xffffffffu, max_moved);
 #pragma unroll
     for (int m = 0; m < kMTiles; ++m) {
 #pragma unroll
@@ -260,15 +266,19 @@ __global__ void __launch_bounds__(PrefillShape<D>::kThreads) paged_prefill_kerne
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int r = 2 * m + (e >> 1);
-          const float mx = row_max[r];
-          s[m][j][e] = mx == -INFINITY ? 0.0f : exp2f(fmaf(s[m][j][e], score_mult, -mx));
+          s[m][j][e] = exp2f(fmaf(s[m][j][e], score_mult, exp_offset[r]));
           row_sum[r] += s[m][j][e];
         }
       }
+    }
+    if (max_moved) {
 #pragma unroll
-      for (int n = 0; n < D / 8; ++n) {
-        o[m][n][0] *= rescale[2 * m], o[m][n][1] *= rescale[2 * m];
-        o[m][n][2] *= rescale[2 * m + 1], o[m][n][3] *= rescale[2 * m + 1];
+      for (int m = 0; m < kMTiles; ++m) {
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n) {
+          o[m][n][0] *= rescale[2 * m], o[m][n][1] *= rescale[2 * m];
+          o[m][n][2] *= rescale[2 * m + 1], o[m][n][3] *= rescale[2 * m + 1];
+        }
       }
     }
 
