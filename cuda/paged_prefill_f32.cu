@@ -1,7 +1,8 @@
-// CUDA paged-attention prefill for f32 caches, on CUDA cores: correct and simple rather than
-// fast (f16/bf16 take the tensor-core kernel of paged_prefill.cu). One warp owns one query
-// row of one head; for each run of 32 keys it forms the scores (lanes split head_dim and
-// reduce), folds them into an online softmax, and accumulates P.V with lanes over head_dim.
+// CUDA paged-attention prefill for f32 caches, on CUDA cores (f16/bf16 take the tensor-core
+// kernel of paged_prefill.cu). One warp owns one query row of one head and walks its keys 32
+// at a time: lane j forms the whole score of key t0 + j (the query row from shared memory),
+// so the 32 keys' loads are in flight together; the scores fold into an online softmax, and
+// P.V accumulates with lanes over head_dim.
 // The same visibility rules (prefill_mask.cuh) and the same bad-value behaviour as the
 // tensor-core kernel: a bad block id, length or mask offset turns the row into NaN.
 #include <cstdint>
@@ -30,8 +31,10 @@ __device__ __forceinline__ float warp_max(float v) {
 template <int D>
 __global__ void __launch_bounds__(kRowsPerBlock * 32) paged_prefill_f32_kernel(PagedPrefillParams p) {
   constexpr int kPerLane = D / 32;
-  const int lane = threadIdx.x % 32;
-  const int64_t r = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;  // query row
+  __shared__ float q_smem[kRowsPerBlock][D];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + warp;  // query row
+  // Every early return below is taken by a whole warp (r is the warp's).
   if (r >= p.total_q) return;
   int b = 0;
   while (b < p.batch && r >= p.cu_seqlens_q[b + 1]) ++b;
@@ -50,53 +53,57 @@ __global__ void __launch_bounds__(kRowsPerBlock * 32) paged_prefill_f32_kernel(P
   const int kv_end = bad ? 0 : (causal ? row.pos + 1 : len);
 
   const float* query = static_cast<const float*>(p.query) + (r * p.num_heads + head) * D;
-  float q[kPerLane], o[kPerLane];
+  float* q = q_smem[warp];
 #pragma unroll
-  for (int i = 0; i < kPerLane; ++i) q[i] = query[lane + 32 * i], o[i] = 0.0f;
+  for (int i = 0; i < kPerLane; ++i) q[lane + 32 * i] = query[lane + 32 * i];
+  __syncwarp();
   const int32_t* table = p.block_tables + static_cast<int64_t>(b) * p.max_blocks_per_seq;
-  // The row of key/value position t, or null for a block id outside the cache.
-  auto kv_row = [&](const void* cache, int t) -> const float* {
-    const int block = table[t / p.block_size];
-    if (block < 0 || block >= p.num_blocks) return nullptr;
-    const int64_t slot = static_cast<int64_t>(block) * p.block_size + t % p.block_size;
-    return static_cast<const float*>(cache) + (slot * p.num_kv_heads + kv_head) * D;
-  };
+  const int64_t head_offset = static_cast<int64_t>(kv_head) * D;
+  const float* key_cache = static_cast<const float*>(p.key_cache);
+  const float* value_cache = static_cast<const float*>(p.value_cache);
 
-  float row_max = -INFINITY, row_sum = 0.0f;
-  for (int t0 = kv_lo; t0 < kv_end; t0 += 32) {
-    float my_score = -INFINITY;  // lane j keeps the score of position t0 + j
-    const int count = min(32, kv_end - t0);
-    for (int j = 0; j < count; ++j) {
-      const int t = t0 + j;
-      if (!prefill_visible(p, b, len, q_len, causal, row, t, kv_end, &bad)) continue;
-      const float* key = kv_row(p.key_cache, t);
-      if (!key) {
-        bad = 1;
-        continue;
-      }
-      float dot = 0.0f;
+  float row_max = -INFINITY, row_sum = 0.0f, o[kPerLane];
 #pragma unroll
-      for (int i = 0; i < kPerLane; ++i) dot += q[i] * key[lane + 32 * i];
-      float score = warp_sum(dot) * p.scale;
-      if (p.soft_cap > 0.0f) score = p.soft_cap * tanhf(score / p.soft_cap);
-      if (lane == j) my_score = score;
+  for (int i = 0; i < kPerLane; ++i) o[i] = 0.0f;
+  for (int t0 = kv_lo; t0 < kv_end; t0 += 32) {
+    // Lane j: the score of key t0 + j, and the cache row it reads (-1: not seen).
+    const int t = t0 + lane;
+    int64_t kv_row = -1;
+    float score = -INFINITY;
+    if (prefill_visible(p, b, len, q_len, causal, row, t, kv_end, &bad)) {
+      const int block = table[t / p.block_size];
+      if (block < 0 || block >= p.num_blocks) {
+        bad = 1;
+      } else {
+        kv_row = (static_cast<int64_t>(block) * p.block_size + t % p.block_size) * p.num_kv_heads * D + head_offset;
+        const float* key = key_cache + kv_row;
+        float dot = 0.0f;
+#pragma unroll 16
+        for (int d = 0; d < D; ++d) dot += q[d] * key[d];
+        score = dot * p.scale;
+        if (p.soft_cap > 0.0f) score = p.soft_cap * tanhf(score / p.soft_cap);
+      }
     }
-    const float new_max = fmaxf(row_max, warp_max(my_score));
+    const float new_max = fmaxf(row_max, warp_max(score));
     if (new_max == -INFINITY) continue;  // nothing visible yet
     const float rescale = expf(row_max - new_max);  // 0 when row_max is -inf (o and sum are 0 then)
-    const float weight = expf(my_score - new_max);
+    const float weight = kv_row >= 0 ? expf(score - new_max) : 0.0f;
     row_sum = row_sum * rescale + warp_sum(weight);
 #pragma unroll
     for (int i = 0; i < kPerLane; ++i) o[i] *= rescale;
+    const int count = min(32, kv_end - t0);
+#pragma unroll 4
     for (int j = 0; j < count; ++j) {
       const float w = __shfl_sync(0xffffffffu, weight, j);
-      if (w == 0.0f) continue;
-      const float* value = kv_row(p.value_cache, t0 + j);
+      const int64_t at = __shfl_sync(0xffffffffu, kv_row, j);
+      if (at < 0) continue;  // the same for every lane: no divergence
+      const float* value = value_cache + at;
 #pragma unroll
       for (int i = 0; i < kPerLane; ++i) o[i] += w * value[lane + 32 * i];
     }
     row_max = new_max;
   }
+  bad = __any_sync(0xffffffffu, bad);
 
   float* out = static_cast<float*>(p.out) + (r * p.num_heads + head) * D;
   const float inv = row_sum > 0.0f ? 1.0f / row_sum : 0.0f;  // a row that sees nothing yields zeros
