@@ -80,8 +80,10 @@ def paged_forward(model, kv_caches, bm, device, items, graphs=None):
     positions = [p for it in items for p in it.positions()]
     rows = [cu[i] + r for i, it in enumerate(items) for r in it.logit_rows]
     if graphs is not None and graphs.fits(len(ids), len(items), tables.shape[1]):
+        # The rows' index goes up before the replay: a copy after it would wait for the graph.
+        index = None if rows == list(range(len(ids))) else torch.tensor(rows).to(device, non_blocking=True)
         logits = graphs.run(ids, positions, slots, tables, cu, seq_lens, mask, indptr)
-        return logits if rows == list(range(len(ids))) else logits[torch.tensor(rows, device=device)]
+        return logits if index is None else logits[index]
     batch = AttentionBatch(
         slot_mapping=torch.from_numpy(slots).to(device),
         block_tables=torch.from_numpy(tables).to(device),

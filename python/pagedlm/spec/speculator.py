@@ -25,7 +25,7 @@ from pagedlm.engine.sampler import sample
 from pagedlm.engine.sequence import Status
 from pagedlm.engine.forward import ForwardItem, apply_block_copies, paged_forward
 from pagedlm.spec.pay_switch import PaySwitch
-from pagedlm.spec.verification import accept
+from pagedlm.spec.verification import Verification
 
 TREE_SLOT = -1
 BACKOFF_AFTER, MAX_PAUSE = 2, 16
@@ -92,12 +92,14 @@ class Speculator:
             rows = range(s.num_new - 1, s.num_new + len(extra))
             items.append(ForwardItem(s.seq.seq_id, s.seq.token_range(s.seq.num_cached, s.seq.num_cached + s.num_new) + extra,
                                      s.seq.num_cached, len(extra), draft.parents if draft else None, list(rows)))
-        logits = paged_forward(self.runner.model, self.runner.kv_caches, self.runner.bm, self.runner.device, items,
-                               self.runner.varlen)
-        spans, first = {}, 0  # seq -> (its first row in logits, its rows)
+        spans, first = {}, 0  # seq -> (its first row in the logits, its rows)
         for s, item in zip(computing, items):
             spans[s.seq] = (first, len(item.logit_rows))
             first += len(item.logit_rows)
+        verification = Verification(drafts, spans, self.runner.device)  # its inputs uploaded before the forward
+        logits = paged_forward(self.runner.model, self.runner.kv_caches, self.runner.bm, self.runner.device, items,
+                               self.runner.varlen)
+        for s in computing:
             s.seq.num_cached += s.num_new
 
         plain = []
@@ -111,12 +113,12 @@ class Speculator:
             last_rows = torch.tensor([sum(spans[s.logits_of]) - 1 for s in plain], device=logits.device)
             tokens, logprobs = sample(logits[last_rows], [s.seq for s in plain], self.engine_seed)
             emitted = {s.seq: [(t, lp)] for s, t, lp in zip(plain, tokens, logprobs)}
-        emitted.update(self._verify(drafts, logits, spans))
+        emitted.update(self._verify(drafts, verification.accept(logits, self.engine_seed)))
         return emitted
 
-    def _verify(self, drafts, logits, spans):
+    def _verify(self, drafts, verdicts):
         emitted = {}
-        for seq, (path, tokens, logprobs, row_argmax) in accept(drafts, logits, spans, self.engine_seed).items():
+        for seq, (path, tokens, logprobs, row_argmax) in verdicts.items():
             draft = drafts[seq]
             self.proposer.update(seq, draft, row_argmax, len(path) - 1)
             seq.num_cached += len(path) - 1 if draft.parents is None else 0

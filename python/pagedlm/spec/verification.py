@@ -14,49 +14,83 @@ import pagedlm.ops as ops
 from pagedlm.spec.sampling import processed_probs, request_seed, token_logprobs
 
 
-def accept(drafts, logits, spans, engine_seed):
-    """{seq: (path, tokens, logprobs, row_argmax)}. logits: the step's rows; spans: {seq: (its
-    first row, its row count)}, row 0 its last token's, then its extras'. path indexes the
-    seq's rows (0, then the accepted extras); tokens are the ones to emit, one per path entry,
-    with their log-probabilities; row_argmax is the argmax of each of the seq's rows (proposers
-    that iterate on the model's own guesses read it)."""
-    seqs = list(drafts)
-    width = max(spans[s][1] for s in seqs)
-    index = [[first + min(r, count - 1) for r in range(width)] for first, count in (spans[s] for s in seqs)]
-    padded = logits[torch.tensor(index, device=logits.device)]  # [B, width, V], short rows repeat their last
-    argmax = padded.argmax(-1)
-    logprob = torch.log_softmax(padded.float(), -1).gather(-1, argmax.unsqueeze(-1)).squeeze(-1)
-    greedy = [i for i, s in enumerate(seqs) if s.params.temperature == 0]
-    chains = [i for i in greedy if drafts[seqs[i]].parents is None]
-    trees = [i for i in greedy if drafts[seqs[i]].parents is not None]
-    views = [tree_view(seqs[i], drafts[seqs[i]]) for i in trees]
-    verdicts = [argmax, logprob]
-    if chains:
-        verdicts += _greedy_chains([drafts[seqs[i]] for i in chains], padded[chains])
-    if trees:
-        verdicts += _greedy_trees(views, padded[trees])
-    argmax, logprob, *rest = _to_host(verdicts)
-    argmax, logprob, rest = argmax.long().tolist(), logprob.tolist(), [t.long().tolist() for t in rest]
-    results = {}
-    if chains:
-        out, accepted, rest = rest[0], rest[1], rest[2:]
-        for j, i in enumerate(chains):
-            path = list(range(accepted[j] + 1))
-            results[seqs[i]] = (path, out[j][:len(path)], [logprob[i][r] for r in path], argmax[i])
-    if trees:
-        nodes, accepted, next_token = rest
-        for j, (i, (tokens, _, rows)) in enumerate(zip(trees, views)):
-            accepted_nodes = nodes[j][:accepted[j] + 1]
-            path = [rows[n] for n in accepted_nodes]
-            emitted = [tokens[n] for n in accepted_nodes[1:]] + [next_token[j]]
-            results[seqs[i]] = (path, emitted, [logprob[i][r] for r in path], argmax[i])
-    for i, seq in enumerate(seqs):
-        if seq.params.temperature > 0:
-            first, count = spans[seq]
-            rows = logits[first:first + count]
-            path, tokens = _sampled(seq, drafts[seq], rows, engine_seed)
-            results[seq] = (path, tokens, token_logprobs(rows[path], seq.params, tokens), argmax[i])
-    return results
+class Verification:
+    """One step's verification. Built before the forward: every index and draft the kernels
+    read goes to the device in one copy while the device is still free, so nothing after the
+    forward waits on a host-to-device copy. Then accept(logits) reads the verdicts back in one
+    transfer."""
+
+    def __init__(self, drafts, spans, device):
+        """drafts: {seq: Draft}; spans: {seq: (its first row in the step's logits, its row
+        count)}, row 0 its last token's, then its extras'."""
+        greedy = [s for s in drafts if s.params.temperature == 0]
+        self.chains = [s for s in greedy if drafts[s].parents is None]
+        self.trees = [s for s in greedy if drafts[s].parents is not None]
+        self.seqs = self.chains + self.trees + [s for s in drafts if s.params.temperature > 0]
+        self.drafts, self.spans = drafts, spans
+        self.views = [tree_view(s, drafts[s]) for s in self.trees]
+        width = max(spans[s][1] for s in self.seqs)
+        k = max((len(drafts[s].tokens) for s in self.chains), default=0)
+        nodes = max((len(v[0]) for v in self.views), default=0)
+        # Rows of each seq padded to width (short ones repeat their last), then per chain its
+        # drafts and their count, then per tree its tokens, parents and rows: one int64 upload.
+        rows = torch.tensor([[first + min(r, count - 1) for r in range(width)]
+                             for first, count in (spans[s] for s in self.seqs)], dtype=torch.int64)
+        chains = torch.zeros(len(self.chains), k + 1, dtype=torch.int64)
+        for i, s in enumerate(self.chains):
+            chains[i, :len(drafts[s].tokens)] = torch.tensor(drafts[s].tokens)
+            chains[i, k] = len(drafts[s].tokens)
+        trees = torch.zeros(3, len(self.trees), nodes, dtype=torch.int64)
+        trees[1] = -1  # parents past node 0: padding nodes
+        for i, (s, (tokens, parents, node_rows)) in enumerate(zip(self.trees, self.views)):
+            trees[0, i, :len(tokens)] = torch.tensor(tokens)
+            trees[1, i, :len(parents)] = torch.tensor(parents)
+            trees[2, i, :len(node_rows)] = spans[s][0] + torch.tensor(node_rows)
+        parts = [rows, chains, trees]
+        flat = torch.cat([t.reshape(-1) for t in parts]).to(device, non_blocking=True)
+        self.rows, self.chain_inputs, self.tree_inputs = (
+            part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in parts]), parts))
+
+    def accept(self, logits, engine_seed):
+        """{seq: (path, tokens, logprobs, row_argmax)}: path indexes the seq's rows (0, then the
+        accepted extras); tokens are the ones to emit, one per path entry, with their
+        log-probabilities; row_argmax is the argmax of each of the seq's rows (proposers that
+        iterate on the model's own guesses read it)."""
+        padded = logits[self.rows]  # [seqs, width, V]
+        argmax = padded.argmax(-1)
+        logprob = torch.log_softmax(padded.float(), -1).gather(-1, argmax.unsqueeze(-1)).squeeze(-1)
+        verdicts = [argmax, logprob]
+        if self.chains:
+            k = self.chain_inputs.shape[1] - 1
+            verdicts += ops.verify_greedy(self.chain_inputs[:, :k].contiguous(),
+                                          padded[:len(self.chains), :k + 1].contiguous(),
+                                          draft_lens=self.chain_inputs[:, k].int())
+        if self.trees:
+            tokens, parents, rows = self.tree_inputs
+            verdicts += ops.verify_tree_greedy(tokens.contiguous(), parents.int(), logits[rows])
+        argmax, logprob, *rest = _to_host(verdicts)
+        argmax, logprob, rest = argmax.long().tolist(), logprob.tolist(), [t.long().tolist() for t in rest]
+        results = {}
+        if self.chains:
+            out, accepted, rest = rest[0], rest[1], rest[2:]
+            for i, seq in enumerate(self.chains):
+                path = list(range(accepted[i] + 1))
+                results[seq] = (path, out[i][:len(path)], [logprob[i][r] for r in path], argmax[i])
+        if self.trees:
+            nodes, accepted, next_token = rest
+            for j, (seq, (tokens, _, rows)) in enumerate(zip(self.trees, self.views)):
+                i = len(self.chains) + j
+                accepted_nodes = nodes[j][:accepted[j] + 1]
+                path = [rows[n] for n in accepted_nodes]
+                emitted = [tokens[n] for n in accepted_nodes[1:]] + [next_token[j]]
+                results[seq] = (path, emitted, [logprob[i][r] for r in path], argmax[i])
+        for i, seq in enumerate(self.seqs):
+            if seq.params.temperature > 0:
+                first, count = self.spans[seq]
+                rows = logits[first:first + count]
+                path, tokens = _sampled(seq, self.drafts[seq], rows, engine_seed)
+                results[seq] = (path, tokens, token_logprobs(rows[path], seq.params, tokens), argmax[i])
+        return results
 
 
 def tree_view(seq, draft):
@@ -73,35 +107,6 @@ def _to_host(tensors):
     """The tensors on the host, after one device-to-host copy (every value fits a float64)."""
     flat = torch.cat([t.reshape(-1).double() for t in tensors]).cpu()
     return [part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
-
-
-def _greedy_chains(drafts, padded):
-    """[output_tokens, num_accepted] on the device; padded: [B, rows, V], row 0 the last token's."""
-    k = max(len(d.tokens) for d in drafts)
-    host = torch.zeros(len(drafts), k + 1, dtype=torch.int64)  # the drafts, then their lengths
-    for i, d in enumerate(drafts):
-        host[i, :len(d.tokens)] = torch.tensor(d.tokens)
-        host[i, k] = len(d.tokens)
-    device_copy = host.to(padded.device, non_blocking=True)
-    out, accepted = ops.verify_greedy(device_copy[:, :k].contiguous(), padded[:, :k + 1].contiguous(),
-                                      draft_lens=device_copy[:, k].int())
-    return [out, accepted]
-
-
-def _greedy_trees(views, padded):
-    """[accepted_nodes, num_accepted, next_token] on the device."""
-    width = max(len(v[0]) for v in views)
-    tokens = torch.zeros(len(views), width, dtype=torch.int64)
-    parents = torch.full((len(views), width), -1, dtype=torch.int64)  # -1 past node 0: padding
-    rows = torch.zeros(len(views), width, dtype=torch.int64)
-    for i, (toks, pars, node_rows) in enumerate(views):
-        tokens[i, :len(toks)] = torch.tensor(toks)
-        parents[i, :len(pars)] = torch.tensor(pars)
-        rows[i, :len(node_rows)] = torch.tensor(node_rows)
-    device_copy = torch.stack([tokens, parents, rows]).to(padded.device, non_blocking=True)
-    logits = padded[torch.arange(len(views), device=padded.device).unsqueeze(1), device_copy[2]]
-    nodes, accepted, next_token = ops.verify_tree_greedy(device_copy[0], device_copy[1].int(), logits)
-    return [nodes, accepted, next_token]
 
 
 def _sampled(seq, draft, rows, engine_seed):
