@@ -22,7 +22,9 @@ class LookaheadProposer:
     def propose(self, seqs, caps):
         drafts = {}
         for seq, cap in zip(seqs, caps):
-            window = self.windows.setdefault(seq, self._initial_window(seq))
+            if seq not in self.windows:
+                self.windows[seq] = self._initial_window(seq)
+            window = self.windows[seq]
             tokens = [t for level in window for t in level]
             parents = [self._parent(level, j) for level in range(self.N - 1) for j in range(self.W)]
             trie = {}  # (parent extra index, token) -> extra index; shared prefixes verify once
