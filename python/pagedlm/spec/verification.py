@@ -36,16 +36,13 @@ class Verification:
         # drafts and their count, then per tree its tokens, parents and rows: one int64 upload.
         rows = torch.tensor([[first + min(r, count - 1) for r in range(width)]
                              for first, count in (spans[s] for s in self.seqs)], dtype=torch.int64)
-        chains = torch.zeros(len(self.chains), k + 1, dtype=torch.int64)
-        for i, s in enumerate(self.chains):
-            chains[i, :len(drafts[s].tokens)] = torch.tensor(drafts[s].tokens)
-            chains[i, k] = len(drafts[s].tokens)
-        trees = torch.zeros(3, len(self.trees), nodes, dtype=torch.int64)
-        trees[1] = -1  # parents past node 0: padding nodes
-        for i, (s, (tokens, parents, node_rows)) in enumerate(zip(self.trees, self.views)):
-            trees[0, i, :len(tokens)] = torch.tensor(tokens)
-            trees[1, i, :len(parents)] = torch.tensor(parents)
-            trees[2, i, :len(node_rows)] = spans[s][0] + torch.tensor(node_rows)
+        chains = torch.tensor([d.tokens + [0] * (k - len(d.tokens)) + [len(d.tokens)]
+                               for d in (drafts[s] for s in self.chains)], dtype=torch.int64).view(len(self.chains), k + 1)
+        trees = torch.tensor([[tokens + [0] * (nodes - len(tokens)) for tokens, _, _ in self.views],
+                              [parents + [-1] * (nodes - len(parents)) for _, parents, _ in self.views],  # -1: padding
+                              [[spans[s][0] + r for r in node_rows] + [0] * (nodes - len(node_rows))
+                               for s, (_, _, node_rows) in zip(self.trees, self.views)]],
+                             dtype=torch.int64).view(3, len(self.trees), nodes)
         parts = [rows, chains, trees]
         flat = torch.cat([t.reshape(-1) for t in parts]).to(device, non_blocking=True)
         self.rows, self.chain_inputs, self.tree_inputs = (
