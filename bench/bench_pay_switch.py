@@ -59,10 +59,16 @@ def main():
              f"`python bench/bench_pay_switch.py` — shipped code pair, batch {len(prompts)}, {args.max_tokens} greedy "
              f"tokens per request, engines in turn over {args.rounds} rounds, median tokens/s. Plain decoding: "
              f"{median['plain']:,.0f} tokens/s.", "",
-             "| method | switch on (default) | vs plain | switch off | vs plain |", "|---|---|---|---|---|"]
+             "| method | switch on (default) | vs plain | switch off | vs plain "
+             "| switch on: steps that drafted | its rates, drafting / not (tokens/s) |",
+             "|---|---|---|---|---|---|---|"]
     for name in METHODS:
         on, off = median[(name, True)], median[(name, False)]
-        lines.append(f"| {name} | {on:,.0f} | {on / median['plain']:.2f}x | {off:,.0f} | {off / median['plain']:.2f}x |")
+        switch = engines[(name, True)].speculator.switch
+        drafted = switch.recorded[True] / max(1, sum(switch.recorded.values()))
+        rates = " / ".join(f"{switch.rate(mode) or 0:,.0f}" for mode in (True, False))
+        lines.append(f"| {name} | {on:,.0f} | {on / median['plain']:.2f}x | {off:,.0f} | {off / median['plain']:.2f}x "
+                     f"| {drafted:.0%} | {rates} |")
     write_results("\n".join(lines) + "\n", args.out, args.append_results)
 
 

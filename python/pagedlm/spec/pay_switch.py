@@ -25,6 +25,7 @@ DECAY = 0.9                # weight of the past in the sums, per step of that mo
 class PaySwitch:
     def __init__(self):
         self.sums = {True: None, False: None}  # drafting? -> [decayed tokens, decayed seconds]
+        self.recorded = {True: 0, False: 0}    # drafting? -> steps recorded (for reports)
         self.steps = 0
         self.choice, self.interval, self.next_probe = None, PROBE_EVERY, PROBE_EVERY
 
@@ -54,5 +55,6 @@ class PaySwitch:
         """One decode step's result: whether it drafted, tokens it emitted, its wall time."""
         if seconds <= 0:
             return
+        self.recorded[drafted] += 1
         old = self.sums[drafted] or [0.0, 0.0]
         self.sums[drafted] = [DECAY * old[0] + tokens, DECAY * old[1] + seconds]
