@@ -14,7 +14,7 @@ pick their rows.
 """
 import torch
 
-from pagedlm.engine.cuda_graphs import MAX_WIDTH, batch_buckets, bucket_of, capture, width_of
+from pagedlm.engine.cuda_graphs import MAX_WIDTH, bucket_of, capture, width_of
 from pagedlm.models import AttentionBatch
 
 TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512)  # larger forwards run eagerly
@@ -23,7 +23,9 @@ TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512)  # larger forwards run eagerly
 class VarlenGraphs:
     def __init__(self, model, kv_caches, max_num_seqs, device, pool):
         self.model, self.kv_caches, self.device, self.pool = model, kv_caches, device, pool
-        self.seq_buckets = batch_buckets(max_num_seqs + 1)
+        # Few sequence buckets (a spare sequence costs one block that leaves at once), so few
+        # graphs: each capture costs a forward and tens of milliseconds.
+        self.seq_buckets = [b for b in (4, 16, 64, 256) if b <= max_num_seqs] + [max_num_seqs + 1]
         self.graphs = {}
         self.captures = 0
         self.logits = None  # [TOKEN_BUCKETS[-1], vocab] float32, allocated at the first capture

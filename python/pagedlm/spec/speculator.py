@@ -21,6 +21,7 @@ from collections import defaultdict
 import torch
 
 import pagedlm
+from pagedlm.engine.cuda_graphs import captures_so_far
 from pagedlm.engine.sampler import sample
 from pagedlm.engine.sequence import Status
 from pagedlm.engine.forward import ForwardItem, apply_block_copies, paged_forward
@@ -43,13 +44,14 @@ class Speculator:
         """One forward; returns {seq: [(token, logprob), ...]} for the sequences that emit."""
         for seq in [s for s in self.stats if s.status == Status.FINISHED]:
             self.proposer.forget(seq)
-        start = time.perf_counter()
+        start, captures = time.perf_counter(), captures_so_far()
         greedy_may_draft = self.switch is None or self.switch.drafting()
         drafts = self._draft(scheduled, copies, greedy_may_draft)
         emitted = self._speculative_step(scheduled, copies, drafts) if drafts else self._plain_step(scheduled, copies)
         for seq in emitted:
             self.stats[seq]["forwards"] += 1
-        if self.switch is not None and all(s.num_new <= 1 for s in scheduled):  # prompt chunks blur the timing
+        # Prompt chunks blur the timing, and a step that captured a CUDA graph is no measure at all.
+        if self.switch is not None and all(s.num_new <= 1 for s in scheduled) and captures == captures_so_far():
             self.switch.record(bool(drafts), sum(map(len, emitted.values())), time.perf_counter() - start)
         return emitted
 
