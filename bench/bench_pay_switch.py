@@ -34,15 +34,15 @@ def main():
         torch.set_num_threads(1)  # these models are too small to gain from threads
     windows = np.load(TINY_CODE / "heldout.npy")
     prompts = [w[:64].astype(int).tolist() for w in windows[:args.batch]]
+    params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
     engines = {"plain": LLM(tiny_model("target"), device=args.device, num_blocks=4096)}
     for name, config in METHODS.items():
         config = {k: (str(tiny_model("draft")) if v == "DRAFT" else v) for k, v in config.items()}
         for adaptive in (True, False):
             engines[(name, adaptive)] = LLM(tiny_model("target"), device=args.device, num_blocks=4096,
                                             speculative=dict(config, adaptive=adaptive))
-    params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
-    for llm in engines.values():  # warm-up (and the switch's first measurements)
-        llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    for llm in engines.values():  # warm-up: the CUDA graphs most steps need, the switch's first measurements
+        llm.generate(prompts, params, use_tqdm=False)
     rates = {key: [] for key in engines}
     for _ in range(args.rounds):
         for key, llm in engines.items():
