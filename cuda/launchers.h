@@ -6,6 +6,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "pagedlm/fused_layers.h"
 #include "pagedlm/kv_cache.h"
 #include "pagedlm/paged_decode.h"
 #include "pagedlm/paged_prefill.h"
@@ -24,6 +25,9 @@ int paged_decode(const PagedDecodeParams& p, const DecodeWorkspace& workspace, v
 
 // f16/bf16 on tensor cores, f32 on CUDA cores.
 int paged_prefill(const PagedPrefillParams& p, void* stream);
+
+// One thread block per token row.
+int rms_norm(const RMSNormParams& p, void* stream);
 
 const char* error_string(int code);
 

@@ -9,6 +9,7 @@ void bind_errors(nanobind::module_& m);
 void bind_block_manager(nanobind::module_& m);
 void bind_build_info(nanobind::module_& m);
 void bind_ops(nanobind::module_& m);
+void bind_fused_layers(nanobind::module_& m);
 void bind_verify(nanobind::module_& m);
 
 }  // namespace pagedlm::bindings

@@ -50,5 +50,6 @@ NB_MODULE(_C, m) {
   pagedlm::bindings::bind_block_manager(m);
   pagedlm::bindings::bind_build_info(m);
   pagedlm::bindings::bind_ops(m);
+  pagedlm::bindings::bind_fused_layers(m);
   pagedlm::bindings::bind_verify(m);
 }

@@ -23,26 +23,12 @@ using namespace nb::literals;
 namespace pagedlm::bindings {
 namespace {
 
-template <typename T>
-void expect_float_like(const T& t, DType dtype, const char* arg, const char* reference) {
-  if (float_dtype(t, arg) != dtype) {
-    throw nb::type_error((std::string(arg) + ": dtype must match " + reference).c_str());
-  }
-}
-
 // [num_blocks, block_size, num_kv_heads, head_dim], contiguous; returns its dtype.
 template <typename T>
 DType check_cache(const T& cache, const char* arg) {
   expect_rank(cache, 4, arg);
   expect_contiguous(cache, arg);
   return float_dtype(cache, arg);
-}
-
-template <typename A, typename B>
-void expect_same_shape(const A& a, const B& b, const char* arg, const char* reference) {
-  bool same = a.ndim() == b.ndim();
-  for (size_t i = 0; same && i < a.ndim(); ++i) same = a.shape(i) == b.shape(i);
-  if (!same) fail(arg, "shape " + shape_str(a) + " must equal the shape of " + reference + " " + shape_str(b));
 }
 
 // What paged decode and prefill check alike: the caches, query [rows, num_heads, head_dim],

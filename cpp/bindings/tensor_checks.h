@@ -74,6 +74,20 @@ DType float_dtype(const T& t, const char* arg) {
 }
 
 template <typename T>
+void expect_float_like(const T& t, DType dtype, const char* arg, const char* reference) {
+  if (float_dtype(t, arg) != dtype) {
+    throw nb::type_error((std::string(arg) + ": dtype must match " + reference).c_str());
+  }
+}
+
+template <typename A, typename B>
+void expect_same_shape(const A& a, const B& b, const char* arg, const char* reference) {
+  bool same = a.ndim() == b.ndim();
+  for (size_t i = 0; same && i < a.ndim(); ++i) same = a.shape(i) == b.shape(i);
+  if (!same) fail(arg, "shape " + shape_str(a) + " must equal the shape of " + reference + " " + shape_str(b));
+}
+
+template <typename T>
 void expect_int(const T& t, int bits, const char* arg) {
   const nb::dlpack::dtype d = t.dtype();
   if (d.lanes != 1 || d.bits != bits || d.code != static_cast<uint8_t>(nb::dlpack::dtype_code::Int)) {

@@ -13,8 +13,8 @@ from pagedlm import _C
 from pagedlm._torch_glue import debug_checks, expect_tensors, stream_of
 from pagedlm.verify import verify_greedy, verify_speculative, verify_tree_greedy, verify_tree_speculative  # noqa: F401
 
-__all__ = ["write_kv_cache", "copy_blocks", "paged_decode_attention", "paged_prefill_attention", "verify_greedy",
-           "verify_speculative", "verify_tree_greedy", "verify_tree_speculative"]
+__all__ = ["write_kv_cache", "copy_blocks", "paged_decode_attention", "paged_prefill_attention", "rms_norm",
+           "verify_greedy", "verify_speculative", "verify_tree_greedy", "verify_tree_speculative"]
 
 DECODE_WORKSPACE_BYTES = 32 << 20
 _workspaces = {}
@@ -130,6 +130,25 @@ def _prefill_into(query, key_cache, value_cache, block_tables, cu_seqlens_q, seq
                      mask_indptr, bool(causal), scale, sliding_window, soft_cap, stream_of(query))
 
 
+def rms_norm(x, weight, eps, *, residual=None):
+    """RMSNorm of each row of x [tokens, hidden] (contiguous; float32, float16 or bfloat16)
+    in one kernel: weight * to_dtype(x * rsqrt(mean(x**2) + eps)), in float32 and rounded
+    where pagedlm.models.layers.RMSNorm rounds. weight [hidden] has x's dtype. Returns a new
+    tensor.
+
+    With residual (x's shape and dtype), the add before the norm between two layers, as
+    vLLM's fused_add_rms_norm: residual += x (rounded to the dtype), then x = the norm of
+    the new residual, both in place. Returns (x, residual), the same tensors.
+    """
+    expect_tensors(x=x, weight=weight, residual=residual)
+    if residual is None:
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        _C.rms_norm(x, weight, out, None, float(eps), stream_of(x))
+        return out
+    _C.rms_norm(x, weight, x, residual, float(eps), stream_of(x))
+    return x, residual
+
+
 # ---- torch.library registration ------------------------------------------------------
 _lib = torch.library.Library("pagedlm", "DEF")
 _lib.define("write_kv_cache(Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache, "
@@ -145,6 +164,8 @@ _lib.define("paged_prefill_attention(Tensor query, Tensor key_cache, Tensor valu
 _lib.define("paged_decode_attention_out(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
             "Tensor seq_lens, Tensor(a!) out, Tensor(b!)? lse, float? scale=None, int? sliding_window=None, "
             "float? soft_cap=None) -> ()")
+_lib.define("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor")
+_lib.define("fused_add_rms_norm(Tensor(a!) x, Tensor(b!) residual, Tensor weight, float eps) -> ()")
 
 
 def _decode_functional(query, key_cache, value_cache, block_tables, seq_lens, scale=None, sliding_window=None,
@@ -165,12 +186,18 @@ def _prefill_functional(query, key_cache, value_cache, block_tables, cu_seqlens_
                                    sliding_window=sliding_window, soft_cap=soft_cap, return_lse=True)
 
 
+def _fused_add_rms_norm(x, residual, weight, eps):
+    rms_norm(x, weight, eps, residual=residual)
+
+
 for _key in ("CPU", "CUDA"):
     _lib.impl("write_kv_cache", write_kv_cache, _key)
     _lib.impl("copy_blocks", copy_blocks, _key)
     _lib.impl("paged_decode_attention", _decode_functional, _key)
     _lib.impl("paged_decode_attention_out", _decode_out, _key)
     _lib.impl("paged_prefill_attention", _prefill_functional, _key)
+    _lib.impl("rms_norm", rms_norm, _key)
+    _lib.impl("fused_add_rms_norm", _fused_add_rms_norm, _key)
 
 
 @torch.library.register_fake("pagedlm::write_kv_cache")
@@ -198,3 +225,13 @@ def _(query, key_cache, value_cache, block_tables, seq_lens, out, lse, scale=Non
 def _(query, key_cache, value_cache, block_tables, cu_seqlens_q, seq_lens, causal=True, custom_mask=None,
       mask_indptr=None, scale=None, sliding_window=None, soft_cap=None):
     return torch.empty_like(query), query.new_empty(query.shape[:2], dtype=torch.float32)
+
+
+@torch.library.register_fake("pagedlm::rms_norm")
+def _(x, weight, eps):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("pagedlm::fused_add_rms_norm")
+def _(x, residual, weight, eps):
+    return None

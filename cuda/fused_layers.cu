@@ -1,0 +1,73 @@
+// CUDA path of the fused layers (cpp/include/pagedlm/fused_layers.h): one kernel where the
+// unfused torch code launches several tiny ones. They are bound by launch latency at decode
+// sizes, so they are plain: one thread block per token row, f32 in registers. Every product
+// and sum that torch rounds separately is written with __fmul_rn / __fadd_rn, so nvcc does
+// not contract it into an FMA that would round once.
+#include <algorithm>
+
+#include "common.cuh"
+#include "launchers.h"
+
+namespace pagedlm::cuda {
+namespace {
+
+// Sum of v over the block (blockDim.x a multiple of 32, at most 1024), returned to every thread.
+__device__ float block_sum(float v) {
+  __shared__ float partial[32];
+  __shared__ float total;
+  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) partial[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < static_cast<int>(blockDim.x / 32) ? partial[lane] : 0.0f;
+    for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    if (lane == 0) total = v;
+  }
+  __syncthreads();
+  return total;
+}
+
+// Each thread touches the same elements i = threadIdx.x + k * blockDim.x in both passes, so
+// the residual it wrote in the first is what it reads in the second, and out may alias input.
+template <typename T, bool kResidual>
+__global__ void rms_norm_kernel(RMSNormParams p) {
+  const int64_t base = static_cast<int64_t>(blockIdx.x) * p.hidden;
+  const T* input = static_cast<const T*>(p.input) + base;
+  T* residual = kResidual ? static_cast<T*>(p.residual) + base : nullptr;
+  const T* weight = static_cast<const T*>(p.weight);
+  T* out = static_cast<T*>(p.out) + base;
+  float sum = 0.0f;
+  for (int64_t i = threadIdx.x; i < p.hidden; i += blockDim.x) {
+    float x = to_float(input[i]);
+    if constexpr (kResidual) {
+      const T s = from_float<T>(__fadd_rn(to_float(residual[i]), x));
+      residual[i] = s;
+      x = to_float(s);
+    }
+    sum = __fadd_rn(sum, __fmul_rn(x, x));
+  }
+  const float mean = block_sum(sum) / static_cast<float>(p.hidden);
+  const float inv_rms = rsqrtf(__fadd_rn(mean, p.eps));
+  for (int64_t i = threadIdx.x; i < p.hidden; i += blockDim.x) {
+    const float x = to_float(kResidual ? residual[i] : input[i]);
+    const float normed = to_float(from_float<T>(__fmul_rn(x, inv_rms)));
+    out[i] = from_float<T>(__fmul_rn(normed, to_float(weight[i])));
+  }
+}
+
+}  // namespace
+
+int rms_norm(const RMSNormParams& p, void* stream) {
+  if (p.rows == 0) return 0;
+  // About four elements a thread, in whole warps, at most 1024 threads.
+  const int64_t threads = std::min<int64_t>(1024, std::max<int64_t>(32, (p.hidden / 4 + 31) / 32 * 32));
+  return dispatch_dtype(p.dtype, [&](auto t) {
+    using T = decltype(t);
+    auto kernel = p.residual ? rms_norm_kernel<T, true> : rms_norm_kernel<T, false>;
+    kernel<<<static_cast<unsigned>(p.rows), static_cast<unsigned>(threads), 0, static_cast<cudaStream_t>(stream)>>>(p);
+    return static_cast<int>(cudaGetLastError());
+  });
+}
+
+}  // namespace pagedlm::cuda
