@@ -1,6 +1,7 @@
 // CUDA path of the fused layers (cpp/include/pagedlm/fused_layers.h): one kernel where the
 // unfused torch code launches several tiny ones. They are bound by launch latency at decode
-// sizes, so they are plain: one thread block per token row, f32 in registers. Every product
+// sizes, so they are plain: a thread block per token row (per slice of a row for
+// silu_and_mul), f32 in registers. Every product
 // and sum that torch rounds separately is written with __fmul_rn / __fadd_rn, so nvcc does
 // not contract it into an FMA that would round once.
 #include <algorithm>
@@ -56,6 +57,46 @@ __global__ void rms_norm_kernel(RMSNormParams p) {
   }
 }
 
+// grid (rows, ceil(d / blockDim.x)): one element of out a thread.
+template <typename T>
+__global__ void silu_and_mul_kernel(SiluAndMulParams p) {
+  const int64_t i = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
+  if (i >= p.d) return;
+  const T* row = static_cast<const T*>(p.input) + static_cast<int64_t>(blockIdx.x) * 2 * p.d;
+  const float gate = to_float(row[i]), up = to_float(row[p.d + i]);
+  // torch's silu on CUDA: x / (1 + exp(-x)) with the accurate expf, rounded to the dtype.
+  const float silu = to_float(from_float<T>(__fdiv_rn(gate, __fadd_rn(1.0f, expf(-gate)))));
+  static_cast<T*>(p.out)[static_cast<int64_t>(blockIdx.x) * p.d + i] = from_float<T>(__fmul_rn(silu, up));
+}
+
+// One block per token: the token's cos and sin (head_dim / 2 each) go to shared memory once,
+// then the block's threads rotate every (head, i) pair of its query and key heads.
+template <typename T>
+__global__ void apply_rope_kernel(RopeParams p) {
+  extern __shared__ float cos_sin[];
+  const int half = p.head_dim / 2;
+  float* cos_t = cos_sin;
+  float* sin_t = cos_sin + half;
+  const int64_t t = blockIdx.x;
+  const float position = static_cast<float>(p.positions[t]);
+  for (int i = threadIdx.x; i < half; i += blockDim.x) {
+    const float angle = __fmul_rn(position, p.inv_freq[i]);
+    cos_t[i] = cosf(angle);  // the accurate cosf and sinf, as torch's cos() and sin()
+    sin_t[i] = sinf(angle);
+  }
+  __syncthreads();
+  const int pairs = (p.num_heads + p.num_kv_heads) * half;
+  for (int j = threadIdx.x; j < pairs; j += blockDim.x) {
+    const int head = j / half, i = j % half;
+    T* x = head < p.num_heads
+               ? static_cast<T*>(p.query) + t * p.query_token_stride + head * p.query_head_stride
+               : static_cast<T*>(p.key) + t * p.key_token_stride + (head - p.num_heads) * p.key_head_stride;
+    const float x1 = to_float(x[i]), x2 = to_float(x[half + i]);
+    x[i] = from_float<T>(__fsub_rn(__fmul_rn(x1, cos_t[i]), __fmul_rn(x2, sin_t[i])));
+    x[half + i] = from_float<T>(__fadd_rn(__fmul_rn(x2, cos_t[i]), __fmul_rn(x1, sin_t[i])));
+  }
+}
+
 }  // namespace
 
 int rms_norm(const RMSNormParams& p, void* stream) {
@@ -66,6 +107,25 @@ int rms_norm(const RMSNormParams& p, void* stream) {
     using T = decltype(t);
     auto kernel = p.residual ? rms_norm_kernel<T, true> : rms_norm_kernel<T, false>;
     kernel<<<static_cast<unsigned>(p.rows), static_cast<unsigned>(threads), 0, static_cast<cudaStream_t>(stream)>>>(p);
+    return static_cast<int>(cudaGetLastError());
+  });
+}
+
+int silu_and_mul(const SiluAndMulParams& p, void* stream) {
+  if (p.rows == 0 || p.d == 0) return 0;
+  const unsigned threads = 256;
+  const dim3 grid(static_cast<unsigned>(p.rows), static_cast<unsigned>((p.d + threads - 1) / threads));
+  return dispatch_dtype(p.dtype, [&](auto t) {
+    silu_and_mul_kernel<decltype(t)><<<grid, threads, 0, static_cast<cudaStream_t>(stream)>>>(p);
+    return static_cast<int>(cudaGetLastError());
+  });
+}
+
+int apply_rope(const RopeParams& p, void* stream) {
+  if (p.tokens == 0) return 0;
+  const size_t shared = sizeof(float) * p.head_dim;  // cos and sin, head_dim / 2 each
+  return dispatch_dtype(p.dtype, [&](auto t) {
+    apply_rope_kernel<decltype(t)><<<static_cast<unsigned>(p.tokens), 256, shared, static_cast<cudaStream_t>(stream)>>>(p);
     return static_cast<int>(cudaGetLastError());
   });
 }

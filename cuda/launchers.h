@@ -28,6 +28,9 @@ int paged_prefill(const PagedPrefillParams& p, void* stream);
 
 // One thread block per token row.
 int rms_norm(const RMSNormParams& p, void* stream);
+int silu_and_mul(const SiluAndMulParams& p, void* stream);
+// One thread block per token, query and key heads together.
+int apply_rope(const RopeParams& p, void* stream);
 
 const char* error_string(int code);
 

@@ -1,4 +1,5 @@
-// Bindings of the fused layers (RMSNorm with or without the residual add): check every
+// Bindings of the fused layers (RMSNorm with or without the residual add, SiLU-and-multiply,
+// rotary embeddings): check every
 // argument, then run the CPU path or the CUDA launcher where the tensors live. Tensors
 // written in place are declared noconvert, so a kernel never writes into a temporary copy.
 #include <nanobind/nanobind.h>
@@ -9,6 +10,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <utility>
 
 #include "bindings.h"
 #include "dispatch.h"
@@ -60,10 +62,89 @@ void rms_norm(Tensor x, Tensor weight, MutTensor out, std::optional<MutTensor> r
   run_on(where, p, rms_norm_cpu, PAGEDLM_CUDA_LAUNCHER(rms_norm), stream, "rms_norm");
 }
 
+// out [rows, d] = silu(x[:, :d]) * x[:, d:], x [rows, 2 * d].
+void silu_and_mul(Tensor x, MutTensor out, uintptr_t stream) {
+  expect_rank(x, 2, "x");
+  expect_contiguous(x, "x");
+  const DType dtype = float_dtype(x, "x");
+  const Placement where = placement_of(x);
+  if (x.shape(1) % 2 != 0) fail("x", "dimension 1 must be even (gate and up halves), got shape " + shape_str(x));
+  expect_rank(out, 2, "out");
+  expect_dim(out, 0, x.shape(0), "out", "rows of x");
+  expect_dim(out, 1, x.shape(1) / 2, "out", "half of dimension 1 of x");
+  expect_contiguous(out, "out");
+  expect_float_like(out, dtype, "out", "x");
+  expect_same_placement(out, where, "out", "x");
+
+  SiluAndMulParams p;
+  p.input = x.data();
+  p.out = out.data();
+  p.rows = x.shape(0);
+  p.d = x.shape(1) / 2;
+  p.dtype = dtype;
+  run_on(where, p, silu_and_mul_cpu, PAGEDLM_CUDA_LAUNCHER(silu_and_mul), stream, "silu_and_mul");
+}
+
+// [tokens, heads, head_dim] with a contiguous last dimension; returns its (token, head) strides.
+std::pair<int64_t, int64_t> check_rope_heads(const MutTensor& t, int64_t tokens, int64_t head_dim, DType dtype,
+                                             const Placement& where, const char* arg) {
+  expect_rank(t, 3, arg);
+  expect_dim(t, 0, tokens, arg, "tokens of query");
+  expect_dim(t, 2, head_dim, arg, "head_dim of query");
+  expect_float_like(t, dtype, arg, "query");
+  expect_same_placement(t, where, arg, "query");
+  if (t.stride(2) != 1) fail(arg, "the last dimension (head_dim) must be contiguous");
+  if (t.stride(0) < 0 || t.stride(1) < 0) fail(arg, "strides must not be negative");
+  return {t.stride(0), t.stride(1)};
+}
+
+// query, key rotated in place by positions [tokens] (int64) and inv_freq [head_dim / 2] (float32).
+void apply_rope(MutTensor query, MutTensor key, Tensor positions, Tensor inv_freq, uintptr_t stream) {
+  expect_rank(query, 3, "query");
+  const DType dtype = float_dtype(query, "query");
+  const Placement where = placement_of(query);
+  const int64_t tokens = query.shape(0), head_dim = query.shape(2);
+  if (head_dim == 0 || head_dim % 2 != 0) {
+    fail("query", "head_dim (dimension 2) must be even and positive, got shape " + shape_str(query));
+  }
+  const auto [q_token_stride, q_head_stride] = check_rope_heads(query, tokens, head_dim, dtype, where, "query");
+  const auto [k_token_stride, k_head_stride] = check_rope_heads(key, tokens, head_dim, dtype, where, "key");
+  expect_rank(positions, 1, "positions");
+  expect_int(positions, 64, "positions");
+  expect_contiguous(positions, "positions");
+  expect_dim(positions, 0, tokens, "positions", "tokens of query");
+  expect_same_placement(positions, where, "positions", "query");
+  expect_rank(inv_freq, 1, "inv_freq");
+  if (float_dtype(inv_freq, "inv_freq") != DType::f32) throw nb::type_error("inv_freq: dtype must be float32");
+  expect_contiguous(inv_freq, "inv_freq");
+  expect_dim(inv_freq, 0, head_dim / 2, "inv_freq", "head_dim / 2");
+  expect_same_placement(inv_freq, where, "inv_freq", "query");
+  if ((static_cast<int64_t>(query.shape(1)) + key.shape(1)) * head_dim >= (int64_t{1} << 31)) {
+    fail("query", "(num_heads + num_kv_heads) * head_dim must be below 2^31");
+  }
+
+  RopeParams p;
+  p.query = query.data();
+  p.key = key.data();
+  p.positions = static_cast<const int64_t*>(positions.data());
+  p.inv_freq = static_cast<const float*>(inv_freq.data());
+  p.tokens = tokens;
+  p.query_token_stride = q_token_stride, p.query_head_stride = q_head_stride;
+  p.key_token_stride = k_token_stride, p.key_head_stride = k_head_stride;
+  p.num_heads = static_cast<int32_t>(query.shape(1));
+  p.num_kv_heads = static_cast<int32_t>(key.shape(1));
+  p.head_dim = static_cast<int32_t>(head_dim);
+  p.dtype = dtype;
+  run_on(where, p, apply_rope_cpu, PAGEDLM_CUDA_LAUNCHER(apply_rope), stream, "apply_rope");
+}
+
 }  // namespace
 
 void bind_fused_layers(nb::module_& m) {
   m.def("rms_norm", &rms_norm, "x"_a, "weight"_a, "out"_a.noconvert(), "residual"_a.noconvert().none(), "eps"_a,
+        "stream"_a);
+  m.def("silu_and_mul", &silu_and_mul, "x"_a, "out"_a.noconvert(), "stream"_a);
+  m.def("apply_rope", &apply_rope, "query"_a.noconvert(), "key"_a.noconvert(), "positions"_a, "inv_freq"_a,
         "stream"_a);
 }
 

@@ -58,4 +58,42 @@ void rms_norm_cpu(const RMSNormParams& p) {
   });
 }
 
+void silu_and_mul_cpu(const SiluAndMulParams& p) {
+  for_rows(p.rows, 2 * p.d, [&](int64_t r) {
+    for (int64_t i = 0; i < p.d; ++i) {
+      const float gate = load_as_float(p.input, r * 2 * p.d + i, p.dtype);
+      const float up = load_as_float(p.input, r * 2 * p.d + p.d + i, p.dtype);
+      const float silu = round_to(p.dtype, gate / (1.0f + std::exp(-gate)));
+      store_from_float(p.out, r * p.d + i, p.dtype, silu * up);
+    }
+  });
+}
+
+void apply_rope_cpu(const RopeParams& p) {
+  const int half = p.head_dim / 2;
+  for_rows(p.tokens, static_cast<int64_t>(p.num_heads + p.num_kv_heads) * p.head_dim, [&](int64_t t) {
+    thread_local std::vector<float> cos, sin;
+    cos.resize(half);
+    sin.resize(half);
+    const float position = static_cast<float>(p.positions[t]);
+    for (int i = 0; i < half; ++i) {
+      const float angle = position * p.inv_freq[i];
+      cos[i] = std::cos(angle);
+      sin[i] = std::sin(angle);
+    }
+    auto rotate = [&](void* x, int heads, int64_t token_stride, int64_t head_stride) {
+      for (int h = 0; h < heads; ++h) {
+        const int64_t base = t * token_stride + h * head_stride;
+        for (int i = 0; i < half; ++i) {
+          const float x1 = load_as_float(x, base + i, p.dtype), x2 = load_as_float(x, base + half + i, p.dtype);
+          store_from_float(x, base + i, p.dtype, x1 * cos[i] - x2 * sin[i]);
+          store_from_float(x, base + half + i, p.dtype, x2 * cos[i] + x1 * sin[i]);
+        }
+      }
+    };
+    rotate(p.query, p.num_heads, p.query_token_stride, p.query_head_stride);
+    rotate(p.key, p.num_kv_heads, p.key_token_stride, p.key_head_stride);
+  });
+}
+
 }  // namespace pagedlm

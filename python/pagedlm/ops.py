@@ -14,7 +14,7 @@ from pagedlm._torch_glue import debug_checks, expect_tensors, stream_of
 from pagedlm.verify import verify_greedy, verify_speculative, verify_tree_greedy, verify_tree_speculative  # noqa: F401
 
 __all__ = ["write_kv_cache", "copy_blocks", "paged_decode_attention", "paged_prefill_attention", "rms_norm",
-           "verify_greedy", "verify_speculative", "verify_tree_greedy", "verify_tree_speculative"]
+           "silu_and_mul", "apply_rope", "verify_greedy", "verify_speculative", "verify_tree_greedy", "verify_tree_speculative"]
 
 DECODE_WORKSPACE_BYTES = 32 << 20
 _workspaces = {}
@@ -149,6 +149,28 @@ def rms_norm(x, weight, eps, *, residual=None):
     return x, residual
 
 
+def silu_and_mul(x):
+    """The SwiGLU activation in one kernel: x [tokens, 2 * d] (contiguous) holds gate and up
+    side by side; returns silu(gate) * up [tokens, d] in x's dtype, rounded as torch rounds
+    nn.functional.silu(gate) * up (silu in float32, rounded, then the product rounded)."""
+    expect_tensors(x=x)
+    out = x.new_empty((x.shape[0], x.shape[1] // 2) if x.dim() == 2 else (0,))
+    _C.silu_and_mul(x, out, stream_of(x))
+    return out
+
+
+def apply_rope(query, key, positions, inv_freq):
+    """Rotary embedding (rotate-half convention, as Hugging Face's Llama) of query
+    [tokens, num_heads, head_dim] and key [tokens, num_kv_heads, head_dim] in place, in one
+    kernel. Their last dimension must be contiguous; token and head strides are free, so they
+    may be views of one fused qkv output (but must not overlap). positions int64 [tokens];
+    inv_freq float32 [head_dim / 2]. Angles, cos, sin and the rotation are float32, as
+    pagedlm.models.layers computes them. Returns (query, key), the same tensors."""
+    expect_tensors(query=query, key=key, positions=positions, inv_freq=inv_freq)
+    _C.apply_rope(query, key, positions, inv_freq, stream_of(query))
+    return query, key
+
+
 # ---- torch.library registration ------------------------------------------------------
 _lib = torch.library.Library("pagedlm", "DEF")
 _lib.define("write_kv_cache(Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache, "
@@ -166,6 +188,8 @@ _lib.define("paged_decode_attention_out(Tensor query, Tensor key_cache, Tensor v
             "float? soft_cap=None) -> ()")
 _lib.define("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor")
 _lib.define("fused_add_rms_norm(Tensor(a!) x, Tensor(b!) residual, Tensor weight, float eps) -> ()")
+_lib.define("silu_and_mul(Tensor x) -> Tensor")
+_lib.define("apply_rope(Tensor(a!) query, Tensor(b!) key, Tensor positions, Tensor inv_freq) -> ()")
 
 
 def _decode_functional(query, key_cache, value_cache, block_tables, seq_lens, scale=None, sliding_window=None,
@@ -190,6 +214,10 @@ def _fused_add_rms_norm(x, residual, weight, eps):
     rms_norm(x, weight, eps, residual=residual)
 
 
+def _apply_rope(query, key, positions, inv_freq):
+    apply_rope(query, key, positions, inv_freq)
+
+
 for _key in ("CPU", "CUDA"):
     _lib.impl("write_kv_cache", write_kv_cache, _key)
     _lib.impl("copy_blocks", copy_blocks, _key)
@@ -198,6 +226,8 @@ for _key in ("CPU", "CUDA"):
     _lib.impl("paged_prefill_attention", _prefill_functional, _key)
     _lib.impl("rms_norm", rms_norm, _key)
     _lib.impl("fused_add_rms_norm", _fused_add_rms_norm, _key)
+    _lib.impl("silu_and_mul", silu_and_mul, _key)
+    _lib.impl("apply_rope", _apply_rope, _key)
 
 
 @torch.library.register_fake("pagedlm::write_kv_cache")
@@ -234,4 +264,14 @@ def _(x, weight, eps):
 
 @torch.library.register_fake("pagedlm::fused_add_rms_norm")
 def _(x, residual, weight, eps):
+    return None
+
+
+@torch.library.register_fake("pagedlm::silu_and_mul")
+def _(x):
+    return x.new_empty((x.shape[0], x.shape[1] // 2))
+
+
+@torch.library.register_fake("pagedlm::apply_rope")
+def _(query, key, positions, inv_freq):
     return None
