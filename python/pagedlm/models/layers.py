@@ -14,7 +14,14 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x):
+    def forward(self, x, residual=None):
+        """weight * x / rms(x) in one kernel (ops.rms_norm): in float32, rounded to x's dtype,
+        then times the weight. With residual, the add before the norm, both in place:
+        residual += x, x = the norm of it; returns (x, residual)."""
+        if x.dtype == self.weight.dtype and x.is_contiguous():
+            return ops.rms_norm(x, self.weight, self.eps, residual=residual)
+        if residual is not None:  # a weight in another dtype (a model cast by hand): unfused
+            return self.forward(residual.add_(x)), residual
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
@@ -37,12 +44,10 @@ def rope_frequencies(head_dim, theta, scaling):
     return torch.where(medium, (1 - blend) * inv_freq / factor + blend * inv_freq, scaled)
 
 
-def apply_rope(x, positions, inv_freq):
-    """x [tokens, heads, head_dim], rotate-half convention (as Hugging Face's Llama)."""
-    angles = positions.float().unsqueeze(-1) * inv_freq.to(x.device)  # [tokens, head_dim/2]
-    cos, sin = angles.cos().unsqueeze(1), angles.sin().unsqueeze(1)
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+def apply_rope(query, key, positions, inv_freq):
+    """query [tokens, heads, head_dim] and key [tokens, kv_heads, head_dim] rotated in place,
+    rotate-half convention (as Hugging Face's Llama), in float32, by one kernel."""
+    return ops.apply_rope(query, key, positions, inv_freq.to(device=query.device, dtype=torch.float32))
 
 
 class Attention(nn.Module):
@@ -58,9 +63,10 @@ class Attention(nn.Module):
     def forward(self, x, positions, inv_freq, batch, kv_cache):
         tokens = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = apply_rope(q.view(tokens, self.num_heads, self.head_dim), positions, inv_freq)
-        k = apply_rope(k.view(tokens, self.num_kv_heads, self.head_dim), positions, inv_freq)
-        v = v.contiguous().view(tokens, self.num_kv_heads, self.head_dim)
+        q, k = apply_rope(q.view(tokens, self.num_heads, self.head_dim),
+                          k.view(tokens, self.num_kv_heads, self.head_dim), positions, inv_freq)
+        q = q.contiguous()  # the attention kernels take a contiguous query; write_kv_cache a strided key
+        v = v.view(tokens, self.num_kv_heads, self.head_dim)
         key_cache, value_cache = kv_cache
         ops.write_kv_cache(k, v, key_cache, value_cache, batch.slot_mapping)
         if batch.decode_only:
@@ -81,5 +87,4 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(nn.functional.silu(gate) * up)
+        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))  # silu(gate) * up

@@ -37,9 +37,17 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = MLP(args)
 
-    def forward(self, x, positions, inv_freq, batch, kv_cache):
-        x = x + self.self_attn(self.input_layernorm(x), positions, inv_freq, batch, kv_cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, positions, inv_freq, batch, kv_cache):
+        """The residual stream is x + residual (residual None before the first layer), kept as
+        a pair so that each add is fused into the norm after it (RMSNorm with residual).
+        Returns the pair for the next layer; residual is updated in place."""
+        if residual is None:
+            x, residual = self.input_layernorm(x), x
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, positions, inv_freq, batch, kv_cache)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
 
 
 class LlamaModel(nn.Module):
@@ -75,8 +83,10 @@ class LlamaForCausalLM(nn.Module):
     @torch.inference_mode()
     def forward(self, input_ids, positions, batch, kv_caches, logits_indices=None):
         """input_ids, positions int64 [tokens]; returns logits float32 [len(logits_indices) or tokens, vocab]."""
-        x = self.model.embed_tokens(input_ids)
+        x, residual = self.model.embed_tokens(input_ids), None
         for layer, kv_cache in zip(self.model.layers, kv_caches):
-            x = layer(x, positions, self.inv_freq, batch, kv_cache)
-        x = self.model.norm(x if logits_indices is None else x[logits_indices])
+            x, residual = layer(x, residual, positions, self.inv_freq, batch, kv_cache)
+        if logits_indices is not None:
+            x, residual = x[logits_indices], None if residual is None else residual[logits_indices]
+        x = self.model.norm(x) if residual is None else self.model.norm(x, residual)[0]
         return self.lm_head(x).float()
