@@ -106,7 +106,8 @@ int rms_norm(const RMSNormParams& p, void* stream) {
   return dispatch_dtype(p.dtype, [&](auto t) {
     using T = decltype(t);
     auto kernel = p.residual ? rms_norm_kernel<T, true> : rms_norm_kernel<T, false>;
-    kernel<<<static_cast<unsigned>(p.rows), static_cast<unsigned>(threads), 0, static_cast<cudaStream_t>(stream)>>>(p);
+    kernel<<<static_cast<unsigned>(p.rows), static_cast<unsigned>(threads), 0,
+             static_cast<cudaStream_t>(stream)>>>(p);
     return static_cast<int>(cudaGetLastError());
   });
 }
@@ -125,7 +126,8 @@ int apply_rope(const RopeParams& p, void* stream) {
   if (p.tokens == 0) return 0;
   const size_t shared = sizeof(float) * p.head_dim;  // cos and sin, head_dim / 2 each
   return dispatch_dtype(p.dtype, [&](auto t) {
-    apply_rope_kernel<decltype(t)><<<static_cast<unsigned>(p.tokens), 256, shared, static_cast<cudaStream_t>(stream)>>>(p);
+    apply_rope_kernel<decltype(t)><<<static_cast<unsigned>(p.tokens), 256, shared,
+                                     static_cast<cudaStream_t>(stream)>>>(p);
     return static_cast<int>(cudaGetLastError());
   });
 }

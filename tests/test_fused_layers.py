@@ -68,7 +68,8 @@ def test_rms_norm_matches_the_unfused_layer(rows, hidden, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("hidden", [1, 96, 4097])
 def test_fused_add_rms_norm_updates_both_in_place(hidden, dtype):
-    x, residual, weight = rand(5, hidden, dtype=dtype), rand(5, hidden, dtype=dtype, scale=4.0), rand(hidden, dtype=dtype)
+    x, residual = rand(5, hidden, dtype=dtype), rand(5, hidden, dtype=dtype, scale=4.0)
+    weight = rand(hidden, dtype=dtype)
     expected_residual = residual + x  # what the decoder layer computes unfused
     expected = rms_norm_unfused(expected_residual, weight, 1e-6)
     x_ptr, residual_ptr = x.data_ptr(), residual.data_ptr()
@@ -131,7 +132,8 @@ def test_rms_norm_torch_ops_and_opcheck():
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_rms_norm_cuda_matches_cpu(hidden, dtype, with_residual):
     rows = 37
-    x, weight, residual = rand(rows, hidden, dtype=dtype, scale=3.0), rand(hidden, dtype=dtype), rand(rows, hidden, dtype=dtype)
+    x, residual = rand(rows, hidden, dtype=dtype, scale=3.0), rand(rows, hidden, dtype=dtype)
+    weight = rand(hidden, dtype=dtype)
     xc, weightc, residualc = x.cuda(), weight.cuda(), residual.cuda()
     if with_residual:
         ops.rms_norm(x, weight, 1e-5, residual=residual)
@@ -141,8 +143,8 @@ def test_rms_norm_cuda_matches_cpu(hidden, dtype, with_residual):
     else:
         out, outc = ops.rms_norm(x, weight, 1e-5), ops.rms_norm(xc, weightc, 1e-5)
     # float32 sums in another order and CUDA's rsqrtf (2 ulps): a few ulps of float32 in the
-    # factor, which may flip a rounding to f16/bf16.
-    assert_ulps(outc.cpu(), out, 16 if dtype == torch.float32 else 2)
+    # factor, which may flip the middle rounding to f16/bf16 (up to 3 ulps after the weight).
+    assert_ulps(outc.cpu(), out, 16 if dtype == torch.float32 else 3)
 
 
 @pytest.mark.gpu
@@ -230,7 +232,7 @@ def test_silu_and_mul_torch_op_and_opcheck():
 def test_silu_and_mul_cuda_matches_cpu(d, dtype):
     x = rand(37, 2 * d, dtype=dtype, scale=4.0)
     out = ops.silu_and_mul(x.cuda())
-    assert_ulps(out.cpu(), ops.silu_and_mul(x), 4 if dtype == torch.float32 else 2)
+    assert_ulps(out.cpu(), ops.silu_and_mul(x), 4 if dtype == torch.float32 else 3)
     # On the GPU, torch's own silu uses the same expf: the same bits.
     assert torch.equal(out, silu_and_mul_unfused(x.cuda()))
 

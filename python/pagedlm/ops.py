@@ -14,7 +14,8 @@ from pagedlm._torch_glue import debug_checks, expect_tensors, stream_of
 from pagedlm.verify import verify_greedy, verify_speculative, verify_tree_greedy, verify_tree_speculative  # noqa: F401
 
 __all__ = ["write_kv_cache", "copy_blocks", "paged_decode_attention", "paged_prefill_attention", "rms_norm",
-           "silu_and_mul", "apply_rope", "verify_greedy", "verify_speculative", "verify_tree_greedy", "verify_tree_speculative"]
+           "silu_and_mul", "apply_rope", "verify_greedy", "verify_speculative", "verify_tree_greedy",
+           "verify_tree_speculative"]
 
 DECODE_WORKSPACE_BYTES = 32 << 20
 _workspaces = {}
