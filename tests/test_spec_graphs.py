@@ -96,7 +96,7 @@ def test_graph_paths_emit_plain_greedy_tokens(models, name, batch_size, block_si
     llm = engine(models, block_size, config)
     outputs = llm.generate(batch, GREEDY, use_tqdm=False)
     assert tokens(outputs) == expected
-    assert llm.runner.varlen.captures > 0, "verification never replayed a graph"
+    assert llm.runner.varlen.replays > 0, "verification never replayed a graph"
     if name.startswith("draft"):
         assert llm.speculator.proposer.chain.graphs, "the draft chain never replayed a graph"
     if name == "draft-same":  # the draft is the target: every drafted token is accepted
@@ -131,3 +131,24 @@ def test_varlen_graph_logits_equal_the_eager_forward(models):
     graphed = paged_forward(llm.model, llm.kv_caches, bm, llm.device, items, graphs)
     assert graphs.captures == 1
     torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_capture_all_takes_every_bucket_a_step_can_meet(models):
+    """Up front, every (token bucket, sequence bucket) with room for its sequences; a step's
+    forward then finds its graph and captures nothing."""
+    from pagedlm.engine.forward import ForwardItem, paged_forward
+    from pagedlm.engine.varlen_graphs import TOKEN_BUCKETS
+    llm = engine(models, 4)
+    graphs = VarlenGraphs(llm.model, llm.kv_caches, MAX_SEQS, llm.device, None)
+    graphs.capture_all(masked=False)
+    keys = set(graphs.graphs)
+    assert {t for t, _, _, _ in keys} == set(TOKEN_BUCKETS)
+    assert all(s <= t + 1 and not masked for t, s, _, masked in keys)
+    assert graphs.captures == len(keys)
+    bm = llm.block_manager
+    items = []
+    for seq_id in range(5):  # 5 sequences of 3 new tokens
+        bm.allocate(seq_id, list(range(7)))
+        items.append(ForwardItem(seq_id, [1, 2, 3], 4, 0, None, [2]))
+    paged_forward(llm.model, llm.kv_caches, bm, llm.device, items, graphs)
+    assert graphs.captures == len(keys) and graphs.replays == 1

@@ -88,6 +88,8 @@ class LLM:
                                      max_num_seqs=max_num_seqs)
             self.speculator = Speculator(proposer, self.runner, max_num_batched_tokens, seed,
                                          adaptive=speculative.get("adaptive", True))
+            if self.runner.varlen is not None:  # verification graphs up front; lookahead verifies trees
+                self.runner.varlen.capture_all(masked=speculative["method"] == "lookahead")
         self._ids = itertools.count()
         self._requests = {}
 

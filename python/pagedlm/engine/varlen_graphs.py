@@ -27,8 +27,18 @@ class VarlenGraphs:
         # graphs: each capture costs a forward and tens of milliseconds.
         self.seq_buckets = [b for b in (4, 16, 64, 256) if b <= max_num_seqs] + [max_num_seqs + 1]
         self.graphs = {}
-        self.captures = 0
+        self.captures = self.replays = 0
         self.logits = None  # [TOKEN_BUCKETS[-1], vocab] float32, allocated at the first capture
+
+    def capture_all(self, masked):
+        """Captures every (token bucket, sequence bucket) at the narrowest width now, rather than
+        on first use: a speculative engine meets them at unpredictable steps (the timing
+        switch's probes most of all), and a capture mid-run costs tens of milliseconds."""
+        block_size = self.kv_caches[0][0].shape[1]
+        for tokens in reversed(TOKEN_BUCKETS):  # the largest first: the smaller reuse its pool memory
+            width = width_of(-(-tokens // block_size))
+            for seqs in (s for s in self.seq_buckets if s <= tokens + 1):  # a real sequence brings >= 1 token
+                self._graph((tokens, seqs, width, masked))
 
     def fits(self, tokens, seqs, width):
         return tokens <= TOKEN_BUCKETS[-1] and seqs < self.seq_buckets[-1] and width <= MAX_WIDTH
@@ -42,14 +52,19 @@ class VarlenGraphs:
         seqs = bucket_of(b + (n < tokens), self.seq_buckets)  # room for the padding sequence
         block_size = self.kv_caches[0][0].shape[1]
         width = width_of(max(tables.shape[1], -(-tokens // block_size)))  # the padding sequence's blocks fit
-        key = (tokens, seqs, width, mask is not None)
+        graph = self._graph((tokens, seqs, width, mask is not None))
+        self.replays += 1
+        return graph.run(ids, positions, slots, tables, cu_seqlens, seq_lens, mask, mask_indptr)
+
+
+    def _graph(self, key):
         graph = self.graphs.get(key)
         if graph is None:
             if self.logits is None:
                 self.logits = torch.empty(TOKEN_BUCKETS[-1], self.model.args.vocab_size, device=self.device)
             graph = self.graphs[key] = _VarlenGraph(self, *key)
             self.captures += 1
-        return graph.run(ids, positions, slots, tables, cu_seqlens, seq_lens, mask, mask_indptr)
+        return graph
 
 
 class _VarlenGraph:
