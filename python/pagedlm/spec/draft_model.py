@@ -30,6 +30,7 @@ class DraftModelProposer:
         if use_cuda_graphs:
             pool = torch.cuda.graph_pool_handle()
             self.varlen = VarlenGraphs(model, self.kv_caches, max_num_seqs, device, pool)
+            self.varlen.capture_all(masked=False)  # catch-ups after plain steps are long, at any step
             if num_tokens > 1:
                 self.chain = DraftChainGraphs(model, self.kv_caches, num_tokens - 1, max_num_seqs, device, pool)
 
