@@ -192,8 +192,15 @@ def test_silu_and_mul_matches_the_unfused_mlp(rows, d, dtype):
     assert_ulps(out, expected, 4 if dtype == torch.float32 else 3)
     if dtype != torch.float32:
         assert (out != expected).sum() <= 1 + 0.01 * out.numel()
-    # Two roundings to the dtype; more in relative terms where f16 results are subnormal.
-    assert_ulps(out, silu_and_mul_float64(x).to(dtype), 8 if dtype == torch.float32 else 4)
+    # Against float64: the product's rounding (a few ulps) plus silu's own rounding to the dtype
+    # carried through the multiply by up, which is absolute where silu is subnormal (f16 at
+    # gate < -10 or so: there it can be many ulps of the product).
+    info = torch.finfo(dtype)
+    gate, up = x.double().chunk(2, dim=-1)
+    exact = silu_and_mul_float64(x)
+    silu_spacing = (gate / (1 + torch.exp(-gate))).abs().clamp_min(info.tiny) * info.eps
+    bound = 4 * info.eps * exact.abs().clamp_min(info.tiny) + up.abs() * silu_spacing
+    assert ((out.double() - exact).abs() <= bound).all()
 
 
 def test_silu_and_mul_writes_every_element_and_handles_edges():
