@@ -152,3 +152,27 @@ def test_capture_all_takes_every_bucket_a_step_can_meet(models):
         items.append(ForwardItem(seq_id, [1, 2, 3], 4, 0, None, [2]))
     paged_forward(llm.model, llm.kv_caches, bm, llm.device, items, graphs)
     assert graphs.captures == len(keys) and graphs.replays == 1
+
+
+def test_item_mask_is_causal_then_ancestors():
+    """The tree mask, against its definition: committed rows causal; extra i sees the cached
+    prefix, every committed token, itself and its ancestors (random trees, parents first)."""
+    import random
+
+    from pagedlm.engine.forward import ForwardItem, item_mask
+    rng = random.Random(0)
+    for _ in range(50):
+        committed, extras, cached = rng.randrange(1, 4), rng.randrange(0, 9), rng.randrange(0, 7)
+        parents = [rng.randrange(-1, i) for i in range(extras)]
+        item = ForwardItem(0, [0] * (committed + extras), cached, extras, parents, [])
+        seq_len = cached + committed + extras
+        mask = item_mask(item, seq_len)
+        for row in range(committed + extras):
+            if row < committed:
+                seen = set(range(cached + row + 1))
+            else:
+                seen, node = set(range(cached + committed)), row - committed
+                while node >= 0:
+                    seen.add(cached + committed + node)
+                    node = parents[node]
+            assert {int(t) for t in mask[row].nonzero()[0]} == seen

@@ -4,6 +4,7 @@ sits at position last + depth and attends to the committed prefix and its tree a
 a chain needs only the causal mask; a tree needs a custom mask, built for the whole batch."""
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 import pagedlm.ops as ops
@@ -42,20 +43,18 @@ def tree_depths(parents):
 
 
 def item_mask(item, seq_len):
-    """[q_len, seq_len] bool: the committed rows causal (bottom-right), the extras seeing the
-    cached prefix, their ancestors and themselves."""
+    """[q_len, seq_len] bool numpy array: the committed rows causal (bottom-right), the extras
+    seeing the cached prefix, their ancestors and themselves."""
     q_len = len(item.tokens)
     offset = seq_len - q_len
-    rows = torch.arange(q_len).unsqueeze(1)
-    mask = torch.arange(seq_len).unsqueeze(0) <= rows + offset
+    mask = np.arange(seq_len)[None, :] <= np.arange(q_len)[:, None] + offset
     if item.parents is not None:
         first = q_len - item.num_extra
-        extra = mask[first:]
-        extra[:, offset + first:] = False
-        for i, p in enumerate(item.parents):
-            extra[i, offset + first + i] = True
-            if p >= 0:
-                extra[i] |= extra[p]
+        extras = np.eye(item.num_extra, dtype=bool)  # ancestor-or-self among the extras
+        for i, parent in enumerate(item.parents):
+            if parent >= 0:
+                extras[i] |= extras[parent]  # parents come first, so their rows are complete
+        mask[first:, offset + first:] = extras
     return mask
 
 
@@ -71,9 +70,9 @@ def paged_forward(model, kv_caches, bm, device, items, graphs=None):
         cu.append(cu[-1] + c)
     mask = indptr = None
     if any(it.parents is not None for it in items):
-        masks = [item_mask(it, n).flatten() for it, n in zip(items, seq_lens)]
-        mask = torch.cat(masks)
-        indptr = [0, *torch.tensor([m.numel() for m in masks]).cumsum(0).tolist()]
+        masks = [item_mask(it, n).ravel() for it, n in zip(items, seq_lens)]
+        mask = torch.from_numpy(np.concatenate(masks))
+        indptr = [0, *np.cumsum([m.size for m in masks]).tolist()]
     slots = bm.slot_mapping(seq_ids, counts)
     tables = bm.block_tables(seq_ids)
     ids = [t for it in items for t in it.tokens]
