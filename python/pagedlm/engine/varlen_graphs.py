@@ -45,8 +45,8 @@ class VarlenGraphs:
 
     def run(self, ids, positions, slots, tables, cu_seqlens, seq_lens, mask=None, mask_indptr=None):
         """Logits float32 [len(ids), vocab] (a view of the shared output, valid until any of
-        these graphs replays). slots and tables: the block manager's arrays; mask: a flat bool tensor with
-        element offsets mask_indptr, as paged_prefill_attention takes them."""
+        these graphs replays). slots and tables: the block manager's arrays; mask: a flat bool
+        tensor with element offsets mask_indptr, as paged_prefill_attention takes them."""
         n, b = len(ids), len(seq_lens)
         tokens = bucket_of(n, TOKEN_BUCKETS)
         seqs = bucket_of(b + (n < tokens), self.seq_buckets)  # room for the padding sequence
@@ -55,7 +55,6 @@ class VarlenGraphs:
         graph = self._graph((tokens, seqs, width, mask is not None))
         self.replays += 1
         return graph.run(ids, positions, slots, tables, cu_seqlens, seq_lens, mask, mask_indptr)
-
 
     def _graph(self, key):
         graph = self.graphs.get(key)
