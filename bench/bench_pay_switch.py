@@ -56,7 +56,8 @@ def main():
     median = {key: statistics.median(r) for key, r in rates.items()}
     card = torch.cuda.get_device_name() if args.device != "cpu" else cpu_name()
     lines = [f"### The speculation switch — {card}, {datetime.date.today()}, commit {git_commit()}", "",
-             f"`python bench/bench_pay_switch.py` — shipped code pair, batch {len(prompts)}, {args.max_tokens} greedy "
+             f"`python bench/bench_pay_switch.py` — shipped code pair, batch {len(prompts)}, "
+             f"{args.max_tokens} greedy "
              f"tokens per request, engines in turn over {args.rounds} rounds, median tokens/s. Plain decoding: "
              f"{median['plain']:,.0f} tokens/s.", "",
              "| method | switch on (default) | vs plain | switch off | vs plain "

@@ -1,7 +1,8 @@
 """Where a speculative decoding step spends its time: cProfile of the host (cumulative, top
 functions) and torch.profiler of the device kernels, for one method on the shipped code pair.
 
-    python tools/profile_speculative.py [--method draft|ngram|lookahead|plain] [--batch 1] [--dtype bfloat16] [--out DIR]
+    python tools/profile_speculative.py [--method draft|ngram|lookahead|plain] [--batch 1]
+                                        [--dtype bfloat16] [--out DIR]
 """
 import argparse
 import cProfile
@@ -34,7 +35,8 @@ def main():
         config = dict(config, adaptive=False)
         if "model" in config:
             config["model"] = str(tiny_model("draft"))
-    llm = LLM(tiny_model("target"), device="cuda", dtype=getattr(torch, args.dtype), num_blocks=4096, speculative=config)
+    llm = LLM(tiny_model("target"), device="cuda", dtype=getattr(torch, args.dtype), num_blocks=4096,
+              speculative=config)
     windows = np.load(TINY_CODE / "heldout.npy")
     prompts = [w[:64].astype(int).tolist() for w in windows[:args.batch]]
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)

@@ -84,7 +84,8 @@ class LLM:
         self.speculator = None
         if speculative is not None:
             proposer = make_proposer(speculative, draft_model=draft, num_blocks=num_blocks, block_size=block_size,
-                                     device=self.device, engine_seed=seed, use_cuda_graphs=self.runner.graphs is not None,
+                                     device=self.device, engine_seed=seed,
+                                     use_cuda_graphs=self.runner.graphs is not None,
                                      max_num_seqs=max_num_seqs)
             self.speculator = Speculator(proposer, self.runner, max_num_batched_tokens, seed,
                                          adaptive=speculative.get("adaptive", True))

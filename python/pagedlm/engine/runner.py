@@ -14,7 +14,8 @@ class ModelRunner:
         self.model, self.kv_caches, self.bm, self.device = model, kv_caches, block_manager, device
         self.graphs = DecodeGraphs(model, kv_caches, max_num_seqs, device) if use_cuda_graphs else None
         # Forwards of a few tokens per sequence (speculative verification), captured on first use.
-        self.varlen = VarlenGraphs(model, kv_caches, max_num_seqs, device, self.graphs.pool) if use_cuda_graphs else None
+        self.varlen = (VarlenGraphs(model, kv_caches, max_num_seqs, device, self.graphs.pool) if use_cuda_graphs
+                       else None)
 
     def step(self, scheduled, copies):
         """Runs the forward; returns (sequences, logits float32 [len(sequences), vocab]) for the

@@ -78,7 +78,8 @@ class DraftModelProposer:
             table = torch.from_numpy(self.bm.block_tables([s.seq_id for _, s, _ in chained]))
             slot = torch.from_numpy(self.bm.slot_mapping([s.seq_id for _, s, _ in chained], [n for _, _, n in chained]))
             steps = self.num_tokens - 1
-            positions, lens = torch.zeros(steps, len(seqs), dtype=torch.int64), torch.zeros(steps, len(seqs), dtype=torch.int64)
+            positions = torch.zeros(steps, len(seqs), dtype=torch.int64)
+            lens = torch.zeros(steps, len(seqs), dtype=torch.int64)
             slots = torch.full((steps, len(seqs)), -1, dtype=torch.int64)
             tables = torch.full((len(seqs), table.shape[1]), -1, dtype=torch.int32)
             offset = 0

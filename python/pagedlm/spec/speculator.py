@@ -92,7 +92,8 @@ class Speculator:
             draft = drafts.get(s.seq)
             extra = draft.tokens if draft else []
             rows = range(s.num_new - 1, s.num_new + len(extra))
-            items.append(ForwardItem(s.seq.seq_id, s.seq.token_range(s.seq.num_cached, s.seq.num_cached + s.num_new) + extra,
+            new = s.seq.token_range(s.seq.num_cached, s.seq.num_cached + s.num_new)
+            items.append(ForwardItem(s.seq.seq_id, new + extra,
                                      s.seq.num_cached, len(extra), draft.parents if draft else None, list(rows)))
         spans, first = {}, 0  # seq -> (its first row in the logits, its rows)
         for s, item in zip(computing, items):

@@ -37,7 +37,8 @@ class Verification:
         rows = torch.tensor([[first + min(r, count - 1) for r in range(width)]
                              for first, count in (spans[s] for s in self.seqs)], dtype=torch.int64)
         chains = torch.tensor([d.tokens + [0] * (k - len(d.tokens)) + [len(d.tokens)]
-                               for d in (drafts[s] for s in self.chains)], dtype=torch.int64).view(len(self.chains), k + 1)
+                               for d in (drafts[s] for s in self.chains)],
+                              dtype=torch.int64).view(len(self.chains), k + 1)
         trees = torch.tensor([[tokens + [0] * (nodes - len(tokens)) for tokens, _, _ in self.views],
                               [parents + [-1] * (nodes - len(parents)) for _, parents, _ in self.views],  # -1: padding
                               [[spans[s][0] + r for r in node_rows] + [0] * (nodes - len(node_rows))
