@@ -63,6 +63,14 @@ def width_of(blocks):
     return width
 
 
+def copy_tables(buffer, tables, fill):
+    """The block manager's tables [seqs, blocks] into the top-left corner of a graph's static
+    buffer, the rest set to fill, in one host-to-device copy."""
+    padded = torch.full(buffer.shape, fill, dtype=buffer.dtype)
+    padded[:tables.shape[0], :tables.shape[1]] = torch.as_tensor(tables)
+    buffer.copy_(padded, non_blocking=True)
+
+
 def batch_buckets(max_num_seqs):
     """1, 2, 4, 8, then multiples of 16 up to max_num_seqs (the padding stays under 16 rows)."""
     buckets = [b for b in (1, 2, 4, 8) if b < max_num_seqs]
@@ -98,10 +106,8 @@ class DecodeGraphs:
                              [p + 1 for p in positions] + [0] * pad])
         meta[2, :batch] = slots
         meta[2, batch:] = -1
-        padded = torch.full((bucket, graphs.width), -1, dtype=torch.int32)
-        padded[:batch, :needed] = tables
         graphs.meta[:, :bucket].copy_(meta, non_blocking=True)
-        graphs.tables[:bucket].copy_(padded, non_blocking=True)
+        copy_tables(graphs.tables[:bucket], tables, -1)
         graph.replay()
         return graphs.logits[bucket][:batch]
 
@@ -115,7 +121,7 @@ class _GraphSet:
     """Static input buffers of one table width and the graphs captured over them."""
 
     def __init__(self, owner, width):
-        self.owner, self.width = owner, width
+        self.owner = owner
         largest = owner.buckets[-1]
         self.meta = torch.zeros(4, largest, dtype=torch.int64, device=owner.device)
         self.meta[2] = -1

@@ -14,7 +14,7 @@ pick their rows.
 """
 import torch
 
-from pagedlm.engine.cuda_graphs import MAX_WIDTH, bucket_of, capture, width_of
+from pagedlm.engine.cuda_graphs import MAX_WIDTH, bucket_of, capture, copy_tables, width_of
 from pagedlm.models import AttentionBatch
 
 TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512)  # larger forwards run eagerly
@@ -68,7 +68,7 @@ class VarlenGraphs:
 
 class _VarlenGraph:
     def __init__(self, owner, tokens, seqs, width, masked):
-        self.tokens, self.seqs, self.width = tokens, seqs, width
+        self.tokens, self.seqs = tokens, seqs
         device = owner.device
         # ids, positions, slots | cu_seqlens_q | seq_lens: one int64 buffer, one copy per replay.
         self.packed = torch.zeros(3 * tokens + 2 * seqs + 1, dtype=torch.int64, device=device)
@@ -97,10 +97,8 @@ class _VarlenGraph:
         packed = torch.tensor(ids + [0] * pad + positions + list(range(pad)) + [-1] * n
                               + cu_seqlens + [n] * (b - len(seq_lens)) + seq_lens + [pad] * (pad > 0) + [0] * empty)
         packed[2 * n:2 * n + real] = torch.as_tensor(slots)
-        padded = torch.zeros(b, self.width, dtype=torch.int32)  # the padding sequences' blocks: block 0
-        padded[:len(seq_lens), :tables.shape[1]] = torch.as_tensor(tables)
         self.packed.copy_(packed, non_blocking=True)
-        self.tables.copy_(padded, non_blocking=True)
+        copy_tables(self.tables, tables, 0)  # the padding sequences' blocks: block 0
         if mask_indptr is not None:  # the padding sequence's rows see nothing
             end = mask_indptr[-1] + pad * pad
             self.mask[:mask.numel()].copy_(mask, non_blocking=True)

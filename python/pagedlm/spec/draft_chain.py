@@ -9,7 +9,7 @@ tokens are ignored.
 """
 import torch
 
-from pagedlm.engine.cuda_graphs import batch_buckets, bucket_of, capture, width_of
+from pagedlm.engine.cuda_graphs import batch_buckets, bucket_of, capture, copy_tables, width_of
 from pagedlm.models import AttentionBatch
 
 
@@ -33,7 +33,7 @@ class DraftChainGraphs:
 
 class _ChainGraph:
     def __init__(self, owner, bucket, width):
-        self.bucket, self.width, self.steps = bucket, width, owner.steps
+        self.bucket, self.steps = bucket, owner.steps
         self.first = torch.zeros(bucket, dtype=torch.int64, device=owner.device)
         # positions, slots, lengths per step: one buffer, one copy per replay.
         self.meta = torch.zeros(3, owner.steps, bucket, dtype=torch.int64, device=owner.device)
@@ -55,10 +55,8 @@ class _ChainGraph:
         meta = torch.zeros(3, self.steps, self.bucket, dtype=torch.int64)
         meta[1] = -1
         meta[0, :, :batch], meta[1, :, :batch], meta[2, :, :batch] = positions, slots, seq_lens
-        padded = torch.full((self.bucket, self.width), -1, dtype=torch.int32)
-        padded[:batch, :tables.shape[1]] = torch.as_tensor(tables)
         self.first[:batch].copy_(first)
         self.meta.copy_(meta, non_blocking=True)
-        self.tables.copy_(padded, non_blocking=True)
+        copy_tables(self.tables, tables, -1)
         self.graph.replay()
         return self.tokens[:, :batch]
