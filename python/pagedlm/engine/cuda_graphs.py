@@ -38,8 +38,8 @@ def capture(forward, pool, device):
     torch.cuda.current_stream(device).wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     # A collection during the capture may free another engine's graphs, which CUDA forbids
-    # while a stream captures (it invalidates the capture): collect now and hold it off.
-    gc.collect()
+    # while a stream captures (it invalidates the capture): hold the collector off. (No
+    # collection first: engines capture dozens of graphs in a row at start-up.)
     collecting = gc.isenabled()
     gc.disable()
     try:
