@@ -9,6 +9,8 @@ import torch
 
 from pagedlm import LLM, BeamSearchParams
 
+from llama_checkpoint import save_llama
+
 transformers = pytest.importorskip("transformers")
 
 TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
@@ -18,10 +20,7 @@ TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=112, num_hidden_lay
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     folder = tmp_path_factory.mktemp("beam")
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY)).eval()
-    model.save_pretrained(folder)
-    return folder, model
+    return folder, save_llama(folder, TINY)
 
 
 def reference_beam_search(model, prompt, width, max_tokens, length_penalty, ignore_eos, eos=2):

@@ -7,6 +7,8 @@ import torch
 import pagedlm
 from pagedlm import LLM, SamplingParams
 
+from llama_checkpoint import save_llama
+
 transformers = pytest.importorskip("transformers")
 
 TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
@@ -16,10 +18,7 @@ TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=112, num_hidden_lay
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-llama")
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY)).eval()
-    model.save_pretrained(folder)
-    return folder, model
+    return folder, save_llama(folder, TINY)
 
 
 def prompts(count, seed=1, low=3, high=40):

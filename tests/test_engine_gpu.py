@@ -6,6 +6,8 @@ import torch
 
 from pagedlm import LLM, SamplingParams
 
+from llama_checkpoint import save_llama
+
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.gpu
 
@@ -17,10 +19,7 @@ GREEDY = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-llama-gpu")
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY)).eval()
-    model.save_pretrained(folder)
-    return folder, model
+    return folder, save_llama(folder, TINY)
 
 
 def prompts(count, seed=1, low=3, high=90):
@@ -118,6 +117,6 @@ def test_seeded_sampling_matches_the_cpu(checkpoint):
 
 def test_a_head_dim_without_cuda_kernels_is_refused_up_front(tmp_path):
     config = dict(TINY, hidden_size=160, num_attention_heads=2, num_key_value_heads=2)  # head_dim 80
-    transformers.LlamaForCausalLM(transformers.LlamaConfig(**config)).save_pretrained(tmp_path)
+    save_llama(tmp_path, config)
     with pytest.raises(ValueError, match="model: head_dim 80"):
         engine(tmp_path)

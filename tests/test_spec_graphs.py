@@ -13,6 +13,8 @@ from pagedlm import LLM, SamplingParams
 from pagedlm.engine.varlen_graphs import VarlenGraphs
 from pagedlm.spec.draft_chain import DraftChainGraphs
 
+from llama_checkpoint import save_llama
+
 transformers = pytest.importorskip("transformers")
 
 TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
@@ -47,8 +49,7 @@ def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("spec-graphs")
     folders = {}
     for name, config, seed in (("target", TINY, 0), ("other", OTHER, 1)):
-        torch.manual_seed(seed)
-        transformers.LlamaForCausalLM(transformers.LlamaConfig(**config)).save_pretrained(root / name)
+        save_llama(root / name, config, seed)
         folders[name] = root / name
     return folders
 

@@ -11,6 +11,8 @@ import pagedlm
 from pagedlm import LLM, SamplingParams
 from pagedlm.spec.pay_switch import PROBE_EVERY, PROBE_LENGTH, PaySwitch
 
+from llama_checkpoint import save_llama
+
 transformers = pytest.importorskip("transformers")
 scipy_stats = pytest.importorskip("scipy.stats")
 
@@ -30,16 +32,12 @@ METHODS = {
 }
 
 
-def save(folder, config, seed):
-    torch.manual_seed(seed)
-    transformers.LlamaForCausalLM(transformers.LlamaConfig(**config)).save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("spec")
-    return {"target": save(root / "target", TINY, 0), "other": save(root / "other", OTHER, 1)}
+    save_llama(root / "target", TINY, 0)
+    save_llama(root / "other", OTHER, 1)
+    return {"target": root / "target", "other": root / "other"}
 
 
 def speculative(name, models):

@@ -8,6 +8,8 @@ import torch
 
 from pagedlm import LLM, BeamSearchParams, SamplingParams
 
+from llama_checkpoint import save_llama
+
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.gpu
 
@@ -29,8 +31,7 @@ METHODS = {
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("spec-gpu")
     for name, config, seed in (("target", TARGET, 0), ("draft", DRAFT, 1)):
-        torch.manual_seed(seed)
-        transformers.LlamaForCausalLM(transformers.LlamaConfig(**config)).save_pretrained(root / name)
+        save_llama(root / name, config, seed)
     return {"target": root / "target", "draft": root / "draft"}
 
 
