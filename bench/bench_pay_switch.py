@@ -67,7 +67,7 @@ def main():
         on, off = median[(name, True)], median[(name, False)]
         switch = engines[(name, True)].speculator.switch
         drafted = switch.recorded[True] / max(1, sum(switch.recorded.values()))
-        rates = " / ".join(f"{switch.rate(mode) or 0:,.0f}" for mode in (True, False))
+        rates = " / ".join(f"{switch.rate(len(prompts), mode) or 0:,.0f}" for mode in (True, False))
         lines.append(f"| {name} | {on:,.0f} | {on / median['plain']:.2f}x | {off:,.0f} | {off / median['plain']:.2f}x "
                      f"| {drafted:.0%} | {rates} |")
     write_results("\n".join(lines) + "\n", args.out, args.append_results)

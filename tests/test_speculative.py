@@ -9,7 +9,7 @@ import torch
 
 import pagedlm
 from pagedlm import LLM, SamplingParams
-from pagedlm.spec.pay_switch import PROBE_EVERY, PROBE_LENGTH, PaySwitch
+from pagedlm.spec.pay_switch import MAX_PROBE_INTERVAL, PROBE_COST, PROBE_LENGTH, PaySwitch
 
 from llama_checkpoint import save_llama
 
@@ -116,7 +116,7 @@ def test_the_pay_switch_ignores_steps_that_captured_a_graph(models, monkeypatch)
 
 
 def test_the_pay_switch_gates_greedy_sequences_only(models, monkeypatch):
-    monkeypatch.setattr(PaySwitch, "drafting", lambda self: False)  # drafting never pays
+    monkeypatch.setattr(PaySwitch, "drafting", lambda self, batch_size: False)  # drafting never pays
     llm = LLM(models["target"], device="cpu", block_size=4, num_blocks=256,
               speculative=dict(speculative("draft-same", models), adaptive=True))
     greedy, sampled = prompts(2, seed=3)
@@ -128,24 +128,46 @@ def test_the_pay_switch_gates_greedy_sequences_only(models, monkeypatch):
     assert greedy_out.metrics["draft_steps"] == 0 and sampled_out.metrics["draft_steps"] > 0
 
 
-def test_pay_switch_drafts_while_drafting_emits_faster_and_keeps_measuring():
+def probe_starts(choices):
+    return [i for i, drafted in enumerate(choices) if drafted and (i == 0 or not choices[i - 1])]
+
+
+def test_pay_switch_drafts_while_drafting_emits_faster_and_probes_at_a_bounded_cost():
     switch = PaySwitch()
-    assert switch.drafting() is True
-    switch.record(True, tokens=2, seconds=1.0)    # drafting: 2 tokens/s
-    assert switch.drafting() is False
-    switch.record(False, tokens=3, seconds=1.0)   # plain: 3 tokens/s wins
-    choices = [switch.drafting() for _ in range(8 * PROBE_EVERY)]
-    # Probes of the losing mode, PROBE_LENGTH steps each, start after PROBE_EVERY steps and
-    # then twice and four times as far apart: they thin out while they confirm the choice.
-    starts = [i for i, drafted in enumerate(choices) if drafted and (i == 0 or not choices[i - 1])]
-    assert starts[0] == PROBE_EVERY and len(starts) == 3 and choices.count(True) == 3 * PROBE_LENGTH
-    assert [b - a for a, b in zip(starts, starts[1:])] == [2 * PROBE_EVERY + PROBE_LENGTH,
-                                                          4 * PROBE_EVERY + PROBE_LENGTH]
-    for _ in range(20):                           # the text turns easy: drafting now emits 8 tokens/s
-        switch.record(True, tokens=8, seconds=1.0)
-    assert switch.rate(True) > switch.rate(False)
-    choices = [switch.drafting() for _ in range(PROBE_EVERY + PROBE_LENGTH)]
-    assert choices[0] is True and choices.count(False) == PROBE_LENGTH  # probes start over
+    assert switch.drafting(16) is True
+    switch.record(16, True, tokens=2, seconds=1.0)    # drafting: 2 tokens/s
+    assert switch.drafting(16) is False
+    switch.record(16, False, tokens=3, seconds=1.0)   # plain: 3 tokens/s wins
+    choices = [switch.drafting(16) for _ in range(2000)]
+    # Probes of the losing mode last PROBE_LENGTH steps, spaced so that their slower steps
+    # cost about PROBE_COST of the time at the measured rates.
+    starts = probe_starts(choices)
+    assert len(starts) > 10 and choices.count(True) == PROBE_LENGTH * len(starts)
+    lost = choices.count(True) * (3 / 2 - 1) / len(choices)
+    assert PROBE_COST * 0.75 < lost < PROBE_COST * 1.25
+    for _ in range(20):                               # the text turns easy: drafting now emits 8 tokens/s
+        switch.record(16, True, tokens=8, seconds=1.0)
+    assert switch.rate(16, True) > switch.rate(16, False)
+    choices = [switch.drafting(16) for _ in range(200)]
+    assert choices[0] is True and choices.count(False) == PROBE_LENGTH  # now plain decoding is probed
+
+
+def test_pay_switch_probes_a_far_slower_mode_rarely_and_keeps_each_batch_size_apart():
+    switch = PaySwitch()
+    for batch, drafting_rate in ((16, 0.5), (1, 1e-3)):  # drafting at 1/6 and at 1/3000 of plain's speed
+        assert switch.drafting(batch) is True
+        switch.record(batch, True, tokens=drafting_rate, seconds=1.0)
+        assert switch.drafting(batch) is False
+        switch.record(batch, False, tokens=3, seconds=1.0)
+    assert switch.drafting(4) is True                 # a batch size not yet measured starts over
+    gaps = {}
+    for batch in (16, 1):
+        starts = probe_starts([switch.drafting(batch) for _ in range(3000)])
+        gaps[batch] = [b - a for a, b in zip(starts, starts[1:])]
+    lengths = PROBE_LENGTH * (3 / 0.5 - 1) / PROBE_COST + PROBE_LENGTH
+    assert gaps[16] and all(abs(g - lengths) <= 1 for g in gaps[16])
+    assert gaps[1] and all(g == MAX_PROBE_INTERVAL + PROBE_LENGTH for g in gaps[1])
+    assert switch.drafting(17) is False               # 16 and 17 share a bucket
 
 
 @pytest.mark.parametrize("name", METHODS)

@@ -6,53 +6,92 @@ pays: a method can be accepted often and still lose, as a large lookahead tree d
 steps: for steps with drafts and steps without it keeps decayed sums of emitted tokens and of
 seconds, and drafts while the first ratio (tokens per second) is at least the second. Sums,
 not an average of per-step rates: one step's rate swings with how many drafts it happened to
-accept, the ratio of sums weighs each step by its time. It re-measures the other mode now and
-then, PROBE_LENGTH steps in a row, to notice when the balance turns (requests finish, the
-batch shrinks, acceptance changes with the text); a probe of the losing mode costs slow steps,
-so probes thin out while they keep confirming the choice: after PROBE_EVERY steps, then twice
-as long each time, up to MAX_PROBE_INTERVAL; a change of choice starts over.
+accept, the ratio of sums weighs each step by its time.
+
+Both rates depend on the batch: drafting that pays for one request can cost half the speed of
+sixteen. So each power-of-two batch size keeps its own measurements and its own choice.
+
+It re-measures the mode not in use now and then, PROBE_LENGTH steps in a row, to notice when
+the balance turns (the text gets easier, acceptance changes). A probe of the losing mode costs
+slow steps, and the further behind that mode is, the more: probes are spaced so that they cost
+about PROBE_COST of the time at the measured rates (a mode at 1/5 of the other's speed is
+probed every few hundred steps, a near tie every PROBE_EVERY), never further apart than
+MAX_PROBE_INTERVAL.
 
 It gates greedy sequences only. A seeded sampled sequence's tokens depend on which of its
 steps drafted, and they must never depend on timing; those keep the acceptance rule alone.
 """
 
-PROBE_EVERY = 16           # steps to the first measurement of the mode not in use
+PROBE_EVERY = 16           # the closest two measurements of the mode not in use may be
 PROBE_LENGTH = 2           # steps one measurement lasts
-MAX_PROBE_INTERVAL = 256   # the longest gap between two such measurements
+PROBE_COST = 0.02          # the share of time that probing the slower mode may cost
+MAX_PROBE_INTERVAL = 1024  # the longest gap between two such measurements
 DECAY = 0.9                # weight of the past in the sums, per step of that mode
 
 
 class PaySwitch:
     def __init__(self):
+        self.regimes = {}  # batch-size bucket -> _Regime
+
+    def drafting(self, batch_size):
+        """Whether greedy sequences draft this step, in a decode batch of batch_size."""
+        return self._regime(batch_size).drafting()
+
+    def record(self, batch_size, drafted, tokens, seconds):
+        """One decode step's result: whether it drafted, tokens it emitted, its wall time."""
+        self._regime(batch_size).record(drafted, tokens, seconds)
+
+    def rate(self, batch_size, drafting):
+        """Emitted tokens per second in that mode at that batch size, or None before its first step."""
+        return self._regime(batch_size).rate(drafting)
+
+    @property
+    def recorded(self):
+        """drafting? -> decode steps recorded, over every batch size (for reports)."""
+        return {mode: sum(r.recorded[mode] for r in self.regimes.values()) for mode in (True, False)}
+
+    @property
+    def steps(self):
+        return sum(r.steps for r in self.regimes.values())
+
+    def _regime(self, batch_size):
+        bucket = max(1, batch_size).bit_length()  # 1 | 2-3 | 4-7 | 8-15 | 16-31 | ...
+        return self.regimes.setdefault(bucket, _Regime())
+
+
+class _Regime:
+    def __init__(self):
         self.sums = {True: None, False: None}  # drafting? -> [decayed tokens, decayed seconds]
-        self.recorded = {True: 0, False: 0}    # drafting? -> steps recorded (for reports)
+        self.recorded = {True: 0, False: 0}    # drafting? -> steps recorded
         self.steps = 0
-        self.choice, self.interval, self.next_probe = None, PROBE_EVERY, PROBE_EVERY
+        self.choice, self.next_probe = None, PROBE_EVERY
 
     def rate(self, drafting):
-        """Emitted tokens per second in that mode, or None before its first step."""
         sums = self.sums[drafting]
         return None if sums is None else sums[0] / sums[1]
 
     def drafting(self):
-        """Whether greedy sequences draft this step."""
         self.steps += 1
         if self.sums[True] is None:
             return True
         if self.sums[False] is None:
             return False
-        if self.steps < self.next_probe + PROBE_LENGTH and self.steps >= self.next_probe:
+        if self.next_probe <= self.steps < self.next_probe + PROBE_LENGTH:
             return not self.choice  # in a probe: the choice stands until it ends
-        if self.steps == self.next_probe + PROBE_LENGTH:
-            self.interval = min(2 * self.interval, MAX_PROBE_INTERVAL)
-            self.next_probe = self.steps + self.interval
         pays = self.rate(True) >= self.rate(False)
-        if pays != self.choice:
-            self.choice, self.interval, self.next_probe = pays, PROBE_EVERY, self.steps + PROBE_EVERY
+        if pays != self.choice or self.steps >= self.next_probe + PROBE_LENGTH:
+            self.choice = pays
+            self.next_probe = self.steps + self._probe_interval()
         return pays
 
+    def _probe_interval(self):
+        """Steps to the next probe: PROBE_LENGTH steps at the slower rate cost PROBE_LENGTH *
+        (ratio - 1) steps of the faster; spread over the interval that is PROBE_COST of it."""
+        fast, slow = sorted((self.rate(True), self.rate(False)), reverse=True)
+        extra = PROBE_LENGTH * (fast / slow - 1) if slow > 0 else MAX_PROBE_INTERVAL
+        return int(min(MAX_PROBE_INTERVAL, max(PROBE_EVERY, extra / PROBE_COST)))
+
     def record(self, drafted, tokens, seconds):
-        """One decode step's result: whether it drafted, tokens it emitted, its wall time."""
         if seconds <= 0:
             return
         self.recorded[drafted] += 1

@@ -45,14 +45,15 @@ class Speculator:
         for seq in [s for s in self.stats if s.status == Status.FINISHED]:
             self.proposer.forget(seq)
         start, captures = time.perf_counter(), captures_so_far()
-        greedy_may_draft = self.switch is None or self.switch.drafting()
+        greedy_may_draft = self.switch is None or self.switch.drafting(len(scheduled))
         drafts = self._draft(scheduled, copies, greedy_may_draft)
         emitted = self._speculative_step(scheduled, copies, drafts) if drafts else self._plain_step(scheduled, copies)
         for seq in emitted:
             self.stats[seq]["forwards"] += 1
         # Prompt chunks blur the timing, and a step that captured a CUDA graph is no measure at all.
         if self.switch is not None and all(s.num_new <= 1 for s in scheduled) and captures == captures_so_far():
-            self.switch.record(bool(drafts), sum(map(len, emitted.values())), time.perf_counter() - start)
+            self.switch.record(len(scheduled), bool(drafts), sum(map(len, emitted.values())),
+                               time.perf_counter() - start)
         return emitted
 
     def _draft(self, scheduled, copies, greedy_may_draft):
