@@ -9,21 +9,23 @@ it, else random-weight models (a smoke run). --prompts: a text file, one prompt 
 .jsonl with a "prompt" field) tokenized with the target's tokenizer, or a .npy of held-out token
 windows (the first --prompt-len tokens of each); by default the shipped pair's heldout.npy,
 else random token prompts that repeat themselves a little.
-Every run is greedy with ignore_eos, in float32 by default (--dtype), so each method should emit
-plain decoding's tokens; the table counts the requests whose tokens are identical (on the GPU a
-near-tie between two logits may still break differently in the verification forward, which
-computes the same logits with other kernels, than in plain decoding's).
+Every run is greedy with ignore_eos, in bfloat16 by default (--dtype; the engine's default on the
+GPU). Each method should emit plain decoding's tokens: the table counts the requests whose
+tokens are identical (in bf16 a near-tie between two logits may break differently in the
+verification forward, which computes the same logits with other kernels; in float32 all match).
 
-Columns: tokens/s (generated tokens over wall time, prefill included; the median of --repeats
-runs), speedup over plain at
-the same batch, acceptance α (the per-token acceptance that the measured mean accepted length
-implies, under i.i.d. acceptance), tokens per target forward, and for the draft method the
-analytic expectation (1 - α^(k+1)) / ((1 - α)(k·c + 1)), c the measured draft/target step-cost
-ratio (plain tokens/s of the target over the draft's, same batch).
+Every engine is built first and warmed up by one pass; then the engines are timed in turn,
+round after round (--rounds), so that drift in the machine's speed hits every column alike.
+Columns: tokens/s (generated tokens over wall time, prefill included; the median over the
+rounds), speedup over plain at the same batch, acceptance α (the per-token acceptance that the
+measured mean accepted length implies, under i.i.d. acceptance), tokens per target forward,
+and for the draft method the analytic expectation (1 - α^(k+1)) / ((1 - α)(k·c + 1)), c the
+measured draft/target step-cost ratio (plain tokens/s of the target over the draft's, same batch).
 """
 import argparse
 import datetime
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -76,26 +78,45 @@ def implied_alpha(mean_accepted, k):
     return (low + high) / 2
 
 
-def run(target, speculative, prompts, batch, max_tokens, args):
-    llm = LLM(target, device=args.device, dtype=args.dtype, num_blocks=args.num_blocks, speculative=speculative)
-    greedy = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    llm.generate(prompts[:batch], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
-    speeds = []
-    for _ in range(args.repeats):
-        outputs, elapsed = [], 0.0
-        for start in range(0, len(prompts), batch):
-            if args.device != "cpu":
-                torch.cuda.synchronize()
+class Engine:
+    """One LLM and its timed passes over the prompts, `batch` requests at a time."""
+
+    def __init__(self, model, speculative, batch, args):
+        self.llm = LLM(model, device=args.device, dtype=args.dtype, num_blocks=args.num_blocks,
+                       speculative=speculative)
+        self.batch, self.args, self.speeds, self.outputs = batch, args, [], []
+
+    def timed_pass(self, prompts, max_tokens):
+        """Generates for every prompt; appends tokens/s (prefill included) to self.speeds."""
+        params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+        synchronize = torch.cuda.synchronize if self.args.device != "cpu" else (lambda: None)
+        self.outputs, elapsed = [], 0.0
+        for start in range(0, len(prompts), self.batch):
+            synchronize()
             begin = time.perf_counter()
-            outputs += llm.generate(prompts[start:start + batch], greedy, use_tqdm=False)
-            if args.device != "cpu":
-                torch.cuda.synchronize()
+            self.outputs += self.llm.generate(prompts[start:start + self.batch], params, use_tqdm=False)
+            synchronize()
             elapsed += time.perf_counter() - begin
-        speeds.append(sum(len(o.outputs[0].token_ids) for o in outputs) / elapsed)
-    mean = lambda key: sum(o.metrics.get(key, 0.0) for o in outputs) / len(outputs)  # noqa: E731
-    return {"tokens_per_s": sorted(speeds)[len(speeds) // 2], "tokens": [o.outputs[0].token_ids for o in outputs],
-            "mean_accepted": mean("mean_accepted_length"), "tokens_per_forward": mean("tokens_per_forward") or 1.0,
-            "drafting_s": mean("drafting_time_s")}
+        self.speeds.append(sum(len(o.outputs[0].token_ids) for o in self.outputs) / elapsed)
+
+    def result(self):
+        mean = lambda key: sum(o.metrics.get(key, 0.0) for o in self.outputs) / len(self.outputs)  # noqa: E731
+        return {"tokens_per_s": statistics.median(self.speeds), "tokens": [o.outputs[0].token_ids for o in self.outputs],
+                "mean_accepted": mean("mean_accepted_length"), "tokens_per_forward": mean("tokens_per_forward") or 1.0,
+                "drafting_s": mean("drafting_time_s")}
+
+
+def measure(engines, prompts, args):
+    """Every engine warmed up by one pass (its CUDA graphs, the switch's first measurements),
+    then timed round after round in turn, so that drift in the machine's speed (clocks, the
+    host's load) hits every engine alike; each engine's median over the rounds."""
+    for engine in engines.values():
+        engine.timed_pass(prompts, args.max_tokens)
+        engine.speeds.clear()
+    for _ in range(args.rounds):
+        for engine in engines.values():
+            engine.timed_pass(prompts, args.max_tokens)
+    return {key: engine.result() for key, engine in engines.items()}
 
 
 def parallel_sampling_saving(target, prompts, n, args):
@@ -121,10 +142,10 @@ def main():
     parser.add_argument("--num-prompts", type=int, default=16)
     parser.add_argument("--prompt-len", type=int, default=64, help="tokens per prompt from a .npy of windows")
     parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--num-blocks", type=int, default=4096)
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per cell; the median is shown")
+    parser.add_argument("--num-blocks", type=int, default=1024)
+    parser.add_argument("--rounds", type=int, default=5, help="timed passes per engine, in turn; the median is shown")
     parser.add_argument("--methods", nargs="+", help="names (prefixes) of the methods to run; plain always runs")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--out"), parser.add_argument("--append-results", action="store_true")
     args = parser.parse_args()
     args.dtype = dtype = getattr(torch, args.dtype)
@@ -140,15 +161,20 @@ def main():
 
     rows = []
     for batch in args.batches:
-        plain = run(target, None, prompts, batch, args.max_tokens, args)
-        cost_ratio = plain["tokens_per_s"] / run(draft, None, prompts, batch, args.max_tokens, args)["tokens_per_s"]
-        for name, config in methods:
-            if config is not None and config.get("model") == "DRAFT":
+        engines = {"plain": Engine(target, None, batch, args), "draft alone": Engine(draft, None, batch, args)}
+        for name, config in methods[1:]:
+            if config.get("model") == "DRAFT":
                 config = dict(config, model=draft)
-            # The method as it is (switch off, its α and compression reported), then with the switch on.
-            result = plain if config is None else run(target, dict(config, adaptive=False), prompts, batch,
-                                                      args.max_tokens, args)
-            switched = plain if config is None else run(target, config, prompts, batch, args.max_tokens, args)
+            # The method as it is (switch off: its α and compression), and with the switch on.
+            engines[name, False] = Engine(target, dict(config, adaptive=False), batch, args)
+            engines[name, True] = Engine(target, config, batch, args)
+        # Short passes time poorly: at larger batches each pass runs the prompts several times.
+        results = measure(engines, prompts * max(1, batch // 4), args)
+        plain = results["plain"]
+        cost_ratio = plain["tokens_per_s"] / results["draft alone"]["tokens_per_s"]
+        for name, config in methods:
+            result = plain if config is None else results[name, False]
+            switched = plain if config is None else results[name, True]
             same = sum(a == b for a, b in zip(result["tokens"], plain["tokens"]))
             same += sum(a == b for a, b in zip(switched["tokens"], plain["tokens"]))
             k = (config or {}).get("num_tokens")
@@ -164,8 +190,9 @@ def main():
                         f"{result['tokens_per_s'] / plain['tokens_per_s']:.2f}x | {alpha} | "
                         f"{result['tokens_per_forward']:.2f} | {result['drafting_s']:.3f} | {analytic} | "
                         f"{switched['tokens_per_s']:.1f} | {switched['tokens_per_s'] / plain['tokens_per_s']:.2f}x | "
-                        f"{same} of {2 * len(prompts)} |")
+                        f"{same} of {2 * len(plain['tokens'])} |")
             print(rows[-1], flush=True)
+        del engines, results
 
     beam_llm = LLM(target, device=args.device, dtype=args.dtype, num_blocks=args.num_blocks)
     beams = beam_llm.beam_search(prompts[:4], BeamSearchParams(beam_width=4, max_tokens=args.max_tokens))
@@ -175,7 +202,8 @@ def main():
         f"### Decoding strategies — {datetime.date.today()}, {device_name}, commit {git_commit()}", "",
         f"`python bench/bench_decoding.py` — {models}; {len(prompts)} prompts "
         f"({'from ' + args.prompts if args.prompts else 'random, self-repeating'}), greedy, {args.max_tokens} "
-        f"tokens each, {dtype}; median of {args.repeats} runs. On the GPU every forward but prompt prefill "
+        f"tokens each, {dtype}; every engine warmed up by one pass, then timed in turn over {args.rounds} rounds "
+        "(at batch b a pass runs the prompts max(1, b/4) times), medians. On the GPU every forward but prompt prefill "
         "replays a CUDA graph: plain decode steps, verification (VarlenGraphs), the draft's catch-up and its "
         "greedy chain (DraftChainGraphs). Each method runs twice: as it is (the speculation switch off: its "
         "speed, α and compression) and as by default (the switch of pay_switch.py on: it stops drafting greedy "
