@@ -51,6 +51,10 @@ class Sequence:
     def tokens(self):
         return self.prompt + self.output
 
+    @property
+    def last_token(self):
+        return self.output[-1] if self.output else self.prompt[-1]
+
     def token_range(self, start, stop):
         """tokens[start:stop] without building the whole list (the engine asks every step)."""
         prompt_len = len(self.prompt)

@@ -26,6 +26,7 @@ class DraftModelProposer:
         self.bm = pagedlm.BlockManager(num_blocks, block_size, False)
         self.kv_caches = model.make_kv_caches(num_blocks, block_size)
         self.cached = {}  # seq -> the tokens whose draft KV is cached (or reserved)
+        self.matched = {}  # seq -> how many of them are known to be the sequence's own tokens
         self.varlen = self.chain = None
         if use_cuda_graphs:
             pool = torch.cuda.graph_pool_handle()
@@ -40,7 +41,7 @@ class DraftModelProposer:
         active, inputs = {}, {}
         for seq, cap in zip(seqs, caps):
             cap = min(cap, self.num_tokens)
-            catch_up = seq.tokens[self._valid(seq):]
+            catch_up = seq.token_range(self._valid(seq), len(seq))
             if cap > 0 and self._reserve(seq, catch_up):
                 active[seq], inputs[seq] = cap, catch_up
         if active and self.chain is not None and all(s.params.temperature == 0 for s in active):
@@ -102,21 +103,24 @@ class DraftModelProposer:
         pass  # the next propose() keeps what still matches the sequence
 
     def forget(self, seq):
+        self.matched.pop(seq, None)
         if self.cached.pop(seq, None) is not None:
             self.bm.free(seq.seq_id)
 
     def _valid(self, seq):
         """Cuts the draft cache back to its longest prefix the sequence still has (drafts that
-        were rejected, or never verified, go), always leaving the last token to compute."""
+        were rejected, or never verified, go), always leaving the last token to compute. A
+        sequence's tokens are only ever appended, so what matched once is not compared again."""
         cached = self.cached.get(seq)
         if cached is None:
             return 0
-        keep = 0
-        tokens = seq.tokens
-        limit = min(len(cached), len(tokens) - 1)
-        while keep < limit and cached[keep] == tokens[keep]:
+        keep = self.matched.get(seq, 0)
+        for token in seq.token_range(keep, min(len(cached), len(seq) - 1)):
+            if cached[keep] != token:
+                break
             keep += 1
         del cached[keep:]
+        self.matched[seq] = keep
         self.bm.truncate(seq.seq_id, keep)
         return keep
 

@@ -15,7 +15,7 @@ class JacobiProposer:
         for seq, cap in zip(seqs, caps):
             window = self.guesses.get(seq, [])
             # A fresh window starts as copies of the last token: any guess is lossless.
-            window = (window + [seq.tokens[-1]] * self.num_tokens)[:min(cap, self.num_tokens)]
+            window = (window + [seq.last_token] * self.num_tokens)[:min(cap, self.num_tokens)]
             if window:
                 drafts[seq] = Draft(window)
         return drafts

@@ -28,7 +28,7 @@ class LookaheadProposer:
             tokens = [t for level in window for t in level]
             parents = [self._parent(level, j) for level in range(self.N - 1) for j in range(self.W)]
             trie = {}  # (parent extra index, token) -> extra index; shared prefixes verify once
-            for continuation in self.pools.get(seq, {}).get(seq.tokens[-1], [])[-self.G:]:
+            for continuation in self.pools.get(seq, {}).get(seq.last_token, [])[-self.G:]:
                 parent = -1
                 for token in continuation[:cap]:
                     if (parent, token) not in trie:
