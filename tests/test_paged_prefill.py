@@ -246,3 +246,18 @@ def test_cuda_rejects_odd_head_dims():
     torch.library.opcheck(torch.ops.pagedlm.paged_prefill_attention.default,
                           tuple(t.cuda() for t in make_batch([20, 9], [5, 9], heads=(4, 2), head_dim=64,
                                                              block_size=16, dtype=torch.float16, seed=53)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("heads, block_size", [((8, 8), 16), ((8, 2), 32), ((8, 1), 5), ((4, 1), 1)])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_query_and_key_tile_edges(dtype, head_dim, heads, block_size, causal):
+    # Edges of the Hopper kernel's tiles (64-row warpgroups, 128-query blocks, 128-key tiles): q_len and
+    # seq_len on either side of them, plain prefill and chunks after cached tokens, GQA groups 1/4/8,
+    # block sizes that are not powers of two.
+    seq_lens, q_lens = [63, 129, 300, 256, 520, 1, 700], [63, 65, 127, 128, 200, 1, 129]
+    batch = make_batch(seq_lens, q_lens, heads=heads, head_dim=head_dim, block_size=block_size, dtype=dtype,
+                       seed=hash((heads, head_dim, block_size, causal, "edges")))
+    cuda_check(batch, dtype, causal=causal)

@@ -1,0 +1,378 @@
+// Hopper (sm_90a) paged prefill for f16/bf16 caches: FlashAttention-3's layout on wgmma, with the
+// K/V pages gathered by cp.async. Same contract and results as paged_prefill.cu's mma.sync kernel,
+// which keeps every configuration this one does not take (paged_prefill_sm90_supports).
+//
+// A block owns 128 consecutive queries of one sequence and one query head, and three warpgroups:
+//  - warpgroup 0 (the producer, registers lowered with setmaxnreg) gathers K/V tiles of 128 keys
+//    from the paged cache into a ring of shared-memory stages with 16-byte cp.async copies, each
+//    row to its 128-byte-swizzled place (wgmma.cuh). A tile is signalled on the stage's `full`
+//    mbarrier once its copies landed; the stage is reused after its `empty` mbarrier says both
+//    consumers are done with it. Any block size works: each token's row is copied on its own.
+//  - warpgroups 1 and 2 (the consumers) own 64 query rows each. Per tile: S = Q K^T by wgmma with
+//    both operands in shared memory; the online softmax in registers, in the log2 domain with the
+//    scale folded into the exp2's FFMA; P converted to f16/bf16 in registers is the A operand of
+//    O += P V, V read from shared memory through the transpose bit.
+// The grid and scheduling are the old kernel's: blocks walk cu_seqlens_q on the device, heaviest
+// causal tiles first; nothing is synchronised with the host, nothing is allocated. Bad values never
+// fault: a bad block id is zero-filled and, like a bad length or cu_seqlens_q, turns the block's
+// rows into NaN.
+#include <atomic>
+#include <cstdint>
+#include <cstdlib>
+#include <type_traits>
+
+#include "common.cuh"
+#include "mma.cuh"
+#include "paged_prefill_sm90.h"
+#include "wgmma.cuh"
+
+// The kernel needs sm_90a's wgmma and setmaxnreg; an sm_90 build would compile it empty and route
+// to it, so it is refused here. Other architectures compile it empty and never route to it.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ == 900 && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#error "cuda/paged_prefill_sm90.cu needs sm_90a: set CMAKE_CUDA_ARCHITECTURES to 90a, not 90"
+#endif
+
+namespace pagedlm::cuda {
+namespace {
+
+template <int D>
+struct Sm90Shape {
+  static constexpr int kConsumers = 2;                     // warpgroups of 64 query rows
+  static constexpr int kQueryTile = 64 * kConsumers;       // queries per block
+  static constexpr int kKvTile = 128;                      // keys per K/V tile
+  static constexpr int kThreads = 128 * (1 + kConsumers);  // warpgroup 0 loads, the others compute
+  static constexpr int kChunks = D / 8;                    // 16-byte chunks per row
+  static constexpr int kStages = D <= 64 ? 4 : 3;
+  static constexpr int kQBytes = kQueryTile * D * 2;
+  static constexpr int kTileBytes = kKvTile * D * 2;       // K (or V) of one tile
+  static constexpr int kStageBytes = 2 * kTileBytes;
+  // 1024 bytes of slack to align the tiles for the swizzle, 128 for the mbarriers and the bad flag.
+  static constexpr int kSmemBytes = 1024 + kQBytes + kStages * kStageBytes + 128;
+  static_assert(kSmemBytes <= 227 * 1024, "over the shared-memory limit of a block");
+  // setmaxnreg budgets: 56 * 128 + 224 * 256 registers fit the SM's 64K.
+  static constexpr int kProducerRegisters = 56, kConsumerRegisters = 224;
+};
+
+template <typename T, int D>
+__global__ void __launch_bounds__(Sm90Shape<D>::kThreads, 1) paged_prefill_sm90_kernel(const PagedPrefillParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using namespace sm90;
+  using Shape = Sm90Shape<D>;
+  constexpr int kQueryTile = Shape::kQueryTile, kKvTile = Shape::kKvTile, kStages = Shape::kStages;
+  constexpr int kChunks = Shape::kChunks, kTileBytes = Shape::kTileBytes, kStageBytes = Shape::kStageBytes;
+  extern __shared__ uint8_t smem_raw[];
+  // The swizzle acts on address bits: tiles start on 1024-byte boundaries.
+  const uint32_t smem_raw_address = shared_address(smem_raw);
+  const uint32_t q_smem = (smem_raw_address + 1023) & ~1023u;
+  const uint32_t kv_smem = q_smem + Shape::kQBytes;  // stage s: K at kv_smem + s * kStageBytes, V after it
+  const uint32_t barriers = kv_smem + kStages * kStageBytes;
+  auto full = [&](int s) { return barriers + 8 * s; };
+  auto empty = [&](int s) { return barriers + 8 * (kStages + s); };
+  int* bad_row = reinterpret_cast<int*>(smem_raw + (barriers + 16 * kStages - smem_raw_address));
+
+  // Which (sequence, query tile) is this block's? Last to first, as the old kernel: under a causal
+  // mask a sequence's last tiles see the most keys, so the longest blocks start first.
+  int b = 0, tile = gridDim.x - 1 - blockIdx.x;
+  for (; b < p.batch; ++b) {
+    const int q_len = p.cu_seqlens_q[b + 1] - p.cu_seqlens_q[b];
+    const int tiles = q_len > 0 ? (q_len + kQueryTile - 1) / kQueryTile : 0;
+    if (tile < tiles) break;
+    tile -= tiles;
+  }
+  if (b == p.batch) return;  // the grid is an upper bound on the tiles
+
+  const int tid = threadIdx.x;
+  const int head = blockIdx.y, kv_head = head / (p.num_heads / p.num_kv_heads);
+  const int q_begin = p.cu_seqlens_q[b], q_len = p.cu_seqlens_q[b + 1] - q_begin;
+  const int len = p.seq_lens[b];
+  const int64_t capacity = static_cast<int64_t>(p.max_blocks_per_seq) * p.block_size;
+  const bool bad_len = len < 0 || len > capacity || q_len > len || q_begin < 0 || q_begin + q_len > p.total_q;
+  const int q0 = tile * kQueryTile;  // first query of the block, within the sequence
+  const int pos0 = len - q_len + q0;  // its absolute position
+  const int last_pos = pos0 + min(kQueryTile, q_len - q0) - 1;
+  const int kv_end = bad_len ? 0 : (p.causal ? last_pos + 1 : len);
+  const int kv_tiles = (kv_end + kKvTile - 1) / kKvTile;
+
+  if (tid == 0) {
+    *bad_row = bad_len;
+    for (int s = 0; s < kStages; ++s) {
+      mbarrier_init(full(s), 128);
+      mbarrier_init(empty(s), 128 * Shape::kConsumers);
+    }
+  }
+  __syncthreads();
+
+  if (tid < 128) {
+    // ---- Producer: K/V tiles into the stage ring. Thread tid copies chunk tid % kChunks of rows
+    // tid / kChunks + k * kRowStep: a warp reads whole 256-byte rows (D = 128), coalesced.
+    registers_down<Shape::kProducerRegisters>();
+    constexpr int kRowStep = 128 / kChunks;
+    constexpr int kRowsPerThread = kKvTile / kRowStep;
+    static_assert(kRowStep % 8 == 0, "rows of one thread must share a swizzle phase");
+    const T* key_cache = static_cast<const T*>(p.key_cache);
+    const T* value_cache = static_cast<const T*>(p.value_cache);
+    const int32_t* table = p.block_tables + static_cast<int64_t>(b) * p.max_blocks_per_seq;
+    const int chunk = tid % kChunks, row0 = tid / kChunks;
+    const int block_size = p.block_size;
+    const bool pow2_block = (block_size & (block_size - 1)) == 0;
+    const int block_shift = __ffs(block_size) - 1;
+    const int64_t row_stride = static_cast<int64_t>(p.num_kv_heads) * D;
+    const int64_t head_offset = static_cast<int64_t>(kv_head) * D + chunk * 8;
+    // kRowStep is a multiple of 8, so this thread's rows share one swizzle phase.
+    const uint32_t my_offset = swizzled_offset(kKvTile, row0, chunk);
+    // The block ids of a tile are read one tile ahead, so the table's latency hides behind a tile.
+    int32_t ids[kRowsPerThread];
+    auto fetch = [&](int first) {
+#pragma unroll
+      for (int k = 0; k < kRowsPerThread; ++k) {
+        const int t = first + row0 + k * kRowStep;
+        ids[k] = t < kv_end ? __ldg(table + (pow2_block ? t >> block_shift : t / block_size)) : 0;
+      }
+    };
+    if (kv_tiles > 0) fetch(0);
+    for (int kt = 0; kt < kv_tiles; ++kt) {
+      const int s = kt % kStages;
+      if (kt > 0) {
+        // The previous tile's copies, the only ones in flight, landed: hand it to the consumers.
+        cp_async_wait<0>();
+        fence_proxy_async();
+        mbarrier_arrive(full((kt - 1) % kStages));
+      }
+      if (kt >= kStages) mbarrier_wait(empty(s), (kt / kStages - 1) & 1);
+      const uint32_t k_dst = kv_smem + s * kStageBytes, v_dst = k_dst + kTileBytes;
+      bool bad = false;
+#pragma unroll
+      for (int k = 0; k < kRowsPerThread; ++k) {
+        const int row = row0 + k * kRowStep, t = kt * kKvTile + row;
+        const int32_t id = ids[k];
+        // Rows past the end and behind a bad id are zero-filled (P V multiplies them by exact zeros).
+        const bool valid = t < kv_end && id >= 0 && id < p.num_blocks;
+        bad |= t < kv_end && !valid;
+        const int in_block = pow2_block ? t & (block_size - 1) : t % block_size;
+        const int64_t elem = valid ? (static_cast<int64_t>(id) * block_size + in_block) * row_stride + head_offset : 0;
+        const uint32_t offset = my_offset + k * kRowStep * 128;
+        cp_async_16_or_zero(k_dst + offset, key_cache + elem, valid);
+        cp_async_16_or_zero(v_dst + offset, value_cache + elem, valid);
+      }
+      if (bad) *bad_row = 1;
+      cp_async_commit();
+      if (kt + 1 < kv_tiles) fetch((kt + 1) * kKvTile);
+    }
+    if (kv_tiles > 0) {
+      cp_async_wait<0>();
+      fence_proxy_async();
+      mbarrier_arrive(full((kv_tiles - 1) % kStages));
+    }
+    named_barrier(1, Shape::kThreads);  // the consumers read bad_row after this
+  } else {
+    // ---- Consumers: 64 query rows each; warp w of the warpgroup holds rows 16w..16w+15 as
+    // wgmma's accumulator layout has them (rows lane / 4 and lane / 4 + 8, column pairs).
+    registers_up<Shape::kConsumerRegisters>();
+    const int wg = tid / 128 - 1, ctid = tid % 128, warp = ctid / 32, lane = tid % 32;
+    const int wg_row0 = wg * 64;  // within the block's query tile
+
+    // This warpgroup's query rows go to shared memory, padding rows as zeros.
+    {
+      const T* query = static_cast<const T*>(p.query);
+      for (int i = ctid; i < 64 * kChunks; i += 128) {
+        const int row = wg_row0 + i / kChunks, chunk = i % kChunks, qi = q0 + row;
+        const bool valid = !bad_len && qi < q_len;
+        const int64_t elem = valid ? (static_cast<int64_t>(q_begin + qi) * p.num_heads + head) * D + chunk * 8 : 0;
+        cp_async_16_or_zero(q_smem + swizzled_offset(kQueryTile, row, chunk), query + elem, valid);
+      }
+      cp_async_commit();
+      cp_async_wait<0>();
+      fence_proxy_async();
+      named_barrier(2 + wg, 128);
+    }
+
+    const int row_lo = wg_row0 + warp * 16 + lane / 4;  // this thread's rows: row_lo and row_lo + 8
+    const int pos_lo = pos0 + row_lo, col = (lane % 4) * 2;
+    const bool wg_has_rows = q0 + wg_row0 < q_len;
+    const int wg_last_pos = pos0 + wg_row0 + min(64, q_len - q0 - wg_row0) - 1;
+    const int warp_first_pos = pos0 + wg_row0 + warp * 16;
+    const float score_mult = p.scale * kLog2e;  // the scale is positive (supports())
+    float o[D / 2];
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) o[i] = 0.0f;
+    float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};  // sums are lane-partial
+    const uint32_t q_rows = q_smem + wg_row0 * 128;
+
+    for (int kt = 0; kt < kv_tiles; ++kt) {
+      const int s = kt % kStages;
+      mbarrier_wait(full(s), (kt / kStages) & 1);
+      const int t0 = kt * kKvTile;
+      // A warpgroup whose rows are all padding or all before this tile would add exact zeros. It
+      // still waited for the tile: its release must not count towards a later use of the stage.
+      if (!wg_has_rows || (p.causal && t0 > wg_last_pos)) {
+        mbarrier_arrive(empty(s));
+        continue;
+      }
+      const uint32_t k_tile = kv_smem + s * kStageBytes, v_tile = k_tile + kTileBytes;
+
+      // S = Q K^T: D / 16 k-steps; a k-step moves 32 bytes along a 128-byte row, then to the next
+      // column block.
+      float sc[kKvTile / 2];
+      wgmma_fence();
+#pragma unroll
+      for (int ks = 0; ks < D / 16; ++ks) {
+        const uint64_t q_desc = smem_desc(q_rows + (ks / 4) * kQueryTile * 128 + (ks % 4) * 32, 16, 1024);
+        const uint64_t k_desc = smem_desc(k_tile + (ks / 4) * kKvTile * 128 + (ks % 4) * 32, 16, 1024);
+        wgmma_ss<T, kKvTile>(sc, q_desc, k_desc, ks > 0);
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_registers(sc);
+
+      // Only tiles past the sequence's end or on the causal diagonal hide any (row, key) pair.
+      if (t0 + kKvTile > kv_end || (p.causal && t0 + kKvTile - 1 > warp_first_pos)) {
+#pragma unroll
+        for (int i = 0; i < kKvTile / 2; ++i) {
+          const int t = t0 + (i / 4) * 8 + col + (i & 1), pos = pos_lo + ((i & 2) ? 8 : 0);
+          if (t >= kv_end || (p.causal && t > pos)) sc[i] = -INFINITY;
+        }
+      }
+      float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+      for (int i = 0; i < kKvTile / 2; ++i) tile_max[(i >> 1) & 1] = fmaxf(tile_max[(i >> 1) & 1], sc[i]);
+      float rescale[2], exp_offset[2];
+      bool max_moved = false;
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
+        tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
+        const float new_max = fmaxf(row_max[r], tile_max[r] * score_mult);
+        rescale[r] = new_max == -INFINITY ? 1.0f : exp2f(row_max[r] - new_max);
+        max_moved |= rescale[r] != 1.0f;
+        row_max[r] = new_max;
+        row_sum[r] *= rescale[r];
+        // A row with no visible key yet has only -inf scores, which exp2 takes to 0 with any finite offset.
+        exp_offset[r] = new_max == -INFINITY ? 0.0f : -new_max;
+      }
+#pragma unroll
+      for (int i = 0; i < kKvTile / 2; ++i) {
+        const int r = (i >> 1) & 1;
+        sc[i] = exp2f(fmaf(sc[i], score_mult, exp_offset[r]));
+        row_sum[r] += sc[i];
+      }
+      // Once the row maxima settle, rescale is exactly 1 and the O update can be skipped (warp-uniform).
+      if (__any_sync(0xffffffffu, max_moved)) {
+#pragma unroll
+        for (int i = 0; i < D / 2; ++i) o[i] *= rescale[(i >> 1) & 1];
+      }
+      // P as wgmma's register A operand, 16 keys per k-step: the same pairs mma.m16n8k16 takes.
+      uint32_t pf[kKvTile / 16][4];
+#pragma unroll
+      for (int kk = 0; kk < kKvTile / 16; ++kk) {
+#pragma unroll
+        for (int h = 0; h < 4; ++h) pf[kk][h] = pack2<T>(sc[8 * kk + 2 * h], sc[8 * kk + 2 * h + 1]);
+      }
+
+      // O += P V: k-step kk covers keys 16kk..16kk+15, two 1024-byte atoms down the V tile.
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < kKvTile / 16; ++kk) {
+        wgmma_rs<T, D>(o, pf[kk], smem_desc(v_tile + kk * 16 * 128, kKvTile * 128, 1024), 1);
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_registers(o);
+      mbarrier_arrive(empty(s));
+    }
+    named_barrier(1, Shape::kThreads);  // the producer's bad_row is final
+
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 1);
+      row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 2);
+    }
+    // With cu_seqlens_q itself out of range there is no row that is certainly ours to write.
+    const bool rows_known = q_begin >= 0 && q_len >= 0 && q_begin + q_len <= p.total_q;
+    const bool bad = *bad_row != 0;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int q = q0 + row_lo + 8 * r;
+      if (!rows_known || q >= q_len) continue;
+      const int64_t out_row = static_cast<int64_t>(q_begin + q) * p.num_heads + head;
+      const float inv = row_sum[r] > 0.0f ? 1.0f / row_sum[r] : 0.0f;  // a row that sees nothing yields zeros
+      T* out = static_cast<T*>(p.out) + out_row * D + col;
+#pragma unroll
+      for (int j = 0; j < D / 8; ++j) {
+        const float lo = bad ? NAN : o[4 * j + 2 * r] * inv, hi = bad ? NAN : o[4 * j + 2 * r + 1] * inv;
+        *reinterpret_cast<uint32_t*>(out + 8 * j) = pack2<T>(lo, hi);
+      }
+      if (p.lse && lane % 4 == 0) {
+        p.lse[out_row] = bad ? NAN : (row_sum[r] > 0.0f ? (row_max[r] + log2f(row_sum[r])) * kLn2 : -INFINITY);
+      }
+    }
+  }
+#endif
+}
+
+template <typename T, int D>
+int launch(const PagedPrefillParams& p, cudaStream_t stream) {
+  using Shape = Sm90Shape<D>;
+  auto kernel = paged_prefill_sm90_kernel<T, D>;
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Shape::kSmemBytes);
+  // Sequence i needs ceil(q_len_i / 128) blocks: at most total_q / 128 + batch in all.
+  const int64_t blocks = static_cast<int64_t>(p.total_q) / Shape::kQueryTile + p.batch;
+  kernel<<<dim3(static_cast<unsigned>(blocks), p.num_heads), Shape::kThreads, Shape::kSmemBytes, stream>>>(p);
+  return static_cast<int>(cudaGetLastError());
+}
+
+// Whether this build holds the kernel's sm_90a code: the #error above rules out plain sm_90.
+constexpr bool built_for_sm90a() {
+#ifdef __CUDA_ARCH_LIST__
+  constexpr int archs[] = {__CUDA_ARCH_LIST__};
+  for (int arch : archs) {
+    if (arch == 900) return true;
+  }
+#endif
+  return false;
+}
+
+bool current_device_is_sm90() {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> known[kMaxDevices];  // 0 unknown, 1 yes, 2 no
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0) return false;
+  if (device < kMaxDevices && known[device].load(std::memory_order_relaxed) != 0) {
+    return known[device].load(std::memory_order_relaxed) == 1;
+  }
+  int major = 0, minor = 0;
+  const bool ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
+                  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) == cudaSuccess;
+  const bool yes = ok && major == 9 && minor == 0;
+  if (device < kMaxDevices) known[device].store(yes ? 1 : 2, std::memory_order_relaxed);
+  return yes;
+}
+
+bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; }
+
+}  // namespace
+
+bool paged_prefill_sm90_supports(const PagedPrefillParams& p) {
+  // PAGEDLM_PREFILL_SM90=0 keeps every call on the mma.sync kernel (for comparisons).
+  static const bool enabled = [] {
+    const char* flag = std::getenv("PAGEDLM_PREFILL_SM90");
+    return flag == nullptr || flag[0] != '0';
+  }();
+  return enabled && built_for_sm90a() && (p.dtype == DType::f16 || p.dtype == DType::bf16) &&
+         (p.head_dim == 64 || p.head_dim == 128) && p.mask == nullptr && p.sliding_window <= 0 &&
+         p.soft_cap <= 0.0f && p.scale > 0.0f && p.num_kv_heads > 0 && p.num_heads % p.num_kv_heads == 0 &&
+         aligned16(p.query) && aligned16(p.key_cache) && aligned16(p.value_cache) && aligned16(p.out) &&
+         current_device_is_sm90();
+}
+
+int paged_prefill_sm90(const PagedPrefillParams& p, cudaStream_t stream) {
+  return dispatch_dtype(p.dtype, [&](auto type) {
+    using T = decltype(type);
+    if constexpr (std::is_same<T, float>::value) {
+      return static_cast<int>(cudaErrorInvalidValue);
+    } else {
+      return p.head_dim == 64 ? launch<T, 64>(p, stream) : launch<T, 128>(p, stream);
+    }
+  });
+}
+
+}  // namespace pagedlm::cuda
