@@ -116,21 +116,23 @@ def test_draft_chain_respects_each_sequences_cap(models):
     assert llm.speculator.proposer.bm.num_free_blocks == llm.speculator.proposer.bm.num_blocks
 
 
-def test_varlen_graph_logits_equal_the_eager_forward(models):
-    """A mixed batch (a decode, a 3-token draft, a 7-token chunk) through a graph with padding
-    equals the eager forward, row for row (both read the same cache: the prefixes' KV is
-    whatever the cache holds, the new tokens' KV is written by each)."""
+@pytest.mark.parametrize("split, per_query", [([(9, 1), (5, 3), (0, 7)], True), ([(9, 1), (0, 60)], False)])
+def test_varlen_graph_logits_equal_the_eager_forward(models, split, per_query):
+    """A mixed batch (a decode, a 3-token draft, a 7-token chunk; or a long chunk) through a
+    graph with padding equals the eager forward, row for row (both read the same cache: the
+    prefixes' KV is whatever the cache holds, the new tokens' KV is written by each). A few
+    tokens per sequence attend as decode queries, many through the prefill kernel."""
     from pagedlm.engine.forward import ForwardItem, paged_forward
     llm = engine(models, 4)
     bm = llm.block_manager
     items = []
-    for seq_id, (cached, new) in enumerate([(9, 1), (5, 3), (0, 7)]):
+    for seq_id, (cached, new) in enumerate(split):
         bm.allocate(seq_id, list(range(cached + new)))
         items.append(ForwardItem(seq_id, list(range(cached, cached + new)), cached, 0, None, list(range(new))))
     graphs = VarlenGraphs(llm.model, llm.kv_caches, MAX_SEQS, llm.device, None)
     eager = paged_forward(llm.model, llm.kv_caches, bm, llm.device, items).clone()
     graphed = paged_forward(llm.model, llm.kv_caches, bm, llm.device, items, graphs)
-    assert graphs.captures == 1
+    assert graphs.captures == 1 and [g.per_query for g in graphs.graphs.values()] == [per_query]
     torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-5)
 
 

@@ -11,6 +11,14 @@ the strictest input checks; further padding sequences are empty. The logits of e
 are computed, into one output buffer that all the graphs share (a graph per bucket and width
 each holding [tokens, vocab] float32 would cost gigabytes with a large vocabulary); callers
 pick their rows.
+
+Forwards of a few tokens per sequence under the causal mask attend as decode queries: token
+j of a sequence is one query over the sequence's first position_j + 1 cached tokens (its
+table row and that length), computed by paged_decode_attention. Its split-K kernel takes a
+few microseconds where the prefill kernel, which walks each sequence's keys in one thread
+block, takes 15-20 for these shapes; and verification then computes its logits with the same
+kernel as plain decoding. It rereads a sequence's keys once per query, so it is used only
+where the graph averages at most PER_QUERY_TOKENS tokens per sequence.
 """
 import torch
 
@@ -18,6 +26,7 @@ from pagedlm.engine.cuda_graphs import MAX_WIDTH, bucket_of, capture, copy_table
 from pagedlm.models import AttentionBatch
 
 TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512)  # larger forwards run eagerly
+PER_QUERY_TOKENS = 8  # tokens per sequence bucket up to which causal forwards attend as decode queries
 
 
 class VarlenGraphs:
@@ -69,9 +78,11 @@ class VarlenGraphs:
 class _VarlenGraph:
     def __init__(self, owner, tokens, seqs, width, masked):
         self.tokens, self.seqs = tokens, seqs
+        self.per_query = not masked and tokens <= PER_QUERY_TOKENS * seqs
         device = owner.device
-        # ids, positions, slots | cu_seqlens_q | seq_lens: one int64 buffer, one copy per replay.
-        self.packed = torch.zeros(3 * tokens + 2 * seqs + 1, dtype=torch.int64, device=device)
+        # ids, positions, slots, each token's sequence | cu_seqlens_q | seq_lens: one int64
+        # buffer, one copy per replay.
+        self.packed = torch.zeros(4 * tokens + 2 * seqs + 1, dtype=torch.int64, device=device)
         self.tables = torch.zeros(seqs, width, dtype=torch.int32, device=device)
         block_size = owner.kv_caches[0][0].shape[1]
         capacity = tokens * max(width * block_size, tokens)  # sum of q_len x seq_len, the padding's included
@@ -83,18 +94,25 @@ class _VarlenGraph:
 
     def _forward(self, owner):
         n, b, p = self.tokens, self.seqs, self.packed
-        batch = AttentionBatch(slot_mapping=p[2 * n:3 * n], block_tables=self.tables,
-                               seq_lens=p[3 * n + b + 1:].int(), cu_seqlens_q=p[3 * n:3 * n + b + 1].int(),
-                               decode_only=False, custom_mask=self.mask, mask_indptr=self.mask_indptr)
+        positions, cu_seqlens = p[n:2 * n], p[4 * n:4 * n + b + 1].int()
+        if self.per_query:  # token i: a decode query over its sequence's first positions[i] + 1 tokens
+            batch = AttentionBatch(slot_mapping=p[2 * n:3 * n], block_tables=self.tables[p[3 * n:4 * n]],
+                                   seq_lens=(positions + 1).int(), cu_seqlens_q=cu_seqlens, decode_only=True)
+        else:
+            batch = AttentionBatch(slot_mapping=p[2 * n:3 * n], block_tables=self.tables,
+                                   seq_lens=p[4 * n + b + 1:].int(), cu_seqlens_q=cu_seqlens,
+                                   decode_only=False, custom_mask=self.mask, mask_indptr=self.mask_indptr)
         logits = owner.logits[:n]
-        logits.copy_(owner.model(p[:n], p[n:2 * n], batch, owner.kv_caches))
+        logits.copy_(owner.model(p[:n], positions, batch, owner.kv_caches))
         return logits
 
     def _copy_inputs(self, ids, positions, slots, tables, cu_seqlens, seq_lens, mask, mask_indptr):
         n, b = self.tokens, self.seqs
         real, pad = len(ids), self.tokens - len(ids)
         empty = b - len(seq_lens) - (pad > 0)
+        owners = [i for i in range(len(seq_lens)) for _ in range(cu_seqlens[i + 1] - cu_seqlens[i])]
         packed = torch.tensor(ids + [0] * pad + positions + list(range(pad)) + [-1] * n
+                              + owners + [len(seq_lens)] * pad  # the padding tokens' sequence
                               + cu_seqlens + [n] * (b - len(seq_lens)) + seq_lens + [pad] * (pad > 0) + [0] * empty)
         packed[2 * n:2 * n + real] = torch.as_tensor(slots)
         self.packed.copy_(packed, non_blocking=True)
