@@ -56,7 +56,10 @@ class PaySwitch:
 
     def _regime(self, batch_size):
         bucket = max(1, batch_size).bit_length()  # 1 | 2-3 | 4-7 | 8-15 | 16-31 | ...
-        return self.regimes.setdefault(bucket, _Regime())
+        regime = self.regimes.get(bucket)
+        if regime is None:
+            regime = self.regimes[bucket] = _Regime()
+        return regime
 
 
 class _Regime:
