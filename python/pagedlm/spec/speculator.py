@@ -59,8 +59,11 @@ class Speculator:
     def _draft(self, scheduled, copies, greedy_may_draft):
         """{seq: draft} whose slots are reserved, within the step's token budget."""
         computing = [s for s in scheduled if s.num_new > 0]
-        candidates = [s.seq for s in computing if s.seq.output and s.num_new == len(s.seq) - s.seq.num_cached
-                      and (greedy_may_draft or s.seq.params.temperature != 0) and self._drafting(s.seq)]
+        # The switch's verdict first: while greedy sequences may not draft, most steps end here.
+        candidates = [s.seq for s in computing if (greedy_may_draft or s.seq.params.temperature != 0)
+                      and s.seq.output and s.num_new == len(s.seq) - s.seq.num_cached and self._drafting(s.seq)]
+        if not candidates:
+            return {}
         left = self.budget - sum(s.num_new for s in computing)
         caps = [max(0, s.params.max_tokens - len(s.output) - 1) if left > 0 else 0 for s in candidates]
         if not any(caps):
