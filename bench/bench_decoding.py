@@ -143,7 +143,7 @@ def main():
     parser.add_argument("--prompt-len", type=int, default=64, help="tokens per prompt from a .npy of windows")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--num-blocks", type=int, default=1024)
-    parser.add_argument("--rounds", type=int, default=5, help="timed passes per engine, in turn; the median is shown")
+    parser.add_argument("--rounds", type=int, default=9, help="timed passes per engine, in turn; the median is shown")
     parser.add_argument("--methods", nargs="+", help="names (prefixes) of the methods to run; plain always runs")
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--out"), parser.add_argument("--append-results", action="store_true")
