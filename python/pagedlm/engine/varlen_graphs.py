@@ -20,6 +20,7 @@ block, takes 15-20 for these shapes; and verification then computes its logits w
 kernel as plain decoding. It rereads a sequence's keys once per query, so it is used only
 where the graph averages at most PER_QUERY_TOKENS tokens per sequence.
 """
+import numpy as np
 import torch
 
 from pagedlm.engine.cuda_graphs import MAX_WIDTH, bucket_of, capture, copy_tables, width_of
@@ -109,13 +110,18 @@ class _VarlenGraph:
     def _copy_inputs(self, ids, positions, slots, tables, cu_seqlens, seq_lens, mask, mask_indptr):
         n, b = self.tokens, self.seqs
         real, pad = len(ids), self.tokens - len(ids)
-        empty = b - len(seq_lens) - (pad > 0)
-        owners = [i for i in range(len(seq_lens)) for _ in range(cu_seqlens[i + 1] - cu_seqlens[i])]
-        packed = torch.tensor(ids + [0] * pad + positions + list(range(pad)) + [-1] * n
-                              + owners + [len(seq_lens)] * pad  # the padding tokens' sequence
-                              + cu_seqlens + [n] * (b - len(seq_lens)) + seq_lens + [pad] * (pad > 0) + [0] * empty)
-        packed[2 * n:2 * n + real] = torch.as_tensor(slots)
-        self.packed.copy_(packed, non_blocking=True)
+        packed = np.zeros(4 * n + 2 * b + 1, dtype=np.int64)
+        packed[:real] = ids
+        packed[n:n + real], packed[n + real:2 * n] = positions, np.arange(pad)
+        packed[2 * n:2 * n + real], packed[2 * n + real:3 * n] = slots, -1
+        # Each token's sequence; the padding tokens form the sequence after the real ones.
+        packed[3 * n:4 * n] = np.repeat(np.arange(len(seq_lens) + 1), np.diff(cu_seqlens + [n]))
+        cu, lens = packed[4 * n:4 * n + b + 1], packed[4 * n + b + 1:]
+        cu[:len(cu_seqlens)], cu[len(cu_seqlens):] = cu_seqlens, n
+        lens[:len(seq_lens)] = seq_lens
+        if pad:
+            lens[len(seq_lens)] = pad  # the padding sequence; further ones are empty
+        self.packed.copy_(torch.from_numpy(packed), non_blocking=True)
         copy_tables(self.tables, tables, 0)  # the padding sequences' blocks: block 0
         if mask_indptr is not None:  # the padding sequence's rows see nothing
             end = mask_indptr[-1] + pad * pad

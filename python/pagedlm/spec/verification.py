@@ -8,6 +8,7 @@ Everything the host needs from the greedy requests (the kernels' verdicts, each 
 and its log-probability) comes back in one transfer, so a step synchronizes once however
 many sequences it verifies: a greedy request emits each row's argmax, whose log-probability
 is computed for every row up front."""
+import numpy as np
 import torch
 
 import pagedlm.ops as ops
@@ -34,20 +35,19 @@ class Verification:
         nodes = max((len(v[0]) for v in self.views), default=0)
         # Rows of each seq padded to width (short ones repeat their last), then per chain its
         # drafts and their count, then per tree its tokens, parents and rows: one int64 upload.
-        rows = torch.tensor([[first + min(r, count - 1) for r in range(width)]
-                             for first, count in (spans[s] for s in self.seqs)], dtype=torch.int64)
-        chains = torch.tensor([d.tokens + [0] * (k - len(d.tokens)) + [len(d.tokens)]
-                               for d in (drafts[s] for s in self.chains)],
-                              dtype=torch.int64).view(len(self.chains), k + 1)
-        trees = torch.tensor([[tokens + [0] * (nodes - len(tokens)) for tokens, _, _ in self.views],
-                              [parents + [-1] * (nodes - len(parents)) for _, parents, _ in self.views],  # -1: padding
-                              [[spans[s][0] + r for r in node_rows] + [0] * (nodes - len(node_rows))
-                               for s, (_, _, node_rows) in zip(self.trees, self.views)]],
-                             dtype=torch.int64).view(3, len(self.trees), nodes)
+        rows = np.array([[first + min(r, count - 1) for r in range(width)]
+                         for first, count in (spans[s] for s in self.seqs)], dtype=np.int64).reshape(-1, width)
+        chains = np.array([d.tokens + [0] * (k - len(d.tokens)) + [len(d.tokens)]
+                           for d in (drafts[s] for s in self.chains)], dtype=np.int64).reshape(-1, k + 1)
+        trees = np.array([[tokens + [0] * (nodes - len(tokens)) for tokens, _, _ in self.views],
+                          [parents + [-1] * (nodes - len(parents)) for _, parents, _ in self.views],  # -1: padding
+                          [[spans[s][0] + r for r in node_rows] + [0] * (nodes - len(node_rows))
+                           for s, (_, _, node_rows) in zip(self.trees, self.views)]],
+                         dtype=np.int64).reshape(3, len(self.trees), nodes)
         parts = [rows, chains, trees]
-        flat = torch.cat([t.reshape(-1) for t in parts]).to(device, non_blocking=True)
+        flat = torch.from_numpy(np.concatenate([a.ravel() for a in parts])).to(device, non_blocking=True)
         self.rows, self.chain_inputs, self.tree_inputs = (
-            part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in parts]), parts))
+            part.view(a.shape) for part, a in zip(flat.split([a.size for a in parts]), parts))
 
     def accept(self, logits, engine_seed):
         """{seq: (path, tokens, logprobs, row_argmax)}: path indexes the seq's rows (0, then the
@@ -67,7 +67,8 @@ class Verification:
             tokens, parents, rows = self.tree_inputs
             verdicts += ops.verify_tree_greedy(tokens.contiguous(), parents.int(), logits[rows])
         argmax, logprob, *rest = _to_host(verdicts)
-        argmax, logprob, rest = argmax.long().tolist(), logprob.tolist(), [t.long().tolist() for t in rest]
+        argmax, logprob, rest = argmax.astype(np.int64).tolist(), logprob.tolist(), [
+            t.astype(np.int64).tolist() for t in rest]
         results = {}
         if self.chains:
             out, accepted, rest = rest[0], rest[1], rest[2:]
@@ -97,14 +98,16 @@ def tree_view(seq, draft):
     nodes = range(len(draft.tokens)) if draft.candidates is None else draft.candidates
     parents = [i - 1 for i in range(len(draft.tokens))] if draft.parents is None else draft.parents
     index = {extra: i + 1 for i, extra in enumerate(nodes)}
-    return ([seq.tokens[-1]] + [draft.tokens[e] for e in nodes], [-1] + [index.get(parents[e], 0) for e in nodes],
+    return ([seq.last_token] + [draft.tokens[e] for e in nodes], [-1] + [index.get(parents[e], 0) for e in nodes],
             [0] + [e + 1 for e in nodes])
 
 
 def _to_host(tensors):
-    """The tensors on the host, after one device-to-host copy (every value fits a float64)."""
-    flat = torch.cat([t.reshape(-1).double() for t in tensors]).cpu()
-    return [part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+    """The tensors as numpy arrays, after one device-to-host copy: concatenated as float64 (cat
+    promotes the rest to the first's dtype; every value fits a float64)."""
+    flat = torch.cat([tensors[0].reshape(-1).double()] + [t.reshape(-1) for t in tensors[1:]]).cpu().numpy()
+    ends = np.cumsum([t.numel() for t in tensors])
+    return [part.reshape(t.shape) for part, t in zip(np.split(flat, ends[:-1]), tensors)]
 
 
 def _sampled(seq, draft, rows, engine_seed):
