@@ -7,6 +7,7 @@ draws the same tokens alone or in any batch, on CPU or GPU.
 """
 import zlib
 
+import numpy as np
 import torch
 
 from pagedlm import _C
@@ -17,6 +18,10 @@ _DRAW_SAMPLE = 1  # the Philox word the kernels use for sampling a token (philox
 def sample(logits, seqs, engine_seed):
     """logits float32 [rows, vocab], one row per sequence in seqs; returns (tokens, logprobs) lists."""
     greedy = [i for i, s in enumerate(seqs) if s.params.temperature == 0]
+    if len(greedy) == len(seqs):  # the common step: no scatter into preallocated outputs
+        tokens = logits.argmax(-1)
+        logprobs = logits.log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1)
+        return _to_host(tokens, logprobs)
     tokens = torch.empty(len(seqs), dtype=torch.int64, device=logits.device)
     logprobs = torch.empty(len(seqs), dtype=torch.float32, device=logits.device)
     if greedy:
@@ -29,7 +34,13 @@ def sample(logits, seqs, engine_seed):
         rows = _index(sampled, logits.device, len(seqs))
         chosen, logprob = _sample_rows(logits[rows], [seqs[i] for i in sampled], engine_seed)
         tokens[rows], logprobs[rows] = chosen, logprob
-    return tokens.tolist(), logprobs.tolist()
+    return _to_host(tokens, logprobs)
+
+
+def _to_host(tokens, logprobs):
+    """Both as lists, through one device-to-host copy (as float64, which holds either exactly)."""
+    both = torch.cat([tokens.double(), logprobs]).cpu().numpy()
+    return both[:len(tokens)].astype(np.int64).tolist(), both[len(tokens):].tolist()
 
 
 def _index(rows, device, total):
