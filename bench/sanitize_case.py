@@ -1,5 +1,5 @@
-"""A small CUDA case for compute-sanitizer (memcheck, racecheck): every op once, split-K
-on, a bad block id and an out-of-range length included."""
+"""A small CUDA case for compute-sanitizer (memcheck, racecheck): every op once (both prefill kernels),
+split-K on, a bad block id and an out-of-range length included."""
 import torch
 
 import pagedlm.ops as ops
@@ -30,6 +30,9 @@ for dtype, head_dim in [(torch.bfloat16, 128), (torch.float16, 64)]:
     cu = torch.tensor([0, 100, 103, 133], dtype=torch.int32, device="cuda")
     q = torch.randn(133, 8, head_dim, device="cuda", dtype=dtype)
     ops.paged_prefill_attention(q, kc, vc, tables, cu, lens, sliding_window=64)
+    # Without a window or mask, Hopper takes the wgmma kernel (paged_prefill_sm90.cu).
+    ops.paged_prefill_attention(q, kc, vc, tables, cu, lens, return_lse=True)
+    ops.paged_prefill_attention(q, kc, vc, tables, cu, lens, causal=False)
     mask = torch.rand(100 * 200 + 3 * 70 + 30 * 30, device="cuda") < 0.5
     indptr = torch.tensor([0, 20000, 20210, 21110], dtype=torch.int32, device="cuda")
     ops.paged_prefill_attention(q, kc, vc, tables, cu, lens, custom_mask=mask, mask_indptr=indptr)

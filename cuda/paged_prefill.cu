@@ -19,6 +19,7 @@
 #include "launchers.h"
 #include "mma.cuh"
 #include "paged_prefill_f32.h"
+#include "paged_prefill_sm90.h"
 #include "paged_tiles.cuh"
 #include "prefill_mask.cuh"
 
@@ -356,6 +357,8 @@ int paged_prefill(const PagedPrefillParams& p, void* stream_ptr) {
     if constexpr (std::is_same<T, float>::value) {
       return paged_prefill_f32(p, stream);
     } else {
+      // Hopper takes the wgmma kernel where it covers the configuration (paged_prefill_sm90.cu).
+      if (paged_prefill_sm90_supports(p)) return paged_prefill_sm90(p, stream);
       switch (p.head_dim) {
         case 64: return launch<T, 64>(p, stream);
         case 128: return launch<T, 128>(p, stream);

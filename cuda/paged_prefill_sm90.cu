@@ -5,13 +5,15 @@
 // A block owns 128 consecutive queries of one sequence and one query head, and three warpgroups:
 //  - warpgroup 0 (the producer, registers lowered with setmaxnreg) gathers K/V tiles of 128 keys
 //    from the paged cache into a ring of shared-memory stages with 16-byte cp.async copies, each
-//    row to its 128-byte-swizzled place (wgmma.cuh). A tile is signalled on the stage's `full`
-//    mbarrier once its copies landed; the stage is reused after its `empty` mbarrier says both
-//    consumers are done with it. Any block size works: each token's row is copied on its own.
+//    row to its 128-byte-swizzled place (wgmma.cuh). The stage's `full` mbarrier completes when the
+//    copies have landed (cp.async.mbarrier.arrive, so several tiles are in flight); the stage is
+//    reused after its `empty` mbarrier says both consumers are done with it. Any block size works:
+//    each token's row is copied on its own.
 //  - warpgroups 1 and 2 (the consumers) own 64 query rows each. Per tile: S = Q K^T by wgmma with
 //    both operands in shared memory; the online softmax in registers, in the log2 domain with the
 //    scale folded into the exp2's FFMA; P converted to f16/bf16 in registers is the A operand of
-//    O += P V, V read from shared memory through the transpose bit.
+//    O += P V, V read from shared memory through the transpose bit. The softmax of one tile runs
+//    while the tensor cores compute P V of the one before (FlashAttention-3's intra-warpgroup overlap).
 // The grid and scheduling are the old kernel's: blocks walk cu_seqlens_q on the device, heaviest
 // causal tiles first; nothing is synchronised with the host, nothing is allocated. Bad values never
 // fault: a bad block id is zero-filled and, like a bad length or cu_seqlens_q, turns the block's
@@ -132,12 +134,6 @@ __global__ void __launch_bounds__(Sm90Shape<D>::kThreads, 1) paged_prefill_sm90_
     if (kv_tiles > 0) fetch(0);
     for (int kt = 0; kt < kv_tiles; ++kt) {
       const int s = kt % kStages;
-      if (kt > 0) {
-        // The previous tile's copies, the only ones in flight, landed: hand it to the consumers.
-        cp_async_wait<0>();
-        fence_proxy_async();
-        mbarrier_arrive(full((kt - 1) % kStages));
-      }
       if (kt >= kStages) mbarrier_wait(empty(s), (kt / kStages - 1) & 1);
       const uint32_t k_dst = kv_smem + s * kStageBytes, v_dst = k_dst + kTileBytes;
       bool bad = false;
@@ -155,13 +151,10 @@ __global__ void __launch_bounds__(Sm90Shape<D>::kThreads, 1) paged_prefill_sm90_
         cp_async_16_or_zero(v_dst + offset, value_cache + elem, valid);
       }
       if (bad) *bad_row = 1;
-      cp_async_commit();
+      // The stage's `full` barrier completes once every producer thread's copies so far have landed;
+      // meanwhile the next tiles are issued, up to kStages in flight.
+      cp_async_arrive_on(full(s));
       if (kt + 1 < kv_tiles) fetch((kt + 1) * kKvTile);
-    }
-    if (kv_tiles > 0) {
-      cp_async_wait<0>();
-      fence_proxy_async();
-      mbarrier_arrive(full((kv_tiles - 1) % kStages));
     }
     named_barrier(1, Shape::kThreads);  // the consumers read bad_row after this
   } else {
@@ -198,32 +191,40 @@ __global__ void __launch_bounds__(Sm90Shape<D>::kThreads, 1) paged_prefill_sm90_
     float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};  // sums are lane-partial
     const uint32_t q_rows = q_smem + wg_row0 * 128;
 
-    for (int kt = 0; kt < kv_tiles; ++kt) {
-      const int s = kt % kStages;
-      mbarrier_wait(full(s), (kt / kStages) & 1);
-      const int t0 = kt * kKvTile;
-      // A warpgroup whose rows are all padding or all before this tile would add exact zeros. It
-      // still waited for the tile: its release must not count towards a later use of the stage.
-      if (!wg_has_rows || (p.causal && t0 > wg_last_pos)) {
-        mbarrier_arrive(empty(s));
-        continue;
-      }
-      const uint32_t k_tile = kv_smem + s * kStageBytes, v_tile = k_tile + kTileBytes;
+    // Tiles this warpgroup computes: under a causal mask, none past its last row's position.
+    const int wg_tiles = !wg_has_rows ? 0 : p.causal ? min(kv_tiles, wg_last_pos / kKvTile + 1) : kv_tiles;
+    auto wait_tile = [&](int kt) {
+      mbarrier_wait(full(kt % kStages), (kt / kStages) & 1);
+      fence_proxy_async();  // the copies' generic-proxy writes, now visible here, before wgmma reads them
+    };
+    auto release_tile = [&](int kt) { mbarrier_arrive(empty(kt % kStages)); };
+    auto k_tile = [&](int kt) { return kv_smem + (kt % kStages) * kStageBytes; };
 
-      // S = Q K^T: D / 16 k-steps; a k-step moves 32 bytes along a 128-byte row, then to the next
-      // column block.
-      float sc[kKvTile / 2];
-      wgmma_fence();
+    float sc[kKvTile / 2];    // S of the newest tile
+    uint32_t pf[kKvTile / 16][4];  // P of the tile before it, wgmma's register A operand
+    float rescale[2];
+    // S = Q K^T: D / 16 k-steps; a k-step moves 32 bytes along a 128-byte row, then to the next column block.
+    auto issue_qk = [&](int kt) {
 #pragma unroll
       for (int ks = 0; ks < D / 16; ++ks) {
         const uint64_t q_desc = smem_desc(q_rows + (ks / 4) * kQueryTile * 128 + (ks % 4) * 32, 16, 1024);
-        const uint64_t k_desc = smem_desc(k_tile + (ks / 4) * kKvTile * 128 + (ks % 4) * 32, 16, 1024);
+        const uint64_t k_desc = smem_desc(k_tile(kt) + (ks / 4) * kKvTile * 128 + (ks % 4) * 32, 16, 1024);
         wgmma_ss<T, kKvTile>(sc, q_desc, k_desc, ks > 0);
       }
       wgmma_commit();
-      wgmma_wait<0>();
-      fence_registers(sc);
-
+    };
+    // O += P V: k-step kk covers keys 16kk..16kk+15, two 1024-byte atoms down the V tile.
+    auto issue_pv = [&](int kt) {
+      const uint32_t v_tile = k_tile(kt) + kTileBytes;
+#pragma unroll
+      for (int kk = 0; kk < kKvTile / 16; ++kk) {
+        wgmma_rs<T, D>(o, pf[kk], smem_desc(v_tile + kk * 16 * 128, kKvTile * 128, 1024), 1);
+      }
+      wgmma_commit();
+    };
+    // Online softmax of S (tile kt) in place: masks, new row maxima, rescale factors for O, exp2.
+    auto softmax = [&](int kt) {
+      const int t0 = kt * kKvTile;
       // Only tiles past the sequence's end or on the causal diagonal hide any (row, key) pair.
       if (t0 + kKvTile > kv_end || (p.causal && t0 + kKvTile - 1 > warp_first_pos)) {
 #pragma unroll
@@ -235,15 +236,13 @@ __global__ void __launch_bounds__(Sm90Shape<D>::kThreads, 1) paged_prefill_sm90_
       float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
       for (int i = 0; i < kKvTile / 2; ++i) tile_max[(i >> 1) & 1] = fmaxf(tile_max[(i >> 1) & 1], sc[i]);
-      float rescale[2], exp_offset[2];
-      bool max_moved = false;
+      float exp_offset[2];
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
         tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
         const float new_max = fmaxf(row_max[r], tile_max[r] * score_mult);
         rescale[r] = new_max == -INFINITY ? 1.0f : exp2f(row_max[r] - new_max);
-        max_moved |= rescale[r] != 1.0f;
         row_max[r] = new_max;
         row_sum[r] *= rescale[r];
         // A row with no visible key yet has only -inf scores, which exp2 takes to 0 with any finite offset.
@@ -255,29 +254,55 @@ __global__ void __launch_bounds__(Sm90Shape<D>::kThreads, 1) paged_prefill_sm90_
         sc[i] = exp2f(fmaf(sc[i], score_mult, exp_offset[r]));
         row_sum[r] += sc[i];
       }
-      // Once the row maxima settle, rescale is exactly 1 and the O update can be skipped (warp-uniform).
-      if (__any_sync(0xffffffffu, max_moved)) {
-#pragma unroll
-        for (int i = 0; i < D / 2; ++i) o[i] *= rescale[(i >> 1) & 1];
-      }
-      // P as wgmma's register A operand, 16 keys per k-step: the same pairs mma.m16n8k16 takes.
-      uint32_t pf[kKvTile / 16][4];
+    };
+    // P in f16/bf16 as wgmma's A fragments, 16 keys per k-step: the pairs mma.m16n8k16 takes.
+    auto pack_p = [&] {
 #pragma unroll
       for (int kk = 0; kk < kKvTile / 16; ++kk) {
 #pragma unroll
         for (int h = 0; h < 4; ++h) pf[kk][h] = pack2<T>(sc[8 * kk + 2 * h], sc[8 * kk + 2 * h + 1]);
       }
+    };
 
-      // O += P V: k-step kk covers keys 16kk..16kk+15, two 1024-byte atoms down the V tile.
+    // The softmax of tile kt runs while the tensor cores compute P V of tile kt - 1 (FlashAttention-3's
+    // intra-warpgroup overlap): S of kt and P of kt - 1 are live together.
+    if (wg_tiles > 0) {
+      wait_tile(0);
       wgmma_fence();
+      issue_qk(0);
+      wgmma_wait<0>();
+      fence_registers(sc);
+      softmax(0);  // O is still zero: nothing to rescale
+      pack_p();
+      for (int kt = 1; kt < wg_tiles; ++kt) {
+        wait_tile(kt);
+        wgmma_fence();
+        issue_qk(kt);
+        issue_pv(kt - 1);
+        wgmma_wait<1>();  // S of tile kt
+        fence_registers(sc);
+        softmax(kt);
+        wgmma_wait<0>();  // P V of tile kt - 1
+        fence_registers(o);
+        release_tile(kt - 1);
+        // Once the row maxima settle, rescale is exactly 1 and the O update can be skipped (warp-uniform).
+        if (__any_sync(0xffffffffu, rescale[0] != 1.0f || rescale[1] != 1.0f)) {
 #pragma unroll
-      for (int kk = 0; kk < kKvTile / 16; ++kk) {
-        wgmma_rs<T, D>(o, pf[kk], smem_desc(v_tile + kk * 16 * 128, kKvTile * 128, 1024), 1);
+          for (int i = 0; i < D / 2; ++i) o[i] *= rescale[(i >> 1) & 1];
+        }
+        pack_p();
       }
-      wgmma_commit();
+      wgmma_fence();
+      issue_pv(wg_tiles - 1);
       wgmma_wait<0>();
       fence_registers(o);
-      mbarrier_arrive(empty(s));
+      release_tile(wg_tiles - 1);
+    }
+    // Tiles past this warpgroup's rows: waited for and released, so that a release never counts
+    // towards a later use of the stage.
+    for (int kt = wg_tiles; kt < kv_tiles; ++kt) {
+      mbarrier_wait(full(kt % kStages), (kt / kStages) & 1);
+      release_tile(kt);
     }
     named_barrier(1, Shape::kThreads);  // the producer's bad_row is final
 

@@ -227,8 +227,14 @@ __device__ __forceinline__ void cp_async_16_or_zero(uint32_t smem, const void* g
                : "memory");
 }
 
-// Shared-memory writes by this thread (cp.async included, once waited for) become visible to the
-// tensor cores' reads (the async proxy) after a barrier.
+// Arrives on the mbarrier once every cp.async this thread issued so far has landed; the barrier's
+// expected count includes this arrival (.noinc).
+__device__ __forceinline__ void cp_async_arrive_on(uint32_t bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
+
+// Orders this thread's view of shared memory (its own writes, and others' made visible to it by a
+// barrier, cp.async included) before its later tensor-core reads (the async proxy).
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
 __device__ __forceinline__ void named_barrier(int id, int threads) {
