@@ -10,6 +10,7 @@ model's longest context would split short sequences into many empty pieces.
 """
 import gc
 
+import numpy as np
 import torch
 
 from pagedlm.models import AttentionBatch
@@ -66,9 +67,9 @@ def width_of(blocks):
 def copy_tables(buffer, tables, fill):
     """The block manager's tables [seqs, blocks] into the top-left corner of a graph's static
     buffer, the rest set to fill, in one host-to-device copy."""
-    padded = torch.full(buffer.shape, fill, dtype=buffer.dtype)
-    padded[:tables.shape[0], :tables.shape[1]] = torch.as_tensor(tables)
-    buffer.copy_(padded, non_blocking=True)
+    padded = np.full(buffer.shape, fill, dtype=np.int32)
+    padded[:tables.shape[0], :tables.shape[1]] = np.asarray(tables)
+    buffer.copy_(torch.from_numpy(padded), non_blocking=True)
 
 
 def batch_buckets(max_num_seqs):
@@ -101,12 +102,12 @@ class DecodeGraphs:
         bucket = bucket_of(batch, self.buckets)
         graph = graphs.graph(bucket)  # before the inputs are copied in: a first capture resets the buffers
         pad = bucket - batch
-        # ids, positions, slots, lengths: one [4, bucket] host tensor, one copy.
-        meta = torch.tensor([ids + [0] * pad, positions + [0] * pad, [0] * bucket,
-                             [p + 1 for p in positions] + [0] * pad])
-        meta[2, :batch] = slots
-        meta[2, batch:] = -1
-        graphs.meta[:, :bucket].copy_(meta, non_blocking=True)
+        # ids, positions, slots, lengths: one [4, bucket] host array, one copy (padding rows
+        # write no KV and read nothing).
+        meta = np.zeros((4, bucket), dtype=np.int64)
+        meta[0, :batch], meta[1, :batch], meta[2, :batch], meta[2, batch:] = ids, positions, slots, -1
+        meta[3, :batch] = meta[1, :batch] + 1
+        graphs.meta[:, :bucket].copy_(torch.from_numpy(meta), non_blocking=True)
         copy_tables(graphs.tables[:bucket], tables, -1)
         graph.replay()
         return graphs.logits[bucket][:batch]
