@@ -139,33 +139,38 @@ def test_pay_switch_drafts_while_drafting_emits_faster_and_probes_at_a_bounded_c
     assert switch.drafting(16) is False
     switch.record(16, False, tokens=3, seconds=1.0)   # plain: 3 tokens/s wins
     choices = [switch.drafting(16) for _ in range(2000)]
-    # Probes of the losing mode last PROBE_LENGTH steps, spaced so that their slower steps
-    # cost about PROBE_COST of the time at the measured rates.
+    # Probes of the losing mode last PROBE_LENGTH steps, spaced so that the time they lose
+    # (each drafting step: 1 s for 2 tokens that plain decoding emits in 2/3 s) is about
+    # PROBE_COST of all the time (every step lasts 1 s here).
     starts = probe_starts(choices)
     assert len(starts) > 10 and choices.count(True) == PROBE_LENGTH * len(starts)
-    lost = choices.count(True) * (3 / 2 - 1) / len(choices)
-    assert PROBE_COST * 0.75 < lost < PROBE_COST * 1.25
+    lost = choices.count(True) * (1 - 2 / 3) / len(choices)
+    assert PROBE_COST * 0.9 < lost < PROBE_COST * 1.1
     for _ in range(20):                               # the text turns easy: drafting now emits 8 tokens/s
         switch.record(16, True, tokens=8, seconds=1.0)
     assert switch.rate(16, True) > switch.rate(16, False)
-    choices = [switch.drafting(16) for _ in range(200)]
-    assert choices[0] is True and choices.count(False) == PROBE_LENGTH  # now plain decoding is probed
+    choices = [switch.drafting(16) for _ in range(1000)]
+    plain_probes = probe_starts([not drafted for drafted in choices])
+    assert choices[0] is True and len(plain_probes) > 5  # now plain decoding is probed
+    assert choices.count(False) == PROBE_LENGTH * len(plain_probes)
 
 
-def test_pay_switch_probes_a_far_slower_mode_rarely_and_keeps_each_batch_size_apart():
+def test_pay_switch_spaces_probes_by_their_time_and_keeps_each_batch_size_apart():
     switch = PaySwitch()
-    for batch, drafting_rate in ((16, 0.5), (1, 1e-3)):  # drafting at 1/6 and at 1/3000 of plain's speed
+    # Batch 16: a drafting step lasts 18 plain steps and emits 2 tokens/s against plain's 3.
+    # Batch 1: drafting is hopeless, and its steps last 100 plain steps.
+    for batch, tokens, seconds in ((16, 36, 18.0), (1, 1e-3, 100.0)):
         assert switch.drafting(batch) is True
-        switch.record(batch, True, tokens=drafting_rate, seconds=1.0)
+        switch.record(batch, True, tokens=tokens, seconds=seconds)
         assert switch.drafting(batch) is False
         switch.record(batch, False, tokens=3, seconds=1.0)
     assert switch.drafting(4) is True                 # a batch size not yet measured starts over
     gaps = {}
     for batch in (16, 1):
-        starts = probe_starts([switch.drafting(batch) for _ in range(3000)])
+        starts = probe_starts([switch.drafting(batch) for _ in range(10000)])
         gaps[batch] = [b - a for a, b in zip(starts, starts[1:])]
-    lengths = PROBE_LENGTH * (3 / 0.5 - 1) / PROBE_COST + PROBE_LENGTH
-    assert gaps[16] and all(abs(g - lengths) <= 1 for g in gaps[16])
+    lost = PROBE_LENGTH * 18.0 * (1 - 2 / 3)          # seconds a probe loses
+    assert gaps[16] and all(abs(g - (lost / PROBE_COST + PROBE_LENGTH)) <= 1 for g in gaps[16])
     assert gaps[1] and all(g == MAX_PROBE_INTERVAL + PROBE_LENGTH for g in gaps[1])
     assert switch.drafting(17) is False               # 16 and 17 share a bucket
 

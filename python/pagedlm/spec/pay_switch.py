@@ -13,10 +13,12 @@ sixteen. So each power-of-two batch size keeps its own measurements and its own 
 
 It re-measures the mode not in use now and then, PROBE_LENGTH steps in a row, to notice when
 the balance turns (the text gets easier, acceptance changes). A probe of the losing mode costs
-slow steps, and the further behind that mode is, the more: probes are spaced so that they cost
-about PROBE_COST of the time at the measured rates (a mode at 1/5 of the other's speed is
-probed every few hundred steps, a near tie every PROBE_EVERY), never further apart than
-MAX_PROBE_INTERVAL.
+time: its steps emit their tokens at the slower rate, and a drafting step can last many plain
+steps (a draft model catching up on a hundred tokens per sequence). So probes are spaced in
+time: each costs PROBE_LENGTH * slow step * (1 - slow rate / fast rate) seconds, and the steps
+between two probes last that cost over PROBE_COST (a draft mode at 1/5 of plain's speed whose
+steps last 18 plain steps is probed every few thousand steps, a near tie every PROBE_EVERY),
+never further apart than MAX_PROBE_INTERVAL.
 
 It gates greedy sequences only. A seeded sampled sequence's tokens depend on which of its
 steps drafted, and they must never depend on timing; those keep the acceptance rule alone.
@@ -25,7 +27,7 @@ steps drafted, and they must never depend on timing; those keep the acceptance r
 PROBE_EVERY = 16           # the closest two measurements of the mode not in use may be
 PROBE_LENGTH = 2           # steps one measurement lasts
 PROBE_COST = 0.02          # the share of time that probing the slower mode may cost
-MAX_PROBE_INTERVAL = 1024  # the longest gap between two such measurements
+MAX_PROBE_INTERVAL = 4096  # the longest gap between two such measurements, in steps
 DECAY = 0.9                # weight of the past in the sums, per step of that mode
 
 
@@ -64,7 +66,7 @@ class PaySwitch:
 
 class _Regime:
     def __init__(self):
-        self.sums = {True: None, False: None}  # drafting? -> [decayed tokens, decayed seconds]
+        self.sums = {True: None, False: None}  # drafting? -> [decayed tokens, seconds, steps]
         self.recorded = {True: 0, False: 0}    # drafting? -> steps recorded
         self.steps = 0
         self.choice, self.next_probe = None, PROBE_EVERY
@@ -72,6 +74,10 @@ class _Regime:
     def rate(self, drafting):
         sums = self.sums[drafting]
         return None if sums is None else sums[0] / sums[1]
+
+    def step_seconds(self, drafting):
+        _, seconds, steps = self.sums[drafting]
+        return seconds / steps
 
     def drafting(self):
         self.steps += 1
@@ -88,15 +94,18 @@ class _Regime:
         return pays
 
     def _probe_interval(self):
-        """Steps to the next probe: PROBE_LENGTH steps at the slower rate cost PROBE_LENGTH *
-        (ratio - 1) steps of the faster; spread over the interval that is PROBE_COST of it."""
-        fast, slow = sorted((self.rate(True), self.rate(False)), reverse=True)
-        extra = PROBE_LENGTH * (fast / slow - 1) if slow > 0 else MAX_PROBE_INTERVAL
-        return int(min(MAX_PROBE_INTERVAL, max(PROBE_EVERY, extra / PROBE_COST)))
+        """Steps to the next probe: its PROBE_LENGTH slow steps lose what the fast mode would
+        have saved on their tokens; the steps in between last that loss over PROBE_COST."""
+        fast, slow = sorted((True, False), key=self.rate, reverse=True)
+        if self.rate(fast) == 0:
+            return PROBE_EVERY
+        lost = PROBE_LENGTH * self.step_seconds(slow) * (1 - self.rate(slow) / self.rate(fast))
+        steps = lost / PROBE_COST / self.step_seconds(fast)
+        return int(min(MAX_PROBE_INTERVAL, max(PROBE_EVERY, steps)))
 
     def record(self, drafted, tokens, seconds):
         if seconds <= 0:
             return
         self.recorded[drafted] += 1
-        old = self.sums[drafted] or [0.0, 0.0]
-        self.sums[drafted] = [DECAY * old[0] + tokens, DECAY * old[1] + seconds]
+        old = self.sums[drafted] or [0.0, 0.0, 0.0]
+        self.sums[drafted] = [DECAY * old[0] + tokens, DECAY * old[1] + seconds, DECAY * old[2] + 1]
