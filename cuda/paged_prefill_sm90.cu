@@ -55,7 +55,8 @@ struct Sm90Shape {
   static constexpr int kProducerRegisters = 56, kConsumerRegisters = 224;
 };
 
-template <typename T, int D>
+// kPow2Block: block_size is a power of two, so the producer finds a token's page with a shift.
+template <typename T, int D, bool kPow2Block>
 __global__ void __launch_bounds__(Sm90Shape<D>::kThreads, 1) paged_prefill_sm90_kernel(const PagedPrefillParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using namespace sm90;
@@ -111,51 +112,54 @@ __global__ void __launch_bounds__(Sm90Shape<D>::kThreads, 1) paged_prefill_sm90_
     constexpr int kRowStep = 128 / kChunks;
     constexpr int kRowsPerThread = kKvTile / kRowStep;
     static_assert(kRowStep % 8 == 0, "rows of one thread must share a swizzle phase");
-    const T* key_cache = static_cast<const T*>(p.key_cache);
-    const T* value_cache = static_cast<const T*>(p.value_cache);
     const int32_t* table = p.block_tables + static_cast<int64_t>(b) * p.max_blocks_per_seq;
     const int chunk = tid % kChunks, row0 = tid / kChunks;
-    const int block_size = p.block_size;
-    const bool pow2_block = (block_size & (block_size - 1)) == 0;
-    const int block_shift = __ffs(block_size) - 1;
-    const int64_t row_stride = static_cast<int64_t>(p.num_kv_heads) * D;
-    const int64_t head_offset = static_cast<int64_t>(kv_head) * D + chunk * 8;
+    const int block_size = p.block_size, block_shift = __ffs(block_size) - 1;
+    const int row_stride = p.num_kv_heads * D;  // elements between consecutive cache rows
+    const T* key_base = static_cast<const T*>(p.key_cache) + kv_head * D + chunk * 8;
+    const T* value_base = static_cast<const T*>(p.value_cache) + kv_head * D + chunk * 8;
     // kRowStep is a multiple of 8, so this thread's rows share one swizzle phase.
     const uint32_t my_offset = swizzled_offset(kKvTile, row0, chunk);
-    // The block ids of a tile are read one tile ahead, so the table's latency hides behind a tile.
-    int32_t ids[kRowsPerThread];
+    // The cache row (block id * block_size + offset) of each of this thread's tokens is looked up one
+    // tile ahead, so the table's latency hides behind a tile; -1 marks a token past the end or behind a
+    // bad block id, whose row is zero-filled (P V multiplies it by exact zeros). The producer's
+    // instructions share the SM's issue slots with the consumers': the copy loop is kept to a few
+    // instructions per row.
+    int32_t rows[kRowsPerThread];
+    bool bad = false;
     auto fetch = [&](int first) {
 #pragma unroll
       for (int k = 0; k < kRowsPerThread; ++k) {
         const int t = first + row0 + k * kRowStep;
-        ids[k] = t < kv_end ? __ldg(table + (pow2_block ? t >> block_shift : t / block_size)) : 0;
+        int page, in_block;
+        if constexpr (kPow2Block) {
+          page = t >> block_shift, in_block = t & (block_size - 1);
+        } else {
+          page = t / block_size, in_block = t - page * block_size;
+        }
+        const int32_t id = t < kv_end ? __ldg(table + page) : -1;
+        const bool valid = static_cast<uint32_t>(id) < static_cast<uint32_t>(p.num_blocks);
+        bad |= t < kv_end && !valid;
+        rows[k] = valid ? id * block_size + in_block : -1;  // fits an int (paged_prefill_sm90_supports)
       }
     };
     if (kv_tiles > 0) fetch(0);
     for (int kt = 0; kt < kv_tiles; ++kt) {
       const int s = kt % kStages;
       if (kt >= kStages) mbarrier_wait(empty(s), (kt / kStages - 1) & 1);
-      const uint32_t k_dst = kv_smem + s * kStageBytes, v_dst = k_dst + kTileBytes;
-      bool bad = false;
+      const uint32_t k_dst = kv_smem + s * kStageBytes + my_offset, v_dst = k_dst + kTileBytes;
 #pragma unroll
       for (int k = 0; k < kRowsPerThread; ++k) {
-        const int row = row0 + k * kRowStep, t = kt * kKvTile + row;
-        const int32_t id = ids[k];
-        // Rows past the end and behind a bad id are zero-filled (P V multiplies them by exact zeros).
-        const bool valid = t < kv_end && id >= 0 && id < p.num_blocks;
-        bad |= t < kv_end && !valid;
-        const int in_block = pow2_block ? t & (block_size - 1) : t % block_size;
-        const int64_t elem = valid ? (static_cast<int64_t>(id) * block_size + in_block) * row_stride + head_offset : 0;
-        const uint32_t offset = my_offset + k * kRowStep * 128;
-        cp_async_16_or_zero(k_dst + offset, key_cache + elem, valid);
-        cp_async_16_or_zero(v_dst + offset, value_cache + elem, valid);
+        const int64_t elem = static_cast<int64_t>(max(rows[k], 0)) * row_stride;
+        cp_async_16_or_zero(k_dst + k * kRowStep * 128, key_base + elem, rows[k] >= 0);
+        cp_async_16_or_zero(v_dst + k * kRowStep * 128, value_base + elem, rows[k] >= 0);
       }
-      if (bad) *bad_row = 1;
       // The stage's `full` barrier completes once every producer thread's copies so far have landed;
       // meanwhile the next tiles are issued, up to kStages in flight.
       cp_async_arrive_on(full(s));
       if (kt + 1 < kv_tiles) fetch((kt + 1) * kKvTile);
     }
+    if (bad) *bad_row = 1;
     named_barrier(1, Shape::kThreads);  // the consumers read bad_row after this
   } else {
     // ---- Consumers: 64 query rows each; warp w of the warpgroup holds rows 16w..16w+15 as
@@ -337,7 +341,8 @@ __global__ void __launch_bounds__(Sm90Shape<D>::kThreads, 1) paged_prefill_sm90_
 template <typename T, int D>
 int launch(const PagedPrefillParams& p, cudaStream_t stream) {
   using Shape = Sm90Shape<D>;
-  auto kernel = paged_prefill_sm90_kernel<T, D>;
+  const bool pow2_block = (p.block_size & (p.block_size - 1)) == 0;
+  auto kernel = pow2_block ? paged_prefill_sm90_kernel<T, D, true> : paged_prefill_sm90_kernel<T, D, false>;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Shape::kSmemBytes);
   // Sequence i needs ceil(q_len_i / 128) blocks: at most total_q / 128 + batch in all.
   const int64_t blocks = static_cast<int64_t>(p.total_q) / Shape::kQueryTile + p.batch;
@@ -386,6 +391,7 @@ bool paged_prefill_sm90_supports(const PagedPrefillParams& p) {
          (p.head_dim == 64 || p.head_dim == 128) && p.mask == nullptr && p.sliding_window <= 0 &&
          p.soft_cap <= 0.0f && p.scale > 0.0f && p.num_kv_heads > 0 && p.num_heads % p.num_kv_heads == 0 &&
          aligned16(p.query) && aligned16(p.key_cache) && aligned16(p.value_cache) && aligned16(p.out) &&
+         static_cast<int64_t>(p.num_blocks) * p.block_size <= INT32_MAX &&  // cache rows fit an int
          current_device_is_sm90();
 }
 
