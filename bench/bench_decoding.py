@@ -159,7 +159,7 @@ def main():
                            args.prompt_len)
     methods = [m for m in METHODS if m[1] is None or not args.methods or any(m[0].startswith(p) for p in args.methods)]
 
-    rows = []
+    rows, spreads = [], []
     for batch in args.batches:
         engines = {"plain": Engine(target, None, batch, args), "draft alone": Engine(draft, None, batch, args)}
         for name, config in methods[1:]:
@@ -171,6 +171,8 @@ def main():
         # Short passes time poorly: at larger batches each pass runs the prompts several times.
         results = measure(engines, prompts * max(1, batch // 4), args)
         plain = results["plain"]
+        speeds = engines["plain"].speeds
+        spreads.append(f"batch {batch} {min(speeds) / plain['tokens_per_s']:.2f}-{max(speeds) / plain['tokens_per_s']:.2f}")
         cost_ratio = plain["tokens_per_s"] / results["draft alone"]["tokens_per_s"]
         for name, config in methods:
             result = plain if config is None else results[name, False]
@@ -212,6 +214,7 @@ def main():
         "| batch | method | tokens/s | speedup | α | tokens/forward | drafting s/request | analytic (draft) "
         "| switch on: tokens/s | speedup | runs equal to plain |",
         "|---|---|---|---|---|---|---|---|---|---|---|", *rows, "",
+        f"Plain decoding's passes spread (slowest-fastest over their median): {', '.join(spreads)}.", "",
         f"KV memory saved by sharing blocks: beam search (width 4, {len(beams)} prompts) "
         f"{beams[0].metrics['kv_memory_saved']:.1%}; parallel sampling (n=4) "
         f"{parallel_sampling_saving(target, prompts[:4], 4, args):.1%}.", ""])
