@@ -137,18 +137,20 @@ class LLM:
         if not scheduled:
             return 0
         if self.speculator is not None:
-            return self._step_speculative(scheduled, copies)
+            emitted = self.speculator.step(scheduled, copies)
+            if emitted is not None:
+                return self._emit_speculative(emitted)
         seqs, logits = self.runner.step(scheduled, copies)
-        if not seqs:
-            return 0
-        sampled, logprobs = sample(logits, seqs, self.seed)
+        sampled, logprobs = sample(logits, seqs, self.seed) if seqs else ([], [])
+        if self.speculator is not None:
+            self.speculator.plain_step_done(scheduled, seqs)
         for seq, token, logprob in zip(seqs, sampled, logprobs):
             self._emit(seq, token, logprob)
         return len(seqs)
 
-    def _step_speculative(self, scheduled, copies):
+    def _emit_speculative(self, emitted):
         count = 0
-        for seq, tokens in self.speculator.step(scheduled, copies).items():
+        for seq, tokens in emitted.items():
             for token, logprob in tokens:
                 count += 1
                 if self._emit(seq, token, logprob):

@@ -37,24 +37,36 @@ class Speculator:
         self.proposer, self.runner = proposer, runner
         self.switch = PaySwitch() if adaptive else None
         self.budget, self.engine_seed = max_num_batched_tokens, engine_seed
-        self.stats = defaultdict(lambda: dict(drafted=0, accepted=0, verify_steps=0, forwards=0, drafting_s=0.0))
+        self.stats = defaultdict(lambda: dict(drafted=0, accepted=0, verify_steps=0, drafting_s=0.0))
+        self.forwards = defaultdict(int)  # per sequence: the target forwards it emitted from
         self.misses, self.paused = defaultdict(int), defaultdict(int)  # per sequence: the switch
 
     def step(self, scheduled, copies):
-        """One forward; returns {seq: [(token, logprob), ...]} for the sequences that emit."""
-        for seq in [s for s in self.stats if s.status == Status.FINISHED]:
+        """A speculative step: {seq: [(token, logprob), ...]} for the sequences that emit, when
+        some sequence drafts; None when none does, and the engine runs its plain step (then
+        reports it with plain_step_done) at no more cost than an engine without speculation."""
+        for seq in [s for s in self.forwards if s.status == Status.FINISHED]:
             self.proposer.forget(seq)
-        start, captures = time.perf_counter(), captures_so_far()
+        self.started, self.captures = time.perf_counter(), captures_so_far()
         greedy_may_draft = self.switch is None or self.switch.drafting(len(scheduled))
         drafts = self._draft(scheduled, copies, greedy_may_draft)
-        emitted = self._speculative_step(scheduled, copies, drafts) if drafts else self._plain_step(scheduled, copies)
-        for seq in emitted:
-            self.stats[seq]["forwards"] += 1
-        # Prompt chunks blur the timing, and a step that captured a CUDA graph is no measure at all.
-        if self.switch is not None and all(s.num_new <= 1 for s in scheduled) and captures == captures_so_far():
-            self.switch.record(len(scheduled), bool(drafts), sum(map(len, emitted.values())),
-                               time.perf_counter() - start)
+        if not drafts:
+            return None
+        emitted = self._speculative_step(scheduled, copies, drafts)
+        self._count(scheduled, emitted, drafted=True, tokens=sum(map(len, emitted.values())))
         return emitted
+
+    def plain_step_done(self, scheduled, seqs):
+        """The engine's plain step after step() returned None: seqs each emitted one token."""
+        self._count(scheduled, seqs, drafted=False, tokens=len(seqs))
+
+    def _count(self, scheduled, emitters, drafted, tokens):
+        forwards = self.forwards
+        for seq in emitters:
+            forwards[seq] += 1
+        # Prompt chunks blur the timing, and a step that captured a CUDA graph is no measure at all.
+        if self.switch is not None and self.captures == captures_so_far() and all(s.num_new <= 1 for s in scheduled):
+            self.switch.record(len(scheduled), drafted, tokens, time.perf_counter() - self.started)
 
     def _draft(self, scheduled, copies, greedy_may_draft):
         """{seq: draft} whose slots are reserved, within the step's token budget."""
@@ -79,14 +91,6 @@ class Speculator:
             else:
                 left -= len(draft.tokens)
         return drafts
-
-    def _plain_step(self, scheduled, copies):
-        """No drafts this step: the runner's own path (CUDA graphs for decode steps included)."""
-        seqs, logits = self.runner.step(scheduled, copies)
-        if not seqs:
-            return {}
-        tokens, logprobs = sample(logits, seqs, self.engine_seed)
-        return {seq: [(t, lp)] for seq, t, lp in zip(seqs, tokens, logprobs)}
 
     def _speculative_step(self, scheduled, copies, drafts):
         apply_block_copies(self.runner.kv_caches, copies, self.runner.device)
@@ -171,6 +175,7 @@ class Speculator:
             self.paused.pop(seq, None)
             for key, value in self.stats.pop(seq, {}).items():
                 total[key] += value
+            total["forwards"] += self.forwards.pop(seq, 0)
         generated = sum(len(s.output) for s in seqs)
         return {"acceptance_rate": total["accepted"] / total["drafted"] if total["drafted"] else 0.0,
                 "mean_accepted_length": total["accepted"] / total["verify_steps"] if total["verify_steps"] else 0.0,
