@@ -101,7 +101,6 @@ class DecodeGraphs:
         graphs = self._graph_set(width_of(needed))
         bucket = bucket_of(batch, self.buckets)
         graph = graphs.graph(bucket)  # before the inputs are copied in: a first capture resets the buffers
-        pad = bucket - batch
         # ids, positions, slots, lengths: one [4, bucket] host array, one copy (padding rows
         # write no KV and read nothing).
         meta = np.zeros((4, bucket), dtype=np.int64)
