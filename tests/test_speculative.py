@@ -126,6 +126,7 @@ def test_the_pay_switch_gates_greedy_sequences_only(models, monkeypatch):
         llm.step()
     greedy_out, sampled_out = (llm.take_output(i) for i in ids)
     assert greedy_out.metrics["draft_steps"] == 0 and sampled_out.metrics["draft_steps"] > 0
+    assert greedy_out.metrics["tokens_per_forward"] == 1.0  # each of its steps the engine's plain step
 
 
 def probe_starts(choices):
