@@ -56,15 +56,14 @@ def main():
     best = dict.fromkeys(engines, float("inf"))
     for _ in range(args.rounds):
         for name, llm in engines.items():
-            for prompt in prompts:
-                llm.add_request(prompt, params)
+            ids = [llm.add_request(prompt, params) for prompt in prompts]
             llm.step()  # the prompts' prefill: not timed
             steps, start = 0, time.perf_counter()
             while llm.scheduler.has_work():
                 llm.step()
                 steps += 1
             best[name] = min(best[name], (time.perf_counter() - start) / steps)
-            for request_id in list(llm._requests):
+            for request_id in ids:
                 llm.take_output(request_id)
     for name, seconds in best.items():
         print(f"{name:28s} {seconds * 1e6:7.1f} us per decode step (batch {args.batch}), "
