@@ -26,6 +26,7 @@
 #include "common.cuh"
 #include "mma.cuh"
 #include "paged_prefill_sm90.h"
+#include "prefill_schedule.cuh"
 #include "wgmma.cuh"
 
 // The kernel needs sm_90a's wgmma and setmaxnreg; an sm_90 build would compile it empty and route
@@ -73,23 +74,14 @@ __global__ void __launch_bounds__(Sm90Shape<D>::kThreads, 1) paged_prefill_sm90_
   auto empty = [&](int s) { return barriers + 8 * (kStages + s); };
   int* bad_row = reinterpret_cast<int*>(smem_raw + (barriers + 16 * kStages - smem_raw_address));
 
-  // Which (sequence, query tile) is this block's? Last to first, as the old kernel: under a causal
-  // mask a sequence's last tiles see the most keys, so the longest blocks start first.
-  int b = 0, tile = gridDim.x - 1 - blockIdx.x;
-  for (; b < p.batch; ++b) {
-    const int q_len = p.cu_seqlens_q[b + 1] - p.cu_seqlens_q[b];
-    const int tiles = q_len > 0 ? (q_len + kQueryTile - 1) / kQueryTile : 0;
-    if (tile < tiles) break;
-    tile -= tiles;
-  }
-  if (b == p.batch) return;  // the grid is an upper bound on the tiles
+  int b, tile;
+  if (!find_query_tile(p, kQueryTile, b, tile)) return;  // a spare block of the grid's bound
 
   const int tid = threadIdx.x;
   const int head = blockIdx.y, kv_head = head / (p.num_heads / p.num_kv_heads);
   const int q_begin = p.cu_seqlens_q[b], q_len = p.cu_seqlens_q[b + 1] - q_begin;
   const int len = p.seq_lens[b];
-  const int64_t capacity = static_cast<int64_t>(p.max_blocks_per_seq) * p.block_size;
-  const bool bad_len = len < 0 || len > capacity || q_len > len || q_begin < 0 || q_begin + q_len > p.total_q;
+  const bool bad_len = sequence_out_of_range(p, q_begin, q_len, len);
   const int q0 = tile * kQueryTile;  // first query of the block, within the sequence
   const int pos0 = len - q_len + q0;  // its absolute position
   const int last_pos = pos0 + min(kQueryTile, q_len - q0) - 1;
