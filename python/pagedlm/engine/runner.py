@@ -13,7 +13,8 @@ class ModelRunner:
     def __init__(self, model, kv_caches, block_manager, device, *, max_num_seqs, use_cuda_graphs):
         self.model, self.kv_caches, self.bm, self.device = model, kv_caches, block_manager, device
         self.graphs = DecodeGraphs(model, kv_caches, max_num_seqs, device) if use_cuda_graphs else None
-        # Forwards of a few tokens per sequence (speculative verification), captured on first use.
+        # Forwards of a few tokens per sequence (speculative verification): captured on first use,
+        # or all at start by a speculative LLM (VarlenGraphs.capture_all).
         self.varlen = (VarlenGraphs(model, kv_caches, max_num_seqs, device, self.graphs.pool) if use_cuda_graphs
                        else None)
 
