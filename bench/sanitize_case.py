@@ -1,5 +1,6 @@
 """A small CUDA case for compute-sanitizer (memcheck, racecheck): every op once (both prefill kernels),
-split-K on, a bad block id and an out-of-range length included."""
+split-K on, a bad block id and an out-of-range length included, and the Hopper prefill kernel's
+persistent grid."""
 import torch
 
 import pagedlm.ops as ops
@@ -36,5 +37,16 @@ for dtype, head_dim in [(torch.bfloat16, 128), (torch.float16, 64)]:
     mask = torch.rand(100 * 200 + 3 * 70 + 30 * 30, device="cuda") < 0.5
     indptr = torch.tensor([0, 20000, 20210, 21110], dtype=torch.int32, device="cuda")
     ops.paged_prefill_attention(q, kc, vc, tables, cu, lens, custom_mask=mask, mask_indptr=indptr)
+
+# The Hopper kernel's persistent grid: a work counter, several items per block through one K/V ring.
+ops.PERSISTENT_PREFILL_MIN_WORK = 0
+kc = torch.randn(260, 16, 8, 128, device="cuda", dtype=torch.bfloat16)
+vc = torch.randn_like(kc)
+tables = torch.randperm(260, device="cuda").view(2, 130).int()
+tables[1, 7] = -3
+lens = torch.tensor([1900, 2000], dtype=torch.int32, device="cuda")
+cu = torch.tensor([0, 1900, 2500], dtype=torch.int32, device="cuda")
+q = torch.randn(2500, 32, 128, device="cuda", dtype=torch.bfloat16)
+ops.paged_prefill_attention(q, kc, vc, tables, cu, lens, return_lse=True)
 torch.cuda.synchronize()
 print("sanitize prefill case done")

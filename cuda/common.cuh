@@ -19,6 +19,15 @@ template <> __device__ __forceinline__ float from_float<float>(float x) { return
 template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
+// 2^x on the special-function unit alone (ex2.approx.ftz). exp2f adds a fix-up of results under
+// 2^-126, three more instructions per call: softmax weights that small count for nothing next to
+// the row maximum's weight of 1, and the attention kernels take one per score.
+__device__ __forceinline__ float exp2_ftz(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
 // Calls fn(T{}) with T the element type of `dtype`.
 template <typename Fn>
 int dispatch_dtype(DType dtype, Fn&& fn) {

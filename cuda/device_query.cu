@@ -5,6 +5,8 @@
 
 #include <cuda_runtime.h>
 
+#include <atomic>
+
 namespace pagedlm::cuda {
 
 std::vector<DeviceInfo> visible_devices(std::string* error) {
@@ -30,6 +32,17 @@ std::vector<DeviceInfo> visible_devices(std::string* error) {
     devices.push_back(info);
   }
   return devices;
+}
+
+int current_multiprocessors() {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> known[kMaxDevices];  // 0 until queried
+  int device = 0, count = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0) return 132;
+  if (device < kMaxDevices && (count = known[device].load(std::memory_order_relaxed)) > 0) return count;
+  if (cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || count <= 0) count = 132;
+  if (device < kMaxDevices) known[device].store(count, std::memory_order_relaxed);
+  return count;
 }
 
 int runtime_version() { return CUDART_VERSION; }

@@ -20,6 +20,9 @@ struct DeviceInfo {
 // `error` (if given) says why; it never throws.
 std::vector<DeviceInfo> visible_devices(std::string* error = nullptr);
 
+// Streaming multiprocessors of the current device (cached per device).
+int current_multiprocessors();
+
 // The CUDA runtime version this module was built against (e.g. 13000).
 int runtime_version();
 

@@ -20,6 +20,7 @@
 #include <type_traits>
 
 #include "common.cuh"
+#include "device_query.h"
 #include "launchers.h"
 #include "mma.cuh"
 
@@ -216,8 +217,8 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(PagedDecodeParam
     for (int i = 0, g = warp; g < GT; ++i, g += kThreads / 32) {
       const float s = p_smem[g * kTile + lane];
       const float new_max = fmaxf(run_max[i], warp_max(s));
-      const float rescale = new_max == -INFINITY ? 1.0f : exp2f((run_max[i] - new_max) * kLog2e);
-      const float prob = new_max == -INFINITY ? 0.0f : exp2f((s - new_max) * kLog2e);
+      const float rescale = new_max == -INFINITY ? 1.0f : exp2_ftz((run_max[i] - new_max) * kLog2e);
+      const float prob = new_max == -INFINITY ? 0.0f : exp2_ftz((s - new_max) * kLog2e);
       run_sum[i] = run_sum[i] * rescale + warp_sum(prob);
       run_max[i] = new_max;
       p_smem[g * kTile + lane] = prob;
@@ -303,7 +304,7 @@ __global__ void __launch_bounds__(128) merge_splits_kernel(PagedDecodeParams p, 
   if (lane == 0) warp_max_lse[warp] = local_max;
   __syncthreads();
   const float max_lse = fmaxf(fmaxf(warp_max_lse[0], warp_max_lse[1]), fmaxf(warp_max_lse[2], warp_max_lse[3]));
-  const float w = max_lse == -INFINITY || isnan(lse) ? 0.0f : exp2f((lse - max_lse) * kLog2e);
+  const float w = max_lse == -INFINITY || isnan(lse) ? 0.0f : exp2_ftz((lse - max_lse) * kLog2e);
   weight[tid] = w;
   const float local_total = warp_sum(w);
   if (lane == 0) warp_total[warp] = local_total;
@@ -321,16 +322,6 @@ __global__ void __launch_bounds__(128) merge_splits_kernel(PagedDecodeParams p, 
   if (p.lse && tid == 0) p.lse[row] = bad ? NAN : (total > 0.0f ? max_lse + logf(total) : -INFINITY);
 }
 
-int sm_count() {
-  static int count = [] {
-    int device = 0, n = 0;
-    cudaGetDevice(&device);
-    cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device);
-    return n > 0 ? n : 132;
-  }();
-  return count;
-}
-
 // Splits per sequence: as many as fill the resident block slots of the GPU in one wave
 // (never more than one wave's worth, which would leave a ragged tail), with at least 256
 // tokens of table capacity per split. The real lengths are on the device; each block
@@ -340,7 +331,7 @@ SplitInfo choose_splits(Kernel kernel, int threads, int smem, int64_t blocks_per
                         const DecodeWorkspace& ws) {
   int per_sm = 1;
   cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem);
-  const int64_t slots = static_cast<int64_t>(std::max(per_sm, 1)) * sm_count();
+  const int64_t slots = static_cast<int64_t>(std::max(per_sm, 1)) * current_multiprocessors();
   const int64_t capacity = static_cast<int64_t>(p.max_blocks_per_seq) * p.block_size;
   const int64_t max_splits = std::max<int64_t>(1, std::min<int64_t>(128, (capacity + 255) / 256));
   const int64_t work = std::max<int64_t>(blocks_per_split, 1);

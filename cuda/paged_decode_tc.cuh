@@ -145,7 +145,7 @@ __global__ void __launch_bounds__(kWarps * 32, MinBlocks) paged_decode_tc_kernel
       tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 1));
       tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 2));
       const float new_max = fmaxf(row_max[h], tile_max[h]);
-      rescale[h] = new_max == -INFINITY ? 1.0f : exp2f((row_max[h] - new_max) * kLog2e);
+      rescale[h] = new_max == -INFINITY ? 1.0f : exp2_ftz((row_max[h] - new_max) * kLog2e);
       row_max[h] = new_max;
       row_sum[h] *= rescale[h];
     }
@@ -154,7 +154,7 @@ __global__ void __launch_bounds__(kWarps * 32, MinBlocks) paged_decode_tc_kernel
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const float m = row_max[e >> 1];
-        s[j][e] = m == -INFINITY ? 0.0f : exp2f((s[j][e] - m) * kLog2e);
+        s[j][e] = m == -INFINITY ? 0.0f : exp2_ftz((s[j][e] - m) * kLog2e);
         row_sum[e >> 1] += s[j][e];
       }
     }
@@ -207,7 +207,7 @@ __global__ void __launch_bounds__(kWarps * 32, MinBlocks) paged_decode_tc_kernel
     if (m != -INFINITY) {
 #pragma unroll
       for (int w = 0; w < kWarps; ++w) {
-        const float weight = exp2f((warp_stats[w][row][0] - m) * kLog2e);  // 0 for a warp that saw nothing
+        const float weight = exp2_ftz((warp_stats[w][row][0] - m) * kLog2e);  // 0 for a warp that saw nothing
         total += weight * warp_stats[w][row][1];
         value += weight * warp_out[(w * kRows + row) * D + d];
       }

@@ -241,7 +241,7 @@ __global__ void __launch_bounds__(PrefillShape<D>::kThreads) paged_prefill_kerne
       tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
       tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
       const float new_max = fmaxf(row_max[r], tile_max[r] * score_mult);
-      rescale[r] = new_max == -INFINITY ? 1.0f : exp2f(row_max[r] - new_max);
+      rescale[r] = new_max == -INFINITY ? 1.0f : exp2_ftz(row_max[r] - new_max);
       max_moved |= rescale[r] != 1.0f;
       row_max[r] = new_max;
       row_sum[r] *= rescale[r];
@@ -257,7 +257,7 @@ __global__ void __launch_bounds__(PrefillShape<D>::kThreads) paged_prefill_kerne
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int r = 2 * m + (e >> 1);
-          s[m][j][e] = exp2f(fmaf(s[m][j][e], score_mult, exp_offset[r]));
+          s[m][j][e] = exp2_ftz(fmaf(s[m][j][e], score_mult, exp_offset[r]));
           row_sum[r] += s[m][j][e];
         }
       }

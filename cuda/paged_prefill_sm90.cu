@@ -2,7 +2,8 @@
 // K/V pages gathered by cp.async. Same contract and results as paged_prefill.cu's mma.sync kernel,
 // which keeps every configuration this one does not take (paged_prefill_sm90_supports).
 //
-// A block owns 128 consecutive queries of one sequence and one query head, and three warpgroups:
+// A block works on 128 consecutive queries of one sequence and one query head at a time, with three
+// warpgroups:
 //  - warpgroup 0 (the producer, registers lowered with setmaxnreg) gathers K/V tiles of 128 keys
 //    from the paged cache into a ring of shared-memory stages with 16-byte cp.async copies, each
 //    row to its 128-byte-swizzled place (wgmma.cuh). The stage's `full` mbarrier completes when the
@@ -14,16 +15,22 @@
 //    scale folded into the exp2's FFMA; P converted to f16/bf16 in registers is the A operand of
 //    O += P V, V read from shared memory through the transpose bit. The softmax of one tile runs
 //    while the tensor cores compute P V of the one before (FlashAttention-3's intra-warpgroup overlap).
-// The grid and scheduling are the old kernel's: blocks walk cu_seqlens_q on the device, heaviest
-// causal tiles first; nothing is synchronised with the host, nothing is allocated. Bad values never
-// fault: a bad block id is zero-filled and, like a bad length or cu_seqlens_q, turns the block's
-// rows into NaN.
+// Work items (128 queries of one sequence and head) are found on the device by walking cu_seqlens_q,
+// heaviest causal tiles first; nothing is synchronised with the host, nothing is allocated. Either
+// one block per item, as in the mma.sync kernel, or, given a zeroed tile counter by the caller, a
+// persistent grid of one block per SM taking items from the counter (WorkQueue): the producer then
+// loads the next item's K/V while the consumers finish the last one, and each consumer warpgroup
+// loads its next query rows under its last tile, so a block's start-up and end overlap its
+// neighbours' work (+3-7% on the bench shapes, more on short sequences). Bad values never fault: a
+// bad block id is zero-filled and, like a bad length or cu_seqlens_q, turns the item's rows into NaN.
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <type_traits>
 
 #include "common.cuh"
+#include "device_query.h"
 #include "mma.cuh"
 #include "paged_prefill_sm90.h"
 #include "prefill_schedule.cuh"
@@ -49,11 +56,97 @@ struct Sm90Shape {
   static constexpr int kQBytes = kQueryTile * D * 2;
   static constexpr int kTileBytes = kKvTile * D * 2;       // K (or V) of one tile
   static constexpr int kStageBytes = 2 * kTileBytes;
-  // 1024 bytes of slack to align the tiles for the swizzle, 128 for the mbarriers and the bad flag.
-  static constexpr int kSmemBytes = 1024 + kQBytes + kStages * kStageBytes + 128;
+  // 1024 bytes of slack to align the tiles for the swizzle, 256 for the mbarriers and the item slots.
+  static constexpr int kSmemBytes = 1024 + kQBytes + kStages * kStageBytes + 256;
   static_assert(kSmemBytes <= 227 * 1024, "over the shared-memory limit of a block");
   // setmaxnreg budgets: 56 * 128 + 224 * 256 registers fit the SM's 64K.
   static constexpr int kProducerRegisters = 56, kConsumerRegisters = 224;
+};
+
+// One unit of work: the 128 queries from query tile `tile` of sequence `seq`, for one query head.
+// A negative seq ends a block's work.
+struct WorkItem {
+  int seq, tile, head;
+};
+
+// What the producer and the consumers both derive from a work item.
+struct ItemGeometry {
+  int q_begin, q_len, len;
+  bool bad_len;     // the sequence's length or rows are out of range: its rows turn into NaN
+  int q0, pos0;     // the tile's first query within the sequence, and that query's position
+  int kv_end;       // keys seen by the tile: all of the sequence's, or under a causal mask up to its last query
+  int kv_tiles;
+};
+
+template <int kQueryTile, int kKvTile>
+__device__ __forceinline__ ItemGeometry item_geometry(const PagedPrefillParams& p, const WorkItem& w) {
+  ItemGeometry g;
+  g.q_begin = p.cu_seqlens_q[w.seq];
+  g.q_len = p.cu_seqlens_q[w.seq + 1] - g.q_begin;
+  g.len = p.seq_lens[w.seq];
+  g.bad_len = sequence_out_of_range(p, g.q_begin, g.q_len, g.len);
+  g.q0 = w.tile * kQueryTile;
+  g.pos0 = g.len - g.q_len + g.q0;
+  const int last_pos = g.pos0 + min(kQueryTile, g.q_len - g.q0) - 1;
+  g.kv_end = g.bad_len ? 0 : (p.causal ? last_pos + 1 : g.len);
+  g.kv_tiles = (g.kv_end + kKvTile - 1) / kKvTile;
+  return g;
+}
+
+// Hands out a block's work items to its thread 0. Without a tile counter a block has the one item
+// its blockIdx names, the grid covering every query tile. With one the grid is persistent: each
+// block takes tickets from the counter until they run out. Tickets go heaviest first (sequences from
+// the last, their query tiles from the last, which under a causal mask see the most keys) and the
+// heads of one query tile one after another, so that the blocks running at once share K/V in L2.
+// A ticket is fetched one item ahead: its atomic's latency hides behind the item's loads.
+template <int kQueryTile>
+class WorkQueue {
+ public:
+  __device__ explicit WorkQueue(const PagedPrefillParams& p)
+      : seq_(p.batch - 1),
+        tickets_(static_cast<int>(min(static_cast<int64_t>(p.total_q / kQueryTile + p.batch) * p.num_heads,
+                                      static_cast<int64_t>(INT32_MAX)))) {
+    if (p.tile_counter && threadIdx.x == 0) ticket_ = atomicAdd(p.tile_counter, 1);
+  }
+
+  __device__ WorkItem next(const PagedPrefillParams& p) {
+    WorkItem w{-1, 0, 0};
+    if (!p.tile_counter) {
+      if (!handed_ && find_query_tile(p, kQueryTile, w.seq, w.tile)) w.head = blockIdx.y;
+      else w.seq = -1;
+      handed_ = true;
+      return w;
+    }
+    // As many tickets as the non-persistent grid has blocks: a bad cu_seqlens_q cannot make more work.
+    const int ticket = ticket_;
+    if (ticket >= tickets_) return w;
+    ticket_ = atomicAdd(p.tile_counter, 1);
+    const int rank = ticket / p.num_heads;  // query tiles before this one, heaviest first
+    for (; seq_ >= 0; --seq_) {
+      const int q_len = p.cu_seqlens_q[seq_ + 1] - p.cu_seqlens_q[seq_];
+      const int tiles = q_len > 0 ? (q_len + kQueryTile - 1) / kQueryTile : 0;
+      if (rank < first_rank_ + tiles) {
+        w = WorkItem{seq_, tiles - 1 - (rank - first_rank_), ticket % p.num_heads};
+        break;
+      }
+      first_rank_ += tiles;
+    }
+    return w;
+  }
+
+ private:
+  int seq_;             // the walk's sequence (a block's tickets only grow: the walk never goes back)
+  int first_rank_ = 0;  // rank of seq_'s last query tile
+  int tickets_;
+  int ticket_ = 0;
+  bool handed_ = false;
+};
+
+// Shared memory through which the producer hands a work item to the consumers (two in flight), with
+// the item's bad flag: set by the producer threads that met a bad block id among its K/V tiles.
+struct ItemSlot {
+  WorkItem item;
+  int bad;
 };
 
 // kPow2Block: block_size is a power of two, so the producer finds a token's page with a shift.
@@ -70,29 +163,27 @@ __global__ void __launch_bounds__(Sm90Shape<D>::kThreads, 1) paged_prefill_sm90_
   const uint32_t q_smem = (smem_raw_address + 1023) & ~1023u;
   const uint32_t kv_smem = q_smem + Shape::kQBytes;  // stage s: K at kv_smem + s * kStageBytes, V after it
   const uint32_t barriers = kv_smem + kStages * kStageBytes;
-  auto full = [&](int s) { return barriers + 8 * s; };
-  auto empty = [&](int s) { return barriers + 8 * (kStages + s); };
-  int* bad_row = reinterpret_cast<int*>(smem_raw + (barriers + 16 * kStages - smem_raw_address));
-
-  int b, tile;
-  if (!find_query_tile(p, kQueryTile, b, tile)) return;  // a spare block of the grid's bound
+  // The K/V ring counts tiles over all of a block's items: tile number i lives in stage i % kStages
+  // and is that stage's (i / kStages)-th use, whose parity the barriers' waits take.
+  auto full = [&](uint32_t i) { return barriers + 8 * (i % kStages); };
+  auto empty = [&](uint32_t i) { return barriers + 8 * (kStages + i % kStages); };
+  // Item n goes through slot n % 2: item_full when the producer has written it, item_done when the
+  // producer has issued all its tiles (its bad flag is final), item_empty when the consumers are done.
+  auto item_full = [&](int n) { return barriers + 8 * (2 * kStages + (n & 1)); };
+  auto item_done = [&](int n) { return barriers + 8 * (2 * kStages + 2 + (n & 1)); };
+  auto item_empty = [&](int n) { return barriers + 8 * (2 * kStages + 4 + (n & 1)); };
+  ItemSlot* slots = reinterpret_cast<ItemSlot*>(smem_raw + (barriers + 8 * (2 * kStages + 6) - smem_raw_address));
 
   const int tid = threadIdx.x;
-  const int head = blockIdx.y, kv_head = head / (p.num_heads / p.num_kv_heads);
-  const int q_begin = p.cu_seqlens_q[b], q_len = p.cu_seqlens_q[b + 1] - q_begin;
-  const int len = p.seq_lens[b];
-  const bool bad_len = sequence_out_of_range(p, q_begin, q_len, len);
-  const int q0 = tile * kQueryTile;  // first query of the block, within the sequence
-  const int pos0 = len - q_len + q0;  // its absolute position
-  const int last_pos = pos0 + min(kQueryTile, q_len - q0) - 1;
-  const int kv_end = bad_len ? 0 : (p.causal ? last_pos + 1 : len);
-  const int kv_tiles = (kv_end + kKvTile - 1) / kKvTile;
-
   if (tid == 0) {
-    *bad_row = bad_len;
     for (int s = 0; s < kStages; ++s) {
       mbarrier_init(full(s), 128);
       mbarrier_init(empty(s), 128 * Shape::kConsumers);
+    }
+    for (int s = 0; s < 2; ++s) {
+      mbarrier_init(item_full(s), 1);
+      mbarrier_init(item_done(s), 128);
+      mbarrier_init(item_empty(s), 128 * Shape::kConsumers);
     }
   }
   __syncthreads();
@@ -104,227 +195,281 @@ __global__ void __launch_bounds__(Sm90Shape<D>::kThreads, 1) paged_prefill_sm90_
     constexpr int kRowStep = 128 / kChunks;
     constexpr int kRowsPerThread = kKvTile / kRowStep;
     static_assert(kRowStep % 8 == 0, "rows of one thread must share a swizzle phase");
-    const int32_t* table = p.block_tables + static_cast<int64_t>(b) * p.max_blocks_per_seq;
     const int chunk = tid % kChunks, row0 = tid / kChunks;
     const int block_size = p.block_size, block_shift = __ffs(block_size) - 1;
     const int row_stride = p.num_kv_heads * D;  // elements between consecutive cache rows
-    const T* key_base = static_cast<const T*>(p.key_cache) + kv_head * D + chunk * 8;
-    const T* value_base = static_cast<const T*>(p.value_cache) + kv_head * D + chunk * 8;
     // kRowStep is a multiple of 8, so this thread's rows share one swizzle phase.
     const uint32_t my_offset = swizzled_offset(kKvTile, row0, chunk);
-    // The cache row (block id * block_size + offset) of each of this thread's tokens is looked up one
-    // tile ahead, so the table's latency hides behind a tile; -1 marks a token past the end or behind a
-    // bad block id, whose row is zero-filled (P V multiplies it by exact zeros). The producer's
-    // instructions share the SM's issue slots with the consumers': the copy loop is kept to a few
-    // instructions per row.
-    int32_t rows[kRowsPerThread];
-    bool bad = false;
-    auto fetch = [&](int first) {
+    WorkQueue<kQueryTile> queue(p);  // used by thread 0
+    uint32_t ring = 0;
+    for (int n = 0;; ++n) {
+      if (n >= 2) mbarrier_wait(item_empty(n), ((n >> 1) - 1) & 1);
+      if (tid == 0) {
+        slots[n & 1] = ItemSlot{queue.next(p), 0};
+        mbarrier_arrive(item_full(n));
+      }
+      mbarrier_wait(item_full(n), (n >> 1) & 1);
+      const WorkItem item = slots[n & 1].item;
+      if (item.seq < 0) break;
+      const ItemGeometry g = item_geometry<kQueryTile, kKvTile>(p, item);
+      const int kv_head = item.head / (p.num_heads / p.num_kv_heads);
+      const int32_t* table = p.block_tables + static_cast<int64_t>(item.seq) * p.max_blocks_per_seq;
+      const T* key_base = static_cast<const T*>(p.key_cache) + kv_head * D + chunk * 8;
+      const T* value_base = static_cast<const T*>(p.value_cache) + kv_head * D + chunk * 8;
+      // The cache row (block id * block_size + offset) of each of this thread's tokens is looked up one
+      // tile ahead, so the table's latency hides behind a tile; -1 marks a token past the end or behind a
+      // bad block id, whose row is zero-filled (P V multiplies it by exact zeros). The producer's
+      // instructions share the SM's issue slots with the consumers': the copy loop is kept to a few
+      // instructions per row.
+      int32_t rows[kRowsPerThread];
+      bool bad = false;
+      auto fetch = [&](int first) {
 #pragma unroll
-      for (int k = 0; k < kRowsPerThread; ++k) {
-        const int t = first + row0 + k * kRowStep;
-        int page, in_block;
-        if constexpr (kPow2Block) {
-          page = t >> block_shift, in_block = t & (block_size - 1);
-        } else {
-          page = t / block_size, in_block = t - page * block_size;
+        for (int k = 0; k < kRowsPerThread; ++k) {
+          const int t = first + row0 + k * kRowStep;
+          int page, in_block;
+          if constexpr (kPow2Block) {
+            page = t >> block_shift, in_block = t & (block_size - 1);
+          } else {
+            page = t / block_size, in_block = t - page * block_size;
+          }
+          const int32_t id = t < g.kv_end ? __ldg(table + page) : -1;
+          const bool valid = static_cast<uint32_t>(id) < static_cast<uint32_t>(p.num_blocks);
+          bad |= t < g.kv_end && !valid;
+          rows[k] = valid ? id * block_size + in_block : -1;  // fits an int (paged_prefill_sm90_supports)
         }
-        const int32_t id = t < kv_end ? __ldg(table + page) : -1;
-        const bool valid = static_cast<uint32_t>(id) < static_cast<uint32_t>(p.num_blocks);
-        bad |= t < kv_end && !valid;
-        rows[k] = valid ? id * block_size + in_block : -1;  // fits an int (paged_prefill_sm90_supports)
-      }
-    };
-    if (kv_tiles > 0) fetch(0);
-    for (int kt = 0; kt < kv_tiles; ++kt) {
-      const int s = kt % kStages;
-      if (kt >= kStages) mbarrier_wait(empty(s), (kt / kStages - 1) & 1);
-      const uint32_t k_dst = kv_smem + s * kStageBytes + my_offset, v_dst = k_dst + kTileBytes;
+      };
+      if (g.kv_tiles > 0) fetch(0);
+      for (int kt = 0; kt < g.kv_tiles; ++kt, ++ring) {
+        if (ring >= kStages) mbarrier_wait(empty(ring), (ring / kStages - 1) & 1);
+        const uint32_t k_dst = kv_smem + (ring % kStages) * kStageBytes + my_offset, v_dst = k_dst + kTileBytes;
 #pragma unroll
-      for (int k = 0; k < kRowsPerThread; ++k) {
-        const int64_t elem = static_cast<int64_t>(max(rows[k], 0)) * row_stride;
-        cp_async_16_or_zero(k_dst + k * kRowStep * 128, key_base + elem, rows[k] >= 0);
-        cp_async_16_or_zero(v_dst + k * kRowStep * 128, value_base + elem, rows[k] >= 0);
+        for (int k = 0; k < kRowsPerThread; ++k) {
+          const int64_t elem = static_cast<int64_t>(max(rows[k], 0)) * row_stride;
+          cp_async_16_or_zero(k_dst + k * kRowStep * 128, key_base + elem, rows[k] >= 0);
+          cp_async_16_or_zero(v_dst + k * kRowStep * 128, value_base + elem, rows[k] >= 0);
+        }
+        // The stage's `full` barrier completes once every producer thread's copies so far have landed;
+        // meanwhile the next tiles are issued, up to kStages in flight.
+        cp_async_arrive_on(full(ring));
+        if (kt + 1 < g.kv_tiles) fetch((kt + 1) * kKvTile);
       }
-      // The stage's `full` barrier completes once every producer thread's copies so far have landed;
-      // meanwhile the next tiles are issued, up to kStages in flight.
-      cp_async_arrive_on(full(s));
-      if (kt + 1 < kv_tiles) fetch((kt + 1) * kKvTile);
+      if (bad) slots[n & 1].bad = 1;
+      mbarrier_arrive(item_done(n));
     }
-    if (bad) *bad_row = 1;
-    named_barrier(1, Shape::kThreads);  // the consumers read bad_row after this
   } else {
     // ---- Consumers: 64 query rows each; warp w of the warpgroup holds rows 16w..16w+15 as
     // wgmma's accumulator layout has them (rows lane / 4 and lane / 4 + 8, column pairs).
     registers_up<Shape::kConsumerRegisters>();
     const int wg = tid / 128 - 1, ctid = tid % 128, warp = ctid / 32, lane = tid % 32;
     const int wg_row0 = wg * 64;  // within the block's query tile
+    const uint32_t q_rows = q_smem + wg_row0 * 128;
+    const float score_mult = p.scale * kLog2e;  // the scale is positive (supports())
 
-    // This warpgroup's query rows go to shared memory, padding rows as zeros.
-    {
+    auto wait_item = [&](int n) {
+      mbarrier_wait(item_full(n), (n >> 1) & 1);
+      return slots[n & 1].item;
+    };
+    // Issues the copies of this warpgroup's query rows of an item into shared memory, padding rows as
+    // zeros; they are waited for when the item starts.
+    auto load_q = [&](const WorkItem& item, const ItemGeometry& g) {
       const T* query = static_cast<const T*>(p.query);
       for (int i = ctid; i < 64 * kChunks; i += 128) {
-        const int row = wg_row0 + i / kChunks, chunk = i % kChunks, qi = q0 + row;
-        const bool valid = !bad_len && qi < q_len;
-        const int64_t elem = valid ? (static_cast<int64_t>(q_begin + qi) * p.num_heads + head) * D + chunk * 8 : 0;
+        const int row = wg_row0 + i / kChunks, chunk = i % kChunks, qi = g.q0 + row;
+        const bool valid = !g.bad_len && qi < g.q_len;
+        const int64_t elem = valid ? (static_cast<int64_t>(g.q_begin + qi) * p.num_heads + item.head) * D + chunk * 8 : 0;
         cp_async_16_or_zero(q_smem + swizzled_offset(kQueryTile, row, chunk), query + elem, valid);
       }
       cp_async_commit();
+    };
+
+    WorkItem item = wait_item(0);
+    ItemGeometry g{};
+    if (item.seq >= 0) {
+      g = item_geometry<kQueryTile, kKvTile>(p, item);
+      load_q(item, g);
+    }
+    uint32_t ring = 0;
+    for (int n = 0; item.seq >= 0; ++n) {
       cp_async_wait<0>();
       fence_proxy_async();
-      named_barrier(2 + wg, 128);
-    }
+      named_barrier(2 + wg, 128);  // this warpgroup's query rows have landed
 
-    const int row_lo = wg_row0 + warp * 16 + lane / 4;  // this thread's rows: row_lo and row_lo + 8
-    const int pos_lo = pos0 + row_lo, col = (lane % 4) * 2;
-    const bool wg_has_rows = q0 + wg_row0 < q_len;
-    const int wg_last_pos = pos0 + wg_row0 + min(64, q_len - q0 - wg_row0) - 1;
-    const int warp_first_pos = pos0 + wg_row0 + warp * 16;
-    const float score_mult = p.scale * kLog2e;  // the scale is positive (supports())
-    float o[D / 2];
+      const int row_lo = wg_row0 + warp * 16 + lane / 4;  // this thread's rows: row_lo and row_lo + 8
+      const int pos_lo = g.pos0 + row_lo, col = (lane % 4) * 2;
+      const bool wg_has_rows = g.q0 + wg_row0 < g.q_len;
+      const int wg_last_pos = g.pos0 + wg_row0 + min(64, g.q_len - g.q0 - wg_row0) - 1;
+      const int warp_first_pos = g.pos0 + wg_row0 + warp * 16;
+      const int kv_end = g.kv_end, kv_tiles = g.kv_tiles;
+      float o[D / 2];
 #pragma unroll
-    for (int i = 0; i < D / 2; ++i) o[i] = 0.0f;
-    float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};  // sums are lane-partial
-    const uint32_t q_rows = q_smem + wg_row0 * 128;
+      for (int i = 0; i < D / 2; ++i) o[i] = 0.0f;
+      float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};  // sums are lane-partial
 
-    // Tiles this warpgroup computes: under a causal mask, none past its last row's position.
-    const int wg_tiles = !wg_has_rows ? 0 : p.causal ? min(kv_tiles, wg_last_pos / kKvTile + 1) : kv_tiles;
-    auto wait_tile = [&](int kt) {
-      mbarrier_wait(full(kt % kStages), (kt / kStages) & 1);
-      fence_proxy_async();  // the copies' generic-proxy writes, now visible here, before wgmma reads them
-    };
-    auto release_tile = [&](int kt) { mbarrier_arrive(empty(kt % kStages)); };
-    auto k_tile = [&](int kt) { return kv_smem + (kt % kStages) * kStageBytes; };
+      // Tiles this warpgroup computes: under a causal mask, none past its last row's position.
+      const int wg_tiles = !wg_has_rows ? 0 : p.causal ? min(kv_tiles, wg_last_pos / kKvTile + 1) : kv_tiles;
+      auto wait_tile = [&](int kt) {
+        mbarrier_wait(full(ring + kt), ((ring + kt) / kStages) & 1);
+        fence_proxy_async();  // the copies' generic-proxy writes, now visible here, before wgmma reads them
+      };
+      auto release_tile = [&](int kt) { mbarrier_arrive(empty(ring + kt)); };
+      auto k_tile = [&](int kt) { return kv_smem + ((ring + kt) % kStages) * kStageBytes; };
 
-    float sc[kKvTile / 2];    // S of the newest tile
-    uint32_t pf[kKvTile / 16][4];  // P of the tile before it, wgmma's register A operand
-    float rescale[2];
-    // S = Q K^T: D / 16 k-steps; a k-step moves 32 bytes along a 128-byte row, then to the next column block.
-    auto issue_qk = [&](int kt) {
+      // The next item's query rows are loaded under this item's last tile, once S = Q K^T of that tile
+      // is done with the rows. By then this warpgroup has released all but its last two tiles, which
+      // is enough for the producer to issue the rest of the item and hand over the next one when it
+      // lacks at most kStages - 2 tiles; otherwise (and with no rows here) the load waits for the end.
+      WorkItem next{-1, 0, 0};
+      ItemGeometry next_g{};
+      bool next_loaded = false;
+      auto load_next = [&] {
+        named_barrier(2 + wg, 128);  // every warp's S = Q K^T is done with the rows
+        next = wait_item(n + 1);
+        if (next.seq >= 0) {
+          next_g = item_geometry<kQueryTile, kKvTile>(p, next);
+          load_q(next, next_g);
+        }
+        next_loaded = true;
+      };
+      const bool load_next_early = wg_tiles > 0 && kv_tiles - wg_tiles <= kStages - 2;
+
+      float sc[kKvTile / 2];    // S of the newest tile
+      uint32_t pf[kKvTile / 16][4];  // P of the tile before it, wgmma's register A operand
+      float rescale[2];
+      // S = Q K^T: D / 16 k-steps; a k-step moves 32 bytes along a 128-byte row, then to the next column block.
+      auto issue_qk = [&](int kt) {
 #pragma unroll
-      for (int ks = 0; ks < D / 16; ++ks) {
-        const uint64_t q_desc = smem_desc(q_rows + (ks / 4) * kQueryTile * 128 + (ks % 4) * 32, 16, 1024);
-        const uint64_t k_desc = smem_desc(k_tile(kt) + (ks / 4) * kKvTile * 128 + (ks % 4) * 32, 16, 1024);
-        wgmma_ss<T, kKvTile>(sc, q_desc, k_desc, ks > 0);
-      }
-      wgmma_commit();
-    };
-    // O += P V: k-step kk covers keys 16kk..16kk+15, two 1024-byte atoms down the V tile.
-    auto issue_pv = [&](int kt) {
-      const uint32_t v_tile = k_tile(kt) + kTileBytes;
+        for (int ks = 0; ks < D / 16; ++ks) {
+          const uint64_t q_desc = smem_desc(q_rows + (ks / 4) * kQueryTile * 128 + (ks % 4) * 32, 16, 1024);
+          const uint64_t k_desc = smem_desc(k_tile(kt) + (ks / 4) * kKvTile * 128 + (ks % 4) * 32, 16, 1024);
+          wgmma_ss<T, kKvTile>(sc, q_desc, k_desc, ks > 0);
+        }
+        wgmma_commit();
+      };
+      // O += P V: k-step kk covers keys 16kk..16kk+15, two 1024-byte atoms down the V tile.
+      auto issue_pv = [&](int kt) {
+        const uint32_t v_tile = k_tile(kt) + kTileBytes;
 #pragma unroll
-      for (int kk = 0; kk < kKvTile / 16; ++kk) {
-        wgmma_rs<T, D>(o, pf[kk], smem_desc(v_tile + kk * 16 * 128, kKvTile * 128, 1024), 1);
-      }
-      wgmma_commit();
-    };
-    // Online softmax of S (tile kt) in place: masks, new row maxima, rescale factors for O, exp2.
-    auto softmax = [&](int kt) {
-      const int t0 = kt * kKvTile;
-      // Only tiles past the sequence's end or on the causal diagonal hide any (row, key) pair.
-      if (t0 + kKvTile > kv_end || (p.causal && t0 + kKvTile - 1 > warp_first_pos)) {
+        for (int kk = 0; kk < kKvTile / 16; ++kk) {
+          wgmma_rs<T, D>(o, pf[kk], smem_desc(v_tile + kk * 16 * 128, kKvTile * 128, 1024), 1);
+        }
+        wgmma_commit();
+      };
+      // Online softmax of S (tile kt) in place: masks, new row maxima, rescale factors for O, exp2.
+      auto softmax = [&](int kt) {
+        const int t0 = kt * kKvTile;
+        // Only tiles past the sequence's end or on the causal diagonal hide any (row, key) pair.
+        if (t0 + kKvTile > kv_end || (p.causal && t0 + kKvTile - 1 > warp_first_pos)) {
+#pragma unroll
+          for (int i = 0; i < kKvTile / 2; ++i) {
+            const int t = t0 + (i / 4) * 8 + col + (i & 1), pos = pos_lo + ((i & 2) ? 8 : 0);
+            if (t >= kv_end || (p.causal && t > pos)) sc[i] = -INFINITY;
+          }
+        }
+        float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+        for (int i = 0; i < kKvTile / 2; ++i) tile_max[(i >> 1) & 1] = fmaxf(tile_max[(i >> 1) & 1], sc[i]);
+        float exp_offset[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
+          tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
+          const float new_max = fmaxf(row_max[r], tile_max[r] * score_mult);
+          rescale[r] = new_max == -INFINITY ? 1.0f : exp2_ftz(row_max[r] - new_max);
+          row_max[r] = new_max;
+          row_sum[r] *= rescale[r];
+          // A row with no visible key yet has only -inf scores, which exp2 takes to 0 with any finite offset.
+          exp_offset[r] = new_max == -INFINITY ? 0.0f : -new_max;
+        }
 #pragma unroll
         for (int i = 0; i < kKvTile / 2; ++i) {
-          const int t = t0 + (i / 4) * 8 + col + (i & 1), pos = pos_lo + ((i & 2) ? 8 : 0);
-          if (t >= kv_end || (p.causal && t > pos)) sc[i] = -INFINITY;
+          const int r = (i >> 1) & 1;
+          sc[i] = exp2_ftz(fmaf(sc[i], score_mult, exp_offset[r]));
+          row_sum[r] += sc[i];
         }
-      }
-      float tile_max[2] = {-INFINITY, -INFINITY};
+      };
+      // P in f16/bf16 as wgmma's A fragments, 16 keys per k-step: the pairs mma.m16n8k16 takes.
+      auto pack_p = [&] {
 #pragma unroll
-      for (int i = 0; i < kKvTile / 2; ++i) tile_max[(i >> 1) & 1] = fmaxf(tile_max[(i >> 1) & 1], sc[i]);
-      float exp_offset[2];
+        for (int kk = 0; kk < kKvTile / 16; ++kk) {
+#pragma unroll
+          for (int h = 0; h < 4; ++h) pf[kk][h] = pack2<T>(sc[8 * kk + 2 * h], sc[8 * kk + 2 * h + 1]);
+        }
+      };
+
+      // The softmax of tile kt runs while the tensor cores compute P V of tile kt - 1 (FlashAttention-3's
+      // intra-warpgroup overlap): S of kt and P of kt - 1 are live together.
+      if (wg_tiles > 0) {
+        wait_tile(0);
+        wgmma_fence();
+        issue_qk(0);
+        wgmma_wait<0>();
+        fence_registers(sc);
+        if (load_next_early && wg_tiles == 1) load_next();
+        softmax(0);  // O is still zero: nothing to rescale
+        pack_p();
+        for (int kt = 1; kt < wg_tiles; ++kt) {
+          wait_tile(kt);
+            wgmma_fence();
+          issue_qk(kt);
+          issue_pv(kt - 1);
+            wgmma_wait<1>();  // S of tile kt
+          fence_registers(sc);
+          if (load_next_early && kt == wg_tiles - 1) load_next();
+          softmax(kt);
+          wgmma_wait<0>();  // P V of tile kt - 1
+          fence_registers(o);
+          release_tile(kt - 1);
+          // Once the row maxima settle, rescale is exactly 1 and the O update can be skipped (warp-uniform).
+          if (__any_sync(0xffffffffu, rescale[0] != 1.0f || rescale[1] != 1.0f)) {
+#pragma unroll
+            for (int i = 0; i < D / 2; ++i) o[i] *= rescale[(i >> 1) & 1];
+          }
+          pack_p();
+        }
+        wgmma_fence();
+        issue_pv(wg_tiles - 1);
+        wgmma_wait<0>();
+        fence_registers(o);
+        release_tile(wg_tiles - 1);
+      }
+      // Tiles past this warpgroup's rows: waited for and released, so that a release never counts
+      // towards a later use of the stage.
+      for (int kt = wg_tiles; kt < kv_tiles; ++kt) {
+        mbarrier_wait(full(ring + kt), ((ring + kt) / kStages) & 1);
+        release_tile(kt);
+      }
+      if (!next_loaded) load_next();
+
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
-        tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
-        const float new_max = fmaxf(row_max[r], tile_max[r] * score_mult);
-        rescale[r] = new_max == -INFINITY ? 1.0f : exp2f(row_max[r] - new_max);
-        row_max[r] = new_max;
-        row_sum[r] *= rescale[r];
-        // A row with no visible key yet has only -inf scores, which exp2 takes to 0 with any finite offset.
-        exp_offset[r] = new_max == -INFINITY ? 0.0f : -new_max;
+        row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 1);
+        row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 2);
       }
+      mbarrier_wait(item_done(n), (n >> 1) & 1);  // the producer's bad flag is final
+      const bool bad = g.bad_len || slots[n & 1].bad != 0;
+      // With cu_seqlens_q itself out of range there is no row that is certainly ours to write.
+      const bool rows_known = g.q_begin >= 0 && g.q_len >= 0 && g.q_begin + g.q_len <= p.total_q;
 #pragma unroll
-      for (int i = 0; i < kKvTile / 2; ++i) {
-        const int r = (i >> 1) & 1;
-        sc[i] = exp2f(fmaf(sc[i], score_mult, exp_offset[r]));
-        row_sum[r] += sc[i];
-      }
-    };
-    // P in f16/bf16 as wgmma's A fragments, 16 keys per k-step: the pairs mma.m16n8k16 takes.
-    auto pack_p = [&] {
+      for (int r = 0; r < 2; ++r) {
+        const int q = g.q0 + row_lo + 8 * r;
+        if (!rows_known || q >= g.q_len) continue;
+        const int64_t out_row = static_cast<int64_t>(g.q_begin + q) * p.num_heads + item.head;
+        const float inv = row_sum[r] > 0.0f ? 1.0f / row_sum[r] : 0.0f;  // a row that sees nothing yields zeros
+        T* out = static_cast<T*>(p.out) + out_row * D + col;
 #pragma unroll
-      for (int kk = 0; kk < kKvTile / 16; ++kk) {
-#pragma unroll
-        for (int h = 0; h < 4; ++h) pf[kk][h] = pack2<T>(sc[8 * kk + 2 * h], sc[8 * kk + 2 * h + 1]);
-      }
-    };
-
-    // The softmax of tile kt runs while the tensor cores compute P V of tile kt - 1 (FlashAttention-3's
-    // intra-warpgroup overlap): S of kt and P of kt - 1 are live together.
-    if (wg_tiles > 0) {
-      wait_tile(0);
-      wgmma_fence();
-      issue_qk(0);
-      wgmma_wait<0>();
-      fence_registers(sc);
-      softmax(0);  // O is still zero: nothing to rescale
-      pack_p();
-      for (int kt = 1; kt < wg_tiles; ++kt) {
-        wait_tile(kt);
-        wgmma_fence();
-        issue_qk(kt);
-        issue_pv(kt - 1);
-        wgmma_wait<1>();  // S of tile kt
-        fence_registers(sc);
-        softmax(kt);
-        wgmma_wait<0>();  // P V of tile kt - 1
-        fence_registers(o);
-        release_tile(kt - 1);
-        // Once the row maxima settle, rescale is exactly 1 and the O update can be skipped (warp-uniform).
-        if (__any_sync(0xffffffffu, rescale[0] != 1.0f || rescale[1] != 1.0f)) {
-#pragma unroll
-          for (int i = 0; i < D / 2; ++i) o[i] *= rescale[(i >> 1) & 1];
+        for (int j = 0; j < D / 8; ++j) {
+          const float lo = bad ? NAN : o[4 * j + 2 * r] * inv, hi = bad ? NAN : o[4 * j + 2 * r + 1] * inv;
+          *reinterpret_cast<uint32_t*>(out + 8 * j) = pack2<T>(lo, hi);
         }
-        pack_p();
+        if (p.lse && lane % 4 == 0) {
+          p.lse[out_row] = bad ? NAN : (row_sum[r] > 0.0f ? (row_max[r] + log2f(row_sum[r])) * kLn2 : -INFINITY);
+        }
       }
-      wgmma_fence();
-      issue_pv(wg_tiles - 1);
-      wgmma_wait<0>();
-      fence_registers(o);
-      release_tile(wg_tiles - 1);
-    }
-    // Tiles past this warpgroup's rows: waited for and released, so that a release never counts
-    // towards a later use of the stage.
-    for (int kt = wg_tiles; kt < kv_tiles; ++kt) {
-      mbarrier_wait(full(kt % kStages), (kt / kStages) & 1);
-      release_tile(kt);
-    }
-    named_barrier(1, Shape::kThreads);  // the producer's bad_row is final
-
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 1);
-      row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 2);
-    }
-    // With cu_seqlens_q itself out of range there is no row that is certainly ours to write.
-    const bool rows_known = q_begin >= 0 && q_len >= 0 && q_begin + q_len <= p.total_q;
-    const bool bad = *bad_row != 0;
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int q = q0 + row_lo + 8 * r;
-      if (!rows_known || q >= q_len) continue;
-      const int64_t out_row = static_cast<int64_t>(q_begin + q) * p.num_heads + head;
-      const float inv = row_sum[r] > 0.0f ? 1.0f / row_sum[r] : 0.0f;  // a row that sees nothing yields zeros
-      T* out = static_cast<T*>(p.out) + out_row * D + col;
-#pragma unroll
-      for (int j = 0; j < D / 8; ++j) {
-        const float lo = bad ? NAN : o[4 * j + 2 * r] * inv, hi = bad ? NAN : o[4 * j + 2 * r + 1] * inv;
-        *reinterpret_cast<uint32_t*>(out + 8 * j) = pack2<T>(lo, hi);
-      }
-      if (p.lse && lane % 4 == 0) {
-        p.lse[out_row] = bad ? NAN : (row_sum[r] > 0.0f ? (row_max[r] + log2f(row_sum[r])) * kLn2 : -INFINITY);
-      }
+      mbarrier_arrive(item_empty(n));
+      ring += kv_tiles;
+      item = next;
+      g = next_g;
     }
   }
 #endif
@@ -337,8 +482,12 @@ int launch(const PagedPrefillParams& p, cudaStream_t stream) {
   auto kernel = pow2_block ? paged_prefill_sm90_kernel<T, D, true> : paged_prefill_sm90_kernel<T, D, false>;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Shape::kSmemBytes);
   // Sequence i needs ceil(q_len_i / 128) blocks: at most total_q / 128 + batch in all.
-  const int64_t blocks = static_cast<int64_t>(p.total_q) / Shape::kQueryTile + p.batch;
-  kernel<<<dim3(static_cast<unsigned>(blocks), p.num_heads), Shape::kThreads, Shape::kSmemBytes, stream>>>(p);
+  const int64_t tiles = static_cast<int64_t>(p.total_q) / Shape::kQueryTile + p.batch;
+  // With a tile counter, one resident block per SM takes the work items in turn (WorkQueue).
+  const dim3 grid = p.tile_counter ? dim3(static_cast<unsigned>(std::min<int64_t>(tiles * p.num_heads,
+                                                                                  current_multiprocessors())))
+                                   : dim3(static_cast<unsigned>(tiles), p.num_heads);
+  kernel<<<grid, Shape::kThreads, Shape::kSmemBytes, stream>>>(p);
   return static_cast<int>(cudaGetLastError());
 }
 

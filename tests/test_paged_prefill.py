@@ -261,3 +261,57 @@ def test_cuda_query_and_key_tile_edges(dtype, head_dim, heads, block_size, causa
     batch = make_batch(seq_lens, q_lens, heads=heads, head_dim=head_dim, block_size=block_size, dtype=dtype,
                        seed=hash((heads, head_dim, block_size, causal, "edges")))
     cuda_check(batch, dtype, causal=causal)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("head_dim, block_size", [(128, 16), (64, 5)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_persistent_grid_equals_one_block_per_tile(dtype, head_dim, block_size, causal, monkeypatch):
+    # Enough (query tile, head) items for several per SM, so that the persistent grid's blocks run
+    # item after item through one K/V ring: same bits as one block per tile, and the reference. A bad
+    # block id in one sequence NaNs that sequence's rows only, in both grids.
+    generator = torch.Generator().manual_seed(59)
+    q_lens = [int(n) for n in torch.randint(1, 400, (14,), generator=generator)]
+    seq_lens = [q + int(c) for q, c in zip(q_lens, torch.randint(0, 200, (14,), generator=generator))]
+    q_lens[3], seq_lens[3] = 1, 1
+    q_lens[5], seq_lens[5] = 150, 300
+    batch = make_batch(seq_lens, q_lens, heads=(32, 8), head_dim=head_dim, block_size=block_size, dtype=dtype,
+                       seed=hash((head_dim, block_size, causal, "persistent")))
+    monkeypatch.setattr(ops, "PERSISTENT_PREFILL_MIN_WORK", 0)
+    out, lse = cuda_check(batch, dtype, causal=causal)
+    query, kc, vc, tables, cu, lens = [t.cuda() for t in batch]
+    monkeypatch.setattr(ops, "PERSISTENT_PREFILL_MIN_WORK", 1 << 62)
+    grid_out, grid_lse = ops.paged_prefill_attention(query, kc, vc, tables, cu, lens, causal=causal, return_lse=True)
+    assert torch.equal(out, grid_out) and torch.equal(lse, grid_lse)
+
+    tables[5, 1] = kc.shape[0]
+    bad_rows = slice(int(cu[5]), int(cu[6]))
+    for min_work in (0, 1 << 62):
+        monkeypatch.setattr(ops, "PERSISTENT_PREFILL_MIN_WORK", min_work)
+        out = ops.paged_prefill_attention(query, kc, vc, tables, cu, lens, causal=causal)
+        torch.cuda.synchronize()
+        assert torch.isnan(out[bad_rows]).all()
+        assert torch.equal(out[:bad_rows.start], grid_out[:bad_rows.start])
+        assert torch.equal(out[bad_rows.stop:], grid_out[bad_rows.stop:])
+
+
+@pytest.mark.gpu
+def test_cuda_persistent_grid_in_a_graph(monkeypatch):
+    # The work counter is zeroed inside the captured graph, so every replay hands out all the work.
+    monkeypatch.setattr(ops, "PERSISTENT_PREFILL_MIN_WORK", 0)
+    batch = make_batch([900, 1200, 64], [900, 300, 64], heads=(32, 8), head_dim=128, block_size=16,
+                       dtype=torch.bfloat16, seed=61)
+    query, kc, vc, tables, cu, lens = [t.cuda() for t in batch]
+    out = torch.empty_like(query)
+    ops.paged_prefill_attention(query, kc, vc, tables, cu, lens, out=out)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ops.paged_prefill_attention(query, kc, vc, tables, cu, lens, out=out)
+    for _ in range(3):
+        query.copy_(torch.randn_like(query))
+        out.fill_(math.nan)
+        graph.replay()
+        torch.cuda.synchronize()
+        expected, _ = prefill_reference(query.cpu(), kc.cpu(), vc.cpu(), tables.cpu(), cu.cpu(), lens.cpu())
+        torch.testing.assert_close(out.cpu().double(), expected, atol=TOLERANCE[torch.bfloat16], rtol=0)

@@ -221,7 +221,7 @@ void paged_decode(Tensor query, Tensor key_cache, Tensor value_cache, Tensor blo
 void paged_prefill(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, Tensor cu_seqlens_q,
                    Tensor seq_lens, MutTensor out, std::optional<MutTensor> lse, std::optional<Tensor> custom_mask,
                    std::optional<Tensor> mask_indptr, bool causal, double scale, int64_t sliding_window,
-                   double soft_cap, uintptr_t stream) {
+                   double soft_cap, std::optional<MutTensor> tile_counter, uintptr_t stream) {
   const AttentionShape a = check_attention(query, key_cache, value_cache, out, lse, sliding_window, soft_cap);
   const Placement where = a.where;
   expect_rank(seq_lens, 1, "seq_lens");
@@ -259,6 +259,13 @@ void paged_prefill(Tensor query, Tensor key_cache, Tensor value_cache, Tensor bl
     p.mask_packed = packed;
     p.mask_size = static_cast<int64_t>(custom_mask->shape(0));
   }
+  if (tile_counter) {
+    expect_rank(*tile_counter, 1, "tile_counter");
+    expect_int(*tile_counter, 32, "tile_counter");
+    expect_dim(*tile_counter, 0, 1, "tile_counter", "1");
+    expect_same_placement(*tile_counter, where, "tile_counter", "query");
+    p.tile_counter = static_cast<int32_t*>(tile_counter->data());
+  }
   if (where.cuda) expect_cuda_head_dim(a.head_dim);
   run_on(where, p, paged_prefill_cpu, PAGEDLM_CUDA_LAUNCHER(paged_prefill), stream, "paged_prefill_attention");
 }
@@ -292,7 +299,8 @@ void bind_ops(nb::module_& m) {
         "workspace"_a.noconvert().none(), "stream"_a);
   m.def("paged_prefill", &paged_prefill, "query"_a, "key_cache"_a, "value_cache"_a, "block_tables"_a,
         "cu_seqlens_q"_a, "seq_lens"_a, "out"_a.noconvert(), "lse"_a.noconvert().none(), "custom_mask"_a.none(),
-        "mask_indptr"_a.none(), "causal"_a, "scale"_a, "sliding_window"_a, "soft_cap"_a, "stream"_a);
+        "mask_indptr"_a.none(), "causal"_a, "scale"_a, "sliding_window"_a, "soft_cap"_a,
+        "tile_counter"_a.noconvert().none(), "stream"_a);
   m.def("check_paged_decode_values", &check_paged_decode_values, "block_tables"_a, "seq_lens"_a, "block_size"_a,
         "num_blocks"_a);
 }

@@ -19,6 +19,10 @@ __all__ = ["write_kv_cache", "copy_blocks", "paged_decode_attention", "paged_pre
 
 DECODE_WORKSPACE_BYTES = 32 << 20
 _workspaces = {}
+# CUDA prefill calls with at least this many (query row, head) pairs get a zeroed work counter, with
+# which the Hopper kernel runs a persistent grid; below it the counter's memset would cost more than
+# the blocks' start-up it saves.
+PERSISTENT_PREFILL_MIN_WORK = 1 << 16
 
 
 def _attention_options(query, scale, sliding_window, soft_cap):
@@ -127,8 +131,11 @@ def paged_prefill_attention(query, key_cache, value_cache, block_tables, cu_seql
 def _prefill_into(query, key_cache, value_cache, block_tables, cu_seqlens_q, seq_lens, out, lse, causal, custom_mask,
                   mask_indptr, scale, sliding_window, soft_cap):
     scale, sliding_window, soft_cap = _attention_options(query, scale, sliding_window, soft_cap)
+    large = (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and query.dim() == 3
+             and query.shape[0] * query.shape[1] >= PERSISTENT_PREFILL_MIN_WORK)
+    tile_counter = torch.zeros(1, dtype=torch.int32, device=query.device) if large else None
     _C.paged_prefill(query, key_cache, value_cache, block_tables, cu_seqlens_q, seq_lens, out, lse, custom_mask,
-                     mask_indptr, bool(causal), scale, sliding_window, soft_cap, stream_of(query))
+                     mask_indptr, bool(causal), scale, sliding_window, soft_cap, tile_counter, stream_of(query))
 
 
 def rms_norm(x, weight, eps, *, residual=None):

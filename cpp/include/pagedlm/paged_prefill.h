@@ -35,6 +35,10 @@ struct PagedPrefillParams {
   float scale = 1.0f;
   int32_t sliding_window = 0;  // > 0: query at position p sees only positions > p - sliding_window
   float soft_cap = 0.0f;       // > 0: logits become soft_cap * tanh(logits / soft_cap)
+  // Optional, CUDA: one int32 set to zero, through which a persistent grid hands out the work (the
+  // Hopper kernel takes it: its blocks then overlap one query tile's start with the last one's end).
+  // Null: one thread block per query tile. A counter serves one call at a time.
+  int32_t* tile_counter = nullptr;
 };
 
 // Throws InvalidArgument naming cu_seqlens_q, seq_lens, block_tables or mask_indptr when a
