@@ -1,6 +1,6 @@
 """A small CUDA case for compute-sanitizer (memcheck, racecheck): every op once (both prefill kernels),
-split-K on, a bad block id and an out-of-range length included, and the Hopper prefill kernel's
-persistent grid."""
+split-K on, a bad block id and an out-of-range length included, decode under a custom mask, and the
+Hopper prefill kernel's persistent grid."""
 import torch
 
 import pagedlm.ops as ops
@@ -14,6 +14,10 @@ for dtype, head_dim in [(torch.bfloat16, 128), (torch.float32, 64), (torch.float
     tables[2, 3] = 1 << 20
     lens = torch.tensor([200, 1, 1 << 30], dtype=torch.int32, device="cuda")
     out, lse = ops.paged_decode_attention(q, kc, vc, tables, lens, return_lse=True, sliding_window=150)
+    # A custom mask per row (the masked-prefill rows' form); the third row's offset is out of range.
+    mask = torch.rand(700, device="cuda") < 0.5
+    offsets = torch.tensor([0, 250, 600], device="cuda")
+    ops.paged_decode_attention(q, kc, vc, tables, lens.clamp(max=200), custom_mask=mask, mask_offsets=offsets)
     ops.write_kv_cache(torch.randn(5, 2, head_dim, device="cuda", dtype=dtype),
                        torch.randn(5, 2, head_dim, device="cuda", dtype=dtype), kc, vc,
                        torch.tensor([0, 17, -1, 639, 5], device="cuda"))

@@ -90,6 +90,15 @@ __device__ __forceinline__ TokenRange split_range(const PagedDecodeParams& p, in
   return {begin, min(start + span, begin + tiles_per_split * tile), bad_len};
 }
 
+// Row b's custom mask, or null without one. A mask row not inside the mask's bytes flags the row
+// (its output turns into NaN) and is not read.
+__device__ __forceinline__ const uint8_t* mask_row(const PagedDecodeParams& p, int b, bool& bad) {
+  if (p.mask == nullptr) return nullptr;
+  const int64_t start = p.mask_offsets[b];
+  bad = bad || start < 0 || start + max(p.seq_lens[b], 0) > p.mask_size;
+  return bad ? nullptr : p.mask + start;
+}
+
 // GT: query heads per block (1, 2, 4 or 8).
 template <typename T, int D, int GT>
 __global__ void __launch_bounds__(kThreads) paged_decode_kernel(PagedDecodeParams p, SplitInfo split) {
@@ -121,8 +130,10 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(PagedDecodeParam
   const TokenRange range = split_range(p, b, split_id, split.num_splits, kTile);
   const int begin = range.begin, end = range.end;
   const int my_tiles = end > begin ? (end - begin + kTile - 1) / kTile : 0;
+  bool flagged = range.bad_len;
+  const uint8_t* row_mask = mask_row(p, b, flagged);
 
-  if (tid == 0) bad_row = range.bad_len;
+  if (tid == 0) bad_row = flagged;
   __syncthreads();  // before any load can flag a bad block id
 
   const int warp = tid / 32, lane = tid % 32;
@@ -207,7 +218,7 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(PagedDecodeParam
         s += __shfl_xor_sync(0xffffffffu, s, 1);
         s += __shfl_xor_sync(0xffffffffu, s, 2);
         if (p.soft_cap > 0.0f) s = p.soft_cap * tanhf(s / p.soft_cap);
-        if (tile_begin + row >= end) s = -INFINITY;
+        if (tile_begin + row >= end || (row_mask && !row_mask[tile_begin + row])) s = -INFINITY;
         if (quarter == 0) p_smem[g * kTile + row] = s;
       }
     }

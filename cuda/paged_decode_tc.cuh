@@ -50,8 +50,10 @@ __global__ void __launch_bounds__(kWarps * 32, MinBlocks) paged_decode_tc_kernel
   const TokenRange range = split_range(p, b, split_id, split.num_splits, kTile);
   const int begin = range.begin, end = range.end;
   const int my_tiles = end > begin ? (end - begin + kTile - 1) / kTile : 0;
+  bool flagged = range.bad_len;
+  const uint8_t* row_mask = mask_row(p, b, flagged);
 
-  if (tid == 0) bad_row = range.bad_len;
+  if (tid == 0) bad_row = flagged;
   __syncthreads();
 
   using Tiles = PagedTiles<T, D, kTile, kWarps * 32>;
@@ -107,6 +109,17 @@ __global__ void __launch_bounds__(kWarps * 32, MinBlocks) paged_decode_tc_kernel
     const T* k_tile = kv_smem + stage * S::kStageElems;
     const T* v_tile = k_tile + kTile * D;
     const int rb = warp * 16;  // this warp's tokens in the tile
+    // Which of this lane's four tokens the row does not see, read before the MMAs hide the latency.
+    const int token0 = begin + tile * kTile + rb + col;
+    bool hidden[2][2];
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const int t = token0 + j * 8 + i;
+        hidden[j][i] = t >= end || (row_mask && !row_mask[t]);
+      }
+    }
 
     // S = Q K^T for 16 tokens: two n-tiles of 8 tokens.
     // Even and odd k-steps accumulate separately: two independent mma chains per n-tile.
@@ -126,7 +139,6 @@ __global__ void __launch_bounds__(kWarps * 32, MinBlocks) paged_decode_tc_kernel
     }
 
     // Online softmax on rows r0 (elements 0, 1) and r1 (elements 2, 3) of each n-tile.
-    const int token0 = begin + tile * kTile + rb + col;
     float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
@@ -134,7 +146,7 @@ __global__ void __launch_bounds__(kWarps * 32, MinBlocks) paged_decode_tc_kernel
       for (int e = 0; e < 4; ++e) {
         float v = s[j][e] * p.scale;
         if (p.soft_cap > 0.0f) v = p.soft_cap * tanhf(v / p.soft_cap);
-        if (token0 + j * 8 + (e & 1) >= end) v = -INFINITY;
+        if (hidden[j][e & 1]) v = -INFINITY;
         s[j][e] = v;
         tile_max[e >> 1] = fmaxf(tile_max[e >> 1], v);
       }

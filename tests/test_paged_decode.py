@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import pagedlm.ops as ops
-from attention_reference import TOLERANCE, decode_reference, paged_inputs
+from attention_reference import TOLERANCE, decode_reference, flat_masks, paged_inputs, prefill_reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 HEADS = [(32, 32), (32, 8), (16, 1)]
@@ -213,3 +213,86 @@ def test_cuda_opcheck():
     q, kc, vc, tables, lens = [t.cuda() for t in paged_inputs([9, 300], num_heads=8, num_kv_heads=2, head_dim=64,
                                                               block_size=16, dtype=torch.bfloat16)]
     torch.library.opcheck(torch.ops.pagedlm.paged_decode_attention.default, (q, kc, vc, tables, lens))
+
+
+# ---- A custom mask: the rows of a masked prefill, one decode query each ---------------------------
+def masked_rows(seq_lens, q_lens, *, heads, head_dim, block_size, dtype, seed, device):
+    """A masked prefill batch (random masks, one row seeing nothing) and the same rows as decode
+    queries: row j of sequence s has s's table and length and its mask row at offset
+    mask_indptr[s] + j * seq_len_s. Returns (prefill args, decode args, masks)."""
+    generator = torch.Generator().manual_seed(seed)
+    _, kc, vc, tables, lens = paged_inputs(seq_lens, num_heads=heads[0], num_kv_heads=heads[1], head_dim=head_dim,
+                                           block_size=block_size, dtype=dtype, generator=generator)
+    cu = torch.tensor([0, *itertools.accumulate(q_lens)], dtype=torch.int32)
+    query = torch.randn(int(cu[-1]), heads[0], head_dim, generator=generator).to(dtype)
+    masks = [torch.rand(q, n, generator=generator) < 0.4 for n, q in zip(seq_lens, q_lens)]
+    masks[0][-1] = False
+    mask, indptr = flat_masks(masks)
+    owner = torch.repeat_interleave(torch.arange(len(q_lens)), torch.tensor(q_lens))
+    within = torch.arange(int(cu[-1])) - cu[owner].long()
+    offsets = indptr[owner].long() + within * lens[owner].long()
+    prefill = [t.to(device) for t in (query, kc, vc, tables, cu, lens, mask, indptr)]
+    decode = [t.to(device) for t in (query, kc, vc, tables[owner].contiguous(), lens[owner].contiguous(), mask,
+                                     offsets)]
+    return prefill, decode, masks
+
+
+def check_masked_rows(device, dtype, heads, head_dim, block_size, seq_lens, q_lens, seed):
+    prefill, decode, masks = masked_rows(seq_lens, q_lens, heads=heads, head_dim=head_dim, block_size=block_size,
+                                         dtype=dtype, seed=seed, device=device)
+    query, kc, vc, tables, lens, mask, offsets = decode
+    expected, expected_lse = prefill_reference(*[t.cpu() for t in prefill[:6]], masks=masks)
+    out = torch.full_like(query, math.nan)
+    _, lse = ops.paged_decode_attention(query, kc, vc, tables, lens, custom_mask=mask, mask_offsets=offsets,
+                                        return_lse=True, out=out)
+    torch.testing.assert_close(out.cpu().double(), expected, atol=TOLERANCE[dtype], rtol=0)
+    torch.testing.assert_close(lse.cpu().double(), expected_lse, atol=2e-3, rtol=1e-3)
+    seen_nothing = q_lens[0] - 1  # the first sequence's last row
+    assert torch.all(out[seen_nothing] == 0) and torch.all(lse[seen_nothing] == -math.inf)
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads, head_dim, block_size", [((8, 2), 64, 16), ((5, 5), 128, 1), ((4, 1), 256, 32)])
+def test_cpu_custom_mask_rows_equal_masked_prefill(dtype, heads, head_dim, block_size):
+    check_masked_rows("cpu", dtype, heads, head_dim, block_size, [40, 13, 97, 1], [11, 13, 5, 1], seed=71)
+
+
+def test_custom_mask_needs_offsets_inside_the_mask():
+    _, decode, _ = masked_rows([20, 9], [4, 3], heads=(4, 2), head_dim=64, block_size=8, dtype=torch.float32,
+                               seed=73, device="cpu")
+    query, kc, vc, tables, lens, mask, offsets = decode
+    with pytest.raises(ValueError, match="mask_offsets"):
+        ops.paged_decode_attention(query, kc, vc, tables, lens, custom_mask=mask)
+    bad = offsets.clone()
+    bad[2] = mask.numel() - 5  # the row's 20 elements run past the end
+    with pytest.raises(ValueError, match="mask_offsets"):
+        ops.paged_decode_attention(query, kc, vc, tables, lens, custom_mask=mask, mask_offsets=bad)
+    with pytest.raises(TypeError, match="custom_mask"):
+        ops.paged_decode_attention(query, kc, vc, tables, lens, custom_mask=mask.to(torch.uint8), mask_offsets=offsets)
+    with pytest.raises(ValueError, match="mask_offsets"):
+        ops.paged_decode_attention(query, kc, vc, tables, lens, custom_mask=mask, mask_offsets=offsets[:-1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads, head_dim, block_size", [((8, 2), 64, 16), ((5, 5), 128, 1), ((4, 1), 256, 32)])
+def test_cuda_custom_mask_rows_equal_masked_prefill(dtype, heads, head_dim, block_size):
+    # 3000 keys make the kernel split each row (split-K with a merge).
+    out = check_masked_rows("cuda", dtype, heads, head_dim, block_size, [40, 13, 3000, 1], [11, 13, 5, 1], seed=79)
+    prefill, _, _ = masked_rows([40, 13, 3000, 1], [11, 13, 5, 1], heads=heads, head_dim=head_dim,
+                                block_size=block_size, dtype=dtype, seed=79, device="cuda")
+    query, kc, vc, tables, cu, lens, mask, indptr = prefill
+    expected = ops.paged_prefill_attention(query, kc, vc, tables, cu, lens, custom_mask=mask, mask_indptr=indptr)
+    torch.testing.assert_close(out.float(), expected.float(), atol=2 * TOLERANCE[dtype], rtol=0)
+
+
+@pytest.mark.gpu
+def test_cuda_custom_mask_offset_out_of_range_gives_nan_row():
+    _, decode, _ = masked_rows([20, 9], [4, 3], heads=(4, 2), head_dim=64, block_size=8, dtype=torch.float16,
+                               seed=83, device="cuda")
+    query, kc, vc, tables, lens, mask, offsets = decode
+    offsets[2] = mask.numel() - 5
+    out = ops.paged_decode_attention(query, kc, vc, tables, lens, custom_mask=mask, mask_offsets=offsets)
+    torch.cuda.synchronize()
+    assert torch.isnan(out[2]).all() and torch.isfinite(out[[0, 1, 3, 4, 5, 6]]).all()

@@ -136,6 +136,25 @@ def test_varlen_graph_logits_equal_the_eager_forward(models, split, per_query):
     torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-5)
 
 
+def test_masked_varlen_graph_rows_equal_the_eager_forward(models):
+    """Token trees (a custom mask) through a graph whose tokens attend as masked decode queries,
+    padding rows included, equal the eager forward through the masked prefill kernel."""
+    from pagedlm.engine.forward import ForwardItem, paged_forward
+    llm = engine(models, 4)
+    bm = llm.block_manager
+    items = []
+    for seq_id, (cached, parents) in enumerate([(9, [-1, -1, 0, 1, 1]), (5, [-1, 0, 1]), (20, [-1, -1, -1, 2])]):
+        n = 1 + len(parents)  # the last committed token, then its tree
+        bm.allocate(seq_id, list(range(cached + n)))
+        items.append(ForwardItem(seq_id, list(range(cached, cached + n)), cached, len(parents), parents,
+                                 list(range(n))))
+    graphs = VarlenGraphs(llm.model, llm.kv_caches, MAX_SEQS, llm.device, None)
+    eager = paged_forward(llm.model, llm.kv_caches, bm, llm.device, items).clone()
+    graphed = paged_forward(llm.model, llm.kv_caches, bm, llm.device, items, graphs)
+    assert [(g.per_query, g.masked_rows) for g in graphs.graphs.values()] == [(True, True)]
+    torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-5)
+
+
 def test_capture_all_takes_every_bucket_a_step_can_meet(models):
     """Up front, every (token bucket, sequence bucket) with room for its sequences; a step's
     forward then finds its graph and captures nothing."""

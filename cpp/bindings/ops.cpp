@@ -188,14 +188,33 @@ void copy_blocks(MutTensor key_cache, MutTensor value_cache, Tensor block_mappin
 
 void paged_decode(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, Tensor seq_lens,
                   MutTensor out, std::optional<MutTensor> lse, double scale, int64_t sliding_window, double soft_cap,
+                  std::optional<Tensor> custom_mask, std::optional<Tensor> mask_offsets,
                   std::optional<MutTensor> workspace, uintptr_t stream) {
   const AttentionShape a = check_attention(query, key_cache, value_cache, out, lse, sliding_window, soft_cap);
   const Placement where = a.where;
   check_index(block_tables, 2, a.rows, "block_tables", "batch", where);
   check_index(seq_lens, 1, a.rows, "seq_lens", "batch", where);
+  if (custom_mask.has_value() != mask_offsets.has_value()) fail("mask_offsets", "must be given with custom_mask");
   PagedDecodeParams p;
   fill_attention(p, a, query, key_cache, value_cache, block_tables, seq_lens, out, lse, scale, sliding_window,
                  soft_cap);
+  if (custom_mask) {
+    expect_rank(*custom_mask, 1, "custom_mask");
+    expect_contiguous(*custom_mask, "custom_mask");
+    const nb::dlpack::dtype d = custom_mask->dtype();
+    if (d.code != static_cast<uint8_t>(nb::dlpack::dtype_code::Bool) || d.bits != 8) {
+      throw nb::type_error("custom_mask: dtype must be bool (one element per key)");
+    }
+    expect_same_placement(*custom_mask, where, "custom_mask", "query");
+    expect_rank(*mask_offsets, 1, "mask_offsets");
+    expect_int(*mask_offsets, 64, "mask_offsets");
+    expect_contiguous(*mask_offsets, "mask_offsets");
+    expect_dim(*mask_offsets, 0, a.rows, "mask_offsets", "batch");
+    expect_same_placement(*mask_offsets, where, "mask_offsets", "query");
+    p.mask = static_cast<const uint8_t*>(custom_mask->data());
+    p.mask_offsets = static_cast<const int64_t*>(mask_offsets->data());
+    p.mask_size = static_cast<int64_t>(custom_mask->shape(0));
+  }
   if (!where.cuda) {
     nb::gil_scoped_release release;
     paged_decode_cpu(p);
@@ -270,6 +289,22 @@ void paged_prefill(Tensor query, Tensor key_cache, Tensor value_cache, Tensor bl
   run_on(where, p, paged_prefill_cpu, PAGEDLM_CUDA_LAUNCHER(paged_prefill), stream, "paged_prefill_attention");
 }
 
+void check_paged_decode_mask(Tensor mask_offsets, Tensor seq_lens, int64_t mask_size) {
+  expect_rank(mask_offsets, 1, "mask_offsets");
+  expect_int(mask_offsets, 64, "mask_offsets");
+  expect_contiguous(mask_offsets, "mask_offsets");
+  expect_rank(seq_lens, 1, "seq_lens");
+  expect_int(seq_lens, 32, "seq_lens");
+  expect_contiguous(seq_lens, "seq_lens");
+  expect_dim(mask_offsets, 0, seq_lens.shape(0), "mask_offsets", "batch");
+  if (placement_of(mask_offsets).cuda || placement_of(seq_lens).cuda) {
+    throw nb::value_error("check_paged_decode_mask takes CPU tensors");
+  }
+  pagedlm::check_paged_decode_mask(static_cast<const int64_t*>(mask_offsets.data()),
+                                   static_cast<const int32_t*>(seq_lens.data()),
+                                   static_cast<int32_t>(seq_lens.shape(0)), mask_size);
+}
+
 void check_paged_decode_values(Tensor block_tables, Tensor seq_lens, int64_t block_size, int64_t num_blocks) {
   expect_rank(block_tables, 2, "block_tables");
   expect_int(block_tables, 32, "block_tables");
@@ -296,11 +331,12 @@ void bind_ops(nb::module_& m) {
         "stream"_a);
   m.def("paged_decode", &paged_decode, "query"_a, "key_cache"_a, "value_cache"_a, "block_tables"_a, "seq_lens"_a,
         "out"_a.noconvert(), "lse"_a.noconvert().none(), "scale"_a, "sliding_window"_a, "soft_cap"_a,
-        "workspace"_a.noconvert().none(), "stream"_a);
+        "custom_mask"_a.none(), "mask_offsets"_a.none(), "workspace"_a.noconvert().none(), "stream"_a);
   m.def("paged_prefill", &paged_prefill, "query"_a, "key_cache"_a, "value_cache"_a, "block_tables"_a,
         "cu_seqlens_q"_a, "seq_lens"_a, "out"_a.noconvert(), "lse"_a.noconvert().none(), "custom_mask"_a.none(),
         "mask_indptr"_a.none(), "causal"_a, "scale"_a, "sliding_window"_a, "soft_cap"_a,
         "tile_counter"_a.noconvert().none(), "stream"_a);
+  m.def("check_paged_decode_mask", &check_paged_decode_mask, "mask_offsets"_a, "seq_lens"_a, "mask_size"_a);
   m.def("check_paged_decode_values", &check_paged_decode_values, "block_tables"_a, "seq_lens"_a, "block_size"_a,
         "num_blocks"_a);
 }

@@ -4,6 +4,8 @@
 // the K/V of a head are read once for all the query heads of its GQA group.
 #include "pagedlm/paged_decode.h"
 
+#include <algorithm>
+#include <climits>
 #include <string>
 #include <vector>
 
@@ -32,8 +34,31 @@ void check_paged_decode_values(const int32_t* block_tables, const int32_t* seq_l
   }
 }
 
+void check_paged_decode_mask(const int64_t* mask_offsets, const int32_t* seq_lens, int32_t batch, int64_t mask_size) {
+  for (int32_t b = 0; b < batch; ++b) {
+    const int64_t start = mask_offsets[b], stop = start + std::max(seq_lens[b], 0);
+    if (start < 0 || stop > mask_size) {
+      throw InvalidArgument("mask_offsets[" + std::to_string(b) + "] = " + std::to_string(start) + ": the row's " +
+                            std::to_string(seq_lens[b]) + " mask elements are not inside custom_mask's " +
+                            std::to_string(mask_size));
+    }
+  }
+}
+
 void paged_decode_cpu(const PagedDecodeParams& p) {
   check_paged_decode_values(p.block_tables, p.seq_lens, p.batch, p.max_blocks_per_seq, p.block_size, p.num_blocks);
+  // A custom mask: the prefill loop reads row b's mask at mask_indptr[b] (one query per row).
+  std::vector<int32_t> mask_rows;
+  if (p.mask) {
+    check_paged_decode_mask(p.mask_offsets, p.seq_lens, p.batch, p.mask_size);
+    for (int32_t b = 0; b < p.batch; ++b) {
+      if (p.mask_offsets[b] > INT32_MAX) {
+        throw InvalidArgument("mask_offsets[" + std::to_string(b) + "] = " + std::to_string(p.mask_offsets[b]) +
+                              " is past what the CPU path indexes (2^31 - 1)");
+      }
+      mask_rows.push_back(static_cast<int32_t>(p.mask_offsets[b]));
+    }
+  }
   // Decode is prefill with one query per sequence, the last position: run the same loop.
   std::vector<int32_t> cu_seqlens(p.batch + 1);
   for (int32_t b = 0; b <= p.batch; ++b) cu_seqlens[b] = b;
@@ -57,6 +82,9 @@ void paged_decode_cpu(const PagedDecodeParams& p) {
   prefill.scale = p.scale;
   prefill.sliding_window = p.sliding_window;
   prefill.soft_cap = p.soft_cap;
+  prefill.mask = p.mask;
+  prefill.mask_indptr = p.mask ? mask_rows.data() : nullptr;
+  prefill.mask_size = p.mask_size;
   parallel_for(static_cast<int64_t>(p.batch) * p.num_kv_heads, [&](int64_t item) {
     thread_local std::vector<float> scratch;
     attend_query_tile(prefill, {static_cast<int32_t>(item / p.num_kv_heads), static_cast<int32_t>(item % p.num_kv_heads), 0},

@@ -74,31 +74,44 @@ def copy_blocks(key_caches, value_caches, block_mapping):
 
 
 def paged_decode_attention(query, key_cache, value_cache, block_tables, seq_lens, *, scale=None,
-                           sliding_window=None, soft_cap=None, return_lse=False, out=None):
+                           sliding_window=None, soft_cap=None, return_lse=False, out=None, custom_mask=None,
+                           mask_offsets=None):
     """One new token per sequence attends to its cached tokens.
 
     query [batch, num_heads, head_dim]; caches [num_blocks, block_size, num_kv_heads, head_dim];
     block_tables int32 [batch, max_blocks]; seq_lens int32 [batch] (the current token
     included). Returns out [batch, num_heads, head_dim], or (out, lse) with return_lse,
     lse being the natural-log sum of exp(logits), float32 [batch, num_heads].
+
+    custom_mask (flat torch.bool) with mask_offsets (int64 [batch]): row b sees key t only where
+    custom_mask[mask_offsets[b] + t] is true, so that the query rows of a masked prefill (tree or
+    lookahead verification) can be computed one row each, by the split-K kernel; a row that sees
+    nothing returns zeros (lse -inf).
     """
     expect_tensors(query=query, key_cache=key_cache, value_cache=value_cache, block_tables=block_tables,
                     seq_lens=seq_lens)
+    expect_tensors(custom_mask=custom_mask, mask_offsets=mask_offsets)
+    if (custom_mask is None) != (mask_offsets is None):
+        raise ValueError("mask_offsets: custom_mask and mask_offsets go together")
     if out is None:
         out = torch.empty_like(query)
     elif not isinstance(out, torch.Tensor):
         raise TypeError(f"out: expected a torch.Tensor, got {type(out).__name__}")
     lse = torch.empty(query.shape[:2], dtype=torch.float32, device=query.device) if return_lse else None
-    _decode_into(query, key_cache, value_cache, block_tables, seq_lens, out, lse, scale, sliding_window, soft_cap)
+    _decode_into(query, key_cache, value_cache, block_tables, seq_lens, out, lse, scale, sliding_window, soft_cap,
+                 custom_mask, mask_offsets)
     return (out, lse) if return_lse else out
 
 
-def _decode_into(query, key_cache, value_cache, block_tables, seq_lens, out, lse, scale, sliding_window, soft_cap):
+def _decode_into(query, key_cache, value_cache, block_tables, seq_lens, out, lse, scale, sliding_window, soft_cap,
+                 custom_mask=None, mask_offsets=None):
     scale, sliding_window, soft_cap = _attention_options(query, scale, sliding_window, soft_cap)
     if debug_checks() and query.is_cuda and key_cache.dim() == 4:
         _C.check_paged_decode_values(block_tables.cpu(), seq_lens.cpu(), key_cache.shape[1], key_cache.shape[0])
+        if custom_mask is not None:
+            _C.check_paged_decode_mask(mask_offsets.cpu(), seq_lens.cpu(), custom_mask.numel())
     _C.paged_decode(query, key_cache, value_cache, block_tables, seq_lens, out, lse, scale, sliding_window, soft_cap,
-                    _decode_workspace(query.device), stream_of(query))
+                    custom_mask, mask_offsets, _decode_workspace(query.device), stream_of(query))
 
 
 def paged_prefill_attention(query, key_cache, value_cache, block_tables, cu_seqlens_q, seq_lens, *, causal=True,
@@ -185,15 +198,15 @@ _lib.define("write_kv_cache(Tensor key, Tensor value, Tensor(a!) key_cache, Tens
             "Tensor slot_mapping) -> ()")
 _lib.define("copy_blocks(Tensor(a!)[] key_caches, Tensor(b!)[] value_caches, Tensor block_mapping) -> ()")
 _lib.define("paged_decode_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
-            "Tensor seq_lens, float? scale=None, int? sliding_window=None, float? soft_cap=None) "
-            "-> (Tensor, Tensor)")
+            "Tensor seq_lens, float? scale=None, int? sliding_window=None, float? soft_cap=None, "
+            "Tensor? custom_mask=None, Tensor? mask_offsets=None) -> (Tensor, Tensor)")
 _lib.define("paged_prefill_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
             "Tensor cu_seqlens_q, Tensor seq_lens, bool causal=True, Tensor? custom_mask=None, "
             "Tensor? mask_indptr=None, float? scale=None, int? sliding_window=None, float? soft_cap=None) "
             "-> (Tensor, Tensor)")
 _lib.define("paged_decode_attention_out(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
             "Tensor seq_lens, Tensor(a!) out, Tensor(b!)? lse, float? scale=None, int? sliding_window=None, "
-            "float? soft_cap=None) -> ()")
+            "float? soft_cap=None, Tensor? custom_mask=None, Tensor? mask_offsets=None) -> ()")
 _lib.define("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor")
 _lib.define("fused_add_rms_norm(Tensor(a!) x, Tensor(b!) residual, Tensor weight, float eps) -> ()")
 _lib.define("silu_and_mul(Tensor x) -> Tensor")
@@ -201,14 +214,16 @@ _lib.define("apply_rope(Tensor(a!) query, Tensor(b!) key, Tensor positions, Tens
 
 
 def _decode_functional(query, key_cache, value_cache, block_tables, seq_lens, scale=None, sliding_window=None,
-                       soft_cap=None):
+                       soft_cap=None, custom_mask=None, mask_offsets=None):
     return paged_decode_attention(query, key_cache, value_cache, block_tables, seq_lens, scale=scale,
-                                  sliding_window=sliding_window, soft_cap=soft_cap, return_lse=True)
+                                  sliding_window=sliding_window, soft_cap=soft_cap, return_lse=True,
+                                  custom_mask=custom_mask, mask_offsets=mask_offsets)
 
 
 def _decode_out(query, key_cache, value_cache, block_tables, seq_lens, out, lse, scale=None, sliding_window=None,
-                soft_cap=None):
-    _decode_into(query, key_cache, value_cache, block_tables, seq_lens, out, lse, scale, sliding_window, soft_cap)
+                soft_cap=None, custom_mask=None, mask_offsets=None):
+    _decode_into(query, key_cache, value_cache, block_tables, seq_lens, out, lse, scale, sliding_window, soft_cap,
+                 custom_mask, mask_offsets)
 
 
 def _prefill_functional(query, key_cache, value_cache, block_tables, cu_seqlens_q, seq_lens, causal=True,
@@ -249,13 +264,14 @@ def _(key_caches, value_caches, block_mapping):
 
 
 @torch.library.register_fake("pagedlm::paged_decode_attention")
-def _(query, key_cache, value_cache, block_tables, seq_lens, scale=None, sliding_window=None, soft_cap=None):
+def _(query, key_cache, value_cache, block_tables, seq_lens, scale=None, sliding_window=None, soft_cap=None,
+      custom_mask=None, mask_offsets=None):
     return torch.empty_like(query), query.new_empty(query.shape[:2], dtype=torch.float32)
 
 
 @torch.library.register_fake("pagedlm::paged_decode_attention_out")
 def _(query, key_cache, value_cache, block_tables, seq_lens, out, lse, scale=None, sliding_window=None,
-      soft_cap=None):
+      soft_cap=None, custom_mask=None, mask_offsets=None):
     return None
 
 

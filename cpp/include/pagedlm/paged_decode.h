@@ -23,12 +23,22 @@ struct PagedDecodeParams {
   float scale = 1.0f;
   int32_t sliding_window = 0;  // > 0: attend only to the last sliding_window positions
   float soft_cap = 0.0f;       // > 0: logits become soft_cap * tanh(logits / soft_cap)
+  // Optional custom mask, for a masked prefill computed one query row at a time (tree and lookahead
+  // verification): row b sees key t < seq_lens[b] only where mask[mask_offsets[b] + t] is nonzero
+  // (one byte per key). A row that sees nothing yields zeros and lse -inf.
+  const uint8_t* mask = nullptr;
+  const int64_t* mask_offsets = nullptr;  // [batch]
+  int64_t mask_size = 0;                  // bytes in mask
 };
 
 // Throws InvalidArgument naming seq_lens or block_tables if a length is outside the table's
 // capacity or a block id the sequence uses is outside [0, num_blocks). Host arrays only.
 void check_paged_decode_values(const int32_t* block_tables, const int32_t* seq_lens, int32_t batch,
                                int32_t max_blocks_per_seq, int32_t block_size, int32_t num_blocks);
+
+// Throws InvalidArgument naming mask_offsets if row b's mask, [mask_offsets[b], + seq_lens[b]),
+// is not inside the mask's mask_size bytes. Host arrays only.
+void check_paged_decode_mask(const int64_t* mask_offsets, const int32_t* seq_lens, int32_t batch, int64_t mask_size);
 
 // CPU path: checks seq_lens and the block ids it will read (InvalidArgument naming the
 // argument) before computing, then runs multithreaded over (sequence, kv head).

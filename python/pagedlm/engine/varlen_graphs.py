@@ -18,7 +18,11 @@ table row and that length), computed by paged_decode_attention. Its split-K kern
 few microseconds where the prefill kernel, which walks each sequence's keys in one thread
 block, takes 15-20 for these shapes; and verification then computes its logits with the same
 kernel as plain decoding. It rereads a sequence's keys once per query, so it is used only
-where the graph averages at most PER_QUERY_TOKENS tokens per sequence.
+where the graph averages at most PER_QUERY_TOKENS tokens per sequence. Masked forwards (tree
+and lookahead windows) do the same up to MASKED_PER_QUERY_TOKENS: each token is a decode query
+over its sequence's whole length, its row of the custom mask located by an offset. The prefill
+kernel runs one thread block per (sequence, head) for such windows, walking every key in turn
+(~27 us a layer for a lookahead window of the shipped model, against ~3 for decode).
 """
 import numpy as np
 import torch
@@ -28,6 +32,7 @@ from pagedlm.models import AttentionBatch
 
 TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512)  # larger forwards run eagerly
 PER_QUERY_TOKENS = 8  # tokens per sequence bucket up to which causal forwards attend as decode queries
+MASKED_PER_QUERY_TOKENS = 64  # the same for masked forwards
 
 
 class VarlenGraphs:
@@ -79,11 +84,13 @@ class VarlenGraphs:
 class _VarlenGraph:
     def __init__(self, owner, tokens, seqs, width, masked):
         self.tokens, self.seqs = tokens, seqs
-        self.per_query = not masked and tokens <= PER_QUERY_TOKENS * seqs
+        self.per_query = tokens <= (MASKED_PER_QUERY_TOKENS if masked else PER_QUERY_TOKENS) * seqs
+        self.masked_rows = masked and self.per_query
         device = owner.device
-        # ids, positions, slots, each token's sequence | cu_seqlens_q | seq_lens: one int64
-        # buffer, one copy per replay.
-        self.packed = torch.zeros(4 * tokens + 2 * seqs + 1, dtype=torch.int64, device=device)
+        # ids, positions, slots, each token's sequence | cu_seqlens_q | seq_lens [| each token's
+        # sequence length and mask offset, for masked rows]: one int64 buffer, one copy per replay.
+        self.packed = torch.zeros(4 * tokens + 2 * seqs + 1 + (2 * tokens if self.masked_rows else 0),
+                                  dtype=torch.int64, device=device)
         self.tables = torch.zeros(seqs, width, dtype=torch.int32, device=device)
         block_size = owner.kv_caches[0][0].shape[1]
         capacity = tokens * max(width * block_size, tokens)  # sum of q_len x seq_len, the padding's included
@@ -96,12 +103,17 @@ class _VarlenGraph:
     def _forward(self, owner):
         n, b, p = self.tokens, self.seqs, self.packed
         positions, cu_seqlens = p[n:2 * n], p[4 * n:4 * n + b + 1].int()
-        if self.per_query:  # token i: a decode query over its sequence's first positions[i] + 1 tokens
+        if self.masked_rows:  # token i: a decode query over its sequence, under its row of the mask
+            rows = p[4 * n + 2 * b + 1:]
+            batch = AttentionBatch(slot_mapping=p[2 * n:3 * n], block_tables=self.tables[p[3 * n:4 * n]],
+                                   seq_lens=rows[:n].int(), cu_seqlens_q=cu_seqlens, decode_only=True,
+                                   custom_mask=self.mask, mask_offsets=rows[n:])
+        elif self.per_query:  # token i: a decode query over its sequence's first positions[i] + 1 tokens
             batch = AttentionBatch(slot_mapping=p[2 * n:3 * n], block_tables=self.tables[p[3 * n:4 * n]],
                                    seq_lens=(positions + 1).int(), cu_seqlens_q=cu_seqlens, decode_only=True)
         else:
             batch = AttentionBatch(slot_mapping=p[2 * n:3 * n], block_tables=self.tables,
-                                   seq_lens=p[4 * n + b + 1:].int(), cu_seqlens_q=cu_seqlens,
+                                   seq_lens=p[4 * n + b + 1:4 * n + 2 * b + 1].int(), cu_seqlens_q=cu_seqlens,
                                    decode_only=False, custom_mask=self.mask, mask_indptr=self.mask_indptr)
         logits = owner.logits[:n]
         logits.copy_(owner.model(p[:n], positions, batch, owner.kv_caches))
@@ -110,17 +122,23 @@ class _VarlenGraph:
     def _copy_inputs(self, ids, positions, slots, tables, cu_seqlens, seq_lens, mask, mask_indptr):
         n, b = self.tokens, self.seqs
         real, pad = len(ids), self.tokens - len(ids)
-        packed = np.zeros(4 * n + 2 * b + 1, dtype=np.int64)
+        packed = np.zeros(self.packed.numel(), dtype=np.int64)
         packed[:real] = ids
         packed[n:n + real], packed[n + real:2 * n] = positions, np.arange(pad)
         packed[2 * n:2 * n + real], packed[2 * n + real:3 * n] = slots, -1
         # Each token's sequence; the padding tokens form the sequence after the real ones.
-        packed[3 * n:4 * n] = np.repeat(np.arange(len(seq_lens) + 1), np.diff(cu_seqlens + [n]))
-        cu, lens = packed[4 * n:4 * n + b + 1], packed[4 * n + b + 1:]
+        owners = packed[3 * n:4 * n]
+        owners[:] = np.repeat(np.arange(len(seq_lens) + 1), np.diff(cu_seqlens + [n]))
+        cu, lens = packed[4 * n:4 * n + b + 1], packed[4 * n + b + 1:4 * n + 2 * b + 1]
         cu[:len(cu_seqlens)], cu[len(cu_seqlens):] = cu_seqlens, n
         lens[:len(seq_lens)] = seq_lens
         if pad:
             lens[len(seq_lens)] = pad  # the padding sequence; further ones are empty
+        if self.masked_rows:  # row i of sequence s: s's length; its mask row starts at indptr[s] + i * length
+            row_lens, offsets = packed[4 * n + 2 * b + 1:5 * n + 2 * b + 1], packed[5 * n + 2 * b + 1:]
+            row_lens[:] = lens[owners]
+            indptr = np.asarray(mask_indptr, dtype=np.int64)  # its last entry: where the padding rows start
+            offsets[:] = indptr[owners] + (np.arange(n) - cu[owners]) * row_lens
         self.packed.copy_(torch.from_numpy(packed), non_blocking=True)
         copy_tables(self.tables, tables, 0)  # the padding sequences' blocks: block 0
         if mask_indptr is not None:  # the padding sequence's rows see nothing

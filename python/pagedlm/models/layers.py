@@ -71,7 +71,8 @@ class Attention(nn.Module):
         ops.write_kv_cache(k, v, key_cache, value_cache, batch.slot_mapping)
         if batch.decode_only:
             out = ops.paged_decode_attention(q, key_cache, value_cache, batch.block_tables, batch.seq_lens,
-                                             sliding_window=self.sliding_window)
+                                             sliding_window=self.sliding_window, custom_mask=batch.custom_mask,
+                                             mask_offsets=batch.mask_offsets)
         else:
             out = ops.paged_prefill_attention(q, key_cache, value_cache, batch.block_tables, batch.cu_seqlens_q,
                                               batch.seq_lens, custom_mask=batch.custom_mask,

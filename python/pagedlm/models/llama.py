@@ -18,7 +18,9 @@ class AttentionBatch:
     (cached tokens, the new ones included); cu_seqlens_q int32 [seqs + 1] (each sequence's
     new tokens are contiguous in the batch). decode_only: every sequence brings one token.
     custom_mask, mask_indptr: replace the causal mask (tree and lookahead verification), in
-    paged_prefill_attention's layout.
+    paged_prefill_attention's layout; with decode_only, each token is its own row (its sequence's
+    table and length) and mask_offsets int64 [tokens] locate the rows' masks instead, as
+    paged_decode_attention takes them.
     """
     slot_mapping: torch.Tensor
     block_tables: torch.Tensor
@@ -27,6 +29,7 @@ class AttentionBatch:
     decode_only: bool
     custom_mask: torch.Tensor | None = None
     mask_indptr: torch.Tensor | None = None
+    mask_offsets: torch.Tensor | None = None
 
 
 class DecoderLayer(nn.Module):
