@@ -22,6 +22,15 @@ for dtype, head_dim in [(torch.bfloat16, 128), (torch.float32, 64), (torch.float
                        torch.randn(5, 2, head_dim, device="cuda", dtype=dtype), kc, vc,
                        torch.tensor([0, 17, -1, 639, 5], device="cuda"))
     ops.copy_blocks([kc], [vc], torch.tensor([[0, 1], [5, 39]], device="cuda"))
+# A row long enough to be split (split-K and the merge kernel), a bad block id in its last split.
+kc = torch.randn(300, 16, 2, 128, device="cuda", dtype=torch.bfloat16)
+vc = torch.randn_like(kc)
+tables = torch.randperm(300, device="cuda")[:256].view(1, 256).int()
+ops.paged_decode_attention(torch.randn(1, 8, 128, device="cuda", dtype=torch.bfloat16), kc, vc, tables,
+                           torch.tensor([4000], dtype=torch.int32, device="cuda"), return_lse=True)
+tables[0, 240] = -1
+ops.paged_decode_attention(torch.randn(1, 8, 128, device="cuda", dtype=torch.bfloat16), kc, vc, tables,
+                           torch.tensor([4000], dtype=torch.int32, device="cuda"))
 torch.cuda.synchronize()
 print("sanitize case done")
 

@@ -278,9 +278,9 @@ def test_custom_mask_needs_offsets_inside_the_mask():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("heads, head_dim, block_size", [((8, 2), 64, 16), ((5, 5), 128, 1), ((4, 1), 256, 32)])
 def test_cuda_custom_mask_rows_equal_masked_prefill(dtype, heads, head_dim, block_size):
-    # 3000 keys make the kernel split each row (split-K with a merge).
-    out = check_masked_rows("cuda", dtype, heads, head_dim, block_size, [40, 13, 3000, 1], [11, 13, 5, 1], seed=79)
-    prefill, _, _ = masked_rows([40, 13, 3000, 1], [11, 13, 5, 1], heads=heads, head_dim=head_dim,
+    # 5000 keys make the kernel split the rows (split-K with a merge).
+    out = check_masked_rows("cuda", dtype, heads, head_dim, block_size, [40, 13, 5000, 1], [11, 13, 5, 1], seed=79)
+    prefill, _, _ = masked_rows([40, 13, 5000, 1], [11, 13, 5, 1], heads=heads, head_dim=head_dim,
                                 block_size=block_size, dtype=dtype, seed=79, device="cuda")
     query, kc, vc, tables, cu, lens, mask, indptr = prefill
     expected = ops.paged_prefill_attention(query, kc, vc, tables, cu, lens, custom_mask=mask, mask_indptr=indptr)
