@@ -50,22 +50,36 @@ template <typename T, int N>
 __device__ void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t b, int accumulate);
 
 // The specializations, each written once for both 16-bit types (PTX: the type's name in the
-// instruction); the register lists are long and regular.
+// instruction). The accumulators' register lists are long and regular: the operand list and its
+// "%i" placeholders are written once per size (32 for N = 64, 64 for N = 128).
+
+#define PAGEDLM_WGMMA_REGS32                                                                                     \
+  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                                      \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+#define PAGEDLM_WGMMA_REGS64                                                                                     \
+  PAGEDLM_WGMMA_REGS32 ", "                                                                                      \
+  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "                            \
+  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+#define PAGEDLM_WGMMA_OUT32(d)                                                                                   \
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),                \
+  "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),          \
+  "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),        \
+  "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+#define PAGEDLM_WGMMA_OUT64(d)                                                                                   \
+  PAGEDLM_WGMMA_OUT32(d),                                                                                        \
+  "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),        \
+  "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),        \
+  "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),        \
+  "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
 
 #define PAGEDLM_WGMMA_SS_64(T, PTX)                                                                              \
 template <>                                                                                                      \
 __device__ __forceinline__ void wgmma_ss<T, 64>(float (&d)[32], uint64_t a, uint64_t b, int accumulate) {        \
   asm volatile(                                                                                                  \
       "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                                               \
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32." PTX "." PTX " {"                                             \
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                                 \
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"                         \
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32." PTX "." PTX " {" PAGEDLM_WGMMA_REGS32                       \
       "}, %32, %33, p, 1, 1, 0, 0;\n}\n"                                                                         \
-      :                                                                                                          \
-        "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),          \
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),    \
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),  \
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])   \
+      : PAGEDLM_WGMMA_OUT32(d)                                                                                   \
       : "l"(a), "l"(b), "r"(accumulate));                                                                        \
 }
 
@@ -75,15 +89,9 @@ __device__ __forceinline__ void wgmma_rs<T, 64>(float (&d)[32], const uint32_t (
                                                 int accumulate) {                                                \
   asm volatile(                                                                                                  \
       "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                                               \
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32." PTX "." PTX " {"                                             \
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                                 \
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"                         \
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32." PTX "." PTX " {" PAGEDLM_WGMMA_REGS32                       \
       "}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"                                                           \
-      :                                                                                                          \
-        "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),          \
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),    \
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),  \
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])   \
+      : PAGEDLM_WGMMA_OUT32(d)                                                                                   \
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate));                                    \
 }
 
@@ -92,21 +100,9 @@ template <>                                                                     
 __device__ __forceinline__ void wgmma_ss<T, 128>(float (&d)[64], uint64_t a, uint64_t b, int accumulate) {       \
   asm volatile(                                                                                                  \
       "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                                               \
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32." PTX "." PTX " {"                                            \
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                                 \
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "                       \
-        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "                       \
-        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"                         \
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32." PTX "." PTX " {" PAGEDLM_WGMMA_REGS64                      \
       "}, %64, %65, p, 1, 1, 0, 0;\n}\n"                                                                         \
-      :                                                                                                          \
-        "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),          \
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),    \
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),  \
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),  \
-        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),  \
-        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),  \
-        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),  \
-        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])   \
+      : PAGEDLM_WGMMA_OUT64(d)                                                                                   \
       : "l"(a), "l"(b), "r"(accumulate));                                                                        \
 }
 
@@ -116,21 +112,9 @@ __device__ __forceinline__ void wgmma_rs<T, 128>(float (&d)[64], const uint32_t 
                                                 int accumulate) {                                                \
   asm volatile(                                                                                                  \
       "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                                               \
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32." PTX "." PTX " {"                                            \
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                                 \
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "                       \
-        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "                       \
-        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"                         \
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32." PTX "." PTX " {" PAGEDLM_WGMMA_REGS64                      \
       "}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"                                                           \
-      :                                                                                                          \
-        "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),          \
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),    \
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),  \
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),  \
-        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),  \
-        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),  \
-        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),  \
-        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])   \
+      : PAGEDLM_WGMMA_OUT64(d)                                                                                   \
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate));                                    \
 }
 
@@ -146,6 +130,10 @@ PAGEDLM_WGMMA_RS_128(__half, "f16")
 #undef PAGEDLM_WGMMA_RS_64
 #undef PAGEDLM_WGMMA_SS_128
 #undef PAGEDLM_WGMMA_RS_128
+#undef PAGEDLM_WGMMA_REGS32
+#undef PAGEDLM_WGMMA_REGS64
+#undef PAGEDLM_WGMMA_OUT32
+#undef PAGEDLM_WGMMA_OUT64
 
 __device__ __forceinline__ void mbarrier_init(uint32_t bar, int count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
