@@ -78,14 +78,28 @@ AttentionShape check_attention(const Tensor& query, const Tensor& key_cache, con
   return a;
 }
 
-// Block tables int32 [batch, max_blocks] and an int32 [n] vector, on the query's device.
+// Block tables int32 [batch, max_blocks] and an int32 (or `bits`) [n] vector, on the query's device.
 void check_index(const Tensor& t, size_t rank, int64_t dim0, const char* arg, const char* meaning,
-                 const Placement& where) {
+                 const Placement& where, int bits = 32) {
   expect_rank(t, rank, arg);
-  expect_int(t, 32, arg);
+  expect_int(t, bits, arg);
   expect_contiguous(t, arg);
   expect_dim(t, 0, dim0, arg, meaning);
   expect_same_placement(t, where, arg, "query");
+}
+
+// A custom mask: flat, contiguous, on the query's device; bool, or (where `packed_allowed`) uint8
+// bit-packed. Returns whether it is packed.
+bool check_custom_mask(const Tensor& mask, const Placement& where, bool packed_allowed) {
+  expect_rank(mask, 1, "custom_mask");
+  expect_contiguous(mask, "custom_mask");
+  const nb::dlpack::dtype d = mask.dtype();
+  const bool is_bool = d.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Bool) && d.bits == 8;
+  const bool is_u8 = d.code == static_cast<uint8_t>(nb::dlpack::dtype_code::UInt) && d.bits == 8;
+  if (!packed_allowed && !is_bool) throw nb::type_error("custom_mask: dtype must be bool (one element per key)");
+  if (!is_bool && !is_u8) throw nb::type_error("custom_mask: dtype must be bool (flat) or uint8 (bit-packed)");
+  expect_same_placement(mask, where, "custom_mask", "query");
+  return is_u8;
 }
 
 template <typename Params>
@@ -199,18 +213,8 @@ void paged_decode(Tensor query, Tensor key_cache, Tensor value_cache, Tensor blo
   fill_attention(p, a, query, key_cache, value_cache, block_tables, seq_lens, out, lse, scale, sliding_window,
                  soft_cap);
   if (custom_mask) {
-    expect_rank(*custom_mask, 1, "custom_mask");
-    expect_contiguous(*custom_mask, "custom_mask");
-    const nb::dlpack::dtype d = custom_mask->dtype();
-    if (d.code != static_cast<uint8_t>(nb::dlpack::dtype_code::Bool) || d.bits != 8) {
-      throw nb::type_error("custom_mask: dtype must be bool (one element per key)");
-    }
-    expect_same_placement(*custom_mask, where, "custom_mask", "query");
-    expect_rank(*mask_offsets, 1, "mask_offsets");
-    expect_int(*mask_offsets, 64, "mask_offsets");
-    expect_contiguous(*mask_offsets, "mask_offsets");
-    expect_dim(*mask_offsets, 0, a.rows, "mask_offsets", "batch");
-    expect_same_placement(*mask_offsets, where, "mask_offsets", "query");
+    check_custom_mask(*custom_mask, where, false);
+    check_index(*mask_offsets, 1, a.rows, "mask_offsets", "batch", where, 64);
     p.mask = static_cast<const uint8_t*>(custom_mask->data());
     p.mask_offsets = static_cast<const int64_t*>(mask_offsets->data());
     p.mask_size = static_cast<int64_t>(custom_mask->shape(0));
@@ -251,19 +255,8 @@ void paged_prefill(Tensor query, Tensor key_cache, Tensor value_cache, Tensor bl
   if (custom_mask.has_value() != mask_indptr.has_value()) fail("mask_indptr", "must be given with custom_mask");
   bool packed = false;
   if (custom_mask) {
-    expect_rank(*custom_mask, 1, "custom_mask");
-    expect_contiguous(*custom_mask, "custom_mask");
-    const nb::dlpack::dtype d = custom_mask->dtype();
-    const bool is_bool = d.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Bool) && d.bits == 8;
-    const bool is_u8 = d.code == static_cast<uint8_t>(nb::dlpack::dtype_code::UInt) && d.bits == 8;
-    if (!is_bool && !is_u8) throw nb::type_error("custom_mask: dtype must be bool (flat) or uint8 (bit-packed)");
-    packed = is_u8;
-    expect_rank(*mask_indptr, 1, "mask_indptr");
-    expect_int(*mask_indptr, 32, "mask_indptr");
-    expect_contiguous(*mask_indptr, "mask_indptr");
-    expect_dim(*mask_indptr, 0, batch + 1, "mask_indptr", "batch + 1");
-    expect_same_placement(*custom_mask, where, "custom_mask", "query");
-    expect_same_placement(*mask_indptr, where, "mask_indptr", "query");
+    packed = check_custom_mask(*custom_mask, where, true);
+    check_index(*mask_indptr, 1, batch + 1, "mask_indptr", "batch + 1", where);
   }
 
   PagedPrefillParams p;
