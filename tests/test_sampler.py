@@ -4,7 +4,7 @@ that rejects a wrong distribution, and greedy rows taking the argmax with its lo
 import pytest
 import torch
 
-from pagedlm.engine.sampler import probabilities, sample
+from pagedlm.engine.sampler import greedy_choices, probabilities, sample
 from pagedlm.engine.sequence import SamplingParams, Sequence
 
 scipy_stats = pytest.importorskip("scipy.stats")
@@ -63,3 +63,16 @@ def test_greedy_rows_take_the_argmax_with_its_log_probability():
     tokens, logprobs = sample(logits, seqs, engine_seed=0)
     assert tokens == logits.argmax(-1).tolist()
     torch.testing.assert_close(torch.tensor(logprobs), logits.log_softmax(-1).max(-1).values)
+
+
+def test_greedy_choices_break_ties_low_and_are_what_sample_takes():
+    """greedy_choices (computed inside the decode and verification graphs): the first maximal
+    index and its log-probability; sample() given them emits exactly what it computes itself."""
+    logits = torch.randn(6, 13, generator=torch.Generator().manual_seed(1))
+    logits[2, [3, 7]] = logits[2].max() + 1.0  # a tie: the lower index wins
+    choices = greedy_choices(logits)
+    assert choices.dtype == torch.float64 and choices.shape == (6, 2)
+    assert choices[:, 0].long().tolist() == [int(row.argmax()) for row in logits] and choices[2, 0] == 3
+    torch.testing.assert_close(choices[:, 1], logits.double().log_softmax(-1).max(-1).values, rtol=1e-6, atol=1e-6)
+    seqs = [Sequence(i, str(i), 0, [1, 2], SamplingParams(temperature=0)) for i in range(6)]
+    assert sample(logits, seqs, engine_seed=0, choices=choices) == sample(logits, seqs, engine_seed=0)

@@ -10,6 +10,7 @@ import torch
 import pagedlm.engine.varlen_graphs as varlen_graphs
 import pagedlm.spec.draft_chain as draft_chain
 from pagedlm import LLM, SamplingParams
+from pagedlm.engine.sampler import greedy_choices
 from pagedlm.engine.varlen_graphs import VarlenGraphs
 from pagedlm.spec.draft_chain import DraftChainGraphs
 
@@ -25,12 +26,16 @@ MAX_SEQS = 8
 
 
 class _Replayed:
+    """Outputs: the draft chain's tokens, or the varlen graphs' (logits, choices)."""
+
     def __init__(self, forward, output):
-        self.forward, self.output = forward, output
+        self.forward, self.outputs = forward, output if isinstance(output, tuple) else (output,)
 
     def replay(self):
         with torch.inference_mode():
-            self.output.copy_(self.forward())
+            fresh = self.forward()
+            for output, value in zip(self.outputs, fresh if isinstance(fresh, tuple) else (fresh,)):
+                output.copy_(value)
 
 
 def replay_eagerly(forward, pool, device):
@@ -131,9 +136,11 @@ def test_varlen_graph_logits_equal_the_eager_forward(models, split, per_query):
         items.append(ForwardItem(seq_id, list(range(cached, cached + new)), cached, 0, None, list(range(new))))
     graphs = VarlenGraphs(llm.model, llm.kv_caches, MAX_SEQS, llm.device, None)
     eager = paged_forward(llm.model, llm.kv_caches, bm, llm.device, items).clone()
-    graphed = paged_forward(llm.model, llm.kv_caches, bm, llm.device, items, graphs)
+    graphed, choices = paged_forward(llm.model, llm.kv_caches, bm, llm.device, items, graphs, choices=True)
     assert graphs.captures == 1 and [g.per_query for g in graphs.graphs.values()] == [per_query]
     torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-5)
+    # The graph's greedy choices are its logits' (the rows picked by logit_rows, as the logits).
+    torch.testing.assert_close(choices, greedy_choices(graphed), rtol=0, atol=0)
 
 
 def test_masked_varlen_graph_rows_equal_the_eager_forward(models):

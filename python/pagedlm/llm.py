@@ -140,8 +140,8 @@ class LLM:
             emitted = self.speculator.step(scheduled, copies)
             if emitted is not None:
                 return self._emit_speculative(emitted)
-        seqs, logits = self.runner.step(scheduled, copies)
-        sampled, logprobs = sample(logits, seqs, self.seed) if seqs else ([], [])
+        seqs, logits, choices = self.runner.step(scheduled, copies)
+        sampled, logprobs = sample(logits, seqs, self.seed, choices) if seqs else ([], [])
         if self.speculator is not None:
             self.speculator.plain_step_done(scheduled, seqs)
         for seq, token, logprob in zip(seqs, sampled, logprobs):

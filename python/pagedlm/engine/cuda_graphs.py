@@ -1,6 +1,7 @@
 """CUDA graphs for decode-only steps: the whole forward (every layer's KV write, paged decode
-attention and matmuls, then the LM head) captured once per batch-size bucket and block-table
-width, and replayed with the step's inputs copied into static buffers.
+attention and matmuls, then the LM head and each row's greedy choice) captured once per
+batch-size bucket and block-table width, and replayed with the step's inputs copied into static
+buffers.
 
 A step of B sequences runs the graph of the smallest bucket >= B; the padding rows write no
 KV (slot -1) and attend to nothing (length 0, an all -1 block-table row), so they cost little
@@ -13,6 +14,7 @@ import gc
 import numpy as np
 import torch
 
+from pagedlm.engine.sampler import greedy_choices
 from pagedlm.models import AttentionBatch
 
 MIN_WIDTH = 64          # blocks per table row in the narrowest graphs
@@ -96,7 +98,8 @@ class DecodeGraphs:
         return batch <= self.buckets[-1] and width <= MAX_WIDTH
 
     def run(self, ids, positions, slots, tables):
-        """Logits float32 [len(ids), vocab] of one decode step (a view of the graph's output)."""
+        """(logits float32 [len(ids), vocab], their greedy_choices) of one decode step (views of
+        the graph's outputs)."""
         batch, needed = len(ids), tables.shape[1]
         graphs = self._graph_set(width_of(needed))
         bucket = bucket_of(batch, self.buckets)
@@ -109,7 +112,8 @@ class DecodeGraphs:
         graphs.meta[:, :bucket].copy_(torch.from_numpy(meta), non_blocking=True)
         copy_tables(graphs.tables[:bucket], tables, -1)
         graph.replay()
-        return graphs.logits[bucket][:batch]
+        logits, choices = graphs.outputs[bucket]
+        return logits[:batch], choices[:batch]
 
     def _graph_set(self, width):
         if width not in self.widths:
@@ -126,7 +130,7 @@ class _GraphSet:
         self.meta = torch.zeros(4, largest, dtype=torch.int64, device=owner.device)
         self.meta[2] = -1
         self.tables = torch.full((largest, width), -1, dtype=torch.int32, device=owner.device)
-        self.graphs, self.logits = {}, {}
+        self.graphs, self.outputs = {}, {}
 
     def graph(self, bucket):
         if bucket not in self.graphs:
@@ -137,10 +141,11 @@ class _GraphSet:
         meta = self.meta[:, :bucket]
         batch = AttentionBatch(slot_mapping=meta[2], block_tables=self.tables[:bucket], seq_lens=meta[3].int(),
                                cu_seqlens_q=None, decode_only=True)
-        return self.owner.model(meta[0], meta[1], batch, self.owner.kv_caches)
+        logits = self.owner.model(meta[0], meta[1], batch, self.owner.kv_caches)
+        return logits, greedy_choices(logits)
 
     def _capture(self, bucket):
         self.meta[:, :bucket] = torch.tensor([[0], [0], [-1], [0]])  # padding rows: no KV write, nothing read
-        graph, self.logits[bucket] = capture(lambda: self._forward(bucket), self.owner.pool, self.owner.device)
+        graph, self.outputs[bucket] = capture(lambda: self._forward(bucket), self.owner.pool, self.owner.device)
         self.owner.captures += 1
         return graph

@@ -2,12 +2,14 @@
 committed ones: a draft chain, or a token tree (lookahead, candidate tries). Each extra token
 sits at position last + depth and attends to the committed prefix and its tree ancestors, so
 a chain needs only the causal mask; a tree needs a custom mask, built for the whole batch."""
+import functools
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 import pagedlm.ops as ops
+from pagedlm.engine.sampler import greedy_choices
 from pagedlm.models import AttentionBatch
 
 
@@ -47,21 +49,31 @@ def item_mask(item, seq_len):
     seeing the cached prefix, their ancestors and themselves."""
     q_len = len(item.tokens)
     offset = seq_len - q_len
-    mask = np.arange(seq_len)[None, :] <= np.arange(q_len)[:, None] + offset
+    mask = np.ones((q_len, seq_len), dtype=bool)
+    mask[:, offset:] = _lower_triangle(q_len)
     if item.parents is not None:
-        first = q_len - item.num_extra
-        extras = np.eye(item.num_extra, dtype=bool)  # ancestor-or-self among the extras
+        n, first = item.num_extra, q_len - item.num_extra
+        ancestry = []  # each extra's ancestors and itself, as the bits of an int (parents come first)
         for i, parent in enumerate(item.parents):
-            if parent >= 0:
-                extras[i] |= extras[parent]  # parents come first, so their rows are complete
-        mask[first:, offset + first:] = extras
+            ancestry.append((ancestry[parent] if parent >= 0 else 0) | 1 << i)
+        width = (n + 7) // 8
+        rows = np.frombuffer(b"".join(a.to_bytes(width, "little") for a in ancestry), np.uint8).reshape(n, width)
+        mask[first:, offset + first:] = np.unpackbits(rows, axis=1, count=n, bitorder="little")
     return mask
 
 
-def paged_forward(model, kv_caches, bm, device, items, graphs=None):
+@functools.cache
+def _lower_triangle(n):
+    tri = np.tri(n, dtype=bool)
+    tri.flags.writeable = False
+    return tri
+
+
+def paged_forward(model, kv_caches, bm, device, items, graphs=None, *, choices=False):
     """Runs items (their slots already reserved in bm) through model, replaying one of graphs
     (VarlenGraphs) when the batch fits them; returns float32 logits
-    [sum(len(item.logit_rows)), vocab], items in order."""
+    [sum(len(item.logit_rows)), vocab], items in order. choices=True: (logits, their
+    greedy_choices), which a replayed graph has computed with the logits."""
     counts = [len(it.tokens) for it in items]
     seq_ids = [it.seq_id for it in items]
     seq_lens = [bm.num_tokens(s) for s in seq_ids]
@@ -71,7 +83,7 @@ def paged_forward(model, kv_caches, bm, device, items, graphs=None):
     mask = indptr = None
     if any(it.parents is not None for it in items):
         masks = [item_mask(it, n).ravel() for it, n in zip(items, seq_lens)]
-        mask = torch.from_numpy(np.concatenate(masks))
+        mask = np.concatenate(masks)
         indptr = [0, *np.cumsum([m.size for m in masks]).tolist()]
     slots = bm.slot_mapping(seq_ids, counts)
     tables = bm.block_tables(seq_ids)
@@ -81,15 +93,18 @@ def paged_forward(model, kv_caches, bm, device, items, graphs=None):
     if graphs is not None and graphs.fits(len(ids), len(items), tables.shape[1]):
         # The rows' index goes up before the replay: a copy after it would wait for the graph.
         index = None if rows == list(range(len(ids))) else torch.tensor(rows).to(device, non_blocking=True)
-        logits = graphs.run(ids, positions, slots, tables, cu, seq_lens, mask, indptr)
-        return logits if index is None else logits[index]
+        logits, row_choices = graphs.run(ids, positions, slots, tables, cu, seq_lens, mask, indptr)
+        if index is not None:
+            logits, row_choices = logits[index], row_choices[index]
+        return (logits, row_choices) if choices else logits
     batch = AttentionBatch(
         slot_mapping=torch.from_numpy(slots).to(device),
         block_tables=torch.from_numpy(tables).to(device),
         seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
         cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=device),
         decode_only=all(c == 1 for c in counts),
-        custom_mask=None if mask is None else mask.to(device),
+        custom_mask=None if mask is None else torch.from_numpy(mask).to(device),
         mask_indptr=None if indptr is None else torch.tensor(indptr, dtype=torch.int32, device=device))
-    return model(torch.tensor(ids, device=device), torch.tensor(positions, device=device), batch, kv_caches,
-                 logits_indices=torch.tensor(rows, device=device))
+    logits = model(torch.tensor(ids, device=device), torch.tensor(positions, device=device), batch, kv_caches,
+                   logits_indices=torch.tensor(rows, device=device))
+    return (logits, greedy_choices(logits)) if choices else logits

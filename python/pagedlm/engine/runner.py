@@ -19,12 +19,14 @@ class ModelRunner:
                        else None)
 
     def step(self, scheduled, copies):
-        """Runs the forward; returns (sequences, logits float32 [len(sequences), vocab]) for the
-        sequences that now have every token cached (not those after a mid-prompt chunk)."""
+        """Runs the forward; returns (sequences, logits float32 [len(sequences), vocab], their
+        greedy_choices or None) for the sequences that now have every token cached (not those
+        after a mid-prompt chunk). The choices come from a replayed graph, else are None."""
         apply_block_copies(self.kv_caches, copies, self.device)
         computing = [s for s in scheduled if s.num_new > 0]
+        choices = None
         if computing:
-            logits = self._forward(computing)
+            logits, choices = self._forward(computing)
             row_of = {s.seq: i for i, s in enumerate(computing)}
             for s in computing:
                 s.seq.num_cached += s.num_new
@@ -33,13 +35,15 @@ class ModelRunner:
                 s.seq.num_cached = s.logits_of.num_cached
         ready = [s for s in scheduled if s.logits_of.num_cached == len(s.logits_of)]
         if not ready:
-            return [], None
+            return [], None, None
         rows = [row_of[s.logits_of] for s in ready]
         if rows != list(range(len(computing))):
-            logits = logits[torch.tensor(rows, device=self.device)]
-        return [s.seq for s in ready], logits
+            index = torch.tensor(rows, device=self.device)
+            logits, choices = logits[index], None if choices is None else choices[index]
+        return [s.seq for s in ready], logits, choices
 
     def _forward(self, computing):
+        """(logits, greedy_choices or None)."""
         seq_ids = [s.seq.seq_id for s in computing]
         counts = [s.num_new for s in computing]
         tables = torch.from_numpy(self.bm.block_tables(seq_ids))
@@ -49,13 +53,13 @@ class ModelRunner:
             positions = [s.seq.num_cached for s in computing]
             if self.graphs is not None and self.graphs.fits(len(computing), tables.shape[1]):
                 return self.graphs.run(ids, positions, slots, tables)
-            return self._eager(ids, positions, slots, tables, counts, decode_only=True)
+            return self._eager(ids, positions, slots, tables, counts, decode_only=True), None
         ids, positions = [], []
         for s in computing:
             start = s.seq.num_cached  # the step computes tokens [start, start + num_new)
             ids += s.seq.token_range(start, start + s.num_new)
             positions += range(start, start + s.num_new)
-        return self._eager(ids, positions, slots, tables, counts, decode_only=False)
+        return self._eager(ids, positions, slots, tables, counts, decode_only=False), None
 
     def _eager(self, ids, positions, slots, tables, counts, decode_only):
         cu = [0]

@@ -1,9 +1,11 @@
 """Next-token sampling for a whole step at once, on the logits' device, with one host sync.
 
-Greedy rows (temperature 0) take the argmax. Sampled rows apply temperature, top-k and top-p,
-then pick a token by inverse CDF with a uniform drawn from Philox-4x32-10 (the generator of
-the verification kernels) keyed by (request seed, sample index, position): a seeded request
-draws the same tokens alone or in any batch, on CPU or GPU.
+Greedy rows (temperature 0) take the argmax, with its log-probability: greedy_choices, which
+the CUDA graphs of decode and verification forwards compute with the logits, saving the step
+its launches. Sampled rows apply temperature, top-k and top-p, then pick a token by inverse CDF
+with a uniform drawn from Philox-4x32-10 (the generator of the verification kernels) keyed by
+(request seed, sample index, position): a seeded request draws the same tokens alone or in any
+batch, on CPU or GPU.
 """
 import zlib
 
@@ -15,13 +17,19 @@ from pagedlm import _C
 _DRAW_SAMPLE = 1  # the Philox word the kernels use for sampling a token (philox.h: kDrawSample)
 
 
-def sample(logits, seqs, engine_seed):
-    """logits float32 [rows, vocab], one row per sequence in seqs; returns (tokens, logprobs) lists."""
+def greedy_choices(logits):
+    """float64 [rows, 2]: each row's argmax and its log-probability (float64 holds both exactly)."""
+    tokens = logits.argmax(-1, keepdim=True)
+    return torch.cat([tokens.double(), logits.log_softmax(-1).gather(-1, tokens).double()], -1)
+
+
+def sample(logits, seqs, engine_seed, choices=None):
+    """logits float32 [rows, vocab], one row per sequence in seqs; returns (tokens, logprobs)
+    lists. choices: the logits' greedy_choices when already computed (by a graph)."""
     greedy = [i for i, s in enumerate(seqs) if s.params.temperature == 0]
-    if len(greedy) == len(seqs):  # the common step: no scatter into preallocated outputs
-        tokens = logits.argmax(-1)
-        logprobs = logits.log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1)
-        return _to_host(tokens, logprobs)
+    if len(greedy) == len(seqs):  # the common step: one copy of the choices to the host
+        both = (greedy_choices(logits) if choices is None else choices).cpu().numpy()
+        return both[:, 0].astype(np.int64).tolist(), both[:, 1].tolist()
     tokens = torch.empty(len(seqs), dtype=torch.int64, device=logits.device)
     logprobs = torch.empty(len(seqs), dtype=torch.float32, device=logits.device)
     if greedy:

@@ -9,8 +9,9 @@ The padding tokens form one padding sequence after the real ones, which writes n
 -1) and reads block 0 (under a custom mask, nothing), so every value stays valid even for
 the strictest input checks; further padding sequences are empty. The logits of every token
 are computed, into one output buffer that all the graphs share (a graph per bucket and width
-each holding [tokens, vocab] float32 would cost gigabytes with a large vocabulary); callers
-pick their rows.
+each holding [tokens, vocab] float32 would cost gigabytes with a large vocabulary), and so is
+each token's greedy choice (its argmax and log-probability), which verification reads without
+launching anything more; callers pick their rows.
 
 Forwards of a few tokens per sequence under the causal mask attend as decode queries: token
 j of a sequence is one query over the sequence's first position_j + 1 cached tokens (its
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 
 from pagedlm.engine.cuda_graphs import MAX_WIDTH, bucket_of, capture, copy_tables, width_of
+from pagedlm.engine.sampler import greedy_choices
 from pagedlm.models import AttentionBatch
 
 TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512)  # larger forwards run eagerly
@@ -59,9 +61,10 @@ class VarlenGraphs:
         return tokens <= TOKEN_BUCKETS[-1] and seqs < self.seq_buckets[-1] and width <= MAX_WIDTH
 
     def run(self, ids, positions, slots, tables, cu_seqlens, seq_lens, mask=None, mask_indptr=None):
-        """Logits float32 [len(ids), vocab] (a view of the shared output, valid until any of
-        these graphs replays). slots and tables: the block manager's arrays; mask: a flat bool
-        tensor with element offsets mask_indptr, as paged_prefill_attention takes them."""
+        """(logits float32 [len(ids), vocab], their greedy_choices): views of the graph's outputs,
+        the logits valid until any of these graphs replays. slots and tables: the block
+        manager's arrays; mask: a flat bool numpy array with element offsets mask_indptr (a
+        list), as paged_prefill_attention takes them."""
         n, b = len(ids), len(seq_lens)
         tokens = bucket_of(n, TOKEN_BUCKETS)
         seqs = bucket_of(b + (n < tokens), self.seq_buckets)  # room for the padding sequence
@@ -88,23 +91,23 @@ class _VarlenGraph:
         self.masked_rows = masked and self.per_query
         device = owner.device
         # ids, positions, slots, each token's sequence | cu_seqlens_q | seq_lens [| each token's
-        # sequence length and mask offset, for masked rows]: one int64 buffer, one copy per replay.
-        self.packed = torch.zeros(4 * tokens + 2 * seqs + 1 + (2 * tokens if self.masked_rows else 0),
-                                  dtype=torch.int64, device=device)
-        self.tables = torch.zeros(seqs, width, dtype=torch.int32, device=device)
+        # sequence length and mask offset, for masked rows] [| mask_indptr | the mask's bytes,
+        # for masked graphs]: one int64 buffer, whose used part is one copy per replay.
+        self.ints = 4 * tokens + 2 * seqs + 1 + (2 * tokens if self.masked_rows else 0) + (seqs + 1 if masked else 0)
         block_size = owner.kv_caches[0][0].shape[1]
-        capacity = tokens * max(width * block_size, tokens)  # sum of q_len x seq_len, the padding's included
-        self.mask = torch.zeros(capacity, dtype=torch.bool, device=device) if masked else None
-        self.mask_indptr = torch.zeros(seqs + 1, dtype=torch.int32, device=device) if masked else None
-        self._copy_inputs([], [], [], torch.zeros(0, 1, dtype=torch.int32), [0], [], torch.zeros(0, dtype=torch.bool),
+        capacity = tokens * max(width * block_size, tokens) if masked else 0  # sum of q_len x seq_len, padding's too
+        self.packed = torch.zeros(self.ints + -(-capacity // 8), dtype=torch.int64, device=device)
+        self.tables = torch.zeros(seqs, width, dtype=torch.int32, device=device)
+        self.mask = self.packed[self.ints:].view(torch.uint8)[:capacity].view(torch.bool) if masked else None
+        self._copy_inputs([], [], [], torch.zeros(0, 1, dtype=torch.int32), [0], [], np.zeros(0, dtype=bool),
                           [0] if masked else None)  # captured with every token padding
-        self.graph, self.logits = capture(lambda: self._forward(owner), owner.pool, device)
+        self.graph, self.outputs = capture(lambda: self._forward(owner), owner.pool, device)
 
     def _forward(self, owner):
         n, b, p = self.tokens, self.seqs, self.packed
         positions, cu_seqlens = p[n:2 * n], p[4 * n:4 * n + b + 1].int()
         if self.masked_rows:  # token i: a decode query over its sequence, under its row of the mask
-            rows = p[4 * n + 2 * b + 1:]
+            rows = p[4 * n + 2 * b + 1:6 * n + 2 * b + 1]
             batch = AttentionBatch(slot_mapping=p[2 * n:3 * n], block_tables=self.tables[p[3 * n:4 * n]],
                                    seq_lens=rows[:n].int(), cu_seqlens_q=cu_seqlens, decode_only=True,
                                    custom_mask=self.mask, mask_offsets=rows[n:])
@@ -112,17 +115,19 @@ class _VarlenGraph:
             batch = AttentionBatch(slot_mapping=p[2 * n:3 * n], block_tables=self.tables[p[3 * n:4 * n]],
                                    seq_lens=(positions + 1).int(), cu_seqlens_q=cu_seqlens, decode_only=True)
         else:
+            indptr = p[self.ints - b - 1:self.ints].int() if self.mask is not None else None
             batch = AttentionBatch(slot_mapping=p[2 * n:3 * n], block_tables=self.tables,
                                    seq_lens=p[4 * n + b + 1:4 * n + 2 * b + 1].int(), cu_seqlens_q=cu_seqlens,
-                                   decode_only=False, custom_mask=self.mask, mask_indptr=self.mask_indptr)
+                                   decode_only=False, custom_mask=self.mask, mask_indptr=indptr)
         logits = owner.logits[:n]
         logits.copy_(owner.model(p[:n], positions, batch, owner.kv_caches))
-        return logits
+        return logits, greedy_choices(logits)
 
     def _copy_inputs(self, ids, positions, slots, tables, cu_seqlens, seq_lens, mask, mask_indptr):
         n, b = self.tokens, self.seqs
         real, pad = len(ids), self.tokens - len(ids)
-        packed = np.zeros(self.packed.numel(), dtype=np.int64)
+        end = 0 if mask_indptr is None else mask_indptr[-1] + pad * pad  # the padding sequence's rows see nothing
+        packed = np.zeros(self.ints + -(-end // 8), dtype=np.int64)
         packed[:real] = ids
         packed[n:n + real], packed[n + real:2 * n] = positions, np.arange(pad)
         packed[2 * n:2 * n + real], packed[2 * n + real:3 * n] = slots, -1
@@ -135,20 +140,19 @@ class _VarlenGraph:
         if pad:
             lens[len(seq_lens)] = pad  # the padding sequence; further ones are empty
         if self.masked_rows:  # row i of sequence s: s's length; its mask row starts at indptr[s] + i * length
-            row_lens, offsets = packed[4 * n + 2 * b + 1:5 * n + 2 * b + 1], packed[5 * n + 2 * b + 1:]
+            row_lens, offsets = packed[4 * n + 2 * b + 1:5 * n + 2 * b + 1], packed[5 * n + 2 * b + 1:6 * n + 2 * b + 1]
             row_lens[:] = lens[owners]
             indptr = np.asarray(mask_indptr, dtype=np.int64)  # its last entry: where the padding rows start
             offsets[:] = indptr[owners] + (np.arange(n) - cu[owners]) * row_lens
-        self.packed.copy_(torch.from_numpy(packed), non_blocking=True)
+        if mask_indptr is not None:
+            indptr = packed[self.ints - b - 1:self.ints]
+            indptr[:len(mask_indptr)], indptr[len(mask_indptr):] = mask_indptr, end
+            packed[self.ints:].view(np.uint8)[:mask.size] = mask
+        self.packed[:len(packed)].copy_(torch.from_numpy(packed), non_blocking=True)
         copy_tables(self.tables, tables, 0)  # the padding sequences' blocks: block 0
-        if mask_indptr is not None:  # the padding sequence's rows see nothing
-            end = mask_indptr[-1] + pad * pad
-            self.mask[:mask.numel()].copy_(mask, non_blocking=True)
-            self.mask[mask.numel():end].zero_()
-            indptr = mask_indptr + [end] * (b - len(seq_lens))
-            self.mask_indptr.copy_(torch.tensor(indptr, dtype=torch.int32), non_blocking=True)
 
     def run(self, ids, positions, slots, tables, cu_seqlens, seq_lens, mask, mask_indptr):
         self._copy_inputs(ids, positions, slots, tables, cu_seqlens, seq_lens, mask, mask_indptr)
         self.graph.replay()
-        return self.logits[:len(ids)]
+        logits, choices = self.outputs
+        return logits[:len(ids)], choices[:len(ids)]

@@ -108,8 +108,8 @@ class Speculator:
             spans[s.seq] = (first, len(item.logit_rows))
             first += len(item.logit_rows)
         verification = Verification(drafts, spans, self.runner.device)  # its inputs uploaded before the forward
-        logits = paged_forward(self.runner.model, self.runner.kv_caches, self.runner.bm, self.runner.device, items,
-                               self.runner.varlen)
+        logits, choices = paged_forward(self.runner.model, self.runner.kv_caches, self.runner.bm, self.runner.device,
+                                        items, self.runner.varlen, choices=True)
         for s in computing:
             s.seq.num_cached += s.num_new
 
@@ -119,12 +119,15 @@ class Speculator:
                 s.seq.num_cached = s.logits_of.num_cached
             if s.logits_of.num_cached == len(s.logits_of) and s.seq not in drafts:
                 plain.append(s)
-        emitted = {}
-        if plain:
-            last_rows = torch.tensor([sum(spans[s.logits_of]) - 1 for s in plain], device=logits.device)
-            tokens, logprobs = sample(logits[last_rows], [s.seq for s in plain], self.engine_seed)
-            emitted = {s.seq: [(t, lp)] for s, t, lp in zip(plain, tokens, logprobs)}
-        emitted.update(self._verify(drafts, verification.accept(logits, self.engine_seed)))
+        verdicts = verification.accept(logits, choices, self.engine_seed)
+        last_row = {s.seq: sum(spans[s.logits_of]) - 1 for s in plain}
+        sampled = [s for s in plain if s.seq.params.temperature != 0]
+        emitted = {s.seq: [verification.row_choices[last_row[s.seq]]] for s in plain if s not in sampled}
+        if sampled:
+            rows = torch.tensor([last_row[s.seq] for s in sampled], device=logits.device)
+            tokens, logprobs = sample(logits[rows], [s.seq for s in sampled], self.engine_seed)
+            emitted.update({s.seq: [(t, lp)] for s, t, lp in zip(sampled, tokens, logprobs)})
+        emitted.update(self._verify(drafts, verdicts))
         return emitted
 
     def _verify(self, drafts, verdicts):

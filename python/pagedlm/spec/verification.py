@@ -5,9 +5,9 @@ its own seed and its position as the Philox offset, so a seeded request's tokens
 depend on its batch (the kernels take one seed per call).
 
 Everything the host needs from the greedy requests (the kernels' verdicts, each row's argmax
-and its log-probability) comes back in one transfer, so a step synchronizes once however
-many sequences it verifies: a greedy request emits each row's argmax, whose log-probability
-is computed for every row up front."""
+and its log-probability, which the forward's graph computes with the logits) comes back in
+one transfer, so a step synchronizes once however many sequences it verifies: a greedy
+request emits each row's argmax."""
 import numpy as np
 import torch
 
@@ -18,8 +18,8 @@ from pagedlm.spec.sampling import processed_probs, request_seed, token_logprobs
 class Verification:
     """One step's verification. Built before the forward: every index and draft the kernels
     read goes to the device in one copy while the device is still free, so nothing after the
-    forward waits on a host-to-device copy. Then accept(logits) reads the verdicts back in one
-    transfer."""
+    forward waits on a host-to-device copy. Then accept(logits, choices) reads the verdicts
+    back in one transfer."""
 
     def __init__(self, drafts, spans, device):
         """drafts: {seq: Draft}; spans: {seq: (its first row in the step's logits, its row
@@ -30,65 +30,72 @@ class Verification:
         self.seqs = self.chains + self.trees + [s for s in drafts if s.params.temperature > 0]
         self.drafts, self.spans = drafts, spans
         self.views = [tree_view(s, drafts[s]) for s in self.trees]
-        width = max(spans[s][1] for s in self.seqs)
         k = max((len(drafts[s].tokens) for s in self.chains), default=0)
         nodes = max((len(v[0]) for v in self.views), default=0)
-        # Rows of each seq padded to width (short ones repeat their last), then per chain its
-        # drafts and their count, then per tree its tokens, parents and rows: one int64 upload.
-        rows = np.array([[first + min(r, count - 1) for r in range(width)]
-                         for first, count in (spans[s] for s in self.seqs)], dtype=np.int64).reshape(-1, width)
-        chains = np.array([d.tokens + [0] * (k - len(d.tokens)) + [len(d.tokens)]
-                           for d in (drafts[s] for s in self.chains)], dtype=np.int64).reshape(-1, k + 1)
-        trees = np.array([[tokens + [0] * (nodes - len(tokens)) for tokens, _, _ in self.views],
-                          [parents + [-1] * (nodes - len(parents)) for _, parents, _ in self.views],  # -1: padding
-                          [[spans[s][0] + r for r in node_rows] + [0] * (nodes - len(node_rows))
-                           for s, (_, _, node_rows) in zip(self.trees, self.views)]],
-                         dtype=np.int64).reshape(3, len(self.trees), nodes)
-        parts = [rows, chains, trees]
-        flat = torch.from_numpy(np.concatenate([a.ravel() for a in parts])).to(device, non_blocking=True)
-        self.rows, self.chain_inputs, self.tree_inputs = (
-            part.view(a.shape) for part, a in zip(flat.split([a.size for a in parts]), parts))
+        # Per chain its drafts, its k + 1 rows (short ones repeat their last); per tree its tokens
+        # and rows; then per chain its draft count and per tree its parents (-1 pads), which
+        # become int32 in one launch. One int64 upload.
+        c, t = len(self.chains), len(self.trees)
+        values = []
+        for d in (drafts[s] for s in self.chains):
+            values += d.tokens + [0] * (k - len(d.tokens))
+        for tokens, _, _ in self.views:
+            values += tokens + [0] * (nodes - len(tokens))
+        for first, count in (spans[s] for s in self.chains):
+            values += [first + min(r, count - 1) for r in range(k + 1)]
+        for s, (_, _, rows) in zip(self.trees, self.views):
+            values += [spans[s][0] + r for r in rows] + [0] * (nodes - len(rows))
+        values += [len(drafts[s].tokens) for s in self.chains]
+        for _, parents, _ in self.views:
+            values += parents + [-1] * (nodes - len(parents))
+        shapes = [(c, k), (t, nodes), (c, k + 1), (t, nodes)]
+        flat = torch.tensor(values, dtype=torch.int64).to(device, non_blocking=True)
+        *parts, self.narrow = flat.split([a * b for a, b in shapes] + [c + t * nodes])
+        self.chain_drafts, self.tree_tokens, self.chain_rows, self.tree_rows = (
+            part.view(shape) for part, shape in zip(parts, shapes))
+        self.row_choices = None
 
-    def accept(self, logits, engine_seed):
+    def accept(self, logits, choices, engine_seed):
         """{seq: (path, tokens, logprobs, row_argmax)}: path indexes the seq's rows (0, then the
         accepted extras); tokens are the ones to emit, one per path entry, with their
         log-probabilities; row_argmax is the argmax of each of the seq's rows (proposers that
-        iterate on the model's own guesses read it)."""
-        padded = logits[self.rows]  # [seqs, width, V]
-        argmax = padded.argmax(-1)
-        logprob = torch.log_softmax(padded.float(), -1).gather(-1, argmax.unsqueeze(-1)).squeeze(-1)
-        verdicts = [argmax, logprob]
+        iterate on the model's own guesses read it). choices: the logits' greedy_choices; on
+        return, row_choices holds them on the host, a (token, logprob) per row of the step."""
+        verdicts = [choices]
+        narrow = self.narrow.int() if self.chains or self.trees else None
         if self.chains:
-            k = self.chain_inputs.shape[1] - 1
-            verdicts += ops.verify_greedy(self.chain_inputs[:, :k].contiguous(),
-                                          padded[:len(self.chains), :k + 1].contiguous(),
-                                          draft_lens=self.chain_inputs[:, k].int())
+            verdicts += ops.verify_greedy(self.chain_drafts, logits[self.chain_rows],
+                                          draft_lens=narrow[:len(self.chains)])
         if self.trees:
-            tokens, parents, rows = self.tree_inputs
-            verdicts += ops.verify_tree_greedy(tokens.contiguous(), parents.int(), logits[rows])
-        argmax, logprob, *rest = _to_host(verdicts)
-        argmax, logprob, rest = argmax.astype(np.int64).tolist(), logprob.tolist(), [
-            t.astype(np.int64).tolist() for t in rest]
+            parents = narrow[len(self.chains):].view(self.tree_tokens.shape)
+            verdicts += ops.verify_tree_greedy(self.tree_tokens, parents, logits[self.tree_rows])
+        host, *rest = _to_host(verdicts)
+        argmax, logprob = host[:, 0].astype(np.int64).tolist(), host[:, 1].tolist()
+        self.row_choices = list(zip(argmax, logprob))
+        rest = [t.astype(np.int64).tolist() for t in rest]
         results = {}
         if self.chains:
             out, accepted, rest = rest[0], rest[1], rest[2:]
             for i, seq in enumerate(self.chains):
+                first, count = self.spans[seq]
                 path = list(range(accepted[i] + 1))
-                results[seq] = (path, out[i][:len(path)], [logprob[i][r] for r in path], argmax[i])
+                results[seq] = (path, out[i][:len(path)], [logprob[first + r] for r in path],
+                                argmax[first:first + count])
         if self.trees:
             nodes, accepted, next_token = rest
             for j, (seq, (tokens, _, rows)) in enumerate(zip(self.trees, self.views)):
-                i = len(self.chains) + j
+                first, count = self.spans[seq]
                 accepted_nodes = nodes[j][:accepted[j] + 1]
                 path = [rows[n] for n in accepted_nodes]
                 emitted = [tokens[n] for n in accepted_nodes[1:]] + [next_token[j]]
-                results[seq] = (path, emitted, [logprob[i][r] for r in path], argmax[i])
-        for i, seq in enumerate(self.seqs):
+                results[seq] = (path, emitted, [logprob[first + r] for r in path], argmax[first:first + count])
+        for seq in self.seqs:
             if seq.params.temperature > 0:
                 first, count = self.spans[seq]
                 rows = logits[first:first + count]
                 path, tokens = _sampled(seq, self.drafts[seq], rows, engine_seed)
-                results[seq] = (path, tokens, token_logprobs(rows[path], seq.params, tokens), argmax[i])
+                results[seq] = (path, tokens, token_logprobs(rows[path], seq.params, tokens),
+                                argmax[first:first + count])
         return results
 
 
