@@ -2,11 +2,14 @@
 functions) and torch.profiler of the device kernels, for one method on the shipped code pair.
 
     python tools/profile_speculative.py [--method draft|ngram|lookahead|plain] [--batch 1]
-                                        [--dtype bfloat16] [--out DIR]
+                                        [--dtype bfloat16] [--out DIR] [--spec JSON]
+
+--spec replaces the method's configuration, e.g. '{"method": "lookahead", "window": 7, "ngram": 4, "guesses": 7}'.
 """
 import argparse
 import cProfile
 import io
+import json
 import pstats
 from pathlib import Path
 
@@ -29,8 +32,9 @@ def main():
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     parser.add_argument("--out", default=".")
+    parser.add_argument("--spec", type=json.loads, help="a speculative configuration replacing the method's")
     args = parser.parse_args()
-    config = METHODS[args.method]
+    config = args.spec or METHODS[args.method]
     if config is not None:
         config = dict(config, adaptive=False)
         if "model" in config:
