@@ -107,9 +107,9 @@ class Speculator:
         for s, item in zip(computing, items):
             spans[s.seq] = (first, len(item.logit_rows))
             first += len(item.logit_rows)
-        verification = Verification(drafts, spans, self.runner.device)  # its inputs uploaded before the forward
         logits, choices = paged_forward(self.runner.model, self.runner.kv_caches, self.runner.bm, self.runner.device,
                                         items, self.runner.varlen, choices=True)
+        verification = Verification(drafts, spans, self.runner.device)  # built while the device runs the forward
         for s in computing:
             s.seq.num_cached += s.num_new
 

@@ -16,10 +16,10 @@ from pagedlm.spec.sampling import processed_probs, request_seed, token_logprobs
 
 
 class Verification:
-    """One step's verification. Built before the forward: every index and draft the kernels
-    read goes to the device in one copy while the device is still free, so nothing after the
-    forward waits on a host-to-device copy. Then accept(logits, choices) reads the verdicts
-    back in one transfer."""
+    """One step's verification. Built while the device runs the step's forward (the host is
+    what limits small models): every index and draft the kernels read goes to the device in
+    one copy from pinned memory, which queues behind the forward without waiting for it. Then
+    accept(logits, choices) reads the verdicts back in one transfer."""
 
     def __init__(self, drafts, spans, device):
         """drafts: {seq: Draft}; spans: {seq: (its first row in the step's logits, its row
@@ -49,7 +49,8 @@ class Verification:
         for _, parents, _ in self.views:
             values += parents + [-1] * (nodes - len(parents))
         shapes = [(c, k), (t, nodes), (c, k + 1), (t, nodes)]
-        flat = torch.tensor(values, dtype=torch.int64).to(device, non_blocking=True)
+        flat = torch.tensor(values, dtype=torch.int64)
+        flat = (flat.pin_memory() if device.type == "cuda" else flat).to(device, non_blocking=True)
         *parts, self.narrow = flat.split([a * b for a, b in shapes] + [c + t * nodes])
         self.chain_drafts, self.tree_tokens, self.chain_rows, self.tree_rows = (
             part.view(shape) for part, shape in zip(parts, shapes))
