@@ -78,7 +78,7 @@ def main():
     for llm in engines.values():
         if args.drafting:
             bigram_model(llm.model)
-            if getattr(llm.speculator, "proposer", None) is not None and hasattr(llm.speculator.proposer, "model"):
+            if llm.speculator is not None and hasattr(llm.speculator.proposer, "model"):  # the draft model
                 bigram_model(llm.speculator.proposer.model)
         else:
             stub_forward(llm)
