@@ -121,6 +121,21 @@ def test_draft_chain_respects_each_sequences_cap(models):
     assert llm.speculator.proposer.bm.num_free_blocks == llm.speculator.proposer.bm.num_blocks
 
 
+def test_runner_replays_varlen_graphs_for_a_few_tokens_per_sequence(models):
+    """Plain steps in which every sequence brings 2..FEW_TOKENS tokens (here short prompts of
+    mixed lengths, as a tree method's recomputed tokens are) replay a varlen graph, and emit
+    what the eager forward does; a longer prompt in the step sends it eagerly."""
+    from pagedlm.engine.runner import FEW_TOKENS
+    g = torch.Generator().manual_seed(11)
+    short = [torch.randint(97, (n,), generator=g).tolist() for n in (2, FEW_TOKENS, 5)]
+    for batch, replayed in ((short, True), (short + [list(range(FEW_TOKENS + 1))], False)):
+        expected = tokens(engine(models, 4).generate(batch, GREEDY, use_tqdm=False))
+        llm = engine(models, 4)
+        llm.runner.varlen = VarlenGraphs(llm.model, llm.kv_caches, MAX_SEQS, llm.device, None)
+        assert tokens(llm.generate(batch, GREEDY, use_tqdm=False)) == expected
+        assert (llm.runner.varlen.replays > 0) == replayed
+
+
 @pytest.mark.parametrize("split, per_query", [([(9, 1), (5, 3), (0, 7)], True), ([(9, 1), (0, 60)], False)])
 def test_varlen_graph_logits_equal_the_eager_forward(models, split, per_query):
     """A mixed batch (a decode, a 3-token draft, a 7-token chunk; or a long chunk) through a

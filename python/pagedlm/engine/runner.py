@@ -1,20 +1,28 @@
 """One engine step on the model: gather the scheduled tokens into a packed batch, run the
-forward over the paged cache (a captured CUDA graph for decode-only steps on the GPU), and
-return the next-token logits of the sequences that now have every token cached."""
+forward over the paged cache, and return the next-token logits of the sequences that now have
+every token cached.
+
+On the GPU, decode-only steps replay a DecodeGraphs graph, and steps in which every sequence
+brings at most FEW_TOKENS tokens replay a VarlenGraphs graph. The latter are the decode steps of
+speculative engines after a token tree was verified: its accepted tokens are recomputed with
+the next token (speculator.py), and run eagerly they would cost a speculative engine's plain
+steps several times a decode graph's host time. Larger steps (prompt chunks) run eagerly."""
 import torch
 
 from pagedlm.engine.cuda_graphs import DecodeGraphs
-from pagedlm.engine.forward import apply_block_copies
+from pagedlm.engine.forward import ForwardItem, apply_block_copies, paged_forward
 from pagedlm.engine.varlen_graphs import VarlenGraphs
 from pagedlm.models import AttentionBatch
+
+FEW_TOKENS = 8  # tokens per sequence up to which a step replays a VarlenGraphs graph
 
 
 class ModelRunner:
     def __init__(self, model, kv_caches, block_manager, device, *, max_num_seqs, use_cuda_graphs):
         self.model, self.kv_caches, self.bm, self.device = model, kv_caches, block_manager, device
         self.graphs = DecodeGraphs(model, kv_caches, max_num_seqs, device) if use_cuda_graphs else None
-        # Forwards of a few tokens per sequence (speculative verification): captured on first use,
-        # or all at start by a speculative LLM (VarlenGraphs.capture_all).
+        # Forwards of a few tokens per sequence (speculative verification, recomputed tokens):
+        # captured on first use, or all at start by a speculative LLM (VarlenGraphs.capture_all).
         self.varlen = (VarlenGraphs(model, kv_caches, max_num_seqs, device, self.graphs.pool) if use_cuda_graphs
                        else None)
 
@@ -43,9 +51,13 @@ class ModelRunner:
         return [s.seq for s in ready], logits, choices
 
     def _forward(self, computing):
-        """(logits, greedy_choices or None)."""
-        seq_ids = [s.seq.seq_id for s in computing]
+        """(logits, greedy_choices or None): each computing sequence's last token's."""
         counts = [s.num_new for s in computing]
+        if self.varlen is not None and 1 < max(counts) <= FEW_TOKENS:
+            items = [ForwardItem(s.seq.seq_id, s.seq.token_range(s.seq.num_cached, s.seq.num_cached + s.num_new),
+                                 s.seq.num_cached, 0, None, [s.num_new - 1]) for s in computing]
+            return paged_forward(self.model, self.kv_caches, self.bm, self.device, items, self.varlen, choices=True)
+        seq_ids = [s.seq.seq_id for s in computing]
         tables = torch.from_numpy(self.bm.block_tables(seq_ids))
         slots = torch.from_numpy(self.bm.slot_mapping(seq_ids, counts))
         if all(c == 1 for c in counts):

@@ -25,6 +25,7 @@ from pagedlm.engine.cuda_graphs import captures_so_far
 from pagedlm.engine.sampler import sample
 from pagedlm.engine.sequence import Status
 from pagedlm.engine.forward import ForwardItem, apply_block_copies, paged_forward
+from pagedlm.engine.runner import FEW_TOKENS
 from pagedlm.spec.pay_switch import PaySwitch
 from pagedlm.spec.verification import Verification
 
@@ -65,7 +66,9 @@ class Speculator:
         for seq in emitters:
             forwards[seq] += 1
         # Prompt chunks blur the timing, and a step that captured a CUDA graph is no measure at all.
-        if self.switch is not None and self.captures == captures_so_far() and all(s.num_new <= 1 for s in scheduled):
+        # A few new tokens per sequence (those a tree step accepted, recomputed) are a decode step.
+        if (self.switch is not None and self.captures == captures_so_far()
+                and all(s.num_new <= FEW_TOKENS for s in scheduled)):
             self.switch.record(len(scheduled), drafted, tokens, time.perf_counter() - self.started)
 
     def _draft(self, scheduled, copies, greedy_may_draft):
