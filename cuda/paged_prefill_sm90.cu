@@ -66,6 +66,13 @@ struct Sm90Shape {
   static constexpr int kProducerRegisters = 56, kConsumerRegisters = 224;
 };
 
+// base + a * b by one 32 x 32 -> 64-bit multiply-add (C++ widening leaves an add of a zero high word).
+__device__ __forceinline__ const char* offset_by(const char* base, uint32_t a, uint32_t b) {
+  uint64_t address;
+  asm("mad.wide.u32 %0, %1, %2, %3;" : "=l"(address) : "r"(a), "r"(b), "l"(reinterpret_cast<uint64_t>(base)));
+  return reinterpret_cast<const char*>(address);
+}
+
 // One unit of work: the 128 queries from query tile `tile` of sequence `seq`, for one query head.
 // A negative seq ends a block's work.
 struct WorkItem {
@@ -152,8 +159,9 @@ struct ItemSlot {
   int bad;
 };
 
-// kPow2Block: block_size is a power of two, so the producer finds a token's page with a shift.
-template <typename T, int D, bool kPow2Block>
+// kLanePages: block_size is a power of two >= 4, so a K/V tile spans at most 32 pages, which the
+// producer's lanes look up one each.
+template <typename T, int D, bool kLanePages>
 __global__ void __launch_bounds__(Sm90Shape<D>::kThreads, 1) paged_prefill_sm90_kernel(const PagedPrefillParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using namespace sm90;
@@ -198,9 +206,10 @@ __global__ void __launch_bounds__(Sm90Shape<D>::kThreads, 1) paged_prefill_sm90_
     constexpr int kRowStep = 128 / kChunks;
     constexpr int kRowsPerThread = kKvTile / kRowStep;
     static_assert(kRowStep % 8 == 0, "rows of one thread must share a swizzle phase");
-    const int chunk = tid % kChunks, row0 = tid / kChunks;
+    const int chunk = tid % kChunks, row0 = tid / kChunks, lane = tid % 32;
     const int block_size = p.block_size, block_shift = __ffs(block_size) - 1;
-    const int row_stride = p.num_kv_heads * D;  // elements between consecutive cache rows
+    const int pages_per_tile = max(kKvTile >> block_shift, 1);  // kLanePages: pages start a tile or hold it
+    const uint32_t row_bytes = p.num_kv_heads * D * sizeof(T);  // between consecutive cache rows
     // kRowStep is a multiple of 8, so this thread's rows share one swizzle phase.
     const uint32_t my_offset = swizzled_offset(kKvTile, row0, chunk);
     WorkQueue<kQueryTile> queue(p);  // used by thread 0
@@ -217,29 +226,37 @@ __global__ void __launch_bounds__(Sm90Shape<D>::kThreads, 1) paged_prefill_sm90_
       const ItemGeometry g = item_geometry<kQueryTile, kKvTile>(p, item);
       const int kv_head = item.head / (p.num_heads / p.num_kv_heads);
       const int32_t* table = p.block_tables + static_cast<int64_t>(item.seq) * p.max_blocks_per_seq;
-      const T* key_base = static_cast<const T*>(p.key_cache) + kv_head * D + chunk * 8;
-      const T* value_base = static_cast<const T*>(p.value_cache) + kv_head * D + chunk * 8;
-      // The cache row (block id * block_size + offset) of each of this thread's tokens is looked up one
-      // tile ahead, so the table's latency hides behind a tile; -1 marks a token past the end or behind a
-      // bad block id, whose row is zero-filled (P V multiplies it by exact zeros). The producer's
-      // instructions share the SM's issue slots with the consumers': the copy loop is kept to a few
-      // instructions per row.
-      int32_t rows[kRowsPerThread];
+      const char* key_base = reinterpret_cast<const char*>(static_cast<const T*>(p.key_cache) + kv_head * D + chunk * 8);
+      const int64_t value_offset = static_cast<const char*>(p.value_cache) - static_cast<const char*>(p.key_cache);
+      // The block ids of a tile's tokens are looked up one tile ahead, so the table's latency hides
+      // behind a tile; a token past the end or behind a bad block id is zero-filled (P V multiplies it
+      // by exact zeros). The producer's instructions share the SM's issue slots with the consumers':
+      // the copy loop is kept to a few instructions per row.
+      //  - kLanePages (block_size a power of two >= 4): a tile spans at most 32 pages, and lane L of
+      //    each producer warp looks up the tile's L-th; a row takes its page's id from that lane by a
+      //    shuffle, and its place in the page with a mask.
+      //  - otherwise each thread looks up the cache row of each of its own tokens.
+      int page_row = INT32_MIN;         // kLanePages: the cache row of this lane's page (< 0: none, or bad)
+      int32_t rows[kRowsPerThread];     // otherwise: each token's cache row (-1: zero-filled)
       bool bad = false;
       auto fetch = [&](int first) {
-#pragma unroll
-        for (int k = 0; k < kRowsPerThread; ++k) {
-          const int t = first + row0 + k * kRowStep;
-          int page, in_block;
-          if constexpr (kPow2Block) {
-            page = t >> block_shift, in_block = t & (block_size - 1);
-          } else {
-            page = t / block_size, in_block = t - page * block_size;
-          }
-          const int32_t id = t < g.kv_end ? __ldg(table + page) : -1;
+        if constexpr (kLanePages) {
+          const int page = (first >> block_shift) + lane;
+          const bool used = lane < pages_per_tile && page * block_size < g.kv_end;
+          const int32_t id = used ? __ldg(table + page) : -1;
           const bool valid = static_cast<uint32_t>(id) < static_cast<uint32_t>(p.num_blocks);
-          bad |= t < g.kv_end && !valid;
-          rows[k] = valid ? id * block_size + in_block : -1;  // fits an int (paged_prefill_sm90_supports)
+          bad |= used && !valid;
+          page_row = valid ? id * block_size : INT32_MIN;  // any row of a bad page stays negative
+        } else {
+#pragma unroll
+          for (int k = 0; k < kRowsPerThread; ++k) {
+            const int t = first + row0 + k * kRowStep;
+            const int page = t / block_size, in_block = t - page * block_size;
+            const int32_t id = t < g.kv_end ? __ldg(table + page) : -1;
+            const bool valid = static_cast<uint32_t>(id) < static_cast<uint32_t>(p.num_blocks);
+            bad |= t < g.kv_end && !valid;
+            rows[k] = valid ? id * block_size + in_block : -1;  // fits an int (paged_prefill_sm90_supports)
+          }
         }
       };
       // The item's key tiles go last to first (ring position i holds key tile kv_tiles - 1 - i).
@@ -247,16 +264,28 @@ __global__ void __launch_bounds__(Sm90Shape<D>::kThreads, 1) paged_prefill_sm90_
       for (int kt = 0; kt < g.kv_tiles; ++kt, ++ring) {
         if (ring >= kStages) mbarrier_wait(empty(ring), (ring / kStages - 1) & 1);
         const uint32_t k_dst = kv_smem + (ring % kStages) * kStageBytes + my_offset, v_dst = k_dst + kTileBytes;
+        const int first = (g.kv_tiles - 1 - kt) * kKvTile, first_page = first >> block_shift;
 #pragma unroll
         for (int k = 0; k < kRowsPerThread; ++k) {
-          const int64_t elem = static_cast<int64_t>(max(rows[k], 0)) * row_stride;
-          cp_async_16_or_zero(k_dst + k * kRowStep * 128, key_base + elem, rows[k] >= 0);
-          cp_async_16_or_zero(v_dst + k * kRowStep * 128, value_base + elem, rows[k] >= 0);
+          int row;
+          bool copy;
+          if constexpr (kLanePages) {
+            const int t = first + row0 + k * kRowStep;
+            row = __shfl_sync(0xffffffffu, page_row, (t >> block_shift) - first_page) + (t & (block_size - 1));
+            copy = row >= 0 && t < g.kv_end;
+          } else {
+            row = rows[k];
+            copy = row >= 0;
+          }
+          const uint32_t safe_row = max(row, 0);  // the address of a zero-filled row is still in the cache
+          const char* key_row = offset_by(key_base, safe_row, row_bytes);
+          cp_async_16_or_zero(k_dst + k * kRowStep * 128, key_row, copy);
+          cp_async_16_or_zero(v_dst + k * kRowStep * 128, key_row + value_offset, copy);
         }
         // The stage's `full` barrier completes once every producer thread's copies so far have landed;
         // meanwhile the next tiles are issued, up to kStages in flight.
         cp_async_arrive_on(full(ring));
-        if (kt + 1 < g.kv_tiles) fetch((g.kv_tiles - 2 - kt) * kKvTile);
+        if (kt + 1 < g.kv_tiles) fetch(first - kKvTile);
       }
       if (bad) slots[n & 1].bad = 1;
       mbarrier_arrive(item_done(n));
@@ -265,9 +294,9 @@ __global__ void __launch_bounds__(Sm90Shape<D>::kThreads, 1) paged_prefill_sm90_
     // ---- Consumers: 64 query rows each; warp w of the warpgroup holds rows 16w..16w+15 as
     // wgmma's accumulator layout has them (rows lane / 4 and lane / 4 + 8, column pairs).
     registers_up<Shape::kConsumerRegisters>();
-    const int wg = tid / 128 - 1, ctid = tid % 128, warp = ctid / 32, lane = tid % 32;
+    const int wg = warp_uniform(tid / 128 - 1), ctid = tid % 128, warp = ctid / 32, lane = tid % 32;
     const int wg_row0 = wg * 64;  // within the block's query tile
-    const uint32_t q_rows = q_smem + wg_row0 * 128;
+    const uint64_t q_desc = smem_desc(q_smem + wg_row0 * 128, 16, 1024);
     const float score_mult = p.scale * kLog2e;  // the scale is positive (supports())
 
     auto wait_item = [&](int n) {
@@ -304,14 +333,15 @@ __global__ void __launch_bounds__(Sm90Shape<D>::kThreads, 1) paged_prefill_sm90_
       const bool wg_has_rows = g.q0 + wg_row0 < g.q_len;
       const int wg_last_pos = g.pos0 + wg_row0 + min(64, g.q_len - g.q0 - wg_row0) - 1;
       const int warp_first_pos = g.pos0 + wg_row0 + warp * 16;
-      const int kv_end = g.kv_end, kv_tiles = g.kv_tiles;
+      const int kv_end = g.kv_end, kv_tiles = warp_uniform(g.kv_tiles);
       float o[D / 2];
 #pragma unroll
       for (int i = 0; i < D / 2; ++i) o[i] = 0.0f;
       float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};  // sums are lane-partial
 
       // Tiles this warpgroup computes: under a causal mask, none past its last row's position.
-      const int wg_tiles = !wg_has_rows ? 0 : p.causal ? min(kv_tiles, wg_last_pos / kKvTile + 1) : kv_tiles;
+      const int wg_tiles =
+          warp_uniform(!wg_has_rows ? 0 : p.causal ? min(kv_tiles, wg_last_pos / kKvTile + 1) : kv_tiles);
       auto wait_tile = [&](int kt) {
         mbarrier_wait(full(ring + kt), ((ring + kt) / kStages) & 1);
         fence_proxy_async();  // the copies' generic-proxy writes, now visible here, before wgmma reads them
@@ -351,22 +381,21 @@ __global__ void __launch_bounds__(Sm90Shape<D>::kThreads, 1) paged_prefill_sm90_
       uint32_t pf[kKvTile / 16][4];  // P of the tile before it, wgmma's register A operand
       float rescale[2];
       // S = Q K^T: D / 16 k-steps; a k-step moves 32 bytes along a 128-byte row, then to the next column block.
+      // The descriptors of the tiles' starts, each k-step's an add of a constant.
       auto issue_qk = [&](int kt) {
+        const uint64_t k_desc = smem_desc(k_tile(kt), 16, 1024);
 #pragma unroll
         for (int ks = 0; ks < D / 16; ++ks) {
-          const uint64_t q_desc = smem_desc(q_rows + (ks / 4) * kQueryTile * 128 + (ks % 4) * 32, 16, 1024);
-          const uint64_t k_desc = smem_desc(k_tile(kt) + (ks / 4) * kKvTile * 128 + (ks % 4) * 32, 16, 1024);
-          wgmma_ss<T, kKvTile>(sc, q_desc, k_desc, ks > 0);
+          wgmma_ss<T, kKvTile>(sc, smem_desc_advance(q_desc, (ks / 4) * kQueryTile * 128 + (ks % 4) * 32),
+                               smem_desc_advance(k_desc, (ks / 4) * kKvTile * 128 + (ks % 4) * 32), ks > 0);
         }
         wgmma_commit();
       };
       // O += P V: k-step kk covers keys 16kk..16kk+15, two 1024-byte atoms down the V tile.
       auto issue_pv = [&](int kt) {
-        const uint32_t v_tile = k_tile(kt) + kTileBytes;
+        const uint64_t v_desc = smem_desc(k_tile(kt) + kTileBytes, kKvTile * 128, 1024);
 #pragma unroll
-        for (int kk = 0; kk < kKvTile / 16; ++kk) {
-          wgmma_rs<T, D>(o, pf[kk], smem_desc(v_tile + kk * 16 * 128, kKvTile * 128, 1024), 1);
-        }
+        for (int kk = 0; kk < kKvTile / 16; ++kk) wgmma_rs<T, D>(o, pf[kk], smem_desc_advance(v_desc, kk * 16 * 128), 1);
         wgmma_commit();
       };
       // Online softmax of S (tile kt) in place: masks, new row maxima, rescale factors for O, exp2.
@@ -486,8 +515,8 @@ __global__ void __launch_bounds__(Sm90Shape<D>::kThreads, 1) paged_prefill_sm90_
 template <typename T, int D>
 int launch(const PagedPrefillParams& p, cudaStream_t stream) {
   using Shape = Sm90Shape<D>;
-  const bool pow2_block = (p.block_size & (p.block_size - 1)) == 0;
-  auto kernel = pow2_block ? paged_prefill_sm90_kernel<T, D, true> : paged_prefill_sm90_kernel<T, D, false>;
+  const bool lane_pages = (p.block_size & (p.block_size - 1)) == 0 && p.block_size >= 4;
+  auto kernel = lane_pages ? paged_prefill_sm90_kernel<T, D, true> : paged_prefill_sm90_kernel<T, D, false>;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Shape::kSmemBytes);
   // Sequence i needs ceil(q_len_i / 128) blocks: at most total_q / 128 + batch in all.
   const int64_t tiles = static_cast<int64_t>(p.total_q) / Shape::kQueryTile + p.batch;

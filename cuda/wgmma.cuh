@@ -28,6 +28,15 @@ __device__ __forceinline__ uint64_t smem_desc(uint32_t address, uint32_t leading
          (static_cast<uint64_t>(stride >> 4) << 32) | (1ull << 62);
 }
 
+// The descriptor of the same operand `bytes` further on in shared memory (a multiple of 16): the
+// 14-bit address field holds any shared address, so adding to it never carries into the next field.
+__device__ __forceinline__ uint64_t smem_desc_advance(uint64_t desc, uint32_t bytes) { return desc + (bytes >> 4); }
+
+// x of lane 0. The compiler then knows the value is the same in every lane of the warp and keeps
+// what derives from it (shared addresses, descriptors) in uniform registers instead of
+// recomputing it per thread and moving it over before each wgmma.
+__device__ __forceinline__ int warp_uniform(int x) { return __shfl_sync(0xffffffffu, x, 0); }
+
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 template <int N>
