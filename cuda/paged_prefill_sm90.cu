@@ -448,18 +448,20 @@ __global__ void __launch_bounds__(Sm90Shape<D>::kThreads, 1) paged_prefill_sm90_
         issue_qk(pos(0));
         wgmma_wait<0>();
         fence_registers(sc);
-        if (load_next_early && wg_tiles == 1) load_next();
         softmax(key(0));  // O is still zero: nothing to rescale
+        if (load_next_early && wg_tiles == 1) load_next();
         pack_p();
         for (int kt = 1; kt < wg_tiles; ++kt) {
           wait_tile(pos(kt));
-            wgmma_fence();
+          wgmma_fence();
           issue_qk(pos(kt));
           issue_pv(pos(kt - 1));
-            wgmma_wait<1>();  // S of tile kt
+          wgmma_wait<1>();  // S of tile kt
           fence_registers(sc);
-          if (load_next_early && kt == wg_tiles - 1) load_next();
           softmax(key(kt));
+          // Also a branch between the softmax and the wait below: ptxas hoists a wgmma wait to the top of
+          // its basic block, which would put the softmax after P V instead of under it.
+          if (load_next_early && kt == wg_tiles - 1) load_next();
           wgmma_wait<0>();  // P V of tile kt - 1
           fence_registers(o);
           release_tile(pos(kt - 1));
