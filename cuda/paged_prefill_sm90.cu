@@ -200,18 +200,19 @@ __global__ void __launch_bounds__(Sm90Shape<D>::kThreads, 1) paged_prefill_sm90_
   __syncthreads();
 
   if (tid < 128) {
-    // ---- Producer: K/V tiles into the stage ring. Thread tid copies chunk tid % kChunks of rows
-    // tid / kChunks + k * kRowStep: a warp reads whole 256-byte rows (D = 128), coalesced.
+    // ---- Producer: K/V tiles into the stage ring. Thread tid copies chunk tid % kChunks of the
+    // kRowsPerThread consecutive rows from row_first: a warp reads whole rows, coalesced.
     registers_down<Shape::kProducerRegisters>();
-    constexpr int kRowStep = 128 / kChunks;
-    constexpr int kRowsPerThread = kKvTile / kRowStep;
-    static_assert(kRowStep % 8 == 0, "rows of one thread must share a swizzle phase");
-    const int chunk = tid % kChunks, row0 = tid / kChunks, lane = tid % 32;
+    constexpr int kRowsPerThread = kKvTile * kChunks / 128;
+    static_assert(kRowsPerThread % 8 == 0, "a thread's first row must start a swizzle atom");
+    const int chunk = tid % kChunks, row_first = tid / kChunks * kRowsPerThread, lane = tid % 32;
     const int block_size = p.block_size, block_shift = __ffs(block_size) - 1;
     const int pages_per_tile = max(kKvTile >> block_shift, 1);  // kLanePages: pages start a tile or hold it
     const uint32_t row_bytes = p.num_kv_heads * D * sizeof(T);  // between consecutive cache rows
-    // kRowStep is a multiple of 8, so this thread's rows share one swizzle phase.
-    const uint32_t my_offset = swizzled_offset(kKvTile, row0, chunk);
+    // Row row_first + k of a stage goes to my_offset + dst_offset(k): row_first starts a swizzle atom,
+    // so the chunk's place in the row depends on k alone.
+    const uint32_t chunk_in_atom = chunk % 8, my_offset = swizzled_offset(kKvTile, row_first, chunk) - chunk_in_atom * 16;
+    auto dst_offset = [&](int k) { return k * 128 + ((chunk_in_atom ^ (k % 8)) * 16); };
     WorkQueue<kQueryTile> queue(p);  // used by thread 0
     uint32_t ring = 0;
     for (int n = 0;; ++n) {
@@ -233,8 +234,8 @@ __global__ void __launch_bounds__(Sm90Shape<D>::kThreads, 1) paged_prefill_sm90_
       // by exact zeros). The producer's instructions share the SM's issue slots with the consumers':
       // the copy loop is kept to a few instructions per row.
       //  - kLanePages (block_size a power of two >= 4): a tile spans at most 32 pages, and lane L of
-      //    each producer warp looks up the tile's L-th; a row takes its page's id from that lane by a
-      //    shuffle, and its place in the page with a mask.
+      //    each producer warp looks up the tile's L-th; a thread takes its rows' page from that lane by
+      //    a shuffle (one for all of its rows when a page holds them: block_size >= kRowsPerThread).
       //  - otherwise each thread looks up the cache row of each of its own tokens.
       int page_row = INT32_MIN;         // kLanePages: the cache row of this lane's page (< 0: none, or bad)
       int32_t rows[kRowsPerThread];     // otherwise: each token's cache row (-1: zero-filled)
@@ -250,7 +251,7 @@ __global__ void __launch_bounds__(Sm90Shape<D>::kThreads, 1) paged_prefill_sm90_
         } else {
 #pragma unroll
           for (int k = 0; k < kRowsPerThread; ++k) {
-            const int t = first + row0 + k * kRowStep;
+            const int t = first + row_first + k;
             const int page = t / block_size, in_block = t - page * block_size;
             const int32_t id = t < g.kv_end ? __ldg(table + page) : -1;
             const bool valid = static_cast<uint32_t>(id) < static_cast<uint32_t>(p.num_blocks);
@@ -259,28 +260,35 @@ __global__ void __launch_bounds__(Sm90Shape<D>::kThreads, 1) paged_prefill_sm90_
           }
         }
       };
+      // The K and V copies of the thread's row k, from the key cache's key_row (or zeros).
+      auto copy_row = [&](uint32_t k_dst, int k, const char* key_row, bool copy) {
+        cp_async_16_or_zero(k_dst + dst_offset(k), key_row, copy);
+        cp_async_16_or_zero(k_dst + kTileBytes + dst_offset(k), key_row + value_offset, copy);
+      };
       // The item's key tiles go last to first (ring position i holds key tile kv_tiles - 1 - i).
       if (g.kv_tiles > 0) fetch((g.kv_tiles - 1) * kKvTile);
       for (int kt = 0; kt < g.kv_tiles; ++kt, ++ring) {
         if (ring >= kStages) mbarrier_wait(empty(ring), (ring / kStages - 1) & 1);
-        const uint32_t k_dst = kv_smem + (ring % kStages) * kStageBytes + my_offset, v_dst = k_dst + kTileBytes;
-        const int first = (g.kv_tiles - 1 - kt) * kKvTile, first_page = first >> block_shift;
+        const uint32_t k_dst = kv_smem + (ring % kStages) * kStageBytes + my_offset;
+        const int first = (g.kv_tiles - 1 - kt) * kKvTile;
+        const int rows_left = g.kv_end - first - row_first;  // this thread's rows before the sequence's end
+        if constexpr (kLanePages) {
+          const int u0 = (first & (block_size - 1)) + row_first;  // from the start of the tile's first page
+          if (block_size >= kRowsPerThread) {  // this thread's rows lie in one page
+            const int row0 = __shfl_sync(0xffffffffu, page_row, u0 >> block_shift) + (u0 & (block_size - 1));
+            const char* key_row = offset_by(key_base, max(row0, 0), row_bytes);  // a zero-filled row's is still in the cache
 #pragma unroll
-        for (int k = 0; k < kRowsPerThread; ++k) {
-          int row;
-          bool copy;
-          if constexpr (kLanePages) {
-            const int t = first + row0 + k * kRowStep;
-            row = __shfl_sync(0xffffffffu, page_row, (t >> block_shift) - first_page) + (t & (block_size - 1));
-            copy = row >= 0 && t < g.kv_end;
+            for (int k = 0; k < kRowsPerThread; ++k) copy_row(k_dst, k, key_row + k * row_bytes, row0 >= 0 && k < rows_left);
           } else {
-            row = rows[k];
-            copy = row >= 0;
+#pragma unroll
+            for (int k = 0; k < kRowsPerThread; ++k) {
+              const int row = __shfl_sync(0xffffffffu, page_row, (u0 + k) >> block_shift) + ((u0 + k) & (block_size - 1));
+              copy_row(k_dst, k, offset_by(key_base, max(row, 0), row_bytes), row >= 0 && k < rows_left);
+            }
           }
-          const uint32_t safe_row = max(row, 0);  // the address of a zero-filled row is still in the cache
-          const char* key_row = offset_by(key_base, safe_row, row_bytes);
-          cp_async_16_or_zero(k_dst + k * kRowStep * 128, key_row, copy);
-          cp_async_16_or_zero(v_dst + k * kRowStep * 128, key_row + value_offset, copy);
+        } else {
+#pragma unroll
+          for (int k = 0; k < kRowsPerThread; ++k) copy_row(k_dst, k, offset_by(key_base, max(rows[k], 0), row_bytes), rows[k] >= 0);
         }
         // The stage's `full` barrier completes once every producer thread's copies so far have landed;
         // meanwhile the next tiles are issued, up to kStages in flight.
