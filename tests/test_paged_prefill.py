@@ -265,6 +265,27 @@ def test_cuda_query_and_key_tile_edges(dtype, head_dim, heads, block_size, causa
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("block_size", [4, 8, 64, 256])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_cuda_page_sizes_with_poisoned_tails(head_dim, block_size, causal):
+    # The Hopper kernel's producer takes a thread's rows (8 for D=64, 16 for D=128) from one page when
+    # the page holds them, else page by page; pages larger than a 128-key tile hold several tiles. The
+    # cache past each sequence's end (its last page's tail, the blocks nobody owns) is NaN, which must
+    # never reach an output: rows past the end are zero-filled, not read.
+    seq_lens, q_lens = [129, 300, 1, 520, 77], [65, 127, 1, 200, 77]
+    batch = make_batch(seq_lens, q_lens, heads=(8, 2), head_dim=head_dim, block_size=block_size,
+                       dtype=torch.bfloat16, seed=hash((head_dim, block_size, causal, "poison")))
+    _, kc, vc, tables, _, lens = batch
+    owned = torch.zeros(kc.shape[0], block_size, dtype=torch.bool)
+    for row, length in zip(tables.tolist(), lens.tolist()):
+        for t in range(length):
+            owned[row[t // block_size], t % block_size] = True
+    kc[~owned], vc[~owned] = math.nan, math.nan
+    cuda_check(batch, torch.bfloat16, causal=causal)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("head_dim, block_size", [(128, 16), (64, 5)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_persistent_grid_equals_one_block_per_tile(dtype, head_dim, block_size, causal, monkeypatch):
