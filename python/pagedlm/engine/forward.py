@@ -69,13 +69,11 @@ def _lower_triangle(n):
     return tri
 
 
-def paged_forward(model, kv_caches, bm, device, items, graphs=None, *, choices=False, resolve=None):
+def paged_forward(model, kv_caches, bm, device, items, graphs=None, *, choices=False):
     """Runs items (their slots already reserved in bm) through model, replaying one of graphs
     (VarlenGraphs) when the batch fits them; returns float32 logits
     [sum(len(item.logit_rows)), vocab], items in order. choices=True: (logits, their
-    greedy_choices), which a replayed graph has computed with the logits. resolve: called once
-    every input but the token ids is prepared, to fill in tokens the items do not know yet
-    (a draft the device is still computing: the host prepares the forward meanwhile)."""
+    greedy_choices), which a replayed graph has computed with the logits."""
     counts = [len(it.tokens) for it in items]
     seq_ids = [it.seq_id for it in items]
     seq_lens = [bm.num_tokens(s) for s in seq_ids]
@@ -89,17 +87,13 @@ def paged_forward(model, kv_caches, bm, device, items, graphs=None, *, choices=F
         indptr = [0, *np.cumsum([m.size for m in masks]).tolist()]
     slots = bm.slot_mapping(seq_ids, counts)
     tables = bm.block_tables(seq_ids)
+    ids = [t for it in items for t in it.tokens]
     positions = [p for it in items for p in it.positions()]
     rows = [cu[i] + r for i, it in enumerate(items) for r in it.logit_rows]
-
-    def token_ids():
-        if resolve is not None:
-            resolve()
-        return [t for it in items for t in it.tokens]
-    if graphs is not None and graphs.fits(len(positions), len(items), tables.shape[1]):
+    if graphs is not None and graphs.fits(len(ids), len(items), tables.shape[1]):
         # The rows' index goes up before the replay: a copy after it would wait for the graph.
-        index = None if rows == list(range(len(positions))) else torch.tensor(rows).to(device, non_blocking=True)
-        logits, row_choices = graphs.run(token_ids, positions, slots, tables, cu, seq_lens, mask, indptr)
+        index = None if rows == list(range(len(ids))) else torch.tensor(rows).to(device, non_blocking=True)
+        logits, row_choices = graphs.run(ids, positions, slots, tables, cu, seq_lens, mask, indptr)
         if index is not None:
             logits, row_choices = logits[index], row_choices[index]
         return (logits, row_choices) if choices else logits
@@ -111,6 +105,6 @@ def paged_forward(model, kv_caches, bm, device, items, graphs=None, *, choices=F
         decode_only=all(c == 1 for c in counts),
         custom_mask=None if mask is None else torch.from_numpy(mask).to(device),
         mask_indptr=None if indptr is None else torch.tensor(indptr, dtype=torch.int32, device=device))
-    logits = model(torch.tensor(token_ids(), device=device), torch.tensor(positions, device=device), batch, kv_caches,
+    logits = model(torch.tensor(ids, device=device), torch.tensor(positions, device=device), batch, kv_caches,
                    logits_indices=torch.tensor(rows, device=device))
     return (logits, greedy_choices(logits)) if choices else logits

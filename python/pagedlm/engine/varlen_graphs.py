@@ -61,12 +61,11 @@ class VarlenGraphs:
         return tokens <= TOKEN_BUCKETS[-1] and seqs < self.seq_buckets[-1] and width <= MAX_WIDTH
 
     def run(self, ids, positions, slots, tables, cu_seqlens, seq_lens, mask=None, mask_indptr=None):
-        """(logits float32 [len(positions), vocab], their greedy_choices): views of the graph's
-        outputs, the logits valid until any of these graphs replays. ids: the token ids, or a
-        function returning them, called once every other input is packed; slots and tables: the
-        block manager's arrays; mask: a flat bool numpy array with element offsets mask_indptr (a
+        """(logits float32 [len(ids), vocab], their greedy_choices): views of the graph's outputs,
+        the logits valid until any of these graphs replays. slots and tables: the block
+        manager's arrays; mask: a flat bool numpy array with element offsets mask_indptr (a
         list), as paged_prefill_attention takes them."""
-        n, b = len(positions), len(seq_lens)
+        n, b = len(ids), len(seq_lens)
         tokens = bucket_of(n, TOKEN_BUCKETS)
         seqs = bucket_of(b + (n < tokens), self.seq_buckets)  # room for the padding sequence
         block_size = self.kv_caches[0][0].shape[1]
@@ -126,9 +125,10 @@ class _VarlenGraph:
 
     def _copy_inputs(self, ids, positions, slots, tables, cu_seqlens, seq_lens, mask, mask_indptr):
         n, b = self.tokens, self.seqs
-        real, pad = len(positions), self.tokens - len(positions)
+        real, pad = len(ids), self.tokens - len(ids)
         end = 0 if mask_indptr is None else mask_indptr[-1] + pad * pad  # the padding sequence's rows see nothing
         packed = np.zeros(self.ints + -(-end // 8), dtype=np.int64)
+        packed[:real] = ids
         packed[n:n + real], packed[n + real:2 * n] = positions, np.arange(pad)
         packed[2 * n:2 * n + real], packed[2 * n + real:3 * n] = slots, -1
         # Each token's sequence; the padding tokens form the sequence after the real ones.
@@ -148,7 +148,6 @@ class _VarlenGraph:
             indptr = packed[self.ints - b - 1:self.ints]
             indptr[:len(mask_indptr)], indptr[len(mask_indptr):] = mask_indptr, end
             packed[self.ints:].view(np.uint8)[:mask.size] = mask
-        packed[:real] = ids() if callable(ids) else ids
         self.packed[:len(packed)].copy_(torch.from_numpy(packed), non_blocking=True)
         copy_tables(self.tables, tables, 0)  # the padding sequences' blocks: block 0
 
@@ -156,4 +155,4 @@ class _VarlenGraph:
         self._copy_inputs(ids, positions, slots, tables, cu_seqlens, seq_lens, mask, mask_indptr)
         self.graph.replay()
         logits, choices = self.outputs
-        return logits[:len(positions)], choices[:len(positions)]
+        return logits[:len(ids)], choices[:len(ids)]

@@ -1,5 +1,4 @@
 """Shared types of the speculative methods: what a proposer drafts for one sequence."""
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -13,13 +12,9 @@ class Draft:
     of token i's parent (-1 = the sequence's last token), always an earlier one. candidates:
     the extras forming the verification tree (None = all); other extras are computed for the
     proposer only (lookahead's window). probs: for a chain sampled from a distribution q,
-    float32 [len(tokens), vocab]; None = deterministic (one-hot q). resolve: for tokens the
-    device is still computing, a function that fills them in (until then tokens holds as many
-    placeholders); the engine prepares the step's forward first, and keeps the slots of such a
-    draft as it keeps a tree's (accepted tokens are recomputed at the next step).
+    float32 [len(tokens), vocab]; None = deterministic (one-hot q).
     """
     tokens: list
     parents: list | None = None
     candidates: list | None = None
     probs: torch.Tensor | None = None
-    resolve: Callable[[], None] | None = None

@@ -4,9 +4,7 @@ tokens it has not cached (the whole sequence at first, later the tokens the targ
 then drafts k tokens one forward at a time, batched over sequences: greedy requests take the
 argmax, sampled ones draw from the draft's processed distribution q, which verification needs.
 On the GPU the catch-up replays a VarlenGraphs graph, and when every drafting request is greedy
-the other k - 1 forwards are one DraftChainGraphs replay with the argmax fed back on the device;
-those drafts are handed over unresolved (Draft.resolve), so that the engine prepares the target's
-forward while the device computes them, and reads them back just before its launch."""
+the other k - 1 forwards are one DraftChainGraphs replay with the argmax fed back on the device."""
 import torch
 
 import pagedlm
@@ -94,19 +92,11 @@ class DraftModelProposer:
                 tables[i] = table[row]
                 offset += n
             tokens = torch.cat([tokens, self.chain.run(first, positions, slots, lens, tables)])
-        drafts = {seq: Draft([PENDING] * (n + 1)) for seq, n in zip(seqs, lengths)}
-        resolved = []
-
-        def resolve():  # the step's chains in one transfer, when the engine first needs them
-            if resolved:
-                return
-            resolved.append(True)
-            for seq, n, row in zip(seqs, lengths, tokens.T.tolist()):
-                drafts[seq].tokens[:] = row[:n + 1]
-                if n:
-                    self.cached[seq][-n:] = row[:n]
-        for draft in drafts.values():
-            draft.resolve = resolve
+        drafts = {}
+        for seq, n, row in zip(seqs, lengths, tokens.T.tolist()):
+            drafts[seq] = Draft(row[:n + 1])
+            if n:
+                self.cached[seq][-n:] = row[:n]
         return drafts
 
     def update(self, seq, draft, row_argmax, accepted):

@@ -7,8 +7,7 @@ free (else the sequence decodes plainly this step). After verification the cache
 with truncate to the committed tokens: for a chain, plus the accepted drafts, whose KV is
 exactly their causal KV; for a tree, nothing more (accepted tokens are recomputed next step,
 and tree slots carry the id -1, so no tree block can ever match a real prompt in the prefix
-cache). A chain still on the device when reserved (Draft.resolve) is kept as a tree is. Rejected
-tokens never reach the output.
+cache). Rejected tokens never reach the output.
 
 Two switches keep a method from costing more than it saves. Per sequence: one whose drafts
 are all rejected BACKOFF_AFTER steps in a row stops drafting for 1, 2, 4, ... (at most
@@ -107,19 +106,12 @@ class Speculator:
             new = s.seq.token_range(s.seq.num_cached, s.seq.num_cached + s.num_new)
             items.append(ForwardItem(s.seq.seq_id, new + extra,
                                      s.seq.num_cached, len(extra), draft.parents if draft else None, list(rows)))
-        deferred = [(item, drafts[s.seq]) for s, item in zip(computing, items)
-                    if s.seq in drafts and drafts[s.seq].resolve is not None]
-
-        def resolve():  # the drafts the device was computing, into their items
-            for item, draft in deferred:
-                draft.resolve()
-                item.tokens[len(item.tokens) - len(draft.tokens):] = draft.tokens
         spans, first = {}, 0  # seq -> (its first row in the logits, its rows)
         for s, item in zip(computing, items):
             spans[s.seq] = (first, len(item.logit_rows))
             first += len(item.logit_rows)
         logits, choices = paged_forward(self.runner.model, self.runner.kv_caches, self.runner.bm, self.runner.device,
-                                        items, self.runner.varlen, choices=True, resolve=resolve if deferred else None)
+                                        items, self.runner.varlen, choices=True)
         verification = Verification(drafts, spans, self.runner.device)  # built while the device runs the forward
         for s in computing:
             s.seq.num_cached += s.num_new
@@ -146,7 +138,7 @@ class Speculator:
         for seq, (path, tokens, logprobs, row_argmax) in verdicts.items():
             draft = drafts[seq]
             self.proposer.update(seq, draft, row_argmax, len(path) - 1)
-            seq.num_cached += len(path) - 1 if draft.parents is None and draft.resolve is None else 0
+            seq.num_cached += len(path) - 1 if draft.parents is None else 0
             self.runner.bm.truncate(seq.seq_id, seq.num_cached)
             drafted = len(draft.tokens if draft.candidates is None else draft.candidates)
             stats = self.stats[seq]
@@ -173,7 +165,7 @@ class Speculator:
                 self.paused[seq] = min(MAX_PAUSE, 2 ** (self.misses[seq] - BACKOFF_AFTER))
 
     def _reserve(self, seq, draft, copies):
-        ids = draft.tokens if draft.parents is None and draft.resolve is None else [TREE_SLOT] * len(draft.tokens)
+        ids = draft.tokens if draft.parents is None else [TREE_SLOT] * len(draft.tokens)
         try:
             copies += self.runner.bm.append(seq.seq_id, ids)
             return True
