@@ -211,7 +211,8 @@ __global__ void __launch_bounds__(Sm90Shape<D>::kThreads, 1) paged_prefill_sm90_
     const uint32_t row_bytes = p.num_kv_heads * D * sizeof(T);  // between consecutive cache rows
     // Row row_first + k of a stage goes to my_offset + dst_offset(k): row_first starts a swizzle atom,
     // so the chunk's place in the row depends on k alone.
-    const uint32_t chunk_in_atom = chunk % 8, my_offset = swizzled_offset(kKvTile, row_first, chunk) - chunk_in_atom * 16;
+    const uint32_t chunk_in_atom = chunk % 8;
+    const uint32_t my_offset = swizzled_offset(kKvTile, row_first, chunk) - chunk_in_atom * 16;
     auto dst_offset = [&](int k) { return k * 128 + ((chunk_in_atom ^ (k % 8)) * 16); };
     WorkQueue<kQueryTile> queue(p);  // used by thread 0
     uint32_t ring = 0;
@@ -227,7 +228,8 @@ __global__ void __launch_bounds__(Sm90Shape<D>::kThreads, 1) paged_prefill_sm90_
       const ItemGeometry g = item_geometry<kQueryTile, kKvTile>(p, item);
       const int kv_head = item.head / (p.num_heads / p.num_kv_heads);
       const int32_t* table = p.block_tables + static_cast<int64_t>(item.seq) * p.max_blocks_per_seq;
-      const char* key_base = reinterpret_cast<const char*>(static_cast<const T*>(p.key_cache) + kv_head * D + chunk * 8);
+      const char* key_base =
+          reinterpret_cast<const char*>(static_cast<const T*>(p.key_cache) + kv_head * D + chunk * 8);
       const int64_t value_offset = static_cast<const char*>(p.value_cache) - static_cast<const char*>(p.key_cache);
       // The block ids of a tile's tokens are looked up one tile ahead, so the table's latency hides
       // behind a tile; a token past the end or behind a bad block id is zero-filled (P V multiplies it
@@ -276,19 +278,25 @@ __global__ void __launch_bounds__(Sm90Shape<D>::kThreads, 1) paged_prefill_sm90_
           const int u0 = (first & (block_size - 1)) + row_first;  // from the start of the tile's first page
           if (block_size >= kRowsPerThread) {  // this thread's rows lie in one page
             const int row0 = __shfl_sync(0xffffffffu, page_row, u0 >> block_shift) + (u0 & (block_size - 1));
-            const char* key_row = offset_by(key_base, max(row0, 0), row_bytes);  // a zero-filled row's is still in the cache
+            // A zero-filled row's address still lies in the cache.
+            const char* key_row = offset_by(key_base, max(row0, 0), row_bytes);
 #pragma unroll
-            for (int k = 0; k < kRowsPerThread; ++k) copy_row(k_dst, k, key_row + k * row_bytes, row0 >= 0 && k < rows_left);
+            for (int k = 0; k < kRowsPerThread; ++k) {
+              copy_row(k_dst, k, key_row + k * row_bytes, row0 >= 0 && k < rows_left);
+            }
           } else {
 #pragma unroll
             for (int k = 0; k < kRowsPerThread; ++k) {
-              const int row = __shfl_sync(0xffffffffu, page_row, (u0 + k) >> block_shift) + ((u0 + k) & (block_size - 1));
+              const int u = u0 + k;
+              const int row = __shfl_sync(0xffffffffu, page_row, u >> block_shift) + (u & (block_size - 1));
               copy_row(k_dst, k, offset_by(key_base, max(row, 0), row_bytes), row >= 0 && k < rows_left);
             }
           }
         } else {
 #pragma unroll
-          for (int k = 0; k < kRowsPerThread; ++k) copy_row(k_dst, k, offset_by(key_base, max(rows[k], 0), row_bytes), rows[k] >= 0);
+          for (int k = 0; k < kRowsPerThread; ++k) {
+            copy_row(k_dst, k, offset_by(key_base, max(rows[k], 0), row_bytes), rows[k] >= 0);
+          }
         }
         // The stage's `full` barrier completes once every producer thread's copies so far have landed;
         // meanwhile the next tiles are issued, up to kStages in flight.
@@ -403,7 +411,9 @@ __global__ void __launch_bounds__(Sm90Shape<D>::kThreads, 1) paged_prefill_sm90_
       auto issue_pv = [&](int kt) {
         const uint64_t v_desc = smem_desc(k_tile(kt) + kTileBytes, kKvTile * 128, 1024);
 #pragma unroll
-        for (int kk = 0; kk < kKvTile / 16; ++kk) wgmma_rs<T, D>(o, pf[kk], smem_desc_advance(v_desc, kk * 16 * 128), 1);
+        for (int kk = 0; kk < kKvTile / 16; ++kk) {
+          wgmma_rs<T, D>(o, pf[kk], smem_desc_advance(v_desc, kk * 16 * 128), 1);
+        }
         wgmma_commit();
       };
       // Online softmax of S (tile kt) in place: masks, new row maxima, rescale factors for O, exp2.
