@@ -117,6 +117,19 @@ def test_bad_input_raises_naming_the_argument(small, mutate, error, argument):
         ops.paged_decode_attention(**args)
 
 
+def test_value_checks_need_contiguous_index_tensors():
+    # The debug-mode value checks read the tensors' memory in order: a strided view must be refused,
+    # not read as if it were dense.
+    from pagedlm import _C
+    tables, lens = torch.zeros(2, 3, dtype=torch.int32), torch.ones(4, dtype=torch.int32)
+    with pytest.raises(ValueError, match="seq_lens"):
+        _C.check_paged_decode_values(tables, lens[::2], 16, 4)
+    with pytest.raises(ValueError, match="block_tables"):
+        _C.check_paged_decode_values(torch.zeros(2, 6, dtype=torch.int32)[:, ::2], lens[:2], 16, 4)
+    with pytest.raises(ValueError, match="mask_offsets"):
+        _C.check_paged_decode_mask(torch.zeros(4, dtype=torch.int64)[::2], lens[:2], 64)
+
+
 def test_num_heads_must_be_a_multiple_of_kv_heads():
     q, kc, vc, tables, lens = paged_inputs([5], num_heads=3, num_kv_heads=2, head_dim=16, block_size=4,
                                            dtype=torch.float32)

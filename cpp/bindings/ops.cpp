@@ -304,6 +304,7 @@ void check_paged_decode_values(Tensor block_tables, Tensor seq_lens, int64_t blo
   expect_contiguous(block_tables, "block_tables");
   expect_rank(seq_lens, 1, "seq_lens");
   expect_int(seq_lens, 32, "seq_lens");
+  expect_contiguous(seq_lens, "seq_lens");
   expect_dim(seq_lens, 0, block_tables.shape(0), "seq_lens", "batch");
   if (placement_of(block_tables).cuda || placement_of(seq_lens).cuda) {
     throw nb::value_error("check_paged_decode_values takes CPU tensors");
