@@ -109,9 +109,7 @@ void apply_rope(MutTensor query, MutTensor key, Tensor positions, Tensor inv_fre
   }
   const auto [q_token_stride, q_head_stride] = check_rope_heads(query, tokens, head_dim, dtype, where, "query");
   const auto [k_token_stride, k_head_stride] = check_rope_heads(key, tokens, head_dim, dtype, where, "key");
-  expect_rank(positions, 1, "positions");
-  expect_int(positions, 64, "positions");
-  expect_contiguous(positions, "positions");
+  expect_index(positions, 1, 64, "positions");
   expect_dim(positions, 0, tokens, "positions", "tokens of query");
   expect_same_placement(positions, where, "positions", "query");
   expect_rank(inv_freq, 1, "inv_freq");

@@ -81,9 +81,7 @@ AttentionShape check_attention(const Tensor& query, const Tensor& key_cache, con
 // Block tables int32 [batch, max_blocks] and an int32 (or `bits`) [n] vector, on the query's device.
 void check_index(const Tensor& t, size_t rank, int64_t dim0, const char* arg, const char* meaning,
                  const Placement& where, int bits = 32) {
-  expect_rank(t, rank, arg);
-  expect_int(t, bits, arg);
-  expect_contiguous(t, arg);
+  expect_index(t, rank, bits, arg);
   expect_dim(t, 0, dim0, arg, meaning);
   expect_same_placement(t, where, arg, "query");
 }
@@ -149,9 +147,7 @@ void write_kv_cache(Tensor key, Tensor value, MutTensor key_cache, MutTensor val
     }
   }
   expect_same_shape(value, key, "value", "key");
-  expect_rank(slot_mapping, 1, "slot_mapping");
-  expect_int(slot_mapping, 64, "slot_mapping");
-  expect_contiguous(slot_mapping, "slot_mapping");
+  expect_index(slot_mapping, 1, 64, "slot_mapping");
   expect_dim(slot_mapping, 0, key.shape(0), "slot_mapping", "num_tokens of key");
 
   const Placement where = placement_of(key_cache);
@@ -181,9 +177,7 @@ void copy_blocks(MutTensor key_cache, MutTensor value_cache, Tensor block_mappin
   check_cache(value_cache, "value_caches[i]");
   expect_same_shape(value_cache, key_cache, "value_caches[i]", "key_caches[i]");
   expect_float_like(value_cache, dtype, "value_caches[i]", "key_caches[i]");
-  expect_rank(block_mapping, 2, "block_mapping");
-  expect_int(block_mapping, 64, "block_mapping");
-  expect_contiguous(block_mapping, "block_mapping");
+  expect_index(block_mapping, 2, 64, "block_mapping");
   expect_dim(block_mapping, 1, 2, "block_mapping", "(src, dst)");
   const Placement where = placement_of(key_cache);
   expect_same_placement(value_cache, where, "value_caches[i]", "key_caches[i]");
@@ -283,12 +277,8 @@ void paged_prefill(Tensor query, Tensor key_cache, Tensor value_cache, Tensor bl
 }
 
 void check_paged_decode_mask(Tensor mask_offsets, Tensor seq_lens, int64_t mask_size) {
-  expect_rank(mask_offsets, 1, "mask_offsets");
-  expect_int(mask_offsets, 64, "mask_offsets");
-  expect_contiguous(mask_offsets, "mask_offsets");
-  expect_rank(seq_lens, 1, "seq_lens");
-  expect_int(seq_lens, 32, "seq_lens");
-  expect_contiguous(seq_lens, "seq_lens");
+  expect_index(mask_offsets, 1, 64, "mask_offsets");
+  expect_index(seq_lens, 1, 32, "seq_lens");
   expect_dim(mask_offsets, 0, seq_lens.shape(0), "mask_offsets", "batch");
   if (placement_of(mask_offsets).cuda || placement_of(seq_lens).cuda) {
     throw nb::value_error("check_paged_decode_mask takes CPU tensors");
@@ -299,12 +289,8 @@ void check_paged_decode_mask(Tensor mask_offsets, Tensor seq_lens, int64_t mask_
 }
 
 void check_paged_decode_values(Tensor block_tables, Tensor seq_lens, int64_t block_size, int64_t num_blocks) {
-  expect_rank(block_tables, 2, "block_tables");
-  expect_int(block_tables, 32, "block_tables");
-  expect_contiguous(block_tables, "block_tables");
-  expect_rank(seq_lens, 1, "seq_lens");
-  expect_int(seq_lens, 32, "seq_lens");
-  expect_contiguous(seq_lens, "seq_lens");
+  expect_index(block_tables, 2, 32, "block_tables");
+  expect_index(seq_lens, 1, 32, "seq_lens");
   expect_dim(seq_lens, 0, block_tables.shape(0), "seq_lens", "batch");
   if (placement_of(block_tables).cuda || placement_of(seq_lens).cuda) {
     throw nb::value_error("check_paged_decode_values takes CPU tensors");

@@ -95,6 +95,14 @@ void expect_int(const T& t, int bits, const char* arg) {
   }
 }
 
+// An index tensor of `rank` dimensions: contiguous `bits`-bit integers.
+template <typename T>
+void expect_index(const T& t, size_t rank, int bits, const char* arg) {
+  expect_rank(t, rank, arg);
+  expect_int(t, bits, arg);
+  expect_contiguous(t, arg);
+}
+
 // Where a kernel runs: every tensor of a call must be on the CPU or on one CUDA device.
 struct Placement {
   bool cuda = false;
