@@ -6,7 +6,8 @@ On the GPU, decode-only steps replay a DecodeGraphs graph, and steps in which ev
 brings at most FEW_TOKENS tokens replay a VarlenGraphs graph. The latter are the decode steps of
 speculative engines after a token tree was verified: its accepted tokens are recomputed with
 the next token (speculator.py), and run eagerly they would cost a speculative engine's plain
-steps several times a decode graph's host time. Larger steps (prompt chunks) run eagerly."""
+steps several times a decode graph's host time. Larger steps (prompt chunks) run eagerly, through
+the same paged_forward."""
 import torch
 
 from pagedlm.engine.cuda_graphs import DecodeGraphs
@@ -53,38 +54,26 @@ class ModelRunner:
     def _forward(self, computing):
         """(logits, greedy_choices or None): each computing sequence's last token's."""
         counts = [s.num_new for s in computing]
-        if self.varlen is not None and 1 < max(counts) <= FEW_TOKENS:
+        if max(counts) > 1:  # prompt chunks, or a tree's accepted tokens recomputed
             items = [ForwardItem(s.seq.seq_id, s.seq.token_range(s.seq.num_cached, s.seq.num_cached + s.num_new),
                                  s.seq.num_cached, 0, None, [s.num_new - 1]) for s in computing]
-            return paged_forward(self.model, self.kv_caches, self.bm, self.device, items, self.varlen, choices=True)
+            if self.varlen is not None and max(counts) <= FEW_TOKENS:
+                return paged_forward(self.model, self.kv_caches, self.bm, self.device, items, self.varlen, choices=True)
+            return paged_forward(self.model, self.kv_caches, self.bm, self.device, items), None
         seq_ids = [s.seq.seq_id for s in computing]
         tables = torch.from_numpy(self.bm.block_tables(seq_ids))
         slots = torch.from_numpy(self.bm.slot_mapping(seq_ids, counts))
-        if all(c == 1 for c in counts):
-            ids = [s.seq.token_range(s.seq.num_cached, s.seq.num_cached + 1)[0] for s in computing]
-            positions = [s.seq.num_cached for s in computing]
-            if self.graphs is not None and self.graphs.fits(len(computing), tables.shape[1]):
-                return self.graphs.run(ids, positions, slots, tables)
-            return self._eager(ids, positions, slots, tables, counts, decode_only=True), None
-        ids, positions = [], []
-        for s in computing:
-            start = s.seq.num_cached  # the step computes tokens [start, start + num_new)
-            ids += s.seq.token_range(start, start + s.num_new)
-            positions += range(start, start + s.num_new)
-        return self._eager(ids, positions, slots, tables, counts, decode_only=False), None
+        ids = [s.seq.token_range(s.seq.num_cached, s.seq.num_cached + 1)[0] for s in computing]
+        positions = [s.seq.num_cached for s in computing]
+        if self.graphs is not None and self.graphs.fits(len(computing), tables.shape[1]):
+            return self.graphs.run(ids, positions, slots, tables)
+        return self._eager_decode(ids, positions, slots, tables), None
 
-    def _eager(self, ids, positions, slots, tables, counts, decode_only):
-        cu = [0]
-        for c in counts:
-            cu.append(cu[-1] + c)
-        seq_lens = [positions[end - 1] + 1 for end in cu[1:]]  # one past each sequence's last new token
-        n, b = len(ids), len(counts)
-        # One host-to-device copy for every per-token and per-sequence vector.
-        packed = torch.cat([torch.tensor(ids + positions + cu + seq_lens), slots]).to(self.device, non_blocking=True)
-        cu_seqlens = packed[2 * n:2 * n + b + 1].int()
-        batch = AttentionBatch(slot_mapping=packed[2 * n + 2 * b + 1:],
-                               block_tables=tables.to(self.device, non_blocking=True),
-                               seq_lens=packed[2 * n + b + 1:2 * n + 2 * b + 1].int(),
-                               cu_seqlens_q=cu_seqlens, decode_only=decode_only)
-        logits_indices = None if decode_only else cu_seqlens[1:] - 1
-        return self.model(packed[:n], packed[n:2 * n], batch, self.kv_caches, logits_indices=logits_indices)
+    def _eager_decode(self, ids, positions, slots, tables):
+        n = len(ids)
+        # One host-to-device copy for ids, positions, lengths (one past each position) and slots.
+        packed = torch.cat([torch.tensor(ids + positions + [p + 1 for p in positions]), slots])
+        packed = packed.to(self.device, non_blocking=True)
+        batch = AttentionBatch(slot_mapping=packed[3 * n:], block_tables=tables.to(self.device, non_blocking=True),
+                               seq_lens=packed[2 * n:3 * n].int(), cu_seqlens_q=None, decode_only=True)
+        return self.model(packed[:n], packed[n:2 * n], batch, self.kv_caches)
