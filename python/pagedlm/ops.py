@@ -4,9 +4,9 @@ torch.ops.pagedlm.* (with fake implementations, so they trace under torch.compil
 Each op launches on the caller's current CUDA stream, never synchronizes and never
 allocates device memory inside the kernel call: the split-K workspace of paged decode is
 one buffer per device, allocated on first use, and a large prefill's work counter is a
-4-byte tensor from torch's caching allocator, zeroed on the stream (graph-capturable). Shapes, dtypes, devices and contiguity are
-always checked; values inside CUDA tensors (block ids, lengths) only when PAGEDLM_DEBUG=1,
-since reading them costs a synchronization.
+4-byte tensor from torch's caching allocator, zeroed on the stream (graph-capturable).
+Shapes, dtypes, devices and contiguity are always checked; values inside CUDA tensors (block
+ids, lengths) only when PAGEDLM_DEBUG=1, since reading them costs a synchronization.
 """
 import torch
 
