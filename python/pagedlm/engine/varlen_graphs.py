@@ -90,10 +90,16 @@ class _VarlenGraph:
         self.per_query = tokens <= (MASKED_PER_QUERY_TOKENS if masked else PER_QUERY_TOKENS) * seqs
         self.masked_rows = masked and self.per_query
         device = owner.device
-        # ids, positions, slots, each token's sequence | cu_seqlens_q | seq_lens [| each token's
-        # sequence length and mask offset, for masked rows] [| mask_indptr | the mask's bytes,
-        # for masked graphs]: one int64 buffer, whose used part is one copy per replay.
-        self.ints = 4 * tokens + 2 * seqs + 1 + (2 * tokens if self.masked_rows else 0) + (seqs + 1 if masked else 0)
+        # One int64 buffer, whose used part is one copy per replay: these fields (per token, per
+        # sequence; each masked row's sequence length and mask offset; mask_indptr for masked
+        # graphs), then the mask's bytes.
+        n, b = tokens, seqs
+        sizes = dict(ids=n, positions=n, slots=n, owners=n, cu=b + 1, lens=b, row_lens=n if self.masked_rows else 0,
+                     offsets=n if self.masked_rows else 0, indptr=b + 1 if masked else 0)
+        self.at, self.ints = {}, 0
+        for name, size in sizes.items():
+            self.at[name] = slice(self.ints, self.ints + size)
+            self.ints += size
         block_size = owner.kv_caches[0][0].shape[1]
         capacity = tokens * max(width * block_size, tokens) if masked else 0  # sum of q_len x seq_len, padding's too
         self.packed = torch.zeros(self.ints + -(-capacity // 8), dtype=torch.int64, device=device)
@@ -104,48 +110,48 @@ class _VarlenGraph:
         self.graph, self.outputs = capture(lambda: self._forward(owner), owner.pool, device)
 
     def _forward(self, owner):
-        n, b, p = self.tokens, self.seqs, self.packed
-        positions, cu_seqlens = p[n:2 * n], p[4 * n:4 * n + b + 1].int()
+        p, at = self.packed, self.at
+        positions, slots, cu_seqlens = p[at["positions"]], p[at["slots"]], p[at["cu"]].int()
         if self.masked_rows:  # token i: a decode query over its sequence, under its row of the mask
-            rows = p[4 * n + 2 * b + 1:6 * n + 2 * b + 1]
-            batch = AttentionBatch(slot_mapping=p[2 * n:3 * n], block_tables=self.tables[p[3 * n:4 * n]],
-                                   seq_lens=rows[:n].int(), cu_seqlens_q=cu_seqlens, decode_only=True,
-                                   custom_mask=self.mask, mask_offsets=rows[n:])
+            batch = AttentionBatch(slot_mapping=slots, block_tables=self.tables[p[at["owners"]]],
+                                   seq_lens=p[at["row_lens"]].int(), cu_seqlens_q=cu_seqlens, decode_only=True,
+                                   custom_mask=self.mask, mask_offsets=p[at["offsets"]])
         elif self.per_query:  # token i: a decode query over its sequence's first positions[i] + 1 tokens
-            batch = AttentionBatch(slot_mapping=p[2 * n:3 * n], block_tables=self.tables[p[3 * n:4 * n]],
+            batch = AttentionBatch(slot_mapping=slots, block_tables=self.tables[p[at["owners"]]],
                                    seq_lens=(positions + 1).int(), cu_seqlens_q=cu_seqlens, decode_only=True)
         else:
-            indptr = p[self.ints - b - 1:self.ints].int() if self.mask is not None else None
-            batch = AttentionBatch(slot_mapping=p[2 * n:3 * n], block_tables=self.tables,
-                                   seq_lens=p[4 * n + b + 1:4 * n + 2 * b + 1].int(), cu_seqlens_q=cu_seqlens,
-                                   decode_only=False, custom_mask=self.mask, mask_indptr=indptr)
-        logits = owner.logits[:n]
-        logits.copy_(owner.model(p[:n], positions, batch, owner.kv_caches))
+            indptr = p[at["indptr"]].int() if self.mask is not None else None
+            batch = AttentionBatch(slot_mapping=slots, block_tables=self.tables, seq_lens=p[at["lens"]].int(),
+                                   cu_seqlens_q=cu_seqlens, decode_only=False, custom_mask=self.mask,
+                                   mask_indptr=indptr)
+        logits = owner.logits[:self.tokens]
+        logits.copy_(owner.model(p[at["ids"]], positions, batch, owner.kv_caches))
         return logits, greedy_choices(logits)
 
     def _copy_inputs(self, ids, positions, slots, tables, cu_seqlens, seq_lens, mask, mask_indptr):
-        n, b = self.tokens, self.seqs
-        real, pad = len(ids), self.tokens - len(ids)
+        n = self.tokens
+        real, pad = len(ids), n - len(ids)
         end = 0 if mask_indptr is None else mask_indptr[-1] + pad * pad  # the padding sequence's rows see nothing
         packed = np.zeros(self.ints + -(-end // 8), dtype=np.int64)
-        packed[:real] = ids
-        packed[n:n + real], packed[n + real:2 * n] = positions, np.arange(pad)
-        packed[2 * n:2 * n + real], packed[2 * n + real:3 * n] = slots, -1
+        at = self.at
+        packed[at["ids"]][:real] = ids
+        packed[at["positions"]][:real], packed[at["positions"]][real:] = positions, np.arange(pad)
+        packed[at["slots"]][:real], packed[at["slots"]][real:] = slots, -1
         # Each token's sequence; the padding tokens form the sequence after the real ones.
-        owners = packed[3 * n:4 * n]
+        owners = packed[at["owners"]]
         owners[:] = np.repeat(np.arange(len(seq_lens) + 1), np.diff(cu_seqlens + [n]))
-        cu, lens = packed[4 * n:4 * n + b + 1], packed[4 * n + b + 1:4 * n + 2 * b + 1]
+        cu, lens = packed[at["cu"]], packed[at["lens"]]
         cu[:len(cu_seqlens)], cu[len(cu_seqlens):] = cu_seqlens, n
         lens[:len(seq_lens)] = seq_lens
         if pad:
             lens[len(seq_lens)] = pad  # the padding sequence; further ones are empty
         if self.masked_rows:  # row i of sequence s: s's length; its mask row starts at indptr[s] + i * length
-            row_lens, offsets = packed[4 * n + 2 * b + 1:5 * n + 2 * b + 1], packed[5 * n + 2 * b + 1:6 * n + 2 * b + 1]
+            row_lens = packed[at["row_lens"]]
             row_lens[:] = lens[owners]
             indptr = np.asarray(mask_indptr, dtype=np.int64)  # its last entry: where the padding rows start
-            offsets[:] = indptr[owners] + (np.arange(n) - cu[owners]) * row_lens
+            packed[at["offsets"]] = indptr[owners] + (np.arange(n) - cu[owners]) * row_lens
         if mask_indptr is not None:
-            indptr = packed[self.ints - b - 1:self.ints]
+            indptr = packed[at["indptr"]]
             indptr[:len(mask_indptr)], indptr[len(mask_indptr):] = mask_indptr, end
             packed[self.ints:].view(np.uint8)[:mask.size] = mask
         self.packed[:len(packed)].copy_(torch.from_numpy(packed), non_blocking=True)
