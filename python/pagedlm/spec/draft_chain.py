@@ -7,9 +7,10 @@ Graphs are keyed by (batch bucket, table width). A sequence that drafts fewer to
 -1 and length 0 in its spare steps, as padding rows do: nothing is written or read, and their
 tokens are ignored.
 """
+import numpy as np
 import torch
 
-from pagedlm.engine.cuda_graphs import batch_buckets, bucket_of, capture, copy_tables, width_of
+from pagedlm.engine.cuda_graphs import batch_buckets, bucket_of, capture, width_of
 from pagedlm.models import AttentionBatch
 
 
@@ -19,30 +20,34 @@ class DraftChainGraphs:
         self.buckets = batch_buckets(max_num_seqs)
         self.graphs = {}
 
-    def run(self, first, positions, slots, seq_lens, tables):
-        """Tokens int64 [steps, batch] on the device. first: int64 [batch] device tensor, the
-        tokens fed to step 0; positions, slots, seq_lens: host int64 [steps, batch] (spare
-        steps: slot -1, length 0); tables: the block manager's int32 [batch, blocks]."""
+    def run(self, first, meta, tables):
+        """Tokens int64 [1 + steps, batch] on the device: first, then each step's argmax.
+        first: int64 [batch] device tensor, the tokens fed to step 0; meta: host int64
+        [3, steps, batch], each step's positions, slots and sequence lengths (spare steps: slot
+        -1, length 0); tables: the block manager's int32 [batch, blocks]."""
         batch = len(first)
         key = (bucket_of(batch, self.buckets), width_of(tables.shape[1]))
         graph = self.graphs.get(key)
         if graph is None:
             graph = self.graphs[key] = _ChainGraph(self, *key)
-        return graph.run(first, positions, slots, seq_lens, tables)
+        return graph.run(first, meta, tables)
 
 
 class _ChainGraph:
     def __init__(self, owner, bucket, width):
         self.bucket, self.steps = bucket, owner.steps
         self.first = torch.zeros(bucket, dtype=torch.int64, device=owner.device)
-        # positions, slots, lengths per step: one buffer, one copy per replay.
-        self.meta = torch.zeros(3, owner.steps, bucket, dtype=torch.int64, device=owner.device)
+        # Positions, slots and lengths per step, then the tables (int32): one buffer, one copy.
+        self.meta_size = 3 * owner.steps * bucket
+        self.packed = torch.zeros(self.meta_size + -(-bucket * width // 2), dtype=torch.int64, device=owner.device)
+        self.meta = self.packed[:self.meta_size].view(3, owner.steps, bucket)
+        self.tables = self.packed[self.meta_size:].view(torch.int32)[:bucket * width].view(bucket, width)
         self.meta[1] = -1
-        self.tables = torch.full((bucket, width), -1, dtype=torch.int32, device=owner.device)
+        self.tables.fill_(-1)
         self.graph, self.tokens = capture(lambda: self._forward(owner), owner.pool, owner.device)
 
     def _forward(self, owner):
-        ids, out = self.first, []
+        ids, out = self.first, [self.first]
         for step in range(self.steps):
             batch = AttentionBatch(slot_mapping=self.meta[1, step], block_tables=self.tables,
                                    seq_lens=self.meta[2, step].int(), cu_seqlens_q=None, decode_only=True)
@@ -50,13 +55,16 @@ class _ChainGraph:
             out.append(ids)
         return torch.stack(out)
 
-    def run(self, first, positions, slots, seq_lens, tables):
+    def run(self, first, meta, tables):
         batch = len(first)
-        meta = torch.zeros(3, self.steps, self.bucket, dtype=torch.int64)
-        meta[1] = -1
-        meta[0, :, :batch], meta[1, :, :batch], meta[2, :, :batch] = positions, slots, seq_lens
+        packed = np.zeros(self.packed.shape[0], dtype=np.int64)
+        padded = packed[:self.meta_size].reshape(3, self.steps, self.bucket)
+        padded[1] = -1
+        padded[:, :, :batch] = meta
+        padded_tables = packed[self.meta_size:].view(np.int32)[:self.tables.numel()].reshape(self.tables.shape)
+        padded_tables[:] = -1
+        padded_tables[:batch, :tables.shape[1]] = tables
         self.first[:batch].copy_(first)
-        self.meta.copy_(meta, non_blocking=True)
-        copy_tables(self.tables, tables, -1)
+        self.packed.copy_(torch.from_numpy(packed), non_blocking=True)
         self.graph.replay()
         return self.tokens[:, :batch]

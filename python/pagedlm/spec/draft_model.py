@@ -5,6 +5,7 @@ then drafts k tokens one forward at a time, batched over sequences: greedy reque
 argmax, sampled ones draw from the draft's processed distribution q, which verification needs.
 On the GPU the catch-up replays a VarlenGraphs graph, and when every drafting request is greedy
 the other k - 1 forwards are one DraftChainGraphs replay with the argmax fed back on the device."""
+import numpy as np
 import torch
 
 import pagedlm
@@ -75,23 +76,22 @@ class DraftModelProposer:
         lengths = [caps[s] - 1 if caps[s] > 1 and self._reserve(s, [PENDING] * (caps[s] - 1)) else 0 for s in seqs]
         tokens = first.unsqueeze(0)
         if any(lengths):
+            # Host arrays only (numpy): on a small model each torch call here costs as much as a kernel.
             chained = [(i, s, n) for i, (s, n) in enumerate(zip(seqs, lengths)) if n]
-            table = torch.from_numpy(self.bm.block_tables([s.seq_id for _, s, _ in chained]))
-            slot = torch.from_numpy(self.bm.slot_mapping([s.seq_id for _, s, _ in chained], [n for _, _, n in chained]))
-            steps = self.num_tokens - 1
-            positions = torch.zeros(steps, len(seqs), dtype=torch.int64)
-            lens = torch.zeros(steps, len(seqs), dtype=torch.int64)
-            slots = torch.full((steps, len(seqs)), -1, dtype=torch.int64)
-            tables = torch.full((len(seqs), table.shape[1]), -1, dtype=torch.int32)
+            table = self.bm.block_tables([s.seq_id for _, s, _ in chained])
+            slot = self.bm.slot_mapping([s.seq_id for _, s, _ in chained], [n for _, _, n in chained])
+            meta = np.zeros((3, self.num_tokens - 1, len(seqs)), dtype=np.int64)  # positions, slots, lengths
+            meta[1] = -1
+            tables = np.full((len(seqs), table.shape[1]), -1, dtype=np.int32)
             offset = 0
             for row, (i, seq, n) in enumerate(chained):
                 start = len(self.cached[seq]) - n  # the first chained token's position
-                positions[:n, i] = torch.arange(start, start + n)
-                lens[:n, i] = positions[:n, i] + 1
-                slots[:n, i] = slot[offset:offset + n]
+                meta[0, :n, i] = np.arange(start, start + n)
+                meta[1, :n, i] = slot[offset:offset + n]
+                meta[2, :n, i] = meta[0, :n, i] + 1
                 tables[i] = table[row]
                 offset += n
-            tokens = torch.cat([tokens, self.chain.run(first, positions, slots, lens, tables)])
+            tokens = self.chain.run(first, meta, tables)
         drafts = {}
         for seq, n, row in zip(seqs, lengths, tokens.T.tolist()):
             drafts[seq] = Draft(row[:n + 1])
