@@ -9,6 +9,7 @@ import torch
 
 import pagedlm.engine.varlen_graphs as varlen_graphs
 import pagedlm.spec.draft_chain as draft_chain
+import pagedlm.spec.verification as verification
 from pagedlm import LLM, SamplingParams
 from pagedlm.engine.sampler import greedy_choices
 from pagedlm.engine.varlen_graphs import VarlenGraphs
@@ -47,6 +48,7 @@ def replay_eagerly(forward, pool, device):
 def eager_capture(monkeypatch):
     monkeypatch.setattr(varlen_graphs, "capture", replay_eagerly)
     monkeypatch.setattr(draft_chain, "capture", replay_eagerly)
+    monkeypatch.setattr(verification, "capture", replay_eagerly)
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +104,8 @@ def test_graph_paths_emit_plain_greedy_tokens(models, name, batch_size, block_si
     llm = engine(models, block_size, config)
     outputs = llm.generate(batch, GREEDY, use_tqdm=False)
     assert tokens(outputs) == expected
-    assert llm.runner.varlen.replays > 0, "verification never replayed a graph"
+    assert llm.runner.varlen.replays > 0, "the target's forward never replayed a graph"
+    assert llm.speculator.verification_graphs.graphs, "verification never replayed a graph"
     if name.startswith("draft"):
         assert llm.speculator.proposer.chain.graphs, "the draft chain never replayed a graph"
     if name == "draft-same":  # the draft is the target: every drafted token is accepted
@@ -220,3 +223,42 @@ def test_item_mask_is_causal_then_ancestors():
                     seen.add(cached + committed + node)
                     node = parents[node]
             assert {int(t) for t in mask[row].nonzero()[0]} == seen
+
+
+class _Seq:
+    def __init__(self, last_token):
+        self.params, self.last_token = GREEDY, last_token
+
+
+@pytest.mark.parametrize("chains, trees", [(3, 0), (0, 5), (1, 1), (2, 5)])
+def test_verification_graph_equals_eager_verification(chains, trees):
+    """Greedy chains (ragged) and trees (random shapes) verified by a verification graph, whose
+    inputs are padded to its buckets (3 chains of up to 3 drafts run as 4 of 4, 5 trees as 8),
+    give the eager verification's verdicts and row choices."""
+    from types import SimpleNamespace
+
+    from pagedlm.spec.draft import Draft
+    from pagedlm.spec.verification import Verification, VerificationGraphs
+    g = torch.Generator().manual_seed(chains * 10 + trees)
+    vocab = 11
+    logits = torch.randn(512, vocab, generator=g)
+    buffers = SimpleNamespace(logits=logits, choices=greedy_choices(logits), device=torch.device("cpu"), pool=None)
+    drafts, spans, row = {}, {}, 0
+    for i in range(chains + trees):
+        size = int(torch.randint(1, 4 if i < chains else 7, (1,), generator=g))
+        parents = None if i < chains else [int(torch.randint(-1, j, (1,), generator=g)) for j in range(size)]
+        # Drafts that are mostly the target's argmax, so paths go deep.
+        tokens = [int(logits[row + (j if parents is None else parents[j] + 1)].argmax())
+                  if torch.rand(1, generator=g) < 0.8 else 0 for j in range(size)]
+        seq = _Seq(int(torch.randint(vocab, (1,), generator=g)))
+        drafts[seq], spans[seq] = Draft(tokens, parents), (row, size + 1)
+        row += size + 1
+    rows = logits[:row]
+    eager = Verification(drafts, spans, rows.device).accept(rows, greedy_choices(rows), 0)
+    graphs = VerificationGraphs(buffers)
+    assert graphs.holds(rows)
+    verification = Verification(drafts, spans, rows.device, graphs)
+    assert verification.shapes[0] == {0: 0, 1: 1, 2: 2, 3: 4}[chains] and verification.shapes[2] == {0: 0, 1: 1, 5: 8}[trees]
+    assert verification.accept(rows, None, 0) == eager
+    assert verification.row_choices == [tuple(c) for c in greedy_choices(rows).tolist()]
+    assert len(graphs.graphs) == 1

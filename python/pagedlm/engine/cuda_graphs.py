@@ -66,14 +66,6 @@ def width_of(blocks):
     return width
 
 
-def copy_tables(buffer, tables, fill):
-    """The block manager's tables [seqs, blocks] into the top-left corner of a graph's static
-    buffer, the rest set to fill, in one host-to-device copy."""
-    padded = np.full(buffer.shape, fill, dtype=np.int32)
-    padded[:tables.shape[0], :tables.shape[1]] = np.asarray(tables)
-    buffer.copy_(torch.from_numpy(padded), non_blocking=True)
-
-
 def batch_buckets(max_num_seqs):
     """1, 2, 4, 8, then multiples of 16 up to max_num_seqs (the padding stays under 16 rows)."""
     buckets = [b for b in (1, 2, 4, 8) if b < max_num_seqs]
@@ -104,13 +96,15 @@ class DecodeGraphs:
         graphs = self._graph_set(width_of(needed))
         bucket = bucket_of(batch, self.buckets)
         graph = graphs.graph(bucket)  # before the inputs are copied in: a first capture resets the buffers
-        # ids, positions, slots, lengths: one [4, bucket] host array, one copy (padding rows
-        # write no KV and read nothing).
-        meta = np.zeros((4, bucket), dtype=np.int64)
+        # ids, positions, slots, lengths [4, bucket], then the tables: one host array, one copy
+        # (padding rows write no KV and read nothing).
+        packed = np.zeros(graphs.size(bucket), dtype=np.int64)
+        meta, padded_tables = graphs.layout(packed, bucket)
         meta[0, :batch], meta[1, :batch], meta[2, :batch], meta[2, batch:] = ids, positions, slots, -1
         meta[3, :batch] = meta[1, :batch] + 1
-        graphs.meta[:, :bucket].copy_(torch.from_numpy(meta), non_blocking=True)
-        copy_tables(graphs.tables[:bucket], tables, -1)
+        padded_tables.fill(-1)
+        padded_tables[:batch, :tables.shape[1]] = tables
+        graphs.packed[:len(packed)].copy_(torch.from_numpy(packed), non_blocking=True)
         graph.replay()
         logits, choices = graphs.outputs[bucket]
         return logits[:batch], choices[:batch]
@@ -122,15 +116,22 @@ class DecodeGraphs:
 
 
 class _GraphSet:
-    """Static input buffers of one table width and the graphs captured over them."""
+    """The static input buffer of one table width and the graphs captured over it. A bucket's
+    graph reads its first size(bucket) elements: meta [4, bucket], then tables int32
+    [bucket, width], so each step's inputs are one copy whatever the bucket."""
 
     def __init__(self, owner, width):
-        self.owner = owner
-        largest = owner.buckets[-1]
-        self.meta = torch.zeros(4, largest, dtype=torch.int64, device=owner.device)
-        self.meta[2] = -1
-        self.tables = torch.full((largest, width), -1, dtype=torch.int32, device=owner.device)
+        self.owner, self.width = owner, width
+        self.packed = torch.zeros(self.size(owner.buckets[-1]), dtype=torch.int64, device=owner.device)
         self.graphs, self.outputs = {}, {}
+
+    def size(self, bucket):
+        return 4 * bucket + -(-bucket * self.width // 2)
+
+    def layout(self, packed, bucket):
+        """(meta [4, bucket], tables [bucket, width]): views of a packed buffer, torch or numpy."""
+        tables = packed[4 * bucket:self.size(bucket)].view(np.int32 if isinstance(packed, np.ndarray) else torch.int32)
+        return packed[:4 * bucket].reshape(4, bucket), tables[:bucket * self.width].reshape(bucket, self.width)
 
     def graph(self, bucket):
         if bucket not in self.graphs:
@@ -138,14 +139,16 @@ class _GraphSet:
         return self.graphs[bucket]
 
     def _forward(self, bucket):
-        meta = self.meta[:, :bucket]
-        batch = AttentionBatch(slot_mapping=meta[2], block_tables=self.tables[:bucket], seq_lens=meta[3].int(),
+        meta, tables = self.layout(self.packed, bucket)
+        batch = AttentionBatch(slot_mapping=meta[2], block_tables=tables, seq_lens=meta[3].int(),
                                cu_seqlens_q=None, decode_only=True)
         logits = self.owner.model(meta[0], meta[1], batch, self.owner.kv_caches)
         return logits, greedy_choices(logits)
 
     def _capture(self, bucket):
-        self.meta[:, :bucket] = torch.tensor([[0], [0], [-1], [0]])  # padding rows: no KV write, nothing read
+        meta, tables = self.layout(self.packed, bucket)
+        meta.copy_(torch.tensor([[0], [0], [-1], [0]]).expand(4, bucket))  # padding rows: no KV write, nothing read
+        tables.fill_(-1)
         graph, self.outputs[bucket] = capture(lambda: self._forward(bucket), self.owner.pool, self.owner.device)
         self.owner.captures += 1
         return graph

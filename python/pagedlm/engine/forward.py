@@ -91,11 +91,7 @@ def paged_forward(model, kv_caches, bm, device, items, graphs=None, *, choices=F
     positions = [p for it in items for p in it.positions()]
     rows = [cu[i] + r for i, it in enumerate(items) for r in it.logit_rows]
     if graphs is not None and graphs.fits(len(ids), len(items), tables.shape[1]):
-        # The rows' index goes up before the replay: a copy after it would wait for the graph.
-        index = None if rows == list(range(len(ids))) else torch.tensor(rows).to(device, non_blocking=True)
-        logits, row_choices = graphs.run(ids, positions, slots, tables, cu, seq_lens, mask, indptr)
-        if index is not None:
-            logits, row_choices = logits[index], row_choices[index]
+        logits, row_choices = graphs.run(ids, positions, slots, tables, cu, seq_lens, rows, mask, indptr)
         return (logits, row_choices) if choices else logits
     batch = AttentionBatch(
         slot_mapping=torch.from_numpy(slots).to(device),

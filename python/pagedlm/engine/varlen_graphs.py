@@ -7,11 +7,11 @@ sequence's rows by walking cu_seqlens_q on the device, and its grid is sized fro
 buffers' shapes. Graphs are keyed by (token bucket, sequence bucket, table width, masked).
 The padding tokens form one padding sequence after the real ones, which writes no KV (slots
 -1) and reads block 0 (under a custom mask, nothing), so every value stays valid even for
-the strictest input checks; further padding sequences are empty. The logits of every token
-are computed, into one output buffer that all the graphs share (a graph per bucket and width
-each holding [tokens, vocab] float32 would cost gigabytes with a large vocabulary), and so is
-each token's greedy choice (its argmax and log-probability), which verification reads without
-launching anything more; callers pick their rows.
+the strictest input checks; further padding sequences are empty. The logits of the rows the
+caller picks (an index in the inputs) are computed, into one output buffer that all the graphs
+share (a graph per bucket and width each holding [tokens, vocab] float32 would cost gigabytes
+with a large vocabulary), and so is each row's greedy choice (its argmax and log-probability),
+which verification reads without launching anything more.
 
 Forwards of a few tokens per sequence under the causal mask attend as decode queries: token
 j of a sequence is one query over the sequence's first position_j + 1 cached tokens (its
@@ -28,7 +28,7 @@ kernel runs one thread block per (sequence, head) for such windows, walking ever
 import numpy as np
 import torch
 
-from pagedlm.engine.cuda_graphs import MAX_WIDTH, bucket_of, capture, copy_tables, width_of
+from pagedlm.engine.cuda_graphs import MAX_WIDTH, bucket_of, capture, width_of
 from pagedlm.engine.sampler import greedy_choices
 from pagedlm.models import AttentionBatch
 
@@ -45,7 +45,9 @@ class VarlenGraphs:
         self.seq_buckets = [b for b in (4, 16, 64, 256) if b <= max_num_seqs] + [max_num_seqs + 1]
         self.graphs = {}
         self.captures = self.replays = 0
-        self.logits = None  # [TOKEN_BUCKETS[-1], vocab] float32, allocated at the first capture
+        # Every graph's outputs, [TOKEN_BUCKETS[-1], vocab] float32 and their greedy choices,
+        # allocated at the first capture: verification graphs read them at fixed addresses.
+        self.logits = self.choices = None
 
     def capture_all(self, masked):
         """Captures every (token bucket, sequence bucket) at the narrowest width now, rather than
@@ -60,11 +62,12 @@ class VarlenGraphs:
     def fits(self, tokens, seqs, width):
         return tokens <= TOKEN_BUCKETS[-1] and seqs < self.seq_buckets[-1] and width <= MAX_WIDTH
 
-    def run(self, ids, positions, slots, tables, cu_seqlens, seq_lens, mask=None, mask_indptr=None):
-        """(logits float32 [len(ids), vocab], their greedy_choices): views of the graph's outputs,
-        the logits valid until any of these graphs replays. slots and tables: the block
-        manager's arrays; mask: a flat bool numpy array with element offsets mask_indptr (a
-        list), as paged_prefill_attention takes them."""
+    def run(self, ids, positions, slots, tables, cu_seqlens, seq_lens, rows, mask=None, mask_indptr=None):
+        """(logits float32 [len(rows), vocab], their greedy_choices) of the tokens at rows (indices
+        into ids): the first rows of the buffers self.logits and self.choices, valid until any of
+        these graphs replays. slots and tables: the block manager's arrays; mask: a flat bool
+        numpy array with element offsets mask_indptr (a list), as paged_prefill_attention takes
+        them."""
         n, b = len(ids), len(seq_lens)
         tokens = bucket_of(n, TOKEN_BUCKETS)
         seqs = bucket_of(b + (n < tokens), self.seq_buckets)  # room for the padding sequence
@@ -72,13 +75,14 @@ class VarlenGraphs:
         width = width_of(max(tables.shape[1], -(-tokens // block_size)))  # the padding sequence's blocks fit
         graph = self._graph((tokens, seqs, width, mask is not None))
         self.replays += 1
-        return graph.run(ids, positions, slots, tables, cu_seqlens, seq_lens, mask, mask_indptr)
+        return graph.run(ids, positions, slots, tables, cu_seqlens, seq_lens, rows, mask, mask_indptr)
 
     def _graph(self, key):
         graph = self.graphs.get(key)
         if graph is None:
             if self.logits is None:
                 self.logits = torch.empty(TOKEN_BUCKETS[-1], self.model.args.vocab_size, device=self.device)
+                self.choices = torch.empty(TOKEN_BUCKETS[-1], 2, dtype=torch.float64, device=self.device)
             graph = self.graphs[key] = _VarlenGraph(self, *key)
             self.captures += 1
         return graph
@@ -92,10 +96,11 @@ class _VarlenGraph:
         device = owner.device
         # One int64 buffer, whose used part is one copy per replay: these fields (per token, per
         # sequence; each masked row's sequence length and mask offset; mask_indptr for masked
-        # graphs), then the mask's bytes.
+        # graphs), then the block tables (int32), then the mask's bytes.
         n, b = tokens, seqs
-        sizes = dict(ids=n, positions=n, slots=n, owners=n, cu=b + 1, lens=b, row_lens=n if self.masked_rows else 0,
-                     offsets=n if self.masked_rows else 0, indptr=b + 1 if masked else 0)
+        sizes = dict(ids=n, positions=n, slots=n, owners=n, rows=n, cu=b + 1, lens=b,
+                     row_lens=n if self.masked_rows else 0, offsets=n if self.masked_rows else 0,
+                     indptr=b + 1 if masked else 0, tables=-(-seqs * width // 2))
         self.at, self.ints = {}, 0
         for name, size in sizes.items():
             self.at[name] = slice(self.ints, self.ints + size)
@@ -103,9 +108,9 @@ class _VarlenGraph:
         block_size = owner.kv_caches[0][0].shape[1]
         capacity = tokens * max(width * block_size, tokens) if masked else 0  # sum of q_len x seq_len, padding's too
         self.packed = torch.zeros(self.ints + -(-capacity // 8), dtype=torch.int64, device=device)
-        self.tables = torch.zeros(seqs, width, dtype=torch.int32, device=device)
+        self.tables = self.packed[self.at["tables"]].view(torch.int32)[:seqs * width].view(seqs, width)
         self.mask = self.packed[self.ints:].view(torch.uint8)[:capacity].view(torch.bool) if masked else None
-        self._copy_inputs([], [], [], torch.zeros(0, 1, dtype=torch.int32), [0], [], np.zeros(0, dtype=bool),
+        self._copy_inputs([], [], [], np.zeros((0, 1), dtype=np.int32), [0], [], [], np.zeros(0, dtype=bool),
                           [0] if masked else None)  # captured with every token padding
         self.graph, self.outputs = capture(lambda: self._forward(owner), owner.pool, device)
 
@@ -125,10 +130,12 @@ class _VarlenGraph:
                                    cu_seqlens_q=cu_seqlens, decode_only=False, custom_mask=self.mask,
                                    mask_indptr=indptr)
         logits = owner.logits[:self.tokens]
-        logits.copy_(owner.model(p[at["ids"]], positions, batch, owner.kv_caches))
-        return logits, greedy_choices(logits)
+        logits.copy_(owner.model(p[at["ids"]], positions, batch, owner.kv_caches, logits_indices=p[at["rows"]]))
+        choices = owner.choices[:self.tokens]
+        choices.copy_(greedy_choices(logits))
+        return logits, choices
 
-    def _copy_inputs(self, ids, positions, slots, tables, cu_seqlens, seq_lens, mask, mask_indptr):
+    def _copy_inputs(self, ids, positions, slots, tables, cu_seqlens, seq_lens, rows, mask, mask_indptr):
         n = self.tokens
         real, pad = len(ids), n - len(ids)
         end = 0 if mask_indptr is None else mask_indptr[-1] + pad * pad  # the padding sequence's rows see nothing
@@ -137,6 +144,7 @@ class _VarlenGraph:
         packed[at["ids"]][:real] = ids
         packed[at["positions"]][:real], packed[at["positions"]][real:] = positions, np.arange(pad)
         packed[at["slots"]][:real], packed[at["slots"]][real:] = slots, -1
+        packed[at["rows"]][:len(rows)] = rows  # the rest: row 0, computed and ignored
         # Each token's sequence; the padding tokens form the sequence after the real ones.
         owners = packed[at["owners"]]
         owners[:] = np.repeat(np.arange(len(seq_lens) + 1), np.diff(cu_seqlens + [n]))
@@ -154,11 +162,13 @@ class _VarlenGraph:
             indptr = packed[at["indptr"]]
             indptr[:len(mask_indptr)], indptr[len(mask_indptr):] = mask_indptr, end
             packed[self.ints:].view(np.uint8)[:mask.size] = mask
+        # The tables in the top-left corner; the padding sequences' blocks: block 0.
+        packed[at["tables"]].view(np.int32)[:self.tables.numel()].reshape(self.tables.shape)[
+            :tables.shape[0], :tables.shape[1]] = tables
         self.packed[:len(packed)].copy_(torch.from_numpy(packed), non_blocking=True)
-        copy_tables(self.tables, tables, 0)  # the padding sequences' blocks: block 0
 
-    def run(self, ids, positions, slots, tables, cu_seqlens, seq_lens, mask, mask_indptr):
-        self._copy_inputs(ids, positions, slots, tables, cu_seqlens, seq_lens, mask, mask_indptr)
+    def run(self, ids, positions, slots, tables, cu_seqlens, seq_lens, rows, mask, mask_indptr):
+        self._copy_inputs(ids, positions, slots, tables, cu_seqlens, seq_lens, rows, mask, mask_indptr)
         self.graph.replay()
         logits, choices = self.outputs
-        return logits[:len(ids)], choices[:len(ids)]
+        return logits[:len(rows)], choices[:len(rows)]

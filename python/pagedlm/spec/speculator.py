@@ -27,7 +27,7 @@ from pagedlm.engine.sequence import Status
 from pagedlm.engine.forward import ForwardItem, apply_block_copies, paged_forward
 from pagedlm.engine.runner import FEW_TOKENS
 from pagedlm.spec.pay_switch import PaySwitch
-from pagedlm.spec.verification import Verification
+from pagedlm.spec.verification import Verification, VerificationGraphs
 
 TREE_SLOT = -1
 BACKOFF_AFTER, MAX_PAUSE = 2, 16
@@ -41,6 +41,7 @@ class Speculator:
         self.stats = defaultdict(lambda: dict(drafted=0, accepted=0, verify_steps=0, drafting_s=0.0))
         self.forwards = defaultdict(int)  # per sequence: the target forwards it emitted from
         self.misses, self.paused = defaultdict(int), defaultdict(int)  # per sequence: the switch
+        self.verification_graphs = None
 
     def step(self, scheduled, copies):
         """A speculative step: {seq: [(token, logprob), ...]} for the sequences that emit, when
@@ -112,7 +113,8 @@ class Speculator:
             first += len(item.logit_rows)
         logits, choices = paged_forward(self.runner.model, self.runner.kv_caches, self.runner.bm, self.runner.device,
                                         items, self.runner.varlen, choices=True)
-        verification = Verification(drafts, spans, self.runner.device)  # built while the device runs the forward
+        # Built while the device runs the forward.
+        verification = Verification(drafts, spans, self.runner.device, self._verification_graphs(logits))
         for s in computing:
             s.seq.num_cached += s.num_new
 
@@ -132,6 +134,15 @@ class Speculator:
             emitted.update({s.seq: [(t, lp)] for s, t, lp in zip(sampled, tokens, logprobs)})
         emitted.update(self._verify(drafts, verdicts))
         return emitted
+
+    def _verification_graphs(self, logits):
+        """VerificationGraphs over the runner's VarlenGraphs when the forward replayed one of them."""
+        varlen = self.runner.varlen
+        if varlen is None:
+            return None
+        if self.verification_graphs is None or self.verification_graphs.varlen is not varlen:
+            self.verification_graphs = VerificationGraphs(varlen)
+        return self.verification_graphs if self.verification_graphs.holds(logits) else None
 
     def _verify(self, drafts, verdicts):
         emitted = {}

@@ -7,23 +7,28 @@ depend on its batch (the kernels take one seed per call).
 Everything the host needs from the greedy requests (the kernels' verdicts, each row's argmax
 and its log-probability, which the forward's graph computes with the logits) comes back in
 one transfer, so a step synchronizes once however many sequences it verifies: a greedy
-request emits each row's argmax."""
+request emits each row's argmax. When the forward replayed a VarlenGraphs graph, the greedy
+verification is itself one replay of a VerificationGraphs graph (inputs padded to buckets):
+on a small model each launch and each torch call costs the host as much as a kernel, and
+this part of the step made about twenty of them."""
 import numpy as np
 import torch
 
 import pagedlm.ops as ops
+from pagedlm.engine.cuda_graphs import capture
 from pagedlm.spec.sampling import processed_probs, request_seed, token_logprobs
 
 
 class Verification:
     """One step's verification. Built while the device runs the step's forward (the host is
     what limits small models): every index and draft the kernels read goes to the device in
-    one copy from pinned memory, which queues behind the forward without waiting for it. Then
-    accept(logits, choices) reads the verdicts back in one transfer."""
+    one copy, which queues behind the forward without waiting for it. Then accept(logits,
+    choices) reads the verdicts back in one transfer."""
 
-    def __init__(self, drafts, spans, device):
+    def __init__(self, drafts, spans, device, graphs=None):
         """drafts: {seq: Draft}; spans: {seq: (its first row in the step's logits, its row
-        count)}, row 0 its last token's, then its extras'."""
+        count)}, row 0 its last token's, then its extras'. graphs: VerificationGraphs over the
+        buffers the step's logits are in, or None (an eager forward)."""
         greedy = [s for s in drafts if s.params.temperature == 0]
         self.chains = [s for s in greedy if drafts[s].parents is None]
         self.trees = [s for s in greedy if drafts[s].parents is not None]
@@ -32,28 +37,24 @@ class Verification:
         self.views = [tree_view(s, drafts[s]) for s in self.trees]
         k = max((len(drafts[s].tokens) for s in self.chains), default=0)
         nodes = max((len(v[0]) for v in self.views), default=0)
-        # Per chain its drafts, its k + 1 rows (short ones repeat their last); per tree its tokens
-        # and rows; then per chain its draft count and per tree its parents (-1 pads), which
-        # become int32 in one launch. One int64 upload.
-        c, t = len(self.chains), len(self.trees)
-        values = []
-        for d in (drafts[s] for s in self.chains):
-            values += d.tokens + [0] * (k - len(d.tokens))
-        for tokens, _, _ in self.views:
-            values += tokens + [0] * (nodes - len(tokens))
-        for first, count in (spans[s] for s in self.chains):
-            values += [first + min(r, count - 1) for r in range(k + 1)]
-        for s, (_, _, rows) in zip(self.trees, self.views):
-            values += [spans[s][0] + r for r in rows] + [0] * (nodes - len(rows))
-        values += [len(drafts[s].tokens) for s in self.chains]
-        for _, parents, _ in self.views:
-            values += parents + [-1] * (nodes - len(parents))
-        shapes = [(c, k), (t, nodes), (c, k + 1), (t, nodes)]
-        flat = torch.tensor(values, dtype=torch.int64)
-        flat = (flat.pin_memory() if device.type == "cuda" else flat).to(device, non_blocking=True)
-        *parts, self.narrow = flat.split([a * b for a, b in shapes] + [c + t * nodes])
-        self.chain_drafts, self.tree_tokens, self.chain_rows, self.tree_rows = (
-            part.view(shape) for part, shape in zip(parts, shapes))
+        shapes = (len(self.chains), k, len(self.trees), nodes)
+        self.graph = None if graphs is None else graphs.graph(shapes)
+        self.shapes = shapes if self.graph is None else self.graph.shapes
+        values = _empty_inputs(self.shapes)
+        chain_drafts, tree_tokens, chain_rows, tree_rows, chain_lens, tree_parents = _fields(values, self.shapes)
+        for i, d in enumerate(drafts[s] for s in self.chains):
+            chain_drafts[i, :len(d.tokens)] = d.tokens
+            chain_lens[i] = len(d.tokens)
+        for i, (first, count) in enumerate(spans[s] for s in self.chains):
+            chain_rows[i] = first + np.minimum(np.arange(chain_rows.shape[1]), count - 1)  # short ones repeat their last
+        for i, (s, (tokens, parents, rows)) in enumerate(zip(self.trees, self.views)):
+            tree_tokens[i, :len(tokens)], tree_parents[i, :len(parents)] = tokens, parents
+            tree_rows[i, :len(rows)] = np.add(rows, spans[s][0])
+        if self.graph is not None:
+            self.graph.load(values)
+        else:
+            flat = torch.from_numpy(values)
+            self.inputs = (flat.pin_memory() if device.type == "cuda" else flat).to(device, non_blocking=True)
         self.row_choices = None
 
     def accept(self, logits, choices, engine_seed):
@@ -62,15 +63,12 @@ class Verification:
         log-probabilities; row_argmax is the argmax of each of the seq's rows (proposers that
         iterate on the model's own guesses read it). choices: the logits' greedy_choices; on
         return, row_choices holds them on the host, a (token, logprob) per row of the step."""
-        verdicts = [choices]
-        narrow = self.narrow.int() if self.chains or self.trees else None
-        if self.chains:
-            verdicts += ops.verify_greedy(self.chain_drafts, logits[self.chain_rows],
-                                          draft_lens=narrow[:len(self.chains)])
-        if self.trees:
-            parents = narrow[len(self.chains):].view(self.tree_tokens.shape)
-            verdicts += ops.verify_tree_greedy(self.tree_tokens, parents, logits[self.tree_rows])
-        host, *rest = _to_host(verdicts)
+        if self.graph is not None:
+            flat = self.graph.run()
+        else:
+            flat = _flatten(greedy_verdicts(self.inputs, self.shapes, logits, choices)).cpu().numpy()
+        host, *rest = _split(flat, verdict_shapes(len(flat), self.shapes))
+        host = host[:len(logits)]
         argmax, logprob = host[:, 0].astype(np.int64).tolist(), host[:, 1].tolist()
         self.row_choices = list(zip(argmax, logprob))
         rest = [t.astype(np.int64).tolist() for t in rest]
@@ -100,6 +98,97 @@ class Verification:
         return results
 
 
+def _field_shapes(shapes):
+    """The inputs' fields: per chain its drafts and its k + 1 rows, per tree its tokens and
+    rows, per chain its draft count, per tree its parents (-1 pads)."""
+    c, k, t, nodes = shapes
+    return [(c, k), (t, nodes), (c, k + 1), (t, nodes), (c,), (t, nodes)]
+
+
+def _fields(flat, shapes):
+    """Views of the fields of a flat int64 inputs array or tensor."""
+    sizes = [int(np.prod(s)) for s in _field_shapes(shapes)]
+    ends = np.cumsum(sizes)
+    return [flat[end - size:end].reshape(shape) for end, size, shape in zip(ends, sizes, _field_shapes(shapes))]
+
+
+def _empty_inputs(shapes):
+    values = np.zeros(sum(int(np.prod(s)) for s in _field_shapes(shapes)), dtype=np.int64)
+    _fields(values, shapes)[5][:] = -1  # every node padding until set
+    return values
+
+
+def greedy_verdicts(inputs, shapes, logits, choices):
+    """The greedy verdicts of a step: [choices, then the chains' (output_tokens, num_accepted),
+    then the trees' (accepted_nodes, num_accepted, next_token)], from the flat int64 inputs."""
+    c, k, t, nodes = shapes
+    chain_drafts, tree_tokens, chain_rows, tree_rows, lens, parents = _fields(inputs, shapes)
+    verdicts = [choices]
+    if c:
+        verdicts += ops.verify_greedy(chain_drafts, logits[chain_rows], draft_lens=lens.int())
+    if t:  # every node may lie on the path: the output width is the node count (shapes alone, no sync)
+        verdicts += ops.verify_tree_greedy(tree_tokens, parents.int(), logits[tree_rows], max_depth=nodes - 1)
+    return verdicts
+
+
+def verdict_shapes(size, shapes):
+    """The shapes of greedy_verdicts' tensors, flattened into size float64 values."""
+    c, k, t, nodes = shapes
+    verdicts = ([(c, k + 1), (c,)] if c else []) + ([(t, nodes), (t,), (t,)] if t else [])
+    rows = (size - sum(int(np.prod(s)) for s in verdicts)) // 2
+    return [(rows, 2)] + verdicts
+
+
+def _flatten(tensors):
+    """One float64 tensor (cat promotes the rest to the first's dtype; every value fits a float64)."""
+    return torch.cat([tensors[0].reshape(-1).double()] + [t.reshape(-1) for t in tensors[1:]])
+
+
+def _split(flat, shapes):
+    ends = np.cumsum([int(np.prod(s)) for s in shapes])
+    return [part.reshape(s) for part, s in zip(np.split(flat, ends[:-1]), shapes)]
+
+
+class VerificationGraphs:
+    """CUDA graphs of greedy_verdicts over a VarlenGraphs' output buffers, keyed by the
+    (chains, draft length, trees, nodes) they take, each rounded up to a power of two. Padding
+    chains draft nothing; padding trees are a root alone; their verdicts are ignored."""
+
+    def __init__(self, varlen):
+        self.varlen, self.graphs = varlen, {}
+
+    def holds(self, logits):
+        """Whether logits are the first rows of the buffer these graphs read (a replayed forward)."""
+        return self.varlen.logits is not None and logits.data_ptr() == self.varlen.logits.data_ptr()
+
+    def graph(self, shapes):
+        key = tuple(_power_of_two(n) for n in shapes)
+        if key not in self.graphs:
+            self.graphs[key] = _VerificationGraph(self.varlen, key)
+        return self.graphs[key]
+
+
+def _power_of_two(n):
+    return 0 if n == 0 else 1 << (n - 1).bit_length()
+
+
+class _VerificationGraph:
+    def __init__(self, varlen, shapes):
+        self.shapes = shapes
+        self.inputs = torch.from_numpy(_empty_inputs(shapes)).to(varlen.device)
+        self.graph, self.output = capture(
+            lambda: _flatten(greedy_verdicts(self.inputs, shapes, varlen.logits, varlen.choices)), varlen.pool,
+            varlen.device)
+
+    def load(self, values):
+        self.inputs.copy_(torch.from_numpy(values), non_blocking=True)
+
+    def run(self):
+        """The flat verdicts on the host (numpy float64), choices for every row of the buffers."""
+        self.graph.replay()
+        return self.output.cpu().numpy()
+
+
 def tree_view(seq, draft):
     """(tokens, parents, logit rows) of the verification tree: the last token as root, then
     the candidate extras; a chain is a tree of one branch."""
@@ -108,14 +197,6 @@ def tree_view(seq, draft):
     index = {extra: i + 1 for i, extra in enumerate(nodes)}
     return ([seq.last_token] + [draft.tokens[e] for e in nodes], [-1] + [index.get(parents[e], 0) for e in nodes],
             [0] + [e + 1 for e in nodes])
-
-
-def _to_host(tensors):
-    """The tensors as numpy arrays, after one device-to-host copy: concatenated as float64 (cat
-    promotes the rest to the first's dtype; every value fits a float64)."""
-    flat = torch.cat([tensors[0].reshape(-1).double()] + [t.reshape(-1) for t in tensors[1:]]).cpu().numpy()
-    ends = np.cumsum([t.numel() for t in tensors])
-    return [part.reshape(t.shape) for part, t in zip(np.split(flat, ends[:-1]), tensors)]
 
 
 def _sampled(seq, draft, rows, engine_seed):
