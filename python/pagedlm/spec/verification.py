@@ -11,6 +11,8 @@ request emits each row's argmax. When the forward replayed a VarlenGraphs graph,
 verification is itself one replay of a VerificationGraphs graph (inputs padded to buckets):
 on a small model each launch and each torch call costs the host as much as a kernel, and
 this part of the step made about twenty of them."""
+import math
+
 import numpy as np
 import torch
 
@@ -40,8 +42,8 @@ class Verification:
         shapes = (len(self.chains), k, len(self.trees), nodes)
         self.graph = None if graphs is None else graphs.graph(shapes)
         self.shapes = shapes if self.graph is None else self.graph.shapes
-        values = _empty_inputs(self.shapes)
-        chain_drafts, tree_tokens, chain_rows, tree_rows, chain_lens, tree_parents = _fields(values, self.shapes)
+        values, fields = _empty_inputs(self.shapes)
+        chain_drafts, tree_tokens, chain_rows, tree_rows, chain_lens, tree_parents = fields
         for i, d in enumerate(drafts[s] for s in self.chains):
             chain_drafts[i, :len(d.tokens)] = d.tokens
             chain_lens[i] = len(d.tokens)
@@ -107,15 +109,15 @@ def _field_shapes(shapes):
 
 def _fields(flat, shapes):
     """Views of the fields of a flat int64 inputs array or tensor."""
-    sizes = [int(np.prod(s)) for s in _field_shapes(shapes)]
-    ends = np.cumsum(sizes)
-    return [flat[end - size:end].reshape(shape) for end, size, shape in zip(ends, sizes, _field_shapes(shapes))]
+    return _split(flat, _field_shapes(shapes))
 
 
 def _empty_inputs(shapes):
-    values = np.zeros(sum(int(np.prod(s)) for s in _field_shapes(shapes)), dtype=np.int64)
-    _fields(values, shapes)[5][:] = -1  # every node padding until set
-    return values
+    """(flat int64 inputs, their fields), every node padding until set."""
+    values = np.zeros(sum(math.prod(s) for s in _field_shapes(shapes)), dtype=np.int64)
+    fields = _fields(values, shapes)
+    fields[5][:] = -1
+    return values, fields
 
 
 def greedy_verdicts(inputs, shapes, logits, choices):
@@ -135,7 +137,7 @@ def verdict_shapes(size, shapes):
     """The shapes of greedy_verdicts' tensors, flattened into size float64 values."""
     c, k, t, nodes = shapes
     verdicts = ([(c, k + 1), (c,)] if c else []) + ([(t, nodes), (t,), (t,)] if t else [])
-    rows = (size - sum(int(np.prod(s)) for s in verdicts)) // 2
+    rows = (size - sum(math.prod(s) for s in verdicts)) // 2
     return [(rows, 2)] + verdicts
 
 
@@ -145,8 +147,13 @@ def _flatten(tensors):
 
 
 def _split(flat, shapes):
-    ends = np.cumsum([int(np.prod(s)) for s in shapes])
-    return [part.reshape(s) for part, s in zip(np.split(flat, ends[:-1]), shapes)]
+    """Consecutive views of flat (numpy or torch), one per shape (plain slicing: numpy's split
+    and cumsum cost more than the rest of a step's bookkeeping)."""
+    parts, end = [], 0
+    for shape in shapes:
+        start, end = end, end + math.prod(shape)
+        parts.append(flat[start:end].reshape(shape))
+    return parts
 
 
 class VerificationGraphs:
@@ -175,7 +182,7 @@ def _power_of_two(n):
 class _VerificationGraph:
     def __init__(self, varlen, shapes):
         self.shapes = shapes
-        self.inputs = torch.from_numpy(_empty_inputs(shapes)).to(varlen.device)
+        self.inputs = torch.from_numpy(_empty_inputs(shapes)[0]).to(varlen.device)
         self.graph, self.output = capture(
             lambda: _flatten(greedy_verdicts(self.inputs, shapes, varlen.logits, varlen.choices)), varlen.pool,
             varlen.device)
