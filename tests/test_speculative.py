@@ -29,6 +29,8 @@ METHODS = {
     "draft-other": dict(method="draft", model="other", num_tokens=3, adaptive=False),
     "jacobi": dict(method="jacobi", num_tokens=4, adaptive=False),
     "lookahead": dict(method="lookahead", window=4, ngram=3, guesses=3, adaptive=False),
+    "lookahead-window-pool": dict(method="lookahead", window=4, ngram=3, guesses=3, pool_from_prompt=False,
+                                  adaptive=False),
 }
 
 
@@ -225,6 +227,31 @@ def test_greedy_and_sampled_requests_mixed_with_chunked_prefills(models, plain, 
     assert all(len(o[0]) == 10 for o in outputs[3:6]) and run() == outputs
 
 
+def test_lookahead_pools_the_sequences_own_ngrams():
+    """With pool_from_prompt the prompt's n-grams are candidates from the first step, and the
+    n-grams that committed tokens end join them, newest last; without it the pool starts empty."""
+    from pagedlm.engine.sequence import Sequence
+    from pagedlm.spec.lookahead import LookaheadProposer
+
+    def candidate_paths(proposer, seq):
+        draft = proposer.propose([seq], [10])[seq]
+        paths = []
+        for node in draft.candidates:
+            path = []
+            while node >= 0:
+                path.insert(0, draft.tokens[node])
+                node = draft.parents[node]
+            paths.append(path)
+        return [p for p in paths if not any(q[:len(p)] == p and q != p for q in paths)]  # the trie's leaves
+
+    seq = Sequence(0, "0", 0, [5, 6, 7, 9, 5, 8, 1, 5], GREEDY)
+    assert candidate_paths(LookaheadProposer(2, 3, 4, pool_from_prompt=False), seq) == []
+    proposer = LookaheadProposer(2, 3, 4)
+    assert candidate_paths(proposer, seq) == [[6, 7], [8, 1]]
+    seq.output += [2, 4, 5]
+    assert candidate_paths(proposer, seq) == [[6, 7], [8, 1], [2, 4]]
+
+
 def test_a_draft_models_cache_shares_the_memory_budget(models):
     plain_blocks = LLM(models["target"], device="cpu").block_manager.num_blocks
     config = speculative("draft-other", models)
@@ -236,7 +263,9 @@ def test_bad_speculative_configs_name_the_key(models):
                         (dict(method="ngram", num_tokens=0, max_ngram=2), "num_tokens"),
                         (dict(method="lookahead", window=3, ngram=1, guesses=2), "ngram"),
                         (dict(method="jacobi", num_tokens=2.5), "num_tokens"),
-                        (dict(method="jacobi", num_tokens=2, adaptive="yes"), "adaptive")]:
+                        (dict(method="jacobi", num_tokens=2, adaptive="yes"), "adaptive"),
+                        (dict(method="lookahead", window=3, ngram=2, guesses=2, pool_from_prompt=1), "pool_from_prompt"),
+                        (dict(method="ngram", num_tokens=3, max_ngram=2, pool_from_prompt=True), "speculative")]:
         with pytest.raises(ValueError, match=key):
             LLM(models["target"], device="cpu", num_blocks=8, speculative=config)
 

@@ -5,6 +5,7 @@ own paged cache), "jacobi" (a window of guesses iterated to its fixed point) and
 (2-D Jacobi window, n-gram pool, verification trie in one forward). All are lossless: greedy
 requests emit exactly plain greedy decoding's tokens, sampled ones the target's distribution.
 Every method also takes "adaptive" (default True): the engine-wide switch of pay_switch.py.
+"lookahead" also takes "pool_from_prompt" (default True): the sequence's own n-grams join its pool.
 """
 from pagedlm.spec.draft_model import DraftModelProposer
 from pagedlm.spec.jacobi import JacobiProposer
@@ -16,6 +17,7 @@ __all__ = ["Speculator", "check_config", "make_proposer"]
 
 _KEYS = {"ngram": {"num_tokens", "max_ngram"}, "draft": {"model", "num_tokens"}, "jacobi": {"num_tokens"},
          "lookahead": {"window", "ngram", "guesses"}}
+_FLAGS = {"adaptive", "pool_from_prompt"}  # optional True/False keys
 
 
 def check_config(config):
@@ -23,12 +25,15 @@ def check_config(config):
     if not isinstance(config, dict) or config.get("method") not in _KEYS:
         raise ValueError(f"speculative: expected a dict with method in {sorted(_KEYS)}, got {config!r}")
     method = config["method"]
-    given = set(config) - {"method", "adaptive"}
+    flags = {"adaptive"} | ({"pool_from_prompt"} if method == "lookahead" else set())
+    given = set(config) - {"method"} - flags
     if given != _KEYS[method]:
-        raise ValueError(f"speculative: method {method!r} takes keys {sorted(_KEYS[method])}, got {sorted(given)}")
-    if not isinstance(config.get("adaptive", True), bool):
-        raise ValueError(f"speculative['adaptive']: must be True or False, got {config['adaptive']!r}")
-    ints = {k: v for k, v in config.items() if k not in ("method", "model", "adaptive")}
+        raise ValueError(f"speculative: method {method!r} takes keys {sorted(_KEYS[method])} (and optionally "
+                         f"{sorted(flags)}), got {sorted(set(config) - {'method'})}")
+    for flag in flags & set(config):
+        if not isinstance(config[flag], bool):
+            raise ValueError(f"speculative['{flag}']: must be True or False, got {config[flag]!r}")
+    ints = {k: v for k, v in config.items() if k not in ("method", "model") and k not in _FLAGS}
     for key, value in ints.items():
         smallest = 2 if key == "ngram" else 1
         if isinstance(value, bool) or not isinstance(value, int) or value < smallest:
@@ -45,6 +50,7 @@ def make_proposer(config, *, draft_model, num_blocks, block_size, device, engine
     if method == "jacobi":
         return JacobiProposer(config["num_tokens"])
     if method == "lookahead":
-        return LookaheadProposer(config["window"], config["ngram"], config["guesses"])
+        return LookaheadProposer(config["window"], config["ngram"], config["guesses"],
+                                 config.get("pool_from_prompt", True))
     return DraftModelProposer(draft_model, config["num_tokens"], num_blocks, block_size, device, engine_seed,
                               use_cuda_graphs=use_cuda_graphs, max_num_seqs=max_num_seqs)

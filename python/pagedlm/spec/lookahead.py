@@ -6,7 +6,12 @@ Window token (l, j) sits at position last + 1 + l + j and attends to level 0 up 
 then to column j up to level l: a contiguous chain of positions, so the window is a tree
 rooted at the last token. The candidates form a trie under the same root. The outputs of the
 last level are the window's next level, and each column yields the n-gram
-window[0][j], ..., window[N-2][j], output[j] of consecutive positions."""
+window[0][j], ..., window[N-2][j], output[j] of consecutive positions.
+
+With pool_from_prompt (the default, as the reference implementation's POOL_FROM_PROMPT, which
+its code benchmarks use), the sequence's own n-grams join the pool too: the prompt's at the
+first step, then those each committed token ends. Code repeats itself, so these are often the
+best guesses; the window's n-grams still cover what the context has not said yet."""
 import random
 import zlib
 
@@ -14,16 +19,20 @@ from pagedlm.spec.draft import Draft
 
 
 class LookaheadProposer:
-    def __init__(self, window, ngram, guesses):
+    def __init__(self, window, ngram, guesses, pool_from_prompt=True):
         self.W, self.N, self.G = window, ngram, guesses
+        self.pool_from_prompt = pool_from_prompt
         self.windows = {}  # seq -> N-1 levels of W tokens
         self.pools = {}    # seq -> {first token: [continuations of N-1 tokens], newest last}
+        self.pooled = {}   # seq -> how many of its tokens have ended an n-gram added to its pool
 
     def propose(self, seqs, caps):
         drafts = {}
         for seq, cap in zip(seqs, caps):
             if seq not in self.windows:
                 self.windows[seq] = self._initial_window(seq)
+            if self.pool_from_prompt:
+                self._pool_context(seq)
             window = self.windows[seq]
             tokens = [t for level in window for t in level]
             parents = [self._parent(level, j) for level in range(self.N - 1) for j in range(self.W)]
@@ -44,19 +53,32 @@ class LookaheadProposer:
         size = self.W * (self.N - 1)
         outputs = row_argmax[1 + size - self.W:1 + size]  # the last level's
         window = self.windows[seq]
-        pool = self.pools.setdefault(seq, {})
         for j in range(self.W):
-            gram = [window[level][j] for level in range(self.N - 1)] + [outputs[j]]
-            known = pool.setdefault(gram[0], [])
-            if gram[1:] in known:
-                known.remove(gram[1:])
-            known.append(gram[1:])
-            del known[:-self.G]
+            self._add(seq, [window[level][j] for level in range(self.N - 1)] + [outputs[j]])
         self.windows[seq] = window[1:] + [outputs]
+
+    def _add(self, seq, gram):
+        """gram joins the pool as the newest continuation of its first token (the oldest past G go)."""
+        known = self.pools.setdefault(seq, {}).setdefault(gram[0], [])
+        if gram[1:] in known:
+            known.remove(gram[1:])
+        known.append(gram[1:])
+        del known[:-self.G]
+
+    def _pool_context(self, seq):
+        """The n-grams ending at the sequence's tokens not yet pooled (at first, the prompt's)."""
+        done, end = self.pooled.get(seq, 0), len(seq)
+        first = max(done, self.N - 1)  # where the first new n-gram ends
+        if first < end:
+            tokens = seq.token_range(first - self.N + 1, end)
+            for start in range(end - first):
+                self._add(seq, tokens[start:start + self.N])
+        self.pooled[seq] = end
 
     def forget(self, seq):
         self.windows.pop(seq, None)
         self.pools.pop(seq, None)
+        self.pooled.pop(seq, None)
 
     def _parent(self, level, j):
         if level == 0:
