@@ -3,6 +3,7 @@ committed ones: a draft chain, or a token tree (lookahead, candidate tries). Eac
 sits at position last + depth and attends to the committed prefix and its tree ancestors, so
 a chain needs only the causal mask; a tree needs a custom mask, built for the whole batch."""
 import functools
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,14 +35,24 @@ class ForwardItem:
         last = self.start + committed - 1
         if self.parents is None:
             return list(range(self.start, last + 1 + self.num_extra))
-        return list(range(self.start, last + 1)) + [last + d for d in tree_depths(self.parents)]
+        return list(range(self.start, last + 1)) + [last + d for d in tree_layout(tuple(self.parents))[0]]
 
 
-def tree_depths(parents):
-    depths = []
-    for p in parents:
-        depths.append(1 if p < 0 else depths[p] + 1)
-    return depths
+@functools.lru_cache(maxsize=1024)
+def tree_layout(parents):
+    """(depths, ancestry) of a tree given as a tuple of parents (each earlier, -1 = the root):
+    each node's depth below the root, and a read-only bool [n, n] array whose row i marks node
+    i and its ancestors. Cached: a method's trees take a few shapes (a lookahead window's is
+    always the same), and built in Python this is most of a masked step's host work."""
+    depths, ancestry = [], []  # ancestors and itself as the bits of an int (parents come first)
+    for i, parent in enumerate(parents):
+        depths.append(1 if parent < 0 else depths[parent] + 1)
+        ancestry.append((ancestry[parent] if parent >= 0 else 0) | 1 << i)
+    n, width = len(parents), (len(parents) + 7) // 8
+    rows = np.frombuffer(b"".join(a.to_bytes(width, "little") for a in ancestry), np.uint8).reshape(n, width)
+    mask = np.unpackbits(rows, axis=1, count=n, bitorder="little").astype(bool)
+    mask.flags.writeable = False
+    return depths, mask
 
 
 def item_mask(item, seq_len):
@@ -52,13 +63,8 @@ def item_mask(item, seq_len):
     mask = np.ones((q_len, seq_len), dtype=bool)
     mask[:, offset:] = _lower_triangle(q_len)
     if item.parents is not None:
-        n, first = item.num_extra, q_len - item.num_extra
-        ancestry = []  # each extra's ancestors and itself, as the bits of an int (parents come first)
-        for i, parent in enumerate(item.parents):
-            ancestry.append((ancestry[parent] if parent >= 0 else 0) | 1 << i)
-        width = (n + 7) // 8
-        rows = np.frombuffer(b"".join(a.to_bytes(width, "little") for a in ancestry), np.uint8).reshape(n, width)
-        mask[first:, offset + first:] = np.unpackbits(rows, axis=1, count=n, bitorder="little")
+        first = q_len - item.num_extra
+        mask[first:, offset + first:] = tree_layout(tuple(item.parents))[1]
     return mask
 
 
@@ -84,7 +90,7 @@ def paged_forward(model, kv_caches, bm, device, items, graphs=None, *, choices=F
     if any(it.parents is not None for it in items):
         masks = [item_mask(it, n).ravel() for it, n in zip(items, seq_lens)]
         mask = np.concatenate(masks)
-        indptr = [0, *np.cumsum([m.size for m in masks]).tolist()]
+        indptr = [0, *itertools.accumulate(m.size for m in masks)]
     slots = bm.slot_mapping(seq_ids, counts)
     tables = bm.block_tables(seq_ids)
     ids = [t for it in items for t in it.tokens]

@@ -145,11 +145,12 @@ class _VarlenGraph:
         packed[at["positions"]][:real], packed[at["positions"]][real:] = positions, np.arange(pad)
         packed[at["slots"]][:real], packed[at["slots"]][real:] = slots, -1
         packed[at["rows"]][:len(rows)] = rows  # the rest: row 0, computed and ignored
-        # Each token's sequence; the padding tokens form the sequence after the real ones.
-        owners = packed[at["owners"]]
-        owners[:] = np.repeat(np.arange(len(seq_lens) + 1), np.diff(cu_seqlens + [n]))
         cu, lens = packed[at["cu"]], packed[at["lens"]]
         cu[:len(cu_seqlens)], cu[len(cu_seqlens):] = cu_seqlens, n
+        # Each token's sequence (how many real sequences end at or before it); the padding
+        # tokens form the sequence after the real ones.
+        owners = packed[at["owners"]]
+        owners[:] = np.searchsorted(cu[1:len(cu_seqlens)], np.arange(n), side="right")
         lens[:len(seq_lens)] = seq_lens
         if pad:
             lens[len(seq_lens)] = pad  # the padding sequence; further ones are empty
