@@ -22,6 +22,7 @@ class LookaheadProposer:
     def __init__(self, window, ngram, guesses, pool_from_prompt=True):
         self.W, self.N, self.G = window, ngram, guesses
         self.pool_from_prompt = pool_from_prompt
+        self.window_parents = [self._parent(level, j) for level in range(self.N - 1) for j in range(self.W)]
         self.windows = {}  # seq -> N-1 levels of W tokens
         self.pools = {}    # seq -> {first token: [continuations of N-1 tokens], newest last}
         self.pooled = {}   # seq -> how many of its tokens have ended an n-gram added to its pool
@@ -35,7 +36,7 @@ class LookaheadProposer:
                 self._pool_context(seq)
             window = self.windows[seq]
             tokens = [t for level in window for t in level]
-            parents = [self._parent(level, j) for level in range(self.N - 1) for j in range(self.W)]
+            parents = list(self.window_parents)
             trie = {}  # (parent extra index, token) -> extra index; shared prefixes verify once
             for continuation in self.pools.get(seq, {}).get(seq.last_token, [])[-self.G:]:
                 parent = -1
