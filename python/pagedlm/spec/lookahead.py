@@ -24,7 +24,7 @@ class LookaheadProposer:
         self.pool_from_prompt = pool_from_prompt
         self.window_parents = [self._parent(level, j) for level in range(self.N - 1) for j in range(self.W)]
         self.windows = {}  # seq -> N-1 levels of W tokens
-        self.pools = {}    # seq -> {first token: [continuations of N-1 tokens], newest last}
+        self.pools = {}    # seq -> {first token: {continuation (N-1 tokens): None}, newest last}
         self.pooled = {}   # seq -> how many of its tokens have ended an n-gram added to its pool
 
     def propose(self, seqs, caps):
@@ -38,7 +38,7 @@ class LookaheadProposer:
             tokens = [t for level in window for t in level]
             parents = list(self.window_parents)
             trie = {}  # (parent extra index, token) -> extra index; shared prefixes verify once
-            for continuation in self.pools.get(seq, {}).get(seq.last_token, [])[-self.G:]:
+            for continuation in self.pools.get(seq, {}).get(seq.last_token, ()):
                 parent = -1
                 for token in continuation[:cap]:
                     if (parent, token) not in trie:
@@ -54,24 +54,25 @@ class LookaheadProposer:
         size = self.W * (self.N - 1)
         outputs = row_argmax[1 + size - self.W:1 + size]  # the last level's
         window = self.windows[seq]
-        for j in range(self.W):
-            self._add(seq, [window[level][j] for level in range(self.N - 1)] + [outputs[j]])
+        for j, column in enumerate(zip(*window)):
+            self._add(seq, column + (outputs[j],))
         self.windows[seq] = window[1:] + [outputs]
 
     def _add(self, seq, gram):
-        """gram joins the pool as the newest continuation of its first token (the oldest past G go)."""
-        known = self.pools.setdefault(seq, {}).setdefault(gram[0], [])
-        if gram[1:] in known:
-            known.remove(gram[1:])
-        known.append(gram[1:])
-        del known[:-self.G]
+        """gram (a tuple) joins the pool as the newest continuation of its first token; past G,
+        the oldest goes (an insertion-ordered dict: an LRU set)."""
+        known = self.pools.setdefault(seq, {}).setdefault(gram[0], {})
+        known.pop(gram[1:], None)
+        known[gram[1:]] = None
+        if len(known) > self.G:
+            del known[next(iter(known))]
 
     def _pool_context(self, seq):
         """The n-grams ending at the sequence's tokens not yet pooled (at first, the prompt's)."""
         done, end = self.pooled.get(seq, 0), len(seq)
         first = max(done, self.N - 1)  # where the first new n-gram ends
         if first < end:
-            tokens = seq.token_range(first - self.N + 1, end)
+            tokens = tuple(seq.token_range(first - self.N + 1, end))
             for start in range(end - first):
                 self._add(seq, tokens[start:start + self.N])
         self.pooled[seq] = end
