@@ -231,10 +231,10 @@ class _Seq:
 
 
 @pytest.mark.parametrize("chains, trees", [(3, 0), (0, 5), (1, 1), (2, 5)])
-def test_verification_graph_equals_eager_verification(chains, trees):
+def test_verification_graph_equals_eager_verification(chains, trees, monkeypatch):
     """Greedy chains (ragged) and trees (random shapes) verified by a verification graph, whose
     inputs are padded to its buckets (3 chains of up to 3 drafts run as 4 of 4, 5 trees as 8),
-    give the eager verification's verdicts and row choices."""
+    give the eager verification's verdicts and row choices; past MAX_GATHER_BYTES, the eager one."""
     from types import SimpleNamespace
 
     from pagedlm.spec.draft import Draft
@@ -262,3 +262,7 @@ def test_verification_graph_equals_eager_verification(chains, trees):
     assert verification.accept(rows, None, 0) == eager
     assert verification.row_choices == [tuple(c) for c in greedy_choices(rows).tolist()]
     assert len(graphs.graphs) == 1
+    # A graph whose logits gather would be too large is not made: that step verifies eagerly.
+    monkeypatch.setattr("pagedlm.spec.verification.MAX_GATHER_BYTES", 0)
+    assert graphs.graph(verification.shapes) is None
+    assert Verification(drafts, spans, rows.device, graphs).accept(rows, greedy_choices(rows), 0) == eager

@@ -156,6 +156,9 @@ def _split(flat, shapes):
     return parts
 
 
+MAX_GATHER_BYTES = 1 << 28  # 256 MiB: e.g. 512 rows of a 128K vocabulary
+
+
 class VerificationGraphs:
     """CUDA graphs of greedy_verdicts over a VarlenGraphs' output buffers, keyed by the
     (chains, draft length, trees, nodes) they take, each rounded up to a power of two. Padding
@@ -169,7 +172,13 @@ class VerificationGraphs:
         return self.varlen.logits is not None and logits.data_ptr() == self.varlen.logits.data_ptr()
 
     def graph(self, shapes):
+        """The graph for these (chains, draft length, trees, nodes), or None (verify eagerly)
+        when its padded logits gather would hold more than MAX_GATHER_BYTES: the memory of a
+        graph's intermediates stays reserved in its pool."""
         key = tuple(_power_of_two(n) for n in shapes)
+        c, k, t, nodes = key
+        if (c * (k + 1) + t * nodes) * self.varlen.logits.shape[1] * 4 > MAX_GATHER_BYTES:
+            return None
         if key not in self.graphs:
             self.graphs[key] = _VerificationGraph(self.varlen, key)
         return self.graphs[key]
