@@ -89,8 +89,12 @@ class LLM:
                                      max_num_seqs=max_num_seqs)
             self.speculator = Speculator(proposer, self.runner, max_num_batched_tokens, seed,
                                          adaptive=speculative.get("adaptive", True))
-            if self.runner.varlen is not None:  # verification graphs up front; lookahead verifies trees
-                self.runner.varlen.capture_all(masked=speculative["method"] == "lookahead")
+            if self.runner.varlen is not None:  # verification graphs up front
+                # Chains verify unmasked; trees (lookahead) masked, and their accepted tokens are
+                # recomputed in the next step unmasked (when it drafts nothing).
+                self.runner.varlen.capture_all(masked=False)
+                if speculative["method"] == "lookahead":
+                    self.runner.varlen.capture_all(masked=True)
         self._ids = itertools.count()
         self._requests = {}
 
