@@ -110,6 +110,14 @@ class _VarlenGraph:
         self.packed = torch.zeros(self.ints + -(-capacity // 8), dtype=torch.int64, device=device)
         self.tables = self.packed[self.at["tables"]].view(torch.int32)[:seqs * width].view(seqs, width)
         self.mask = self.packed[self.ints:].view(torch.uint8)[:capacity].view(torch.bool) if masked else None
+        # Its host side: one pageable array reused at every replay (a copy from pageable memory
+        # has read it when copy_ returns), with the fields' views made once.
+        self.host = np.zeros(self.packed.shape[0], dtype=np.int64)
+        self.host_tensor = torch.from_numpy(self.host)
+        self.fields = {name: self.host[field] for name, field in self.at.items()}
+        self.fields["tables"] = self.fields["tables"].view(np.int32)[:seqs * width].reshape(seqs, width)
+        self.host_mask = self.host[self.ints:].view(np.uint8)
+        self.token_index = np.arange(tokens)
         self._copy_inputs([], [], [], np.zeros((0, 1), dtype=np.int32), [0], [], [], np.zeros(0, dtype=bool),
                           [0] if masked else None)  # captured with every token padding
         self.graph, self.outputs = capture(lambda: self._forward(owner), owner.pool, device)
@@ -136,37 +144,33 @@ class _VarlenGraph:
         return logits, choices
 
     def _copy_inputs(self, ids, positions, slots, tables, cu_seqlens, seq_lens, rows, mask, mask_indptr):
-        n = self.tokens
+        n, f, index = self.tokens, self.fields, self.token_index
         real, pad = len(ids), n - len(ids)
         end = 0 if mask_indptr is None else mask_indptr[-1] + pad * pad  # the padding sequence's rows see nothing
-        packed = np.zeros(self.ints + -(-end // 8), dtype=np.int64)
-        at = self.at
-        packed[at["ids"]][:real] = ids
-        packed[at["positions"]][:real], packed[at["positions"]][real:] = positions, np.arange(pad)
-        packed[at["slots"]][:real], packed[at["slots"]][real:] = slots, -1
-        packed[at["rows"]][:len(rows)] = rows  # the rest: row 0, computed and ignored
-        cu, lens = packed[at["cu"]], packed[at["lens"]]
+        used = self.ints + -(-end // 8)
+        self.host[:used] = 0
+        f["ids"][:real] = ids
+        f["positions"][:real], f["positions"][real:] = positions, index[:pad]
+        f["slots"][:real], f["slots"][real:] = slots, -1
+        f["rows"][:len(rows)] = rows  # the rest: row 0, computed and ignored
+        cu, lens, owners = f["cu"], f["lens"], f["owners"]
         cu[:len(cu_seqlens)], cu[len(cu_seqlens):] = cu_seqlens, n
         # Each token's sequence (how many real sequences end at or before it); the padding
         # tokens form the sequence after the real ones.
-        owners = packed[at["owners"]]
-        owners[:] = np.searchsorted(cu[1:len(cu_seqlens)], np.arange(n), side="right")
+        owners[:] = np.searchsorted(cu[1:len(cu_seqlens)], index, side="right")
         lens[:len(seq_lens)] = seq_lens
         if pad:
             lens[len(seq_lens)] = pad  # the padding sequence; further ones are empty
         if self.masked_rows:  # row i of sequence s: s's length; its mask row starts at indptr[s] + i * length
-            row_lens = packed[at["row_lens"]]
+            row_lens = f["row_lens"]
             row_lens[:] = lens[owners]
             indptr = np.asarray(mask_indptr, dtype=np.int64)  # its last entry: where the padding rows start
-            packed[at["offsets"]] = indptr[owners] + (np.arange(n) - cu[owners]) * row_lens
+            f["offsets"][:] = indptr[owners] + (index - cu[owners]) * row_lens
         if mask_indptr is not None:
-            indptr = packed[at["indptr"]]
-            indptr[:len(mask_indptr)], indptr[len(mask_indptr):] = mask_indptr, end
-            packed[self.ints:].view(np.uint8)[:mask.size] = mask
-        # The tables in the top-left corner; the padding sequences' blocks: block 0.
-        packed[at["tables"]].view(np.int32)[:self.tables.numel()].reshape(self.tables.shape)[
-            :tables.shape[0], :tables.shape[1]] = tables
-        self.packed[:len(packed)].copy_(torch.from_numpy(packed), non_blocking=True)
+            f["indptr"][:len(mask_indptr)], f["indptr"][len(mask_indptr):] = mask_indptr, end
+            self.host_mask[:mask.size] = mask
+        f["tables"][:tables.shape[0], :tables.shape[1]] = tables  # the padding sequences' blocks: block 0
+        self.packed[:used].copy_(self.host_tensor[:used], non_blocking=True)
 
     def run(self, ids, positions, slots, tables, cu_seqlens, seq_lens, rows, mask, mask_indptr):
         self._copy_inputs(ids, positions, slots, tables, cu_seqlens, seq_lens, rows, mask, mask_indptr)
