@@ -98,13 +98,13 @@ class DecodeGraphs:
         graph = graphs.graph(bucket)  # before the inputs are copied in: a first capture resets the buffers
         # ids, positions, slots, lengths [4, bucket], then the tables: one host array, one copy
         # (padding rows write no KV and read nothing).
-        packed = np.zeros(graphs.size(bucket), dtype=np.int64)
-        meta, padded_tables = graphs.layout(packed, bucket)
+        size, (meta, padded_tables) = graphs.size(bucket), graphs.host_layout(bucket)
+        graphs.host[:4 * bucket] = 0
         meta[0, :batch], meta[1, :batch], meta[2, :batch], meta[2, batch:] = ids, positions, slots, -1
         meta[3, :batch] = meta[1, :batch] + 1
         padded_tables.fill(-1)
         padded_tables[:batch, :tables.shape[1]] = tables
-        graphs.packed[:len(packed)].copy_(torch.from_numpy(packed), non_blocking=True)
+        graphs.packed[:size].copy_(graphs.host_tensor[:size], non_blocking=True)
         graph.replay()
         logits, choices = graphs.outputs[bucket]
         return logits[:batch], choices[:batch]
@@ -123,7 +123,17 @@ class _GraphSet:
     def __init__(self, owner, width):
         self.owner, self.width = owner, width
         self.packed = torch.zeros(self.size(owner.buckets[-1]), dtype=torch.int64, device=owner.device)
+        # Its host side: one pageable array reused at every step (a copy from pageable memory
+        # has read it when copy_ returns), with each bucket's views made once.
+        self.host = np.zeros(self.packed.shape[0], dtype=np.int64)
+        self.host_tensor = torch.from_numpy(self.host)
+        self.host_views = {}
         self.graphs, self.outputs = {}, {}
+
+    def host_layout(self, bucket):
+        if bucket not in self.host_views:
+            self.host_views[bucket] = self.layout(self.host, bucket)
+        return self.host_views[bucket]
 
     def size(self, bucket):
         return 4 * bucket + -(-bucket * self.width // 2)
