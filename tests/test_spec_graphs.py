@@ -266,3 +266,20 @@ def test_verification_graph_equals_eager_verification(chains, trees, monkeypatch
     monkeypatch.setattr("pagedlm.spec.verification.MAX_GATHER_BYTES", 0)
     assert graphs.graph(verification.shapes) is None
     assert Verification(drafts, spans, rows.device, graphs).accept(rows, greedy_choices(rows), 0) == eager
+
+
+@pytest.mark.parametrize("name", ["ngram", "lookahead"])
+def test_verification_capture_all_takes_every_shape_a_run_meets(models, name):
+    """Captured up front from the method's bounds, the verification graphs cover every step of
+    a batched run, as sequences finish at different steps: nothing is captured mid-run."""
+    from pagedlm.spec import verification_bounds
+    config = dict(METHODS[name])
+    llm = engine(models, 4, config)
+    llm.speculator.capture_verification_graphs(MAX_SEQS, *verification_bounds(config))
+    graphs = llm.speculator.verification_graphs
+    captured = set(graphs.graphs)
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (3, 7, 13, 9, 5)]
+    llm.generate(prompts(5), params, use_tqdm=False)
+    assert llm.speculator.verification_graphs is graphs and set(graphs.graphs) == captured
+    # Sequence buckets 1-8, times draft-length buckets 1-4 (k = 3) or tree-node buckets 1-8 (7 nodes).
+    assert len(captured) == 4 * {"ngram": 3, "lookahead": 4}[name]

@@ -19,7 +19,7 @@ from pagedlm.engine.scheduler import Scheduler
 from pagedlm.engine.sequence import SamplingParams, Sequence, Status
 from pagedlm.models import LlamaForCausalLM, load_model
 from pagedlm.models.loader import read_config
-from pagedlm.spec import Speculator, check_config, make_proposer
+from pagedlm.spec import Speculator, check_config, make_proposer, verification_bounds
 
 __all__ = ["LLM", "SamplingParams", "BeamSearchParams", "RequestOutput", "CompletionOutput"]
 
@@ -95,6 +95,7 @@ class LLM:
                 self.runner.varlen.capture_all(masked=False)
                 if speculative["method"] == "lookahead":
                     self.runner.varlen.capture_all(masked=True)
+                self.speculator.capture_verification_graphs(max_num_seqs, *verification_bounds(speculative))
         self._ids = itertools.count()
         self._requests = {}
 

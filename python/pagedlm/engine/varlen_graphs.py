@@ -46,7 +46,8 @@ class VarlenGraphs:
         self.graphs = {}
         self.captures = self.replays = 0
         # Every graph's outputs, [TOKEN_BUCKETS[-1], vocab] float32 and their greedy choices,
-        # allocated at the first capture: verification graphs read them at fixed addresses.
+        # allocated at the first capture (or by allocate_outputs): verification graphs read them
+        # at fixed addresses.
         self.logits = self.choices = None
 
     def capture_all(self, masked):
@@ -77,12 +78,16 @@ class VarlenGraphs:
         self.replays += 1
         return graph.run(ids, positions, slots, tables, cu_seqlens, seq_lens, rows, mask, mask_indptr)
 
+    def allocate_outputs(self):
+        """The output buffers that every graph shares, and verification graphs read (once)."""
+        if self.logits is None:
+            self.logits = torch.empty(TOKEN_BUCKETS[-1], self.model.args.vocab_size, device=self.device)
+            self.choices = torch.empty(TOKEN_BUCKETS[-1], 2, dtype=torch.float64, device=self.device)
+
     def _graph(self, key):
         graph = self.graphs.get(key)
         if graph is None:
-            if self.logits is None:
-                self.logits = torch.empty(TOKEN_BUCKETS[-1], self.model.args.vocab_size, device=self.device)
-                self.choices = torch.empty(TOKEN_BUCKETS[-1], 2, dtype=torch.float64, device=self.device)
+            self.allocate_outputs()
             graph = self.graphs[key] = _VarlenGraph(self, *key)
             self.captures += 1
         return graph

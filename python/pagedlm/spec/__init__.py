@@ -13,7 +13,7 @@ from pagedlm.spec.lookahead import LookaheadProposer
 from pagedlm.spec.ngram import NgramProposer
 from pagedlm.spec.speculator import Speculator
 
-__all__ = ["Speculator", "check_config", "make_proposer"]
+__all__ = ["Speculator", "check_config", "make_proposer", "verification_bounds"]
 
 _KEYS = {"ngram": {"num_tokens", "max_ngram"}, "draft": {"model", "num_tokens"}, "jacobi": {"num_tokens"},
          "lookahead": {"window", "ngram", "guesses"}}
@@ -54,3 +54,11 @@ def make_proposer(config, *, draft_model, num_blocks, block_size, device, engine
                                  config.get("pool_from_prompt", True))
     return DraftModelProposer(draft_model, config["num_tokens"], num_blocks, block_size, device, engine_seed,
                               use_cuda_graphs=use_cuda_graphs, max_num_seqs=max_num_seqs)
+
+
+def verification_bounds(config):
+    """(longest chain drafted, most nodes of a verification tree, root included) of a checked
+    `speculative` dict: the shapes its steps verify."""
+    if config["method"] == "lookahead":
+        return 0, 1 + config["guesses"] * (config["ngram"] - 1)
+    return config["num_tokens"], 0

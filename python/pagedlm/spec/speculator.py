@@ -135,6 +135,11 @@ class Speculator:
         emitted.update(self._verify(drafts, verdicts))
         return emitted
 
+    def capture_verification_graphs(self, max_seqs, chain_drafts, tree_nodes):
+        """Every verification graph a step can meet, captured now (see VerificationGraphs.capture_all)."""
+        self.verification_graphs = VerificationGraphs(self.runner.varlen)
+        self.verification_graphs.capture_all(max_seqs, chain_drafts, tree_nodes)
+
     def _verification_graphs(self, logits):
         """VerificationGraphs over the runner's VarlenGraphs when the forward replayed one of them."""
         varlen = self.runner.varlen

@@ -171,6 +171,19 @@ class VerificationGraphs:
         """Whether logits are the first rows of the buffer these graphs read (a replayed forward)."""
         return self.varlen.logits is not None and logits.data_ptr() == self.varlen.logits.data_ptr()
 
+    def capture_all(self, max_seqs, chain_drafts=0, tree_nodes=0):
+        """Captures up front the graph of every shape bucket a step can meet, rather than on first
+        use: a speculative engine meets new ones at unpredictable steps (the timing switch's
+        probes most of all, a batch's chains after some sequences finished), and at batch 16 one
+        capture costs as much time as dozens of steps. chain_drafts: the longest chain drafted;
+        tree_nodes: the most nodes (root included) of a verification tree."""
+        self.varlen.allocate_outputs()
+        for seqs in _powers_of_two(max_seqs):
+            for k in _powers_of_two(chain_drafts):
+                self.graph((seqs, k, 0, 0))
+            for nodes in _powers_of_two(tree_nodes):
+                self.graph((0, 0, seqs, nodes))
+
     def graph(self, shapes):
         """The graph for these (chains, draft length, trees, nodes), or None (verify eagerly)
         when its padded logits gather would hold more than MAX_GATHER_BYTES: the memory of a
@@ -186,6 +199,11 @@ class VerificationGraphs:
 
 def _power_of_two(n):
     return 0 if n == 0 else 1 << (n - 1).bit_length()
+
+
+def _powers_of_two(n):
+    """1, 2, 4, ... up to _power_of_two(n); nothing for n = 0."""
+    return [1 << i for i in range(_power_of_two(n).bit_length())]
 
 
 class _VerificationGraph:
