@@ -91,7 +91,7 @@ class DecodeGraphs:
 
     def run(self, ids, positions, slots, tables):
         """(logits float32 [len(ids), vocab], their greedy_choices) of one decode step (views of
-        the graph's outputs)."""
+        the graph's outputs). slots and tables: the block manager's arrays."""
         batch, needed = len(ids), tables.shape[1]
         graphs = self._graph_set(width_of(needed))
         bucket = bucket_of(batch, self.buckets)
@@ -106,8 +106,7 @@ class DecodeGraphs:
         padded_tables[:batch, :tables.shape[1]] = tables
         graphs.packed[:size].copy_(graphs.host_tensor[:size], non_blocking=True)
         graph.replay()
-        logits, choices = graphs.outputs[bucket]
-        return logits[:batch], choices[:batch]
+        return graphs.output_views(bucket, batch)
 
     def _graph_set(self, width):
         if width not in self.widths:
@@ -129,11 +128,20 @@ class _GraphSet:
         self.host_tensor = torch.from_numpy(self.host)
         self.host_views = {}
         self.graphs, self.outputs = {}, {}
+        self.views = {}  # (bucket, batch) -> the first batch rows of the bucket's outputs
 
     def host_layout(self, bucket):
         if bucket not in self.host_views:
             self.host_views[bucket] = self.layout(self.host, bucket)
         return self.host_views[bucket]
+
+    def output_views(self, bucket, batch):
+        """The first batch rows of the bucket graph's (logits, choices), made once: on a small
+        model's step, slicing a tensor costs the host as much as a kernel."""
+        if (bucket, batch) not in self.views:
+            logits, choices = self.outputs[bucket]
+            self.views[bucket, batch] = (logits[:batch], choices[:batch])
+        return self.views[bucket, batch]
 
     def size(self, bucket):
         return 4 * bucket + -(-bucket * self.width // 2)

@@ -61,8 +61,7 @@ class ModelRunner:
                 return paged_forward(self.model, self.kv_caches, self.bm, self.device, items, self.varlen, choices=True)
             return paged_forward(self.model, self.kv_caches, self.bm, self.device, items), None
         seq_ids = [s.seq.seq_id for s in computing]
-        tables = torch.from_numpy(self.bm.block_tables(seq_ids))
-        slots = torch.from_numpy(self.bm.slot_mapping(seq_ids, counts))
+        tables, slots = self.bm.block_tables(seq_ids), self.bm.slot_mapping(seq_ids, counts)  # numpy
         ids = [s.seq.token_range(s.seq.num_cached, s.seq.num_cached + 1)[0] for s in computing]
         positions = [s.seq.num_cached for s in computing]
         if self.graphs is not None and self.graphs.fits(len(computing), tables.shape[1]):
@@ -72,8 +71,9 @@ class ModelRunner:
     def _eager_decode(self, ids, positions, slots, tables):
         n = len(ids)
         # One host-to-device copy for ids, positions, lengths (one past each position) and slots.
-        packed = torch.cat([torch.tensor(ids + positions + [p + 1 for p in positions]), slots])
+        packed = torch.cat([torch.tensor(ids + positions + [p + 1 for p in positions]), torch.from_numpy(slots)])
         packed = packed.to(self.device, non_blocking=True)
-        batch = AttentionBatch(slot_mapping=packed[3 * n:], block_tables=tables.to(self.device, non_blocking=True),
+        batch = AttentionBatch(slot_mapping=packed[3 * n:],
+                               block_tables=torch.from_numpy(tables).to(self.device, non_blocking=True),
                                seq_lens=packed[2 * n:3 * n].int(), cu_seqlens_q=None, decode_only=True)
         return self.model(packed[:n], packed[n:2 * n], batch, self.kv_caches)

@@ -49,6 +49,7 @@ class VarlenGraphs:
         # allocated at the first capture (or by allocate_outputs): verification graphs read them
         # at fixed addresses.
         self.logits = self.choices = None
+        self.row_views = {}  # n -> first_rows(n)
 
     def capture_all(self, masked):
         """Captures every (token bucket, sequence bucket) at the narrowest width now, rather than
@@ -76,7 +77,15 @@ class VarlenGraphs:
         width = width_of(max(tables.shape[1], -(-tokens // block_size)))  # the padding sequence's blocks fit
         graph = self._graph((tokens, seqs, width, mask is not None))
         self.replays += 1
-        return graph.run(ids, positions, slots, tables, cu_seqlens, seq_lens, rows, mask, mask_indptr)
+        graph.run(ids, positions, slots, tables, cu_seqlens, seq_lens, rows, mask, mask_indptr)
+        return self.first_rows(len(rows))
+
+    def first_rows(self, n):
+        """(logits[:n], choices[:n]) of the shared outputs, made once per n: on a small model's
+        step, slicing a tensor costs the host as much as a kernel."""
+        if n not in self.row_views:
+            self.row_views[n] = (self.logits[:n], self.choices[:n])
+        return self.row_views[n]
 
     def allocate_outputs(self):
         """The output buffers that every graph shares, and verification graphs read (once)."""
@@ -125,7 +134,7 @@ class _VarlenGraph:
         self.token_index = np.arange(tokens)
         self._copy_inputs([], [], [], np.zeros((0, 1), dtype=np.int32), [0], [], [], np.zeros(0, dtype=bool),
                           [0] if masked else None)  # captured with every token padding
-        self.graph, self.outputs = capture(lambda: self._forward(owner), owner.pool, device)
+        self.graph = capture(lambda: self._forward(owner), owner.pool, device)[0]  # it writes the owner's outputs
 
     def _forward(self, owner):
         p, at = self.packed, self.at
@@ -178,7 +187,6 @@ class _VarlenGraph:
         self.packed[:used].copy_(self.host_tensor[:used], non_blocking=True)
 
     def run(self, ids, positions, slots, tables, cu_seqlens, seq_lens, rows, mask, mask_indptr):
+        """Replays over these inputs, into the owner's logits and choices."""
         self._copy_inputs(ids, positions, slots, tables, cu_seqlens, seq_lens, rows, mask, mask_indptr)
         self.graph.replay()
-        logits, choices = self.outputs
-        return logits[:len(rows)], choices[:len(rows)]
