@@ -1,6 +1,7 @@
 """The CUDA-graph paths of speculative decoding, run on the CPU: VarlenGraphs (verification,
-the draft's catch-up, lookahead's masked forward) and DraftChainGraphs (the greedy draft
-chain with the argmax fed back), with `capture` replaced by a stand-in whose replay reruns
+the draft's catch-up, lookahead's masked forward), VerificationGraphs and DraftChainGraphs
+(the greedy draft chain with the argmax fed back), and DecodeGraphs (plain decode steps),
+with `capture` replaced by a stand-in whose replay reruns
 the forward into the captured output. Their padding (a padding sequence over block 0, empty
 sequences, slots -1, spare chain steps) must pass the CPU kernels' strict input checks and
 change no token: greedy outputs equal plain decoding's, batched and alone."""
@@ -283,3 +284,23 @@ def test_verification_capture_all_takes_every_shape_a_run_meets(models, name):
     assert llm.speculator.verification_graphs is graphs and set(graphs.graphs) == captured
     # Sequence buckets 1-8, times draft-length buckets 1-4 (k = 3) or tree-node buckets 1-8 (7 nodes).
     assert len(captured) == 4 * {"ngram": 3, "lookahead": 4}[name]
+
+
+def test_decode_graphs_emit_the_eager_tokens(models, monkeypatch):
+    """DecodeGraphs (plain decode steps) on the CPU, capture replaced as above: batches that
+    pad their bucket (5 sequences in the bucket of 8, then fewer as they finish) emit the eager
+    decode's tokens; each step's inputs go through the graph set's reused host array."""
+    import pagedlm.engine.cuda_graphs as cuda_graphs
+    from pagedlm.engine.cuda_graphs import DecodeGraphs
+    monkeypatch.setattr(cuda_graphs, "capture", replay_eagerly)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    batch = prompts(5)
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (3, 13, 7, 9, 11)]
+    expected = tokens(engine(models, 4).generate(batch, params, use_tqdm=False))
+    llm = engine(models, 4)
+    llm.runner.graphs = graphs = DecodeGraphs(llm.model, llm.kv_caches, MAX_SEQS, llm.device)
+    replays = []
+    run = graphs.run
+    monkeypatch.setattr(graphs, "run", lambda *args: replays.append(len(args[0])) or run(*args))
+    assert tokens(llm.generate(batch, params, use_tqdm=False)) == expected
+    assert {5, 4, 3, 2, 1} <= set(replays)  # every bucket met, padded and not
