@@ -66,6 +66,29 @@ def width_of(blocks):
     return width
 
 
+class InputBuffer:
+    """A graph's static int64 inputs (.tensor, on its device) and their host side (.host, a
+    pageable numpy array): a replay's inputs are written into .host in place and go up in one
+    copy. The same host array serves every replay, since a copy from pageable memory has read
+    it when copy_ returns; so nothing is allocated per replay."""
+
+    def __init__(self, size, device):
+        self.tensor = torch.zeros(size, dtype=torch.int64, device=device)
+        self.host = np.zeros(size, dtype=np.int64)
+        self._host_tensor = torch.from_numpy(self.host)
+
+    def upload(self, used=None):
+        """The first `used` elements of .host (all by default) to .tensor."""
+        used = len(self.host) if used is None else used
+        self.tensor[:used].copy_(self._host_tensor[:used], non_blocking=True)
+
+
+def int32_rows(flat, rows, cols):
+    """flat (int64, numpy or torch) viewed as int32 [rows, cols]: block tables inside a packed buffer."""
+    as_int32 = flat.view(np.int32 if isinstance(flat, np.ndarray) else torch.int32)
+    return as_int32[:rows * cols].reshape(rows, cols)
+
+
 def batch_buckets(max_num_seqs):
     """1, 2, 4, 8, then multiples of 16 up to max_num_seqs (the padding stays under 16 rows)."""
     buckets = [b for b in (1, 2, 4, 8) if b < max_num_seqs]
@@ -98,13 +121,13 @@ class DecodeGraphs:
         graph = graphs.graph(bucket)  # before the inputs are copied in: a first capture resets the buffers
         # ids, positions, slots, lengths [4, bucket], then the tables: one host array, one copy
         # (padding rows write no KV and read nothing).
-        size, (meta, padded_tables) = graphs.size(bucket), graphs.host_layout(bucket)
-        graphs.host[:4 * bucket] = 0
+        meta, padded_tables = graphs.host_layout(bucket)
+        meta.fill(0)
         meta[0, :batch], meta[1, :batch], meta[2, :batch], meta[2, batch:] = ids, positions, slots, -1
         meta[3, :batch] = meta[1, :batch] + 1
         padded_tables.fill(-1)
         padded_tables[:batch, :tables.shape[1]] = tables
-        graphs.packed[:size].copy_(graphs.host_tensor[:size], non_blocking=True)
+        graphs.inputs.upload(graphs.size(bucket))
         graph.replay()
         return graphs.output_views(bucket, batch)
 
@@ -121,18 +144,14 @@ class _GraphSet:
 
     def __init__(self, owner, width):
         self.owner, self.width = owner, width
-        self.packed = torch.zeros(self.size(owner.buckets[-1]), dtype=torch.int64, device=owner.device)
-        # Its host side: one pageable array reused at every step (a copy from pageable memory
-        # has read it when copy_ returns), with each bucket's views made once.
-        self.host = np.zeros(self.packed.shape[0], dtype=np.int64)
-        self.host_tensor = torch.from_numpy(self.host)
-        self.host_views = {}
+        self.inputs = InputBuffer(self.size(owner.buckets[-1]), owner.device)
+        self.host_views = {}  # bucket -> layout(self.inputs.host, bucket), made once
         self.graphs, self.outputs = {}, {}
         self.views = {}  # (bucket, batch) -> the first batch rows of the bucket's outputs
 
     def host_layout(self, bucket):
         if bucket not in self.host_views:
-            self.host_views[bucket] = self.layout(self.host, bucket)
+            self.host_views[bucket] = self.layout(self.inputs.host, bucket)
         return self.host_views[bucket]
 
     def output_views(self, bucket, batch):
@@ -148,8 +167,7 @@ class _GraphSet:
 
     def layout(self, packed, bucket):
         """(meta [4, bucket], tables [bucket, width]): views of a packed buffer, torch or numpy."""
-        tables = packed[4 * bucket:self.size(bucket)].view(np.int32 if isinstance(packed, np.ndarray) else torch.int32)
-        return packed[:4 * bucket].reshape(4, bucket), tables[:bucket * self.width].reshape(bucket, self.width)
+        return packed[:4 * bucket].reshape(4, bucket), int32_rows(packed[4 * bucket:], bucket, self.width)
 
     def graph(self, bucket):
         if bucket not in self.graphs:
@@ -157,14 +175,14 @@ class _GraphSet:
         return self.graphs[bucket]
 
     def _forward(self, bucket):
-        meta, tables = self.layout(self.packed, bucket)
+        meta, tables = self.layout(self.inputs.tensor, bucket)
         batch = AttentionBatch(slot_mapping=meta[2], block_tables=tables, seq_lens=meta[3].int(),
                                cu_seqlens_q=None, decode_only=True)
         logits = self.owner.model(meta[0], meta[1], batch, self.owner.kv_caches)
         return logits, greedy_choices(logits)
 
     def _capture(self, bucket):
-        meta, tables = self.layout(self.packed, bucket)
+        meta, tables = self.layout(self.inputs.tensor, bucket)
         meta.copy_(torch.tensor([[0], [0], [-1], [0]]).expand(4, bucket))  # padding rows: no KV write, nothing read
         tables.fill_(-1)
         graph, self.outputs[bucket] = capture(lambda: self._forward(bucket), self.owner.pool, self.owner.device)

@@ -28,7 +28,7 @@ kernel runs one thread block per (sequence, head) for such windows, walking ever
 import numpy as np
 import torch
 
-from pagedlm.engine.cuda_graphs import MAX_WIDTH, bucket_of, capture, width_of
+from pagedlm.engine.cuda_graphs import MAX_WIDTH, InputBuffer, bucket_of, capture, int32_rows, width_of
 from pagedlm.engine.sampler import greedy_choices
 from pagedlm.models import AttentionBatch
 
@@ -121,23 +121,21 @@ class _VarlenGraph:
             self.ints += size
         block_size = owner.kv_caches[0][0].shape[1]
         capacity = tokens * max(width * block_size, tokens) if masked else 0  # sum of q_len x seq_len, padding's too
-        self.packed = torch.zeros(self.ints + -(-capacity // 8), dtype=torch.int64, device=device)
-        self.tables = self.packed[self.at["tables"]].view(torch.int32)[:seqs * width].view(seqs, width)
-        self.mask = self.packed[self.ints:].view(torch.uint8)[:capacity].view(torch.bool) if masked else None
-        # Its host side: one pageable array reused at every replay (a copy from pageable memory
-        # has read it when copy_ returns), with the fields' views made once.
-        self.host = np.zeros(self.packed.shape[0], dtype=np.int64)
-        self.host_tensor = torch.from_numpy(self.host)
-        self.fields = {name: self.host[field] for name, field in self.at.items()}
-        self.fields["tables"] = self.fields["tables"].view(np.int32)[:seqs * width].reshape(seqs, width)
-        self.host_mask = self.host[self.ints:].view(np.uint8)
+        self.inputs = InputBuffer(self.ints + -(-capacity // 8), device)
+        packed, host = self.inputs.tensor, self.inputs.host
+        self.tables = int32_rows(packed[self.at["tables"]], seqs, width)
+        self.mask = packed[self.ints:].view(torch.uint8)[:capacity].view(torch.bool) if masked else None
+        # The host side's views, made once.
+        self.fields = {name: host[field] for name, field in self.at.items()}
+        self.fields["tables"] = int32_rows(self.fields["tables"], seqs, width)
+        self.host_mask = host[self.ints:].view(np.uint8)
         self.token_index = np.arange(tokens)
         self._copy_inputs([], [], [], np.zeros((0, 1), dtype=np.int32), [0], [], [], np.zeros(0, dtype=bool),
                           [0] if masked else None)  # captured with every token padding
         self.graph = capture(lambda: self._forward(owner), owner.pool, device)[0]  # it writes the owner's outputs
 
     def _forward(self, owner):
-        p, at = self.packed, self.at
+        p, at = self.inputs.tensor, self.at
         positions, slots, cu_seqlens = p[at["positions"]], p[at["slots"]], p[at["cu"]].int()
         if self.masked_rows:  # token i: a decode query over its sequence, under its row of the mask
             batch = AttentionBatch(slot_mapping=slots, block_tables=self.tables[p[at["owners"]]],
@@ -162,7 +160,7 @@ class _VarlenGraph:
         real, pad = len(ids), n - len(ids)
         end = 0 if mask_indptr is None else mask_indptr[-1] + pad * pad  # the padding sequence's rows see nothing
         used = self.ints + -(-end // 8)
-        self.host[:used] = 0
+        self.inputs.host[:used] = 0
         f["ids"][:real] = ids
         f["positions"][:real], f["positions"][real:] = positions, index[:pad]
         f["slots"][:real], f["slots"][real:] = slots, -1
@@ -184,7 +182,7 @@ class _VarlenGraph:
             f["indptr"][:len(mask_indptr)], f["indptr"][len(mask_indptr):] = mask_indptr, end
             self.host_mask[:mask.size] = mask
         f["tables"][:tables.shape[0], :tables.shape[1]] = tables  # the padding sequences' blocks: block 0
-        self.packed[:used].copy_(self.host_tensor[:used], non_blocking=True)
+        self.inputs.upload(used)
 
     def run(self, ids, positions, slots, tables, cu_seqlens, seq_lens, rows, mask, mask_indptr):
         """Replays over these inputs, into the owner's logits and choices."""

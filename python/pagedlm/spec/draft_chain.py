@@ -7,10 +7,9 @@ Graphs are keyed by (batch bucket, table width). A sequence that drafts fewer to
 -1 and length 0 in its spare steps, as padding rows do: nothing is written or read, and their
 tokens are ignored.
 """
-import numpy as np
 import torch
 
-from pagedlm.engine.cuda_graphs import batch_buckets, bucket_of, capture, width_of
+from pagedlm.engine.cuda_graphs import InputBuffer, batch_buckets, bucket_of, capture, int32_rows, width_of
 from pagedlm.models import AttentionBatch
 
 
@@ -38,13 +37,18 @@ class _ChainGraph:
         self.bucket, self.steps = bucket, owner.steps
         self.first = torch.zeros(bucket, dtype=torch.int64, device=owner.device)
         # Positions, slots and lengths per step, then the tables (int32): one buffer, one copy.
-        self.meta_size = 3 * owner.steps * bucket
-        self.packed = torch.zeros(self.meta_size + -(-bucket * width // 2), dtype=torch.int64, device=owner.device)
-        self.meta = self.packed[:self.meta_size].view(3, owner.steps, bucket)
-        self.tables = self.packed[self.meta_size:].view(torch.int32)[:bucket * width].view(bucket, width)
+        meta_size = 3 * owner.steps * bucket
+        self.inputs = InputBuffer(meta_size + -(-bucket * width // 2), owner.device)
+        self.meta, self.tables = self._layout(self.inputs.tensor, meta_size, width)
+        self.host_meta, self.host_tables = self._layout(self.inputs.host, meta_size, width)
         self.meta[1] = -1
         self.tables.fill_(-1)
         self.graph, self.tokens = capture(lambda: self._forward(owner), owner.pool, owner.device)
+
+    def _layout(self, packed, meta_size, width):
+        """(meta [3, steps, bucket], tables [bucket, width]): views of the packed inputs, torch or numpy."""
+        meta = packed[:meta_size].reshape(3, self.steps, self.bucket)
+        return meta, int32_rows(packed[meta_size:], self.bucket, width)
 
     def _forward(self, owner):
         ids, out = self.first, [self.first]
@@ -57,14 +61,12 @@ class _ChainGraph:
 
     def run(self, first, meta, tables):
         batch = len(first)
-        packed = np.zeros(self.packed.shape[0], dtype=np.int64)
-        padded = packed[:self.meta_size].reshape(3, self.steps, self.bucket)
-        padded[1] = -1
-        padded[:, :, :batch] = meta
-        padded_tables = packed[self.meta_size:].view(np.int32)[:self.tables.numel()].reshape(self.tables.shape)
-        padded_tables[:] = -1
-        padded_tables[:batch, :tables.shape[1]] = tables
+        self.host_meta.fill(0)
+        self.host_meta[1] = -1
+        self.host_meta[:, :, :batch] = meta
+        self.host_tables.fill(-1)
+        self.host_tables[:batch, :tables.shape[1]] = tables
         self.first[:batch].copy_(first)
-        self.packed.copy_(torch.from_numpy(packed), non_blocking=True)
+        self.inputs.upload()
         self.graph.replay()
         return self.tokens[:, :batch]

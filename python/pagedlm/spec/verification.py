@@ -48,7 +48,8 @@ class Verification:
             chain_drafts[i, :len(d.tokens)] = d.tokens
             chain_lens[i] = len(d.tokens)
         for i, (first, count) in enumerate(spans[s] for s in self.chains):
-            chain_rows[i] = first + np.minimum(np.arange(chain_rows.shape[1]), count - 1)  # short ones repeat their last
+            # A chain shorter than the widest repeats its last row.
+            chain_rows[i] = first + np.minimum(np.arange(chain_rows.shape[1]), count - 1)
         for i, (s, (tokens, parents, rows)) in enumerate(zip(self.trees, self.views)):
             tree_tokens[i, :len(tokens)], tree_parents[i, :len(parents)] = tokens, parents
             tree_rows[i, :len(rows)] = np.add(rows, spans[s][0])
