@@ -135,6 +135,9 @@ class LLM:
 
     def abort(self, request_id):
         self.scheduler.abort(request_id)
+        if self.speculator is not None and request_id in self._requests:
+            for seq in self._requests[request_id]["seqs"]:
+                self.speculator.finished(seq)
 
     def step(self):
         """One engine iteration; returns the number of tokens sampled."""
@@ -144,23 +147,24 @@ class LLM:
         if self.speculator is not None:
             emitted = self.speculator.step(scheduled, copies)
             if emitted is not None:
-                return self._emit_speculative(emitted)
+                kept = {seq: self._emit_tokens(seq, tokens) for seq, tokens in emitted.items()}
+                self.speculator.speculative_step_done(scheduled, kept)
+                return sum(kept.values())
         seqs, logits, choices = self.runner.step(scheduled, copies)
         sampled, logprobs = sample(logits, seqs, self.seed, choices) if seqs else ([], [])
-        if self.speculator is not None:
-            self.speculator.plain_step_done(scheduled, seqs)
         for seq, token, logprob in zip(seqs, sampled, logprobs):
             self._emit(seq, token, logprob)
+        if self.speculator is not None:
+            self.speculator.plain_step_done(scheduled, len(seqs))
         return len(seqs)
 
-    def _emit_speculative(self, emitted):
-        count = 0
-        for seq, tokens in emitted.items():
-            for token, logprob in tokens:
-                count += 1
-                if self._emit(seq, token, logprob):
-                    break  # tokens past a stop or max_tokens are dropped
-        return count
+    def _emit_tokens(self, seq, tokens):
+        """Appends (token, logprob) pairs up to a stop or max_tokens (the rest are dropped);
+        returns how many it kept."""
+        for count, (token, logprob) in enumerate(tokens, 1):
+            if self._emit(seq, token, logprob):
+                return count
+        return len(tokens)
 
     def _emit(self, seq, token, logprob):
         """Appends a sampled token; True when it finishes the sequence."""
@@ -174,6 +178,8 @@ class LLM:
             seq.finish_reason = "length"
         if seq.finish_reason:
             self.scheduler.finish(seq)
+            if self.speculator is not None:
+                self.speculator.finished(seq)
         return bool(seq.finish_reason)
 
     # -- the offline API ----------------------------------------------------------------

@@ -17,19 +17,20 @@ drafts and lets greedy sequences draft only while drafting emits more tokens per
 """
 import time
 from collections import defaultdict
+from operator import attrgetter
 
 import torch
 
 import pagedlm
 from pagedlm.engine.cuda_graphs import captures_so_far
 from pagedlm.engine.sampler import sample
-from pagedlm.engine.sequence import Status
 from pagedlm.engine.forward import ForwardItem, apply_block_copies, paged_forward
 from pagedlm.engine.runner import FEW_TOKENS
 from pagedlm.spec.pay_switch import PaySwitch
 from pagedlm.spec.verification import Verification, VerificationGraphs
 
 TREE_SLOT = -1
+NUM_NEW = attrgetter("num_new")
 BACKOFF_AFTER, MAX_PAUSE = 2, 16
 
 
@@ -39,48 +40,58 @@ class Speculator:
         self.switch = PaySwitch() if adaptive else None
         self.budget, self.engine_seed = max_num_batched_tokens, engine_seed
         self.stats = defaultdict(lambda: dict(drafted=0, accepted=0, verify_steps=0, drafting_s=0.0))
-        self.forwards = defaultdict(int)  # per sequence: the target forwards it emitted from
+        # Per sequence, over speculative steps: forwards it emitted from and tokens it kept. Each
+        # plain step's forward emits one token, so plain steps need no per-sequence count.
+        self.speculative = defaultdict(lambda: [0, 0])
         self.misses, self.paused = defaultdict(int), defaultdict(int)  # per sequence: the switch
         self.verification_graphs = None
 
     def step(self, scheduled, copies):
         """A speculative step: {seq: [(token, logprob), ...]} for the sequences that emit, when
-        some sequence drafts; None when none does, and the engine runs its plain step (then
-        reports it with plain_step_done) at no more cost than an engine without speculation."""
-        for seq in [s for s in self.forwards if s.status == Status.FINISHED]:
-            self.proposer.forget(seq)
+        some sequence drafts (the engine reports what it kept with speculative_step_done); None
+        when none does, and the engine runs its plain step (then reports it with
+        plain_step_done) at little more cost than an engine without speculation."""
         self.started, self.captures = time.perf_counter(), captures_so_far()
         greedy_may_draft = self.switch is None or self.switch.drafting(len(scheduled))
         drafts = self._draft(scheduled, copies, greedy_may_draft)
         if not drafts:
             return None
-        emitted = self._speculative_step(scheduled, copies, drafts)
-        self._count(scheduled, emitted, drafted=True, tokens=sum(map(len, emitted.values())))
-        return emitted
+        return self._speculative_step(scheduled, copies, drafts)
 
-    def plain_step_done(self, scheduled, seqs):
-        """The engine's plain step after step() returned None: seqs each emitted one token."""
-        self._count(scheduled, seqs, drafted=False, tokens=len(seqs))
+    def speculative_step_done(self, scheduled, kept):
+        """kept: {seq: tokens it kept} of the step() that returned emissions (tokens past a stop
+        are dropped)."""
+        for seq, count in kept.items():
+            counts = self.speculative[seq]
+            counts[0] += 1
+            counts[1] += count
+        self._time(scheduled, drafted=True, tokens=sum(kept.values()))
 
-    def _count(self, scheduled, emitters, drafted, tokens):
-        forwards = self.forwards
-        for seq in emitters:
-            forwards[seq] += 1
+    def plain_step_done(self, scheduled, tokens):
+        """The engine's plain step after step() returned None, in which `tokens` sequences each
+        emitted one token."""
+        self._time(scheduled, drafted=False, tokens=tokens)
+
+    def finished(self, seq):
+        """seq finished or was aborted: its proposer state goes now (a draft model's blocks)."""
+        self.proposer.forget(seq)
+
+    def _time(self, scheduled, drafted, tokens):
         # Prompt chunks blur the timing, and a step that captured a CUDA graph is no measure at all.
         # A few new tokens per sequence (those a tree step accepted, recomputed) are a decode step.
         if (self.switch is not None and self.captures == captures_so_far()
-                and all(s.num_new <= FEW_TOKENS for s in scheduled)):
+                and max(map(NUM_NEW, scheduled)) <= FEW_TOKENS):
             self.switch.record(len(scheduled), drafted, tokens, time.perf_counter() - self.started)
 
     def _draft(self, scheduled, copies, greedy_may_draft):
         """{seq: draft} whose slots are reserved, within the step's token budget."""
-        computing = [s for s in scheduled if s.num_new > 0]
         # The switch's verdict first: while greedy sequences may not draft, most steps end here.
-        candidates = [s.seq for s in computing if (greedy_may_draft or s.seq.params.temperature != 0)
-                      and s.seq.output and s.num_new == len(s.seq) - s.seq.num_cached and self._drafting(s.seq)]
+        may_draft = scheduled if greedy_may_draft else [s for s in scheduled if s.seq.params.temperature != 0]
+        candidates = [s.seq for s in may_draft if s.num_new > 0 and s.seq.output
+                      and s.num_new == len(s.seq) - s.seq.num_cached and self._drafting(s.seq)]
         if not candidates:
             return {}
-        left = self.budget - sum(s.num_new for s in computing)
+        left = self.budget - sum(map(NUM_NEW, scheduled))
         caps = [max(0, s.params.max_tokens - len(s.output) - 1) if left > 0 else 0 for s in candidates]
         if not any(caps):
             return {}
@@ -197,7 +208,8 @@ class Speculator:
             self.paused.pop(seq, None)
             for key, value in self.stats.pop(seq, {}).items():
                 total[key] += value
-            total["forwards"] += self.forwards.pop(seq, 0)
+            forwards, kept = self.speculative.pop(seq, (0, 0))
+            total["forwards"] += forwards + len(seq.output) - kept  # a plain step's forward: one token
         generated = sum(len(s.output) for s in seqs)
         return {"acceptance_rate": total["accepted"] / total["drafted"] if total["drafted"] else 0.0,
                 "mean_accepted_length": total["accepted"] / total["verify_steps"] if total["verify_steps"] else 0.0,
