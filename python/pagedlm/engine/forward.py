@@ -58,14 +58,22 @@ def tree_layout(parents):
 def item_mask(item, seq_len):
     """[q_len, seq_len] bool numpy array: the committed rows causal (bottom-right), the extras
     seeing the cached prefix, their ancestors and themselves."""
-    q_len = len(item.tokens)
+    mask = np.empty((len(item.tokens), seq_len), dtype=bool)
+    write_item_mask(item, mask)
+    return mask
+
+
+def write_item_mask(item, out):
+    """item_mask(item, out.shape[1]) written into out, a [q_len, seq_len] bool array (a view
+    of a graph's input buffer: building the mask apart and copying it in cost a masked step
+    more host time than the rest of its inputs)."""
+    q_len, seq_len = out.shape
     offset = seq_len - q_len
-    mask = np.ones((q_len, seq_len), dtype=bool)
-    mask[:, offset:] = _lower_triangle(q_len)
+    out[:, :offset] = True
+    out[:, offset:] = _lower_triangle(q_len)
     if item.parents is not None:
         first = q_len - item.num_extra
-        mask[first:, offset + first:] = tree_layout(tuple(item.parents))[1]
-    return mask
+        out[first:, offset + first:] = tree_layout(tuple(item.parents))[1]
 
 
 @functools.cache
@@ -83,21 +91,22 @@ def paged_forward(model, kv_caches, bm, device, items, graphs=None, *, choices=F
     counts = [len(it.tokens) for it in items]
     seq_ids = [it.seq_id for it in items]
     seq_lens = [bm.num_tokens(s) for s in seq_ids]
-    cu = [0]
-    for c in counts:
-        cu.append(cu[-1] + c)
-    mask = indptr = None
-    if any(it.parents is not None for it in items):
-        masks = [item_mask(it, n).ravel() for it, n in zip(items, seq_lens)]
-        mask = np.concatenate(masks)
-        indptr = [0, *itertools.accumulate(m.size for m in masks)]
+    cu = [0, *itertools.accumulate(counts)]
     slots = bm.slot_mapping(seq_ids, counts)
     tables = bm.block_tables(seq_ids)
     ids = [t for it in items for t in it.tokens]
     positions = [p for it in items for p in it.positions()]
     rows = [cu[i] + r for i, it in enumerate(items) for r in it.logit_rows]
-    if graphs is not None and graphs.fits(len(ids), len(items), tables.shape[1]):
-        logits, row_choices = graphs.run(ids, positions, slots, tables, cu, seq_lens, rows, mask, indptr)
+    masked = any(it.parents is not None for it in items)
+    graph = None if graphs is None else graphs.graph_for(len(ids), len(items), tables.shape[1], masked)
+    mask = indptr = None
+    if masked:  # each item's [q_len, seq_len] rows, one after another
+        indptr = [0, *itertools.accumulate(c * n for c, n in zip(counts, seq_lens))]
+        mask = np.empty(indptr[-1], dtype=bool) if graph is None else graph.mask_buffer(indptr[-1])
+        for it, c, n, start in zip(items, counts, seq_lens, indptr):
+            write_item_mask(it, mask[start:start + c * n].reshape(c, n))
+    if graph is not None:
+        logits, row_choices = graphs.run(graph, ids, positions, slots, tables, cu, seq_lens, rows, indptr)
         return (logits, row_choices) if choices else logits
     batch = AttentionBatch(
         slot_mapping=torch.from_numpy(slots).to(device),

@@ -44,6 +44,7 @@ class VarlenGraphs:
         # graphs: each capture costs a forward and tens of milliseconds.
         self.seq_buckets = [b for b in (4, 16, 64, 256) if b <= max_num_seqs] + [max_num_seqs + 1]
         self.graphs = {}
+        self.keys = {}  # (tokens, seqs, table width, masked) of a forward -> its graph's key, or None: eager
         self.captures = self.replays = 0
         # Every graph's outputs, [TOKEN_BUCKETS[-1], vocab] float32 and their greedy choices,
         # allocated at the first capture (or by allocate_outputs): verification graphs read them
@@ -61,23 +62,31 @@ class VarlenGraphs:
             for seqs in (s for s in self.seq_buckets if s <= tokens + 1):  # a real sequence brings >= 1 token
                 self._graph((tokens, seqs, width, masked))
 
-    def fits(self, tokens, seqs, width):
-        return tokens <= TOKEN_BUCKETS[-1] and seqs < self.seq_buckets[-1] and width <= MAX_WIDTH
+    def graph_for(self, tokens, seqs, width, masked):
+        """The graph that a forward of `tokens` tokens over `seqs` sequences (tables `width`
+        blocks wide) replays, captured now if new; None when it runs eagerly. A masked forward
+        writes its mask into the graph's mask_buffer, then calls run."""
+        shape = tokens, seqs, width, masked
+        key = self.keys.get(shape, False)
+        if key is False:  # a shape not seen before
+            key = None
+            if tokens <= TOKEN_BUCKETS[-1] and seqs < self.seq_buckets[-1] and width <= MAX_WIDTH:
+                bucket = bucket_of(tokens, TOKEN_BUCKETS)
+                block_size = self.kv_caches[0][0].shape[1]
+                width = width_of(max(width, -(-bucket // block_size)))  # the padding sequence's blocks fit
+                # Room for the padding sequence.
+                key = bucket, bucket_of(seqs + (tokens < bucket), self.seq_buckets), width, masked
+            self.keys[shape] = key
+        return None if key is None else self._graph(key)
 
-    def run(self, ids, positions, slots, tables, cu_seqlens, seq_lens, rows, mask=None, mask_indptr=None):
-        """(logits float32 [len(rows), vocab], their greedy_choices) of the tokens at rows (indices
-        into ids): the first rows of the buffers self.logits and self.choices, valid until any of
-        these graphs replays. slots and tables: the block manager's arrays; mask: a flat bool
-        numpy array with element offsets mask_indptr (a list), as paged_prefill_attention takes
-        them."""
-        n, b = len(ids), len(seq_lens)
-        tokens = bucket_of(n, TOKEN_BUCKETS)
-        seqs = bucket_of(b + (n < tokens), self.seq_buckets)  # room for the padding sequence
-        block_size = self.kv_caches[0][0].shape[1]
-        width = width_of(max(tables.shape[1], -(-tokens // block_size)))  # the padding sequence's blocks fit
-        graph = self._graph((tokens, seqs, width, mask is not None))
+    def run(self, graph, ids, positions, slots, tables, cu_seqlens, seq_lens, rows, mask_indptr=None):
+        """Replays graph (from graph_for) over these inputs: (logits float32 [len(rows), vocab],
+        their greedy_choices) of the tokens at rows (indices into ids), the first rows of the
+        buffers self.logits and self.choices, valid until any of these graphs replays. slots
+        and tables: the block manager's arrays; mask_indptr (a list): where each sequence's
+        rows of the mask start in graph.mask_buffer, and end, as paged_prefill_attention takes it."""
         self.replays += 1
-        graph.run(ids, positions, slots, tables, cu_seqlens, seq_lens, rows, mask, mask_indptr)
+        graph.run(ids, positions, slots, tables, cu_seqlens, seq_lens, rows, mask_indptr)
         return self.first_rows(len(rows))
 
     def first_rows(self, n):
@@ -128,9 +137,9 @@ class _VarlenGraph:
         # The host side's views, made once.
         self.fields = {name: host[field] for name, field in self.at.items()}
         self.fields["tables"] = int32_rows(self.fields["tables"], seqs, width)
-        self.host_mask = host[self.ints:].view(np.uint8)
+        self.host_mask = host[self.ints:].view(np.bool_)
         self.token_index = np.arange(tokens)
-        self._copy_inputs([], [], [], np.zeros((0, 1), dtype=np.int32), [0], [], [], np.zeros(0, dtype=bool),
+        self._copy_inputs([], [], [], np.zeros((0, 1), dtype=np.int32), [0], [], [],
                           [0] if masked else None)  # captured with every token padding
         self.graph = capture(lambda: self._forward(owner), owner.pool, device)[0]  # it writes the owner's outputs
 
@@ -155,36 +164,44 @@ class _VarlenGraph:
         choices.copy_(greedy_choices(logits))
         return logits, choices
 
-    def _copy_inputs(self, ids, positions, slots, tables, cu_seqlens, seq_lens, rows, mask, mask_indptr):
+    def mask_buffer(self, size):
+        """The host side of the mask's first `size` elements (flat bool), for the caller to
+        write this replay's mask into."""
+        return self.host_mask[:size]
+
+    def _copy_inputs(self, ids, positions, slots, tables, cu_seqlens, seq_lens, rows, mask_indptr):
         n, f, index = self.tokens, self.fields, self.token_index
         real, pad = len(ids), n - len(ids)
-        end = 0 if mask_indptr is None else mask_indptr[-1] + pad * pad  # the padding sequence's rows see nothing
-        used = self.ints + -(-end // 8)
-        self.inputs.host[:used] = 0
+        self.inputs.host[:self.ints] = 0
         f["ids"][:real] = ids
         f["positions"][:real], f["positions"][real:] = positions, index[:pad]
         f["slots"][:real], f["slots"][real:] = slots, -1
         f["rows"][:len(rows)] = rows  # the rest: row 0, computed and ignored
         cu, lens, owners = f["cu"], f["lens"], f["owners"]
-        cu[:len(cu_seqlens)], cu[len(cu_seqlens):] = cu_seqlens, n
-        # Each token's sequence (how many real sequences end at or before it); the padding
-        # tokens form the sequence after the real ones.
-        owners[:] = np.searchsorted(cu[1:len(cu_seqlens)], index, side="right")
-        lens[:len(seq_lens)] = seq_lens
+        b = len(seq_lens)
+        cu[:b + 1], cu[b + 1:] = cu_seqlens, n
+        lens[:b] = seq_lens
         if pad:
-            lens[len(seq_lens)] = pad  # the padding sequence; further ones are empty
+            lens[b] = pad  # the padding sequence; further ones are empty
+        # Each token's sequence (the padding tokens form the sequence after the real ones).
+        ends = b + 1 + (pad > 0)
+        counts = cu[1:ends] - cu[:ends - 1]
+        owners[:] = np.repeat(np.arange(len(counts)), counts)
+        used = self.ints
         if self.masked_rows:  # row i of sequence s: s's length; its mask row starts at indptr[s] + i * length
-            row_lens = f["row_lens"]
-            row_lens[:] = lens[owners]
-            indptr = np.asarray(mask_indptr, dtype=np.int64)  # its last entry: where the padding rows start
-            f["offsets"][:] = indptr[owners] + (index - cu[owners]) * row_lens
+            row_lens, firsts = f["row_lens"], slice(len(counts))
+            row_lens[:] = np.repeat(lens[firsts], counts)
+            starts = np.asarray(mask_indptr, dtype=np.int64)[firsts] - cu[firsts] * lens[firsts]
+            f["offsets"][:] = np.repeat(starts, counts) + index * row_lens
         if mask_indptr is not None:
-            f["indptr"][:len(mask_indptr)], f["indptr"][len(mask_indptr):] = mask_indptr, end
-            self.host_mask[:mask.size] = mask
+            end = mask_indptr[-1] + pad * pad  # the padding sequence's rows see nothing
+            f["indptr"][:b + 1], f["indptr"][b + 1:] = mask_indptr, end
+            self.host_mask[mask_indptr[-1]:end] = False
+            used += -(-end // 8)
         f["tables"][:tables.shape[0], :tables.shape[1]] = tables  # the padding sequences' blocks: block 0
         self.inputs.upload(used)
 
-    def run(self, ids, positions, slots, tables, cu_seqlens, seq_lens, rows, mask, mask_indptr):
-        """Replays over these inputs, into the owner's logits and choices."""
-        self._copy_inputs(ids, positions, slots, tables, cu_seqlens, seq_lens, rows, mask, mask_indptr)
+    def run(self, ids, positions, slots, tables, cu_seqlens, seq_lens, rows, mask_indptr):
+        """Replays over these inputs (the mask already in mask_buffer), into the owner's logits and choices."""
+        self._copy_inputs(ids, positions, slots, tables, cu_seqlens, seq_lens, rows, mask_indptr)
         self.graph.replay()
