@@ -135,40 +135,27 @@ def probe_starts(choices):
     return [i for i, drafted in enumerate(choices) if drafted and (i == 0 or not choices[i - 1])]
 
 
-@pytest.mark.parametrize("probe_length", [PROBE_LENGTH, 6])
-def test_pay_switch_drafts_while_drafting_emits_faster_and_probes_at_a_bounded_cost(probe_length):
-    switch = PaySwitch(probe_length)
+def test_pay_switch_drafts_while_drafting_emits_faster_and_probes_at_a_bounded_cost():
+    switch = PaySwitch()
     assert switch.drafting(16) is True
     switch.record(16, True, tokens=2, seconds=1.0)    # drafting: 2 tokens/s
     assert switch.drafting(16) is False
     switch.record(16, False, tokens=3, seconds=1.0)   # plain: 3 tokens/s wins
-    choices = [switch.drafting(16) for _ in range(10000)]
-    # Probes of the losing mode last probe_length steps, spaced so that the time they lose
-    # (each drafting step: 1 s for 2 tokens that plain decoding emits in 2/3 s) over the steps
-    # between them is PROBE_COST (every step lasts 1 s here): just under PROBE_COST of all the time.
+    choices = [switch.drafting(16) for _ in range(2000)]
+    # Probes of the losing mode last PROBE_LENGTH steps, spaced so that the time they lose
+    # (each drafting step: 1 s for 2 tokens that plain decoding emits in 2/3 s) is about
+    # PROBE_COST of all the time (every step lasts 1 s here).
     starts = probe_starts(choices)
-    assert len(starts) > 10 and choices.count(True) == probe_length * len(starts)
+    assert len(starts) > 10 and choices.count(True) == PROBE_LENGTH * len(starts)
     lost = choices.count(True) * (1 - 2 / 3) / len(choices)
-    per_probe = probe_length * (1 - 2 / 3)
-    expected = per_probe / (int(per_probe / PROBE_COST) + probe_length)
-    assert abs(lost - expected) < 0.02 * expected and lost < PROBE_COST
+    assert PROBE_COST * 0.9 < lost < PROBE_COST * 1.1
     for _ in range(20):                               # the text turns easy: drafting now emits 8 tokens/s
         switch.record(16, True, tokens=8, seconds=1.0)
     assert switch.rate(16, True) > switch.rate(16, False)
-    choices = [switch.drafting(16) for _ in range(2000)]
+    choices = [switch.drafting(16) for _ in range(1000)]
     plain_probes = probe_starts([not drafted for drafted in choices])
     assert choices[0] is True and len(plain_probes) > 5  # now plain decoding is probed
-    assert choices.count(False) == probe_length * len(plain_probes)
-
-
-def test_lookahead_probes_long_enough_to_refill_its_window(models):
-    """A lookahead window left alone while the switch held drafting off guesses for old
-    positions: the switch's probes of drafting last N steps, other methods' PROBE_LENGTH."""
-    for config, length in ((dict(method="lookahead", window=3, ngram=5, guesses=2), 5),
-                           (dict(method="lookahead", window=3, ngram=2, guesses=2), PROBE_LENGTH),
-                           (dict(method="ngram", num_tokens=3, max_ngram=2), PROBE_LENGTH)):
-        llm = LLM(models["target"], device="cpu", num_blocks=64, speculative=config)
-        assert llm.speculator.switch.probe_length == length
+    assert choices.count(False) == PROBE_LENGTH * len(plain_probes)
 
 
 def test_pay_switch_spaces_probes_by_their_time_and_keeps_each_batch_size_apart():

@@ -16,15 +16,11 @@ import random
 import zlib
 
 from pagedlm.spec.draft import Draft
-from pagedlm.spec.pay_switch import PROBE_LENGTH
 
 
 class LookaheadProposer:
     def __init__(self, window, ngram, guesses, pool_from_prompt=True):
         self.W, self.N, self.G = window, ngram, guesses
-        # The speculation switch's probes (pay_switch.py): a window left alone while the engine
-        # decoded plainly guesses for old positions; N - 1 steps refill its levels.
-        self.probe_length = max(PROBE_LENGTH, ngram)
         self.pool_from_prompt = pool_from_prompt
         self.window_parents = [self._parent(level, j) for level in range(self.N - 1) for j in range(self.W)]
         self.windows = {}  # seq -> N-1 levels of W tokens

@@ -11,12 +11,11 @@ accept, the ratio of sums weighs each step by its time.
 Both rates depend on the batch: drafting that pays for one request can cost half the speed of
 sixteen. So each power-of-two batch size keeps its own measurements and its own choice.
 
-It re-measures the mode not in use now and then, PROBE_LENGTH steps in a row (N for lookahead,
-whose window must refill first), to notice when the balance turns (the text gets easier,
-acceptance changes). A probe of the losing mode costs time: its steps emit their tokens at the
-slower rate, and a drafting step can last many plain steps (a draft model catching up on a
-hundred tokens per sequence). So probes are spaced in time: each costs its length * slow step *
-(1 - slow rate / fast rate) seconds, and the steps
+It re-measures the mode not in use now and then, PROBE_LENGTH steps in a row, to notice when
+the balance turns (the text gets easier, acceptance changes). A probe of the losing mode costs
+time: its steps emit their tokens at the slower rate, and a drafting step can last many plain
+steps (a draft model catching up on a hundred tokens per sequence). So probes are spaced in
+time: each costs PROBE_LENGTH * slow step * (1 - slow rate / fast rate) seconds, and the steps
 between two probes last that cost over PROBE_COST (a draft mode at 1/5 of plain's speed whose
 steps last 18 plain steps is probed every few thousand steps, a near tie every PROBE_EVERY),
 never further apart than MAX_PROBE_INTERVAL.
@@ -26,19 +25,15 @@ steps drafted, and they must never depend on timing; those keep the acceptance r
 """
 
 PROBE_EVERY = 16           # the closest two measurements of the mode not in use may be
-PROBE_LENGTH = 2           # steps one measurement lasts (by default; see PaySwitch)
+PROBE_LENGTH = 2           # steps one measurement lasts
 PROBE_COST = 0.02          # the share of time that probing the slower mode may cost
 MAX_PROBE_INTERVAL = 4096  # the longest gap between two such measurements, in steps
 DECAY = 0.9                # weight of the past in the sums, per step of that mode
 
 
 class PaySwitch:
-    def __init__(self, probe_length=PROBE_LENGTH):
-        """probe_length: steps one measurement of the mode not in use lasts. A proposer whose
-        guesses go stale while it does not draft (lookahead's Jacobi window, refilled one level
-        a step) needs long enough probes to show what drafting pays once it is warm again."""
+    def __init__(self):
         self.regimes = {}  # batch-size bucket -> _Regime
-        self.probe_length = probe_length
 
     def drafting(self, batch_size):
         """Whether greedy sequences draft this step, in a decode batch of batch_size."""
@@ -65,13 +60,12 @@ class PaySwitch:
         bucket = max(1, batch_size).bit_length()  # 1 | 2-3 | 4-7 | 8-15 | 16-31 | ...
         regime = self.regimes.get(bucket)
         if regime is None:
-            regime = self.regimes[bucket] = _Regime(self.probe_length)
+            regime = self.regimes[bucket] = _Regime()
         return regime
 
 
 class _Regime:
-    def __init__(self, probe_length):
-        self.probe_length = probe_length
+    def __init__(self):
         self.sums = {True: None, False: None}  # drafting? -> [decayed tokens, seconds, steps]
         self.recorded = {True: 0, False: 0}    # drafting? -> steps recorded
         self.steps = 0
@@ -91,21 +85,21 @@ class _Regime:
             return True
         if self.sums[False] is None:
             return False
-        if self.next_probe <= self.steps < self.next_probe + self.probe_length:
+        if self.next_probe <= self.steps < self.next_probe + PROBE_LENGTH:
             return not self.choice  # in a probe: the choice stands until it ends
         pays = self.rate(True) >= self.rate(False)
-        if pays != self.choice or self.steps >= self.next_probe + self.probe_length:
+        if pays != self.choice or self.steps >= self.next_probe + PROBE_LENGTH:
             self.choice = pays
             self.next_probe = self.steps + self._probe_interval()
         return pays
 
     def _probe_interval(self):
-        """Steps to the next probe: its probe_length slow steps lose what the fast mode would
+        """Steps to the next probe: its PROBE_LENGTH slow steps lose what the fast mode would
         have saved on their tokens; the steps in between last that loss over PROBE_COST."""
         fast, slow = sorted((True, False), key=self.rate, reverse=True)
         if self.rate(fast) == 0:
             return PROBE_EVERY
-        lost = self.probe_length * self.step_seconds(slow) * (1 - self.rate(slow) / self.rate(fast))
+        lost = PROBE_LENGTH * self.step_seconds(slow) * (1 - self.rate(slow) / self.rate(fast))
         steps = lost / PROBE_COST / self.step_seconds(fast)
         return int(min(MAX_PROBE_INTERVAL, max(PROBE_EVERY, steps)))
 

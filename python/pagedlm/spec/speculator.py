@@ -26,7 +26,7 @@ from pagedlm.engine.cuda_graphs import captures_so_far
 from pagedlm.engine.sampler import sample
 from pagedlm.engine.forward import ForwardItem, apply_block_copies, paged_forward
 from pagedlm.engine.runner import FEW_TOKENS
-from pagedlm.spec.pay_switch import PROBE_LENGTH, PaySwitch
+from pagedlm.spec.pay_switch import PaySwitch
 from pagedlm.spec.verification import Verification, VerificationGraphs
 
 TREE_SLOT = -1
@@ -37,7 +37,7 @@ BACKOFF_AFTER, MAX_PAUSE = 2, 16
 class Speculator:
     def __init__(self, proposer, runner, max_num_batched_tokens, engine_seed, *, adaptive=True):
         self.proposer, self.runner = proposer, runner
-        self.switch = PaySwitch(getattr(proposer, "probe_length", PROBE_LENGTH)) if adaptive else None
+        self.switch = PaySwitch() if adaptive else None
         self.budget, self.engine_seed = max_num_batched_tokens, engine_seed
         self.stats = defaultdict(lambda: dict(drafted=0, accepted=0, verify_steps=0, drafting_s=0.0))
         # Per sequence, over speculative steps: forwards it emitted from and tokens it kept. Each
