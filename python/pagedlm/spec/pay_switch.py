@@ -26,7 +26,7 @@ steps drafted, and they must never depend on timing; those keep the acceptance r
 
 PROBE_EVERY = 16           # the closest two measurements of the mode not in use may be
 PROBE_LENGTH = 2           # steps one measurement lasts
-PROBE_COST = 0.02          # the share of time that probing the slower mode may cost
+PROBE_COST = 0.01          # the share of time that probing the slower mode may cost
 MAX_PROBE_INTERVAL = 4096  # the longest gap between two such measurements, in steps
 # Weight of the past in the sums, per step of that mode: about 30 steps of memory. A shorter one
 # (0.9) let a few unlucky steps of a bursty method turn drafting off: lookahead at batch 1 then
