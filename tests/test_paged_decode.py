@@ -301,6 +301,32 @@ def test_cuda_custom_mask_rows_equal_masked_prefill(dtype, heads, head_dim, bloc
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads, head_dim, block_size", [((5, 5), 64, 16), ((8, 4), 128, 1), ((8, 2), 64, 7),
+                                                         ((4, 1), 256, 32)])
+@pytest.mark.parametrize("seq_lens, q_lens", [([40, 13, 97, 1], [11, 13, 5, 1]), ([150, 300, 9], [81, 40, 9])])
+def test_cuda_custom_mask_rows_of_short_sequences(dtype, heads, head_dim, block_size, seq_lens, q_lens):
+    """Short sequences (no split-K), as the masked varlen graphs of lookahead run them (81 rows of
+    one sequence): equal to the float64 reference and to the CPU path."""
+    out = check_masked_rows("cuda", dtype, heads, head_dim, block_size, seq_lens, q_lens, seed=89)
+    cpu = check_masked_rows("cpu", dtype, heads, head_dim, block_size, seq_lens, q_lens, seed=89)
+    torch.testing.assert_close(out.cpu().float(), cpu.float(), atol=2 * TOLERANCE[dtype], rtol=0)
+
+
+@pytest.mark.gpu
+def test_cuda_custom_mask_rows_with_a_bad_block_id_give_nan_rows_only_there():
+    """A bad block id in one sequence's table turns that sequence's rows into NaN; the other
+    sequences' rows stay finite."""
+    _, decode, _ = masked_rows([40, 30, 12], [11, 5, 4], heads=(5, 5), head_dim=64, block_size=8,
+                               dtype=torch.bfloat16, seed=97, device="cuda")
+    query, kc, vc, tables, lens, mask, offsets = decode
+    tables[:11, 3] = kc.shape[0] + 7  # the first sequence's fourth block: tokens 24-31 of its 40
+    out = ops.paged_decode_attention(query, kc, vc, tables, lens, custom_mask=mask, mask_offsets=offsets)
+    torch.cuda.synchronize()
+    assert torch.isnan(out[:11]).all() and torch.isfinite(out[11:]).all()
+
+
+@pytest.mark.gpu
 def test_cuda_custom_mask_offset_out_of_range_gives_nan_row():
     _, decode, _ = masked_rows([20, 9], [4, 3], heads=(4, 2), head_dim=64, block_size=8, dtype=torch.float16,
                                seed=83, device="cuda")
