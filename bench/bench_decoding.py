@@ -187,8 +187,9 @@ def main():
             # The method as it is (switch off: its α and compression), and with the switch on.
             engines[name, False] = Engine(target, dict(config, adaptive=False), batch, args)
             engines[name, True] = Engine(target, config, batch, args)
-        # Short calls time poorly: at larger batches each batch is generated more times.
-        results = measure(engines, prompts, batch, args.rounds * max(1, batch // 4))
+        # Short calls time poorly: at larger batches each batch is generated more times. Fewer
+        # prompts than the batch are repeated to fill it.
+        results = measure(engines, prompts * -(-batch // len(prompts)), batch, args.rounds * max(1, batch // 4))
         plain = results["plain"]
         slowest, fastest = spread(engines["plain"])
         spreads.append(f"batch {batch} {slowest:.2f}-{fastest:.2f}")

@@ -162,14 +162,17 @@ def test_varlen_graph_logits_equal_the_eager_forward(models, split, per_query):
     torch.testing.assert_close(choices, greedy_choices(graphed), rtol=0, atol=0)
 
 
-def test_masked_varlen_graph_rows_equal_the_eager_forward(models):
+@pytest.mark.parametrize("trees", [[(9, [-1, -1, 0, 1, 1]), (5, [-1, 0, 1]), (20, [-1, -1, -1, 2])],
+                                   [(1, [-1, 0])]])  # a mask smaller than its padding rows' share
+def test_masked_varlen_graph_rows_equal_the_eager_forward(models, trees):
     """Token trees (a custom mask) through a graph whose tokens attend as masked decode queries,
-    padding rows included, equal the eager forward through the masked prefill kernel."""
+    padding rows included (they attend to nothing, their mask offsets still inside the mask: the
+    CPU kernel checks them), equal the eager forward through the masked prefill kernel."""
     from pagedlm.engine.forward import ForwardItem, paged_forward
     llm = engine(models, 4)
     bm = llm.block_manager
     items = []
-    for seq_id, (cached, parents) in enumerate([(9, [-1, -1, 0, 1, 1]), (5, [-1, 0, 1]), (20, [-1, -1, -1, 2])]):
+    for seq_id, (cached, parents) in enumerate(trees):
         n = 1 + len(parents)  # the last committed token, then its tree
         bm.allocate(seq_id, list(range(cached + n)))
         items.append(ForwardItem(seq_id, list(range(cached, cached + n)), cached, len(parents), parents,

@@ -191,9 +191,11 @@ class _VarlenGraph:
         if self.masked_rows:  # row i of sequence s: s's length; its mask row starts at indptr[s] + i * length
             row_lens, firsts = f["row_lens"], slice(len(counts))
             row_lens[:] = np.repeat(lens[firsts], counts)
-            row_lens[real:] = 0  # padding rows attend to nothing: each would take a thread block per head
             starts = np.asarray(mask_indptr, dtype=np.int64)[firsts] - cu[firsts] * lens[firsts]
             f["offsets"][:] = np.repeat(starts, counts) + index * row_lens
+            # Then padding rows attend to nothing (each would take a thread block per head), their
+            # offsets still inside the mask.
+            row_lens[real:] = 0
         if mask_indptr is not None:
             end = mask_indptr[-1] + pad * pad  # the padding sequence's rows see nothing
             f["indptr"][:b + 1], f["indptr"][b + 1:] = mask_indptr, end
