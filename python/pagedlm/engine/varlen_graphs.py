@@ -44,7 +44,7 @@ class VarlenGraphs:
         # graphs: each capture costs a forward and tens of milliseconds.
         self.seq_buckets = [b for b in (4, 16, 64, 256) if b <= max_num_seqs] + [max_num_seqs + 1]
         self.graphs = {}
-        self.keys = {}  # (tokens, seqs, table width, masked) of a forward -> its graph's key, or None: eager
+        self.keys = {}  # (tokens, seqs, table width, masked) of a forward that fits the graphs -> its graph's key
         self.captures = self.replays = 0
         # Every graph's outputs, [TOKEN_BUCKETS[-1], vocab] float32 and their greedy choices,
         # allocated at the first capture (or by allocate_outputs): verification graphs read them
@@ -66,18 +66,17 @@ class VarlenGraphs:
         """The graph that a forward of `tokens` tokens over `seqs` sequences (tables `width`
         blocks wide) replays, captured now if new; None when it runs eagerly. A masked forward
         writes its mask into the graph's mask_buffer, then calls run."""
+        if tokens > TOKEN_BUCKETS[-1] or seqs >= self.seq_buckets[-1] or width > MAX_WIDTH:
+            return None
         shape = tokens, seqs, width, masked
-        key = self.keys.get(shape, False)
-        if key is False:  # a shape not seen before
-            key = None
-            if tokens <= TOKEN_BUCKETS[-1] and seqs < self.seq_buckets[-1] and width <= MAX_WIDTH:
-                bucket = bucket_of(tokens, TOKEN_BUCKETS)
-                block_size = self.kv_caches[0][0].shape[1]
-                width = width_of(max(width, -(-bucket // block_size)))  # the padding sequence's blocks fit
-                # Room for the padding sequence.
-                key = bucket, bucket_of(seqs + (tokens < bucket), self.seq_buckets), width, masked
-            self.keys[shape] = key
-        return None if key is None else self._graph(key)
+        key = self.keys.get(shape)
+        if key is None:  # a shape not seen before
+            bucket = bucket_of(tokens, TOKEN_BUCKETS)
+            block_size = self.kv_caches[0][0].shape[1]
+            width = width_of(max(width, -(-bucket // block_size)))  # the padding sequence's blocks fit
+            # Room for the padding sequence.
+            key = self.keys[shape] = bucket, bucket_of(seqs + (tokens < bucket), self.seq_buckets), width, masked
+        return self._graph(key)
 
     def run(self, graph, ids, positions, slots, tables, cu_seqlens, seq_lens, rows, mask_indptr=None):
         """Replays graph (from graph_for) over these inputs: (logits float32 [len(rows), vocab],
