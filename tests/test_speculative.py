@@ -348,3 +348,26 @@ def test_draft_sampling_follows_the_target_distribution(small_pair, monkeypatch)
     monkeypatch.setattr(pagedlm.ops, "verify_speculative",
                         lambda drafted, q, p, **kw: verify(drafted, p[:, :-1].contiguous(), p, **kw))
     assert sampled_p_value(small_engine(target_dir, config), PROMPT, expected, 3000)[0] < 1e-6
+
+
+def test_a_draft_models_cache_is_freed_when_its_sequence_finishes_or_is_aborted(models):
+    """The engine reports finished and aborted sequences to the speculator at once (not when
+    their outputs are taken), so the draft model's blocks go back while the batch runs on."""
+    llm = LLM(models["target"], device="cpu", block_size=4, num_blocks=256,
+              speculative=speculative("draft-other", models))
+    draft_bm = llm.speculator.proposer.bm
+    short, long_, aborted = (llm.add_request(p, SamplingParams(temperature=0, max_tokens=m, ignore_eos=True))
+                             for p, m in zip(prompts(3, seed=7), (3, 40, 40)))
+    for _ in range(6):
+        llm.step()
+    holders = lambda: {s for s in llm.speculator.proposer.cached}  # noqa: E731
+    seqs = {r: llm._requests[r]["seqs"][0] for r in (short, long_, aborted)}
+    assert seqs[short].finish_reason == "length" and seqs[short] not in holders()
+    assert {seqs[long_], seqs[aborted]} <= holders()
+    used = draft_bm.num_blocks - draft_bm.num_free_blocks
+    llm.abort(aborted)
+    assert seqs[aborted] not in holders() and draft_bm.num_blocks - draft_bm.num_free_blocks < used
+    while llm.scheduler.has_work():
+        llm.step()
+    assert not holders() and draft_bm.num_free_blocks == draft_bm.num_blocks
+    assert all(llm.take_output(r).outputs[0].finish_reason in ("length", "abort") for r in (short, long_, aborted))
