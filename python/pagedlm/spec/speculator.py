@@ -39,10 +39,10 @@ class Speculator:
         self.proposer, self.runner = proposer, runner
         self.switch = PaySwitch() if adaptive else None
         self.budget, self.engine_seed = max_num_batched_tokens, engine_seed
-        self.stats = defaultdict(lambda: dict(drafted=0, accepted=0, verify_steps=0, drafting_s=0.0))
-        # Per sequence, over speculative steps: forwards it emitted from and tokens it kept. Each
-        # plain step's forward emits one token, so plain steps need no per-sequence count.
-        self.speculative = defaultdict(lambda: [0, 0])
+        # Per sequence. forwards and kept: over speculative steps, the forwards it emitted from and
+        # the tokens it kept (each plain step's forward emits one token: no per-sequence count).
+        self.stats = defaultdict(lambda: dict(drafted=0, accepted=0, verify_steps=0, drafting_s=0.0, forwards=0,
+                                              kept=0))
         self.misses, self.paused = defaultdict(int), defaultdict(int)  # per sequence: the switch
         self.verification_graphs = None
 
@@ -62,9 +62,9 @@ class Speculator:
         """kept: {seq: tokens it kept} of the step() that returned emissions (tokens past a stop
         are dropped)."""
         for seq, count in kept.items():
-            counts = self.speculative[seq]
-            counts[0] += 1
-            counts[1] += count
+            stats = self.stats[seq]
+            stats["forwards"] += 1
+            stats["kept"] += count
         self._time(scheduled, drafted=True, tokens=sum(kept.values()))
 
     def plain_step_done(self, scheduled, tokens):
@@ -208,9 +208,8 @@ class Speculator:
             self.paused.pop(seq, None)
             for key, value in self.stats.pop(seq, {}).items():
                 total[key] += value
-            forwards, kept = self.speculative.pop(seq, (0, 0))
-            total["forwards"] += forwards + len(seq.output) - kept  # a plain step's forward: one token
         generated = sum(len(s.output) for s in seqs)
+        total["forwards"] += generated - total["kept"]  # a plain step's forward: one token
         return {"acceptance_rate": total["accepted"] / total["drafted"] if total["drafted"] else 0.0,
                 "mean_accepted_length": total["accepted"] / total["verify_steps"] if total["verify_steps"] else 0.0,
                 "tokens_per_forward": generated / total["forwards"] if total["forwards"] else 0.0,
