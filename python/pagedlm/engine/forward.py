@@ -35,7 +35,12 @@ class ForwardItem:
         last = self.start + committed - 1
         if self.parents is None:
             return list(range(self.start, last + 1 + self.num_extra))
-        return list(range(self.start, last + 1)) + [last + d for d in tree_layout(tuple(self.parents))[0]]
+        return list(range(self.start, last + 1)) + [last + d for d in self.tree_layout[0]]
+
+    @functools.cached_property
+    def tree_layout(self):
+        """tree_layout(parents) of a tree item: its positions and its mask both need it."""
+        return tree_layout(tuple(self.parents))
 
 
 @functools.lru_cache(maxsize=1024)
@@ -73,7 +78,7 @@ def write_item_mask(item, out):
     out[:, offset:] = _lower_triangle(q_len)
     if item.parents is not None:
         first = q_len - item.num_extra
-        out[first:, offset + first:] = tree_layout(tuple(item.parents))[1]
+        out[first:, offset + first:] = item.tree_layout[1]
 
 
 @functools.cache
