@@ -10,6 +10,7 @@
 #include "pagedlm/kv_cache.h"
 #include "pagedlm/paged_decode.h"
 #include "pagedlm/paged_prefill.h"
+#include "pagedlm/sampling.h"
 
 namespace pagedlm::cuda {
 
@@ -31,6 +32,8 @@ int rms_norm(const RMSNormParams& p, void* stream);
 int silu_and_mul(const SiluAndMulParams& p, void* stream);
 // One thread block per token, query and key heads together.
 int apply_rope(const RopeParams& p, void* stream);
+// One thread block per logits row.
+int argmax_logprob(const ArgmaxLogprobParams& p, void* stream);
 
 const char* error_string(int code);
 

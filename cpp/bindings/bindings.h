@@ -11,5 +11,6 @@ void bind_build_info(nanobind::module_& m);
 void bind_ops(nanobind::module_& m);
 void bind_fused_layers(nanobind::module_& m);
 void bind_verify(nanobind::module_& m);
+void bind_sampling(nanobind::module_& m);
 
 }  // namespace pagedlm::bindings

@@ -52,4 +52,5 @@ NB_MODULE(_C, m) {
   pagedlm::bindings::bind_ops(m);
   pagedlm::bindings::bind_fused_layers(m);
   pagedlm::bindings::bind_verify(m);
+  pagedlm::bindings::bind_sampling(m);
 }

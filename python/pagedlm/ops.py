@@ -15,7 +15,7 @@ from pagedlm._torch_glue import debug_checks, expect_tensors, stream_of
 from pagedlm.verify import verify_greedy, verify_speculative, verify_tree_greedy, verify_tree_speculative  # noqa: F401
 
 __all__ = ["write_kv_cache", "copy_blocks", "paged_decode_attention", "paged_prefill_attention", "rms_norm",
-           "silu_and_mul", "apply_rope", "verify_greedy", "verify_speculative", "verify_tree_greedy",
+           "silu_and_mul", "apply_rope", "argmax_logprob", "verify_greedy", "verify_speculative", "verify_tree_greedy",
            "verify_tree_speculative"]
 
 DECODE_WORKSPACE_BYTES = 32 << 20
@@ -193,6 +193,20 @@ def apply_rope(query, key, positions, inv_freq):
     return query, key
 
 
+def argmax_logprob(logits, *, out=None):
+    """The greedy choice of each row of logits [rows, vocab] (contiguous; float32, float16 or
+    bfloat16) in one kernel: float64 [rows, 2], each row's argmax (the first index of its
+    maximum; a NaN counts as the maximum, as in torch.argmax) and that token's log-softmax,
+    -log(sum(exp(row - max))), NaN when the row holds a NaN or its maximum is infinite.
+    float64 holds any token id exactly, so the host reads both in one copy. out: a float64
+    [rows, 2] tensor on logits' device to write into (a CUDA graph's static buffer)."""
+    expect_tensors(logits=logits, out=out)
+    if out is None:
+        out = torch.empty((logits.shape[0] if logits.dim() else 0, 2), dtype=torch.float64, device=logits.device)
+    _C.argmax_logprob(logits, out, stream_of(logits))
+    return out
+
+
 # ---- torch.library registration ------------------------------------------------------
 _lib = torch.library.Library("pagedlm", "DEF")
 _lib.define("write_kv_cache(Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache, "
@@ -212,6 +226,7 @@ _lib.define("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor")
 _lib.define("fused_add_rms_norm(Tensor(a!) x, Tensor(b!) residual, Tensor weight, float eps) -> ()")
 _lib.define("silu_and_mul(Tensor x) -> Tensor")
 _lib.define("apply_rope(Tensor(a!) query, Tensor(b!) key, Tensor positions, Tensor inv_freq) -> ()")
+_lib.define("argmax_logprob(Tensor logits) -> Tensor")
 
 
 def _decode_functional(query, key_cache, value_cache, block_tables, seq_lens, scale=None, sliding_window=None,
@@ -252,6 +267,7 @@ for _key in ("CPU", "CUDA"):
     _lib.impl("fused_add_rms_norm", _fused_add_rms_norm, _key)
     _lib.impl("silu_and_mul", silu_and_mul, _key)
     _lib.impl("apply_rope", _apply_rope, _key)
+    _lib.impl("argmax_logprob", argmax_logprob, _key)
 
 
 @torch.library.register_fake("pagedlm::write_kv_cache")
@@ -300,3 +316,8 @@ def _(x):
 @torch.library.register_fake("pagedlm::apply_rope")
 def _(query, key, positions, inv_freq):
     return None
+
+
+@torch.library.register_fake("pagedlm::argmax_logprob")
+def _(logits):
+    return logits.new_empty((logits.shape[0], 2), dtype=torch.float64)

@@ -12,15 +12,16 @@ import zlib
 import numpy as np
 import torch
 
+import pagedlm.ops as ops
 from pagedlm import _C
 
 _DRAW_SAMPLE = 1  # the Philox word the kernels use for sampling a token (philox.h: kDrawSample)
 
 
-def greedy_choices(logits):
-    """float64 [rows, 2]: each row's argmax and its log-probability (float64 holds both exactly)."""
-    tokens = logits.argmax(-1, keepdim=True)
-    return torch.cat([tokens.double(), logits.log_softmax(-1).gather(-1, tokens).double()], -1)
+def greedy_choices(logits, out=None):
+    """float64 [rows, 2]: each row's argmax and its log-probability (float64 holds both
+    exactly), in one kernel (pagedlm.ops.argmax_logprob); written into out if given."""
+    return ops.argmax_logprob(logits, out=out)
 
 
 def sample(logits, seqs, engine_seed, choices=None):
@@ -34,9 +35,8 @@ def sample(logits, seqs, engine_seed, choices=None):
     logprobs = torch.empty(len(seqs), dtype=torch.float32, device=logits.device)
     if greedy:
         rows = _index(greedy, logits.device, len(seqs))
-        chosen = logits[rows].argmax(-1)
-        tokens[rows] = chosen
-        logprobs[rows] = logits[rows].log_softmax(-1).gather(-1, chosen[:, None]).squeeze(-1)
+        choices = greedy_choices(logits[rows])
+        tokens[rows], logprobs[rows] = choices[:, 0].long(), choices[:, 1].float()
     sampled = [i for i, s in enumerate(seqs) if s.params.temperature != 0]
     if sampled:
         rows = _index(sampled, logits.device, len(seqs))

@@ -159,9 +159,7 @@ class _VarlenGraph:
                                    mask_indptr=indptr)
         logits = owner.logits[:self.tokens]
         logits.copy_(owner.model(p[at["ids"]], positions, batch, owner.kv_caches, logits_indices=p[at["rows"]]))
-        choices = owner.choices[:self.tokens]
-        choices.copy_(greedy_choices(logits))
-        return logits, choices
+        return logits, greedy_choices(logits, out=owner.choices[:self.tokens])
 
     def mask_buffer(self, size):
         """The host side of the mask's first `size` elements (flat bool), for the caller to
