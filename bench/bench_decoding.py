@@ -49,6 +49,7 @@ METHODS = [("plain", None)] + [
     ("lookahead W=5 N=3 G=5", {"method": "lookahead", "window": 5, "ngram": 3, "guesses": 5}),
     ("lookahead W=7 N=4 G=7", {"method": "lookahead", "window": 7, "ngram": 4, "guesses": 7}),
     ("lookahead W=4 N=6 G=12", {"method": "lookahead", "window": 4, "ngram": 6, "guesses": 12}),
+    ("lookahead W=3 N=7 G=12", {"method": "lookahead", "window": 3, "ngram": 7, "guesses": 12}),
     ("lookahead W=7 N=4 G=7, window pool only",
      {"method": "lookahead", "window": 7, "ngram": 4, "guesses": 7, "pool_from_prompt": False}),
 ]

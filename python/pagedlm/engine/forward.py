@@ -49,12 +49,15 @@ def tree_layout(parents):
     each node's depth below the root, and a read-only bool [n, n] array whose row i marks node
     i and its ancestors. Cached: a method's trees take a few shapes (a lookahead window's is
     always the same), and built in Python this is most of a masked step's host work."""
-    depths, ancestry = [], []  # ancestors and itself as the bits of an int (parents come first)
-    for i, parent in enumerate(parents):
-        depths.append(1 if parent < 0 else depths[parent] + 1)
-        ancestry.append((ancestry[parent] if parent >= 0 else 0) | 1 << i)
     n, width = len(parents), (len(parents) + 7) // 8
-    rows = np.frombuffer(b"".join(a.to_bytes(width, "little") for a in ancestry), np.uint8).reshape(n, width)
+    # Ancestors and itself as the bits of an int (parents come first). Entry n, which parent -1
+    # indexes, is the root's: depth 0, no bits.
+    depths, ancestry = [0] * (n + 1), [0] * (n + 1)
+    for i, parent in enumerate(parents):
+        depths[i] = depths[parent] + 1
+        ancestry[i] = ancestry[parent] | 1 << i
+    del depths[n], ancestry[n]
+    rows = np.frombuffer(b"".join([a.to_bytes(width, "little") for a in ancestry]), np.uint8).reshape(n, width)
     mask = np.unpackbits(rows, axis=1, count=n, bitorder="little").astype(bool)
     mask.flags.writeable = False
     return depths, mask

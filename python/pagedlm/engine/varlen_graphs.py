@@ -157,8 +157,8 @@ class _VarlenGraph:
             batch = AttentionBatch(slot_mapping=slots, block_tables=self.tables, seq_lens=p[at["lens"]].int(),
                                    cu_seqlens_q=cu_seqlens, decode_only=False, custom_mask=self.mask,
                                    mask_indptr=indptr)
-        logits = owner.logits[:self.tokens]
-        logits.copy_(owner.model(p[at["ids"]], positions, batch, owner.kv_caches, logits_indices=p[at["rows"]]))
+        logits = owner.model(p[at["ids"]], positions, batch, owner.kv_caches, logits_indices=p[at["rows"]],
+                             logits_out=owner.logits[:self.tokens])
         return logits, greedy_choices(logits, out=owner.choices[:self.tokens])
 
     def mask_buffer(self, size):

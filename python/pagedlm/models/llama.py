@@ -84,12 +84,15 @@ class LlamaForCausalLM(nn.Module):
                 for _ in range(self.args.num_layers)]
 
     @torch.inference_mode()
-    def forward(self, input_ids, positions, batch, kv_caches, logits_indices=None):
-        """input_ids, positions int64 [tokens]; returns logits float32 [len(logits_indices) or tokens, vocab]."""
+    def forward(self, input_ids, positions, batch, kv_caches, logits_indices=None, logits_out=None):
+        """input_ids, positions int64 [tokens]; returns logits float32 [len(logits_indices) or tokens, vocab],
+        written into logits_out if given (a CUDA graph's output buffer: one copy, not a cast and a copy)."""
         x, residual = self.model.embed_tokens(input_ids), None
         for layer, kv_cache in zip(self.model.layers, kv_caches):
             x, residual = layer(x, residual, positions, self.inv_freq, batch, kv_cache)
         if logits_indices is not None:
             x, residual = x[logits_indices], None if residual is None else residual[logits_indices]
         x = self.model.norm(x) if residual is None else self.model.norm(x, residual)[0]
-        return self.lm_head(x).float()
+        if logits_out is None:
+            return self.lm_head(x).float()
+        return logits_out.copy_(self.lm_head(x))
