@@ -22,6 +22,9 @@ for dtype, head_dim in [(torch.bfloat16, 128), (torch.float32, 64), (torch.float
                        torch.randn(5, 2, head_dim, device="cuda", dtype=dtype), kc, vc,
                        torch.tensor([0, 17, -1, 639, 5], device="cuda"))
     ops.copy_blocks([kc], [vc], torch.tensor([[0, 1], [5, 39]], device="cuda"))
+    logits = torch.randn(5, 4099, device="cuda", dtype=dtype)  # odd vocabulary: unaligned rows
+    logits[1, 7] = float("nan")
+    ops.argmax_logprob(logits)
 # A row long enough to be split (split-K and the merge kernel), a bad block id in its last split.
 kc = torch.randn(300, 16, 2, 128, device="cuda", dtype=torch.bfloat16)
 vc = torch.randn_like(kc)
