@@ -101,3 +101,23 @@ def test_the_shipped_pair_in_float32_emits_plain_tokens(config):
             .generate(batch, params, use_tqdm=False) for spec in (None, dict(config, adaptive=False))]
     assert tokens(runs[1]) == tokens(runs[0])
     assert sum(o.metrics["tokens_per_forward"] for o in runs[1]) / len(batch) > 1.5
+
+
+def test_drafts_that_do_not_all_fit_a_graph_leave_the_step_in_one(folders):
+    """Twelve lookahead trees of up to 81 tokens would make a 972-token forward, past the largest
+    CUDA graph (512): the speculator drafts for as many sequences as fit, taking turns, so every
+    forward after the prompts replays a graph; the output is still plain decoding's."""
+    batch = prompts(12, seed=3)
+    expected = tokens(engine(folders).generate(batch, GREEDY, use_tqdm=False))
+    llm = engine(folders, speculative=dict(method="lookahead", window=8, ngram=6, guesses=8, adaptive=False))
+    varlen, shapes = llm.runner.varlen, []
+    graph_for = varlen.graph_for
+    varlen.graph_for = lambda tokens, *rest: shapes.append((tokens, graph_for(tokens, *rest))) or shapes[-1][1]
+    proposed, propose = [], llm.speculator.proposer.propose  # tokens of a step's trees, roots included
+    llm.speculator.proposer.propose = lambda *a: (lambda d: proposed.append(sum(len(x.tokens) + 1 for x in d.values()))
+                                                  or d)(propose(*a))
+    outputs = llm.generate(batch, GREEDY, use_tqdm=False)
+    assert tokens(outputs) == expected
+    assert max(proposed) > 512, "the trees always fit one graph: nothing tested"
+    assert all(graph is not None for _, graph in shapes), "a speculative step ran eagerly"
+    assert all(o.metrics["draft_steps"] > 0 for o in outputs), "a sequence never got its turn to draft"

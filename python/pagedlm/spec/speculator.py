@@ -26,6 +26,7 @@ from pagedlm.engine.cuda_graphs import captures_so_far
 from pagedlm.engine.sampler import sample
 from pagedlm.engine.forward import ForwardItem, apply_block_copies, paged_forward
 from pagedlm.engine.runner import FEW_TOKENS
+from pagedlm.engine.varlen_graphs import TOKEN_BUCKETS
 from pagedlm.spec.pay_switch import PaySwitch
 from pagedlm.spec.verification import Verification, VerificationGraphs
 
@@ -39,6 +40,12 @@ class Speculator:
         self.proposer, self.runner = proposer, runner
         self.switch = PaySwitch() if adaptive else None
         self.budget, self.engine_seed = max_num_batched_tokens, engine_seed
+        # The most tokens a forward may hold and still replay a CUDA graph (VarlenGraphs): a step
+        # that fits drafts only within it, else its whole forward would run eagerly (lookahead's
+        # ~90 tokens a sequence at batch 16: 7 ms instead of one replay).
+        self.graph_tokens = max_num_batched_tokens if runner.varlen is None else min(max_num_batched_tokens,
+                                                                                     TOKEN_BUCKETS[-1])
+        self.rotation = 0  # which sequence drafts first when not every one fits
         # Per sequence. forwards and kept: over speculative steps, the forwards it emitted from and
         # the tokens it kept (each plain step's forward emits one token: no per-sequence count).
         self.stats = defaultdict(lambda: dict(drafted=0, accepted=0, verify_steps=0, drafting_s=0.0, forwards=0,
@@ -91,7 +98,11 @@ class Speculator:
                       and s.num_new == len(s.seq) - s.seq.num_cached and self._drafting(s.seq)]
         if not candidates:
             return {}
-        left = self.budget - sum(map(NUM_NEW, scheduled))
+        scheduled_tokens = sum(map(NUM_NEW, scheduled))
+        left = (self.graph_tokens if scheduled_tokens <= self.graph_tokens else self.budget) - scheduled_tokens
+        # Turns at the head of the line, for when the budget runs out before every draft fits.
+        self.rotation = (self.rotation + 1) % len(candidates)
+        candidates = candidates[self.rotation:] + candidates[:self.rotation]
         caps = [max(0, s.params.max_tokens - len(s.output) - 1) if left > 0 else 0 for s in candidates]
         if not any(caps):
             return {}
