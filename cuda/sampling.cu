@@ -70,7 +70,7 @@ __global__ void __launch_bounds__(kThreads) argmax_logprob_kernel(ArgmaxLogprobP
   }
   if (threadIdx.x == 0) {
     p.out[2 * blockIdx.x] = static_cast<double>(best.index);
-    p.out[2 * blockIdx.x + 1] = isfinite(best.value) ? -log(static_cast<double>(sum)) : NAN;
+    p.out[2 * blockIdx.x + 1] = isfinite(best.value) ? 0.0 - log(static_cast<double>(sum)) : NAN;  // +0.0, not -0.0
   }
 }
 

@@ -77,6 +77,7 @@ def test_ties_nans_and_infinities_follow_torch():
     assert out[0, 0] == 5 and out[1, 0] == 3 and out[2, 0] == 40 and out[3, 0] == 0
     assert out[4, 1] == 0.0 and out[5, 1] == 0.0 and math.isclose(out[6, 1], -math.log(300), rel_tol=1e-12)
     assert out[1, 1].isnan() and out[2, 1].isnan() and out[3, 1].isnan()
+    assert not out[4, 1].signbit() and not out[5, 1].signbit(), "a certain token's log-probability is -0.0"
 
 
 def test_empty_batch():

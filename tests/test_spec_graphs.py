@@ -307,3 +307,25 @@ def test_decode_graphs_emit_the_eager_tokens(models, monkeypatch):
     monkeypatch.setattr(graphs, "run", lambda *args: replays.append(len(args[0])) or run(*args))
     assert tokens(llm.generate(batch, params, use_tqdm=False)) == expected
     assert {5, 4, 3, 2, 1} <= set(replays)  # every bucket met, padded and not
+
+
+def test_drafts_past_the_largest_graph_take_turns(models):
+    """Eight lookahead windows of 64 tokens, and their n-gram branches, would make a forward past
+    the largest graph (512 tokens): only the sequences whose trees should fit draft, taking turns,
+    so every speculative forward replays a graph, every sequence gets to draft, and the output
+    stays plain's."""
+    batch = prompts(MAX_SEQS, seed=7)
+    expected = tokens(engine(models, 4).generate(batch, GREEDY, use_tqdm=False))
+    window, ngram = 16, 5
+    llm = engine(models, 4, dict(method="lookahead", window=window, ngram=ngram, guesses=4, adaptive=False))
+    assert MAX_SEQS * (window * (ngram - 1) + 1) > varlen_graphs.TOKEN_BUCKETS[-1]
+    varlen, graphs, drafting = llm.runner.varlen, [], []
+    graph_for = varlen.graph_for
+    varlen.graph_for = lambda *shape: graphs.append(graph_for(*shape)) or graphs[-1]
+    propose = llm.speculator.proposer.propose
+    llm.speculator.proposer.propose = lambda seqs, caps: drafting.append(len(seqs)) or propose(seqs, caps)
+    outputs = llm.generate(batch, GREEDY, use_tqdm=False)
+    assert tokens(outputs) == expected
+    assert graphs and all(g is not None for g in graphs), "a speculative step ran eagerly"
+    assert max(drafting) < MAX_SEQS, "every sequence drafted at once: no turns taken"
+    assert all(o.metrics["draft_steps"] > 0 for o in outputs), "a sequence never got its turn"

@@ -25,7 +25,7 @@ void argmax_logprob_row(const ArgmaxLogprobParams& p, int64_t r) {
     for (int64_t i = 0; i < p.vocab; ++i) {
       sum += std::exp(static_cast<double>(load_as_float(p.logits, base + i, p.dtype)) - best);
     }
-    logprob = -std::log(sum);
+    logprob = 0.0 - std::log(sum);  // +0.0 for a certain token, as torch gives, not -0.0
   }
   p.out[2 * r] = static_cast<double>(index);
   p.out[2 * r + 1] = logprob;

@@ -20,7 +20,8 @@ _DRAW_SAMPLE = 1  # the Philox word the kernels use for sampling a token (philox
 
 def greedy_choices(logits, out=None):
     """float64 [rows, 2]: each row's argmax and its log-probability (float64 holds both
-    exactly), in one kernel (pagedlm.ops.argmax_logprob); written into out if given."""
+    exactly), in one kernel (pagedlm.ops.argmax_logprob); written into out if given. logits:
+    contiguous [rows, vocab], float32, float16 or bfloat16."""
     return ops.argmax_logprob(logits, out=out)
 
 

@@ -18,3 +18,12 @@ class Draft:
     parents: list | None = None
     candidates: list | None = None
     probs: torch.Tensor | None = None
+
+
+class ChainProposer:
+    """A proposer of chains of at most num_tokens tokens (n-gram, Jacobi, draft model)."""
+
+    def draft_size(self, seq, cap):
+        """The tokens seq's draft will hold, at most, when it may take `cap` more (the speculator
+        proposes only for the sequences whose drafts fit the step)."""
+        return min(cap, self.num_tokens)

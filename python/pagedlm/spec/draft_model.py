@@ -12,7 +12,7 @@ import pagedlm
 from pagedlm.engine.sequence import Status
 from pagedlm.engine.forward import ForwardItem, paged_forward
 from pagedlm.engine.varlen_graphs import VarlenGraphs
-from pagedlm.spec.draft import Draft
+from pagedlm.spec.draft import ChainProposer, Draft
 from pagedlm.spec.draft_chain import DraftChainGraphs
 from pagedlm.spec.sampling import processed_probs, request_seed
 
@@ -20,7 +20,7 @@ from pagedlm.spec.sampling import processed_probs, request_seed
 PENDING = -1  # the token id of a reserved slot whose token the chain has yet to draft
 
 
-class DraftModelProposer:
+class DraftModelProposer(ChainProposer):
     def __init__(self, model, num_tokens, num_blocks, block_size, device, engine_seed, *, use_cuda_graphs=False,
                  max_num_seqs=256):
         self.model, self.num_tokens, self.device, self.engine_seed = model, num_tokens, device, engine_seed

@@ -2,10 +2,10 @@
 and verify it as a draft chain. The model's greedy outputs at the window's positions become
 the next guesses, so each step is one Jacobi iteration; a guess prefix that already equals
 the model's own continuation (the part at its fixed point) is accepted."""
-from pagedlm.spec.draft import Draft
+from pagedlm.spec.draft import ChainProposer, Draft
 
 
-class JacobiProposer:
+class JacobiProposer(ChainProposer):
     def __init__(self, num_tokens):
         self.num_tokens = num_tokens
         self.guesses = {}  # seq -> the window carried over from its previous step

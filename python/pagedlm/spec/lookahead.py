@@ -49,6 +49,13 @@ class LookaheadProposer:
             drafts[seq] = Draft(tokens, parents, candidates=sorted(trie.values()))
         return drafts
 
+    def draft_size(self, seq, cap):
+        """The tokens seq's draft is expected to hold: its window, and a branch for each pooled
+        continuation of its last token (fewer where they share a prefix; more if the tokens it
+        committed since its last draft add some, and then the speculator may drop the draft)."""
+        continuations = len(self.pools.get(seq, {}).get(seq.last_token, ()))
+        return self.W * (self.N - 1) + continuations * min(self.N - 1, cap)
+
     def update(self, seq, draft, row_argmax, accepted):
         """row_argmax: the model's greedy token at the last token and at every extra (window first)."""
         size = self.W * (self.N - 1)

@@ -40,11 +40,6 @@ class Speculator:
         self.proposer, self.runner = proposer, runner
         self.switch = PaySwitch() if adaptive else None
         self.budget, self.engine_seed = max_num_batched_tokens, engine_seed
-        # The most tokens a forward may hold and still replay a CUDA graph (VarlenGraphs): a step
-        # that fits drafts only within it, else its whole forward would run eagerly (lookahead's
-        # ~90 tokens a sequence at batch 16: 7 ms instead of one replay).
-        self.graph_tokens = max_num_batched_tokens if runner.varlen is None else min(max_num_batched_tokens,
-                                                                                     TOKEN_BUCKETS[-1])
         self.rotation = 0  # which sequence drafts first when not every one fits
         # Per sequence. forwards and kept: over speculative steps, the forwards it emitted from and
         # the tokens it kept (each plain step's forward emits one token: no per-sequence count).
@@ -98,16 +93,22 @@ class Speculator:
                       and s.num_new == len(s.seq) - s.seq.num_cached and self._drafting(s.seq)]
         if not candidates:
             return {}
-        scheduled_tokens = sum(map(NUM_NEW, scheduled))
-        left = (self.graph_tokens if scheduled_tokens <= self.graph_tokens else self.budget) - scheduled_tokens
-        # Turns at the head of the line, for when the budget runs out before every draft fits.
+        left = self._draft_budget(sum(map(NUM_NEW, scheduled)))
+        # Turns at the head of the line, for when the budget runs out before every draft fits; only
+        # the sequences whose drafts should fit are proposed for (little is computed to be dropped).
         self.rotation = (self.rotation + 1) % len(candidates)
-        candidates = candidates[self.rotation:] + candidates[:self.rotation]
-        caps = [max(0, s.params.max_tokens - len(s.output) - 1) if left > 0 else 0 for s in candidates]
-        if not any(caps):
+        chosen, caps, room = [], [], left
+        for seq in candidates[self.rotation:] + candidates[:self.rotation]:
+            cap = max(0, seq.params.max_tokens - len(seq.output) - 1)
+            size = self.proposer.draft_size(seq, cap) if cap else 0
+            if 0 < size <= room:
+                chosen.append(seq)
+                caps.append(cap)
+                room -= size
+        if not chosen:
             return {}
         start = time.perf_counter()
-        drafts = self.proposer.propose([s for s, c in zip(candidates, caps) if c], [c for c in caps if c])
+        drafts = self.proposer.propose(chosen, caps)
         drafting = time.perf_counter() - start
         for seq in drafts:
             self.stats[seq]["drafting_s"] += drafting
@@ -117,6 +118,15 @@ class Speculator:
             else:
                 left -= len(draft.tokens)
         return drafts
+
+    def _draft_budget(self, scheduled_tokens):
+        """Draft tokens the step may add. A step that fits the largest CUDA graph (VarlenGraphs)
+        stays within it, or its whole forward would run eagerly (lookahead's ~90 tokens a sequence
+        at batch 16: 7 ms instead of one replay, each time the timing switch probed drafting)."""
+        limit = self.budget
+        if self.runner.varlen is not None and scheduled_tokens <= TOKEN_BUCKETS[-1]:
+            limit = min(limit, TOKEN_BUCKETS[-1])
+        return limit - scheduled_tokens
 
     def _speculative_step(self, scheduled, copies, drafts):
         apply_block_copies(self.runner.kv_caches, copies, self.runner.device)
