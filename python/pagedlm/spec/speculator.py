@@ -7,7 +7,9 @@ free (else the sequence decodes plainly this step). After verification the cache
 with truncate to the committed tokens: for a chain, plus the accepted drafts, whose KV is
 exactly their causal KV; for a tree, nothing more (accepted tokens are recomputed next step,
 and tree slots carry the id -1, so no tree block can ever match a real prompt in the prefix
-cache). Rejected tokens never reach the output.
+cache). Rejected tokens never reach the output. Drafts also keep within the step's token
+budget, and a step that fits the largest CUDA graph within that graph: sequences take turns
+to draft when not all of them fit.
 
 Two switches keep a method from costing more than it saves. Per sequence: one whose drafts
 are all rejected BACKOFF_AFTER steps in a row stops drafting for 1, 2, 4, ... (at most
