@@ -17,6 +17,7 @@ from pagedlm.engine.varlen_graphs import VarlenGraphs
 from pagedlm.spec.draft_chain import DraftChainGraphs
 
 from llama_checkpoint import save_llama
+from spec_checks import assert_drafts_take_turns
 
 transformers = pytest.importorskip("transformers")
 
@@ -210,14 +211,20 @@ def test_item_mask_is_causal_then_ancestors():
     prefix, every committed token, itself and its ancestors (random trees, parents first)."""
     import random
 
-    from pagedlm.engine.forward import ForwardItem, item_mask
+    import numpy as np
+
+    from pagedlm.engine.forward import ForwardItem, write_item_mask
     rng = random.Random(0)
     for _ in range(50):
         committed, extras, cached = rng.randrange(1, 4), rng.randrange(0, 9), rng.randrange(0, 7)
         parents = [rng.randrange(-1, i) for i in range(extras)]
         item = ForwardItem(0, [0] * (committed + extras), cached, extras, parents, [])
         seq_len = cached + committed + extras
-        mask = item_mask(item, seq_len)
+        mask = np.ones((committed + extras, seq_len), dtype=bool)  # poisoned both ways: every cell written
+        write_item_mask(item, mask)
+        unpoisoned = np.zeros_like(mask)
+        write_item_mask(item, unpoisoned)
+        assert (mask == unpoisoned).all()
         for row in range(committed + extras):
             if row < committed:
                 seen = set(range(cached + row + 1))
@@ -319,13 +326,4 @@ def test_drafts_past_the_largest_graph_take_turns(models):
     window, ngram = 16, 5
     llm = engine(models, 4, dict(method="lookahead", window=window, ngram=ngram, guesses=4, adaptive=False))
     assert MAX_SEQS * (window * (ngram - 1) + 1) > varlen_graphs.TOKEN_BUCKETS[-1]
-    varlen, graphs, drafting = llm.runner.varlen, [], []
-    graph_for = varlen.graph_for
-    varlen.graph_for = lambda *shape: graphs.append(graph_for(*shape)) or graphs[-1]
-    propose = llm.speculator.proposer.propose
-    llm.speculator.proposer.propose = lambda seqs, caps: drafting.append(len(seqs)) or propose(seqs, caps)
-    outputs = llm.generate(batch, GREEDY, use_tqdm=False)
-    assert tokens(outputs) == expected
-    assert graphs and all(g is not None for g in graphs), "a speculative step ran eagerly"
-    assert max(drafting) < MAX_SEQS, "every sequence drafted at once: no turns taken"
-    assert all(o.metrics["draft_steps"] > 0 for o in outputs), "a sequence never got its turn"
+    assert_drafts_take_turns(llm, batch, GREEDY, expected)

@@ -11,6 +11,7 @@ from pagedlm import LLM, BeamSearchParams, SamplingParams
 from pagedlm.data import TINY_CODE, tiny_model
 
 from llama_checkpoint import save_llama
+from spec_checks import assert_drafts_take_turns
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.gpu
@@ -110,13 +111,4 @@ def test_drafts_that_do_not_all_fit_a_graph_leave_the_step_in_one(folders):
     batch = prompts(12, seed=3)
     expected = tokens(engine(folders).generate(batch, GREEDY, use_tqdm=False))
     llm = engine(folders, speculative=dict(method="lookahead", window=16, ngram=5, guesses=4, adaptive=False))
-    varlen, graphs, drafting = llm.runner.varlen, [], []
-    graph_for = varlen.graph_for
-    varlen.graph_for = lambda *shape: graphs.append(graph_for(*shape)) or graphs[-1]
-    propose = llm.speculator.proposer.propose
-    llm.speculator.proposer.propose = lambda seqs, caps: drafting.append(len(seqs)) or propose(seqs, caps)
-    outputs = llm.generate(batch, GREEDY, use_tqdm=False)
-    assert tokens(outputs) == expected
-    assert graphs and all(g is not None for g in graphs), "a speculative step ran eagerly"
-    assert max(drafting) < len(batch), "every sequence drafted at once: no turns taken"
-    assert all(o.metrics["draft_steps"] > 0 for o in outputs), "a sequence never got its turn"
+    assert_drafts_take_turns(llm, batch, GREEDY, expected)

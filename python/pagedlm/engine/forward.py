@@ -63,18 +63,11 @@ def tree_layout(parents):
     return depths, mask
 
 
-def item_mask(item, seq_len):
-    """[q_len, seq_len] bool numpy array: the committed rows causal (bottom-right), the extras
-    seeing the cached prefix, their ancestors and themselves."""
-    mask = np.empty((len(item.tokens), seq_len), dtype=bool)
-    write_item_mask(item, mask)
-    return mask
-
-
 def write_item_mask(item, out):
-    """item_mask(item, out.shape[1]) written into out, a [q_len, seq_len] bool array (a view
+    """The item's attention mask written into out, a [q_len, seq_len] bool array (often a view
     of a graph's input buffer: building the mask apart and copying it in cost a masked step
-    more host time than the rest of its inputs)."""
+    more host time than the rest of its inputs): the committed rows causal (bottom-right), the
+    extras seeing the cached prefix, their ancestors and themselves."""
     q_len, seq_len = out.shape
     offset = seq_len - q_len
     out[:, :offset] = True

@@ -38,7 +38,7 @@ class LookaheadProposer:
             tokens = [t for level in window for t in level]
             parents = list(self.window_parents)
             trie = {}  # (parent extra index, token) -> extra index; shared prefixes verify once
-            for continuation in self.pools.get(seq, {}).get(seq.last_token, ()):
+            for continuation in self._continuations(seq):
                 parent = -1
                 for token in continuation[:cap]:
                     if (parent, token) not in trie:
@@ -53,8 +53,11 @@ class LookaheadProposer:
         """The tokens seq's draft is expected to hold: its window, and a branch for each pooled
         continuation of its last token (fewer where they share a prefix; more if the tokens it
         committed since its last draft add some, and then the speculator may drop the draft)."""
-        continuations = len(self.pools.get(seq, {}).get(seq.last_token, ()))
-        return self.W * (self.N - 1) + continuations * min(self.N - 1, cap)
+        return self.W * (self.N - 1) + len(self._continuations(seq)) * min(self.N - 1, cap)
+
+    def _continuations(self, seq):
+        """The pooled continuations of seq's last token, oldest first."""
+        return self.pools.get(seq, {}).get(seq.last_token, ())
 
     def update(self, seq, draft, row_argmax, accepted):
         """row_argmax: the model's greedy token at the last token and at every extra (window first)."""
