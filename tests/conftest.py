@@ -1,4 +1,5 @@
-"""Shared pytest set-up: GPU tests skip on machines without CUDA, and bench/ is importable
+"""Shared pytest set-up: GPU tests skip on machines without CUDA, tests marked `slow` run only
+with --runslow (long fuzzing runs for a GPU machine or nightly use), and bench/ is importable
 (it holds the pure-Python reference block manager the tests compare against)."""
 import pathlib
 import sys
@@ -16,10 +17,16 @@ def _cuda_usable():
     return torch.cuda.is_available()
 
 
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", help="also run the tests marked slow")
+
+
 def pytest_collection_modifyitems(config, items):
-    if _cuda_usable():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    skip_slow = pytest.mark.skip(reason="slow: run with --runslow")
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    cuda = _cuda_usable()
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if "slow" in item.keywords and not config.getoption("--runslow"):
+            item.add_marker(skip_slow)
+        if "gpu" in item.keywords and not cuda:
+            item.add_marker(skip_gpu)
