@@ -25,6 +25,24 @@ def cpu_name():
         return platform.processor() or "unknown CPU"
 
 
+def flashinfer_version():
+    """FlashInfer's version string when it imports here, else None (the anchor is optional)."""
+    try:
+        import flashinfer
+    except ImportError:
+        return None
+    return getattr(flashinfer, "__version__", "unknown")
+
+
+def anchor_columns(times, anchors):
+    """The best anchor's label among `anchors` that ran, and pagedlm's speed against it."""
+    ran = [a for a in anchors if a in times]
+    if not ran:
+        return "—", "—"
+    best = min(ran, key=times.get)
+    return best, f"{times[best] / times['pagedlm']:.2f}x"
+
+
 def write_results(text, out=None, append_results=False):
     print(text)
     for path in filter(None, [out, os.path.join(HERE, "RESULTS.md") if append_results else None]):

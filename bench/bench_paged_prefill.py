@@ -1,8 +1,9 @@
-"""Paged-prefill benchmark: pagedlm, FlashInfer 0.2.8 paged prefill (if installed) and torch
-SDPA over dense K/V side by side on the prefill shapes of shared/BENCH.md: bf16 causal,
-32 query / 8 kv heads (SDPA: 32/32, dense), head_dim 128, page 16, pages scattered.
+"""Paged-prefill benchmark: pagedlm, FlashInfer's BatchPrefillWithPagedKVCacheWrapper (if
+installed; its fa2 and fa3 backends, pagedlm compared with the faster) and torch SDPA over
+dense K/V side by side on the prefill shapes of bench/README.md: bf16 causal, 32 query /
+8 kv heads (SDPA: 32/32, dense), head_dim 128, page 16, pages scattered.
 
-    python bench/bench_paged_prefill.py [--out FILE] [--append-results]
+    python bench/bench_paged_prefill.py [--flashinfer-backends fa2,fa3] [--out FILE] [--append-results]
 
 TFLOP/s counts what causal attention must compute: 4 * H * D per (query, visible key) pair,
 i.e. 2 * B * H * L^2 * D for a full causal prefill.
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import pagedlm.ops as ops
-from bench_common import git_commit, write_results
+from bench_common import anchor_columns, flashinfer_version, git_commit, write_results
 
 HEADS, KV_HEADS, HEAD_DIM, PAGE = 32, 8, 128, 16
 # (label, batch, new tokens per sequence, cached tokens before them)
@@ -36,10 +37,10 @@ def make_inputs(batch, q_len, cached, seed=0):
     return query, key_cache, value_cache, tables, cu, lens
 
 
-def flashinfer_prefill(query, key_cache, value_cache, tables, cu, lens, batch, length):
+def flashinfer_prefill(query, key_cache, value_cache, tables, cu, lens, batch, length, backend):
     import flashinfer
-    workspace = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
-    wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD")
+    workspace = torch.zeros(256 << 20, dtype=torch.uint8, device="cuda")
+    wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD", backend=backend)
     pages = tables.shape[1]
     kv_indptr = torch.arange(batch + 1, dtype=torch.int32, device="cuda") * pages
     last = torch.full((batch,), length - (pages - 1) * PAGE, dtype=torch.int32, device="cuda")
@@ -66,25 +67,29 @@ def causal_flops(batch, q_len, cached):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out")
-    parser.add_argument("--append-results", action="store_true")
+    parser.add_argument("--flashinfer-backends", type=lambda s: s.split(","), default=["fa2", "fa3"],
+                        help="comma-separated FlashInfer backends to run (fa2, fa3, auto)")
+    parser.add_argument("--out", help="also write the table to this file")
+    parser.add_argument("--append-results", action="store_true", help="append the table to bench/RESULTS.md")
     args = parser.parse_args()
     from triton.testing import do_bench
-    try:
-        import flashinfer  # noqa: F401
-        have_flashinfer = True
-    except ImportError:
-        have_flashinfer = False
+    version = flashinfer_version()
+    anchors = [f"FlashInfer {version} {b}" for b in args.flashinfer_backends] if version else []
     rows = []
     for label, batch, q_len, cached in SHAPES:
         query, kc, vc, tables, cu, lens = make_inputs(batch, q_len, cached)
         fns = {"pagedlm": lambda: ops.paged_prefill_attention(query, kc, vc, tables, cu, lens)}
-        if have_flashinfer:
-            fns["FlashInfer 0.2.8"] = flashinfer_prefill(query, kc, vc, tables, cu, lens, batch, cached + q_len)
+        for backend, anchor in zip(args.flashinfer_backends, anchors):
+            fns[anchor] = lambda b=backend: flashinfer_prefill(query, kc, vc, tables, cu, lens, batch, cached + q_len, b)
         reference = fns["pagedlm"]()
         times = {}
-        for name, fn in fns.items():
-            out = fn()
+        for name, make in fns.items():
+            try:  # an anchor variant that fails to build or run is reported and left out
+                fn = make() if name != "pagedlm" else make
+                out = fn()
+            except Exception as err:  # noqa: BLE001
+                print(f"{label}: {name} failed: {err}")
+                continue
             err = ((out.float() - reference.float()).norm() / reference.float().norm()).item()
             assert err < 2e-2, (name, err)
             times[name] = do_bench(fn, warmup=25, rep=100, return_mode="median")
@@ -94,17 +99,17 @@ def main():
         del query, kc, vc, tables, cu, lens
         torch.cuda.empty_cache()
 
-    names = ["pagedlm"] + (["FlashInfer 0.2.8"] if have_flashinfer else []) + ["torch SDPA dense (MHA)"]
+    names = ["pagedlm", *anchors, "torch SDPA dense (MHA)"]
     lines = [f"### Paged prefill — {datetime.date.today()}, {torch.cuda.get_device_name()}, commit {git_commit()}", "",
              f"`python bench/bench_paged_prefill.py` — bf16 causal, {HEADS}/{KV_HEADS} heads, D={HEAD_DIM}, page "
              f"{PAGE}, scattered pages, `triton.testing.do_bench` median. TFLOP/s of causal attention "
              "(4·H·D per visible query-key pair).", "",
-             "| shape | " + " | ".join(f"{n} ms (TFLOP/s)" for n in names) + " | pagedlm speed vs FlashInfer |",
-             "|---|" + "---|" * len(names) + "---|"]
+             "| shape | " + " | ".join(f"{n} ms (TFLOP/s)" for n in names) + " | best anchor | pagedlm speed vs it |",
+             "|---|" + "---|" * len(names) + "---|---|"]
     for label, flops, times in rows:
-        cells = [f"{times[n]:.3f} ({flops / times[n] / 1e9:.0f})" for n in names]
-        speed = f"{times['FlashInfer 0.2.8'] / times['pagedlm']:.2f}x" if have_flashinfer else "—"
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {speed} |")
+        cells = [f"{times[n]:.3f} ({flops / times[n] / 1e9:.0f})" if n in times else "—" for n in names]
+        best, speed = anchor_columns(times, anchors)
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {best} | {speed} |")
     write_results("\n".join(lines) + "\n", args.out, args.append_results)
 
 

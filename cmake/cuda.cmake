@@ -1,6 +1,61 @@
-# Decide whether to compile the CUDA kernels (PAGEDLM_CUDA = AUTO | ON | OFF) and set them
-# up for Hopper (sm_90a) with the CUDA runtime linked statically, so one build imports on
-# machines with no GPU and no driver.
+# Decide whether to compile the CUDA kernels (PAGEDLM_CUDA = AUTO | ON | OFF), and for which
+# GPUs, with the CUDA runtime linked statically so one build imports on machines with no GPU
+# and no driver.
+#
+# Architectures: CMAKE_CUDA_ARCHITECTURES (a CMake or environment variable) wins. Otherwise a
+# machine with NVIDIA GPUs builds for those GPUs alone (fast), and a machine without one for
+# every architecture from Ampere on, plus compute_80 PTX that newer GPUs JIT-compile. Hopper
+# always gets sm_90a, the code of the wgmma/TMA prefill kernel; the other kernels use
+# mma.sync and run everywhere from sm_80.
+set(PAGEDLM_DEFAULT_CUDA_ARCHITECTURES 80-real 86-real 89-real 90a-real 100-real 120-real 80-virtual)
+
+# The architectures of this machine's GPUs as nvidia-smi reports them (empty if none),
+# dropping those older than sm_80 and those this nvcc cannot target.
+function(pagedlm_local_cuda_architectures nvcc out)
+  set(archs "")
+  find_program(PAGEDLM_NVIDIA_SMI nvidia-smi)
+  if(PAGEDLM_NVIDIA_SMI)
+    execute_process(COMMAND "${PAGEDLM_NVIDIA_SMI}" --query-gpu=compute_cap --format=csv,noheader
+                    OUTPUT_VARIABLE caps RESULT_VARIABLE rc ERROR_QUIET OUTPUT_STRIP_TRAILING_WHITESPACE)
+    if(rc EQUAL 0)
+      string(REPLACE "\n" ";" caps "${caps}")
+      foreach(cap IN LISTS caps)
+        string(REPLACE "." "" arch "${cap}")
+        string(STRIP "${arch}" arch)
+        if(NOT arch MATCHES "^[0-9]+$")
+          continue()
+        elseif(arch LESS 80)
+          message(WARNING "pagedlm: a GPU of compute capability ${cap} is older than sm_80; no kernels for it")
+        elseif(arch EQUAL 90)
+          list(APPEND archs 90a-real)
+        else()
+          list(APPEND archs ${arch}-real)
+        endif()
+      endforeach()
+    endif()
+  endif()
+  list(REMOVE_DUPLICATES archs)
+  pagedlm_supported_cuda_architectures("${nvcc}" "${archs}" archs)
+  set(${out} "${archs}" PARENT_SCOPE)
+endfunction()
+
+# `archs` less those `nvcc --list-gpu-arch` does not know (an older toolkit).
+function(pagedlm_supported_cuda_architectures nvcc archs out)
+  execute_process(COMMAND "${nvcc}" --list-gpu-arch OUTPUT_VARIABLE known RESULT_VARIABLE rc ERROR_QUIET)
+  if(NOT rc EQUAL 0)
+    set(${out} "${archs}" PARENT_SCOPE)
+    return()
+  endif()
+  set(kept "")
+  foreach(arch IN LISTS archs)
+    string(REGEX MATCH "^[0-9]+" number "${arch}")
+    if(known MATCHES "compute_${number}([^0-9]|$)")
+      list(APPEND kept ${arch})
+    endif()
+  endforeach()
+  set(${out} "${kept}" PARENT_SCOPE)
+endfunction()
+
 string(TOUPPER "${PAGEDLM_CUDA}" PAGEDLM_CUDA)
 set(PAGEDLM_WITH_CUDA OFF)
 if(PAGEDLM_CUDA STREQUAL "OFF")
@@ -18,7 +73,19 @@ elseif(PAGEDLM_CUDA STREQUAL "ON" OR PAGEDLM_CUDA STREQUAL "AUTO")
   check_language(CUDA)
   if(CMAKE_CUDA_COMPILER)
     if(NOT DEFINED CMAKE_CUDA_ARCHITECTURES OR CMAKE_CUDA_ARCHITECTURES STREQUAL "")
-      set(CMAKE_CUDA_ARCHITECTURES 90a)
+      if(NOT "$ENV{CMAKE_CUDA_ARCHITECTURES}" STREQUAL "")
+        set(CMAKE_CUDA_ARCHITECTURES "$ENV{CMAKE_CUDA_ARCHITECTURES}")
+      elseif(NOT "$ENV{CUDAARCHS}" STREQUAL "")
+        set(CMAKE_CUDA_ARCHITECTURES "$ENV{CUDAARCHS}")
+      else()
+        pagedlm_local_cuda_architectures("${CMAKE_CUDA_COMPILER}" CMAKE_CUDA_ARCHITECTURES)
+        if(CMAKE_CUDA_ARCHITECTURES)
+          message(STATUS "pagedlm: building for this machine's GPUs")
+        else()
+          pagedlm_supported_cuda_architectures("${CMAKE_CUDA_COMPILER}" "${PAGEDLM_DEFAULT_CUDA_ARCHITECTURES}"
+                                               CMAKE_CUDA_ARCHITECTURES)
+        endif()
+      endif()
     endif()
     set(CMAKE_CUDA_RUNTIME_LIBRARY Static)
     enable_language(CUDA)

@@ -28,6 +28,7 @@
 #include <type_traits>
 
 #include "common.cuh"
+#include "device_query.h"
 #include "verify_launchers.h"
 
 namespace pagedlm::cuda {
@@ -658,7 +659,9 @@ DeviceInfo device_info() {
     int sms = 0, major = 0;
     cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
     cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-    info.clusters = major >= 9;
+    // Clusters need a Hopper or newer device running code compiled for one: PTX for compute_80,
+    // JIT-compiled on an H100, has no cluster barriers (PAGEDLM_VERIFY_NO_CLUSTERS).
+    info.clusters = major >= 9 && current_kernel_architecture() >= 90;
     info.multiprocessors = sms > 0 ? sms : 108;
   }
   return info;

@@ -91,3 +91,12 @@ def test_cli_generates_code_with_no_arguments(capsys):
     printed = capsys.readouterr()
     assert printed.out.startswith("def fibonacci(n):") and len(printed.out) > len("def fibonacci(n):") + 5
     assert "12 tokens, length" in printed.err
+
+
+def test_no_data_file_ships_twice():
+    import hashlib
+    files = [f for f in TINY_CODE.parent.rglob("*") if f.is_file() and "__pycache__" not in f.parts]
+    digests = {}
+    for f in files:
+        digests.setdefault(hashlib.sha256(f.read_bytes()).hexdigest(), []).append(f.relative_to(TINY_CODE.parent))
+    assert [paths for paths in digests.values() if len(paths) > 1] == []

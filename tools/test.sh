@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Installs pagedlm and its test dependencies into .venv, builds and runs the C++ unit tests,
-# then runs pytest. The CUDA kernels are compiled whenever nvcc is present (nothing runs
+# Builds the pagedlm wheel and installs it with its test dependencies into .venv, builds and
+# runs the C++ unit tests, then runs pytest (which also installs the wheel into a fresh venv). The CUDA kernels are compiled whenever nvcc is present (nothing runs
 # them without a GPU; `pytest -m gpu` does on a GPU machine). Exits non-zero on any failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +20,14 @@ fi
 PY=.venv/bin/python
 $PY -m pip install -q --upgrade pip
 $PY -m pip install -q "torch==${PAGEDLM_TEST_TORCH:-2.13.0}" scikit-build-core nanobind
-$PY -m pip install -q --no-build-isolation ".[test]"
+# One wheel, built once: the test environment installs it, and tests/test_wheel.py installs it
+# again into a fresh venv with nothing but its declared dependencies.
+rm -rf dist
+$PY -m pip wheel -q --no-build-isolation --no-deps -w dist .
+WHEEL=$(ls "$PWD"/dist/pagedlm-*.whl)
+$PY -m pip install -q "$WHEEL[test]"
+$PY -m pip install -q --force-reinstall --no-deps "$WHEEL"
+export PAGEDLM_WHEEL=$WHEEL PAGEDLM_WHEEL_TORCH="torch==${PAGEDLM_TEST_TORCH:-2.13.0}"
 
 if command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ]; then
   $PY -c "import pagedlm._C as C; assert C.cuda_compiled, 'nvcc is here but the CUDA kernels were not built'"

@@ -12,6 +12,7 @@
 #include "tensor_checks.h"
 
 #ifdef PAGEDLM_WITH_CUDA
+#include "device_query.h"
 #include "launchers.h"
 // The CUDA launcher `fn` of namespace pagedlm::cuda, or nullptr on a build without CUDA.
 #define PAGEDLM_CUDA_LAUNCHER(fn) (&::pagedlm::cuda::fn)
@@ -48,6 +49,9 @@ void run_on(const Placement& where, const Params& p, void (*cpu)(const Params&),
     return;
   }
   if (!launch) no_cuda(op);
+#ifdef PAGEDLM_WITH_CUDA
+  if (const char* why = cuda::unsupported_device_reason()) throw std::runtime_error(std::string(op) + ": " + why);
+#endif
   check_cuda(launch(p, reinterpret_cast<void*>(stream)), op);
 }
 

@@ -16,9 +16,11 @@ void bind_build_info(nb::module_& m) {
 #ifdef PAGEDLM_WITH_CUDA
   m.attr("cuda_compiled") = true;
   m.attr("cuda_runtime_version") = pagedlm::cuda::runtime_version();
+  m.attr("cuda_architectures") = pagedlm::cuda::compiled_architectures();
 #else
   m.attr("cuda_compiled") = false;
   m.attr("cuda_runtime_version") = nb::none();
+  m.attr("cuda_architectures") = nb::none();
 #endif
   m.def("cuda_devices", []() {
     nb::list devices;
@@ -32,6 +34,7 @@ void bind_build_info(nb::module_& m) {
       info["multiprocessors"] = d.multiprocessors;
       info["total_memory"] = d.total_memory;
       info["l2_cache_bytes"] = d.l2_cache_bytes;
+      info["kernel_architecture"] = d.kernel_architecture;
       devices.append(info);
     }
 #else

@@ -227,6 +227,9 @@ void paged_decode(Tensor query, Tensor key_cache, Tensor value_cache, Tensor blo
     ws.data = workspace->data();
     ws.bytes = workspace->nbytes();
   }
+  if (const char* why = cuda::unsupported_device_reason()) {
+    throw std::runtime_error(std::string("paged_decode_attention: ") + why);
+  }
   check_cuda(cuda::paged_decode(p, ws, reinterpret_cast<void*>(stream)), "paged_decode_attention");
 #else
   (void)workspace;

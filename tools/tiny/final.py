@@ -75,7 +75,7 @@ def _train_role(role, plan, tokenizer, train_stream, out_dir, *, teacher, window
     extra["shipped_sample_loss"] = float(evaluate.window_losses(model, shipped).mean())
     extra["sample"] = _greedy_sample(model, tokenizer)
     record = _record(role, plan, shape, result, windows, model, extra)
-    save_folder(model, tokenizer, out_dir / role, record)
+    save_folder(model, tokenizer if role == "target" else None, out_dir / role, record)  # the draft shares it
     log(f"{role}: {result.tokens:,} tokens in {result.wall_s:.0f} s (stopped by {result.stopped_by}), "
         f"held-out loss {record['heldout_loss']:.4f}"
         + (f", greedy agreement with the target {extra['greedy_agreement_with_target']:.3f}" if teacher else ""))

@@ -1,6 +1,7 @@
 """Files shipped inside the package: the small code models trained by tools/tiny_gpu.sh
-(tiny-code/target, tiny-code/draft, Hugging Face folders on one byte-level BPE tokenizer),
-their held-out token sample and the manifest of the source files they were trained on."""
+(tiny-code/target, tiny-code/draft: Hugging Face folders on one byte-level BPE tokenizer,
+which ships once, in the target's folder), their held-out token sample and the manifest
+of the source files they were trained on."""
 from pathlib import Path
 
 TINY_CODE = Path(__file__).parent / "tiny-code"
@@ -9,7 +10,8 @@ ROLES = ("target", "draft")
 
 def tiny_model(role="target"):
     """The folder of the shipped target (~9M parameters) or draft; FileNotFoundError naming the
-    folder when this install does not have it."""
+    folder when this install does not have it. The draft's folder has no tokenizer.json (it
+    takes token ids, or serves as a speculative draft); its tokenizer is the target's."""
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, got {role!r}")
     folder = TINY_CODE / role

@@ -56,9 +56,10 @@ def _reports_errors(command):
     """Bad input is the user's to fix: print it as one line and exit 2, without a traceback."""
     @functools.wraps(command)
     def run(args) -> int:
+        from pagedlm._extras import MissingExtraError
         try:
             command(args)
-        except ValueError as err:
+        except (ValueError, FileNotFoundError, MissingExtraError) as err:
             print(f"pagedlm scaling {args.scaling_command}: error: {err}", file=sys.stderr)
             return 2
         return 0
@@ -164,7 +165,7 @@ def _fit(args):
     from .fit import fit_chinchilla
     from .plot import read_runs
     runs = read_runs(args.runs)
-    law = fit_chinchilla(runs["N"], runs["D"], runs["loss"], n_starts=args.starts)
+    law = fit_chinchilla(runs["N"], runs["D"], runs["loss"], n_starts=args.starts, progress=True)
     budgets = np.unique(runs.get("budget", runs["flops"]))
     print(f"Fitted to the {runs['N'].size} runs of {args.runs} "
           f"({'the paper grid' if args.starts is None else f'{args.starts} starts'}): "
@@ -197,49 +198,52 @@ def _add_model_args(p):
 
 
 def _populate(parser: argparse.ArgumentParser) -> None:
+    from pagedlm.cli import HelpFormatter
+
     parser.set_defaults(func=lambda args: parser.print_help() or 0)
     sub = parser.add_subparsers(dest="scaling_command", metavar="COMMAND")
 
     p = sub.add_parser("params", help="parameter count, KV cache and FLOPs per token of a model")
     _add_model_args(p)
-    p.add_argument("--kv-dtype", default="fp16", choices=list(BYTES_PER_ELEMENT))
+    p.add_argument("--kv-dtype", default="fp16", choices=list(BYTES_PER_ELEMENT), help="KV-cache element type")
     p.set_defaults(func=_params)
 
     p = sub.add_parser("memory", help="training and inference memory of a model")
     _add_model_args(p)
     p.add_argument("--batch", type=int, default=1, help="micro-batch (sequences) per GPU")
-    p.add_argument("--dtype", default="bf16", choices=list(BYTES_PER_ELEMENT))
+    p.add_argument("--dtype", default="bf16", choices=list(BYTES_PER_ELEMENT), help="weights and activations")
     p.add_argument("--kv-dtype", choices=list(BYTES_PER_ELEMENT), help="inference KV cache (default: --dtype)")
-    p.add_argument("--optimizer", default="adam", choices=OPTIMIZERS)
-    p.add_argument("--recompute", default="none", choices=RECOMPUTE)
-    p.add_argument("--flash-attention", action="store_true")
-    p.add_argument("--zero-stage", type=int, default=0, choices=(0, 1, 2, 3))
+    p.add_argument("--optimizer", default="adam", choices=OPTIMIZERS, help="optimizer whose states are counted")
+    p.add_argument("--recompute", default="none", choices=RECOMPUTE, help="activation recomputation")
+    p.add_argument("--flash-attention", action="store_true", help="attention without the score matrix in memory")
+    p.add_argument("--zero-stage", type=int, default=0, choices=(0, 1, 2, 3), help="ZeRO stage")
     p.add_argument("--dp", type=int, default=1, help="data-parallel ranks (ZeRO partitions over them)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
     p.set_defaults(func=_memory)
 
     p = sub.add_parser("optimal", help="compute-optimal N, D and loss for a FLOP budget")
-    p.add_argument("--flops", type=float, required=True)
-    p.add_argument("--law", default="chinchilla", choices=list(laws.LAWS))
+    p.add_argument("--flops", type=float, required=True, help="training compute budget in FLOPs")
+    p.add_argument("--law", default="chinchilla", choices=list(laws.LAWS), help="scaling law")
     p.set_defaults(func=_optimal)
 
     p = sub.add_parser("design", help="a concrete model for a dollar or FLOP budget")
     amount = p.add_mutually_exclusive_group(required=True)
-    amount.add_argument("--budget-dollars", type=float)
-    amount.add_argument("--flops", type=float)
+    amount.add_argument("--budget-dollars", type=float, help="training budget in dollars")
+    amount.add_argument("--flops", type=float, help="training budget in FLOPs")
     p.add_argument("--gpu", default="H100", help=f"one of: {', '.join(budget.GPUS)}")
     p.add_argument("--price-per-hour", type=float, help="dollars per GPU-hour (default: the GPU table's)")
-    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation (default 0.4)")
+    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation")
     p.add_argument("--n-gpus", type=int, help="GPUs to train on (default: chosen)")
-    p.add_argument("--law", default="chinchilla", choices=["chinchilla", "epoch2024"])
-    p.add_argument("--family", default="llama", choices=list(FAMILIES))
-    p.add_argument("--vocab-size", type=int, default=32000)
-    p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument("--law", default="chinchilla", choices=["chinchilla", "epoch2024"], help="scaling law")
+    p.add_argument("--family", default="llama", choices=list(FAMILIES), help="architecture family")
+    p.add_argument("--vocab-size", type=int, default=32000, help="vocabulary size")
+    p.add_argument("--seq-len", type=int, default=4096, help="training sequence length")
     p.set_defaults(func=_design)
 
     p = sub.add_parser("plot", help="isoFLOP curves and the compute-optimal frontier (PNG, PDF, SVG)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--law", default="chinchilla", choices=["chinchilla", "epoch2024"])
+    p.add_argument("--out", required=True, help="image file to write (format from its extension)")
+    p.add_argument("--law", default="chinchilla", choices=["chinchilla", "epoch2024"],
+                   help="law drawn when no --runs are given")
     p.add_argument("--runs", metavar="CSV", help="measured runs (columns N,D,flops,loss): plot them and their fit")
     p.set_defaults(func=_plot)
 
@@ -251,6 +255,10 @@ def _populate(parser: argparse.ArgumentParser) -> None:
 
     p = sub.add_parser("presets", help="list the preset models and their sources")
     p.set_defaults(func=_presets)
+
+    parser.formatter_class = HelpFormatter  # every command shows its options' defaults
+    for command in sub.choices.values():
+        command.formatter_class = HelpFormatter
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

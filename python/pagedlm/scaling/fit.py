@@ -6,11 +6,12 @@ L-BFGS from every point of an initialisation grid, keeping the best (section 3.3
 """
 from __future__ import annotations
 
-import contextlib
 import itertools
 
 import numpy as np
 from scipy.optimize import minimize
+from threadpoolctl import threadpool_limits
+from tqdm import tqdm
 
 from .laws import ChinchillaLaw
 
@@ -22,16 +23,6 @@ PAPER_GRID = {
     "a": (0.0, 5.0, 10.0, 15.0, 20.0, 25.0),
     "b": (0.0, 5.0, 10.0, 15.0, 20.0, 25.0),
 }
-
-
-def _one_blas_thread():
-    """L-BFGS-B on five parameters gains nothing from BLAS threads, and on a busy machine their
-    synchronisation made each iteration ~30x slower; limit them when threadpoolctl is installed."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        return contextlib.nullcontext()
-    return threadpool_limits(1, user_api="blas")
 
 
 def _as_positive_array(name: str, values) -> np.ndarray:
@@ -63,12 +54,13 @@ def _objective(theta, log_n, log_d, log_l, delta):
 
 
 def fit_chinchilla(N, D, L, *, delta: float = 1e-3, grid: dict | None = None,
-                   n_starts: int | None = None) -> ChinchillaLaw:
+                   n_starts: int | None = None, progress: bool = False) -> ChinchillaLaw:
     """The ChinchillaLaw that best fits losses L of runs with N parameters and D tokens.
 
     `grid` maps 'alpha', 'beta', 'e', 'a', 'b' to initial values (default: the paper's 4,500
     starts, about a minute). `n_starts` keeps only that many starts, those whose initial
-    objective is lowest: a speed-up the paper does not use, fine for clean data.
+    objective is lowest: a speed-up the paper does not use, fine for clean data. `progress`
+    shows a progress bar over the starts.
     """
     log_n, log_d, log_l = (np.log(_as_positive_array(k, v)) for k, v in (("N", N), ("D", D), ("L", L)))
     if not log_n.size == log_d.size == log_l.size:
@@ -86,8 +78,10 @@ def fit_chinchilla(N, D, L, *, delta: float = 1e-3, grid: dict | None = None,
         starts.sort(key=lambda x0: _objective(x0, *args)[0])
         starts = starts[:n_starts]
     best = None
-    with _one_blas_thread():
-        for x0 in starts:
+    # L-BFGS-B on five parameters gains nothing from BLAS threads, whose synchronisation can
+    # make each iteration far slower on a busy machine.
+    with threadpool_limits(1, user_api="blas"):
+        for x0 in tqdm(starts, desc="fitting", unit=" starts", disable=not progress, leave=False):
             result = minimize(_objective, x0=x0, args=args, jac=True, method="L-BFGS-B", options={"maxiter": 1000})
             if best is None or result.fun < best.fun:
                 best = result

@@ -1,8 +1,9 @@
 """IsoFLOP figure: loss against model size at fixed compute, and the compute-optimal frontier.
 
 Optionally overlays measured runs (CSV with columns N, D, flops, loss, and optionally budget:
-the nominal FLOPs that groups runs stopped short of it) and the law fitted to them. matplotlib is imported only here, inside the functions, and drawn with the Agg canvas
-so no display or global pyplot state is touched.
+the nominal FLOPs that groups runs stopped short of it) and the law fitted to them.
+matplotlib (the `plot` extra) is imported only here, inside the functions, and drawn with the
+Agg canvas so no display or global pyplot state is touched.
 """
 from __future__ import annotations
 
@@ -41,6 +42,8 @@ def plot_isoflops(out, *, law: ChinchillaLaw = CHINCHILLA, budgets=None, runs=No
     With `runs` (a CSV path or a dict of arrays), the law drawn is the one fitted to the runs
     (fit_chinchilla with n_starts starts), its isoFLOP curves at the runs' own budgets.
     """
+    from pagedlm._extras import import_extra
+    import_extra("matplotlib", "plot", "pagedlm scaling plot")
     from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
