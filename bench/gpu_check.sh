@@ -9,12 +9,14 @@
 # --archs sets CMAKE_CUDA_ARCHITECTURES for the build (default: the GPUs of this machine);
 # `--archs 80-virtual` builds compute_80 PTX alone, which the driver JIT-compiles: the path
 # every non-Hopper GPU takes, run on this one. FlashInfer, the kernels' anchor, is installed
-# from .anchors/flashinfer when that folder is present (see bench/README.md).
+# from .anchors/flashinfer when that folder is present (see bench/README.md). BENCH_ARGS_<name>
+# passes options to one benchmark, e.g. BENCH_ARGS_prefill="--flashinfer-backends fa2".
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu-out}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 CMAKE_BUILD_PARALLEL_LEVEL=16
+export CUDA_CACHE_MAXSIZE=4294967296  # a PTX-only build is JIT-compiled once, then read from the cache
 run_tests=1 run_sanitizer=1 run_bench=1 benches="decode prefill verify engine decoding pay_switch"
 while [ $# -gt 0 ]; do
   case $1 in
@@ -59,7 +61,9 @@ if [ $run_bench = 1 ]; then
   declare -A script=([decode]=bench_paged_decode [prefill]=bench_paged_prefill [verify]=bench_verify
                      [engine]=bench_engine [decoding]=bench_decoding [pay_switch]=bench_pay_switch)
   for name in $benches; do
-    python3 "bench/${script[$name]}.py" --out "$OUT/$name.md" > "$OUT/bench-$name.log" 2>&1 || status=1
+    extra="BENCH_ARGS_$name"
+    # shellcheck disable=SC2086  # the options are meant to split
+    python3 "bench/${script[$name]}.py" --out "$OUT/$name.md" ${!extra:-} > "$OUT/bench-$name.log" 2>&1 || status=1
     tail -12 "$OUT/bench-$name.log"
   done
 fi
