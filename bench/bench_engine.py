@@ -1,4 +1,4 @@
-"""End-to-end engine benchmark (shared/BENCH.md): a random-weight Llama shaped like
+"""End-to-end engine benchmark (bench/README.md): a random-weight Llama shaped like
 Llama-3.2-1B in bf16 serving 256 greedy requests (prompts of 64-512 random tokens, 128
 output tokens each, EOS ignored), through pagedlm.LLM and, side by side in the same run,
 transformers' `generate` (static batching, batch 64) and `generate_batch` (continuous
@@ -148,7 +148,7 @@ def main():
                 continue
             rows.append([name, total / elapsed, "", _peak_gib(device), theirs])
             print(f"{name}: {elapsed:.2f} s", flush=True)
-    lines = [f"### Engine, {'smoke' if args.smoke else 'BENCH.md'} workload — {card}, "
+    lines = [f"### Engine, {'smoke' if args.smoke else 'standard'} workload — {card}, "
              f"{datetime.date.today()}, commit {git_commit()}",
              "",
              f"{len(prompts)} requests, {max_tokens} output tokens each (greedy, EOS ignored), bf16. "

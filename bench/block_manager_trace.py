@@ -1,4 +1,4 @@
-"""The scheduler-like block-manager trace of shared/BENCH.md, recorded as a list of calls.
+"""The scheduler-like block-manager trace of bench/README.md, recorded as a list of calls.
 
 The workload and scheduler are pagedlm.workload's (1,000 requests, prompts of 16-2,048
 tokens, 1-512 decode steps, 30% forks, shared prefixes). The trace is recorded once,

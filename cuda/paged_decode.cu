@@ -336,9 +336,7 @@ __global__ void __launch_bounds__(128) merge_splits_kernel(PagedDecodeParams p, 
 // Splits per sequence: as many as fill the resident block slots of the GPU in one wave
 // (never more than one wave's worth, which would leave a ragged tail), with at least
 // kMinSplitTokens of table capacity per split. The real lengths are on the device; each block
-// trims its range to them. Below ~1024 tokens a split saves less than the merge kernel costs
-// (H100, bf16: a 300-token row over a 1024-token table 13.2 us with 256 tokens per split, 10.5
-// with 1024; B=1 L=32768 76.5 -> 72.6 us; B=8 L=8192 and B=64 L=4096 unchanged).
+// trims its range to them. Below ~1024 tokens a split saves less than the merge kernel costs.
 constexpr int64_t kMinSplitTokens = 1024;
 template <typename Kernel>
 SplitInfo choose_splits(Kernel kernel, int threads, int smem, int64_t blocks_per_split, const PagedDecodeParams& p,
@@ -398,8 +396,8 @@ int launch_heads(const PagedDecodeParams& p, const DecodeWorkspace& ws, cudaStre
   if constexpr (!std::is_same<T, float>::value) {
     const int group = p.num_heads / p.num_kv_heads;
     const int head_groups = p.num_kv_heads * ((group + tc::kRows - 1) / tc::kRows);
-    // Two pipeline stages and registers capped for three blocks per SM measured better than
-    // three stages at two blocks per SM (bench/RESULTS.md, v6). D = 256 needs the registers.
+    // Two pipeline stages with registers capped for three blocks per SM: more resident blocks
+    // hide the copies better than a third stage does. D = 256 needs the registers.
     constexpr int kMinBlocks = D <= 128 ? 3 : 1;
     return launch_with_splits<T>(tc::paged_decode_tc_kernel<T, D, 2, kMinBlocks>, tc::kWarps * 32,
                                  tc::Smem<D, 2>::kBytes, head_groups, p, ws, stream);

@@ -11,7 +11,7 @@
 //    reused after its `empty` mbarrier says both consumers are done with it. Any block size works;
 //    with power-of-two pages the lanes look up one page each and hand the ids over by shuffles, and
 //    a thread's consecutive rows (16 at D=128) share one lookup when a page holds them. Its instructions
-//    share the SM's issue slots with the softmax's: halving them gained ~10% (H100).
+//    share the SM's issue slots with the softmax's, so they are kept few.
 //  - warpgroups 1 and 2 (the consumers) own 64 query rows each. Per tile: S = Q K^T by wgmma with
 //    both operands in shared memory; the online softmax in registers, in the log2 domain with the
 //    scale folded into the exp2's FFMA; P converted to f16/bf16 in registers is the A operand of
@@ -21,7 +21,7 @@
 //    Stage addresses and descriptors are warp-uniform values (warp_uniform), kept in uniform registers.
 //    An item's key tiles go last to first, as FlashAttention-3's do: the causal diagonal comes first,
 //    and the blocks that work on one head's query tiles at once read different key tiles at any
-//    moment, instead of all starting at key 0 (H100: +8-11% on the bench shapes).
+//    moment, instead of all starting at key 0.
 // Work items (128 queries of one sequence and head) are found on the device by walking cu_seqlens_q,
 // heaviest causal tiles first; nothing is synchronised with the host, nothing is allocated. Either
 // one block per item, as in the mma.sync kernel, or, given a zeroed tile counter by the caller, a

@@ -1,6 +1,6 @@
 """A simulated serving workload for the block manager, with no model behind it.
 
-`synthetic_requests` draws the requests of shared/BENCH.md's block-manager trace (prompts
+`synthetic_requests` draws the requests of the block-manager benchmark's trace (prompts
 of 16-2,048 tokens, half behind a few shared system prompts, 1-512 decode steps, 30% of
 requests sampled 2-4 ways). `simulate` runs them through a minimal continuous-batching
 scheduler: admit while blocks last, one token per running sequence per step, build the

@@ -16,14 +16,14 @@ which verification reads without launching anything more.
 Forwards of a few tokens per sequence under the causal mask attend as decode queries: token
 j of a sequence is one query over the sequence's first position_j + 1 cached tokens (its
 table row and that length), computed by paged_decode_attention. Its split-K kernel takes a
-few microseconds where the prefill kernel, which walks each sequence's keys in one thread
-block, takes 15-20 for these shapes; and verification then computes its logits with the same
+fraction of the time of the prefill kernel, which walks each sequence's keys in one thread
+block, for these shapes; and verification then computes its logits with the same
 kernel as plain decoding. It rereads a sequence's keys once per query, so it is used only
 where the graph averages at most PER_QUERY_TOKENS tokens per sequence. Masked forwards (tree
 and lookahead windows) do the same up to MASKED_PER_QUERY_TOKENS: each token is a decode query
 over its sequence's whole length, its row of the custom mask located by an offset. The prefill
-kernel runs one thread block per (sequence, head) for such windows, walking every key in turn
-(~27 us a layer for a lookahead window of the shipped model, against ~3 for decode).
+kernel runs one thread block per (sequence, head) for such windows, walking every key in turn,
+many times slower than the split-K decode kernel for a lookahead window.
 """
 import numpy as np
 import torch

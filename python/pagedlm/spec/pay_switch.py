@@ -28,10 +28,8 @@ PROBE_EVERY = 16           # the closest two measurements of the mode not in use
 PROBE_LENGTH = 2           # steps one measurement lasts
 PROBE_COST = 0.01          # the share of time that probing the slower mode may cost
 MAX_PROBE_INTERVAL = 4096  # the longest gap between two such measurements, in steps
-# Weight of the past in the sums, per step of that mode: about 30 steps of memory. A shorter one
-# (0.9) let a few unlucky steps of a bursty method turn drafting off: lookahead at batch 1 then
-# decoded plainly in over half its steps, 1.39x plain against 1.49x with the switch off; with
-# 0.97, 1.46x (H200, interleaved; 0.99 gave 1.48x; batch 16 unchanged, 0.97-0.98x).
+# Weight of the past in the sums, per step of that mode: about 30 steps of memory, long enough
+# that a few unlucky steps of a bursty method (lookahead) do not turn drafting off.
 DECAY = 0.97
 
 
