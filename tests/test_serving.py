@@ -194,6 +194,8 @@ BAD = [
     ("max_tokens a string", "/v1/completions", {"prompt": "x", "max_tokens": "5"}, 400, "max_tokens"),
     ("temperature a string", "/v1/completions", {"prompt": "x", "temperature": "hot"}, 400, "temperature"),
     ("stream not a bool", "/v1/completions", {"prompt": "x", "stream": 1}, 400, "stream"),
+    ("NaN temperature", "/v1/completions", b'{"prompt": "x", "temperature": NaN}', 400, "temperature"),
+    ("infinite top_p", "/v1/completions", b'{"prompt": "x", "top_p": Infinity}', 400, "top_p"),
     ("max_tokens zero", "/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
     ("negative temperature", "/v1/completions", {"prompt": "x", "temperature": -0.5}, 400, "temperature"),
     ("top_p above 1", "/v1/completions", {"prompt": "x", "top_p": 1.5}, 400, "top_p"),

@@ -218,6 +218,26 @@ def test_a_sample_the_engine_finishes_with_an_error_fails_only_its_request(engin
     assert reasons == ["length"] and len(ids[0]) == GREEDY.max_tokens
 
 
+def test_a_fault_in_one_requests_text_fails_only_that_request(engine, llm):
+    long = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+
+    def broken(new_ids):
+        raise RuntimeError("injected detokenizer fault")
+
+    async def main():
+        bad = await engine.add_request("def f(x):", long)
+        engine._live[bad.request_id].detoks[0].add = broken
+        good = asyncio.ensure_future(collect(engine, "def add(a, b):"))
+        with pytest.raises(RequestFailed, match="injected detokenizer fault"):
+            async for _ in bad:
+                pass
+        return await good
+
+    texts, ids, reasons = run(main())
+    assert reasons == ["length"] and len(ids[0]) == GREEDY.max_tokens and engine.alive
+    assert llm.block_manager.stats()["num_seqs"] == 0
+
+
 def test_n_samples_with_a_seed_reproduce(engine):
     params = SamplingParams(n=3, temperature=1.0, max_tokens=8, seed=7)
 

@@ -360,54 +360,62 @@ class AsyncLLM:
     def _collect(self, outbox):
         """New tokens of every live request since the last step, as deltas on their streams."""
         now = time.perf_counter()
-        metrics = self.metrics
         for live in list(self._live.values()):
-            deltas, failure = [], None
-            for i, seq in enumerate(live.seqs):
-                if live.done[i]:
-                    continue
-                new = seq.output[live.seen[i]:]
-                live.seen[i] = len(seq.output)
-                reason = seq.finish_reason
-                if new and metrics:
-                    metrics.generation_tokens.inc(len(new))
-                    if live.first_token is None:
-                        metrics.ttft.observe(now - live.arrival)
-                    if live.last_token[i] is not None:
-                        gap = (now - live.last_token[i]) / len(new)
-                        for _ in new:
-                            metrics.itl.observe(gap)
-                if new:
-                    live.first_token = live.first_token or now
-                    live.last_token[i] = now
-                text = live.detoks[i].add(new)
-                if reason is not None:
-                    text += live.detoks[i].finish()
-                if live.stops[i] is not None:
-                    text, hit = live.stops[i].feed(text, final=reason is not None)
-                    if hit and reason is None:
-                        self.llm.finish_sequence(seq, "stop")
-                    if hit:
-                        reason = "stop"
-                if reason is not None:
-                    live.done[i] = True
-                    if reason not in OK_REASONS:
-                        failure = failure or RequestFailed(
-                            f"the engine failed this request ({getattr(seq, 'error', None) or reason})")
-                if new or text or reason is not None:
-                    deltas.append(SampleDelta(i, text, list(new), reason))
-            finished = all(live.done)
-            if deltas and (failure is None or not finished):
-                _post(outbox, live.stream, _call(live.stream, "_put", StreamOutput(
-                    live.stream.request_id, live.stream.prompt_token_ids, deltas, finished and failure is None)))
-            if failure is not None:
-                self._end(live, failure, outbox)
-            elif finished:
-                self.llm.take_output(live.llm_id)
-                del self._live[live.stream.request_id]
-                self._count_finished(deltas[-1].finish_reason if deltas else "stop")
-                if metrics:
-                    metrics.e2e.observe(now - live.arrival)
+            try:
+                self._collect_one(live, now, outbox)
+            except Exception as e:  # a fault in one request's text handling fails that request only
+                log.exception("request %s: reading its outputs failed", live.stream.request_id)
+                if live.stream.request_id in self._live:
+                    self._end(live, RequestFailed(f"the server failed on this request's output: {e!r}"), outbox)
+
+    def _collect_one(self, live, now, outbox):
+        metrics = self.metrics
+        deltas, failure = [], None
+        for i, seq in enumerate(live.seqs):
+            if live.done[i]:
+                continue
+            new = seq.output[live.seen[i]:]
+            live.seen[i] = len(seq.output)
+            reason = seq.finish_reason
+            if new and metrics:
+                metrics.generation_tokens.inc(len(new))
+                if live.first_token is None:
+                    metrics.ttft.observe(now - live.arrival)
+                if live.last_token[i] is not None:
+                    gap = (now - live.last_token[i]) / len(new)
+                    for _ in new:
+                        metrics.itl.observe(gap)
+            if new:
+                live.first_token = live.first_token or now
+                live.last_token[i] = now
+            text = live.detoks[i].add(new)
+            if reason is not None:
+                text += live.detoks[i].finish()
+            if live.stops[i] is not None:
+                text, hit = live.stops[i].feed(text, final=reason is not None)
+                if hit and reason is None:
+                    self.llm.finish_sequence(seq, "stop")
+                if hit:
+                    reason = "stop"
+            if reason is not None:
+                live.done[i] = True
+                if reason not in OK_REASONS:
+                    failure = failure or RequestFailed(
+                        f"the engine failed this request ({getattr(seq, 'error', None) or reason})")
+            if new or text or reason is not None:
+                deltas.append(SampleDelta(i, text, list(new), reason))
+        finished = all(live.done)
+        if deltas and (failure is None or not finished):
+            _post(outbox, live.stream, _call(live.stream, "_put", StreamOutput(
+                live.stream.request_id, live.stream.prompt_token_ids, deltas, finished and failure is None)))
+        if failure is not None:
+            self._end(live, failure, outbox)
+        elif finished:
+            self.llm.take_output(live.llm_id)
+            del self._live[live.stream.request_id]
+            self._count_finished(deltas[-1].finish_reason if deltas else "stop")
+            if metrics:
+                metrics.e2e.observe(now - live.arrival)
 
     def _count_finished(self, reason):
         if self.metrics:

@@ -28,7 +28,9 @@ def error_body(message, type="invalid_request_error", param=None, code=None):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # NaN and infinities (which Python's JSON parser reads) are refused: a NaN temperature
+    # would reach the sampler.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class StreamOptions(_Strict):
