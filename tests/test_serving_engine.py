@@ -6,11 +6,13 @@ import json
 import pytest
 
 pytest.importorskip("prometheus_client")
+pytest.importorskip("jinja2")
 
 from pagedlm.data import tiny_model  # noqa: E402
 from pagedlm.engine.sequence import SamplingParams  # noqa: E402
 from pagedlm.llm import LLM  # noqa: E402
-from pagedlm.serving import AsyncLLM, EngineOverloaded, PromptTooLong, RequestFailed  # noqa: E402
+from pagedlm.serving import (AsyncLLM, EngineOverloaded, EngineStopped, PromptTooLong,  # noqa: E402
+                             RequestFailed)
 from pagedlm.serving.chat_template import (DEFAULT_CHAT_TEMPLATE, ChatTemplate, ChatTemplateError,  # noqa: E402
                                            load_chat_template)
 from pagedlm.serving.detokenizer import IncrementalDetokenizer, StopStrings  # noqa: E402
@@ -129,6 +131,28 @@ def test_abort_frees_the_blocks_at_once(engine, llm):
         return False
 
     assert run(main())
+
+
+def test_draining_refuses_new_requests_and_abort_all_ends_the_rest(llm):
+    engine = AsyncLLM(llm, metrics=False)
+    long = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
+
+    async def main():
+        stream = await engine.add_request("def f(x):", long)
+        await stream.__anext__()
+        engine.start_draining()
+        with pytest.raises(EngineStopped, match="shutting down"):
+            await engine.add_request("x", GREEDY)
+        engine.abort_all()
+        with pytest.raises(EngineStopped, match="aborted"):
+            async for _ in stream:
+                pass
+
+    try:
+        run(main())
+        assert llm.block_manager.stats()["num_seqs"] == 0
+    finally:
+        engine.shutdown()
 
 
 def test_prompt_that_cannot_fit_is_refused_before_it_queues(engine):

@@ -244,6 +244,7 @@ class AsyncLLM:
             self._cv.notify()
 
     def abort_all(self):
+        """Ends every request (their streams raise EngineStopped): the end of a drain."""
         with self._cv:
             self._commands.append(("abort_all",))
             self._cv.notify()
@@ -327,9 +328,8 @@ class AsyncLLM:
             live = self._live.get(command[1])
             if live is not None:
                 self._end(live, None, outbox, reason="abort")
-        elif kind == "abort_all":
-            for live in list(self._live.values()):
-                self._end(live, None, outbox, reason="abort")
+        elif kind == "abort_all":  # the server's doing, not the clients': their streams say so
+            self._end_all(EngineStopped("the server is shutting down and aborted the request"), outbox)
 
     def _end(self, live, error, outbox, reason=None):
         """Takes a request out of the engine (its blocks freed) and ends its stream: with error
