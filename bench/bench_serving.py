@@ -233,7 +233,8 @@ def main():
              f"{args.num_prompts} requests per rate, prompts {input_len[0]}-{input_len[1]} tokens, "
              f"{args.output_len} output tokens each (EOS ignored), streamed over HTTP.",
              "",
-             "| rate (req/s) | req/s | output tok/s | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | e2e p50 | KV mean | KV max |",
+             "| rate (req/s) | req/s | output tok/s | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | e2e p50 "
+             "| KV mean | KV max |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         rate = "at once" if math.isinf(r["rate"]) else f"{r['rate']:g}"

@@ -124,7 +124,8 @@ def refuse_unsupported(request):
     if isinstance(request, CompletionRequest) and request.best_of not in (None, request.n):
         raise ApiError(400, f"best_of: not supported by pagedlm yet (only equal to n), got {request.best_of}",
                        param="best_of", code="unsupported_parameter")
-    if isinstance(request, ChatCompletionRequest) and request.response_format not in (None, ResponseFormat(type="text")):
+    text_format = (None, ResponseFormat(type="text"))
+    if isinstance(request, ChatCompletionRequest) and request.response_format not in text_format:
         raise ApiError(400, "response_format: only {'type': 'text'} is supported by pagedlm",
                        param="response_format", code="unsupported_parameter")
     if request.stream_options is not None and not request.stream:
