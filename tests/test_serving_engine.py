@@ -292,3 +292,18 @@ def test_default_chat_template_and_raise_exception(tmp_path):
     strict = ChatTemplate("{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system') }}{% endif %}")
     with pytest.raises(ChatTemplateError, match="no system"):
         strict.render(messages)
+
+
+# -- the serve subcommand -------------------------------------------------------------------------
+def test_serve_subcommand_parses_with_its_defaults(capsys):
+    import argparse
+
+    from pagedlm.serving.cli import add_parser, run
+    parser = argparse.ArgumentParser(prog="pagedlm")
+    add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["serve", "--port", "9001"])
+    assert args.func is run and args.model is None
+    assert (args.host, args.port, args.max_num_seqs, args.max_waiting) == ("127.0.0.1", 9001, 256, 1024)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--help"])
+    assert "(default: 30.0)" in capsys.readouterr().out

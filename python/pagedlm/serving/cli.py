@@ -74,8 +74,16 @@ def _add_arguments(p):
                         help="uvicorn's and pagedlm's log level")
 
 
+def check_extras():
+    """MissingExtraError naming `pip install 'pagedlm[serve]'` unless the server's packages are here."""
+    from pagedlm._extras import import_extra
+    for module in ("fastapi", "uvicorn", "jinja2", "prometheus_client"):
+        import_extra(module, "serve", "pagedlm serve")
+
+
 def build(args):
     """(AsyncLLM, FastAPI app) from parsed arguments."""
+    check_extras()
     import torch
 
     from pagedlm.serving.app import build_app
@@ -151,9 +159,10 @@ class _signals_without_reraise:
 
 def run(args):
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    from pagedlm._extras import MissingExtraError
     try:
         engine, app = build(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, MissingExtraError) as e:
         print(f"pagedlm serve: error: {e}", file=sys.stderr)
         return 2
     server = make_server(engine, app, host=args.host, port=args.port, drain_timeout=args.drain_timeout,
