@@ -133,6 +133,27 @@ class LLM:
             raise ValueError(f"{name}: empty prompt")
         return token_ids
 
+    def sequences(self, request_id):
+        """The request's Sequence objects, one per sample, whose `output` lists grow as steps
+        sample tokens and whose `finish_reason` is set when they end: what a streaming front end
+        reads between steps (the request stays until take_output)."""
+        return list(self._requests[request_id]["seqs"])
+
+    def finish_sequence(self, seq, reason="stop"):
+        """Ends one sample of a request now, freeing its blocks (a front end found a stop string
+        in its text); its siblings go on. A no-op on a finished sample."""
+        if seq.status == Status.FINISHED:
+            return
+        if seq.status == Status.RUNNING:
+            self.scheduler.finish(seq)
+        else:  # waiting (preempted, or not yet admitted): out of its queued group
+            self.scheduler.waiting = type(self.scheduler.waiting)(
+                left for left in ([s for s in group if s is not seq] for group in self.scheduler.waiting) if left)
+            seq.status = Status.FINISHED
+        seq.finish_reason = reason
+        if self.speculator is not None:
+            self.speculator.finished(seq)
+
     def abort(self, request_id):
         self.scheduler.abort(request_id)
         if self.speculator is not None and request_id in self._requests:

@@ -1,0 +1,255 @@
+"""Online serving benchmark: requests arriving as a Poisson process at several rates against a
+`pagedlm serve` server (started here as a subprocess, or --url for one already running),
+streamed over HTTP (SSE), and the "all at once" case beside offline LLM.generate on the same
+prompts.
+
+    python bench/bench_serving.py --smoke                 # CPU, the shipped model, a minute or so
+    python bench/bench_serving.py [--model DIR] [--rates 1,4,16,64,inf] [--num-prompts 400]
+    python bench/bench_serving.py --url http://127.0.0.1:8000 --rates 8,inf   # a running server
+
+Prompts are token ids: slices of the shipped model's held-out sample (random ids for another
+model), input lengths uniform in --input-len, --output-len tokens each with EOS ignored, so
+every run generates the same number of tokens. Per rate: request and output-token
+throughput over the run (first request sent to last token received), TTFT and ITL p50/p99
+(ITL: the gap between token-bearing chunks spread over the tokens they carry), end-to-end
+latency p50, and KV-cache usage (the server's pagedlm_kv_cache_usage_perc, polled every
+0.1 s: mean and max). Offline: LLM.generate on the same prompts in this process (the server
+idle), output tokens/s.
+"""
+import argparse
+import asyncio
+import datetime
+import json
+import math
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+import httpx
+
+from bench_common import cpu_name, git_commit, write_results
+
+
+def workload(count, input_len, vocab_size, seed):
+    """count prompts of token ids: held-out slices of the shipped model's data when it is the model."""
+    rng = random.Random(seed)
+    heldout = None
+    try:
+        import numpy as np
+
+        from pagedlm.data import TINY_CODE
+        heldout = np.load(TINY_CODE / "heldout.npy").reshape(-1).tolist()
+    except (ImportError, OSError):
+        pass
+    prompts = []
+    for _ in range(count):
+        n = rng.randint(*input_len)
+        if heldout is not None and vocab_size is None:
+            start = rng.randrange(len(heldout) - n)
+            prompts.append([int(t) for t in heldout[start:start + n]])
+        else:
+            prompts.append([rng.randrange(1, vocab_size or 4096) for _ in range(n)])
+    return prompts
+
+
+def percentile(values, q):
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    k = (len(values) - 1) * q
+    lo, hi = math.floor(k), math.ceil(k)
+    return values[lo] + (values[hi] - values[lo]) * (k - lo)
+
+
+async def one_request(client, url, model, prompt, output_len):
+    body = {"model": model, "prompt": prompt, "max_tokens": output_len, "ignore_eos": True, "temperature": 0,
+            "stream": True, "return_token_ids": True}
+    start = time.perf_counter()
+    ttft, last, gaps, tokens = None, None, [], 0
+    async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread()).decode()[:200]}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(chunk["error"]["message"])
+            count = sum(len(c.get("token_ids", ())) for c in chunk["choices"])
+            if not count:
+                continue
+            now = time.perf_counter()
+            if ttft is None:
+                ttft = now - start
+            else:
+                gaps += [(now - last) / count] * count
+            last, tokens = now, tokens + count
+    return dict(ttft=ttft, itl=gaps, e2e=time.perf_counter() - start, tokens=tokens)
+
+
+async def poll_kv(client, url, samples, stop):
+    while not stop.is_set():
+        try:
+            text = (await client.get(f"{url}/metrics")).text
+            samples.append(next(float(line.split()[-1]) for line in text.splitlines()
+                                if line.startswith("pagedlm_kv_cache_usage_perc ")))
+        except (httpx.HTTPError, StopIteration):
+            pass
+        try:
+            await asyncio.wait_for(stop.wait(), 0.1)
+        except asyncio.TimeoutError:
+            pass
+
+
+async def run_rate(url, model, prompts, output_len, rate, seed):
+    """All prompts sent at Poisson arrivals of `rate` per second (inf: at once)."""
+    rng = random.Random(seed)
+    limits = httpx.Limits(max_connections=len(prompts) + 4, max_keepalive_connections=len(prompts) + 4)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
+        kv, stop = [], asyncio.Event()
+        poller = asyncio.ensure_future(poll_kv(client, url, kv, stop))
+        tasks = []
+        start = time.perf_counter()
+        for prompt in prompts:
+            tasks.append(asyncio.ensure_future(one_request(client, url, model, prompt, output_len)))
+            if math.isfinite(rate):
+                await asyncio.sleep(rng.expovariate(rate))
+        results = await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - start
+        stop.set()
+        await poller
+    tokens = sum(r["tokens"] for r in results)
+    itl = [g for r in results for g in r["itl"]]
+    return dict(rate=rate, requests=len(results), elapsed=elapsed, req_per_s=len(results) / elapsed,
+                tok_per_s=tokens / elapsed, tokens=tokens,
+                ttft_p50=percentile([r["ttft"] for r in results], 0.5),
+                ttft_p99=percentile([r["ttft"] for r in results], 0.99),
+                itl_p50=percentile(itl, 0.5), itl_p99=percentile(itl, 0.99),
+                e2e_p50=percentile([r["e2e"] for r in results], 0.5),
+                kv_mean=statistics.fmean(kv) if kv else float("nan"), kv_max=max(kv, default=float("nan")))
+
+
+def offline(args, prompts):
+    from pagedlm import LLM, SamplingParams
+
+    llm = LLM(args.model_folder, **engine_kwargs(args))
+    params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
+    llm.generate([p[:8] for p in prompts[:4]], params, use_tqdm=False)  # warm-up, not the prompts' blocks
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    return dict(elapsed=elapsed, tok_per_s=tokens / elapsed, req_per_s=len(prompts) / elapsed, tokens=tokens)
+
+
+def engine_kwargs(args):
+    kwargs = dict(device=args.device, max_num_seqs=args.max_num_seqs)
+    if args.num_blocks:
+        kwargs["num_blocks"] = args.num_blocks
+    return kwargs
+
+
+def start_server(args):
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    command = [sys.executable, "-m", "pagedlm.serving.cli", *([args.model] if args.model else []),
+               "--port", str(port), "--log-level", "warning", "--max-num-seqs", str(args.max_num_seqs),
+               "--served-model-name", "bench"]
+    if args.device:
+        command += ["--device", args.device]
+    if args.num_blocks:
+        command += ["--num-blocks", str(args.num_blocks)]
+    proc = subprocess.Popen(command)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while True:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"the server did not start ({command})")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            time.sleep(0.2)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="a small CPU run: 24 prompts at 4/s, 16/s and at once")
+    parser.add_argument("--url", help="a running server (default: start `pagedlm serve` here)")
+    parser.add_argument("--model", help="model folder (default: the shipped code model)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    parser.add_argument("--num-blocks", type=int, default=None)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--rates", default="1,4,16,64,inf", help="requests per second, comma-separated")
+    parser.add_argument("--num-prompts", type=int, default=400, help="requests per rate")
+    parser.add_argument("--input-len", default="32,256", help="prompt tokens, min,max")
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-offline", action="store_true", help="skip the offline LLM.generate comparison")
+    parser.add_argument("--out", help="append the table to this file")
+    parser.add_argument("--append-results", action="store_true", help="append the table to bench/RESULTS.md")
+    args = parser.parse_args()
+    if args.smoke:
+        args.rates, args.num_prompts, args.input_len, args.output_len = "4,16,inf", 24, "16,64", 16
+        args.device, args.num_blocks = args.device or "cpu", args.num_blocks or 512
+    rates = [float(r) for r in args.rates.split(",")]
+    input_len = tuple(int(x) for x in args.input_len.split(","))
+    if args.model is None:
+        from pagedlm.data import tiny_model
+        args.model_folder, vocab = tiny_model("target"), None
+    else:
+        args.model_folder = args.model
+        vocab = json.load(open(os.path.join(args.model, "config.json")))["vocab_size"]
+    # Fresh prompts for each rate (and the warm-up): the server's prefix cache must not serve
+    # one rate's prompts from another's. Offline runs the at-once rate's prompts on a new engine.
+    per_rate = [workload(args.num_prompts, input_len, vocab, args.seed + 1 + i) for i in range(len(rates))]
+
+    proc, url = (None, args.url) if args.url else start_server(args)
+    try:
+        model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
+        warm_up = workload(4, input_len, vocab, args.seed + 10_000)
+        asyncio.run(run_rate(url, model, warm_up, 4, math.inf, args.seed))
+        rows = [asyncio.run(run_rate(url, model, prompts, args.output_len, rate, args.seed + i))
+                for i, (rate, prompts) in enumerate(zip(rates, per_rate))]
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(60)
+    at_once = [i for i, rate in enumerate(rates) if math.isinf(rate)]
+    ref = None if args.no_offline or args.url else offline(args, per_rate[at_once[0] if at_once else -1])
+
+    what = args.model or "the shipped code model"
+    lines = [f"### Serving ({'smoke' if args.smoke else 'Poisson'}), {what} — {cpu_name()}"
+             f"{', ' + args.device if args.device else ''}, commit {git_commit()}, "
+             f"{datetime.date.today().isoformat()}",
+             "",
+             f"{args.num_prompts} requests per rate, prompts {input_len[0]}-{input_len[1]} tokens, "
+             f"{args.output_len} output tokens each (EOS ignored), streamed over HTTP.",
+             "",
+             "| rate (req/s) | req/s | output tok/s | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | e2e p50 "
+             "| KV mean | KV max |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        rate = "at once" if math.isinf(r["rate"]) else f"{r['rate']:g}"
+        lines.append(f"| {rate} | {r['req_per_s']:.2f} | "
+                     f"{r['tok_per_s']:.0f} | {r['ttft_p50'] * 1e3:.0f} ms | {r['ttft_p99'] * 1e3:.0f} ms | "
+                     f"{r['itl_p50'] * 1e3:.1f} ms | {r['itl_p99'] * 1e3:.1f} ms | {r['e2e_p50']:.2f} s | "
+                     f"{r['kv_mean']:.1%} | {r['kv_max']:.1%} |")
+    if ref is not None:
+        at_once = rows[at_once[0]] if at_once else None
+        lines += ["", f"Offline LLM.generate, same prompts: {ref['tok_per_s']:.0f} output tok/s "
+                      f"({ref['elapsed']:.2f} s)"
+                  + (f"; the server at once: {at_once['tok_per_s']:.0f} tok/s "
+                     f"({at_once['tok_per_s'] / ref['tok_per_s']:.0%} of offline)" if at_once else "")]
+    write_results("\n".join(lines) + "\n", args.out, args.append_results)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""OpenAI's request shapes for /v1/completions and /v1/chat/completions, validated strictly
+(wrong types are refused, not coerced; unknown fields are refused), and their translation into
+SamplingParams. Parameters OpenAI names that pagedlm does not implement are accepted only at
+their neutral value; any other value is refused with a 400 naming the parameter.
+"""
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from pagedlm.engine.sequence import SamplingParams
+
+MAX_STOP_STRINGS = 4  # as OpenAI
+
+
+class ApiError(Exception):
+    """An error the client gets as OpenAI's error object."""
+
+    def __init__(self, status, message, *, type="invalid_request_error", param=None, code=None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self):
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message, type="invalid_request_error", param=None, code=None):
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+class _Strict(BaseModel):
+    # NaN and infinities (which Python's JSON parser reads) are refused: a NaN temperature
+    # would reach the sampler.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _Sampling(_Strict):
+    """What both endpoints share."""
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int = 1
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None  # metadata; pagedlm does nothing with it
+    # vLLM's extensions, sent by the openai client through extra_body
+    top_k: int | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    return_token_ids: bool = False  # each choice also carries its token ids (and the prompt's)
+    # Named by the API (or by vLLM's extensions), not implemented: neutral values only.
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    min_p: float | None = None
+    min_tokens: int | None = None
+    logit_bias: dict[str, float] | None = None
+    logprobs: Any = None
+    top_logprobs: int | None = None
+
+
+# parameter -> the values that mean "off" (what pagedlm does anyway)
+UNSUPPORTED = {
+    "presence_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0),
+    "repetition_penalty": (None, 1, 1.0),
+    "min_p": (None, 0, 0.0),
+    "min_tokens": (None, 0),
+    "logit_bias": (None, {}),
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "echo": (None, False),
+    "suffix": (None, ""),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "parallel_tool_calls": (None, False, True),
+}
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    best_of: int | None = None
+    echo: bool | None = None
+    suffix: str | None = None
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+
+
+class ResponseFormat(_Strict):
+    type: str
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    parallel_tool_calls: bool | None = None
+    add_generation_prompt: bool = True  # vLLM's extension
+
+
+def refuse_unsupported(request):
+    for name, neutral in UNSUPPORTED.items():
+        if name in type(request).model_fields:
+            value = getattr(request, name)
+            if not any(value == v and type(value) is type(v) for v in neutral):
+                raise ApiError(400, f"{name}: not supported by pagedlm yet (only {neutral[1]!r} is accepted, got "
+                                    f"{value!r})", param=name, code="unsupported_parameter")
+    if isinstance(request, CompletionRequest) and request.best_of not in (None, request.n):
+        raise ApiError(400, f"best_of: not supported by pagedlm yet (only equal to n), got {request.best_of}",
+                       param="best_of", code="unsupported_parameter")
+    text_format = (None, ResponseFormat(type="text"))
+    if isinstance(request, ChatCompletionRequest) and request.response_format not in text_format:
+        raise ApiError(400, "response_format: only {'type': 'text'} is supported by pagedlm",
+                       param="response_format", code="unsupported_parameter")
+    if request.stream_options is not None and not request.stream:
+        raise ApiError(400, "stream_options: only allowed when stream is true", param="stream_options")
+
+
+def stop_strings(request):
+    stop = request.stop
+    stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
+    if len(stop) > MAX_STOP_STRINGS:
+        raise ApiError(400, f"stop: at most {MAX_STOP_STRINGS} strings, got {len(stop)}", param="stop")
+    if any(not s for s in stop):
+        raise ApiError(400, "stop: empty strings are not allowed", param="stop")
+    return tuple(stop)
+
+
+def sampling_params(request, max_tokens):
+    """SamplingParams of a request (max_tokens already resolved); ApiError 400 naming the
+    parameter SamplingParams refuses."""
+    kwargs = dict(n=request.n, max_tokens=max_tokens, ignore_eos=request.ignore_eos, seed=request.seed)
+    if request.temperature is not None:
+        kwargs["temperature"] = request.temperature
+    if request.top_p is not None:
+        kwargs["top_p"] = request.top_p
+    if request.top_k is not None:
+        kwargs["top_k"] = request.top_k
+    if request.stop_token_ids:
+        kwargs["stop_token_ids"] = tuple(request.stop_token_ids)
+    if request.seed is not None and not -2**63 <= request.seed < 2**64:
+        raise ApiError(400, f"seed: must fit 64 bits, got {request.seed}", param="seed")
+    try:
+        return SamplingParams(**kwargs)
+    except (ValueError, TypeError) as e:
+        message = str(e)
+        param = message.split(":", 1)[0] if ":" in message else None
+        raise ApiError(400, message, param=param if param in kwargs else None) from None

@@ -1,0 +1,363 @@
+"""The OpenAI-compatible server, end to end: uvicorn on 127.0.0.1 (a free port) in a thread of
+the test process, the shipped code model on the CPU, the official openai client. Small
+max_tokens keep the whole file to well under a minute on two cores."""
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+uvicorn = pytest.importorskip("uvicorn")
+pytest.importorskip("fastapi")
+
+from pagedlm.data import tiny_model  # noqa: E402
+from pagedlm.engine.sequence import SamplingParams  # noqa: E402
+from pagedlm.llm import LLM  # noqa: E402
+from pagedlm.serving import AsyncLLM  # noqa: E402
+from pagedlm.serving.app import build_app  # noqa: E402
+from pagedlm.serving.chat_template import ChatTemplate  # noqa: E402
+
+MODEL = "tiny-code"
+ENGINE = dict(device="cpu", num_blocks=512, seed=0)
+PROMPTS = ["def add(a, b):", "import os\n", "# 世界 😀 héllo\n", "class Foo:\n    def", "for i in range("]
+
+
+def _free_socket():
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+@pytest.fixture(scope="module")
+def server():
+    engine = AsyncLLM(tiny_model("target"), **ENGINE)
+    app = build_app(engine, served_model_name=MODEL)
+    sock = _free_socket()
+    port = sock.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not srv.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{port}"
+    yield SimpleNamespace(url=url, engine=engine, app=app, bm=engine.llm.block_manager,
+                          client=openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60))
+    srv.should_exit = True
+    thread.join(15)
+    engine.shutdown()
+    sock.close()
+
+
+@pytest.fixture(scope="module")
+def offline():
+    return LLM(tiny_model("target"), **ENGINE)
+
+
+def _idle(server, timeout=5.0):
+    """True once the engine holds no request and no block."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        stats = server.bm.stats()
+        if not server.engine._live and stats["used_blocks"] == 0 and stats["num_seqs"] == 0:
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def _metric(server, name):
+    text = httpx.get(f"{server.url}/metrics").text
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+# -- the happy paths --------------------------------------------------------------------------
+def test_completions_equal_offline_generate(server, offline):
+    params = SamplingParams(temperature=0, max_tokens=10)
+    refs = offline.generate(PROMPTS, params, use_tqdm=False)
+    r = server.client.completions.create(model=MODEL, prompt=PROMPTS, max_tokens=10, temperature=0,
+                                         extra_body={"return_token_ids": True})
+    assert r.object == "text_completion" and r.model == MODEL
+    assert [c.index for c in r.choices] == list(range(len(PROMPTS)))
+    for choice, ref in zip(r.choices, refs):
+        assert choice.text == ref.outputs[0].text
+        assert choice.token_ids == ref.outputs[0].token_ids
+        assert choice.finish_reason == ref.outputs[0].finish_reason
+    assert r.usage.completion_tokens == sum(len(x.outputs[0].token_ids) for x in refs)
+    assert r.usage.prompt_tokens == sum(len(x.prompt_token_ids) for x in refs)
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=0), dict(temperature=0.9, top_p=0.9, seed=3, n=2)])
+def test_streaming_equals_non_streaming_token_for_token(server, sampling):
+    args = dict(model=MODEL, prompt="def fib(n):", max_tokens=12, extra_body={"return_token_ids": True}, **sampling)
+    whole = server.client.completions.create(**args)
+    n = sampling.get("n", 1)
+    texts, ids, reasons = [""] * n, [[] for _ in range(n)], [None] * n
+    usage = None
+    for chunk in server.client.completions.create(stream=True, stream_options={"include_usage": True}, **args):
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for c in chunk.choices:
+            texts[c.index] += c.text
+            ids[c.index] += c.token_ids
+            reasons[c.index] = c.finish_reason or reasons[c.index]
+    assert texts == [c.text for c in whole.choices]
+    assert ids == [c.token_ids for c in whole.choices]
+    assert reasons == [c.finish_reason for c in whole.choices]
+    assert usage.model_dump() == whole.usage.model_dump()
+
+
+def test_chat_streaming_equals_non_streaming(server):
+    messages = [{"role": "system", "content": "You write Python."},
+                {"role": "user", "content": [{"type": "text", "text": "def add(a, b):"}]}]
+    args = dict(model=MODEL, messages=messages, max_completion_tokens=10, temperature=0)
+    whole = server.client.chat.completions.create(**args)
+    assert whole.object == "chat.completion"
+    assert whole.choices[0].message.role == "assistant" and whole.choices[0].finish_reason == "length"
+    assert whole.usage.completion_tokens == 10
+    chunks = list(server.client.chat.completions.create(stream=True, **args))
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_chat_uses_the_template(server, offline):
+    """The prompt is the rendered template, tokenized without special tokens added."""
+    template = ChatTemplate("{% for m in messages %}# {{ m['content'] }}\n{% endfor %}def")
+    saved, server.app.state.chat_template = server.app.state.chat_template, template
+    try:
+        r = server.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "sum"}],
+                                                  max_tokens=8, temperature=0)
+    finally:
+        server.app.state.chat_template = saved
+    ref = offline.generate(["# sum\ndef"], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)[0]
+    assert r.choices[0].message.content == ref.outputs[0].text
+
+
+def test_n_with_a_seed_is_reproducible(server):
+    args = dict(model=MODEL, prompt="import ", max_tokens=8, n=4, seed=11, temperature=1.0)
+    first = [c.text for c in server.client.completions.create(**args).choices]
+    second = [c.text for c in server.client.completions.create(**args).choices]
+    assert first == second and len(first) == 4
+    assert len(set(first)) > 1
+    assert [c.text for c in server.client.completions.create(**{**args, "seed": 12}).choices] != first
+
+
+def test_stop_strings_are_cut(server, offline):
+    ref = offline.generate(["def add(a, b):"], SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)[0]
+    text = ref.outputs[0].text
+    assert "return" in text
+    for stream in (False, True):
+        r = server.client.completions.create(model=MODEL, prompt="def add(a, b):", max_tokens=12, temperature=0,
+                                             stop=["return", "never seen"], stream=stream)
+        if stream:
+            chunks = list(r)
+            got, reason = "".join(c.choices[0].text for c in chunks), chunks[-1].choices[0].finish_reason
+        else:
+            got, reason = r.choices[0].text, r.choices[0].finish_reason
+        assert (got, reason) == (text[:text.index("return")], "stop")
+
+
+def test_models_health_metrics(server):
+    assert [m.id for m in server.client.models.list().data] == [MODEL]
+    assert httpx.get(f"{server.url}/health").status_code == 200
+    server.client.completions.create(model=MODEL, prompt="x = ", max_tokens=3, temperature=0)
+    text = httpx.get(f"{server.url}/metrics").text
+    for name in ("pagedlm_num_requests_running", "pagedlm_num_requests_waiting", "pagedlm_kv_cache_usage_perc",
+                 "pagedlm_prompt_tokens_total", "pagedlm_generation_tokens_total",
+                 "pagedlm_time_to_first_token_seconds_bucket", "pagedlm_inter_token_latency_seconds_bucket"):
+        assert name in text
+    assert _metric(server, "pagedlm_generation_tokens_total") >= 3
+
+
+# -- bad input ------------------------------------------------------------------------------------
+BAD = [
+    ("malformed JSON", "/v1/completions", b'{"prompt": "x", ', 400, None),
+    ("not an object", "/v1/completions", b'[1, 2]', 400, None),
+    ("no body", "/v1/completions", b'', 400, None),
+    ("prompt missing", "/v1/completions", {"model": MODEL}, 400, "prompt"),
+    ("max_tokens a string", "/v1/completions", {"prompt": "x", "max_tokens": "5"}, 400, "max_tokens"),
+    ("temperature a string", "/v1/completions", {"prompt": "x", "temperature": "hot"}, 400, "temperature"),
+    ("stream not a bool", "/v1/completions", {"prompt": "x", "stream": 1}, 400, "stream"),
+    ("NaN temperature", "/v1/completions", b'{"prompt": "x", "temperature": NaN}', 400, "temperature"),
+    ("infinite top_p", "/v1/completions", b'{"prompt": "x", "top_p": Infinity}', 400, "top_p"),
+    ("max_tokens zero", "/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    ("negative temperature", "/v1/completions", {"prompt": "x", "temperature": -0.5}, 400, "temperature"),
+    ("top_p above 1", "/v1/completions", {"prompt": "x", "top_p": 1.5}, 400, "top_p"),
+    ("n zero", "/v1/completions", {"prompt": "x", "n": 0}, 400, "n"),
+    ("n above max_num_seqs", "/v1/completions", {"prompt": "x", "n": 1000}, 400, "n"),
+    ("unknown parameter", "/v1/completions", {"prompt": "x", "temprature": 0}, 400, "temprature"),
+    ("unknown model", "/v1/completions", {"prompt": "x", "model": "gpt-5"}, 404, "model"),
+    ("empty prompt", "/v1/completions", {"prompt": ""}, 400, "prompt"),
+    ("token id out of vocabulary", "/v1/completions", {"prompt": [1, 99999]}, 400, "prompt"),
+    ("longer than the context", "/v1/completions", {"prompt": "x " * 600, "max_tokens": 4}, 400, "prompt"),
+    ("max_tokens past the context", "/v1/completions", {"prompt": "x", "max_tokens": 10**6}, 400, "prompt"),
+    ("logprobs", "/v1/completions", {"prompt": "x", "logprobs": 2}, 400, "logprobs"),
+    ("presence_penalty", "/v1/completions", {"prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty"),
+    ("frequency_penalty", "/v1/completions", {"prompt": "x", "frequency_penalty": 1}, 400, "frequency_penalty"),
+    ("min_p", "/v1/completions", {"prompt": "x", "min_p": 0.1}, 400, "min_p"),
+    ("echo", "/v1/completions", {"prompt": "x", "echo": True}, 400, "echo"),
+    ("best_of", "/v1/completions", {"prompt": "x", "best_of": 3}, 400, "best_of"),
+    ("five stop strings", "/v1/completions", {"prompt": "x", "stop": list("abcde")}, 400, "stop"),
+    ("stream_options without stream", "/v1/completions", {"prompt": "x", "stream_options": {"include_usage": True}},
+     400, "stream_options"),
+    ("no messages", "/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "messages"),
+    ("bad role", "/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages"),
+    ("image part", "/v1/chat/completions",
+     {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400, "messages"),
+    ("chat logprobs", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True},
+     400, "logprobs"),
+    ("tools", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
+     400, "tools"),
+    ("chat context", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x " * 600}]}, 400, "messages"),
+    ("unknown path", "/v1/embeddings", {"input": "x"}, 404, None),
+]
+
+
+@pytest.mark.parametrize("path,body,status,param", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_input_gets_an_openai_error(server, path, body, status, param):
+    kwargs = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) else \
+        {"json": body}
+    r = httpx.post(f"{server.url}{path}", timeout=30, **kwargs)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["message"] and error["type"]
+    if param is not None:
+        assert error["param"] == param, error
+    assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+def test_openai_client_raises_its_errors(server):
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        server.client.completions.create(model=MODEL, prompt="x", max_tokens=-1)
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        server.client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+
+
+def test_template_refusal_is_a_400(server):
+    saved = server.app.state.chat_template
+    server.app.state.chat_template = ChatTemplate("{{ raise_exception('system messages are not supported') }}")
+    try:
+        with pytest.raises(openai.BadRequestError, match="system messages are not supported"):
+            server.client.chat.completions.create(model=MODEL, messages=[{"role": "system", "content": "x"}])
+    finally:
+        server.app.state.chat_template = saved
+
+
+def test_full_waiting_queue_answers_503(server):
+    saved, server.engine.max_waiting = server.engine.max_waiting, 0
+    try:
+        r = httpx.post(f"{server.url}/v1/completions", json={"prompt": "x"})
+    finally:
+        server.engine.max_waiting = saved
+    assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded"
+    assert httpx.post(f"{server.url}/v1/completions", json={"prompt": "x", "max_tokens": 1}).status_code == 200
+
+
+# -- clients that hang up ----------------------------------------------------------------------
+def test_hung_up_stream_frees_its_blocks(server):
+    assert _idle(server)
+    aborted = _metric(server, 'pagedlm_request_success_total{finished_reason="abort"}')
+    body = {"model": MODEL, "prompt": "def f(x):", "max_tokens": 450, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=30) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+        assert server.bm.stats()["used_blocks"] > 0
+    assert _idle(server, timeout=3.0), server.bm.stats()
+    assert _metric(server, 'pagedlm_request_success_total{finished_reason="abort"}') == aborted + 1
+
+
+def test_hung_up_non_streaming_request_is_aborted(server):
+    assert _idle(server)
+    aborted = _metric(server, 'pagedlm_request_success_total{finished_reason="abort"}')
+    body = {"model": MODEL, "prompt": "def f(x):", "max_tokens": 450, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/completions", json=body, timeout=httpx.Timeout(30, read=0.3))
+    assert _idle(server, timeout=3.0), server.bm.stats()
+    assert _metric(server, 'pagedlm_request_success_total{finished_reason="abort"}') == aborted + 1
+
+
+# -- many clients at once ----------------------------------------------------------------------
+def test_200_concurrent_streams_get_exactly_their_tokens(server, offline):
+    prompts = [f"def func_{i}(a, b):\n    " if i % 3 else f"x_{i} = [" for i in range(200)]
+    max_tokens = [4 + i % 5 for i in range(200)]
+    refs = offline.generate(prompts, [SamplingParams(temperature=0, max_tokens=m) for m in max_tokens],
+                            use_tqdm=False)
+    client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=120)
+
+    async def one(prompt, m):
+        text, ids, reason = "", [], None
+        stream = await client.completions.create(model=MODEL, prompt=prompt, max_tokens=m, temperature=0,
+                                                 stream=True, extra_body={"return_token_ids": True})
+        async for chunk in stream:
+            for c in chunk.choices:
+                assert c.index == 0
+                text += c.text
+                ids += c.token_ids
+                reason = c.finish_reason or reason
+        return text, ids, reason
+
+    async def main():
+        try:
+            return await asyncio.gather(*[one(p, m) for p, m in zip(prompts, max_tokens)])
+        finally:
+            await client.close()
+
+    results = asyncio.run(asyncio.wait_for(main(), 120))
+    for (text, ids, reason), ref in zip(results, refs):
+        assert ids == ref.outputs[0].token_ids
+        assert text == ref.outputs[0].text
+        assert reason == ref.outputs[0].finish_reason
+    assert _idle(server)
+
+
+# -- shutting down -------------------------------------------------------------------------------
+def test_sigterm_drains_and_exits_cleanly(tmp_path):
+    sock = _free_socket()
+    port = sock.getsockname()[1]
+    sock.close()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "pagedlm.serving.cli", "--port", str(port), "--device", "cpu",
+                             "--num-blocks", "128", "--log-level", "warning", "--drain-timeout", "20"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, "the server did not start"
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        body = {"prompt": "def f(x):", "max_tokens": 60, "ignore_eos": True, "temperature": 0, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+            proc.send_signal(signal.SIGTERM)
+            rest = [line for line in lines if line]
+        assert rest[-1] == "data: [DONE]"
+        last = json.loads(rest[-2][len("data: "):])
+        assert last["choices"][0]["finish_reason"] == "length"  # drained: the request finished
+        assert proc.wait(timeout=30) == 0
+        output = proc.stdout.read().decode()
+        assert "leaked" not in output and "Traceback" not in output, output
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
