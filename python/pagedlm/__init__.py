@@ -18,6 +18,7 @@ _LAZY = {
     "LLM": "pagedlm.llm",
     "SamplingParams": "pagedlm.llm",
     "BeamSearchParams": "pagedlm.beam_search",
+    "AsyncLLM": "pagedlm.serving",
 }
 
 _SUBMODULES = ("ops", "scaling", "workload", "models", "engine")

@@ -1,7 +1,7 @@
 """The `pagedlm` command: `info` (build, driver and GPUs), `demo` (the engine serving
 synthetic requests, or the block manager alone on a simulated workload), `generate` (text
-from a model folder, the shipped code model by default), `scaling` (parameter, FLOP and
-memory estimators, scaling laws).
+from a model folder, the shipped code model by default), `serve` (an OpenAI-compatible
+server), `scaling` (parameter, FLOP and memory estimators, scaling laws).
 
 Mistakes a user makes (a bad option, a missing folder, no GPU, a missing extra) end in one
 line on stderr and exit status 2; PAGEDLM_TRACEBACK=1 shows the traceback instead."""
@@ -20,7 +20,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action):
         text = action.help or ""
         no_default = action.default is None or action.default is False or action.default == argparse.SUPPRESS
-        if "%(default)" in text or no_default or not action.option_strings:
+        if "%(default)" in text or "(default" in text or no_default or not action.option_strings:
             return text
         return f"{text} (default: %(default)s)"
 
@@ -236,6 +236,8 @@ def build_parser():
     generate.set_defaults(func=_generate)
 
     from pagedlm.scaling.cli import add_parser as add_scaling_parser
+    from pagedlm.serving.cli import add_parser as add_serve_parser
+    add_serve_parser(sub)
     add_scaling_parser(sub)
     return parser
 

@@ -14,16 +14,9 @@ import signal
 import sys
 import threading
 
+from pagedlm.cli import HelpFormatter
+
 DEFAULT_DRAIN_TIMEOUT = 30.0
-
-
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows a default unless it is None/False or the help already says what it is."""
-
-    def _get_help_string(self, action):
-        if action.default in (None, False) or "(default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
 
 
 def add_parser(subparsers):
@@ -31,7 +24,7 @@ def add_parser(subparsers):
         "serve", help="an OpenAI-compatible HTTP server (completions, chat, streaming)",
         description="Serve a model folder over OpenAI's HTTP API: POST /v1/completions, /v1/chat/completions "
                     "(streaming or not), GET /v1/models, /health, /metrics.",
-        formatter_class=_Formatter)
+        formatter_class=HelpFormatter)
     _add_arguments(serve)
     serve.set_defaults(func=run)
     return serve
@@ -180,7 +173,7 @@ def run(args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="pagedlm serve", formatter_class=_Formatter)
+    parser = argparse.ArgumentParser(prog="pagedlm serve", formatter_class=HelpFormatter)
     _add_arguments(parser)
     args = parser.parse_args(argv)
     return run(args)
