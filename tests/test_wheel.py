@@ -85,3 +85,10 @@ def test_source_tree_is_not_on_the_path(fresh_venv):
                            capture_output=True, text=True).stdout.strip()
     assert Path(where).is_relative_to(python.parent.parent), where
     assert sys.prefix not in where
+
+
+def test_serve_without_its_extra_is_one_line_naming_it(fresh_venv):
+    result = pagedlm(fresh_venv, "serve", "--port", "0")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pip install 'pagedlm[serve]'" in lines[0], lines
