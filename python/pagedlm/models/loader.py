@@ -13,23 +13,45 @@ from pagedlm.models.llama import LlamaForCausalLM
 
 
 def read_config(folder):
-    path = Path(folder) / "config.json"
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: not a model folder (no such directory)")
+    path = folder / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no config.json in the model folder")
+    config = _read_json(path)
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
+def _read_json(path):
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def eos_token_ids(folder):
+    """The config's eos_token_id as a frozenset: an id, a list of ids (Llama 3) or absent."""
+    path = Path(folder) / "config.json"
+    eos = read_config(folder).get("eos_token_id")
+    ids = [] if eos is None else eos if isinstance(eos, list) else [eos]
+    if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in ids):
+        raise ValueError(f"{path}: eos_token_id must be a token id or a list of them, got {eos!r}")
+    return frozenset(ids)
 
 
 def _weight_files(folder):
     folder = Path(folder)
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError) as e:
-            raise ValueError(f"{index}: not a safetensors index ({e})") from None
+        listing = _read_json(index)
+        weight_map = listing.get("weight_map") if isinstance(listing, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise ValueError(f"{index}: not a safetensors index (expected an object whose weight_map maps tensor "
+                             f"names to file names)")
+        names = sorted(set(weight_map.values()))
         files = [folder / n for n in names]
     else:
         files = sorted(folder.glob("*.safetensors"))
@@ -89,6 +111,14 @@ def load_model(folder, *, dtype=torch.float32, device="cpu"):
             if param[rows].shape != tensor.shape:
                 raise ValueError(f"{f}: {name} has shape {tuple(tensor.shape)}, the config implies "
                                  f"{tuple(param[rows].shape)}")
+            # copy_ would cast integers or bools silently, and a non-finite weight turns every
+            # logit it reaches into nan: answers that look like answers.
+            if not tensor.is_floating_point():
+                raise ValueError(f"{f}: {name} has dtype {tensor.dtype}, weights must be floating point")
+            if not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"{f}: {name} holds non-finite values (inf or nan)")
+            if name in loaded:
+                raise ValueError(f"{f}: {name} appears in more than one weight file")
             with torch.no_grad():
                 param[rows].copy_(tensor)
             loaded.add(name)
