@@ -158,3 +158,25 @@ def test_a_truncated_weight_file_is_named(folder):
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(ValueError, match=f"^{path}: cannot read safetensors"):
         load_model(folder)
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(num_hidden_layers=10**9), "weights missing from the checkpoint: model.layers.1.self_attn.q_proj.weight"),
+    (dict(vocab_size=10**12), r"model.embed_tokens.weight has shape \(50, 32\), the config implies \(1000000000000, 32\)"),
+    (dict(intermediate_size=10**7), r"model.layers.0.mlp.gate_proj.weight has shape \(64, 32\)"),
+])
+def test_a_config_larger_than_its_checkpoint_is_refused_before_building_the_model(folder, changes, message):
+    write_config(folder, **changes)
+    with pytest.raises(ValueError, match=message):
+        load_model(folder)
+
+
+@pytest.mark.parametrize("changes", [{}, dict(tie_word_embeddings=True), dict(model_type="qwen2"), dict(head_dim=8),
+                                     dict(num_hidden_layers=3)])
+def test_expected_shapes_are_the_built_models(changes):
+    from pagedlm.models import random_model
+    from pagedlm.models.loader import checkpoint_names, expected_shapes
+    model = random_model({**CONFIG, **changes})
+    built = {name: tuple(param[rows].shape) for name, (param, rows) in checkpoint_names(model).items()
+             if not (name == "lm_head.weight" and model.args.tie_word_embeddings)}
+    assert dict(expected_shapes(model.args)) == built

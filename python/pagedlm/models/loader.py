@@ -2,9 +2,11 @@
 or from a config with seeded random weights. Nothing is fetched from a hub; a missing or
 malformed file raises an error naming it."""
 import json
+import math
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from pagedlm.models.config import ModelArgs
@@ -90,7 +92,12 @@ def checkpoint_names(model):
 
 def load_model(folder, *, dtype=torch.float32, device="cpu"):
     """A LlamaForCausalLM with the folder's weights, in dtype on device."""
-    args = ModelArgs.from_hf(read_config(folder), source=str(Path(folder) / "config.json"))
+    source = Path(folder) / "config.json"
+    args = ModelArgs.from_hf(read_config(folder), source=str(source))
+    files = _weight_files(folder)
+    # Before the model is built: a config whose sizes the checkpoint does not hold (a typo'd
+    # layer count, a vocabulary of 10**12) would otherwise build, then allocate, all of them.
+    _check_shapes(args, folder, _stored_shapes(files))
     with torch.device("meta"):
         model = LlamaForCausalLM(args)
     model = model.to_empty(device=device).to(dtype)
@@ -99,7 +106,7 @@ def load_model(folder, *, dtype=torch.float32, device="cpu"):
     _keep_rope_in_f32(model, device)
     expected = checkpoint_names(model)
     loaded = set()
-    for f in _weight_files(folder):
+    for f in files:
         try:
             tensors = load_file(str(f), device=str(device))
         except Exception as e:  # safetensors raises its own error types
@@ -129,6 +136,56 @@ def load_model(folder, *, dtype=torch.float32, device="cpu"):
         raise ValueError(f"{folder}: weights missing from the checkpoint: {', '.join(missing[:5])}"
                          + (" ..." if len(missing) > 5 else ""))
     return model.eval()
+
+
+def expected_shapes(args):
+    """(Hugging Face name, shape) of each checkpoint tensor LlamaForCausalLM(args) loads, in
+    order, computed without building the model (generated: a bad config may claim 10**9 layers)."""
+    h, d, i = args.hidden_size, args.head_dim, args.intermediate_size
+    q, kv = args.num_heads * d, args.num_kv_heads * d
+    yield "model.embed_tokens.weight", (args.vocab_size, h)
+    for layer in range(args.num_layers):
+        prefix = f"model.layers.{layer}."
+        for name, shape in [("self_attn.q_proj.weight", (q, h)), ("self_attn.k_proj.weight", (kv, h)),
+                            ("self_attn.v_proj.weight", (kv, h)), ("self_attn.o_proj.weight", (h, q)),
+                            ("mlp.gate_proj.weight", (i, h)), ("mlp.up_proj.weight", (i, h)),
+                            ("mlp.down_proj.weight", (h, i)), ("input_layernorm.weight", (h,)),
+                            ("post_attention_layernorm.weight", (h,))]:
+            yield prefix + name, shape
+        if args.attention_bias:
+            yield from [(prefix + "self_attn.q_proj.bias", (q,)), (prefix + "self_attn.k_proj.bias", (kv,)),
+                        (prefix + "self_attn.v_proj.bias", (kv,))]
+    yield "model.norm.weight", (h,)
+    if not args.tie_word_embeddings:
+        yield "lm_head.weight", (args.vocab_size, h)
+
+
+def _stored_shapes(files):
+    """{tensor name: (its file, its shape)} from the weight files' headers (no tensor is read)."""
+    shapes = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as weights:
+                for name in weights.keys():
+                    shapes[name] = (f, tuple(weights.get_slice(name).get_shape()))
+        except Exception as e:  # safetensors raises its own error types
+            raise ValueError(f"{f}: cannot read safetensors ({e})") from None
+    return shapes
+
+
+def _check_shapes(args, folder, stored):
+    """Every tensor the config implies is stored, in the shape it implies."""
+    missing = []
+    for name, shape in expected_shapes(args):
+        if name not in stored:
+            missing.append(name)
+            if len(missing) > 5:
+                break
+        elif stored[name][1] != shape:
+            raise ValueError(f"{stored[name][0]}: {name} has shape {stored[name][1]}, the config implies {shape}")
+    if missing:
+        raise ValueError(f"{folder}: weights missing from the checkpoint: {', '.join(missing[:5])}"
+                         + (" ..." if len(missing) > 5 else ""))
 
 
 def random_model(config, *, seed=0, dtype=torch.float32, device="cpu", std=0.02):
