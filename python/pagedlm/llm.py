@@ -334,7 +334,8 @@ class LLM:
             for prompt, token_ids, sp in zip(prompts, checked, params):
                 ids.append(self._enqueue(prompt, token_ids, sp))
             with tqdm(total=len(ids), desc="generate", disable=not use_tqdm) as bar:
-                left = set(ids)
+                left = {r for r in ids if not self._finished(r)}  # refused ones are
+                bar.update(len(ids) - len(left))
                 while left:
                     if not self.scheduler.has_work():  # never: a guard against waiting forever
                         raise RuntimeError(f"requests {sorted(left)} are unfinished but nothing is queued")
