@@ -64,9 +64,11 @@ def test_a_too_large_cache_is_refused_before_it_is_allocated(model):
         engine(model, num_blocks=2**31 - 1, block_size=2**12)
 
 
-def test_model_of_the_wrong_kind_names_the_argument():
+def test_model_of_the_wrong_kind_names_the_argument(model):
     with pytest.raises(TypeError, match="^model"):
         LLM(42, device="cpu")
+    with pytest.raises(TypeError, match=r"^speculative\['model'\]"):
+        engine(model, speculative={"method": "draft", "model": 42, "num_tokens": 2})
 
 
 @pytest.mark.parametrize("dtype, expected", [

@@ -77,9 +77,7 @@ class LLM:
         folder: "auto" (None: bfloat16 on a GPU, float32 on the CPU), "float16"/"half",
         "bfloat16", "float32"/"float" or the torch dtype. Every argument is checked before
         anything is loaded: a bad one raises a ValueError naming it."""
-        if not isinstance(model, (str, os.PathLike, LlamaForCausalLM)):
-            raise TypeError(f"model: expected a model folder (a str or path) or a LlamaForCausalLM, "
-                            f"got {type(model).__name__}")
+        _check_model_arg("model", model)
         self.device = resolve_device(device)
         dtype = resolve_dtype(dtype, self.device)
         block_size = check_int("block_size", block_size, minimum=1, maximum=INT32_MAX)
@@ -94,6 +92,8 @@ class LLM:
         enforce_eager = check_bool("enforce_eager", enforce_eager)
         if speculative is not None:
             check_config(speculative)
+            if speculative["method"] == "draft":
+                _check_model_arg("speculative['model']", speculative["model"])
         # One caller at a time (see _exclusive); reentrant, as generate calls step.
         self._lock = threading.RLock()
         self.tokenizer, self.eos_token_ids = None, frozenset()
@@ -425,6 +425,12 @@ class LLM:
         prompt_text = self.tokenizer.decode(prompt)
         full_text = self.tokenizer.decode(prompt + output)
         return full_text[len(prompt_text):] if full_text.startswith(prompt_text) else self.tokenizer.decode(output)
+
+
+def _check_model_arg(name, model):
+    if not isinstance(model, (str, os.PathLike, LlamaForCausalLM)):
+        raise TypeError(f"{name}: expected a model folder (a str or path) or a LlamaForCausalLM, "
+                        f"got {type(model).__name__}")
 
 
 def _prompt_list(prompts):
