@@ -160,12 +160,14 @@ def test_many_samples_are_refused_before_any_sequence_is_built(model, monkeypatc
     assert not built and not llm._requests
 
 
-def test_forks_that_can_never_be_admitted_together_are_refused(model):
+def test_forks_that_can_never_be_admitted_together_are_refused_before_they_are_built(model, monkeypatch):
     # 6 prompt tokens + 3 forks need 3 blocks of 4 to be admitted; the cache has 2.
     llm = engine(model, num_blocks=2)
-    with pytest.warns(UserWarning, match="refused"):
-        request = llm.add_request([1, 2, 3, 4, 5, 6], SamplingParams(n=3, max_tokens=1))
-    assert [o.finish_reason for o in llm.take_output(request).outputs] == ["refused"] * 3
+    monkeypatch.setattr(pagedlm.llm, "Sequence", None)  # building one would fail
+    with pytest.raises(ValueError, match=r"params\.n: 3 samples of a 6-token prompt need 3 KV blocks to start "
+                                         r"together, the cache has 2"):
+        llm.add_request([1, 2, 3, 4, 5, 6], SamplingParams(n=3, max_tokens=1))
+    assert not llm._requests
     assert_clean(llm)
 
 

@@ -160,19 +160,22 @@ class LLM:
         token_ids = self._token_ids(prompt, prompt_name)
         vocab_size = self.model.args.vocab_size
         check_token_ids(f"{params_name}.stop_token_ids", params.stop_token_ids, vocab_size)
-        # Refused before any sequence is built: n sequences run at once from the first step.
+        # Refused before any sequence is built: n samples run at once from the first step, and
+        # to be admitted together they reserve the prompt's blocks plus one token each.
         if params.n > self.scheduler.max_num_seqs:
             raise ValueError(f"{params_name}.n: {params.n} samples run at once, max_num_seqs is "
                              f"{self.scheduler.max_num_seqs}")
+        block_size, num_blocks = self.block_manager.block_size, self.block_manager.num_blocks
+        if params.n > 1 and -(-(len(token_ids) + params.n) // block_size) > num_blocks:
+            raise ValueError(f"{params_name}.n: {params.n} samples of a {len(token_ids)}-token prompt need "
+                             f"{-(-(len(token_ids) + params.n) // block_size)} KV blocks to start together, "
+                             f"the cache has {num_blocks}")
         return token_ids
 
     def _enqueue(self, prompt, token_ids, params):
         request_id = str(next(self._ids))
-        # Blocks the request needs with nothing else running: its longest sequence's, and to be
-        # admitted, a group of n forks reserves its prompt plus one token each.
-        block_size = self.block_manager.block_size
-        needed = max(-(-(len(token_ids) + params.max_tokens) // block_size),
-                     -(-(len(token_ids) + params.n) // block_size) if params.n > 1 else 0)
+        # Blocks the request's longest sequence needs with nothing else running.
+        needed = -(-(len(token_ids) + params.max_tokens) // self.block_manager.block_size)
         seqs = [Sequence(next(self._ids), request_id, i, list(token_ids), params) for i in range(params.n)]
         self._requests[request_id] = dict(prompt=prompt, token_ids=token_ids, seqs=seqs, start=time.perf_counter(),
                                           first_token=None)
