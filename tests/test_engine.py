@@ -177,13 +177,13 @@ def test_engine_demo_serves_synthetic_requests(capsys):
     assert "tokens/s" in out and "KV utilization" in out and "preemptions" in out
 
 
-def test_more_samples_than_max_num_seqs_is_refused_and_others_carry_on(checkpoint):
+def test_more_samples_than_max_num_seqs_is_an_error_naming_n_and_others_carry_on(checkpoint):
     folder, _ = checkpoint
     llm = LLM(folder, device="cpu", block_size=4, num_blocks=64, max_num_seqs=2)
-    with pytest.warns(UserWarning, match="max_num_seqs"):
-        refused = llm.add_request([1, 2, 3], SamplingParams(n=3, max_tokens=2))
+    with pytest.raises(ValueError, match=r"params\.n: 3 samples run at once, max_num_seqs is 2"):
+        llm.add_request([1, 2, 3], SamplingParams(n=3, max_tokens=2))
+    assert not llm._requests and not llm.scheduler.has_work()  # nothing was queued
     served = llm.add_request([4, 5], SamplingParams(n=2, max_tokens=2, ignore_eos=True))
     while llm.scheduler.has_work():
         llm.step()
-    assert [o.finish_reason for o in llm.take_output(refused).outputs] == ["refused"] * 3
     assert [len(o.token_ids) for o in llm.take_output(served).outputs] == [2, 2]

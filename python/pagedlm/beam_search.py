@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pagedlm.engine.checks import check_bool, check_float, check_int
 from pagedlm.engine.forward import ForwardItem, apply_block_copies, paged_forward
 
 
@@ -26,10 +27,10 @@ class BeamSearchParams:
     ignore_eos: bool = False
 
     def __post_init__(self):
-        if isinstance(self.beam_width, bool) or not isinstance(self.beam_width, int) or self.beam_width < 1:
-            raise ValueError(f"beam_width: must be an int >= 1, got {self.beam_width!r}")
-        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens: must be an int >= 1, got {self.max_tokens!r}")
+        object.__setattr__(self, "beam_width", check_int("beam_width", self.beam_width, minimum=1))
+        object.__setattr__(self, "max_tokens", check_int("max_tokens", self.max_tokens, minimum=1))
+        object.__setattr__(self, "length_penalty", check_float("length_penalty", self.length_penalty))
+        object.__setattr__(self, "ignore_eos", check_bool("ignore_eos", self.ignore_eos))
 
 
 @dataclass
@@ -59,14 +60,18 @@ class BeamSearch:
         per_beam = -(-(prompt_len + self.params.max_tokens) // self.bm.block_size)
         return self.params.beam_width * (per_beam + 1)
 
-    def run_in_waves(self, prompts):
-        """(best beams, KV saving of its wave) for each prompt, searching as many prompts at
-        once as fit the free blocks with nothing shared; ValueError for one that never fits."""
+    def check_fits(self, prompts):
+        """ValueError for a prompt whose beams may never fit the cache."""
         for i, prompt in enumerate(prompts):
             if self.worst_case_blocks(len(prompt)) > self.bm.num_blocks:
                 raise ValueError(f"prompts[{i}]: {self.params.beam_width} beams of {len(prompt)} + "
                                  f"{self.params.max_tokens} tokens may need {self.worst_case_blocks(len(prompt))} "
                                  f"KV blocks, the cache has {self.bm.num_blocks}")
+
+    def run_in_waves(self, prompts):
+        """(best beams, KV saving of its wave) for each prompt, searching as many prompts at
+        once as fit the free blocks with nothing shared; ValueError for one that never fits."""
+        self.check_fits(prompts)
         start = 0
         while start < len(prompts):
             wave, free = [], self.bm.num_free_blocks

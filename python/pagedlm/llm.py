@@ -1,9 +1,14 @@
 """pagedlm.LLM: offline generation with the familiar vLLM API, on the C++ block manager and
 pagedlm's paged-attention ops (continuous batching, preemption by recompute, prefix
 caching, n > 1 by copy-on-write forks)."""
+import functools
 import itertools
+import numbers
+import os
+import threading
 import time
 import warnings
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,17 +18,37 @@ from tqdm import tqdm
 import pagedlm
 from pagedlm._torch_glue import debug_checks
 from pagedlm.beam_search import BeamSearch, BeamSearchParams, beam_score
+from pagedlm.engine.checks import (check_bool, check_float, check_int, check_token_ids, resolve_device,
+                                   resolve_dtype)
 from pagedlm.engine.runner import ModelRunner
 from pagedlm.engine.sampler import sample
 from pagedlm.engine.scheduler import Scheduler
 from pagedlm.engine.sequence import SamplingParams, Sequence, Status
 from pagedlm.models import LlamaForCausalLM, load_model
-from pagedlm.models.loader import read_config
+from pagedlm.models.loader import eos_token_ids
 from pagedlm.spec import Speculator, check_config, make_proposer, verification_bounds
 
 __all__ = ["LLM", "SamplingParams", "BeamSearchParams", "RequestOutput", "CompletionOutput"]
 
 CPU_KV_BUDGET_BYTES = 1 << 30
+INT32_MAX = 2**31 - 1  # the block manager counts blocks, tokens per block and sequences in int32
+
+
+def _exclusive(method):
+    """One caller at a time: a call from a second thread while another is inside the engine
+    raises at once (rather than corrupting the scheduler or waiting on a lock forever, as two
+    generate loops each waiting for the other's requests would)."""
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        if not self._lock.acquire(blocking=False):
+            raise RuntimeError(f"LLM.{method.__name__}: this LLM is in use by another thread. An LLM serves "
+                               f"one thread at a time; to share one engine between threads or tasks use an "
+                               f"asynchronous engine (pagedlm.serving.AsyncLLM), or give each thread its own LLM")
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self._lock.release()
+    return locked
 
 
 @dataclass
@@ -48,17 +73,35 @@ class LLM:
     def __init__(self, model, *, device=None, dtype=None, block_size=16, num_blocks=None,
                  gpu_memory_utilization=0.9, max_num_seqs=256, max_num_batched_tokens=8192,
                  enable_prefix_caching=True, seed=0, enforce_eager=False, speculative=None):
+        """device: "auto" (None), "cpu", "cuda" or "cuda:N"; dtype of the weights loaded from a
+        folder: "auto" (None: bfloat16 on a GPU, float32 on the CPU), "float16"/"half",
+        "bfloat16", "float32"/"float" or the torch dtype. Every argument is checked before
+        anything is loaded: a bad one raises a ValueError naming it."""
+        _check_model_arg("model", model)
+        self.device = resolve_device(device)
+        dtype = resolve_dtype(dtype, self.device)
+        block_size = check_int("block_size", block_size, minimum=1, maximum=INT32_MAX)
+        if num_blocks is not None:
+            num_blocks = check_int("num_blocks", num_blocks, minimum=1, maximum=INT32_MAX)
+        gpu_memory_utilization = check_float("gpu_memory_utilization", gpu_memory_utilization, maximum=1, above=0)
+        max_num_seqs = check_int("max_num_seqs", max_num_seqs, minimum=1, maximum=INT32_MAX)
+        max_num_batched_tokens = check_int("max_num_batched_tokens", max_num_batched_tokens, minimum=1,
+                                           maximum=INT32_MAX)
+        enable_prefix_caching = check_bool("enable_prefix_caching", enable_prefix_caching)
+        seed = check_int("seed", seed)
+        enforce_eager = check_bool("enforce_eager", enforce_eager)
         if speculative is not None:
             check_config(speculative)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+            if speculative["method"] == "draft":
+                _check_model_arg("speculative['model']", speculative["model"])
+        # One caller at a time (see _exclusive); reentrant, as generate calls step.
+        self._lock = threading.RLock()
         self.tokenizer, self.eos_token_ids = None, frozenset()
         if isinstance(model, LlamaForCausalLM):
             self.model = model.to(self.device)
         else:
             self.model = load_model(model, dtype=dtype, device=self.device)
-            eos = read_config(model).get("eos_token_id")  # an id, a list of ids (Llama 3) or absent
-            self.eos_token_ids = frozenset([eos] if isinstance(eos, int) else eos or ())
+            self.eos_token_ids = eos_token_ids(model)
             self.tokenizer = _load_tokenizer(Path(model))
         _check_cuda_head_dim(self.model, self.device, "model")
         draft = (self._load_draft(speculative["model"], dtype)
@@ -71,6 +114,7 @@ class LLM:
             budget = (torch.cuda.mem_get_info(self.device)[0] * gpu_memory_utilization
                       if self.device.type == "cuda" else CPU_KV_BUDGET_BYTES)
             num_blocks = max(1, int(budget // bytes_per_block))
+        _check_kv_fits(self.model, draft, num_blocks, block_size, self.device)
         self.block_manager = pagedlm.BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.kv_caches = self.model.make_kv_caches(num_blocks, block_size)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
@@ -98,24 +142,46 @@ class LLM:
                 self.speculator.capture_verification_graphs(max_num_seqs, *verification_bounds(speculative))
         self._ids = itertools.count()
         self._requests = {}
+        self._scheduled = []  # the running step's scheduled sequences: those a failure of it fails
 
     # -- requests ---------------------------------------------------------------------
+
+    @_exclusive
     def add_request(self, prompt, params):
-        """Queues a prompt (text or token ids); returns its request id."""
+        """Queues a prompt (text or token ids); returns its request id. A bad prompt or params
+        raises (naming it) and queues nothing."""
+        token_ids = self._check_request(prompt, params, "prompt", "params")
+        return self._enqueue(prompt, token_ids, params)
+
+    def _check_request(self, prompt, params, prompt_name, params_name):
+        """The prompt's token ids, after checking that the request can run on this engine."""
         if not isinstance(params, SamplingParams):
-            raise TypeError(f"sampling_params: expected SamplingParams, got {type(params).__name__}")
+            raise TypeError(f"{params_name}: expected SamplingParams, got {type(params).__name__}")
+        token_ids = self._token_ids(prompt, prompt_name)
+        vocab_size = self.model.args.vocab_size
+        check_token_ids(f"{params_name}.stop_token_ids", params.stop_token_ids, vocab_size)
+        # Refused before any sequence is built: n samples run at once from the first step, and
+        # to be admitted together they reserve the prompt's blocks plus one token each.
+        if params.n > self.scheduler.max_num_seqs:
+            raise ValueError(f"{params_name}.n: {params.n} samples run at once, max_num_seqs is "
+                             f"{self.scheduler.max_num_seqs}")
+        block_size, num_blocks = self.block_manager.block_size, self.block_manager.num_blocks
+        if params.n > 1 and -(-(len(token_ids) + params.n) // block_size) > num_blocks:
+            raise ValueError(f"{params_name}.n: {params.n} samples of a {len(token_ids)}-token prompt need "
+                             f"{-(-(len(token_ids) + params.n) // block_size)} KV blocks to start together, "
+                             f"the cache has {num_blocks}")
+        return token_ids
+
+    def _enqueue(self, prompt, token_ids, params):
         request_id = str(next(self._ids))
-        token_ids = self._token_ids(prompt, f"prompts[{request_id}]")
+        # Blocks the request's longest sequence needs with nothing else running.
+        needed = -(-(len(token_ids) + params.max_tokens) // self.block_manager.block_size)
         seqs = [Sequence(next(self._ids), request_id, i, list(token_ids), params) for i in range(params.n)]
         self._requests[request_id] = dict(prompt=prompt, token_ids=token_ids, seqs=seqs, start=time.perf_counter(),
                                           first_token=None)
-        needed = -(-(len(token_ids) + params.max_tokens) // self.block_manager.block_size)
-        why_never = (f"needs {needed} KV blocks, the cache has {self.block_manager.num_blocks}"
-                     if needed > self.block_manager.num_blocks else
-                     f"needs {params.n} sequences at once, max_num_seqs is {self.scheduler.max_num_seqs}"
-                     if params.n > self.scheduler.max_num_seqs else None)
-        if why_never:
-            warnings.warn(f"request {request_id}: {why_never}; refused")
+        if needed > self.block_manager.num_blocks:
+            warnings.warn(f"request {request_id}: needs {needed} KV blocks, the cache has "
+                          f"{self.block_manager.num_blocks}; refused")
             for s in seqs:
                 s.status, s.finish_reason = Status.FINISHED, "refused"
         else:
@@ -128,9 +194,11 @@ class LLM:
                 raise ValueError(f"{name}: text needs a tokenizer.json in the model folder; pass token ids")
             token_ids = self.tokenizer.encode(prompt).ids
         else:
-            token_ids = [int(t) for t in prompt]
+            token_ids = check_token_ids(name, prompt, self.model.args.vocab_size)
         if not token_ids:
             raise ValueError(f"{name}: empty prompt")
+        if isinstance(prompt, str):  # a tokenizer of a larger vocabulary than the model's
+            check_token_ids(f"{name} (tokenized)", token_ids, self.model.args.vocab_size)
         return token_ids
 
     def sequences(self, request_id):
@@ -139,6 +207,7 @@ class LLM:
         reads between steps (the request stays until take_output)."""
         return list(self._requests[request_id]["seqs"])
 
+    @_exclusive
     def finish_sequence(self, seq, reason="stop"):
         """Ends one sample of a request now, freeing its blocks (a front end found a stop string
         in its text); its siblings go on. A no-op on a finished sample."""
@@ -154,16 +223,39 @@ class LLM:
         if self.speculator is not None:
             self.speculator.finished(seq)
 
+    @_exclusive
     def abort(self, request_id):
+        """Finishes a request's unfinished sequences with finish_reason "abort", freeing their
+        blocks; its output stays for take_output. Unknown or finished requests: nothing to do."""
         self.scheduler.abort(request_id)
         if self.speculator is not None and request_id in self._requests:
             for seq in self._requests[request_id]["seqs"]:
                 self.speculator.finished(seq)
 
+    @_exclusive
     def step(self):
-        """One engine iteration; returns the number of tokens sampled."""
+        """One engine iteration; returns the number of tokens sampled.
+
+        A step that raises leaves the engine consistent and usable (see _recover): the requests
+        it had scheduled finish with finish_reason "error" (an interrupt fails none of them),
+        their blocks are freed, and the others are recomputed at their next step."""
+        try:
+            return self._step()
+        except BaseException as exc:
+            failed = self._recover(fail_scheduled=isinstance(exc, Exception))
+            if failed:
+                exc.add_note(f"pagedlm: request(s) {', '.join(sorted(failed, key=int))} were in the failed step and "
+                             f"finished with finish_reason 'error'; the engine goes on with the others")
+            raise
+        finally:
+            self._scheduled = []
+
+    def _step(self):
         scheduled, copies = self.scheduler.schedule()
+        self._scheduled = scheduled
         if not scheduled:
+            if self.scheduler.waiting and not self.scheduler.running:
+                self._refuse_head()
             return 0
         if self.speculator is not None:
             emitted = self.speculator.step(scheduled, copies)
@@ -178,6 +270,46 @@ class LLM:
         if self.speculator is not None:
             self.speculator.plain_step_done(scheduled, len(seqs))
         return len(seqs)
+
+    def _refuse_head(self):
+        """Nothing runs and the first waiting group still cannot be admitted: it never will be
+        (add_request refuses such requests; this is the guard against waiting forever)."""
+        request_id = self.scheduler.waiting[0][0].request_id
+        warnings.warn(f"request {request_id}: cannot be admitted into an empty KV cache; refused")
+        self.scheduler.abort(request_id)
+        for seq in self._requests[request_id]["seqs"]:
+            if seq.finish_reason == "abort":
+                seq.finish_reason = "refused"
+
+    def _recover(self, fail_scheduled):
+        """Makes the engine consistent after a step that raised, wherever it stopped (blocks
+        reserved, KV half written, tokens sampled but not emitted): returns the ids of the
+        requests it failed. With fail_scheduled, every request the step had scheduled finishes
+        with finish_reason "error" (a failure inside a batched forward cannot be traced to one
+        of its requests). Every other unfinished sequence goes back to waiting, in arrival order,
+        to be recomputed as after a preemption (whose results are the same), and the block
+        manager is replaced by an empty one: the failed step may have entered blocks whose KV it
+        never wrote into the prefix cache, which a later prompt would then read."""
+        failed = {s.seq.request_id for s in self._scheduled} if fail_scheduled else set()
+        bm = self.block_manager
+        self.block_manager = pagedlm.BlockManager(bm.num_blocks, bm.block_size, bm.enable_prefix_caching)
+        self.scheduler.bm = self.runner.bm = self.block_manager
+        self.scheduler.running, self.scheduler.waiting = [], deque()
+        for request_id, request in self._requests.items():
+            seqs = [s for s in request["seqs"] if s.status != Status.FINISHED]
+            for seq in seqs:
+                if self.speculator is not None:
+                    self.speculator.finished(seq)  # its draft state may be half made
+                seq.num_cached = 0
+                seq.status = Status.FINISHED if request_id in failed else Status.WAITING
+                seq.finish_reason = "error" if request_id in failed else None
+            if not seqs or request_id in failed:
+                continue
+            if len(seqs) == len(request["seqs"]) and not any(s.output for s in seqs):
+                self.scheduler.add(seqs)  # not started: its n samples fork one prefill, as queued
+            else:
+                self.scheduler.waiting.extend([s] for s in seqs)
+        return failed
 
     def _emit_tokens(self, seq, tokens):
         """Appends (token, logprob) pairs up to a stop or max_tokens (the rest are dropped);
@@ -204,37 +336,69 @@ class LLM:
         return bool(seq.finish_reason)
 
     # -- the offline API ----------------------------------------------------------------
+
+    @_exclusive
     def generate(self, prompts, sampling_params=None, *, use_tqdm=True):
-        """sampling_params: one SamplingParams for every prompt, or a list of one per prompt (as vLLM takes)."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        params = sampling_params or SamplingParams()
+        """sampling_params: one SamplingParams for every prompt, or a list of one per prompt (as vLLM takes).
+
+        Every prompt and params is checked before any is queued, so a bad one raises (naming
+        it) and changes nothing. However generate exits (a return, an error, an interrupt), it
+        leaves none of its requests behind in the engine."""
+        prompts = _prompt_list(prompts)
+        params = SamplingParams() if sampling_params is None else sampling_params
         if isinstance(params, (list, tuple)):
             if len(params) != len(prompts):
                 raise ValueError(f"sampling_params: {len(params)} given for {len(prompts)} prompts")
+            names = [f"sampling_params[{i}]" for i in range(len(prompts))]
         else:
-            params = [params] * len(prompts)
-        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
-        with tqdm(total=len(ids), desc="generate", disable=not use_tqdm) as bar:
-            done = set()
-            while self.scheduler.has_work():
-                self.step()
-                finished = {r for r in ids if r not in done and
-                            all(s.status == Status.FINISHED for s in self._requests[r]["seqs"])}
-                bar.update(len(finished))
-                done |= finished
-        return [self.take_output(r) for r in ids]
+            params, names = [params] * len(prompts), ["sampling_params"] * len(prompts)
+        checked = [self._check_request(p, sp, f"prompts[{i}]", name)
+                   for i, (p, sp, name) in enumerate(zip(prompts, params, names))]
+        ids = []
+        try:
+            for prompt, token_ids, sp in zip(prompts, checked, params):
+                ids.append(self._enqueue(prompt, token_ids, sp))
+            with tqdm(total=len(ids), desc="generate", disable=not use_tqdm) as bar:
+                left = {r for r in ids if not self._finished(r)}  # refused ones are
+                bar.update(len(ids) - len(left))
+                while left:
+                    if not self.scheduler.has_work():  # never: a guard against waiting forever
+                        raise RuntimeError(f"requests {sorted(left)} are unfinished but nothing is queued")
+                    self.step()
+                    finished = {r for r in left if self._finished(r)}
+                    bar.update(len(finished))
+                    left -= finished
+            outputs = [self._output(r) for r in ids]
+        finally:
+            for r in ids:  # on an error or interrupt: this call's requests go with it
+                if r in self._requests:
+                    self.abort(r)
+                    del self._requests[r]
+        return outputs
 
+    def _finished(self, request_id):
+        return all(s.status == Status.FINISHED for s in self._requests[request_id]["seqs"])
+
+    @_exclusive
     def beam_search(self, prompts, params):
         """The best params.beam_width beams of each prompt (text or token ids), best first, as
         RequestOutputs; metrics hold the beams' scores and the KV memory that sharing saved.
         Prompts are searched together in waves that fit the cache with nothing shared."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
+        if not isinstance(params, BeamSearchParams):
+            raise TypeError(f"params: expected BeamSearchParams, got {type(params).__name__}")
+        prompts = _prompt_list(prompts)
         token_ids = [self._token_ids(p, f"prompts[{i}]") for i, p in enumerate(prompts)]
         search = BeamSearch(self.model, self.kv_caches, self.block_manager, self.device, self.eos_token_ids, params)
+        search.check_fits(token_ids)
+        try:
+            waves = list(search.run_in_waves(token_ids))
+        except BaseException:
+            # Beams may be left in the block manager, and prompt blocks whose KV was never
+            # written in its prefix cache: the same reset as after a failed step.
+            self._recover(fail_scheduled=False)
+            raise
         results = []
-        for i, (beams, saved) in enumerate(search.run_in_waves(token_ids)):
+        for i, (beams, saved) in enumerate(waves):
             prompt = token_ids[i]
             outputs = [CompletionOutput(rank, self._completion_text(prompt, b.tokens[len(prompt):]),
                                         b.tokens[len(prompt):], "stop" if b.finished else "length", b.cum_logprob)
@@ -244,9 +408,19 @@ class LLM:
             results.append(RequestOutput(str(i), prompts[i], prompt, outputs, metrics))
         return results
 
+    @_exclusive
     def take_output(self, request_id):
         """The RequestOutput of a request whose sequences have finished; forgets the request."""
-        r = self._requests.pop(request_id)
+        if request_id not in self._requests:
+            raise KeyError(f"request_id: no request {request_id!r} (never added, or its output was taken)")
+        if not self._finished(request_id):
+            raise ValueError(f"request_id: request {request_id!r} has not finished (abort it first)")
+        output = self._output(request_id)
+        del self._requests[request_id]
+        return output
+
+    def _output(self, request_id):
+        r = self._requests[request_id]
         seqs = r["seqs"]
         outputs = [CompletionOutput(s.index, self._completion_text(s.prompt, s.output), list(s.output), s.finish_reason,
                                     s.cumulative_logprob) for s in seqs]
@@ -276,6 +450,34 @@ class LLM:
         prompt_text = self.tokenizer.decode(prompt)
         full_text = self.tokenizer.decode(prompt + output)
         return full_text[len(prompt_text):] if full_text.startswith(prompt_text) else self.tokenizer.decode(output)
+
+
+def _check_model_arg(name, model):
+    if not isinstance(model, (str, os.PathLike, LlamaForCausalLM)):
+        raise TypeError(f"{name}: expected a model folder (a str or path) or a LlamaForCausalLM, "
+                        f"got {type(model).__name__}")
+
+
+def _prompt_list(prompts):
+    """generate's and beam_search's prompts as a list: one prompt (text or token ids) or a list of them."""
+    if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
+                                    and isinstance(prompts[0], numbers.Integral)):
+        return [prompts]
+    if not isinstance(prompts, (list, tuple)):
+        raise TypeError(f"prompts: expected text, token ids or a list of them, got {type(prompts).__name__}")
+    return list(prompts)
+
+
+def _check_kv_fits(model, draft, num_blocks, block_size, device):
+    """The KV cache of num_blocks blocks (a draft model's as large) must fit the device's memory:
+    a larger one would fail in allocation after the weights loaded, or on the CPU be granted
+    and then exhaust the machine's memory as it is zeroed."""
+    need = num_blocks * sum(_kv_block_bytes(m, block_size) for m in (model, draft) if m is not None)
+    have = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
+            else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    if need > have:
+        raise ValueError(f"num_blocks, block_size: a KV cache of {num_blocks} blocks of {block_size} tokens needs "
+                         f"{need / 2**30:.1f} GiB, the {device.type} has {have / 2**30:.1f} GiB")
 
 
 def _kv_block_bytes(model, block_size):

@@ -62,8 +62,13 @@ def probabilities(logits, params):
     """float32 [rows, vocab]: the distribution each row samples from (temperature, top-k, top-p),
     params holding one SamplingParams per row, none greedy. Speculative verification uses it too."""
     device = logits.device
+    # Each row's largest logit is subtracted before dividing (softmax does not change), so the
+    # quotient stays finite for any temperature > 0: a tiny one would take a logit to inf and
+    # the softmax to nan, where this way the largest logit stays 0 and the others go to -inf at
+    # worst (the greedy limit). Temperatures below float32's smallest normal count as it.
     temperature = torch.tensor([p.temperature for p in params], device=device)
-    scaled = logits / temperature[:, None]
+    temperature = temperature.clamp_min(torch.finfo(torch.float32).tiny)
+    scaled = (logits - logits.amax(-1, keepdim=True)) / temperature[:, None]
     top_k = [p.top_k if p.top_k > 0 else scaled.shape[-1] for p in params]
     if min(top_k) < scaled.shape[-1]:
         # Keep the logits at least as large as the k-th largest (ties kept).

@@ -2,6 +2,8 @@
 from dataclasses import dataclass, field
 from enum import Enum
 
+from pagedlm.engine.checks import check_bool, check_float, check_int, check_token_ids
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -15,16 +17,22 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self):
-        if self.n < 1:
-            raise ValueError(f"n: must be >= 1, got {self.n}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature: must be >= 0, got {self.temperature}")
-        if self.top_k == 0 or self.top_k < -1:
-            raise ValueError(f"top_k: must be -1 (off) or >= 1, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p: must be in (0, 1], got {self.top_p}")
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens: must be >= 1, got {self.max_tokens}")
+        # Checked here, so a request that reaches the engine cannot fail in the sampler. Values
+        # are stored in plain Python types (numpy ints become ints, stop ids a tuple).
+        def put(name, value):
+            object.__setattr__(self, name, value)
+        put("n", check_int("n", self.n, minimum=1))
+        put("temperature", check_float("temperature", self.temperature, minimum=0))
+        top_k = check_int("top_k", self.top_k, minimum=-1)
+        if top_k == 0:
+            raise ValueError("top_k: must be -1 (off) or >= 1, got 0")
+        put("top_k", top_k)
+        put("top_p", check_float("top_p", self.top_p, maximum=1, above=0))
+        put("max_tokens", check_int("max_tokens", self.max_tokens, minimum=1))
+        put("stop_token_ids", tuple(check_token_ids("stop_token_ids", self.stop_token_ids)))
+        put("ignore_eos", check_bool("ignore_eos", self.ignore_eos))
+        if self.seed is not None:
+            put("seed", check_int("seed", self.seed))
 
 
 class Status(Enum):
