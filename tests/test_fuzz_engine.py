@@ -393,7 +393,7 @@ def fuzz_tensors(good, scratch, edits):
             continue
         t = tensors[name]
         if kind == "shape":
-            tensors[name] = torch.zeros(*[s + 1 for s in t.shape])
+            tensors[name] = torch.zeros(tuple(s + 1 for s in t.shape) or (2,))  # a scalar edited before: 1-d
         elif kind == "dtype":
             tensors[name] = t.to(torch.int32)
         elif kind in ("nan", "inf"):

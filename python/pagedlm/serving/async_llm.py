@@ -351,10 +351,11 @@ class AsyncLLM:
             self._end(live, error, outbox)
 
     def _step_failed(self, error, outbox):
-        """The requests the failed step was running end with RequestFailed; waiting ones stay."""
+        """The engine finished the failed step's requests with finish_reason "error" (and put
+        the others back to wait): their streams end with RequestFailed naming the error."""
         failed = RequestFailed(f"the engine failed while running this request: {error!r}")
         for live in list(self._live.values()):
-            if any(s.status == Status.RUNNING for s in live.seqs):
+            if any(s.finish_reason == "error" for s in live.seqs):
                 self._end(live, failed, outbox)
 
     def _collect(self, outbox):
