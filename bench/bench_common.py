@@ -1,5 +1,6 @@
 """What every benchmark script shares: the machine's and the commit's names for the
-results header, and appending a table to bench/RESULTS.md or another file."""
+results header, the card's ceilings (copy bandwidth, matmul rate), FlashInfer's version and
+the best anchor, and appending a table to bench/RESULTS.md or another file."""
 import os
 import platform
 import subprocess
@@ -23,6 +24,27 @@ def cpu_name():
             return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         return platform.processor() or "unknown CPU"
+
+
+def copy_bandwidth():
+    """The current GPU's copy bandwidth in bytes/s: a 1 GiB device-to-device copy, bytes read +
+    written over the median time."""
+    import torch
+    from triton.testing import do_bench
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
+    return 2 * src.numel() / (ms * 1e-3)
+
+
+def matmul_rate(n=8192):
+    """The current GPU's dense bf16 matrix-product rate in FLOP/s (an n x n x n product, median)."""
+    import torch
+    from triton.testing import do_bench
+    a = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
+    ms = do_bench(lambda: a @ b, warmup=25, rep=200, return_mode="median")
+    return 2 * n**3 / (ms * 1e-3)
 
 
 def flashinfer_version():

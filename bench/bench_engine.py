@@ -4,8 +4,12 @@ output tokens each, EOS ignored), through pagedlm.LLM and, side by side in the s
 transformers' `generate` (static batching, batch 64) and `generate_batch` (continuous
 batching, attention "paged|sdpa"). Both engines load the same weights from one folder.
 
-    python bench/bench_engine.py [--out FILE] [--append-results] [--no-anchors]
+    python bench/bench_engine.py [--workload standard|sharegpt|long-prompts] [--anchors vllm,transformers]
     python bench/bench_engine.py --smoke     # a tiny model and workload, any device
+
+vLLM, when it imports, serves the same folder and requests in a process of its own
+(bench/vllm_engine.py); on a GPU the table also gives the workload's roofline on that card
+(bench/engine_workloads.py) and each engine's share of it.
 
 Figures: output tokens/s over the whole run (wall clock, after a warm-up), KV utilization
 (tokens stored / allocated slots, mean over steps; pagedlm only), peak GPU memory, and how
@@ -17,13 +21,18 @@ the GPU tests' job (tests/test_engine_gpu.py).
 import argparse
 import datetime
 import gc
+import json
+import os
+import subprocess
+import sys
 import tempfile
 import time
 
 import torch
 import transformers
 
-from bench_common import cpu_name, git_commit, write_results
+import engine_workloads
+from bench_common import copy_bandwidth, cpu_name, git_commit, matmul_rate, write_results
 from pagedlm import LLM, SamplingParams
 
 LLAMA_3_2_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
@@ -36,12 +45,6 @@ TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_la
 COMPARED_TOKENS = 16
 
 
-def workload(count, seed=0, prompt_lens=(64, 512), token_range=(1000, 100000)):
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(prompt_lens[0], prompt_lens[1] + 1, (count,), generator=g)
-    return [torch.randint(*token_range, (int(n),), generator=g).tolist() for n in lengths]
-
-
 def save_model(config, folder, device):
     torch.manual_seed(0)
     with torch.device(device):
@@ -50,14 +53,14 @@ def save_model(config, folder, device):
     return model
 
 
-def run_pagedlm(folder, prompts, max_tokens, device):
+def run_pagedlm(folder, requests, device):
     llm = LLM(folder, device=device, dtype=torch.bfloat16)
-    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    prompts = [p for p, _ in requests]
     llm.generate(prompts[:8], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
     _sync(device)
     torch.cuda.reset_peak_memory_stats() if device == "cuda" else None
     start = time.perf_counter()
-    ids = [llm.add_request(p, params) for p in prompts]
+    ids = [llm.add_request(p, SamplingParams(temperature=0, max_tokens=o, ignore_eos=True)) for p, o in requests]
     utilization, steps = [], 0
     while llm.scheduler.has_work():
         llm.step()
@@ -103,6 +106,21 @@ def run_continuous(model, prompts, max_tokens):
     return [r.generated_tokens for r in results.values()], elapsed
 
 
+def run_vllm(folder, requests):
+    """vLLM in a process of its own (bench/vllm_engine.py): (seconds, its version)."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(requests, f)
+    try:
+        done = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "vllm_engine.py"), folder,
+                               f.name], capture_output=True, text=True, timeout=1800)
+    finally:
+        os.unlink(f.name)
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return result["seconds"], result["version"]
+
+
 def _sync(device):
     if device == "cuda":
         torch.cuda.synchronize()
@@ -113,31 +131,45 @@ def _peak_gib(device):
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out")
-    parser.add_argument("--append-results", action="store_true")
-    parser.add_argument("--no-anchors", action="store_true")
-    parser.add_argument("--smoke", action="store_true")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workload", default="standard", choices=list(engine_workloads.WORKLOADS),
+                        help="requests to serve (bench/README.md)")
+    parser.add_argument("--anchors", default="vllm,transformers",
+                        help="comma-separated engines beside pagedlm: vllm, transformers (standard workload only), "
+                             "or none")
+    parser.add_argument("--smoke", action="store_true", help="a tiny model and workload, any device")
+    parser.add_argument("--out", help="also write the table to this file")
+    parser.add_argument("--append-results", action="store_true", help="append the table to bench/RESULTS.md")
     args = parser.parse_args()
+    anchors = set(args.anchors.split(",")) - {"none", ""}
     device = "cuda" if torch.cuda.is_available() else "cpu"
     card = torch.cuda.get_device_name() if device == "cuda" else cpu_name()
     if args.smoke:
-        config, prompts, max_tokens = TINY, workload(12, prompt_lens=(5, 40), token_range=(1, 512)), 8
+        config = TINY
+        requests = engine_workloads.standard(count=12, prompt_lens=(5, 40), output_tokens=8, token_range=(1, 512))
     else:
-        config, prompts, max_tokens = LLAMA_3_2_1B, workload(256), 128
-    total = len(prompts) * max_tokens
+        config, requests = LLAMA_3_2_1B, engine_workloads.WORKLOADS[args.workload]()
+    total = sum(o for _, o in requests)
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         model = save_model(config, folder, device)
         model.cpu()  # out of the way while pagedlm sizes its cache from free memory
         torch.cuda.empty_cache() if device == "cuda" else None
-        ours, elapsed, extra = run_pagedlm(folder, prompts, max_tokens, device)
+        ours, elapsed, extra = run_pagedlm(folder, requests, device)
         rows.append(["pagedlm.LLM", total / elapsed, f"{extra['utilization']:.1%}", _peak_gib(device), ours])
         gc.collect()
         torch.cuda.empty_cache() if device == "cuda" else None
         print(f"pagedlm: {elapsed:.2f} s, {extra}", flush=True)
-    if not args.no_anchors:
+        if "vllm" in anchors:
+            try:
+                seconds, version = run_vllm(folder, requests)
+                rows.append([f"vLLM {version} (defaults)", total / seconds, "", None, None])
+            except Exception as e:  # an anchor that cannot run here is reported, not fatal
+                rows.append(["vLLM", None, f"failed: {str(e)[:120]}", None, None])
+    uniform = len({o for _, o in requests}) == 1
+    if "transformers" in anchors and uniform:
         model.to(device)
+        prompts, max_tokens = [p for p, _ in requests], requests[0][1]
         for name, fn in [("transformers generate (static, batch 64)", lambda: run_static(model, prompts, max_tokens, 64)),
                          ("transformers generate_batch (paged|sdpa)", lambda: run_continuous(model, prompts, max_tokens))]:
             torch.cuda.reset_peak_memory_stats() if device == "cuda" else None
@@ -148,26 +180,36 @@ def main():
                 continue
             rows.append([name, total / elapsed, "", _peak_gib(device), theirs])
             print(f"{name}: {elapsed:.2f} s", flush=True)
-    lines = [f"### Engine, {'smoke' if args.smoke else 'standard'} workload — {card}, "
+    lines = [f"### Engine, {'smoke' if args.smoke else args.workload} workload — {card}, "
              f"{datetime.date.today()}, commit {git_commit()}",
              "",
-             f"{len(prompts)} requests, {max_tokens} output tokens each (greedy, EOS ignored), bf16. "
-             f"pagedlm: {extra['steps']} steps, {extra['graphs']} CUDA graphs captured, "
-             f"{extra['kv_blocks']:,} KV blocks preallocated (in its peak memory), "
-             f"{extra['preemptions']} preemptions.",
-             "",
-             f"| engine | output tokens/s | KV utilization | peak memory (GiB) | equal to transformers generate: "
-             f"first token / first {COMPARED_TOKENS} tokens |",
-             "|---|---|---|---|---|"]
-    reference = rows[1][4] if len(rows) > 1 else None
+             f"`python bench/bench_engine.py --workload {args.workload}` — {len(requests)} requests, "
+             f"{total:,} output tokens (greedy, EOS ignored), bf16. pagedlm: {extra['steps']} steps, "
+             f"{extra['graphs']} CUDA graphs captured, {extra['kv_blocks']:,} KV blocks preallocated (in its peak "
+             f"memory), {extra['preemptions']} preemptions."]
+    if device == "cuda":
+        flops, bandwidth = matmul_rate(), copy_bandwidth()
+        prefill, decode = engine_workloads.roofline_seconds(requests, engine_workloads.ModelShape.of(config), flops,
+                                                            bandwidth)
+        roofline = total / (prefill + decode)
+        lines += ["", f"Roofline on this card (bench/engine_workloads.py): prefill {prefill:.3f} s at the measured "
+                      f"{flops / 1e12:.0f} TFLOP/s, decode {decode:.3f} s at the measured {bandwidth / 1e9:,.0f} GB/s: "
+                      f"**{roofline:,.0f} output tokens/s**."]
+    else:
+        roofline = None
+    lines += ["", f"| engine | output tokens/s | of the roofline | KV utilization | peak memory (GiB) | equal to "
+                  f"transformers generate: first token / first {COMPARED_TOKENS} tokens |",
+              "|---|---|---|---|---|---|"]
+    reference = next((r[4] for r in rows if r[0].startswith("transformers generate (") and r[4]), None)
     for name, rate, util, peak, outputs in rows:
         rate_text = f"{rate:,.0f}" if rate else "—"
+        share = f"{rate / roofline:.0%}" if rate and roofline else "—"
         peak_text = f"{peak:.1f}" if peak is not None and peak == peak else "—"
         agree = "—"
         if reference and outputs:
             agree = " / ".join(str(sum(a[:n] == b[:n] for a, b in zip(outputs, reference))) + f" of {len(outputs)}"
                                for n in (1, COMPARED_TOKENS))
-        lines.append(f"| {name} | {rate_text} | {util} | {peak_text} | {agree} |")
+        lines.append(f"| {name} | {rate_text} | {share} | {util} | {peak_text} | {agree} |")
     write_results("\n".join(lines) + "\n", args.out, args.append_results)
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import pagedlm.ops as ops
-from bench_common import anchor_columns, cpu_name, flashinfer_version, git_commit, write_results
+from bench_common import anchor_columns, copy_bandwidth, cpu_name, flashinfer_version, git_commit, write_results
 
 GPU_SHAPES = [(1, 32768), (8, 8192), (64, 4096), (256, 2048), (1, 131072), (512, 512)]
 HEADS, KV_HEADS, HEAD_DIM, PAGE = 32, 8, 128, 16
@@ -58,18 +58,10 @@ def flashinfer_decode(query, key_cache, value_cache, tables, batch, length, use_
     return lambda: wrapper.run(query, (key_cache, value_cache))
 
 
-def copy_bandwidth(device):
-    from triton.testing import do_bench
-    src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    ms = do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
-    return 2 * src.numel() / (ms * 1e-3)
-
-
 def bench_cuda(args):
     from triton.testing import do_bench
     name = torch.cuda.get_device_name()
-    copy_bw = copy_bandwidth("cuda")
+    copy_bw = copy_bandwidth()
     version = flashinfer_version()
     anchors = [f"FlashInfer {version} {v}" for v in args.flashinfer_variants] if version else []
     rows = []

@@ -13,11 +13,10 @@ its figure can exceed the copy bandwidth: it is a speed, not a measured traffic.
 """
 import argparse
 import datetime
-import os
-import subprocess
 
 import torch
 
+from bench_common import copy_bandwidth, git_commit, write_results
 from pagedlm.verify import verify_greedy, verify_speculative
 
 SHAPES = [(64, 4, 32000), (16, 8, 128256)]
@@ -33,14 +32,6 @@ def make_inputs(batch, k, vocab, device="cuda"):
     target_probs, draft_probs = target_logits.softmax(-1), draft_logits.softmax(-1)
     drafts = torch.multinomial(draft_probs.reshape(-1, vocab), 1, generator=gen).reshape(batch, k)
     return drafts, draft_probs, target_probs, target_logits.to(torch.bfloat16)
-
-
-def copy_bandwidth():
-    from triton.testing import do_bench
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    ms = do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
-    return 2 * src.numel() / (ms * 1e-3)
 
 
 def flashinfer_chain(draft_probs, drafts, target_probs):
@@ -159,14 +150,6 @@ def smoke():
     print("smoke: ok")
 
 
-def git_commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("PAGEDLM_COMMIT", "unknown")
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", help="also write the table to this file")
@@ -176,14 +159,7 @@ def main():
     if args.smoke:
         smoke()
         return
-    text = bench(args)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
-    if args.append_results:
-        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md"), "a") as f:
-            f.write("\n" + text)
+    write_results(bench(args), args.out, args.append_results)
 
 
 if __name__ == "__main__":
