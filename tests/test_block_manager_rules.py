@@ -239,6 +239,15 @@ def test_a_block_rewritten_after_truncate_is_never_served_for_its_old_content():
     s.check()
 
 
+def test_a_block_left_partial_after_an_overwrite_is_never_served_for_its_old_content():
+    s = Shadow(16, 4)
+    s.allocate(1, [1, 2, 3, 4, 5, 6, 7, 8, 9])
+    s.truncate(1, 5)                         # [1 2 3 4] [5 . . .]: the cached [5 6 7 8] is cut
+    s.append(1, [50])                        # [5 50 . .] overwrites slot 1 of that block
+    assert s.allocate(2, [1, 2, 3, 4, 5, 6, 7, 8, 9]) == 4
+    s.check()
+
+
 def test_truncate_at_a_block_boundary_then_new_content_chains_correctly():
     s = Shadow(16, 2)
     s.allocate(1, [1, 2, 3, 4, 5, 6, 7])

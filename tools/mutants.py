@@ -31,7 +31,10 @@ VERIFY = "cpp/src/verify.cpp"
 VERIFY_TESTS = ("tests/test_verify.py", "tests/test_verify_boundaries.py")
 SCHED = "python/pagedlm/engine/scheduler.py"
 LLM = "python/pagedlm/llm.py"
-ENGINE_TESTS = ("tests/test_engine.py", "tests/test_engine_logprobs.py")
+ENGINE_TESTS = ("tests/test_engine_logprobs.py", "tests/test_engine.py::test_n_samples_share_prompt_blocks_and_abort_frees_them",
+                "tests/test_engine.py::test_one_sampling_params_per_prompt",
+                "tests/test_engine.py::test_prefix_caching_reuses_blocks_and_changes_nothing",
+                "tests/test_engine.py::test_chunked_prefill_changes_nothing")
 SAMPLER = "python/pagedlm/engine/sampler.py"
 SAMPLER_TESTS = ("tests/test_sampler.py",)
 SCALING_TESTS = ("tests/test_scaling_laws.py", "tests/test_scaling_params.py", "tests/test_scaling_design.py",
