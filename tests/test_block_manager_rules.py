@@ -294,6 +294,19 @@ def test_colliding_hashes_never_share_blocks_with_other_tokens(hash_bits):
                     assert s.tokens[a][:end] == s.tokens[b][:end], (a, b, i)
 
 
+@pytest.mark.parametrize("hash_bits", [1, 2, 3])
+def test_every_prompt_over_a_small_alphabet_with_few_hash_bits_hits_only_real_prefixes(hash_bits):
+    import itertools
+    s = Shadow(256, 2, hash_bits=hash_bits)
+    history = []
+    for seq, prompt in enumerate(itertools.product(range(2), repeat=5)):
+        prompt = [1 + t for t in prompt[:2]] + list(prompt[2:]) + [seq]
+        cached = s.allocate(seq, prompt)
+        assert cached <= longest_cached_prefix(history, prompt, 2), (seq, prompt, cached)
+        history.append(prompt)
+    s.check()
+
+
 def test_with_every_hash_equal_the_same_tokens_under_another_parent_are_not_shared():
     s = Shadow(32, 2, hash_bits=0)
     s.allocate(1, [1, 1, 5, 5, 0])

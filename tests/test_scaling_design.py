@@ -120,3 +120,11 @@ def test_design_with_given_gpus_reports_their_time():
     assert m.train_days == pytest.approx(1e23 / (2.25e15 * 0.4) / 100 / 86400)
     assert m.cost_dollars == pytest.approx(m.gpu_hours * 5.00)
     assert math.isclose(m.gpu_hours, 1e23 / (2.25e15 * 0.4) / 3600)
+
+
+def test_when_time_is_no_constraint_the_gpus_are_the_fewest_that_hold_the_model_states():
+    m = design_model(1e24, gpu="H100", max_days=1e9)
+    # Model states: 16 bytes a parameter (bf16 weights and gradients, fp32 Adam), ZeRO-3 sharded,
+    # at most 70% of an H100's 80 GB; the fewest GPUs as a power of two.
+    needed = 16 * m.params / (0.7 * 80e9)
+    assert m.n_gpus >= needed and m.n_gpus / 2 < needed and m.n_gpus & (m.n_gpus - 1) == 0

@@ -134,3 +134,15 @@ def test_probabilities_above_one_weigh_as_one():
     target = torch.tensor([[[3.0, 0.5]]])
     out, _ = verify_speculative(torch.zeros(1, 0, dtype=torch.int64), None, target, seed=seed, offset=0)
     assert out.tolist() == [[1]]
+
+
+def test_a_tree_walk_stops_at_max_depth_even_when_every_child_is_certain():
+    tokens = torch.tensor([[0, 1, 2, 3]])
+    parents = torch.tensor([[-1, 0, 1, 2]], dtype=torch.int32)   # a chain 0 -> 1 -> 2 -> 3
+    probs = torch.zeros(1, 4, 5)
+    for node, nxt in enumerate([1, 2, 3, 4]):
+        probs[0, node, nxt] = 1.0                                   # each child's token is certain
+    for depth in range(4):
+        nodes, n, nxt = verify_tree_speculative(tokens, parents, probs, seed=3, offset=0, max_depth=depth)
+        assert n.tolist() == [depth] and nodes.tolist() == [list(range(depth + 1))]
+        assert nxt.tolist() == [depth + 1]
