@@ -296,15 +296,20 @@ def test_colliding_hashes_never_share_blocks_with_other_tokens(hash_bits):
 
 @pytest.mark.parametrize("hash_bits", [1, 2, 3])
 def test_every_prompt_over_a_small_alphabet_with_few_hash_bits_hits_only_real_prefixes(hash_bits):
+    """Two-block prefixes over three tokens in a shuffled order: first blocks collide often, and
+    a block after a colliding one must never be found under the other block's identity."""
     import itertools
-    s = Shadow(256, 2, hash_bits=hash_bits)
+    import random
+    prompts = [list(p) for p in itertools.product(range(3), repeat=4)]
+    random.Random(hash_bits).shuffle(prompts)
+    s = Shadow(400, 2, hash_bits=hash_bits)
     history = []
-    for seq, prompt in enumerate(itertools.product(range(2), repeat=5)):
-        prompt = [1 + t for t in prompt[:2]] + list(prompt[2:]) + [seq]
+    for seq, prompt in enumerate(prompts):
+        prompt = prompt + [seq]
         cached = s.allocate(seq, prompt)
         assert cached <= longest_cached_prefix(history, prompt, 2), (seq, prompt, cached)
         history.append(prompt)
-    s.check()
+        s.check()
 
 
 def test_with_every_hash_equal_the_same_tokens_under_another_parent_are_not_shared():

@@ -174,7 +174,8 @@ MUTANTS = [
     Mutant("copy_blocks_skips_first_pair", "kernels", "cpp/src/kv_cache.cpp",
            "if (src != dst) std::memcpy", "if (src != dst && i > 0) std::memcpy", ("tests/test_kv_cache.py",)),
     Mutant("write_kv_value_stride", "kernels", "cpp/src/kv_cache.cpp",
-           "v + t * p.value_stride * esize", "v + t * p.key_stride * esize", ("tests/test_kv_cache.py",)),
+           "v + t * p.value_stride * esize", "v + t * p.key_stride * esize",
+           ("tests/test_kv_cache.py", "tests/test_kv_cache_strides.py")),
 
     # ---- verification ---------------------------------------------------------------------
     Mutant("verify_accept_le", "verification", VERIFY_H,
