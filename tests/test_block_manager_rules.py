@@ -312,6 +312,23 @@ def test_every_prompt_over_a_small_alphabet_with_few_hash_bits_hits_only_real_pr
         s.check()
 
 
+def test_a_block_after_a_clashing_one_is_never_found_under_the_other_ones_identity():
+    """With 10 hash bits, 300 first blocks X are cached (each followed by [1 1]); then 300 other
+    first blocks Y, each followed by [2 2], many clashing with some X. [X][2 2] was never
+    written, so a later prompt starting with it may hit its first block at most."""
+    s = Shadow(3000, 2, hash_bits=10)
+    xs = [[a, b] for a in range(10, 30) for b in range(10, 25)]
+    ys = [[a, b] for a in range(100, 120) for b in range(100, 115)]
+    seq = 0
+    for first, second in [(x, [1, 1]) for x in xs] + [(y, [2, 2]) for y in ys]:
+        s.allocate(seq, first + second + [seq])
+        seq += 1
+    for x in xs:
+        assert s.allocate(seq, x + [2, 2, 0]) <= 2, x  # 0 when x itself clashed and stayed private
+        seq += 1
+    s.check()
+
+
 def test_with_every_hash_equal_the_same_tokens_under_another_parent_are_not_shared():
     s = Shadow(32, 2, hash_bits=0)
     s.allocate(1, [1, 1, 5, 5, 0])
