@@ -9,28 +9,41 @@ from pagedlm.engine.sequence import SamplingParams, Sequence
 
 scipy_stats = pytest.importorskip("scipy.stats")
 
-LOGITS = torch.tensor([2.0, 1.5, 0.3, -0.4, 1.0, 0.0, -2.0])
+# Logits whose softmax is a known distribution, so every expected distribution below is worked
+# out by hand from the definitions (temperature: p^(1/T) renormalised; top-k: the k most likely,
+# ties at the k-th kept; top-p: the smallest most-likely-first set whose mass reaches top_p),
+# not by re-running the sampler's own tensor code.
+BASE = torch.tensor([0.4, 0.25, 0.15, 0.1, 0.06, 0.04], dtype=torch.float64)
+LOGITS = BASE.log().float()
 DRAWS = 6000
 
 
+def normalised(values):
+    values = torch.tensor(values, dtype=torch.float64)
+    return values / values.sum()
+
+
+CASES = [
+    (SamplingParams(temperature=1.0, seed=3), normalised([0.4, 0.25, 0.15, 0.1, 0.06, 0.04])),
+    (SamplingParams(temperature=0.5, seed=4), normalised([0.4 ** 2, 0.25 ** 2, 0.15 ** 2, 0.1 ** 2, 0.06 ** 2,
+                                                           0.04 ** 2])),
+    (SamplingParams(temperature=2.0, seed=5), normalised([0.4 ** 0.5, 0.25 ** 0.5, 0.15 ** 0.5, 0.1 ** 0.5,
+                                                           0.06 ** 0.5, 0.04 ** 0.5])),
+    (SamplingParams(temperature=1.0, top_k=3, seed=6), normalised([0.4, 0.25, 0.15, 0, 0, 0])),
+    (SamplingParams(temperature=1.0, top_p=0.6, seed=7), normalised([0.4, 0.25, 0, 0, 0, 0])),    # 0.65 >= 0.6
+    (SamplingParams(temperature=1.0, top_p=0.66, seed=8), normalised([0.4, 0.25, 0.15, 0, 0, 0])),  # 0.65 < 0.66
+    (SamplingParams(temperature=1.0, top_p=0.3, seed=9), normalised([1, 0, 0, 0, 0, 0])),
+    (SamplingParams(temperature=0.5, top_k=4, top_p=0.9, seed=10),  # top 4 of p^2, then 0.8725 < 0.9 < 0.9608
+     normalised([0.4 ** 2, 0.25 ** 2, 0.15 ** 2, 0, 0, 0])),
+]
+
+
 def draws(params, logits=LOGITS, count=DRAWS):
-    """count samples from one logits row, one per position (the generator's counter)."""
+    """count samples from one logits row, one per position (the generator's counter), and their
+    reported log-probabilities."""
     seqs = [Sequence(i, "r", 0, [1] * (i + 1), params) for i in range(count)]
-    tokens, _ = sample(logits.expand(count, -1).contiguous(), seqs, engine_seed=0)
-    return torch.bincount(torch.tensor(tokens), minlength=logits.numel()).double()
-
-
-def expected_probs(params, logits=LOGITS):
-    scaled = logits / params.temperature
-    if params.top_k > 0:
-        scaled = scaled.masked_fill(scaled < scaled.topk(params.top_k).values[-1], float("-inf"))
-    probs = scaled.softmax(-1).double()
-    if params.top_p < 1:
-        ordered, order = probs.sort(descending=True)
-        keep = ordered.cumsum(0) - ordered <= params.top_p
-        probs = torch.zeros_like(probs).scatter(0, order, ordered * keep)
-        probs /= probs.sum()
-    return probs
+    tokens, logprobs = sample(logits.expand(count, -1).contiguous(), seqs, engine_seed=0)
+    return torch.bincount(torch.tensor(tokens), minlength=logits.numel()).double(), tokens, logprobs
 
 
 def chi_square_p(observed, probs):
@@ -38,23 +51,43 @@ def chi_square_p(observed, probs):
     return scipy_stats.chisquare(observed.numpy(), expected.numpy()).pvalue
 
 
-@pytest.mark.parametrize("params", [SamplingParams(temperature=1.0, seed=3),
-                                    SamplingParams(temperature=0.6, top_k=4, seed=4),
-                                    SamplingParams(temperature=1.3, top_p=0.8, seed=5),
-                                    SamplingParams(temperature=0.9, top_k=5, top_p=0.9, seed=6)])
-def test_sampled_tokens_follow_the_truncated_distribution(params):
-    probs = expected_probs(params)
+@pytest.mark.parametrize("params, probs", CASES)
+def test_sampled_tokens_follow_the_truncated_distribution(params, probs):
     torch.testing.assert_close(probabilities(LOGITS[None], [params])[0].double(), probs, atol=1e-6, rtol=0)
-    observed = draws(params)
+    observed, tokens, logprobs = draws(params)
     assert observed[probs == 0].sum() == 0  # truncated tokens are never drawn
     kept = probs > 0
-    assert chi_square_p(observed[kept], probs[kept]) > 1e-4
+    if kept.sum() > 1:
+        assert chi_square_p(observed[kept], probs[kept]) > 1e-4
+    # The reported log-probability is the token's under the distribution it was drawn from.
+    torch.testing.assert_close(torch.tensor(logprobs, dtype=torch.float64), probs[tokens].log(), atol=1e-5, rtol=0)
+
+
+def test_top_k_keeps_every_token_tied_with_the_kth():
+    logits = torch.tensor([2.0, 1.0, 1.0, 0.0, 1.0])
+    probs = probabilities(logits[None], [SamplingParams(top_k=2)])[0].double()
+    e = torch.tensor([2.0, 1.0, 1.0, 0.0, 1.0], dtype=torch.float64).exp() * torch.tensor([1, 1, 1, 0, 1])
+    torch.testing.assert_close(probs, e / e.sum(), atol=1e-6, rtol=0)
 
 
 def test_the_chi_square_test_rejects_a_wrong_distribution():
-    observed = draws(SamplingParams(temperature=1.0, seed=3))
-    wrong = expected_probs(SamplingParams(temperature=1.5))
+    observed, _, _ = draws(SamplingParams(temperature=1.0, seed=3))
+    wrong = CASES[2][1]  # the temperature-2 distribution
     assert chi_square_p(observed, wrong) < 1e-6
+
+
+def test_a_draw_is_keyed_by_position_not_by_how_the_tokens_are_split():
+    """A sequence with prompt P and output O draws at position len(P + O), exactly as one whose
+    prompt is P + O; the sample index keys the draw too, so n > 1 samples differ."""
+    params = SamplingParams(temperature=1.0, seed=21)
+    logits = LOGITS.expand(200, -1).contiguous()
+    split = [Sequence(i, "r", 0, [1] * 5, params, output=[2] * (i + 1)) for i in range(200)]
+    joined = [Sequence(i, "r", 0, [1] * 5 + [2] * (i + 1), params) for i in range(200)]
+    assert sample(logits, split, engine_seed=0)[0] == sample(logits, joined, engine_seed=0)[0]
+    same_position = [Sequence(i, "r", 0, [1] * 5 + [2] * 7, params) for i in range(200)]
+    assert len(set(sample(logits, same_position, engine_seed=0)[0])) == 1
+    samples = [Sequence(i, "r", i, [1] * 5 + [2] * 7, params) for i in range(200)]
+    assert len(set(sample(logits, samples, engine_seed=0)[0])) > 1
 
 
 def test_greedy_rows_take_the_argmax_with_its_log_probability():

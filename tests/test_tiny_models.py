@@ -39,11 +39,28 @@ def sample_logits(reference):
         return windows, {role: model(windows[:, :-1]).logits for role, model in reference.items()}
 
 
-def test_pair_is_within_the_package_budget():
+def unigram_entropy(windows):
+    """Nats per token of the held-out tokens' own frequencies: what a model that learned no
+    context at all could reach at best."""
+    counts = torch.bincount(windows[:, 1:].reshape(-1)).double()
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * p.log()).sum())
+
+
+def heldout_losses(sample_logits, role):
+    windows, logits = sample_logits
+    return torch.nn.functional.cross_entropy(logits[role].transpose(1, 2), windows[:, 1:], reduction="none").mean(1)
+
+
+def test_pair_is_within_the_package_budget(reference, sample_logits):
     files = [f for role in ("target", "draft") for f in (TINY_CODE / role).iterdir()]
     assert sum(f.stat().st_size for f in files) <= 24e6
-    assert record("target")["params"] >= 4 * record("draft")["params"]
-    assert record("target")["heldout_loss"] < record("draft")["heldout_loss"]
+    counted = {role: sum(p.numel() for p in reference[role].parameters()) for role in ("target", "draft")}
+    assert counted["target"] >= 4 * counted["draft"]
+    # Measured here, not read from the records: the larger model predicts the held-out code better,
+    # and both beat the best context-free guess by a wide margin.
+    target, draft = (float(heldout_losses(sample_logits, role).mean()) for role in ("target", "draft"))
+    assert target < draft < unigram_entropy(sample_logits[0]) - 1.0
 
 
 @pytest.mark.parametrize("role", ["target", "draft"])

@@ -559,12 +559,21 @@ def test_tree_bad_input_raises_naming_the_argument(call, error, argument):
         call(t, a, p)
 
 
-def test_padding_nodes_tokens_are_not_checked():
+def test_padding_nodes_tokens_are_not_checked_and_never_accepted():
     t, a, p = tree_inputs()
-    a[0, 7] = -1
-    t[0, 7] = -5  # a padding node may carry anything
-    t[0, 0] = 10 ** 9  # so may the root: it is the last emitted token, never compared
-    verify_tree_greedy(t, a, p)
+    logits = torch.zeros(1, 8, 100)
+    logits[0, 0, 10] = logits[0, 1, 20] = logits[0, 4, 30] = 5.0  # the walk would take nodes 1, 4, 7
+    a[0, 4] = -1       # node 4 is padding, and so is node 7 below it
+    valid = verify_tree_greedy(t, a, logits)
+    t[0, 4] = -5       # a padding node may carry anything,
+    t[0, 7] = 10 ** 6  # so may a node under one,
+    t[0, 0] = 10 ** 9  # and so may the root: it is the last emitted token, never compared
+    nodes, n, nxt = verify_tree_greedy(t, a, logits)
+    assert nodes.tolist() == [[0, 1, -1]] and n.tolist() == [1] and nxt.tolist() == [20]  # depth 2 without 4, 7
+    assert [x.tolist() for x in valid] == [nodes.tolist(), n.tolist(), nxt.tolist()]
+    probs = torch.softmax(logits * 4, -1)
+    out = verify_tree_speculative(t, a, probs, seed=1, offset=0)
+    assert 4 not in out[0].tolist()[0] and 7 not in out[0].tolist()[0]
 
 
 @pytest.mark.gpu

@@ -52,8 +52,10 @@ void bind_block_manager(nb::module_& m) {
       "KV-cache block manager: fixed-size blocks, refcounted copy-on-write forks and\n"
       "optional prefix caching. Every operation is atomic: one that cannot complete\n"
       "raises and changes nothing.")
-      .def(nb::init<int32_t, int32_t, bool>(), "num_blocks"_a, "block_size"_a,
-           "enable_prefix_caching"_a = false)
+      .def(nb::init<int32_t, int32_t, bool, int32_t>(), "num_blocks"_a, "block_size"_a,
+           "enable_prefix_caching"_a = false, nb::kw_only(), "hash_bits"_a = 64,
+           "hash_bits (a test hook): keep only the low hash_bits bits of each block's prefix-cache\n"
+           "hash, forcing collisions (0: every full block hashes alike); sharing stays exact.")
       .def("allocate",
            [](BlockManager& bm, int64_t seq_id, nb::handle token_ids) {
              std::vector<TokenId> tokens = pagedlm::bindings::token_ids(token_ids, "token_ids");

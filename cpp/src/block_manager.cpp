@@ -32,10 +32,14 @@ std::string seq_str(SeqId id) { return std::to_string(id); }
 
 }  // namespace
 
-BlockManager::BlockManager(int32_t num_blocks, int32_t block_size, bool enable_prefix_caching)
-    : num_blocks_(num_blocks), block_size_(block_size), prefix_caching_(enable_prefix_caching) {
+BlockManager::BlockManager(int32_t num_blocks, int32_t block_size, bool enable_prefix_caching, int32_t hash_bits)
+    : num_blocks_(num_blocks),
+      block_size_(block_size),
+      prefix_caching_(enable_prefix_caching),
+      hash_mask_(hash_bits >= 64 ? ~uint64_t{0} : hash_bits <= 0 ? 0 : (uint64_t{1} << hash_bits) - 1) {
   if (num_blocks <= 0) throw InvalidArgument("num_blocks must be positive, got " + std::to_string(num_blocks));
   if (block_size <= 0) throw InvalidArgument("block_size must be positive, got " + std::to_string(block_size));
+  if (hash_bits < 0 || hash_bits > 64) throw InvalidArgument("hash_bits must be in [0, 64], got " + std::to_string(hash_bits));
   ref_count_.assign(num_blocks, 0);
   free_ring_.resize(num_blocks);
   for (BlockId b = 0; b < num_blocks; ++b) free_ring_[b] = b;
@@ -111,6 +115,10 @@ void BlockManager::lru_remove(BlockId block) {
 
 // ---- prefix cache ---------------------------------------------------------------------
 
+uint64_t BlockManager::key_hash(uint64_t parent_id, const TokenId* tokens) const {
+  return block_key_hash(parent_id, tokens, block_size_) & hash_mask_;
+}
+
 BlockId BlockManager::lookup(uint64_t hash, uint64_t parent_id, const TokenId* tokens) const {
   auto it = cached_.find(hash);
   if (it == cached_.end()) return -1;
@@ -136,7 +144,7 @@ void BlockManager::register_full_blocks(Sequence& seq) {
   for (int64_t i = static_cast<int64_t>(seq.chain_id.size()); i < full; ++i) {
     const TokenId* tokens = &seq.tokens[i * block_size_];
     uint64_t parent = i > 0 ? seq.chain_id[i - 1] : 0;
-    uint64_t hash = block_key_hash(parent, tokens, block_size_);
+    uint64_t hash = key_hash(parent, tokens);
     uint64_t id;
     BlockId same = lookup(hash, parent, tokens);
     if (same >= 0) {
@@ -171,7 +179,7 @@ int64_t BlockManager::allocate(SeqId seq_id, const TokenId* tokens, int64_t n) {
     uint64_t parent = 0;
     for (int64_t i = 0; (i + 1) * block_size_ <= n - 1; ++i) {
       const TokenId* block_tokens = tokens + i * block_size_;
-      uint64_t hash = block_key_hash(parent, block_tokens, block_size_);
+      uint64_t hash = key_hash(parent, block_tokens);
       BlockId block = lookup(hash, parent, block_tokens);
       if (block < 0) break;
       hits.push_back(block);

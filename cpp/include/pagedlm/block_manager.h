@@ -34,7 +34,10 @@ struct BlockManagerStats {
 
 class BlockManager {
  public:
-  BlockManager(int32_t num_blocks, int32_t block_size, bool enable_prefix_caching = false);
+  // hash_bits (a test hook, 0 to 64): keeps only the low hash_bits bits of every block key's
+  // hash, so that tests can force collisions (0: every full block hashes alike). Sharing must
+  // stay exact whatever it is, since every hit compares the block's parent and tokens.
+  BlockManager(int32_t num_blocks, int32_t block_size, bool enable_prefix_caching = false, int32_t hash_bits = 64);
 
   // Creates seq_id holding n prompt tokens. With prefix caching, reuses the longest run of
   // cached full blocks matching the prompt, leaving at least the last token to compute;
@@ -100,9 +103,12 @@ class BlockManager {
   void unregister(BlockId block);
   void register_full_blocks(Sequence& seq);
 
+  uint64_t key_hash(uint64_t parent_id, const TokenId* tokens) const;
+
   int32_t num_blocks_;
   int32_t block_size_;
   bool prefix_caching_;
+  uint64_t hash_mask_;
 
   std::vector<int32_t> ref_count_;
   // Free list: a FIFO ring of block ids with refcount 0 and no cached content.
