@@ -39,3 +39,6 @@ cmake --build build/cpp
 ctest --test-dir build/cpp --output-on-failure
 
 $PY -m pytest -q "$@"
+
+# A fixed sample of planted bugs, each of which some test must catch (docs/testing.md).
+$PY tools/mutate.py --quick --no-baseline
