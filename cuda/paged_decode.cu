@@ -96,7 +96,7 @@ __device__ __forceinline__ TokenRange split_range(const PagedDecodeParams& p, in
 __device__ __forceinline__ const uint8_t* mask_row(const PagedDecodeParams& p, int b, bool& bad) {
   if (p.mask == nullptr) return nullptr;
   const int64_t start = p.mask_offsets[b];
-  bad = bad || start < 0 || start + max(p.seq_lens[b], 0) > p.mask_size;
+  bad = bad || start < 0 || start > p.mask_size - max(p.seq_lens[b], 0);  // start + len could pass 2^63
   return bad ? nullptr : p.mask + start;
 }
 
