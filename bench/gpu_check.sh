@@ -50,6 +50,15 @@ if [ $run_sanitizer = 1 ]; then
       > "$OUT/sanitizer-$tool.log" 2>&1 || status=1
     echo "compute-sanitizer $tool: $(grep -E 'SUMMARY|case done' "$OUT/sanitizer-$tool.log" | tr '\n' ' ')"
   done
+  # Op fuzzing with bad values inside CUDA tensors, with and without PAGEDLM_DEBUG=1.
+  for tool in memcheck racecheck initcheck synccheck; do
+    compute-sanitizer --tool $tool --error-exitcode 9 python3 bench/sanitize_fuzz.py --cases 40 \
+      > "$OUT/sanitizer-fuzz-$tool.log" 2>&1 || status=1
+    echo "compute-sanitizer $tool (fuzz): $(grep -E 'SUMMARY|PAGEDLM_DEBUG|fuzz done' "$OUT/sanitizer-fuzz-$tool.log" | tr '\n' ' ')"
+  done
+  python3 -m pytest -q -p no:cacheprovider --runslow -m gpu tests/test_fuzz_ops.py > "$OUT/pytest-fuzz-gpu.log" 2>&1 \
+    || status=1
+  tail -3 "$OUT/pytest-fuzz-gpu.log"
 fi
 
 if [ $run_bench = 1 ]; then

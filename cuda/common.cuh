@@ -28,6 +28,28 @@ __device__ __forceinline__ float exp2_ftz(float x) {
   return y;
 }
 
+// Non-finite attention scores, as the CPU path treats them (cpp/src/paged_prefill.cpp): a NaN or
+// +inf among a row's visible scores leaves the softmax (the score becomes -inf) and is remembered,
+// the worst kind per row; the row's output is then NaN, its lse NaN or +inf. -inf is an ordinary
+// score of weight 0. kScoreNaN also stands for a row turned into NaN by a bad block id or length.
+constexpr int kScoreFinite = 0, kScoreInf = 1, kScoreNaN = 2;
+__device__ __forceinline__ int nonfinite_kind(float s) { return s < INFINITY ? kScoreFinite : s != s ? kScoreNaN : kScoreInf; }
+// Takes a visible score out of the softmax if it is NaN or +inf, noting its kind in `kind`.
+__device__ __forceinline__ float screen_score(float s, int& kind) {
+  const int k = nonfinite_kind(s);
+  kind = max(kind, k);
+  return k == kScoreFinite ? s : -INFINITY;
+}
+// The max of `kind` over the four lanes of a quad (the lanes holding one row of an mma tile).
+__device__ __forceinline__ int quad_max(int kind) {
+  kind = max(kind, __shfl_xor_sync(0xffffffffu, kind, 1));
+  return max(kind, __shfl_xor_sync(0xffffffffu, kind, 2));
+}
+__device__ __forceinline__ float flagged_out(int kind, float out) { return kind == kScoreFinite ? out : NAN; }
+__device__ __forceinline__ float flagged_lse(int kind, float lse) {
+  return kind == kScoreNaN ? NAN : kind == kScoreInf ? INFINITY : lse;
+}
+
 // Calls fn(T{}) with T the element type of `dtype`.
 template <typename Fn>
 int dispatch_dtype(DType dtype, Fn&& fn) {

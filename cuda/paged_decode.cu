@@ -12,7 +12,8 @@
 // kernel combines them. Splits are chosen on the host from the grid size alone (no
 // synchronisation), and each block derives its token range from the sequence's real length.
 //
-// Bad values never fault: an out-of-range block id or length turns the row into NaN.
+// Bad values never fault: an out-of-range block id or length turns the row into NaN. A NaN or +inf
+// among a row's visible scores turns it into NaN as well, with lse NaN or +inf (common.cuh).
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
@@ -95,7 +96,7 @@ __device__ __forceinline__ TokenRange split_range(const PagedDecodeParams& p, in
 __device__ __forceinline__ const uint8_t* mask_row(const PagedDecodeParams& p, int b, bool& bad) {
   if (p.mask == nullptr) return nullptr;
   const int64_t start = p.mask_offsets[b];
-  bad = bad || start < 0 || start + max(p.seq_lens[b], 0) > p.mask_size;
+  bad = bad || start < 0 || start > p.mask_size - max(p.seq_lens[b], 0);  // start + len could pass 2^63
   return bad ? nullptr : p.mask + start;
 }
 
@@ -119,6 +120,7 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(PagedDecodeParam
   float* sum_smem = rescale_smem + GT;                               // [GT]
   float* max_smem = sum_smem + GT;                                   // [GT]
   __shared__ int bad_row;
+  __shared__ int score_kind[GT];  // non-finite scores seen, per head (common.cuh)
 
   const int split_id = blockIdx.x;
   const int heads_per_kv = p.num_heads / p.num_kv_heads;
@@ -134,6 +136,7 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(PagedDecodeParam
   const uint8_t* row_mask = mask_row(p, b, flagged);
 
   if (tid == 0) bad_row = flagged;
+  if (tid < GT) score_kind[tid] = kScoreFinite;
   __syncthreads();  // before any load can flag a bad block id
 
   const int warp = tid / 32, lane = tid % 32;
@@ -218,7 +221,12 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(PagedDecodeParam
         s += __shfl_xor_sync(0xffffffffu, s, 1);
         s += __shfl_xor_sync(0xffffffffu, s, 2);
         if (p.soft_cap > 0.0f) s = p.soft_cap * tanhf(s / p.soft_cap);
-        if (tile_begin + row >= end || (row_mask && !row_mask[tile_begin + row])) s = -INFINITY;
+        if (tile_begin + row >= end || (row_mask && !row_mask[tile_begin + row])) {
+          s = -INFINITY;
+        } else if (nonfinite_kind(s) != kScoreFinite) {
+          if (quarter == 0) atomicMax(&score_kind[g], nonfinite_kind(s));
+          s = -INFINITY;
+        }
         if (quarter == 0) p_smem[g * kTile + row] = s;
       }
     }
@@ -271,21 +279,21 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(PagedDecodeParam
   __syncthreads();
   if (!pv_active) return;
 
-  const bool bad = bad_row != 0;
+  const int kind = bad_row != 0 ? kScoreNaN : score_kind[pv_head];
   const int head = head0 + pv_head;
   const float total = sum_smem[pv_head];
   const float inv = total > 0.0f ? 1.0f / total : 0.0f;  // an empty range yields zeros
-  const float lse = bad ? NAN : (total > 0.0f ? max_smem[pv_head] + logf(total) : -INFINITY);
+  const float lse = flagged_lse(kind, total > 0.0f ? max_smem[pv_head] + logf(total) : -INFINITY);
   const int64_t row_index = static_cast<int64_t>(b) * p.num_heads + head;
   if (split.num_splits == 1) {
     T* out = static_cast<T*>(p.out) + row_index * D + pv_d0;
 #pragma unroll
-    for (int i = 0; i < kOutPerThread; ++i) out[i] = from_float<T>(bad ? NAN : acc[i] * inv);
+    for (int i = 0; i < kOutPerThread; ++i) out[i] = from_float<T>(flagged_out(kind, acc[i] * inv));
     if (p.lse && pv_d0 == 0) p.lse[row_index] = lse;
   } else {
     float* out = split.partial_out + (row_index * split.num_splits + split_id) * D + pv_d0;
 #pragma unroll
-    for (int i = 0; i < kOutPerThread; ++i) out[i] = bad ? NAN : acc[i] * inv;
+    for (int i = 0; i < kOutPerThread; ++i) out[i] = flagged_out(kind, acc[i] * inv);
     if (pv_d0 == 0) split.partial_lse[row_index * split.num_splits + split_id] = lse;
   }
 }
@@ -299,38 +307,40 @@ namespace pagedlm::cuda {
 namespace {
 
 // Combines the splits of one (sequence, head): weights exp(lse_s - max lse). One thread per
-// split computes its weight (splits <= 128 = blockDim), then each thread sums one column.
+// split computes its weight (splits <= 128 = blockDim), then each thread sums one column. A
+// split with lse NaN (a bad value or NaN score) or +inf (an infinite score) decides the row.
 template <typename T>
 __global__ void __launch_bounds__(128) merge_splits_kernel(PagedDecodeParams p, SplitInfo split) {
   __shared__ float weight[128];
   __shared__ float warp_max_lse[4], warp_total[4];
-  __shared__ int any_bad;
+  __shared__ int any_bad, any_inf;
   const int64_t row = blockIdx.x;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const float lse = tid < split.num_splits ? split.partial_lse[row * split.num_splits + tid] : -INFINITY;
-  if (tid == 0) any_bad = 0;
+  if (tid == 0) any_bad = 0, any_inf = 0;
   __syncthreads();
   if (isnan(lse)) any_bad = 1;
-  const float local_max = warp_max(isnan(lse) ? -INFINITY : lse);
+  if (lse == INFINITY) any_inf = 1;
+  const float local_max = warp_max(isnan(lse) || lse == INFINITY ? -INFINITY : lse);
   if (lane == 0) warp_max_lse[warp] = local_max;
   __syncthreads();
   const float max_lse = fmaxf(fmaxf(warp_max_lse[0], warp_max_lse[1]), fmaxf(warp_max_lse[2], warp_max_lse[3]));
-  const float w = max_lse == -INFINITY || isnan(lse) ? 0.0f : exp2_ftz((lse - max_lse) * kLog2e);
+  const float w = max_lse == -INFINITY || isnan(lse) || lse == INFINITY ? 0.0f : exp2_ftz((lse - max_lse) * kLog2e);
   weight[tid] = w;
   const float local_total = warp_sum(w);
   if (lane == 0) warp_total[warp] = local_total;
   __syncthreads();
   const float total = warp_total[0] + warp_total[1] + warp_total[2] + warp_total[3];
   const float inv = total > 0.0f ? 1.0f / total : 0.0f;
-  const bool bad = any_bad != 0;
+  const int kind = any_bad ? kScoreNaN : any_inf ? kScoreInf : kScoreFinite;
   const float* partial = split.partial_out + row * split.num_splits * p.head_dim;
   for (int d = tid; d < p.head_dim; d += blockDim.x) {
     float value = 0.0f;
 #pragma unroll 8
     for (int s = 0; s < split.num_splits; ++s) value += weight[s] * partial[s * p.head_dim + d];
-    static_cast<T*>(p.out)[row * p.head_dim + d] = from_float<T>(bad ? NAN : value * inv);
+    static_cast<T*>(p.out)[row * p.head_dim + d] = from_float<T>(flagged_out(kind, value * inv));
   }
-  if (p.lse && tid == 0) p.lse[row] = bad ? NAN : (total > 0.0f ? max_lse + logf(total) : -INFINITY);
+  if (p.lse && tid == 0) p.lse[row] = flagged_lse(kind, total > 0.0f ? max_lse + logf(total) : -INFINITY);
 }
 
 // Splits per sequence: as many as fill the resident block slots of the GPU in one wave

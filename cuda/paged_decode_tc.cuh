@@ -38,6 +38,7 @@ __global__ void __launch_bounds__(kWarps * 32, MinBlocks) paged_decode_tc_kernel
   T* kv_smem = reinterpret_cast<T*>(smem_raw);
   __shared__ float warp_stats[kWarps][kRows][2];  // running max, sum
   __shared__ int bad_row;
+  __shared__ int score_kind[kRows];  // non-finite scores seen, per head row (common.cuh)
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int group = p.num_heads / p.num_kv_heads;
@@ -54,6 +55,7 @@ __global__ void __launch_bounds__(kWarps * 32, MinBlocks) paged_decode_tc_kernel
   const uint8_t* row_mask = mask_row(p, b, flagged);
 
   if (tid == 0) bad_row = flagged;
+  if (tid < kRows) score_kind[tid] = kScoreFinite;
   __syncthreads();
 
   using Tiles = PagedTiles<T, D, kTile, kWarps * 32>;
@@ -87,6 +89,7 @@ __global__ void __launch_bounds__(kWarps * 32, MinBlocks) paged_decode_tc_kernel
   }
 
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};  // rows r0, r1; sum is lane-partial
+  int kind[2] = {kScoreFinite, kScoreFinite};  // non-finite scores seen by this lane, rows r0, r1
   float o[D / 8][4];
 #pragma unroll
   for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
@@ -146,7 +149,7 @@ __global__ void __launch_bounds__(kWarps * 32, MinBlocks) paged_decode_tc_kernel
       for (int e = 0; e < 4; ++e) {
         float v = s[j][e] * p.scale;
         if (p.soft_cap > 0.0f) v = p.soft_cap * tanhf(v / p.soft_cap);
-        if (hidden[j][e & 1]) v = -INFINITY;
+        v = hidden[j][e & 1] ? -INFINITY : screen_score(v, kind[e >> 1]);
         s[j][e] = v;
         tile_max[e >> 1] = fmaxf(tile_max[e >> 1], v);
       }
@@ -207,6 +210,8 @@ __global__ void __launch_bounds__(kWarps * 32, MinBlocks) paged_decode_tc_kernel
     warp_stats[warp][r0][0] = row_max[0], warp_stats[warp][r0][1] = row_sum[0];
     warp_stats[warp][r1][0] = row_max[1], warp_stats[warp][r1][1] = row_sum[1];
   }
+  if (kind[0] != kScoreFinite) atomicMax(&score_kind[r0], kind[0]);
+  if (kind[1] != kScoreFinite) atomicMax(&score_kind[r1], kind[1]);
   __syncthreads();
 
   const bool bad = bad_row != 0;
@@ -224,8 +229,9 @@ __global__ void __launch_bounds__(kWarps * 32, MinBlocks) paged_decode_tc_kernel
         value += weight * warp_out[(w * kRows + row) * D + d];
       }
     }
-    const float result = bad ? NAN : (total > 0.0f ? value / total : 0.0f);
-    const float lse = bad ? NAN : (total > 0.0f ? m + logf(total) : -INFINITY);
+    const int row_kind = bad ? kScoreNaN : score_kind[row];
+    const float result = flagged_out(row_kind, total > 0.0f ? value / total : 0.0f);
+    const float lse = flagged_lse(row_kind, total > 0.0f ? m + logf(total) : -INFINITY);
     const int64_t row_index = static_cast<int64_t>(b) * p.num_heads + head0 + row;
     if (split.num_splits == 1) {
       static_cast<T*>(p.out)[row_index * D + d] = from_float<T>(result);

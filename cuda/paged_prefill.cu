@@ -63,9 +63,10 @@ __global__ void __launch_bounds__(PrefillShape<D>::kThreads) paged_prefill_kerne
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int head = blockIdx.y, kv_head = head / (p.num_heads / p.num_kv_heads);
-  const int q_begin = p.cu_seqlens_q[b], q_len = p.cu_seqlens_q[b + 1] - q_begin;
+  const SequenceRows seq_rows = sequence_rows(p, b);
+  const int q_begin = seq_rows.begin, q_len = seq_rows.len;
   const int len = p.seq_lens[b];
-  const bool bad_len = sequence_out_of_range(p, q_begin, q_len, len);
+  const bool bad_len = sequence_out_of_range(p, seq_rows, len);
   const int q0 = tile * kQueryTile;                        // first query of the block, within the sequence
   const int pos0 = len - q_len + q0;                       // its absolute position
   const int last_pos = pos0 + min(kQueryTile, q_len - q0) - 1;
@@ -131,9 +132,10 @@ __global__ void __launch_bounds__(PrefillShape<D>::kThreads) paged_prefill_kerne
   const bool fold_scale = p.scale > 0.0f && p.soft_cap <= 0.0f;
   const float score_mult = fold_scale ? p.scale * kLog2e : 1.0f;
   float row_max[kRows], row_sum[kRows];  // sum is lane-partial
+  int kind[kRows];                       // non-finite scores seen, lane-partial (common.cuh)
   float o[kMTiles][D / 8][4];
 #pragma unroll
-  for (int r = 0; r < kRows; ++r) row_max[r] = -INFINITY, row_sum[r] = 0.0f;
+  for (int r = 0; r < kRows; ++r) row_max[r] = -INFINITY, row_sum[r] = 0.0f, kind[r] = kScoreFinite;
 #pragma unroll
   for (int m = 0; m < kMTiles; ++m) {
 #pragma unroll
@@ -224,6 +226,7 @@ __global__ void __launch_bounds__(PrefillShape<D>::kThreads) paged_prefill_kerne
           for (int e = 0; e < 4; ++e) {
             const int r = 2 * m + (e >> 1), t = t0 + j * 8 + col + (e & 1);
             if (decltype(masked)::value && !visible(r, t)) s[m][j][e] = -INFINITY;
+            s[m][j][e] = screen_score(s[m][j][e], kind[r]);
             tile_max[r] = fmaxf(tile_max[r], s[m][j][e]);
           }
         }
@@ -305,8 +308,10 @@ __global__ void __launch_bounds__(PrefillShape<D>::kThreads) paged_prefill_kerne
     row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 2);
   }
   // With cu_seqlens_q itself out of range there is no row that is certainly ours to write.
-  const bool rows_known = q_begin >= 0 && q_len >= 0 && q_begin + q_len <= p.total_q;
+  const bool rows_known = seq_rows.known;
   const bool bad = bad_row != 0;
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) kind[r] = bad ? kScoreNaN : quad_max(kind[r]);
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {
     if (!rows_known || rows[r].q >= q_len) continue;
@@ -316,11 +321,12 @@ __global__ void __launch_bounds__(PrefillShape<D>::kThreads) paged_prefill_kerne
     T* out = static_cast<T*>(p.out) + out_row * D;
 #pragma unroll
     for (int n = 0; n < D / 8; ++n) {
-      out[n * 8 + col] = from_float<T>(bad ? NAN : o[m][n][2 * h] * inv);
-      out[n * 8 + col + 1] = from_float<T>(bad ? NAN : o[m][n][2 * h + 1] * inv);
+      out[n * 8 + col] = from_float<T>(flagged_out(kind[r], o[m][n][2 * h] * inv));
+      out[n * 8 + col + 1] = from_float<T>(flagged_out(kind[r], o[m][n][2 * h + 1] * inv));
     }
     if (p.lse && lane % 4 == 0) {
-      p.lse[out_row] = bad ? NAN : (row_sum[r] > 0.0f ? (row_max[r] + log2f(row_sum[r])) * kLn2 : -INFINITY);
+      p.lse[out_row] =
+          flagged_lse(kind[r], row_sum[r] > 0.0f ? (row_max[r] + log2f(row_sum[r])) * kLn2 : -INFINITY);
     }
   }
 }

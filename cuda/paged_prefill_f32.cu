@@ -10,6 +10,7 @@
 #include "common.cuh"
 #include "paged_prefill_f32.h"
 #include "prefill_mask.cuh"
+#include "prefill_schedule.cuh"
 
 namespace pagedlm::cuda {
 namespace {
@@ -39,14 +40,16 @@ __global__ void __launch_bounds__(kRowsPerBlock * 32) paged_prefill_f32_kernel(P
   int b = 0;
   while (b < p.batch && r >= p.cu_seqlens_q[b + 1]) ++b;
   if (b == p.batch) return;
-  const int q_begin = p.cu_seqlens_q[b], q_len = p.cu_seqlens_q[b + 1] - q_begin;
   // With cu_seqlens_q itself out of range there is no row that is certainly ours to write.
-  if (r < q_begin || q_begin < 0 || q_len < 0 || q_begin + q_len > p.total_q) return;
+  const SequenceRows seq_rows = sequence_rows(p, b);
+  if (!seq_rows.known || r < seq_rows.begin) return;
+  const int q_begin = seq_rows.begin, q_len = seq_rows.len;
 
   const int head = blockIdx.y, kv_head = head / (p.num_heads / p.num_kv_heads);
   const int len = p.seq_lens[b];
   const int64_t capacity = static_cast<int64_t>(p.max_blocks_per_seq) * p.block_size;
   int bad = len < 0 || len > capacity || q_len > len;
+  int kind = kScoreFinite;  // non-finite scores seen by this lane (common.cuh)
   const bool causal = p.causal && !p.mask;
   const PrefillRow row = prefill_row(p, static_cast<int>(r - q_begin), len, q_len);
   const int kv_lo = bad ? 0 : max(0, row.lo);
@@ -82,6 +85,8 @@ __global__ void __launch_bounds__(kRowsPerBlock * 32) paged_prefill_f32_kernel(P
         for (int d = 0; d < D; ++d) dot += q[d] * key[d];
         score = dot * p.scale;
         if (p.soft_cap > 0.0f) score = p.soft_cap * tanhf(score / p.soft_cap);
+        score = screen_score(score, kind);
+        if (score == -INFINITY) kv_row = -1;  // weight 0: its value plays no part
       }
     }
     const float new_max = fmaxf(row_max, warp_max(score));
@@ -104,13 +109,15 @@ __global__ void __launch_bounds__(kRowsPerBlock * 32) paged_prefill_f32_kernel(P
     row_max = new_max;
   }
   bad = __any_sync(0xffffffffu, bad);
+  for (int step = 16; step > 0; step /= 2) kind = max(kind, __shfl_xor_sync(0xffffffffu, kind, step));
+  if (bad) kind = kScoreNaN;
 
   float* out = static_cast<float*>(p.out) + (r * p.num_heads + head) * D;
   const float inv = row_sum > 0.0f ? 1.0f / row_sum : 0.0f;  // a row that sees nothing yields zeros
 #pragma unroll
-  for (int i = 0; i < kPerLane; ++i) out[lane + 32 * i] = bad ? NAN : o[i] * inv;
+  for (int i = 0; i < kPerLane; ++i) out[lane + 32 * i] = flagged_out(kind, o[i] * inv);
   if (p.lse && lane == 0) {
-    p.lse[r * p.num_heads + head] = bad ? NAN : (row_sum > 0.0f ? row_max + logf(row_sum) : -INFINITY);
+    p.lse[r * p.num_heads + head] = flagged_lse(kind, row_sum > 0.0f ? row_max + logf(row_sum) : -INFINITY);
   }
 }
 

@@ -85,6 +85,7 @@ struct WorkItem {
 
 // What the producer and the consumers both derive from a work item.
 struct ItemGeometry {
+  SequenceRows rows;
   int q_begin, q_len, len;
   bool bad_len;     // the sequence's length or rows are out of range: its rows turn into NaN
   int q0, pos0;     // the tile's first query within the sequence, and that query's position
@@ -95,10 +96,11 @@ struct ItemGeometry {
 template <int kQueryTile, int kKvTile>
 __device__ __forceinline__ ItemGeometry item_geometry(const PagedPrefillParams& p, const WorkItem& w) {
   ItemGeometry g;
-  g.q_begin = p.cu_seqlens_q[w.seq];
-  g.q_len = p.cu_seqlens_q[w.seq + 1] - g.q_begin;
+  g.rows = sequence_rows(p, w.seq);
+  g.q_begin = g.rows.begin;
+  g.q_len = g.rows.len;
   g.len = p.seq_lens[w.seq];
-  g.bad_len = sequence_out_of_range(p, g.q_begin, g.q_len, g.len);
+  g.bad_len = sequence_out_of_range(p, g.rows, g.len);
   g.q0 = w.tile * kQueryTile;
   g.pos0 = g.len - g.q_len + g.q0;
   const int last_pos = g.pos0 + min(kQueryTile, g.q_len - g.q0) - 1;
@@ -137,13 +139,14 @@ class WorkQueue {
     ticket_ = atomicAdd(p.tile_counter, 1);
     const int rank = ticket / p.num_heads;  // query tiles before this one, heaviest first
     for (; seq_ >= 0; --seq_) {
-      const int q_len = p.cu_seqlens_q[seq_ + 1] - p.cu_seqlens_q[seq_];
-      const int tiles = q_len > 0 ? (q_len + kQueryTile - 1) / kQueryTile : 0;
+      // 64-bit: a bad cu_seqlens_q may hold any int32 values (rank and first_rank_ stay below tickets_).
+      const int64_t q_len = static_cast<int64_t>(p.cu_seqlens_q[seq_ + 1]) - p.cu_seqlens_q[seq_];
+      const int64_t tiles = q_len > 0 ? (q_len + kQueryTile - 1) / kQueryTile : 0;
       if (rank < first_rank_ + tiles) {
-        w = WorkItem{seq_, tiles - 1 - (rank - first_rank_), ticket % p.num_heads};
+        w = WorkItem{seq_, static_cast<int>(tiles - 1 - (rank - first_rank_)), ticket % p.num_heads};
         break;
       }
-      first_rank_ += tiles;
+      first_rank_ += static_cast<int>(tiles);
     }
     return w;
   }
@@ -358,6 +361,7 @@ __global__ void __launch_bounds__(Sm90Shape<D>::kThreads, 1) paged_prefill_sm90_
 #pragma unroll
       for (int i = 0; i < D / 2; ++i) o[i] = 0.0f;
       float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};  // sums are lane-partial
+      int kind[2] = {kScoreFinite, kScoreFinite};  // non-finite scores seen, lane-partial (common.cuh)
 
       // Tiles this warpgroup computes: under a causal mask, none past its last row's position.
       const int wg_tiles =
@@ -433,7 +437,10 @@ __global__ void __launch_bounds__(Sm90Shape<D>::kThreads, 1) paged_prefill_sm90_
         }
         float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-        for (int i = 0; i < kKvTile / 2; ++i) tile_max[(i >> 1) & 1] = fmaxf(tile_max[(i >> 1) & 1], sc[i]);
+        for (int i = 0; i < kKvTile / 2; ++i) {
+          sc[i] = screen_score(sc[i], kind[(i >> 1) & 1]);
+          tile_max[(i >> 1) & 1] = fmaxf(tile_max[(i >> 1) & 1], sc[i]);
+        }
         float exp_offset[2];
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
@@ -510,7 +517,9 @@ __global__ void __launch_bounds__(Sm90Shape<D>::kThreads, 1) paged_prefill_sm90_
       mbarrier_wait(item_done(n), (n >> 1) & 1);  // the producer's bad flag is final
       const bool bad = g.bad_len || slots[n & 1].bad != 0;
       // With cu_seqlens_q itself out of range there is no row that is certainly ours to write.
-      const bool rows_known = g.q_begin >= 0 && g.q_len >= 0 && g.q_begin + g.q_len <= p.total_q;
+      const bool rows_known = g.rows.known;
+#pragma unroll
+      for (int r = 0; r < 2; ++r) kind[r] = bad ? kScoreNaN : quad_max(kind[r]);
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int q = g.q0 + row_lo + 8 * r;
@@ -520,11 +529,13 @@ __global__ void __launch_bounds__(Sm90Shape<D>::kThreads, 1) paged_prefill_sm90_
         T* out = static_cast<T*>(p.out) + out_row * D + col;
 #pragma unroll
         for (int j = 0; j < D / 8; ++j) {
-          const float lo = bad ? NAN : o[4 * j + 2 * r] * inv, hi = bad ? NAN : o[4 * j + 2 * r + 1] * inv;
+          const float lo = flagged_out(kind[r], o[4 * j + 2 * r] * inv);
+          const float hi = flagged_out(kind[r], o[4 * j + 2 * r + 1] * inv);
           *reinterpret_cast<uint32_t*>(out + 8 * j) = pack2<T>(lo, hi);
         }
         if (p.lse && lane % 4 == 0) {
-          p.lse[out_row] = bad ? NAN : (row_sum[r] > 0.0f ? (row_max[r] + log2f(row_sum[r])) * kLn2 : -INFINITY);
+          p.lse[out_row] =
+              flagged_lse(kind[r], row_sum[r] > 0.0f ? (row_max[r] + log2f(row_sum[r])) * kLn2 : -INFINITY);
         }
       }
       mbarrier_arrive(item_empty(n));

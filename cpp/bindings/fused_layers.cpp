@@ -48,7 +48,15 @@ void rms_norm(Tensor x, Tensor weight, MutTensor out, std::optional<MutTensor> r
   expect_same_placement(weight, where, "weight", "x");
   expect_like_x(out, x, dtype, where, "out");
   if (residual) expect_like_x(*residual, x, dtype, where, "residual");
-  if (!(eps >= 0.0) || !std::isfinite(eps)) fail("eps", "must be a finite number >= 0, got " + std::to_string(eps));
+  // out may be x itself (the residual form writes the norm over x); nothing else may alias.
+  if (out.data() != x.data()) expect_apart(out, x, "out", "x");
+  expect_apart(out, weight, "out", "weight");
+  if (residual) {
+    expect_apart(*residual, x, "residual", "x");
+    expect_apart(*residual, weight, "residual", "weight");
+    expect_apart(*residual, out, "residual", "out");
+  }
+  const float eps32 = finite_f32(eps, "eps");
 
   RMSNormParams p;
   p.input = x.data();
@@ -57,7 +65,7 @@ void rms_norm(Tensor x, Tensor weight, MutTensor out, std::optional<MutTensor> r
   p.out = out.data();
   p.rows = rows;
   p.hidden = hidden;
-  p.eps = static_cast<float>(eps);
+  p.eps = eps32;
   p.dtype = dtype;
   run_on(where, p, rms_norm_cpu, PAGEDLM_CUDA_LAUNCHER(rms_norm), stream, "rms_norm");
 }
@@ -75,6 +83,7 @@ void silu_and_mul(Tensor x, MutTensor out, uintptr_t stream) {
   expect_contiguous(out, "out");
   expect_float_like(out, dtype, "out", "x");
   expect_same_placement(out, where, "out", "x");
+  expect_apart(out, x, "out", "x");
 
   SiluAndMulParams p;
   p.input = x.data();
@@ -95,7 +104,24 @@ std::pair<int64_t, int64_t> check_rope_heads(const MutTensor& t, int64_t tokens,
   expect_same_placement(t, where, arg, "query");
   if (t.stride(2) != 1) fail(arg, "the last dimension (head_dim) must be contiguous");
   if (t.stride(0) < 0 || t.stride(1) < 0) fail(arg, "strides must not be negative");
+  if (may_self_overlap(t)) fail(arg, "its (token, head) rows must not overlap (a broadcast view, say)");
   return {t.stride(0), t.stride(1)};
+}
+
+// query and key are rotated in place, so they must not share an element. Their spans may meet
+// when both are head slices of one fused qkv output: then, with one token stride, each token's
+// key heads must lie after its query heads and end before the next token's query heads.
+void expect_rope_views_apart(const MutTensor& query, const MutTensor& key, int64_t head_dim, int64_t esize) {
+  if (!spans_meet(byte_span(query), byte_span(key))) return;
+  const int64_t stride = query.stride(0);
+  const int64_t q_len = (static_cast<int64_t>(query.shape(1)) - 1) * query.stride(1) + head_dim;  // elements per token
+  const int64_t k_len = (static_cast<int64_t>(key.shape(1)) - 1) * key.stride(1) + head_dim;
+  const int64_t gap = static_cast<int64_t>(reinterpret_cast<uintptr_t>(key.data()) -
+                                           reinterpret_cast<uintptr_t>(query.data()));
+  const bool fused = key.stride(0) == stride && stride > 0 && query.shape(0) > 1 && gap % esize == 0 &&
+                     q_len <= stride && k_len <= stride;
+  const int64_t r = fused ? (((gap / esize) % stride) + stride) % stride : 0;
+  if (!fused || r < q_len || r + k_len > stride) fail("key", "must not share memory with query");
 }
 
 // query, key rotated in place by positions [tokens] (int64) and inv_freq [head_dim / 2] (float32).
@@ -117,6 +143,11 @@ void apply_rope(MutTensor query, MutTensor key, Tensor positions, Tensor inv_fre
   expect_contiguous(inv_freq, "inv_freq");
   expect_dim(inv_freq, 0, head_dim / 2, "inv_freq", "head_dim / 2");
   expect_same_placement(inv_freq, where, "inv_freq", "query");
+  expect_rope_views_apart(query, key, head_dim, dtype_size(dtype));
+  for (auto [t, arg] : {std::pair<const Tensor&, const char*>{positions, "positions"}, {inv_freq, "inv_freq"}}) {
+    expect_apart(query, t, "query", arg);
+    expect_apart(key, t, "key", arg);
+  }
   if ((static_cast<int64_t>(query.shape(1)) + key.shape(1)) * head_dim >= (int64_t{1} << 31)) {
     fail("query", "(num_heads + num_kv_heads) * head_dim must be below 2^31");
   }

@@ -6,8 +6,11 @@
 #include <nanobind/stl/optional.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <optional>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "bindings.h"
 #include "dispatch.h"
@@ -40,8 +43,7 @@ struct AttentionShape {
 };
 
 AttentionShape check_attention(const Tensor& query, const Tensor& key_cache, const Tensor& value_cache,
-                               const MutTensor& out, const std::optional<MutTensor>& lse, int64_t sliding_window,
-                               double soft_cap) {
+                               const MutTensor& out, const std::optional<MutTensor>& lse) {
   AttentionShape a;
   a.dtype = check_cache(key_cache, "key_cache");
   check_cache(value_cache, "value_cache");
@@ -49,6 +51,7 @@ AttentionShape check_attention(const Tensor& query, const Tensor& key_cache, con
   expect_float_like(value_cache, a.dtype, "value_cache", "key_cache");
   a.num_blocks = key_cache.shape(0), a.block_size = key_cache.shape(1);
   a.num_kv_heads = key_cache.shape(2), a.head_dim = key_cache.shape(3);
+  if (a.block_size == 0) fail("key_cache", "block_size (dimension 1) must be at least 1, got shape " + shape_str(key_cache));
   expect_rank(query, 3, "query");
   expect_contiguous(query, "query");
   expect_float_like(query, a.dtype, "query", "key_cache");
@@ -68,14 +71,28 @@ AttentionShape check_attention(const Tensor& query, const Tensor& key_cache, con
     expect_contiguous(*lse, "lse");
     if (float_dtype(*lse, "lse") != DType::f32) throw nb::type_error("lse: dtype must be float32");
   }
-  if (sliding_window < 0) fail("sliding_window", "must be positive or None");
-  if (soft_cap < 0) fail("soft_cap", "must be positive or None");
   a.where = placement_of(query);
   expect_same_placement(key_cache, a.where, "key_cache", "query");
   expect_same_placement(value_cache, a.where, "value_cache", "query");
   expect_same_placement(out, a.where, "out", "query");
   if (lse) expect_same_placement(*lse, a.where, "lse", "query");
+  for (auto [t, arg] : {std::pair<const Tensor&, const char*>{query, "query"}, {key_cache, "key_cache"},
+                        {value_cache, "value_cache"}}) {
+    expect_apart(out, t, "out", arg);
+    if (lse) expect_apart(*lse, t, "lse", arg);
+  }
+  if (lse) expect_apart(*lse, out, "lse", "out");
   return a;
+}
+
+// out and lse are written while the index tensors are read: they must not share memory.
+void expect_outputs_apart(const MutTensor& out, const std::optional<MutTensor>& lse,
+                          std::initializer_list<std::pair<const Tensor*, const char*>> inputs) {
+  for (const auto& [t, arg] : inputs) {
+    if (!t) continue;
+    expect_apart(out, *t, "out", arg);
+    if (lse) expect_apart(*lse, *t, "lse", arg);
+  }
 }
 
 // Block tables int32 [batch, max_blocks] and an int32 (or `bits`) [n] vector, on the query's device.
@@ -100,10 +117,20 @@ bool check_custom_mask(const Tensor& mask, const Placement& where, bool packed_a
   return is_u8;
 }
 
+// Sizes narrowed to the kernels' int32 (refused when they do not fit), the table's capacity
+// bounded by kMaxSequenceTokens, and the options checked: scale and soft_cap finite and >= 0 in
+// float32 (soft_cap 0: none), sliding_window >= 0 (0: none). A window at least the capacity
+// hides nothing, so it becomes 0; that keeps it in int32 however large it was given.
 template <typename Params>
 void fill_attention(Params& p, const AttentionShape& a, const Tensor& query, const Tensor& key_cache,
                     const Tensor& value_cache, const Tensor& block_tables, const Tensor& seq_lens, MutTensor& out,
                     std::optional<MutTensor>& lse, double scale, int64_t sliding_window, double soft_cap) {
+  const int64_t width = block_tables.shape(1);
+  if (width * a.block_size > kMaxSequenceTokens) {
+    fail("block_tables", "width x block_size = " + std::to_string(width) + " x " + std::to_string(a.block_size) +
+                             " tokens per sequence is above 2^30");
+  }
+  if (sliding_window < 0) fail("sliding_window", "must be positive or None, got " + std::to_string(sliding_window));
   p.query = query.data();
   p.key_cache = key_cache.data();
   p.value_cache = value_cache.data();
@@ -112,16 +139,21 @@ void fill_attention(Params& p, const AttentionShape& a, const Tensor& query, con
   p.out = out.data();
   p.lse = lse ? static_cast<float*>(lse->data()) : nullptr;
   p.dtype = a.dtype;
-  p.batch = static_cast<int32_t>(seq_lens.shape(0));
-  p.num_heads = static_cast<int32_t>(a.num_heads);
-  p.num_kv_heads = static_cast<int32_t>(a.num_kv_heads);
-  p.head_dim = static_cast<int32_t>(a.head_dim);
-  p.block_size = static_cast<int32_t>(a.block_size);
-  p.num_blocks = static_cast<int32_t>(a.num_blocks);
-  p.max_blocks_per_seq = static_cast<int32_t>(block_tables.shape(1));
-  p.scale = static_cast<float>(scale);
-  p.sliding_window = static_cast<int32_t>(sliding_window);
-  p.soft_cap = static_cast<float>(soft_cap);
+  p.batch = narrow32(seq_lens.shape(0), "seq_lens", "batch");
+  p.num_heads = narrow32(a.num_heads, "query", "num_heads");
+  p.num_kv_heads = narrow32(a.num_kv_heads, "key_cache", "num_kv_heads");
+  p.head_dim = narrow32(a.head_dim, "key_cache", "head_dim");
+  p.block_size = narrow32(a.block_size, "key_cache", "block_size");
+  p.num_blocks = narrow32(a.num_blocks, "key_cache", "num_blocks");
+  p.max_blocks_per_seq = narrow32(width, "block_tables", "width");
+  p.scale = finite_f32(scale, "scale");
+  p.soft_cap = finite_f32(soft_cap, "soft_cap");
+  p.sliding_window = sliding_window >= width * a.block_size ? 0 : static_cast<int32_t>(sliding_window);
+}
+
+// CUDA grids put sequences (decode) and heads on the y and z axes, at most 65535 each.
+void expect_cuda_grid(int64_t size, const char* arg, const char* meaning) {
+  if (size > 65535) fail(arg, std::string(meaning) + " (" + std::to_string(size) + ") must be at most 65535 on CUDA");
 }
 
 void expect_cuda_head_dim(int64_t head_dim) {
@@ -155,6 +187,12 @@ void write_kv_cache(Tensor key, Tensor value, MutTensor key_cache, MutTensor val
   expect_same_placement(key, where, "key", "key_cache");
   expect_same_placement(value, where, "value", "key_cache");
   expect_same_placement(slot_mapping, where, "slot_mapping", "key_cache");
+  for (auto [t, arg] : {std::pair<const Tensor&, const char*>{key, "key"}, {value, "value"},
+                        {slot_mapping, "slot_mapping"}}) {
+    expect_apart(key_cache, t, "key_cache", arg);
+    expect_apart(value_cache, t, "value_cache", arg);
+  }
+  expect_apart(key_cache, value_cache, "key_cache", "value_cache");
 
   WriteKVCacheParams p;
   p.key = key.data();
@@ -172,36 +210,81 @@ void write_kv_cache(Tensor key, Tensor value, MutTensor key_cache, MutTensor val
   run_on(where, p, write_kv_cache_cpu, PAGEDLM_CUDA_LAUNCHER(write_kv_cache), stream, "write_kv_cache");
 }
 
-void copy_blocks(MutTensor key_cache, MutTensor value_cache, Tensor block_mapping, uintptr_t stream) {
-  const DType dtype = check_cache(key_cache, "key_caches[i]");
-  check_cache(value_cache, "value_caches[i]");
-  expect_same_shape(value_cache, key_cache, "value_caches[i]", "key_caches[i]");
-  expect_float_like(value_cache, dtype, "value_caches[i]", "key_caches[i]");
+// One layer's caches, taken from a list without conversion (a kernel never writes into a copy).
+MutTensor cache_at(nb::handle list, size_t i, const char* list_arg) {
+  const std::string arg = std::string(list_arg) + "[" + std::to_string(i) + "]";
+  MutTensor t;
+  if (!nb::try_cast(list[i], t, /*convert=*/false)) fail(arg.c_str(), "expected a CPU or CUDA tensor");
+  return t;
+}
+
+// Every layer is checked, and on the CPU every block id, before any layer is copied: a refused
+// call leaves all caches as they were. The layers' caches share one shape (one block mapping
+// serves them all).
+void copy_blocks(nb::sequence key_caches, nb::sequence value_caches, Tensor block_mapping, uintptr_t stream) {
+  const size_t layers = nb::len(key_caches);
+  if (nb::len(value_caches) != layers) {
+    fail("value_caches", std::to_string(nb::len(value_caches)) + " layers, key_caches has " + std::to_string(layers));
+  }
   expect_index(block_mapping, 2, 64, "block_mapping");
   expect_dim(block_mapping, 1, 2, "block_mapping", "(src, dst)");
-  const Placement where = placement_of(key_cache);
-  expect_same_placement(value_cache, where, "value_caches[i]", "key_caches[i]");
-  expect_same_placement(block_mapping, where, "block_mapping", "the caches");
-
-  CopyBlocksParams p;
-  p.key_cache = key_cache.data();
-  p.value_cache = value_cache.data();
-  p.block_mapping = static_cast<const int64_t*>(block_mapping.data());
-  p.num_pairs = block_mapping.shape(0);
-  p.num_blocks = key_cache.shape(0);
-  p.block_elems = static_cast<int64_t>(key_cache.shape(1)) * key_cache.shape(2) * key_cache.shape(3);
-  p.dtype = dtype;
-  run_on(where, p, copy_blocks_cpu, PAGEDLM_CUDA_LAUNCHER(copy_blocks), stream, "copy_blocks");
+  std::vector<CopyBlocksParams> params;
+  std::vector<std::string> names;
+  for (size_t i = 0; i < layers; ++i) {
+    MutTensor k = cache_at(key_caches, i, "key_caches"), v = cache_at(value_caches, i, "value_caches");
+    names = {"key_caches[" + std::to_string(i) + "]", "value_caches[" + std::to_string(i) + "]"};
+    const char *k_arg = names[0].c_str(), *v_arg = names[1].c_str();
+    const DType dtype = check_cache(k, k_arg);
+    check_cache(v, v_arg);
+    expect_same_shape(v, k, v_arg, k_arg);
+    expect_float_like(v, dtype, v_arg, k_arg);
+    if (i > 0) {
+      MutTensor first = cache_at(key_caches, 0, "key_caches");
+      expect_same_shape(k, first, k_arg, "key_caches[0]");
+      if (placement_of(k).cuda != placement_of(first).cuda || placement_of(k).device != placement_of(first).device) {
+        fail(k_arg, "must be on the same device as key_caches[0]");
+      }
+    }
+    const Placement where = placement_of(k);
+    expect_same_placement(v, where, v_arg, k_arg);
+    expect_same_placement(block_mapping, where, "block_mapping", "the caches");
+    expect_apart(k, v, k_arg, v_arg);
+    expect_apart(k, block_mapping, k_arg, "block_mapping");
+    expect_apart(v, block_mapping, v_arg, "block_mapping");
+    CopyBlocksParams p;
+    p.key_cache = k.data();
+    p.value_cache = v.data();
+    p.block_mapping = static_cast<const int64_t*>(block_mapping.data());
+    p.num_pairs = block_mapping.shape(0);
+    p.num_blocks = k.shape(0);
+    p.block_elems = static_cast<int64_t>(k.shape(1)) * k.shape(2) * k.shape(3);
+    p.dtype = dtype;
+    params.push_back(p);
+  }
+  if (layers == 0) return;
+  const Placement where = placement_of(block_mapping);
+  if (!where.cuda) {
+    nb::gil_scoped_release release;
+    check_block_mapping(params[0].block_mapping, params[0].num_pairs, params[0].num_blocks);
+    for (const CopyBlocksParams& p : params) copy_blocks_cpu(p);
+    return;
+  }
+  for (const CopyBlocksParams& p : params) {
+    run_on(where, p, copy_blocks_cpu, PAGEDLM_CUDA_LAUNCHER(copy_blocks), stream, "copy_blocks");
+  }
 }
 
 void paged_decode(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, Tensor seq_lens,
                   MutTensor out, std::optional<MutTensor> lse, double scale, int64_t sliding_window, double soft_cap,
                   std::optional<Tensor> custom_mask, std::optional<Tensor> mask_offsets,
                   std::optional<MutTensor> workspace, uintptr_t stream) {
-  const AttentionShape a = check_attention(query, key_cache, value_cache, out, lse, sliding_window, soft_cap);
+  const AttentionShape a = check_attention(query, key_cache, value_cache, out, lse);
   const Placement where = a.where;
   check_index(block_tables, 2, a.rows, "block_tables", "batch", where);
   check_index(seq_lens, 1, a.rows, "seq_lens", "batch", where);
+  expect_outputs_apart(out, lse, {{&block_tables, "block_tables"}, {&seq_lens, "seq_lens"},
+                                  {custom_mask ? &*custom_mask : nullptr, "custom_mask"},
+                                  {mask_offsets ? &*mask_offsets : nullptr, "mask_offsets"}});
   if (custom_mask.has_value() != mask_offsets.has_value()) fail("mask_offsets", "must be given with custom_mask");
   PagedDecodeParams p;
   fill_attention(p, a, query, key_cache, value_cache, block_tables, seq_lens, out, lse, scale, sliding_window,
@@ -219,6 +302,8 @@ void paged_decode(Tensor query, Tensor key_cache, Tensor value_cache, Tensor blo
     return;
   }
   expect_cuda_head_dim(a.head_dim);
+  expect_cuda_grid(a.rows, "query", "batch");
+  expect_cuda_grid(a.num_heads, "query", "num_heads");
 #ifdef PAGEDLM_WITH_CUDA
   cuda::DecodeWorkspace ws;
   if (workspace) {
@@ -242,7 +327,7 @@ void paged_prefill(Tensor query, Tensor key_cache, Tensor value_cache, Tensor bl
                    Tensor seq_lens, MutTensor out, std::optional<MutTensor> lse, std::optional<Tensor> custom_mask,
                    std::optional<Tensor> mask_indptr, bool causal, double scale, int64_t sliding_window,
                    double soft_cap, std::optional<MutTensor> tile_counter, uintptr_t stream) {
-  const AttentionShape a = check_attention(query, key_cache, value_cache, out, lse, sliding_window, soft_cap);
+  const AttentionShape a = check_attention(query, key_cache, value_cache, out, lse);
   const Placement where = a.where;
   expect_rank(seq_lens, 1, "seq_lens");
   const int64_t batch = seq_lens.shape(0);
@@ -255,12 +340,16 @@ void paged_prefill(Tensor query, Tensor key_cache, Tensor value_cache, Tensor bl
     packed = check_custom_mask(*custom_mask, where, true);
     check_index(*mask_indptr, 1, batch + 1, "mask_indptr", "batch + 1", where);
   }
+  expect_outputs_apart(out, lse, {{&block_tables, "block_tables"}, {&seq_lens, "seq_lens"},
+                                  {&cu_seqlens_q, "cu_seqlens_q"},
+                                  {custom_mask ? &*custom_mask : nullptr, "custom_mask"},
+                                  {mask_indptr ? &*mask_indptr : nullptr, "mask_indptr"}});
 
   PagedPrefillParams p;
   fill_attention(p, a, query, key_cache, value_cache, block_tables, seq_lens, out, lse, scale, sliding_window,
                  soft_cap);
   p.cu_seqlens_q = static_cast<const int32_t*>(cu_seqlens_q.data());
-  p.total_q = static_cast<int32_t>(a.rows);
+  p.total_q = narrow32(a.rows, "query", "total_q (rows)");
   p.causal = causal;
   if (custom_mask) {
     p.mask = static_cast<const uint8_t*>(custom_mask->data());
@@ -275,34 +364,91 @@ void paged_prefill(Tensor query, Tensor key_cache, Tensor value_cache, Tensor bl
     expect_same_placement(*tile_counter, where, "tile_counter", "query");
     p.tile_counter = static_cast<int32_t*>(tile_counter->data());
   }
-  if (where.cuda) expect_cuda_head_dim(a.head_dim);
+  if (where.cuda) {
+    expect_cuda_head_dim(a.head_dim);
+    expect_cuda_grid(a.num_heads, "query", "num_heads");
+  }
   run_on(where, p, paged_prefill_cpu, PAGEDLM_CUDA_LAUNCHER(paged_prefill), stream, "paged_prefill_attention");
+}
+
+// Value checks on host copies (the CPU paths run them themselves; CUDA calls with
+// PAGEDLM_DEBUG=1). Each takes CPU tensors.
+template <typename T>
+void expect_cpu(const T& t, const char* arg) {
+  if (placement_of(t).cuda) fail(arg, "must be a CPU tensor (copy CUDA values to the host to check them)");
 }
 
 void check_paged_decode_mask(Tensor mask_offsets, Tensor seq_lens, int64_t mask_size) {
   expect_index(mask_offsets, 1, 64, "mask_offsets");
   expect_index(seq_lens, 1, 32, "seq_lens");
   expect_dim(mask_offsets, 0, seq_lens.shape(0), "mask_offsets", "batch");
-  if (placement_of(mask_offsets).cuda || placement_of(seq_lens).cuda) {
-    throw nb::value_error("check_paged_decode_mask takes CPU tensors");
-  }
+  expect_cpu(mask_offsets, "mask_offsets");
+  expect_cpu(seq_lens, "seq_lens");
   pagedlm::check_paged_decode_mask(static_cast<const int64_t*>(mask_offsets.data()),
                                    static_cast<const int32_t*>(seq_lens.data()),
-                                   static_cast<int32_t>(seq_lens.shape(0)), mask_size);
+                                   narrow32(seq_lens.shape(0), "seq_lens", "batch"), mask_size);
 }
 
 void check_paged_decode_values(Tensor block_tables, Tensor seq_lens, int64_t block_size, int64_t num_blocks) {
   expect_index(block_tables, 2, 32, "block_tables");
   expect_index(seq_lens, 1, 32, "seq_lens");
   expect_dim(seq_lens, 0, block_tables.shape(0), "seq_lens", "batch");
-  if (placement_of(block_tables).cuda || placement_of(seq_lens).cuda) {
-    throw nb::value_error("check_paged_decode_values takes CPU tensors");
-  }
+  expect_cpu(block_tables, "block_tables");
+  expect_cpu(seq_lens, "seq_lens");
   pagedlm::check_paged_decode_values(static_cast<const int32_t*>(block_tables.data()),
                                      static_cast<const int32_t*>(seq_lens.data()),
-                                     static_cast<int32_t>(block_tables.shape(0)),
-                                     static_cast<int32_t>(block_tables.shape(1)), static_cast<int32_t>(block_size),
-                                     static_cast<int32_t>(num_blocks));
+                                     narrow32(block_tables.shape(0), "block_tables", "batch"),
+                                     narrow32(block_tables.shape(1), "block_tables", "width"),
+                                     narrow32(block_size, "block_size", "block_size"),
+                                     narrow32(num_blocks, "num_blocks", "num_blocks"));
+}
+
+void check_paged_prefill_values(Tensor block_tables, Tensor cu_seqlens_q, Tensor seq_lens,
+                                std::optional<Tensor> mask_indptr, int64_t mask_size, bool mask_packed,
+                                int64_t total_q, int64_t block_size, int64_t num_blocks) {
+  expect_index(seq_lens, 1, 32, "seq_lens");
+  const int64_t batch = seq_lens.shape(0);
+  expect_index(block_tables, 2, 32, "block_tables");
+  expect_dim(block_tables, 0, batch, "block_tables", "batch");
+  expect_index(cu_seqlens_q, 1, 32, "cu_seqlens_q");
+  expect_dim(cu_seqlens_q, 0, batch + 1, "cu_seqlens_q", "batch + 1");
+  for (auto [t, arg] : {std::pair<const Tensor&, const char*>{block_tables, "block_tables"},
+                        {cu_seqlens_q, "cu_seqlens_q"}, {seq_lens, "seq_lens"}}) {
+    expect_cpu(t, arg);
+  }
+  PagedPrefillParams p;
+  if (mask_indptr) {
+    expect_index(*mask_indptr, 1, 32, "mask_indptr");
+    expect_dim(*mask_indptr, 0, batch + 1, "mask_indptr", "batch + 1");
+    expect_cpu(*mask_indptr, "mask_indptr");
+    static const uint8_t any_mask = 0;  // only whether there is a mask matters to the checks
+    p.mask = &any_mask;
+    p.mask_indptr = static_cast<const int32_t*>(mask_indptr->data());
+    p.mask_packed = mask_packed;
+    p.mask_size = mask_size;
+  }
+  p.block_tables = static_cast<const int32_t*>(block_tables.data());
+  p.cu_seqlens_q = static_cast<const int32_t*>(cu_seqlens_q.data());
+  p.seq_lens = static_cast<const int32_t*>(seq_lens.data());
+  p.batch = narrow32(batch, "seq_lens", "batch");
+  p.total_q = narrow32(total_q, "total_q", "total_q");
+  p.block_size = narrow32(block_size, "block_size", "block_size");
+  p.num_blocks = narrow32(num_blocks, "num_blocks", "num_blocks");
+  p.max_blocks_per_seq = narrow32(block_tables.shape(1), "block_tables", "width");
+  pagedlm::check_paged_prefill_values(p);
+}
+
+void check_slot_mapping(Tensor slot_mapping, int64_t num_slots) {
+  expect_index(slot_mapping, 1, 64, "slot_mapping");
+  expect_cpu(slot_mapping, "slot_mapping");
+  pagedlm::check_slot_mapping(static_cast<const int64_t*>(slot_mapping.data()), slot_mapping.shape(0), num_slots);
+}
+
+void check_block_mapping(Tensor block_mapping, int64_t num_blocks) {
+  expect_index(block_mapping, 2, 64, "block_mapping");
+  expect_dim(block_mapping, 1, 2, "block_mapping", "(src, dst)");
+  expect_cpu(block_mapping, "block_mapping");
+  pagedlm::check_block_mapping(static_cast<const int64_t*>(block_mapping.data()), block_mapping.shape(0), num_blocks);
 }
 
 }  // namespace
@@ -310,8 +456,7 @@ void check_paged_decode_values(Tensor block_tables, Tensor seq_lens, int64_t blo
 void bind_ops(nb::module_& m) {
   m.def("write_kv_cache", &write_kv_cache, "key"_a, "value"_a, "key_cache"_a.noconvert(), "value_cache"_a.noconvert(),
         "slot_mapping"_a, "stream"_a);
-  m.def("copy_blocks", &copy_blocks, "key_cache"_a.noconvert(), "value_cache"_a.noconvert(), "block_mapping"_a,
-        "stream"_a);
+  m.def("copy_blocks", &copy_blocks, "key_caches"_a, "value_caches"_a, "block_mapping"_a, "stream"_a);
   m.def("paged_decode", &paged_decode, "query"_a, "key_cache"_a, "value_cache"_a, "block_tables"_a, "seq_lens"_a,
         "out"_a.noconvert(), "lse"_a.noconvert().none(), "scale"_a, "sliding_window"_a, "soft_cap"_a,
         "custom_mask"_a.none(), "mask_offsets"_a.none(), "workspace"_a.noconvert().none(), "stream"_a);
@@ -322,6 +467,10 @@ void bind_ops(nb::module_& m) {
   m.def("check_paged_decode_mask", &check_paged_decode_mask, "mask_offsets"_a, "seq_lens"_a, "mask_size"_a);
   m.def("check_paged_decode_values", &check_paged_decode_values, "block_tables"_a, "seq_lens"_a, "block_size"_a,
         "num_blocks"_a);
+  m.def("check_paged_prefill_values", &check_paged_prefill_values, "block_tables"_a, "cu_seqlens_q"_a, "seq_lens"_a,
+        "mask_indptr"_a.none(), "mask_size"_a, "mask_packed"_a, "total_q"_a, "block_size"_a, "num_blocks"_a);
+  m.def("check_slot_mapping", &check_slot_mapping, "slot_mapping"_a, "num_slots"_a);
+  m.def("check_block_mapping", &check_block_mapping, "block_mapping"_a, "num_blocks"_a);
 }
 
 }  // namespace pagedlm::bindings

@@ -34,6 +34,7 @@ void argmax_logprob(Tensor logits, MutTensor out, uintptr_t stream) {
     throw nb::type_error("out: dtype must be float64");
   }
   expect_same_placement(out, where, "out", "logits");
+  expect_apart(out, logits, "out", "logits");
 
   ArgmaxLogprobParams p;
   p.logits = logits.data();

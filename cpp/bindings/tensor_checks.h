@@ -6,9 +6,14 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <initializer_list>
+#include <limits>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "pagedlm/dtype.h"
 
@@ -20,6 +25,22 @@ using MutTensor = nb::ndarray<>;            // written by the kernel
 
 [[noreturn]] inline void fail(const char* arg, const std::string& what) {
   throw nb::value_error((std::string(arg) + ": " + what).c_str());
+}
+
+// A size the kernels take as int32, refused (naming arg) when it does not fit.
+inline int32_t narrow32(int64_t value, const char* arg, const char* meaning) {
+  if (value < 0 || value > std::numeric_limits<int32_t>::max()) {
+    fail(arg, std::string(meaning) + " (" + std::to_string(value) + ") must be below 2^31");
+  }
+  return static_cast<int32_t>(value);
+}
+
+// A float option the kernels take as float32: finite, >= 0, and still finite in float32.
+inline float finite_f32(double value, const char* arg) {
+  if (!(value >= 0.0) || !std::isfinite(static_cast<float>(value))) {
+    fail(arg, "must be a finite number >= 0 (and below 3.4e38, float32's largest), got " + std::to_string(value));
+  }
+  return static_cast<float>(value);
 }
 
 template <typename T>
@@ -46,6 +67,7 @@ void expect_dim(const T& t, size_t dim, int64_t size, const char* arg, const cha
 
 template <typename T>
 bool is_contiguous(const T& t) {
+  if (t.size() == 0) return true;  // no element to misplace (torch gives empty tensors any strides)
   int64_t expected = 1;
   for (size_t i = t.ndim(); i-- > 0;) {
     if (t.shape(i) != 1 && t.stride(i) != expected) return false;
@@ -101,6 +123,57 @@ void expect_index(const T& t, size_t rank, int bits, const char* arg) {
   expect_rank(t, rank, arg);
   expect_int(t, bits, arg);
   expect_contiguous(t, arg);
+}
+
+// The bytes [first, last] a tensor's elements span (strides may be negative); empty: first > last.
+struct ByteSpan {
+  uintptr_t first = 1, last = 0;
+};
+
+template <typename T>
+ByteSpan byte_span(const T& t) {
+  if (t.size() == 0) return {};
+  int64_t lo = 0, hi = 0;
+  for (size_t i = 0; i < t.ndim(); ++i) {
+    const int64_t reach = (static_cast<int64_t>(t.shape(i)) - 1) * t.stride(i);
+    (reach < 0 ? lo : hi) += reach;
+  }
+  const int64_t esize = (t.dtype().bits * t.dtype().lanes + 7) / 8;
+  const auto base = reinterpret_cast<uintptr_t>(t.data());
+  return {base + static_cast<uintptr_t>(lo * esize), base + static_cast<uintptr_t>(hi * esize + esize - 1)};
+}
+
+inline bool spans_meet(const ByteSpan& a, const ByteSpan& b) {
+  return a.first <= a.last && b.first <= b.last && a.first <= b.last && b.first <= a.last;
+}
+
+// A tensor written by a kernel must not share memory with another argument: the result would
+// depend on the order in which threads read and write (on CUDA, a race). Conservative: spans
+// that meet are refused even where the elements themselves interleave.
+template <typename A, typename B>
+void expect_apart(const A& written, const B& other, const char* arg, const char* other_arg) {
+  if (spans_meet(byte_span(written), byte_span(other))) {
+    fail(arg, std::string("must not share memory with ") + other_arg);
+  }
+}
+
+// Whether distinct indices of t can address the same element: with the dimensions sorted by
+// stride, each stride must pass the span of the smaller ones (a sufficient test; it refuses
+// broadcast views such as expand()).
+template <typename T>
+bool may_self_overlap(const T& t) {
+  if (t.size() == 0) return false;
+  std::vector<std::pair<int64_t, int64_t>> dims;  // (|stride|, size) of the dimensions of size > 1
+  for (size_t i = 0; i < t.ndim(); ++i) {
+    if (t.shape(i) > 1) dims.emplace_back(std::abs(static_cast<int64_t>(t.stride(i))), t.shape(i));
+  }
+  std::sort(dims.begin(), dims.end());
+  int64_t span = 1;  // elements covered by the smaller dimensions
+  for (const auto& [stride, size] : dims) {
+    if (stride < span) return true;
+    span += stride * (size - 1);
+  }
+  return false;
 }
 
 // Where a kernel runs: every tensor of a call must be on the CPU or on one CUDA device.

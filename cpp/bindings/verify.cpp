@@ -104,7 +104,7 @@ Placement check_chain(const Tensor& draft_tokens, const Tensor& target, const ch
   p.target = target.data();
   p.output_tokens = static_cast<int64_t*>(output_tokens.data());
   p.num_accepted = static_cast<int32_t*>(num_accepted.data());
-  p.batch = static_cast<int32_t>(batch);
+  p.batch = narrow32(batch, "draft_tokens", "batch");
   p.k = static_cast<int32_t>(k);
   return where;
 }
@@ -183,7 +183,7 @@ Placement check_tree(const Tensor& tree_tokens, const Tensor& parents, const Ten
   p.accepted_nodes = static_cast<int32_t*>(accepted_nodes.data());
   p.num_accepted = static_cast<int32_t*>(num_accepted.data());
   p.next_token = static_cast<int64_t*>(next_token.data());
-  p.batch = static_cast<int32_t>(batch);
+  p.batch = narrow32(batch, "tree_tokens", "batch");
   p.nodes = static_cast<int32_t>(nodes);
   if (static_cast<int64_t>(accepted_nodes.shape(1)) > nodes) fail("accepted_nodes", "can be at most nodes wide");
   p.width = static_cast<int32_t>(accepted_nodes.shape(1));
@@ -233,8 +233,8 @@ void check_chain_values(Tensor draft_tokens, OptTensor draft_lens, int64_t vocab
   }
   pagedlm::check_chain_values(static_cast<const int64_t*>(draft_tokens.data()),
                               draft_lens ? static_cast<const int32_t*>(draft_lens->data()) : nullptr,
-                              static_cast<int32_t>(draft_tokens.shape(0)), static_cast<int32_t>(draft_tokens.shape(1)),
-                              static_cast<int32_t>(vocab));
+                              narrow32(draft_tokens.shape(0), "draft_tokens", "batch"),
+                              narrow32(draft_tokens.shape(1), "draft_tokens", "k"), narrow32(vocab, "vocab", "vocab"));
 }
 
 int32_t tree_max_depth(Tensor tree_tokens, Tensor parents, int64_t vocab) {
@@ -248,8 +248,8 @@ int32_t tree_max_depth(Tensor tree_tokens, Tensor parents, int64_t vocab) {
   if (tree_tokens.shape(1) < 1) fail("tree_tokens", "needs at least the root node");
   return pagedlm::check_tree_values(static_cast<const int64_t*>(tree_tokens.data()),
                                     static_cast<const int32_t*>(parents.data()),
-                                    static_cast<int32_t>(tree_tokens.shape(0)),
-                                    static_cast<int32_t>(tree_tokens.shape(1)), static_cast<int32_t>(vocab));
+                                    narrow32(tree_tokens.shape(0), "tree_tokens", "batch"),
+                                    narrow32(tree_tokens.shape(1), "tree_tokens", "nodes"), narrow32(vocab, "vocab", "vocab"));
 }
 
 nb::tuple philox(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {

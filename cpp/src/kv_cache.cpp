@@ -1,22 +1,78 @@
 // CPU path of the KV-cache writes and block copies: validated, then plain memcpy.
 #include "pagedlm/kv_cache.h"
 
+#include <algorithm>
 #include <cstring>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "pagedlm/errors.h"
 #include "pagedlm/parallel.h"
 
 namespace pagedlm {
 
-void write_kv_cache_cpu(const WriteKVCacheParams& p) {
-  for (int64_t t = 0; t < p.num_tokens; ++t) {
-    const int64_t slot = p.slot_mapping[t];
-    if (slot < -1 || slot >= p.num_slots) {
+namespace {
+
+std::string pair_at(int64_t i) { return "block_mapping[" + std::to_string(i) + ", "; }
+
+}  // namespace
+
+void check_slot_mapping(const int64_t* slot_mapping, int64_t num_tokens, int64_t num_slots) {
+  std::vector<std::pair<int64_t, int64_t>> used;  // (slot, token) of the tokens written
+  for (int64_t t = 0; t < num_tokens; ++t) {
+    const int64_t slot = slot_mapping[t];
+    if (slot < -1 || slot >= num_slots) {
       throw InvalidArgument("slot_mapping[" + std::to_string(t) + "] = " + std::to_string(slot) +
-                            " is outside [-1, " + std::to_string(p.num_slots) + ")");
+                            " is outside [-1, " + std::to_string(num_slots) + ")");
+    }
+    if (slot >= 0) used.emplace_back(slot, t);
+  }
+  std::sort(used.begin(), used.end());
+  for (size_t i = 1; i < used.size(); ++i) {
+    if (used[i].first == used[i - 1].first) {
+      throw InvalidArgument("slot_mapping[" + std::to_string(used[i].second) + "] = " + std::to_string(used[i].first) +
+                            " repeats slot_mapping[" + std::to_string(used[i - 1].second) +
+                            "] (two tokens written to one slot)");
     }
   }
+}
+
+void check_block_mapping(const int64_t* block_mapping, int64_t num_pairs, int64_t num_blocks) {
+  for (int64_t i = 0; i < 2 * num_pairs; ++i) {
+    const int64_t block = block_mapping[i];
+    if (block < 0 || block >= num_blocks) {
+      throw InvalidArgument(pair_at(i / 2) + std::to_string(i % 2) + "] = " + std::to_string(block) +
+                            " is outside [0, " + std::to_string(num_blocks) + ")");
+    }
+  }
+  // Copies run in parallel on CUDA: a destination must not be written twice, nor be another
+  // pair's source. Pairs with src == dst copy nothing and take no part.
+  std::vector<std::pair<int64_t, int64_t>> dsts, srcs;  // (block, pair)
+  for (int64_t i = 0; i < num_pairs; ++i) {
+    if (block_mapping[2 * i] == block_mapping[2 * i + 1]) continue;
+    srcs.emplace_back(block_mapping[2 * i], i);
+    dsts.emplace_back(block_mapping[2 * i + 1], i);
+  }
+  std::sort(dsts.begin(), dsts.end());
+  std::sort(srcs.begin(), srcs.end());
+  for (size_t i = 1; i < dsts.size(); ++i) {
+    if (dsts[i].first == dsts[i - 1].first) {
+      throw InvalidArgument(pair_at(dsts[i].second) + "1] = " + std::to_string(dsts[i].first) + " is also the destination of " +
+                            pair_at(dsts[i - 1].second) + "1]");
+    }
+  }
+  for (const auto& [block, pair] : dsts) {
+    const auto it = std::lower_bound(srcs.begin(), srcs.end(), std::make_pair(block, int64_t{-1}));
+    if (it != srcs.end() && it->first == block) {
+      throw InvalidArgument(pair_at(pair) + "1] = " + std::to_string(block) + " is also the source of " +
+                            pair_at(it->second) + "0] (copies run in parallel)");
+    }
+  }
+}
+
+void write_kv_cache_cpu(const WriteKVCacheParams& p) {
+  check_slot_mapping(p.slot_mapping, p.num_tokens, p.num_slots);
   const int64_t row = static_cast<int64_t>(p.num_kv_heads) * p.head_dim;
   const int64_t esize = dtype_size(p.dtype);
   auto* kc = static_cast<char*>(p.key_cache);
@@ -32,13 +88,7 @@ void write_kv_cache_cpu(const WriteKVCacheParams& p) {
 }
 
 void copy_blocks_cpu(const CopyBlocksParams& p) {
-  for (int64_t i = 0; i < 2 * p.num_pairs; ++i) {
-    const int64_t block = p.block_mapping[i];
-    if (block < 0 || block >= p.num_blocks) {
-      throw InvalidArgument("block_mapping[" + std::to_string(i / 2) + ", " + std::to_string(i % 2) + "] = " +
-                            std::to_string(block) + " is outside [0, " + std::to_string(p.num_blocks) + ")");
-    }
-  }
+  check_block_mapping(p.block_mapping, p.num_pairs, p.num_blocks);
   const int64_t bytes = p.block_elems * dtype_size(p.dtype);
   for (char* cache : {static_cast<char*>(p.key_cache), static_cast<char*>(p.value_cache)}) {
     for (int64_t i = 0; i < p.num_pairs; ++i) {

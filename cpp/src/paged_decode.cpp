@@ -17,15 +17,16 @@ namespace pagedlm {
 
 void check_paged_decode_values(const int32_t* block_tables, const int32_t* seq_lens, int32_t batch,
                                int32_t max_blocks_per_seq, int32_t block_size, int32_t num_blocks) {
+  // 64-bit throughout: a length near 2^31 must not wrap past the block-id loop's bound.
   const int64_t capacity = static_cast<int64_t>(max_blocks_per_seq) * block_size;
   for (int32_t b = 0; b < batch; ++b) {
-    const int32_t len = seq_lens[b];
+    const int64_t len = seq_lens[b];
     if (len < 0 || len > capacity) {
       throw InvalidArgument("seq_lens[" + std::to_string(b) + "] = " + std::to_string(len) +
                             " is outside [0, " + std::to_string(capacity) + "] (block_tables width x block_size)");
     }
     const int32_t* table = block_tables + static_cast<int64_t>(b) * max_blocks_per_seq;
-    for (int32_t i = 0; i < (len + block_size - 1) / block_size; ++i) {
+    for (int64_t i = 0; i < (len + block_size - 1) / block_size; ++i) {
       if (table[i] < 0 || table[i] >= num_blocks) {
         throw InvalidArgument("block_tables[" + std::to_string(b) + ", " + std::to_string(i) + "] = " +
                               std::to_string(table[i]) + " is outside [0, " + std::to_string(num_blocks) + ")");
@@ -36,8 +37,8 @@ void check_paged_decode_values(const int32_t* block_tables, const int32_t* seq_l
 
 void check_paged_decode_mask(const int64_t* mask_offsets, const int32_t* seq_lens, int32_t batch, int64_t mask_size) {
   for (int32_t b = 0; b < batch; ++b) {
-    const int64_t start = mask_offsets[b], stop = start + std::max(seq_lens[b], 0);
-    if (start < 0 || stop > mask_size) {
+    const int64_t start = mask_offsets[b], len = std::max(seq_lens[b], 0);
+    if (start < 0 || start > mask_size - len) {  // not start + len: start may be near 2^63
       throw InvalidArgument("mask_offsets[" + std::to_string(b) + "] = " + std::to_string(start) + ": the row's " +
                             std::to_string(seq_lens[b]) + " mask elements are not inside custom_mask's " +
                             std::to_string(mask_size));

@@ -34,10 +34,11 @@ void check_paged_prefill_values(const PagedPrefillParams& p) {
     bad_value("cu_seqlens_q[-1] = " + std::to_string(p.cu_seqlens_q[p.batch]) + " must equal the query rows (" +
               std::to_string(p.total_q) + ")");
   }
+  // 64-bit throughout: cu_seqlens_q and seq_lens values near 2^31 must not wrap past a bound.
   const int64_t capacity = static_cast<int64_t>(p.max_blocks_per_seq) * p.block_size;
   for (int32_t b = 0; b < p.batch; ++b) {
-    const int32_t q_len = p.cu_seqlens_q[b + 1] - p.cu_seqlens_q[b];
-    const int32_t len = p.seq_lens[b];
+    const int64_t q_len = static_cast<int64_t>(p.cu_seqlens_q[b + 1]) - p.cu_seqlens_q[b];
+    const int64_t len = p.seq_lens[b];
     if (q_len < 0) bad_value("cu_seqlens_q must be non-decreasing (at index " + std::to_string(b + 1) + ")");
     if (len < 0 || len > capacity) {
       bad_value("seq_lens[" + std::to_string(b) + "] = " + std::to_string(len) + " is outside [0, " +
@@ -48,14 +49,14 @@ void check_paged_prefill_values(const PagedPrefillParams& p) {
                 " queries but seq_lens[" + std::to_string(b) + "] = " + std::to_string(len));
     }
     const int32_t* table = p.block_tables + static_cast<int64_t>(b) * p.max_blocks_per_seq;
-    for (int32_t i = 0; i < (len + p.block_size - 1) / p.block_size; ++i) {
+    for (int64_t i = 0; i < (len + p.block_size - 1) / p.block_size; ++i) {
       if (table[i] < 0 || table[i] >= p.num_blocks) {
         bad_value("block_tables[" + std::to_string(b) + ", " + std::to_string(i) + "] = " + std::to_string(table[i]) +
                   " is outside [0, " + std::to_string(p.num_blocks) + ")");
       }
     }
     if (p.mask) {
-      const int64_t elems = static_cast<int64_t>(q_len) * len;
+      const int64_t elems = q_len * len;
       const int64_t need = p.mask_packed ? (elems + 7) / 8 : elems;
       const int64_t start = p.mask_indptr[b], stop = p.mask_indptr[b + 1];
       if (start < 0 || stop - start != need || stop > p.mask_size) {
@@ -81,7 +82,7 @@ void attend_query_tile(const PagedPrefillParams& p, const QueryTile& tile, std::
   const int32_t first_pos = len - q_len + tile.q0;  // absolute position of the tile's first query
   const int32_t esize = dtype_size(p.dtype);
 
-  scratch.resize(static_cast<size_t>(rows) * (2 * D + kChunk + 2) + static_cast<size_t>(D) * (kChunk + 1));
+  scratch.resize(static_cast<size_t>(rows) * (2 * D + kChunk + 3) + static_cast<size_t>(D) * (kChunk + 1));
   float* q = scratch.data();                // [rows][D], scaled
   float* acc = q + rows * D;                // [rows][D]
   float* scores = acc + rows * D;           // [rows][kChunk]
@@ -89,6 +90,11 @@ void attend_query_tile(const PagedPrefillParams& p, const QueryTile& tile, std::
   float* row_sum = row_max + rows;          // [rows]
   float* keys_t = row_sum + rows;           // [D][kChunk]
   float* v_row = keys_t + D * kChunk;       // [D]
+  // [rows]: the worst non-finite score a row has seen among its visible keys (kFinite, kPosInf,
+  // kNaN). Such a score leaves the softmax, and the row's result becomes what IEEE arithmetic
+  // gives: NaN with lse NaN, or NaN with lse +inf for +inf (exp(inf - inf) is NaN).
+  float* nonfinite = v_row + D;
+  constexpr float kFinite = 0.0f, kPosInf = 1.0f, kNaN = 2.0f;
 
   for (int32_t r = 0; r < rows; ++r) {
     const int64_t qrow = static_cast<int64_t>(p.cu_seqlens_q[tile.b] + tile.q0 + r / group) * p.num_heads +
@@ -100,6 +106,7 @@ void attend_query_tile(const PagedPrefillParams& p, const QueryTile& tile, std::
   std::fill(keys_t, keys_t + D * kChunk, 0.0f);
   std::fill(row_max, row_max + rows, -std::numeric_limits<float>::infinity());
   std::fill(row_sum, row_sum + rows, 0.0f);
+  std::fill(nonfinite, nonfinite + rows, kFinite);
 
   // Which keys a query at position pos may see (before the custom mask, if any).
   auto lowest = [&](int32_t pos) { return p.sliding_window > 0 ? std::max(0, pos - p.sliding_window + 1) : 0; };
@@ -140,12 +147,13 @@ void attend_query_tile(const PagedPrefillParams& p, const QueryTile& tile, std::
       const int32_t lo = lowest(pos), hi = highest(pos);
       for (int32_t j = 0; j < n; ++j) {
         const int32_t t = t0 + j;
-        const bool visible = t >= lo && t <= hi && (!p.mask || mask_allows(query, t));
-        if (!visible) {
-          s[j] = -std::numeric_limits<float>::infinity();
-        } else if (p.soft_cap > 0.0f) {
-          s[j] = p.soft_cap * std::tanh(s[j] / p.soft_cap);
+        bool visible = t >= lo && t <= hi && (!p.mask || mask_allows(query, t));
+        if (visible && p.soft_cap > 0.0f) s[j] = p.soft_cap * std::tanh(s[j] / p.soft_cap);
+        if (visible && !(s[j] < std::numeric_limits<float>::infinity())) {  // NaN or +inf
+          nonfinite[r] = std::max(nonfinite[r], std::isnan(s[j]) ? kNaN : kPosInf);
+          visible = false;
         }
+        if (!visible) s[j] = -std::numeric_limits<float>::infinity();
       }
       float chunk_max = row_max[r];
       for (int32_t j = 0; j < n; ++j) chunk_max = std::max(chunk_max, s[j]);
@@ -176,10 +184,14 @@ void attend_query_tile(const PagedPrefillParams& p, const QueryTile& tile, std::
   for (int32_t r = 0; r < rows; ++r) {
     const int64_t head = static_cast<int64_t>(p.cu_seqlens_q[tile.b] + tile.q0 + r / group) * p.num_heads +
                          static_cast<int64_t>(tile.kv_head) * group + r % group;
+    const float nan = std::numeric_limits<float>::quiet_NaN(), inf = std::numeric_limits<float>::infinity();
     const float inv = row_sum[r] > 0.0f ? 1.0f / row_sum[r] : 0.0f;  // a row that sees nothing yields zeros
-    for (int32_t d = 0; d < D; ++d) store_from_float(p.out, head * D + d, p.dtype, acc[r * D + d] * inv);
+    for (int32_t d = 0; d < D; ++d) {
+      store_from_float(p.out, head * D + d, p.dtype, nonfinite[r] != kFinite ? nan : acc[r * D + d] * inv);
+    }
     if (p.lse) {
-      p.lse[head] = row_sum[r] > 0.0f ? row_max[r] + std::log(row_sum[r]) : -std::numeric_limits<float>::infinity();
+      const float lse = row_sum[r] > 0.0f ? row_max[r] + std::log(row_sum[r]) : -inf;
+      p.lse[head] = nonfinite[r] == kNaN ? nan : nonfinite[r] == kPosInf ? inf : lse;
     }
   }
 }

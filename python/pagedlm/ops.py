@@ -6,12 +6,13 @@ allocates device memory inside the kernel call: the split-K workspace of paged d
 one buffer per device, allocated on first use, and a large prefill's work counter is a
 4-byte tensor from torch's caching allocator, zeroed on the stream (graph-capturable).
 Shapes, dtypes, devices and contiguity are always checked; values inside CUDA tensors (block
-ids, lengths) only when PAGEDLM_DEBUG=1, since reading them costs a synchronization.
+ids, lengths) only when PAGEDLM_DEBUG=1, since reading them costs a synchronization. What each
+op checks, and what becomes of a bad value without the check, is in docs/errors.md.
 """
 import torch
 
 from pagedlm import _C
-from pagedlm._torch_glue import debug_checks, expect_tensors, stream_of
+from pagedlm._torch_glue import bool_arg, debug_checks, expect_tensors, float_arg, int_arg, stream_of
 from pagedlm.verify import verify_greedy, verify_speculative, verify_tree_greedy, verify_tree_speculative  # noqa: F401
 
 __all__ = ["write_kv_cache", "copy_blocks", "paged_decode_attention", "paged_prefill_attention", "rms_norm",
@@ -26,15 +27,23 @@ _workspaces = {}
 PERSISTENT_PREFILL_MIN_WORK = 1 << 16
 
 
+_INT64_MAX = (1 << 63) - 1
+
+
 def _attention_options(query, scale, sliding_window, soft_cap):
-    """(scale, window, cap) as the kernels take them: head_dim**-0.5 by default, 0 for off."""
+    """(scale, window, cap) as the kernels take them: head_dim**-0.5 by default, 0 for off.
+    scale must be finite and >= 0, soft_cap finite and > 0 (in float32), sliding_window a
+    positive int; a window past int64 hides nothing, as any window longer than the table."""
     if scale is None:
-        scale = query.shape[-1] ** -0.5 if query.dim() == 3 else 1.0
-    if sliding_window is not None and sliding_window <= 0:
-        raise ValueError(f"sliding_window: must be positive or None, got {sliding_window}")
-    if soft_cap is not None and soft_cap <= 0:
-        raise ValueError(f"soft_cap: must be positive or None, got {soft_cap}")
-    return float(scale), int(sliding_window or 0), float(soft_cap or 0.0)
+        scale = query.shape[-1] ** -0.5 if query.dim() == 3 and query.shape[-1] > 0 else 1.0
+    scale = float_arg("scale", scale)
+    window = 0
+    if sliding_window is not None:
+        window = int_arg("sliding_window", sliding_window)
+        if window <= 0:
+            raise ValueError(f"sliding_window: must be positive or None, got {window}")
+    cap = 0.0 if soft_cap is None else float_arg("soft_cap", soft_cap, positive=True)
+    return scale, min(window, _INT64_MAX), cap
 
 
 def _decode_workspace(device):
@@ -51,27 +60,28 @@ def write_kv_cache(key, value, key_cache, value_cache, slot_mapping):
     """Writes key/value [num_tokens, num_kv_heads, head_dim] into the paged caches at
     slot_mapping[t] = block * block_size + offset (int64; -1 skips the token)."""
     expect_tensors(key=key, value=value, key_cache=key_cache, value_cache=value_cache, slot_mapping=slot_mapping)
-    if debug_checks() and slot_mapping.is_cuda:
-        bad = (slot_mapping < -1) | (slot_mapping >= key_cache.shape[0] * key_cache.shape[1])
-        if bool(bad.any()):
-            i = int(bad.nonzero()[0, 0])
-            raise ValueError(f"slot_mapping[{i}] = {int(slot_mapping[i])} is outside the cache")
+    if debug_checks() and slot_mapping.is_cuda and key_cache.dim() == 4:
+        _C.check_slot_mapping(slot_mapping.cpu(), key_cache.shape[0] * key_cache.shape[1])
     _C.write_kv_cache(key, value, key_cache, value_cache, slot_mapping, stream_of(key_cache))
 
 
 def copy_blocks(key_caches, value_caches, block_mapping):
     """Copies whole blocks within each layer's caches: one (src, dst) pair per row of the
-    int64 [n, 2] block_mapping (the copy-on-write pairs of BlockManager.append)."""
+    int64 [n, 2] block_mapping (the copy-on-write pairs of BlockManager.append). Every layer's
+    caches have one shape. All layers and block ids are checked before any block is copied; a
+    destination may be neither written twice nor another pair's source (copies run in parallel)."""
+    for name, caches in (("key_caches", key_caches), ("value_caches", value_caches)):
+        if not isinstance(caches, (list, tuple)):
+            raise TypeError(f"{name}: expected a list of tensors, got {type(caches).__name__}")
+        for i, t in enumerate(caches):
+            expect_tensors(**{f"{name}[{i}]": t})
     expect_tensors(block_mapping=block_mapping)
     if len(key_caches) != len(value_caches):
         raise ValueError(f"value_caches: {len(value_caches)} layers, key_caches has {len(key_caches)}")
-    if debug_checks() and block_mapping.is_cuda and len(key_caches):
-        num_blocks = key_caches[0].shape[0]
-        if bool(((block_mapping < 0) | (block_mapping >= num_blocks)).any()):
-            raise ValueError(f"block_mapping: a block id is outside [0, {num_blocks})")
-    for i, (k, v) in enumerate(zip(key_caches, value_caches)):
-        expect_tensors(**{f"key_caches[{i}]": k, f"value_caches[{i}]": v})
-        _C.copy_blocks(k, v, block_mapping, stream_of(k))
+    if debug_checks() and block_mapping.is_cuda and len(key_caches) and key_caches[0].dim() == 4:
+        _C.check_block_mapping(block_mapping.cpu(), key_caches[0].shape[0])
+    stream = stream_of(key_caches[0]) if len(key_caches) else 0
+    _C.copy_blocks(list(key_caches), list(value_caches), block_mapping, stream)
 
 
 def paged_decode_attention(query, key_cache, value_cache, block_tables, seq_lens, *, scale=None,
@@ -145,11 +155,18 @@ def paged_prefill_attention(query, key_cache, value_cache, block_tables, cu_seql
 def _prefill_into(query, key_cache, value_cache, block_tables, cu_seqlens_q, seq_lens, out, lse, causal, custom_mask,
                   mask_indptr, scale, sliding_window, soft_cap):
     scale, sliding_window, soft_cap = _attention_options(query, scale, sliding_window, soft_cap)
+    causal = bool_arg("causal", causal)
+    if debug_checks() and query.is_cuda and key_cache.dim() == 4 and query.dim() == 3:
+        _C.check_paged_prefill_values(block_tables.cpu(), cu_seqlens_q.cpu(), seq_lens.cpu(),
+                                      None if mask_indptr is None else mask_indptr.cpu(),
+                                      0 if custom_mask is None else custom_mask.numel(),
+                                      custom_mask is not None and custom_mask.dtype == torch.uint8,
+                                      query.shape[0], key_cache.shape[1], key_cache.shape[0])
     large = (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and query.dim() == 3
              and query.shape[0] * query.shape[1] >= PERSISTENT_PREFILL_MIN_WORK)
     tile_counter = torch.zeros(1, dtype=torch.int32, device=query.device) if large else None
     _C.paged_prefill(query, key_cache, value_cache, block_tables, cu_seqlens_q, seq_lens, out, lse, custom_mask,
-                     mask_indptr, bool(causal), scale, sliding_window, soft_cap, tile_counter, stream_of(query))
+                     mask_indptr, causal, scale, sliding_window, soft_cap, tile_counter, stream_of(query))
 
 
 def rms_norm(x, weight, eps, *, residual=None):
@@ -163,11 +180,12 @@ def rms_norm(x, weight, eps, *, residual=None):
     the new residual, both in place. Returns (x, residual), the same tensors.
     """
     expect_tensors(x=x, weight=weight, residual=residual)
+    eps = float_arg("eps", eps)
     if residual is None:
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
-        _C.rms_norm(x, weight, out, None, float(eps), stream_of(x))
+        _C.rms_norm(x, weight, out, None, eps, stream_of(x))
         return out
-    _C.rms_norm(x, weight, x, residual, float(eps), stream_of(x))
+    _C.rms_norm(x, weight, x, residual, eps, stream_of(x))
     return x, residual
 
 

@@ -37,8 +37,13 @@ struct CopyBlocksParams {
   DType dtype = DType::f32;
 };
 
-// CPU path. Both check every slot / block id first and throw InvalidArgument naming the
-// argument before writing anything.
+// Host-side value checks (the CPU path runs them, CUDA calls with PAGEDLM_DEBUG=1 on copies),
+// throwing InvalidArgument naming the argument: every slot in [-1, num_slots) and no slot written
+// twice; every block id in [0, num_blocks), no destination written twice or read by another pair.
+void check_slot_mapping(const int64_t* slot_mapping, int64_t num_tokens, int64_t num_slots);
+void check_block_mapping(const int64_t* block_mapping, int64_t num_pairs, int64_t num_blocks);
+
+// CPU path. Both run the checks above first, so a refused call writes nothing.
 void write_kv_cache_cpu(const WriteKVCacheParams& p);
 void copy_blocks_cpu(const CopyBlocksParams& p);
 

@@ -12,6 +12,11 @@
 
 namespace pagedlm {
 
+// The most tokens a block-table row may address (max_blocks_per_seq * block_size). Kernels hold
+// token positions, lengths and windows in int32; with every valid length at most 2^30, any sum
+// or difference of two of them stays inside int32. A length above the capacity is a bad value.
+constexpr int64_t kMaxSequenceTokens = int64_t{1} << 30;
+
 struct PagedPrefillParams {
   const void* query = nullptr;            // [total_q, num_heads, head_dim] contiguous
   const void* key_cache = nullptr;        // [num_blocks, block_size, num_kv_heads, head_dim] contiguous
@@ -33,7 +38,9 @@ struct PagedPrefillParams {
   int32_t block_size = 0, num_blocks = 0, max_blocks_per_seq = 0;
   bool causal = true;
   float scale = 1.0f;
-  int32_t sliding_window = 0;  // > 0: query at position p sees only positions > p - sliding_window
+  // > 0: query at position p sees only positions > p - sliding_window; below the capacity (a
+  // window as long as the table reaches is no window, and the bindings pass 0 for it).
+  int32_t sliding_window = 0;
   float soft_cap = 0.0f;       // > 0: logits become soft_cap * tanh(logits / soft_cap)
   // Optional, CUDA: one int32 set to zero, through which a persistent grid hands out the work (the
   // Hopper kernel takes it: its blocks then overlap one query tile's start with the last one's end).
