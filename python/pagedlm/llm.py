@@ -43,7 +43,7 @@ def _exclusive(method):
         if not self._lock.acquire(blocking=False):
             raise RuntimeError(f"LLM.{method.__name__}: this LLM is in use by another thread. An LLM serves "
                                f"one thread at a time; to share one engine between threads or tasks use an "
-                               f"asynchronous engine (pagedlm.serving.AsyncLLM), or give each thread its own LLM")
+                               f"asynchronous engine (pagedlm.AsyncLLM), or give each thread its own LLM")
         try:
             return method(self, *args, **kwargs)
         finally:
