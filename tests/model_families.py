@@ -5,6 +5,8 @@ import torch
 
 TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, max_position_embeddings=256, rms_norm_eps=1e-5)
+# On the GPU: a head size the CUDA attention kernels are built for.
+GPU_TINY = {**TINY, "hidden_size": 256, "head_dim": 64, "intermediate_size": 192}
 
 
 def _longrope(half, seed):
@@ -12,9 +14,10 @@ def _longrope(half, seed):
     return [round(float(f), 4) for f in 1 + 3 * torch.rand(half, generator=g)]
 
 
-def families(transformers):
+def families(transformers, head_dim=TINY["head_dim"]):
     """{name: (config class, model class, fields beyond TINY, shortest prompt)}."""
     t = transformers
+    half = head_dim // 2
     return {
         # Layer 0 global, layers 1-2 with an 8-token window (max_window_layers).
         "qwen3": (t.Qwen3Config, t.Qwen3ForCausalLM,
@@ -35,7 +38,7 @@ def families(transformers):
                           dict(sliding_window=12, original_max_position_embeddings=32, pad_token_id=0,
                                bos_token_id=1, eos_token_id=2,
                                rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
-                                                "short_factor": _longrope(8, 1), "long_factor": _longrope(8, 2)}), 33),
+                                                "short_factor": _longrope(half, 1), "long_factor": _longrope(half, 2)}), 33),
         # Phi-4-mini's layout: half of each head rotated.
         "phi3-partial": (t.Phi3Config, t.Phi3ForCausalLM,
                          dict(pad_token_id=0, bos_token_id=1, eos_token_id=2,
@@ -53,11 +56,11 @@ def families(transformers):
     }
 
 
-def build(transformers, family, folder, *, dtype=torch.float32, seed=0):
+def build(transformers, family, folder, *, dtype=torch.float32, seed=0, dims=TINY):
     """The family's tiny transformers model with seeded random weights, saved to folder; returns
     it in eval mode (eager attention: the path that applies soft caps and windows exactly)."""
-    config_class, model_class, extra, _ = families(transformers)[family]
-    config = config_class(**{**TINY, **extra})
+    config_class, model_class, extra, _ = families(transformers, dims["head_dim"])[family]
+    config = config_class(**{**dims, **extra})
     torch.manual_seed(seed)
     model = model_class(config).eval()
     with torch.no_grad():
