@@ -1,9 +1,11 @@
-"""The layers of a Llama-family block: RMSNorm, rotary embeddings (with llama3 scaling),
-attention over the paged KV cache through pagedlm.ops, and the SwiGLU MLP."""
+"""The layers of a decoder block: RMSNorm, rotary embeddings (llama3, linear and LongRoPE
+scaling), attention over the paged KV cache through pagedlm.ops with each layer's window, scale
+and soft cap, and the gated MLP (SwiGLU, or GeGLU for Gemma)."""
 import math
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 import pagedlm.ops as ops
 
@@ -28,11 +30,18 @@ class RMSNorm(nn.Module):
 
 
 def rope_frequencies(head_dim, theta, scaling):
-    """Inverse frequencies of the rotary embedding; llama3 scaling stretches the low ones."""
+    """Inverse frequencies of the rotary embedding over head_dim (the rotated dims); llama3
+    scaling stretches the low ones, linear divides all by its factor, LongRoPE divides each by
+    its own factor."""
     # float32 throughout, as Hugging Face computes it, so the angles agree to the last bit.
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    if scaling and scaling["rope_type"] == "longrope":
+        return 1.0 / (torch.tensor(scaling["ext_factors"], dtype=torch.float32) * theta ** exponents)
+    inv_freq = 1.0 / theta ** exponents
     if not scaling:
         return inv_freq
+    if scaling["rope_type"] == "linear":
+        return inv_freq / scaling["factor"]
     factor = scaling["factor"]
     low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
     context = scaling.get("original_max_position_embeddings", 8192)
@@ -51,33 +60,73 @@ def apply_rope(query, key, positions, inv_freq):
 
 
 class Attention(nn.Module):
-    def __init__(self, args):
+    """One layer's attention. Its settings (window, scale, soft cap, rotary table) are plain
+    Python values fixed at construction, so every forward, eager or captured in a CUDA graph,
+    hands the kernels the same constants."""
+
+    def __init__(self, args, layer=0):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
         self.q_size, self.kv_size = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
         # q, k and v in one matmul: the checkpoint's q_proj, k_proj and v_proj are its row blocks.
         self.qkv_proj = nn.Linear(args.hidden_size, self.q_size + 2 * self.kv_size, bias=args.attention_bias)
-        self.o_proj = nn.Linear(args.num_heads * args.head_dim, args.hidden_size, bias=False)
-        self.sliding_window = args.sliding_window
+        self.o_proj = nn.Linear(args.num_heads * args.head_dim, args.hidden_size, bias=args.o_proj_bias)
+        if args.qk_norm:  # Qwen3, Gemma 3: each query and key head normalised before the rotation
+            self.q_norm = RMSNorm(args.head_dim, args.rms_norm_eps)
+            self.k_norm = RMSNorm(args.head_dim, args.rms_norm_eps)
+        self.qk_norm = args.qk_norm
+        self.sliding_window = args.window(layer)
+        self.soft_cap = args.attn_soft_cap
+        self.rope_table = 0 if args.rope_table(layer) == "global" else 1
+        self.rotary_dim = args.rotary_dim or args.head_dim
+        scale = args.attn_scale if args.attn_scale is not None else args.head_dim ** -0.5
+        # LongRoPE scales cos and sin, so the rotated dims of q and k, by its attention factor:
+        # with every dim rotated, that is the scores times its square.
+        self.rotated_factor = args.rope_attention_factor
+        if self.rotary_dim == args.head_dim:
+            scale, self.rotated_factor = scale * self.rotated_factor ** 2, 1.0
+        self.scale = scale
 
-    def forward(self, x, positions, inv_freq, batch, kv_cache):
+    def forward(self, x, positions, inv_freqs, batch, kv_cache):
         tokens = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q, k = apply_rope(q.view(tokens, self.num_heads, self.head_dim),
-                          k.view(tokens, self.num_kv_heads, self.head_dim), positions, inv_freq)
+        q = q.view(tokens, self.num_heads, self.head_dim)
+        k = k.view(tokens, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q = self.q_norm(q.reshape(-1, self.head_dim)).view(tokens, self.num_heads, self.head_dim)
+            k = self.k_norm(k.reshape(-1, self.head_dim)).view(tokens, self.num_kv_heads, self.head_dim)
+        rotary = self.rotary_dim
+        if rotary == self.head_dim:
+            q, k = apply_rope(q, k, positions, inv_freqs[self.rope_table])
+        else:  # partial rotary: the leading dims of each head (views: the kernel takes strided heads)
+            apply_rope(q[..., :rotary], k[..., :rotary], positions, inv_freqs[self.rope_table])
+            if self.rotated_factor != 1.0:
+                q[..., :rotary].mul_(self.rotated_factor)
+                k[..., :rotary].mul_(self.rotated_factor)
         q = q.contiguous()  # the attention kernels take a contiguous query; write_kv_cache a strided key
         v = v.view(tokens, self.num_kv_heads, self.head_dim)
         key_cache, value_cache = kv_cache
         ops.write_kv_cache(k, v, key_cache, value_cache, batch.slot_mapping)
         if batch.decode_only:
             out = ops.paged_decode_attention(q, key_cache, value_cache, batch.block_tables, batch.seq_lens,
-                                             sliding_window=self.sliding_window, custom_mask=batch.custom_mask,
+                                             scale=self.scale, sliding_window=self.sliding_window,
+                                             soft_cap=self.soft_cap, custom_mask=batch.custom_mask,
                                              mask_offsets=batch.mask_offsets)
         else:
             out = ops.paged_prefill_attention(q, key_cache, value_cache, batch.block_tables, batch.cu_seqlens_q,
                                               batch.seq_lens, custom_mask=batch.custom_mask,
-                                              mask_indptr=batch.mask_indptr, sliding_window=self.sliding_window)
+                                              mask_indptr=batch.mask_indptr, scale=self.scale,
+                                              sliding_window=self.sliding_window, soft_cap=self.soft_cap)
         return self.o_proj(out.view(tokens, -1))
+
+
+def act_and_mul(x, hidden_act):
+    """act(gate) * up of x [tokens, 2 * d], gate and up side by side: SwiGLU in one kernel, GeGLU
+    (Gemma: gelu with the tanh approximation, or exact) in torch, rounded as transformers rounds."""
+    if hidden_act == "silu":
+        return ops.silu_and_mul(x)
+    gate, up = x.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh" if hidden_act == "gelu_pytorch_tanh" else "none") * up
 
 
 class MLP(nn.Module):
@@ -86,6 +135,7 @@ class MLP(nn.Module):
         # gate and up in one matmul: the checkpoint's gate_proj and up_proj are its row blocks.
         self.gate_up_proj = nn.Linear(args.hidden_size, 2 * args.intermediate_size, bias=False)
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+        self.hidden_act = args.hidden_act
 
     def forward(self, x):
-        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))  # silu(gate) * up
+        return self.down_proj(act_and_mul(self.gate_up_proj(x), self.hidden_act))  # act(gate) * up

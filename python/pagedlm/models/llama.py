@@ -1,13 +1,18 @@
 """LlamaForCausalLM over a paged KV cache: embeddings, decoder blocks, final norm, LM head.
 Matmuls are torch's; attention and KV-cache writes are pagedlm's paged ops. One forward
 takes a packed batch of new tokens from many sequences (prefill chunks and decode steps
-mixed), described by an AttentionBatch built from the block manager."""
+mixed), described by an AttentionBatch built from the block manager.
+
+The one class serves every supported family (config.SUPPORTED): what differs between them
+(q/k norms, Gemma's sandwich norms, scaled embeddings and soft caps, per-layer windows and
+rotary tables, mixture-of-experts MLPs) is read from ModelArgs when the model is built."""
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from pagedlm.models.layers import MLP, Attention, RMSNorm, rope_frequencies
+from pagedlm.models.moe import SparseMoE
 
 
 @dataclass
@@ -33,14 +38,18 @@ class AttentionBatch:
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, args):
+    def __init__(self, args, layer=0):
         super().__init__()
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.self_attn = Attention(args)
+        self.self_attn = Attention(args, layer)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.mlp = MLP(args)
+        self.sandwich = args.sandwich_norms
+        if self.sandwich:  # Gemma: post_attention_layernorm normalises the attention output itself
+            self.pre_feedforward_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+            self.post_feedforward_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.mlp = SparseMoE(args) if args.is_moe_layer(layer) else MLP(args)
 
-    def forward(self, x, residual, positions, inv_freq, batch, kv_cache):
+    def forward(self, x, residual, positions, inv_freqs, batch, kv_cache):
         """The residual stream is x + residual (residual None before the first layer), kept as
         a pair so that each add is fused into the norm after it (RMSNorm with residual).
         Returns the pair for the next layer; residual is updated in place."""
@@ -48,16 +57,19 @@ class DecoderLayer(nn.Module):
             x, residual = self.input_layernorm(x), x
         else:
             x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(x, positions, inv_freq, batch, kv_cache)
-        x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
+        x = self.self_attn(x, positions, inv_freqs, batch, kv_cache)
+        if not self.sandwich:
+            x, residual = self.post_attention_layernorm(x, residual)
+            return self.mlp(x), residual
+        x, residual = self.pre_feedforward_layernorm(self.post_attention_layernorm(x), residual)
+        return self.post_feedforward_layernorm(self.mlp(x)), residual
 
 
 class LlamaModel(nn.Module):
     def __init__(self, args):
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(args) for _ in range(args.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(args, layer) for layer in range(args.num_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
 
@@ -72,8 +84,18 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         if args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.register_buffer("inv_freq", rope_frequencies(args.head_dim, args.rope_theta, args.rope_scaling),
-                             persistent=False)
+        for name, table in self.rope_tables().items():
+            self.register_buffer(name, table, persistent=False)
+
+    def rope_tables(self):
+        """{buffer name: float32 inverse frequencies}: inv_freq for every layer, and for Gemma 3
+        inv_freq_local, the sliding-window layers' own."""
+        args = self.args
+        rotary = args.rotary_dim or args.head_dim
+        tables = {"inv_freq": rope_frequencies(rotary, args.rope_theta, args.rope_scaling)}
+        if args.local_rope_theta is not None:
+            tables["inv_freq_local"] = rope_frequencies(rotary, args.local_rope_theta, args.local_rope_scaling)
+        return tables
 
     def make_kv_caches(self, num_blocks, block_size, *, dtype=None, device=None):
         """One (key_cache, value_cache) pair per layer: [num_blocks, block_size, kv_heads, head_dim]."""
@@ -88,11 +110,18 @@ class LlamaForCausalLM(nn.Module):
         """input_ids, positions int64 [tokens]; returns logits float32 [len(logits_indices) or tokens, vocab],
         written into logits_out if given (a CUDA graph's output buffer: one copy, not a cast and a copy)."""
         x, residual = self.model.embed_tokens(input_ids), None
+        if self.args.embed_scale is not None:  # Gemma: the factor rounded to the weights' dtype, as transformers
+            x = x * torch.tensor(self.args.embed_scale, dtype=x.dtype).item()
+        inv_freqs = (self.inv_freq, getattr(self, "inv_freq_local", None))
         for layer, kv_cache in zip(self.model.layers, kv_caches):
-            x, residual = layer(x, residual, positions, self.inv_freq, batch, kv_cache)
+            x, residual = layer(x, residual, positions, inv_freqs, batch, kv_cache)
         if logits_indices is not None:
             x, residual = x[logits_indices], None if residual is None else residual[logits_indices]
         x = self.model.norm(x) if residual is None else self.model.norm(x, residual)[0]
+        logits = self.lm_head(x)
+        cap = self.args.final_soft_cap
+        if cap is not None:  # Gemma: cap * tanh(logits / cap), in float32
+            logits = torch.tanh(logits.float() / cap) * cap
         if logits_out is None:
-            return self.lm_head(x).float()
-        return logits_out.copy_(self.lm_head(x))
+            return logits.float()
+        return logits_out.copy_(logits)

@@ -10,7 +10,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from pagedlm.models.config import ModelArgs
-from pagedlm.models.layers import rope_frequencies
 from pagedlm.models.llama import LlamaForCausalLM
 
 
@@ -67,11 +66,17 @@ def _weight_files(folder):
 
 # Our fused parameters and the checkpoint parameters stacked in them, in row order.
 FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+# Each expert's (gate, up, down) projections as the checkpoint names them, and the name of the
+# block holding the router ("gate") and the experts.
+EXPERT_NAMES = {"mixtral": (("w1", "w3", "w2"), "block_sparse_moe"),
+                "qwen3_moe": (("gate_proj", "up_proj", "down_proj"), "mlp")}
 
 
 def checkpoint_names(model):
-    """{Hugging Face parameter name: (our parameter, its rows that hold it)}: most names map to a
-    whole parameter of ours; q/k/v and gate/up map to row blocks of qkv_proj and gate_up_proj."""
+    """{Hugging Face parameter name: (our parameter, the index of its part that holds it)}: most
+    names map to a whole parameter of ours; q/k/v and gate/up map to row blocks of qkv_proj and
+    gate_up_proj (unless the checkpoint stores them fused, as Phi-3's), and each expert's
+    projections to its slices of the stacked w13 and w2."""
     args = model.args
     rows = {"qkv_proj": (args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim,
                          args.num_kv_heads * args.head_dim),
@@ -80,20 +85,42 @@ def checkpoint_names(model):
     for name, param in model.named_parameters():
         module, _, kind = name.rpartition(".")        # ...self_attn.qkv_proj, weight
         parent, _, leaf = module.rpartition(".")
-        if leaf not in FUSED:
+        if leaf == "experts":                         # ...mlp.experts, w13 or w2
+            (gate, up, down), block = EXPERT_NAMES[args.model_type]
+            layer = parent.rpartition(".")[0]         # ...layers.3
+            inter = args.moe_intermediate_size
+            for e in range(args.num_experts):
+                prefix = f"{layer}.{block}.experts.{e}."
+                if kind == "w13":
+                    names[prefix + f"{gate}.weight"] = (param, (e, slice(0, inter)))
+                    names[prefix + f"{up}.weight"] = (param, (e, slice(inter, 2 * inter)))
+                else:
+                    names[prefix + f"{down}.weight"] = (param, e)
+        elif leaf == "gate" and args.model_type in EXPERT_NAMES:  # the router
+            names[f"{parent.rpartition('.')[0]}.{EXPERT_NAMES[args.model_type][1]}.gate.{kind}"] = (param, slice(None))
+        elif leaf not in FUSED or args.fused_checkpoint:
             names[name] = (param, slice(None))
-            continue
-        start = 0
-        for part, size in zip(FUSED[leaf], rows[leaf]):
-            names[f"{parent}.{part}.{kind}"] = (param, slice(start, start + size))
-            start += size
+        else:
+            start = 0
+            for part, size in zip(FUSED[leaf], rows[leaf]):
+                names[f"{parent}.{part}.{kind}"] = (param, slice(start, start + size))
+                start += size
     return names
 
 
-def load_model(folder, *, dtype=torch.float32, device="cpu"):
-    """A LlamaForCausalLM with the folder's weights, in dtype on device."""
+def _stored_value(args, name, tensor):
+    """The value our parameter holds for the checkpoint's tensor: Gemma's norm weights w scale
+    by (1 + w), stored as such (in float32, then rounded once) so one RMSNorm kernel serves."""
+    if args.norm_offset and name.endswith("norm.weight"):
+        return tensor.float() + args.norm_offset
+    return tensor
+
+
+def load_model(folder, *, dtype=torch.float32, device="cpu", rope_factors="auto"):
+    """A LlamaForCausalLM with the folder's weights, in dtype on device. rope_factors: which of
+    a LongRoPE (Phi-3) checkpoint's factor sets every sequence uses (ModelArgs.from_hf)."""
     source = Path(folder) / "config.json"
-    args = ModelArgs.from_hf(read_config(folder), source=str(source))
+    args = ModelArgs.from_hf(read_config(folder), source=str(source), rope_factors=rope_factors)
     files = _weight_files(folder)
     # Before the model is built: a config whose sizes the checkpoint does not hold (a typo'd
     # layer count, a vocabulary of 10**12) would otherwise build, then allocate, all of them.
@@ -127,7 +154,7 @@ def load_model(folder, *, dtype=torch.float32, device="cpu"):
             if name in loaded:
                 raise ValueError(f"{f}: {name} appears in more than one weight file")
             with torch.no_grad():
-                param[rows].copy_(tensor)
+                param[rows].copy_(_stored_value(args, name, tensor))
             loaded.add(name)
     if args.tie_word_embeddings:
         loaded.add("lm_head.weight")
@@ -146,15 +173,37 @@ def expected_shapes(args):
     yield "model.embed_tokens.weight", (args.vocab_size, h)
     for layer in range(args.num_layers):
         prefix = f"model.layers.{layer}."
-        for name, shape in [("self_attn.q_proj.weight", (q, h)), ("self_attn.k_proj.weight", (kv, h)),
-                            ("self_attn.v_proj.weight", (kv, h)), ("self_attn.o_proj.weight", (h, q)),
-                            ("mlp.gate_proj.weight", (i, h)), ("mlp.up_proj.weight", (i, h)),
-                            ("mlp.down_proj.weight", (h, i)), ("input_layernorm.weight", (h,)),
-                            ("post_attention_layernorm.weight", (h,))]:
-            yield prefix + name, shape
+        if args.fused_checkpoint:
+            yield prefix + "self_attn.qkv_proj.weight", (q + 2 * kv, h)
+        else:
+            yield from [(prefix + "self_attn.q_proj.weight", (q, h)), (prefix + "self_attn.k_proj.weight", (kv, h)),
+                        (prefix + "self_attn.v_proj.weight", (kv, h))]
+        yield prefix + "self_attn.o_proj.weight", (h, q)
         if args.attention_bias:
             yield from [(prefix + "self_attn.q_proj.bias", (q,)), (prefix + "self_attn.k_proj.bias", (kv,)),
                         (prefix + "self_attn.v_proj.bias", (kv,))]
+        if args.o_proj_bias:
+            yield prefix + "self_attn.o_proj.bias", (h,)
+        if args.qk_norm:
+            yield from [(prefix + "self_attn.q_norm.weight", (d,)), (prefix + "self_attn.k_norm.weight", (d,))]
+        if args.is_moe_layer(layer):
+            (gate, up, down), block = EXPERT_NAMES[args.model_type]
+            m = args.moe_intermediate_size
+            yield prefix + f"{block}.gate.weight", (args.num_experts, h)
+            for e in range(args.num_experts):
+                expert = prefix + f"{block}.experts.{e}."
+                yield from [(expert + f"{gate}.weight", (m, h)), (expert + f"{up}.weight", (m, h)),
+                            (expert + f"{down}.weight", (h, m))]
+        elif args.fused_checkpoint:
+            yield from [(prefix + "mlp.gate_up_proj.weight", (2 * i, h)), (prefix + "mlp.down_proj.weight", (h, i))]
+        else:
+            yield from [(prefix + "mlp.gate_proj.weight", (i, h)), (prefix + "mlp.up_proj.weight", (i, h)),
+                        (prefix + "mlp.down_proj.weight", (h, i))]
+        norms = ["input_layernorm", "post_attention_layernorm"]
+        if args.sandwich_norms:
+            norms += ["pre_feedforward_layernorm", "post_feedforward_layernorm"]
+        for norm in norms:
+            yield prefix + f"{norm}.weight", (h,)
     yield "model.norm.weight", (h,)
     if not args.tie_word_embeddings:
         yield "lm_head.weight", (args.vocab_size, h)
@@ -188,11 +237,12 @@ def _check_shapes(args, folder, stored):
                          + (" ..." if len(missing) > 5 else ""))
 
 
-def random_model(config, *, seed=0, dtype=torch.float32, device="cpu", std=0.02):
-    """A model with seeded random weights, from a config.json dict (or a transformers config)."""
+def random_model(config, *, seed=0, dtype=torch.float32, device="cpu", std=0.02, rope_factors="auto"):
+    """A model with seeded random weights, from a config.json dict (or a transformers config).
+    Norm weights are ones (for Gemma, whose checkpoints store w for a scale of 1 + w: w = 0)."""
     if hasattr(config, "to_dict"):
         config = config.to_dict()
-    args = ModelArgs.from_hf(config, source="config")
+    args = ModelArgs.from_hf(config, source="config", rope_factors=rope_factors)
     generator = torch.Generator().manual_seed(seed)
     model = LlamaForCausalLM(args)
     with torch.no_grad():
@@ -208,5 +258,5 @@ def random_model(config, *, seed=0, dtype=torch.float32, device="cpu", std=0.02)
 
 def _keep_rope_in_f32(model, device):
     """.to(dtype) also casts the rotary frequencies; recompute them in float32."""
-    args = model.args
-    model.inv_freq = rope_frequencies(args.head_dim, args.rope_theta, args.rope_scaling).to(device)
+    for name, table in model.rope_tables().items():
+        setattr(model, name, table.to(device))
