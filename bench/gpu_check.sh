@@ -4,13 +4,17 @@
 # benchmarks with the anchors side by side. Results go to $OUT (or ./gpu-out).
 #
 #   bash bench/gpu_check.sh [--archs LIST] [--no-tests] [--no-sanitizer] [--no-bench]
+#                           [--tools "memcheck racecheck initcheck synccheck"]
 #                           [--bench "decode prefill verify engine decoding pay_switch"]
+#                           [--stage-timeout SECONDS]
 #
 # --archs sets CMAKE_CUDA_ARCHITECTURES for the build (default: the GPUs of this machine);
 # `--archs 80-virtual` builds compute_80 PTX alone, which the driver JIT-compiles: the path
 # every non-Hopper GPU takes, run on this one. FlashInfer, the kernels' anchor, is installed
 # from .anchors/flashinfer when that folder is present (see bench/README.md). BENCH_ARGS_<name>
 # passes options to one benchmark, e.g. BENCH_ARGS_prefill="--flashinfer-backends fa2".
+# --stage-timeout bounds each test, sanitizer and benchmark command, so that a run inside a
+# time limit still reaches its later stages.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu-out}"
@@ -18,6 +22,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 CMAKE_BUILD_PARALLEL_LEVEL=16
 export CUDA_CACHE_MAXSIZE=4294967296  # a PTX-only build is JIT-compiled once, then read from the cache
 run_tests=1 run_sanitizer=1 run_bench=1 benches="decode prefill verify engine decoding pay_switch"
+tools="memcheck racecheck initcheck synccheck" stage_timeout=0
 while [ $# -gt 0 ]; do
   case $1 in
     --archs) export CMAKE_CUDA_ARCHITECTURES=$2; shift ;;
@@ -25,6 +30,8 @@ while [ $# -gt 0 ]; do
     --no-sanitizer) run_sanitizer=0 ;;
     --no-bench) run_bench=0 ;;
     --bench) benches=$2; shift ;;
+    --tools) tools=$2; shift ;;
+    --stage-timeout) stage_timeout=$2; shift ;;
     *) echo "gpu_check.sh: unknown option $1" >&2; exit 2 ;;
   esac
   shift
@@ -38,25 +45,25 @@ pagedlm info | tee -a "$OUT/gpu.txt"
 status=0
 
 if [ $run_tests = 1 ]; then
-  python3 -m pytest -q -m gpu -p no:cacheprovider > "$OUT/pytest-gpu.log" 2>&1; rc=$?
+  timeout "$stage_timeout" python3 -m pytest -v -rfE --tb=short -m gpu -p no:cacheprovider > "$OUT/pytest-gpu.log" 2>&1; rc=$?
   tail -5 "$OUT/pytest-gpu.log"
   [ $rc -eq 0 ] || [ $rc -eq 5 ] || status=1
 fi
 
 if [ $run_sanitizer = 1 ]; then
-  for tool in memcheck racecheck initcheck synccheck; do
-    { compute-sanitizer --tool $tool --error-exitcode 9 python3 bench/sanitize_case.py \
-      && compute-sanitizer --tool $tool --error-exitcode 9 python3 bench/bench_verify.py --smoke; } \
+  sanitize="timeout $stage_timeout compute-sanitizer --error-exitcode 9 --tool"
+  for tool in $tools; do
+    { $sanitize $tool python3 bench/sanitize_case.py && $sanitize $tool python3 bench/bench_verify.py --smoke; } \
       > "$OUT/sanitizer-$tool.log" 2>&1 || status=1
     echo "compute-sanitizer $tool: $(grep -E 'SUMMARY|case done' "$OUT/sanitizer-$tool.log" | tr '\n' ' ')"
   done
   # Op fuzzing with bad values inside CUDA tensors, with and without PAGEDLM_DEBUG=1.
-  for tool in memcheck racecheck initcheck synccheck; do
-    compute-sanitizer --tool $tool --error-exitcode 9 python3 bench/sanitize_fuzz.py --cases 40 \
+  for tool in $tools; do
+    $sanitize $tool python3 bench/sanitize_fuzz.py --cases 40 \
       > "$OUT/sanitizer-fuzz-$tool.log" 2>&1 || status=1
     echo "compute-sanitizer $tool (fuzz): $(grep -E 'SUMMARY|PAGEDLM_DEBUG|fuzz done' "$OUT/sanitizer-fuzz-$tool.log" | tr '\n' ' ')"
   done
-  python3 -m pytest -q -p no:cacheprovider --runslow -m gpu tests/test_fuzz_ops.py > "$OUT/pytest-fuzz-gpu.log" 2>&1 \
+  timeout "$stage_timeout" python3 -m pytest -q -p no:cacheprovider --runslow -m gpu tests/test_fuzz_ops.py > "$OUT/pytest-fuzz-gpu.log" 2>&1 \
     || status=1
   tail -3 "$OUT/pytest-fuzz-gpu.log"
 fi
@@ -72,7 +79,8 @@ if [ $run_bench = 1 ]; then
   for name in $benches; do
     extra="BENCH_ARGS_$name"
     # shellcheck disable=SC2086  # the options are meant to split
-    python3 "bench/${script[$name]}.py" --out "$OUT/$name.md" ${!extra:-} > "$OUT/bench-$name.log" 2>&1 || status=1
+    timeout "$stage_timeout" python3 "bench/${script[$name]}.py" --out "$OUT/$name.md" ${!extra:-} \
+      > "$OUT/bench-$name.log" 2>&1 || status=1
     tail -12 "$OUT/bench-$name.log"
   done
 fi
