@@ -305,8 +305,8 @@ def test_apply_rope_matches_the_unfused_layer(tokens, heads, kv_heads, head_dim,
 
 def test_apply_rope_with_free_head_strides_and_llama3_frequencies():
     from pagedlm.models.layers import rope_frequencies
-    inv_freq = rope_frequencies(64, 500000.0, dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                                                   original_max_position_embeddings=8192))
+    inv_freq = rope_frequencies(64, 500000.0, dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                                   high_freq_factor=4.0, original_max_position_embeddings=8192))
     base_q, base_k = rand(3, 4, 2 * 64), rand(3, 2, 3 * 64)
     q, k = base_q[:, :, 64:], base_k[:, :, :64]  # head strides 128 and 192
     positions = torch.tensor([0, 8191, 131071])
