@@ -208,6 +208,15 @@ void expect_cuda_head_dim(int64_t head_dim) {
   }
 }
 
+// The CUDA FP8 kernels read cache rows in 16-byte loads.
+void expect_fp8_aligned(const Tensor& key_cache, const Tensor& value_cache, DType kv_dtype) {
+  if (!is_fp8(kv_dtype)) return;
+  if (reinterpret_cast<uintptr_t>(key_cache.data()) % 16) fail("key_cache", "an FP8 cache must be 16-byte aligned on CUDA");
+  if (reinterpret_cast<uintptr_t>(value_cache.data()) % 16) {
+    fail("value_cache", "an FP8 cache must be 16-byte aligned on CUDA");
+  }
+}
+
 void write_kv_cache(Tensor key, Tensor value, MutTensor key_cache, MutTensor value_cache, Tensor slot_mapping,
                     double k_scale, double v_scale, std::optional<Tensor> k_scale_t, std::optional<Tensor> v_scale_t,
                     uintptr_t stream) {
@@ -359,6 +368,7 @@ void paged_decode(Tensor query, Tensor key_cache, Tensor value_cache, Tensor blo
     return;
   }
   expect_cuda_head_dim(a.head_dim);
+  expect_fp8_aligned(key_cache, value_cache, a.kv_dtype);
   expect_cuda_grid(a.rows, "query", "batch");
   expect_cuda_grid(a.num_heads, "query", "num_heads");
 #ifdef PAGEDLM_WITH_CUDA
@@ -425,6 +435,7 @@ void paged_prefill(Tensor query, Tensor key_cache, Tensor value_cache, Tensor bl
   if (where.cuda) {
     expect_cuda_head_dim(a.head_dim);
     expect_cuda_grid(a.num_heads, "query", "num_heads");
+    expect_fp8_aligned(key_cache, value_cache, a.kv_dtype);
   }
   run_on(where, p, paged_prefill_cpu, PAGEDLM_CUDA_LAUNCHER(paged_prefill), stream, "paged_prefill_attention");
 }
