@@ -24,6 +24,7 @@
 #include "device_query.h"
 #include "launchers.h"
 #include "mma.cuh"
+#include "paged_fp8.h"
 
 namespace pagedlm::cuda {
 namespace {
@@ -428,6 +429,7 @@ int launch_heads(const PagedDecodeParams& p, const DecodeWorkspace& ws, cudaStre
 int paged_decode(const PagedDecodeParams& p, const DecodeWorkspace& ws, void* stream_ptr) {
   if (p.batch == 0) return 0;
   auto stream = static_cast<cudaStream_t>(stream_ptr);
+  if (is_fp8(p.kv_dtype)) return paged_decode_fp8(p, stream);  // CUDA cores (paged_fp8.cu)
   return dispatch_dtype(p.dtype, [&](auto type) {
     using T = decltype(type);
     switch (p.head_dim) {

@@ -18,6 +18,7 @@
 #include "common.cuh"
 #include "launchers.h"
 #include "mma.cuh"
+#include "paged_fp8.h"
 #include "paged_prefill_f32.h"
 #include "paged_prefill_sm90.h"
 #include "paged_tiles.cuh"
@@ -348,6 +349,7 @@ int launch(const PagedPrefillParams& p, cudaStream_t stream) {
 int paged_prefill(const PagedPrefillParams& p, void* stream_ptr) {
   if (p.batch == 0 || p.total_q == 0) return 0;
   auto stream = static_cast<cudaStream_t>(stream_ptr);
+  if (is_fp8(p.kv_dtype)) return paged_prefill_fp8(p, stream);  // CUDA cores (paged_fp8.cu)
   return dispatch_dtype(p.dtype, [&](auto type) {
     using T = decltype(type);
     if constexpr (std::is_same<T, float>::value) {

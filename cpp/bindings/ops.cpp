@@ -4,7 +4,9 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/optional.h>
+#include <nanobind/stl/string.h>
 
+#include <cmath>
 #include <cstdint>
 #include <initializer_list>
 #include <optional>
@@ -31,13 +33,45 @@ template <typename T>
 DType check_cache(const T& cache, const char* arg) {
   expect_rank(cache, 4, arg);
   expect_contiguous(cache, arg);
-  return float_dtype(cache, arg);
+  return cache_dtype(cache, arg);
+}
+
+// k_scale / v_scale: a float (`value`, finite and > 0 in float32) or a float32 tensor, 0-d or one
+// value per kv head, on the caches' device. Only FP8 caches take a scale other than 1.0. The values
+// of a CPU tensor are checked here; those of a CUDA tensor with PAGEDLM_DEBUG=1 (pagedlm.ops).
+KVScale check_scale(double value, const std::optional<Tensor>& tensor, DType kv_dtype, int64_t num_kv_heads,
+                    const Placement& where, const char* arg) {
+  KVScale s;
+  if (!tensor) {
+    if (!(value > 0.0) || !std::isfinite(static_cast<float>(value))) {
+      fail(arg, "must be finite and > 0 (in float32), got " + std::to_string(value));
+    }
+    if (!is_fp8(kv_dtype) && value != 1.0) fail(arg, "only an FP8 cache takes a scale other than 1.0");
+    s.value = static_cast<float>(value);
+    return s;
+  }
+  if (!is_fp8(kv_dtype)) fail(arg, "only an FP8 cache takes a scale tensor");
+  const nb::dlpack::dtype d = tensor->dtype();
+  if (d.lanes != 1 || d.bits != 32 || d.code != static_cast<uint8_t>(nb::dlpack::dtype_code::Float)) {
+    throw nb::type_error((std::string(arg) + ": dtype must be float32").c_str());
+  }
+  if (tensor->ndim() == 1) {
+    expect_dim(*tensor, 0, num_kv_heads, arg, "num_kv_heads");
+  } else if (tensor->ndim() != 0) {
+    fail(arg, "must be 0-d or [num_kv_heads], got shape " + shape_str(*tensor));
+  }
+  expect_contiguous(*tensor, arg);
+  expect_same_placement(*tensor, where, arg, "the caches");
+  s.data = static_cast<const float*>(tensor->data());
+  s.count = tensor->ndim() == 0 ? 1 : static_cast<int32_t>(num_kv_heads);
+  if (!where.cuda) check_kv_scale(s, arg);
+  return s;
 }
 
 // What paged decode and prefill check alike: the caches, query [rows, num_heads, head_dim],
 // out, lse [rows, num_heads], the options, and that all of them share the query's device.
 struct AttentionShape {
-  DType dtype;
+  DType dtype, kv_dtype;  // query and out; the caches
   int64_t num_blocks, block_size, num_kv_heads, head_dim, rows, num_heads;
   Placement where;
 };
@@ -45,16 +79,17 @@ struct AttentionShape {
 AttentionShape check_attention(const Tensor& query, const Tensor& key_cache, const Tensor& value_cache,
                                const MutTensor& out, const std::optional<MutTensor>& lse) {
   AttentionShape a;
-  a.dtype = check_cache(key_cache, "key_cache");
-  check_cache(value_cache, "value_cache");
+  a.kv_dtype = check_cache(key_cache, "key_cache");
+  if (check_cache(value_cache, "value_cache") != a.kv_dtype) throw nb::type_error("value_cache: dtype must match key_cache");
   expect_same_shape(value_cache, key_cache, "value_cache", "key_cache");
-  expect_float_like(value_cache, a.dtype, "value_cache", "key_cache");
   a.num_blocks = key_cache.shape(0), a.block_size = key_cache.shape(1);
   a.num_kv_heads = key_cache.shape(2), a.head_dim = key_cache.shape(3);
   if (a.block_size == 0) fail("key_cache", "block_size (dimension 1) must be at least 1, got shape " + shape_str(key_cache));
   expect_rank(query, 3, "query");
   expect_contiguous(query, "query");
-  expect_float_like(query, a.dtype, "query", "key_cache");
+  // The query's dtype is the output's; with an FP8 cache it may be any of f32, f16, bf16.
+  a.dtype = float_dtype(query, "query");
+  if (!is_fp8(a.kv_dtype) && a.dtype != a.kv_dtype) throw nb::type_error("query: dtype must match key_cache");
   a.rows = query.shape(0), a.num_heads = query.shape(1);
   expect_dim(query, 2, a.head_dim, "query", "head_dim of the cache");
   if (a.num_kv_heads == 0 || a.num_heads % a.num_kv_heads != 0) {
@@ -124,7 +159,18 @@ bool check_custom_mask(const Tensor& mask, const Placement& where, bool packed_a
 template <typename Params>
 void fill_attention(Params& p, const AttentionShape& a, const Tensor& query, const Tensor& key_cache,
                     const Tensor& value_cache, const Tensor& block_tables, const Tensor& seq_lens, MutTensor& out,
-                    std::optional<MutTensor>& lse, double scale, int64_t sliding_window, double soft_cap) {
+                    std::optional<MutTensor>& lse, double scale, int64_t sliding_window, double soft_cap,
+                    double k_scale, double v_scale, const std::optional<Tensor>& k_scale_t,
+                    const std::optional<Tensor>& v_scale_t) {
+  for (auto [t, arg] : {std::pair<const std::optional<Tensor>*, const char*>{&k_scale_t, "k_scale"},
+                        {&v_scale_t, "v_scale"}}) {
+    if (!*t) continue;
+    expect_apart(out, **t, "out", arg);
+    if (lse) expect_apart(*lse, **t, "lse", arg);
+  }
+  p.k_scale = check_scale(k_scale, k_scale_t, a.kv_dtype, a.num_kv_heads, a.where, "k_scale");
+  p.v_scale = check_scale(v_scale, v_scale_t, a.kv_dtype, a.num_kv_heads, a.where, "v_scale");
+  p.kv_dtype = a.kv_dtype;
   const int64_t width = block_tables.shape(1);
   if (width * a.block_size > kMaxSequenceTokens) {
     fail("block_tables", "width x block_size = " + std::to_string(width) + " x " + std::to_string(a.block_size) +
@@ -162,12 +208,23 @@ void expect_cuda_head_dim(int64_t head_dim) {
   }
 }
 
+// The CUDA FP8 kernels read cache rows in 16-byte loads.
+void expect_fp8_aligned(const Tensor& key_cache, const Tensor& value_cache, DType kv_dtype) {
+  if (!is_fp8(kv_dtype)) return;
+  if (reinterpret_cast<uintptr_t>(key_cache.data()) % 16) fail("key_cache", "an FP8 cache must be 16-byte aligned on CUDA");
+  if (reinterpret_cast<uintptr_t>(value_cache.data()) % 16) {
+    fail("value_cache", "an FP8 cache must be 16-byte aligned on CUDA");
+  }
+}
+
 void write_kv_cache(Tensor key, Tensor value, MutTensor key_cache, MutTensor value_cache, Tensor slot_mapping,
+                    double k_scale, double v_scale, std::optional<Tensor> k_scale_t, std::optional<Tensor> v_scale_t,
                     uintptr_t stream) {
-  const DType dtype = check_cache(key_cache, "key_cache");
-  check_cache(value_cache, "value_cache");
+  const DType cache_type = check_cache(key_cache, "key_cache");
+  if (check_cache(value_cache, "value_cache") != cache_type) throw nb::type_error("value_cache: dtype must match key_cache");
   expect_same_shape(value_cache, key_cache, "value_cache", "key_cache");
-  expect_float_like(value_cache, dtype, "value_cache", "key_cache");
+  // key and value are 16/32-bit; an FP8 cache takes any of those, another cache only its own.
+  const DType dtype = is_fp8(cache_type) ? float_dtype(key, "key") : cache_type;
   const int64_t num_kv_heads = key_cache.shape(2), head_dim = key_cache.shape(3);
   for (auto [t, arg] : {std::pair<const Tensor&, const char*>{key, "key"}, {value, "value"}}) {
     expect_rank(t, 3, arg);
@@ -193,8 +250,17 @@ void write_kv_cache(Tensor key, Tensor value, MutTensor key_cache, MutTensor val
     expect_apart(value_cache, t, "value_cache", arg);
   }
   expect_apart(key_cache, value_cache, "key_cache", "value_cache");
+  for (auto [t, arg] : {std::pair<const std::optional<Tensor>*, const char*>{&k_scale_t, "k_scale"},
+                        {&v_scale_t, "v_scale"}}) {
+    if (!*t) continue;
+    expect_apart(key_cache, **t, "key_cache", arg);
+    expect_apart(value_cache, **t, "value_cache", arg);
+  }
 
   WriteKVCacheParams p;
+  p.cache_dtype = cache_type;
+  p.k_scale = check_scale(k_scale, k_scale_t, cache_type, num_kv_heads, where, "k_scale");
+  p.v_scale = check_scale(v_scale, v_scale_t, cache_type, num_kv_heads, where, "v_scale");
   p.key = key.data();
   p.value = value.data();
   p.key_cache = key_cache.data();
@@ -235,9 +301,8 @@ void copy_blocks(nb::sequence key_caches, nb::sequence value_caches, Tensor bloc
     names = {"key_caches[" + std::to_string(i) + "]", "value_caches[" + std::to_string(i) + "]"};
     const char *k_arg = names[0].c_str(), *v_arg = names[1].c_str();
     const DType dtype = check_cache(k, k_arg);
-    check_cache(v, v_arg);
+    if (check_cache(v, v_arg) != dtype) throw nb::type_error((std::string(v_arg) + ": dtype must match " + k_arg).c_str());
     expect_same_shape(v, k, v_arg, k_arg);
-    expect_float_like(v, dtype, v_arg, k_arg);
     if (i > 0) {
       MutTensor first = cache_at(key_caches, 0, "key_caches");
       expect_same_shape(k, first, k_arg, "key_caches[0]");
@@ -277,7 +342,8 @@ void copy_blocks(nb::sequence key_caches, nb::sequence value_caches, Tensor bloc
 void paged_decode(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, Tensor seq_lens,
                   MutTensor out, std::optional<MutTensor> lse, double scale, int64_t sliding_window, double soft_cap,
                   std::optional<Tensor> custom_mask, std::optional<Tensor> mask_offsets,
-                  std::optional<MutTensor> workspace, uintptr_t stream) {
+                  std::optional<MutTensor> workspace, double k_scale, double v_scale,
+                  std::optional<Tensor> k_scale_t, std::optional<Tensor> v_scale_t, uintptr_t stream) {
   const AttentionShape a = check_attention(query, key_cache, value_cache, out, lse);
   const Placement where = a.where;
   check_index(block_tables, 2, a.rows, "block_tables", "batch", where);
@@ -288,7 +354,7 @@ void paged_decode(Tensor query, Tensor key_cache, Tensor value_cache, Tensor blo
   if (custom_mask.has_value() != mask_offsets.has_value()) fail("mask_offsets", "must be given with custom_mask");
   PagedDecodeParams p;
   fill_attention(p, a, query, key_cache, value_cache, block_tables, seq_lens, out, lse, scale, sliding_window,
-                 soft_cap);
+                 soft_cap, k_scale, v_scale, k_scale_t, v_scale_t);
   if (custom_mask) {
     check_custom_mask(*custom_mask, where, false);
     check_index(*mask_offsets, 1, a.rows, "mask_offsets", "batch", where, 64);
@@ -302,6 +368,7 @@ void paged_decode(Tensor query, Tensor key_cache, Tensor value_cache, Tensor blo
     return;
   }
   expect_cuda_head_dim(a.head_dim);
+  expect_fp8_aligned(key_cache, value_cache, a.kv_dtype);
   expect_cuda_grid(a.rows, "query", "batch");
   expect_cuda_grid(a.num_heads, "query", "num_heads");
 #ifdef PAGEDLM_WITH_CUDA
@@ -326,7 +393,8 @@ void paged_decode(Tensor query, Tensor key_cache, Tensor value_cache, Tensor blo
 void paged_prefill(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, Tensor cu_seqlens_q,
                    Tensor seq_lens, MutTensor out, std::optional<MutTensor> lse, std::optional<Tensor> custom_mask,
                    std::optional<Tensor> mask_indptr, bool causal, double scale, int64_t sliding_window,
-                   double soft_cap, std::optional<MutTensor> tile_counter, uintptr_t stream) {
+                   double soft_cap, std::optional<MutTensor> tile_counter, double k_scale, double v_scale,
+                   std::optional<Tensor> k_scale_t, std::optional<Tensor> v_scale_t, uintptr_t stream) {
   const AttentionShape a = check_attention(query, key_cache, value_cache, out, lse);
   const Placement where = a.where;
   expect_rank(seq_lens, 1, "seq_lens");
@@ -347,7 +415,7 @@ void paged_prefill(Tensor query, Tensor key_cache, Tensor value_cache, Tensor bl
 
   PagedPrefillParams p;
   fill_attention(p, a, query, key_cache, value_cache, block_tables, seq_lens, out, lse, scale, sliding_window,
-                 soft_cap);
+                 soft_cap, k_scale, v_scale, k_scale_t, v_scale_t);
   p.cu_seqlens_q = static_cast<const int32_t*>(cu_seqlens_q.data());
   p.total_q = narrow32(a.rows, "query", "total_q (rows)");
   p.causal = causal;
@@ -367,6 +435,7 @@ void paged_prefill(Tensor query, Tensor key_cache, Tensor value_cache, Tensor bl
   if (where.cuda) {
     expect_cuda_head_dim(a.head_dim);
     expect_cuda_grid(a.num_heads, "query", "num_heads");
+    expect_fp8_aligned(key_cache, value_cache, a.kv_dtype);
   }
   run_on(where, p, paged_prefill_cpu, PAGEDLM_CUDA_LAUNCHER(paged_prefill), stream, "paged_prefill_attention");
 }
@@ -451,19 +520,35 @@ void check_block_mapping(Tensor block_mapping, int64_t num_blocks) {
   pagedlm::check_block_mapping(static_cast<const int64_t*>(block_mapping.data()), block_mapping.shape(0), num_blocks);
 }
 
+// A scale tensor's values (CUDA calls with PAGEDLM_DEBUG=1 copy it to the host first).
+void check_kv_scale_values(Tensor scale, const std::string& name) {
+  expect_cpu(scale, name.c_str());
+  const nb::dlpack::dtype d = scale.dtype();
+  if (d.lanes != 1 || d.bits != 32 || d.code != static_cast<uint8_t>(nb::dlpack::dtype_code::Float)) {
+    throw nb::type_error((name + ": dtype must be float32").c_str());
+  }
+  expect_contiguous(scale, name.c_str());
+  KVScale s;
+  s.data = static_cast<const float*>(scale.data());
+  s.count = static_cast<int32_t>(scale.size());
+  pagedlm::check_kv_scale(s, name.c_str());
+}
+
 }  // namespace
 
 void bind_ops(nb::module_& m) {
   m.def("write_kv_cache", &write_kv_cache, "key"_a, "value"_a, "key_cache"_a.noconvert(), "value_cache"_a.noconvert(),
-        "slot_mapping"_a, "stream"_a);
+        "slot_mapping"_a, "k_scale"_a, "v_scale"_a, "k_scale_t"_a.none(), "v_scale_t"_a.none(), "stream"_a);
   m.def("copy_blocks", &copy_blocks, "key_caches"_a, "value_caches"_a, "block_mapping"_a, "stream"_a);
   m.def("paged_decode", &paged_decode, "query"_a, "key_cache"_a, "value_cache"_a, "block_tables"_a, "seq_lens"_a,
         "out"_a.noconvert(), "lse"_a.noconvert().none(), "scale"_a, "sliding_window"_a, "soft_cap"_a,
-        "custom_mask"_a.none(), "mask_offsets"_a.none(), "workspace"_a.noconvert().none(), "stream"_a);
+        "custom_mask"_a.none(), "mask_offsets"_a.none(), "workspace"_a.noconvert().none(), "k_scale"_a, "v_scale"_a,
+        "k_scale_t"_a.none(), "v_scale_t"_a.none(), "stream"_a);
   m.def("paged_prefill", &paged_prefill, "query"_a, "key_cache"_a, "value_cache"_a, "block_tables"_a,
         "cu_seqlens_q"_a, "seq_lens"_a, "out"_a.noconvert(), "lse"_a.noconvert().none(), "custom_mask"_a.none(),
         "mask_indptr"_a.none(), "causal"_a, "scale"_a, "sliding_window"_a, "soft_cap"_a,
-        "tile_counter"_a.noconvert().none(), "stream"_a);
+        "tile_counter"_a.noconvert().none(), "k_scale"_a, "v_scale"_a, "k_scale_t"_a.none(), "v_scale_t"_a.none(),
+        "stream"_a);
   m.def("check_paged_decode_mask", &check_paged_decode_mask, "mask_offsets"_a, "seq_lens"_a, "mask_size"_a);
   m.def("check_paged_decode_values", &check_paged_decode_values, "block_tables"_a, "seq_lens"_a, "block_size"_a,
         "num_blocks"_a);
@@ -471,6 +556,7 @@ void bind_ops(nb::module_& m) {
         "mask_indptr"_a.none(), "mask_size"_a, "mask_packed"_a, "total_q"_a, "block_size"_a, "num_blocks"_a);
   m.def("check_slot_mapping", &check_slot_mapping, "slot_mapping"_a, "num_slots"_a);
   m.def("check_block_mapping", &check_block_mapping, "block_mapping"_a, "num_blocks"_a);
+  m.def("check_kv_scale", &check_kv_scale_values, "scale"_a, "name"_a);
 }
 
 }  // namespace pagedlm::bindings

@@ -95,6 +95,26 @@ DType float_dtype(const T& t, const char* arg) {
   throw nb::type_error((std::string(arg) + ": dtype must be float32, float16 or bfloat16").c_str());
 }
 
+// A KV cache's element type: one of float_dtype's, or FP8 (float8_e4m3fn, float8_e5m2).
+template <typename T>
+DType cache_dtype(const T& t, const char* arg) {
+  const nb::dlpack::dtype d = t.dtype();
+  if (d.lanes == 1 && d.bits == 8 && d.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Float8_E4M3FN)) {
+    return DType::e4m3;
+  }
+  if (d.lanes == 1 && d.bits == 8 && d.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Float8_E5M2)) {
+    return DType::e5m2;
+  }
+  const bool wide = d.lanes == 1 && ((d.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Float) &&
+                                      (d.bits == 32 || d.bits == 16)) ||
+                                     (d.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Bfloat) && d.bits == 16));
+  if (!wide) {
+    throw nb::type_error(
+        (std::string(arg) + ": dtype must be float32, float16, bfloat16, float8_e4m3fn or float8_e5m2").c_str());
+  }
+  return float_dtype(t, arg);
+}
+
 template <typename T>
 void expect_float_like(const T& t, DType dtype, const char* arg, const char* reference) {
   if (float_dtype(t, arg) != dtype) {

@@ -2,6 +2,7 @@
 #include "pagedlm/kv_cache.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <string>
 #include <utility>
@@ -71,8 +72,47 @@ void check_block_mapping(const int64_t* block_mapping, int64_t num_pairs, int64_
   }
 }
 
+void check_kv_scale(const KVScale& scale, const char* arg) {
+  for (int32_t i = 0; scale.data && i < scale.count; ++i) {
+    const float s = scale.data[i];
+    if (!(s > 0.0f) || !std::isfinite(s)) {
+      throw InvalidArgument(std::string(arg) + "[" + std::to_string(i) + "] = " + std::to_string(s) +
+                            ": a scale must be finite and > 0");
+    }
+  }
+}
+
+namespace {
+
+// FP8 caches: each element becomes saturate(x / scale), rounded to nearest even.
+void write_kv_cache_fp8(const WriteKVCacheParams& p) {
+  const int64_t row = static_cast<int64_t>(p.num_kv_heads) * p.head_dim;
+  auto quantize = [&](const void* src, int64_t stride, void* cache, const KVScale& scale, int64_t t, int64_t slot) {
+    const char* from = static_cast<const char*>(src) + t * stride * dtype_size(p.dtype);
+    uint8_t* to = static_cast<uint8_t*>(cache) + slot * row;
+    for (int32_t h = 0; h < p.num_kv_heads; ++h) {
+      const float s = kv_scale_at(scale, h);
+      for (int32_t d = 0; d < p.head_dim; ++d) {
+        const int64_t i = static_cast<int64_t>(h) * p.head_dim + d;
+        to[i] = float_to_fp8(load_as_float(from, i, p.dtype) / s, p.cache_dtype);
+      }
+    }
+  };
+  for (int64_t t = 0; t < p.num_tokens; ++t) {
+    const int64_t slot = p.slot_mapping[t];
+    if (slot < 0) continue;
+    quantize(p.key, p.key_stride, p.key_cache, p.k_scale, t, slot);
+    quantize(p.value, p.value_stride, p.value_cache, p.v_scale, t, slot);
+  }
+}
+
+}  // namespace
+
 void write_kv_cache_cpu(const WriteKVCacheParams& p) {
   check_slot_mapping(p.slot_mapping, p.num_tokens, p.num_slots);
+  check_kv_scale(p.k_scale, "k_scale");
+  check_kv_scale(p.v_scale, "v_scale");
+  if (is_fp8(p.cache_dtype)) return write_kv_cache_fp8(p);
   const int64_t row = static_cast<int64_t>(p.num_kv_heads) * p.head_dim;
   const int64_t esize = dtype_size(p.dtype);
   auto* kc = static_cast<char*>(p.key_cache);

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "pagedlm/errors.h"
+#include "pagedlm/kv_cache.h"
 #include "pagedlm/parallel.h"
 #include "attention_cpu.h"
 
@@ -47,6 +48,8 @@ void check_paged_decode_mask(const int64_t* mask_offsets, const int32_t* seq_len
 }
 
 void paged_decode_cpu(const PagedDecodeParams& p) {
+  check_kv_scale(p.k_scale, "k_scale");
+  check_kv_scale(p.v_scale, "v_scale");
   check_paged_decode_values(p.block_tables, p.seq_lens, p.batch, p.max_blocks_per_seq, p.block_size, p.num_blocks);
   // A custom mask: the prefill loop reads row b's mask at mask_indptr[b] (one query per row).
   std::vector<int32_t> mask_rows;
@@ -73,6 +76,9 @@ void paged_decode_cpu(const PagedDecodeParams& p) {
   prefill.out = p.out;
   prefill.lse = p.lse;
   prefill.dtype = p.dtype;
+  prefill.kv_dtype = p.kv_dtype;
+  prefill.k_scale = p.k_scale;
+  prefill.v_scale = p.v_scale;
   prefill.batch = prefill.total_q = p.batch;
   prefill.num_heads = p.num_heads;
   prefill.num_kv_heads = p.num_kv_heads;

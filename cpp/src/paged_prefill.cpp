@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "pagedlm/errors.h"
+#include "pagedlm/kv_cache.h"
 #include "pagedlm/parallel.h"
 #include "multiversion.h"
 
@@ -81,6 +82,11 @@ void attend_query_tile(const PagedPrefillParams& p, const QueryTile& tile, std::
   const int32_t rows = queries * group;  // row r: query q0 + r / group, head r % group
   const int32_t first_pos = len - q_len + tile.q0;  // absolute position of the tile's first query
   const int32_t esize = dtype_size(p.dtype);
+  const int32_t kv_esize = dtype_size(p.kv_dtype);
+  // FP8: keys and values are the stored values times their scale, rounded to f32 as they are widened.
+  const bool fp8 = is_fp8(p.kv_dtype);
+  const float k_scale = fp8 ? kv_scale_at(p.k_scale, tile.kv_head) : 1.0f;
+  const float v_scale = fp8 ? kv_scale_at(p.v_scale, tile.kv_head) : 1.0f;
 
   scratch.resize(static_cast<size_t>(rows) * (2 * D + kChunk + 3) + static_cast<size_t>(D) * (kChunk + 1));
   float* q = scratch.data();                // [rows][D], scaled
@@ -118,7 +124,7 @@ void attend_query_tile(const PagedPrefillParams& p, const QueryTile& tile, std::
   const int64_t row_stride = static_cast<int64_t>(p.num_kv_heads) * D;
   auto token_offset = [&](int32_t t) {
     const int64_t slot = static_cast<int64_t>(table[t / p.block_size]) * p.block_size + t % p.block_size;
-    return (slot * row_stride + static_cast<int64_t>(tile.kv_head) * D) * esize;
+    return (slot * row_stride + static_cast<int64_t>(tile.kv_head) * D) * kv_esize;
   };
   auto mask_allows = [&](int32_t query, int32_t t) {
     const int64_t elem = static_cast<int64_t>(query) * len + t;
@@ -131,7 +137,10 @@ void attend_query_tile(const PagedPrefillParams& p, const QueryTile& tile, std::
   for (int32_t t0 = kv_begin; t0 < kv_end; t0 += kChunk) {
     const int32_t n = std::min(kChunk, kv_end - t0);
     for (int32_t j = 0; j < n; ++j) {
-      widen(k_base + token_offset(t0 + j), p.dtype, D, v_row);
+      widen(k_base + token_offset(t0 + j), p.kv_dtype, D, v_row);
+      if (fp8) {
+        for (int32_t d = 0; d < D; ++d) v_row[d] *= k_scale;
+      }
       for (int32_t d = 0; d < D; ++d) keys_t[d * kChunk + j] = v_row[d];
     }
     for (int32_t r = 0; r < rows; ++r) {
@@ -171,7 +180,10 @@ void attend_query_tile(const PagedPrefillParams& p, const QueryTile& tile, std::
       }
     }
     for (int32_t j = 0; j < n; ++j) {
-      widen(v_base + token_offset(t0 + j), p.dtype, D, v_row);
+      widen(v_base + token_offset(t0 + j), p.kv_dtype, D, v_row);
+      if (fp8) {
+        for (int32_t d = 0; d < D; ++d) v_row[d] *= v_scale;
+      }
       for (int32_t r = 0; r < rows; ++r) {
         const float pj = scores[r * kChunk + j];
         if (pj == 0.0f) continue;
@@ -198,6 +210,8 @@ void attend_query_tile(const PagedPrefillParams& p, const QueryTile& tile, std::
 
 void paged_prefill_cpu(const PagedPrefillParams& p) {
   check_paged_prefill_values(p);
+  check_kv_scale(p.k_scale, "k_scale");
+  check_kv_scale(p.v_scale, "v_scale");
   std::vector<QueryTile> tiles;
   for (int32_t b = 0; b < p.batch; ++b) {
     const int32_t q_len = p.cu_seqlens_q[b + 1] - p.cu_seqlens_q[b];

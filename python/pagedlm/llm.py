@@ -25,7 +25,8 @@ from pagedlm.engine.sampler import sample
 from pagedlm.engine.scheduler import Scheduler
 from pagedlm.engine.sequence import SamplingParams, Sequence, Status
 from pagedlm.models import LlamaForCausalLM, load_model
-from pagedlm.models.loader import eos_token_ids
+from pagedlm.kv_cache import checkpoint_kv_scales, make_layer_caches, resolve_kv_cache_dtype
+from pagedlm.models.loader import _weight_files, eos_token_ids
 from pagedlm.spec import Speculator, check_config, make_proposer, verification_bounds
 
 __all__ = ["LLM", "SamplingParams", "BeamSearchParams", "RequestOutput", "CompletionOutput"]
@@ -72,11 +73,16 @@ class RequestOutput:
 class LLM:
     def __init__(self, model, *, device=None, dtype=None, block_size=16, num_blocks=None,
                  gpu_memory_utilization=0.9, max_num_seqs=256, max_num_batched_tokens=8192,
-                 enable_prefix_caching=True, seed=0, enforce_eager=False, speculative=None):
+                 enable_prefix_caching=True, seed=0, enforce_eager=False, speculative=None,
+                 kv_cache_dtype="auto", calculate_kv_scales=False):
         """device: "auto" (None), "cpu", "cuda" or "cuda:N"; dtype of the weights loaded from a
         folder: "auto" (None: bfloat16 on a GPU, float32 on the CPU), "float16"/"half",
-        "bfloat16", "float32"/"float" or the torch dtype. Every argument is checked before
-        anything is loaded: a bad one raises a ValueError naming it."""
+        "bfloat16", "float32"/"float" or the torch dtype. kv_cache_dtype: "auto" (the model's
+        dtype), "fp8" (= "fp8_e4m3") or "fp8_e5m2": an FP8 KV cache, one byte per element, with
+        per-layer scales read from the checkpoint's *.k_scale / *.v_scale / *.kv_scale tensors
+        (1.0 where it has none), or, with calculate_kv_scales, measured from the first prefill's
+        keys and values (amax / the format's max). A draft model's cache keeps its dtype. Every
+        argument is checked before anything is loaded: a bad one raises a ValueError naming it."""
         _check_model_arg("model", model)
         self.device = resolve_device(device)
         dtype = resolve_dtype(dtype, self.device)
@@ -90,6 +96,11 @@ class LLM:
         enable_prefix_caching = check_bool("enable_prefix_caching", enable_prefix_caching)
         seed = check_int("seed", seed)
         enforce_eager = check_bool("enforce_eager", enforce_eager)
+        kv_dtype = resolve_kv_cache_dtype(kv_cache_dtype)
+        calculate_kv_scales = check_bool("calculate_kv_scales", calculate_kv_scales)
+        if calculate_kv_scales and kv_dtype is None:
+            raise ValueError("calculate_kv_scales: needs an FP8 kv_cache_dtype (\"fp8\", \"fp8_e4m3\" or "
+                             "\"fp8_e5m2\"), got kv_cache_dtype='auto'")
         if speculative is not None:
             check_config(speculative)
             if speculative["method"] == "draft":
@@ -110,13 +121,20 @@ class LLM:
             _check_cuda_head_dim(draft, self.device, "speculative['model']")
         if num_blocks is None:
             # A draft model's cache has as many blocks as the target's.
-            bytes_per_block = sum(_kv_block_bytes(m, block_size) for m in (self.model, draft) if m is not None)
+            bytes_per_block = (_kv_block_bytes(self.model, block_size, kv_dtype)
+                               + (_kv_block_bytes(draft, block_size) if draft is not None else 0))
             budget = (torch.cuda.mem_get_info(self.device)[0] * gpu_memory_utilization
                       if self.device.type == "cuda" else CPU_KV_BUDGET_BYTES)
             num_blocks = max(1, int(budget // bytes_per_block))
-        _check_kv_fits(self.model, draft, num_blocks, block_size, self.device)
+        _check_kv_fits(self.model, draft, num_blocks, block_size, self.device, kv_dtype)
+        # The checkpoint's KV scales, if it has them (read before the cache is allocated: a bad one
+        # refuses the engine).
+        scales = (checkpoint_kv_scales(_weight_files(model), self.model.args.num_layers, self.model.args.num_kv_heads)
+                  if kv_dtype is not None and not isinstance(model, LlamaForCausalLM) else None)
         self.block_manager = pagedlm.BlockManager(num_blocks, block_size, enable_prefix_caching)
-        self.kv_caches = self.model.make_kv_caches(num_blocks, block_size)
+        self.kv_cache_dtype = kv_dtype or self.model.lm_head.weight.dtype
+        self.kv_caches = make_layer_caches(self.model.make_kv_caches(num_blocks, block_size, dtype=kv_dtype),
+                                           scales=scales)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
         # Decode steps replay CUDA graphs on the GPU unless enforce_eager (as vLLM's option) or
         # PAGEDLM_DEBUG=1, whose value checks synchronize, which no capture allows.
@@ -140,6 +158,9 @@ class LLM:
                 if speculative["method"] == "lookahead":
                     self.runner.varlen.capture_all(masked=True)
                 self.speculator.capture_verification_graphs(max_num_seqs, *verification_bounds(speculative))
+        # Scales are measured by the first real forward, not by the warm-up runs of graph captures above.
+        for cache in self.kv_caches:
+            cache.measure = calculate_kv_scales and cache.is_fp8
         self._ids = itertools.count()
         self._requests = {}
         self._scheduled = []  # the running step's scheduled sequences: those a failure of it fails
@@ -468,11 +489,12 @@ def _prompt_list(prompts):
     return list(prompts)
 
 
-def _check_kv_fits(model, draft, num_blocks, block_size, device):
+def _check_kv_fits(model, draft, num_blocks, block_size, device, kv_dtype=None):
     """The KV cache of num_blocks blocks (a draft model's as large) must fit the device's memory:
     a larger one would fail in allocation after the weights loaded, or on the CPU be granted
     and then exhaust the machine's memory as it is zeroed."""
-    need = num_blocks * sum(_kv_block_bytes(m, block_size) for m in (model, draft) if m is not None)
+    need = num_blocks * (_kv_block_bytes(model, block_size, kv_dtype)
+                         + (_kv_block_bytes(draft, block_size) if draft is not None else 0))
     have = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
             else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     if need > have:
@@ -480,9 +502,11 @@ def _check_kv_fits(model, draft, num_blocks, block_size, device):
                          f"{need / 2**30:.1f} GiB, the {device.type} has {have / 2**30:.1f} GiB")
 
 
-def _kv_block_bytes(model, block_size):
+def _kv_block_bytes(model, block_size, kv_dtype=None):
+    """Bytes of one block of K and V in every layer: kv_dtype's elements, or the model's."""
     args = model.args
-    return 2 * args.num_layers * block_size * args.num_kv_heads * args.head_dim * model.lm_head.weight.element_size()
+    element = kv_dtype.itemsize if kv_dtype is not None else model.lm_head.weight.element_size()
+    return 2 * args.num_layers * block_size * args.num_kv_heads * args.head_dim * element
 
 
 CUDA_HEAD_DIMS = (64, 128, 256)  # what the CUDA attention kernels are built for

@@ -46,6 +46,21 @@ def _attention_options(query, scale, sliding_window, soft_cap):
     return scale, min(window, _INT64_MAX), cap
 
 
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def _scale_args(name, scale, cache):
+    """A KV-cache scale as the bindings take it: (float, None) for a Python number (finite and > 0
+    in float32), or (1.0, tensor) for a float32 tensor (0-d or one value per kv head). The values
+    of a CUDA tensor are checked only with PAGEDLM_DEBUG=1 (a synchronization); those of a CPU
+    tensor always, by the bindings."""
+    if isinstance(scale, torch.Tensor):
+        if debug_checks() and scale.is_cuda:
+            _C.check_kv_scale(scale.detach().reshape(-1).cpu(), name)
+        return 1.0, scale
+    return float_arg(name, scale, positive=True), None
+
+
 def _decode_workspace(device):
     if device.type != "cuda":
         return None
@@ -56,20 +71,30 @@ def _decode_workspace(device):
     return ws
 
 
-def write_kv_cache(key, value, key_cache, value_cache, slot_mapping):
+def write_kv_cache(key, value, key_cache, value_cache, slot_mapping, *, k_scale=1.0, v_scale=1.0):
     """Writes key/value [num_tokens, num_kv_heads, head_dim] into the paged caches at
-    slot_mapping[t] = block * block_size + offset (int64; -1 skips the token)."""
+    slot_mapping[t] = block * block_size + offset (int64; -1 skips the token).
+
+    FP8 caches (torch.float8_e4m3fn, torch.float8_e5m2) store saturate(x / scale) rounded to
+    nearest even (x / scale in float32; saturated to the format's largest finite value, infinities
+    included; NaN stays NaN), and key/value may then be float32, float16 or bfloat16. k_scale and
+    v_scale are Python numbers or float32 tensors (0-d, or [num_kv_heads]), finite and > 0; a
+    tensor lets a CUDA graph replay with new scales. Other caches take only scale 1.0."""
     expect_tensors(key=key, value=value, key_cache=key_cache, value_cache=value_cache, slot_mapping=slot_mapping)
+    k_value, k_tensor = _scale_args("k_scale", k_scale, key_cache)
+    v_value, v_tensor = _scale_args("v_scale", v_scale, key_cache)
     if debug_checks() and slot_mapping.is_cuda and key_cache.dim() == 4:
         _C.check_slot_mapping(slot_mapping.cpu(), key_cache.shape[0] * key_cache.shape[1])
-    _C.write_kv_cache(key, value, key_cache, value_cache, slot_mapping, stream_of(key_cache))
+    _C.write_kv_cache(key, value, key_cache, value_cache, slot_mapping, k_value, v_value, k_tensor, v_tensor,
+                      stream_of(key_cache))
 
 
 def copy_blocks(key_caches, value_caches, block_mapping):
     """Copies whole blocks within each layer's caches: one (src, dst) pair per row of the
     int64 [n, 2] block_mapping (the copy-on-write pairs of BlockManager.append). Every layer's
     caches have one shape. All layers and block ids are checked before any block is copied; a
-    destination may be neither written twice nor another pair's source (copies run in parallel)."""
+    destination may be neither written twice nor another pair's source (copies run in parallel).
+    FP8 caches are copied as bytes: a block keeps its values and the layer's scales."""
     for name, caches in (("key_caches", key_caches), ("value_caches", value_caches)):
         if not isinstance(caches, (list, tuple)):
             raise TypeError(f"{name}: expected a list of tensors, got {type(caches).__name__}")
@@ -86,7 +111,7 @@ def copy_blocks(key_caches, value_caches, block_mapping):
 
 def paged_decode_attention(query, key_cache, value_cache, block_tables, seq_lens, *, scale=None,
                            sliding_window=None, soft_cap=None, return_lse=False, out=None, custom_mask=None,
-                           mask_offsets=None):
+                           mask_offsets=None, k_scale=1.0, v_scale=1.0):
     """One new token per sequence attends to its cached tokens.
 
     query [batch, num_heads, head_dim]; caches [num_blocks, block_size, num_kv_heads, head_dim];
@@ -98,6 +123,10 @@ def paged_decode_attention(query, key_cache, value_cache, block_tables, seq_lens
     custom_mask[mask_offsets[b] + t] is true, so that the query rows of a masked prefill (tree or
     lookahead verification) can be computed one row each, by the split-K kernel; a row that sees
     nothing returns zeros (lse -inf).
+
+    FP8 caches (torch.float8_e4m3fn, torch.float8_e5m2): keys and values are the stored values
+    times k_scale / v_scale (numbers, or float32 tensors 0-d or [num_kv_heads]); the query is then
+    float32, float16 or bfloat16, and its dtype is the output's.
     """
     expect_tensors(query=query, key_cache=key_cache, value_cache=value_cache, block_tables=block_tables,
                     seq_lens=seq_lens)
@@ -110,24 +139,27 @@ def paged_decode_attention(query, key_cache, value_cache, block_tables, seq_lens
         raise TypeError(f"out: expected a torch.Tensor, got {type(out).__name__}")
     lse = torch.empty(query.shape[:2], dtype=torch.float32, device=query.device) if return_lse else None
     _decode_into(query, key_cache, value_cache, block_tables, seq_lens, out, lse, scale, sliding_window, soft_cap,
-                 custom_mask, mask_offsets)
+                 custom_mask, mask_offsets, k_scale, v_scale)
     return (out, lse) if return_lse else out
 
 
 def _decode_into(query, key_cache, value_cache, block_tables, seq_lens, out, lse, scale, sliding_window, soft_cap,
-                 custom_mask=None, mask_offsets=None):
+                 custom_mask=None, mask_offsets=None, k_scale=1.0, v_scale=1.0):
     scale, sliding_window, soft_cap = _attention_options(query, scale, sliding_window, soft_cap)
+    k_value, k_tensor = _scale_args("k_scale", k_scale, key_cache)
+    v_value, v_tensor = _scale_args("v_scale", v_scale, key_cache)
     if debug_checks() and query.is_cuda and key_cache.dim() == 4:
         _C.check_paged_decode_values(block_tables.cpu(), seq_lens.cpu(), key_cache.shape[1], key_cache.shape[0])
         if custom_mask is not None:
             _C.check_paged_decode_mask(mask_offsets.cpu(), seq_lens.cpu(), custom_mask.numel())
     _C.paged_decode(query, key_cache, value_cache, block_tables, seq_lens, out, lse, scale, sliding_window, soft_cap,
-                    custom_mask, mask_offsets, _decode_workspace(query.device), stream_of(query))
+                    custom_mask, mask_offsets, _decode_workspace(query.device), k_value, v_value, k_tensor, v_tensor,
+                    stream_of(query))
 
 
 def paged_prefill_attention(query, key_cache, value_cache, block_tables, cu_seqlens_q, seq_lens, *, causal=True,
                             custom_mask=None, mask_indptr=None, scale=None, sliding_window=None, soft_cap=None,
-                            return_lse=False, out=None):
+                            return_lse=False, out=None, k_scale=1.0, v_scale=1.0):
     """New query tokens of a packed batch attend to their sequences' cached tokens.
 
     query [total_q, num_heads, head_dim], sequence i's rows being cu_seqlens_q[i]:cu_seqlens_q[i+1]
@@ -137,6 +169,7 @@ def paged_prefill_attention(query, key_cache, value_cache, block_tables, cu_seql
     matrix, either a flat torch.bool tensor with mask_indptr (int32 [batch+1]) counting elements,
     or a uint8 tensor bit-packed as FlashInfer packs it with mask_indptr counting bytes. A row
     that sees no token returns zeros (lse -inf). Returns out, or (out, lse) with return_lse.
+    FP8 caches and k_scale / v_scale: as in paged_decode_attention.
     """
     expect_tensors(query=query, key_cache=key_cache, value_cache=value_cache, block_tables=block_tables,
                     cu_seqlens_q=cu_seqlens_q, seq_lens=seq_lens)
@@ -148,13 +181,15 @@ def paged_prefill_attention(query, key_cache, value_cache, block_tables, cu_seql
         raise TypeError(f"out: expected a torch.Tensor, got {type(out).__name__}")
     lse = torch.empty(query.shape[:2], dtype=torch.float32, device=query.device) if return_lse else None
     _prefill_into(query, key_cache, value_cache, block_tables, cu_seqlens_q, seq_lens, out, lse, causal, custom_mask,
-                  mask_indptr, scale, sliding_window, soft_cap)
+                  mask_indptr, scale, sliding_window, soft_cap, k_scale, v_scale)
     return (out, lse) if return_lse else out
 
 
 def _prefill_into(query, key_cache, value_cache, block_tables, cu_seqlens_q, seq_lens, out, lse, causal, custom_mask,
-                  mask_indptr, scale, sliding_window, soft_cap):
+                  mask_indptr, scale, sliding_window, soft_cap, k_scale=1.0, v_scale=1.0):
     scale, sliding_window, soft_cap = _attention_options(query, scale, sliding_window, soft_cap)
+    k_value, k_tensor = _scale_args("k_scale", k_scale, key_cache)
+    v_value, v_tensor = _scale_args("v_scale", v_scale, key_cache)
     causal = bool_arg("causal", causal)
     if debug_checks() and query.is_cuda and key_cache.dim() == 4 and query.dim() == 3:
         _C.check_paged_prefill_values(block_tables.cpu(), cu_seqlens_q.cpu(), seq_lens.cpu(),
@@ -163,10 +198,12 @@ def _prefill_into(query, key_cache, value_cache, block_tables, cu_seqlens_q, seq
                                       custom_mask is not None and custom_mask.dtype == torch.uint8,
                                       query.shape[0], key_cache.shape[1], key_cache.shape[0])
     large = (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and query.dim() == 3
+             and key_cache.dtype not in FP8_DTYPES
              and query.shape[0] * query.shape[1] >= PERSISTENT_PREFILL_MIN_WORK)
     tile_counter = torch.zeros(1, dtype=torch.int32, device=query.device) if large else None
     _C.paged_prefill(query, key_cache, value_cache, block_tables, cu_seqlens_q, seq_lens, out, lse, custom_mask,
-                     mask_indptr, causal, scale, sliding_window, soft_cap, tile_counter, stream_of(query))
+                     mask_indptr, causal, scale, sliding_window, soft_cap, tile_counter, k_value, v_value, k_tensor,
+                     v_tensor, stream_of(query))
 
 
 def rms_norm(x, weight, eps, *, residual=None):
@@ -228,18 +265,20 @@ def argmax_logprob(logits, *, out=None):
 # ---- torch.library registration ------------------------------------------------------
 _lib = torch.library.Library("pagedlm", "DEF")
 _lib.define("write_kv_cache(Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache, "
-            "Tensor slot_mapping) -> ()")
+            "Tensor slot_mapping, *, Tensor? k_scale=None, Tensor? v_scale=None) -> ()")
 _lib.define("copy_blocks(Tensor(a!)[] key_caches, Tensor(b!)[] value_caches, Tensor block_mapping) -> ()")
 _lib.define("paged_decode_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
             "Tensor seq_lens, float? scale=None, int? sliding_window=None, float? soft_cap=None, "
-            "Tensor? custom_mask=None, Tensor? mask_offsets=None) -> (Tensor, Tensor)")
+            "Tensor? custom_mask=None, Tensor? mask_offsets=None, *, Tensor? k_scale=None, Tensor? v_scale=None) "
+            "-> (Tensor, Tensor)")
 _lib.define("paged_prefill_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
             "Tensor cu_seqlens_q, Tensor seq_lens, bool causal=True, Tensor? custom_mask=None, "
-            "Tensor? mask_indptr=None, float? scale=None, int? sliding_window=None, float? soft_cap=None) "
-            "-> (Tensor, Tensor)")
+            "Tensor? mask_indptr=None, float? scale=None, int? sliding_window=None, float? soft_cap=None, *, "
+            "Tensor? k_scale=None, Tensor? v_scale=None) -> (Tensor, Tensor)")
 _lib.define("paged_decode_attention_out(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
             "Tensor seq_lens, Tensor(a!) out, Tensor(b!)? lse, float? scale=None, int? sliding_window=None, "
-            "float? soft_cap=None, Tensor? custom_mask=None, Tensor? mask_offsets=None) -> ()")
+            "float? soft_cap=None, Tensor? custom_mask=None, Tensor? mask_offsets=None, *, Tensor? k_scale=None, "
+            "Tensor? v_scale=None) -> ()")
 _lib.define("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor")
 _lib.define("fused_add_rms_norm(Tensor(a!) x, Tensor(b!) residual, Tensor weight, float eps) -> ()")
 _lib.define("silu_and_mul(Tensor x) -> Tensor")
@@ -247,24 +286,38 @@ _lib.define("apply_rope(Tensor(a!) query, Tensor(b!) key, Tensor positions, Tens
 _lib.define("argmax_logprob(Tensor logits) -> Tensor")
 
 
+# In the torch.ops schemas a scale is an optional float32 tensor (None: 1.0), so that a traced or
+# captured call reads its scales from memory.
+def _scale_or_one(scale):
+    return 1.0 if scale is None else scale
+
+
+def _write_kv_cache_op(key, value, key_cache, value_cache, slot_mapping, *, k_scale=None, v_scale=None):
+    write_kv_cache(key, value, key_cache, value_cache, slot_mapping, k_scale=_scale_or_one(k_scale),
+                   v_scale=_scale_or_one(v_scale))
+
+
 def _decode_functional(query, key_cache, value_cache, block_tables, seq_lens, scale=None, sliding_window=None,
-                       soft_cap=None, custom_mask=None, mask_offsets=None):
+                       soft_cap=None, custom_mask=None, mask_offsets=None, *, k_scale=None, v_scale=None):
     return paged_decode_attention(query, key_cache, value_cache, block_tables, seq_lens, scale=scale,
                                   sliding_window=sliding_window, soft_cap=soft_cap, return_lse=True,
-                                  custom_mask=custom_mask, mask_offsets=mask_offsets)
+                                  custom_mask=custom_mask, mask_offsets=mask_offsets,
+                                  k_scale=_scale_or_one(k_scale), v_scale=_scale_or_one(v_scale))
 
 
 def _decode_out(query, key_cache, value_cache, block_tables, seq_lens, out, lse, scale=None, sliding_window=None,
-                soft_cap=None, custom_mask=None, mask_offsets=None):
+                soft_cap=None, custom_mask=None, mask_offsets=None, *, k_scale=None, v_scale=None):
     _decode_into(query, key_cache, value_cache, block_tables, seq_lens, out, lse, scale, sliding_window, soft_cap,
-                 custom_mask, mask_offsets)
+                 custom_mask, mask_offsets, _scale_or_one(k_scale), _scale_or_one(v_scale))
 
 
 def _prefill_functional(query, key_cache, value_cache, block_tables, cu_seqlens_q, seq_lens, causal=True,
-                        custom_mask=None, mask_indptr=None, scale=None, sliding_window=None, soft_cap=None):
+                        custom_mask=None, mask_indptr=None, scale=None, sliding_window=None, soft_cap=None, *,
+                        k_scale=None, v_scale=None):
     return paged_prefill_attention(query, key_cache, value_cache, block_tables, cu_seqlens_q, seq_lens,
                                    causal=causal, custom_mask=custom_mask, mask_indptr=mask_indptr, scale=scale,
-                                   sliding_window=sliding_window, soft_cap=soft_cap, return_lse=True)
+                                   sliding_window=sliding_window, soft_cap=soft_cap, return_lse=True,
+                                   k_scale=_scale_or_one(k_scale), v_scale=_scale_or_one(v_scale))
 
 
 def _fused_add_rms_norm(x, residual, weight, eps):
@@ -276,7 +329,7 @@ def _apply_rope(query, key, positions, inv_freq):
 
 
 for _key in ("CPU", "CUDA"):
-    _lib.impl("write_kv_cache", write_kv_cache, _key)
+    _lib.impl("write_kv_cache", _write_kv_cache_op, _key)
     _lib.impl("copy_blocks", copy_blocks, _key)
     _lib.impl("paged_decode_attention", _decode_functional, _key)
     _lib.impl("paged_decode_attention_out", _decode_out, _key)
@@ -289,7 +342,7 @@ for _key in ("CPU", "CUDA"):
 
 
 @torch.library.register_fake("pagedlm::write_kv_cache")
-def _(key, value, key_cache, value_cache, slot_mapping):
+def _(key, value, key_cache, value_cache, slot_mapping, *, k_scale=None, v_scale=None):
     return None
 
 
@@ -300,19 +353,19 @@ def _(key_caches, value_caches, block_mapping):
 
 @torch.library.register_fake("pagedlm::paged_decode_attention")
 def _(query, key_cache, value_cache, block_tables, seq_lens, scale=None, sliding_window=None, soft_cap=None,
-      custom_mask=None, mask_offsets=None):
+      custom_mask=None, mask_offsets=None, *, k_scale=None, v_scale=None):
     return torch.empty_like(query), query.new_empty(query.shape[:2], dtype=torch.float32)
 
 
 @torch.library.register_fake("pagedlm::paged_decode_attention_out")
 def _(query, key_cache, value_cache, block_tables, seq_lens, out, lse, scale=None, sliding_window=None,
-      soft_cap=None, custom_mask=None, mask_offsets=None):
+      soft_cap=None, custom_mask=None, mask_offsets=None, *, k_scale=None, v_scale=None):
     return None
 
 
 @torch.library.register_fake("pagedlm::paged_prefill_attention")
 def _(query, key_cache, value_cache, block_tables, cu_seqlens_q, seq_lens, causal=True, custom_mask=None,
-      mask_indptr=None, scale=None, sliding_window=None, soft_cap=None):
+      mask_indptr=None, scale=None, sliding_window=None, soft_cap=None, *, k_scale=None, v_scale=None):
     return torch.empty_like(query), query.new_empty(query.shape[:2], dtype=torch.float32)
 
 

@@ -33,7 +33,11 @@ struct PagedPrefillParams {
   const int32_t* mask_indptr = nullptr;
   bool mask_packed = false;
   int64_t mask_size = 0;                  // elements (unpacked) or bytes (packed) in mask
-  DType dtype = DType::f32;
+  DType dtype = DType::f32;  // query and out (and the caches unless kv_dtype is FP8)
+  // The caches' element type: dtype, or an FP8 format whose stored values are multiplied by
+  // k_scale / v_scale (per cache, or per kv head) as they are read.
+  DType kv_dtype = DType::f32;
+  KVScale k_scale, v_scale;
   int32_t batch = 0, total_q = 0, num_heads = 0, num_kv_heads = 0, head_dim = 0;
   int32_t block_size = 0, num_blocks = 0, max_blocks_per_seq = 0;
   bool causal = true;

@@ -8,6 +8,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import pagedlm.ops as ops
+from pagedlm.kv_cache import kv_cache_scales
 
 
 class RMSNorm(nn.Module):
@@ -106,17 +107,19 @@ class Attention(nn.Module):
         q = q.contiguous()  # the attention kernels take a contiguous query; write_kv_cache a strided key
         v = v.view(tokens, self.num_kv_heads, self.head_dim)
         key_cache, value_cache = kv_cache
-        ops.write_kv_cache(k, v, key_cache, value_cache, batch.slot_mapping)
+        k_scale, v_scale = kv_cache_scales(kv_cache, k, v)  # 1.0 unless the cache is FP8
+        ops.write_kv_cache(k, v, key_cache, value_cache, batch.slot_mapping, k_scale=k_scale, v_scale=v_scale)
         if batch.decode_only:
             out = ops.paged_decode_attention(q, key_cache, value_cache, batch.block_tables, batch.seq_lens,
                                              scale=self.scale, sliding_window=self.sliding_window,
                                              soft_cap=self.soft_cap, custom_mask=batch.custom_mask,
-                                             mask_offsets=batch.mask_offsets)
+                                             mask_offsets=batch.mask_offsets, k_scale=k_scale, v_scale=v_scale)
         else:
             out = ops.paged_prefill_attention(q, key_cache, value_cache, batch.block_tables, batch.cu_seqlens_q,
                                               batch.seq_lens, custom_mask=batch.custom_mask,
                                               mask_indptr=batch.mask_indptr, scale=self.scale,
-                                              sliding_window=self.sliding_window, soft_cap=self.soft_cap)
+                                              sliding_window=self.sliding_window, soft_cap=self.soft_cap,
+                                              k_scale=k_scale, v_scale=v_scale)
         return self.o_proj(out.view(tokens, -1))
 
 
