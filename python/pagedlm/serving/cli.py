@@ -43,8 +43,13 @@ def _add_arguments(p):
                         "chat_template, else a plain 'role: content' template)")
     engine = p.add_argument_group("engine")
     engine.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    engine.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
-                        help="weights and KV cache (default: bfloat16 on cuda, float32 on cpu)")
+    engine.add_argument("--dtype", default="auto",
+                        choices=("auto", "float32", "float", "bfloat16", "float16", "half"),
+                        help="weights and activations (auto: bfloat16 on cuda, float32 on cpu)")
+    engine.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8", "fp8_e4m3", "fp8_e5m2"),
+                        help="KV cache element type (auto: the model's dtype; fp8 holds twice the tokens)")
+    engine.add_argument("--calculate-kv-scales", action="store_true",
+                        help="with an fp8 KV cache: measure its scales from the first prefill")
     engine.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
     engine.add_argument("--num-blocks", type=int, default=None,
                         help="KV-cache blocks (default: --gpu-memory-utilization of free GPU memory; 1 GiB on cpu)")
@@ -77,8 +82,6 @@ def check_extras():
 def build(args):
     """(AsyncLLM, FastAPI app) from parsed arguments."""
     check_extras()
-    import torch
-
     from pagedlm.serving.app import build_app
     from pagedlm.serving.async_llm import AsyncLLM
     from pagedlm.serving.chat_template import ChatTemplate, load_chat_template
@@ -87,9 +90,10 @@ def build(args):
     if folder is None:
         from pagedlm.data import tiny_model
         folder, name = tiny_model("target"), name or "tiny-code"
-    dtype = getattr(torch, args.dtype) if args.dtype else None
     engine = AsyncLLM(folder, max_model_len=args.max_model_len, max_waiting=args.max_waiting or None,
-                      device=args.device, dtype=dtype, block_size=args.block_size, num_blocks=args.num_blocks,
+                      device=args.device, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype,
+                      calculate_kv_scales=args.calculate_kv_scales, block_size=args.block_size,
+                      num_blocks=args.num_blocks,
                       gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
                       max_num_batched_tokens=args.max_num_batched_tokens,
                       enable_prefix_caching=not args.no_prefix_caching, seed=args.seed,
