@@ -62,15 +62,6 @@ __device__ __forceinline__ void load_vec(const T* src, float (&dst)[N]) {
   for (int i = 0; i < N; ++i) dst[i] = to_float(elems[i]);
 }
 
-__device__ __forceinline__ float warp_max(float x) {
-  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
-  return x;
-}
-__device__ __forceinline__ float warp_sum(float x) {
-  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
-  return x;
-}
-
 // The tokens one split of one sequence attends to: [start, len) cut into num_splits runs of
 // whole tiles (trailing splits may be empty). A length outside the block table's capacity
 // is flagged, never read through.

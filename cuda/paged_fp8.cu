@@ -26,18 +26,6 @@ namespace {
 
 constexpr int kRowsPerBlock = 4;  // warps per block, one query row each
 
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int step = 16; step > 0; step /= 2) v += __shfl_xor_sync(0xffffffffu, v, step);
-  return v;
-}
-
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int step = 16; step > 0; step /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, step));
-  return v;
-}
-
 template <__nv_fp8_interpretation_t F>
 __device__ __forceinline__ float fp8_to_float(uint8_t x) {
   return __half2float(__half(__nv_cvt_fp8_to_halfraw(static_cast<__nv_fp8_storage_t>(x), F)));

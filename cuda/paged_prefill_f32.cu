@@ -17,18 +17,6 @@ namespace {
 
 constexpr int kRowsPerBlock = 4;  // warps per block, one query row each
 
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int step = 16; step > 0; step /= 2) v += __shfl_xor_sync(0xffffffffu, v, step);
-  return v;
-}
-
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int step = 16; step > 0; step /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, step));
-  return v;
-}
-
 template <int D>
 __global__ void __launch_bounds__(kRowsPerBlock * 32) paged_prefill_f32_kernel(PagedPrefillParams p) {
   constexpr int kPerLane = D / 32;
