@@ -1,5 +1,7 @@
 """The simulated workload behind `pagedlm demo`: every request is served, nothing leaks, and
 the C++ manager and the pure-Python model see the same run."""
+import re
+
 import pytest
 
 import pagedlm
@@ -24,9 +26,20 @@ def test_simulation_serves_every_request_and_frees_everything(prefix_caching):
 
 
 def test_cli_info_and_demo(capsys):
-    main(["info"])
+    assert main(["info"]) == 0
     out = capsys.readouterr().out
-    assert f"pagedlm {pagedlm.__version__}" in out and "CUDA kernels" in out
-    main(["demo", "--block-manager", "--requests", "40", "--num-blocks", "2048", "--quiet"])
+    assert out.startswith(f"pagedlm {pagedlm.__version__}\n") and "CUDA kernels" in out
+    assert main(["demo", "--block-manager", "--requests", "40", "--num-blocks", "2048", "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert "tokens generated" in out and "prefix cache" in out
+    # The printed figures are the simulation's own: rerun it on a fresh manager and compare.
+    requests = synthetic_requests(40, seed=0)
+    stats = simulate(pagedlm.BlockManager(2048, 16, True), requests, max_running=256, seed=0)
+
+    def figure(name):
+        return int(re.search(rf"^{re.escape(name)}\s+([\d,]+)", out, re.M)[1].replace(",", ""))
+
+    assert figure("tokens generated") == stats.generated_tokens == sum(r.max_new_tokens * r.num_samples
+                                                                        for r in requests)
+    assert figure("prompt tokens") == stats.prompt_tokens
+    assert figure("  served from the prefix cache") == stats.cached_prompt_tokens > 0
+    assert figure("decode steps") == stats.steps
