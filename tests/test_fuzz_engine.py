@@ -53,7 +53,7 @@ class Faults:
         self.fired = 0
         self._wrap(llm.runner, "step", "forward")
         self._wrap(llm.scheduler, "_reserve", "schedule")
-        self.sample = self._wrapped(pagedlm.llm.sample, "sample")
+        self.sample = self._wrapped(pagedlm.llm.sample_step, "sample")
 
     def arm(self, point, after, exception):
         self.armed = (point, after, exception)
@@ -119,13 +119,20 @@ good_params = st.fixed_dictionaries({}, optional={
     "stop_token_ids": st.lists(st.integers(0, VOCAB - 1), max_size=3),
     "ignore_eos": st.booleans(),
     "seed": st.one_of(st.none(), st.integers(0, 2**64)),
+    "min_p": st.sampled_from([0.0, 0.05, 0.5]),
+    "presence_penalty": st.sampled_from([0.0, 1.5, -2.0]),
+    "frequency_penalty": st.sampled_from([0.0, 0.7]),
+    "repetition_penalty": st.sampled_from([1.0, 1.3, 0.5]),
+    "min_tokens": st.integers(0, 1),
+    "logprobs": st.sampled_from([None, 0, 3]),
 })
 bad_values = st.sampled_from([
     ("n", 0), ("n", -1), ("n", 1.5), ("n", "2"), ("n", True), ("n", 10**8), ("n", 9), ("temperature", -0.5),
     ("temperature", float("nan")), ("temperature", float("inf")), ("temperature", "1"), ("top_k", 0), ("top_k", -2),
     ("top_k", 2.5), ("top_p", 0.0), ("top_p", 1.5), ("top_p", float("nan")), ("max_tokens", 0), ("max_tokens", 1.5),
     ("max_tokens", 10**9), ("stop_token_ids", [-1]), ("stop_token_ids", [VOCAB]), ("stop_token_ids", 3),
-    ("ignore_eos", "no"), ("seed", 2.5)])
+    ("ignore_eos", "no"), ("seed", 2.5), ("min_p", 1.5), ("presence_penalty", 3.0), ("repetition_penalty", 0.0),
+    ("min_tokens", -1), ("logprobs", -1), ("logprobs", VOCAB + 1), ("stop", "x")])
 bad_params = st.tuples(good_params, bad_values).map(lambda t: {**t[0], t[1][0]: t[1][1]})
 params = st.one_of(good_params, good_params, good_params, good_params, bad_params)
 engines = st.fixed_dictionaries({
@@ -168,7 +175,7 @@ class Run:
         self.reasons = {}  # (request id, sample index) -> the finish reason first seen
         self.step_original = self.llm.step
         self.llm.step = self.checked_step  # generate's steps are checked too
-        self.sample_original = pagedlm.llm.sample
+        self.sample_original = pagedlm.llm.sample_step
 
     def checked_step(self):
         try:
@@ -192,7 +199,8 @@ class Run:
         except (ValueError, TypeError) as error:
             assert str(error).split(":")[0].split(".")[0].split("[")[0] in (
                 "prompt", "prompts", "params", "sampling_params", "n", "temperature", "top_k", "top_p", "max_tokens",
-                "stop_token_ids", "ignore_eos", "seed"), str(error)
+                "stop_token_ids", "ignore_eos", "seed", "min_p", "presence_penalty", "frequency_penalty",
+                "repetition_penalty", "min_tokens", "logprobs", "stop"), str(error)
             assert snapshot(self.llm) == before
             return False, None
 
@@ -250,6 +258,9 @@ class Run:
         comparable = sampling.temperature == 0 or (sampling.seed is not None and self.llm.speculator is None)
         if comparable and all(o.finish_reason in ("stop", "length") for o in outputs):
             assert [o.token_ids for o in outputs] == alone(prompt, sampling)
+        for o in outputs:
+            assert (o.logprobs is None) == (sampling.logprobs is None)
+            assert o.logprobs is None or [list(e)[0] for e in o.logprobs] == o.token_ids
 
     def take(self, pick):
         finished = [r for r in self.accepted if all(s.status == Status.FINISHED for s in self.llm._requests[r]["seqs"])]
@@ -279,7 +290,7 @@ class Run:
 
 def run_stream(engine, ops):
     run = Run(engine)
-    pagedlm.llm.sample = run.faults.sample
+    pagedlm.llm.sample_step = run.faults.sample
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # refusals warn
@@ -299,7 +310,7 @@ def run_stream(engine, ops):
                 run.check_reasons()
             run.drain()
     finally:
-        pagedlm.llm.sample = run.sample_original
+        pagedlm.llm.sample_step = run.sample_original
         del run.llm.step  # the instance's wrapper: a reference cycle through run
     return run.faults.fired
 

@@ -1,10 +1,13 @@
-"""The engine's sampler: sampled tokens follow the distribution after temperature, top-k and
-top-p (chi-square over draws keyed by position, so every draw is a fresh Philox number), a test
-that rejects a wrong distribution, and greedy rows taking the argmax with its log-probability."""
+"""The engine's sampler: sampled tokens follow the distribution after temperature, top-k, top-p
+and min_p (chi-square over draws keyed by position, so every draw is a fresh Philox number), a
+test that rejects a wrong distribution, and greedy rows taking the argmax with its
+log-probability. Penalties, min_tokens and top logprobs against references written from their
+definitions in numpy."""
+import numpy as np
 import pytest
 import torch
 
-from pagedlm.engine.sampler import greedy_choices, probabilities, sample
+from pagedlm.engine.sampler import apply_penalties, greedy_choices, probabilities, sample, sample_step
 from pagedlm.engine.sequence import SamplingParams, Sequence
 
 scipy_stats = pytest.importorskip("scipy.stats")
@@ -35,6 +38,14 @@ CASES = [
     (SamplingParams(temperature=1.0, top_p=0.3, seed=9), normalised([1, 0, 0, 0, 0, 0])),
     (SamplingParams(temperature=0.5, top_k=4, top_p=0.9, seed=10),  # top 4 of p^2, then 0.8725 < 0.9 < 0.9608
      normalised([0.4 ** 2, 0.25 ** 2, 0.15 ** 2, 0, 0, 0])),
+    # min_p: keep p >= min_p * max p (here 0.3 * 0.4 = 0.12), after the temperature.
+    (SamplingParams(temperature=1.0, min_p=0.3, seed=11), normalised([0.4, 0.25, 0.15, 0, 0, 0])),
+    (SamplingParams(temperature=1.0, min_p=0.25, seed=12), normalised([0.4, 0.25, 0.15, 0.1, 0, 0])),  # 0.1 >= 0.1
+    # p^2 / sum = [.5, .195, .070, .031, ...]: 0.3 * 0.5 = 0.15 keeps two.
+    (SamplingParams(temperature=0.5, min_p=0.3, seed=13), normalised([0.4 ** 2, 0.25 ** 2, 0, 0, 0, 0])),
+    (SamplingParams(temperature=1.0, min_p=1.0, seed=14), normalised([1, 0, 0, 0, 0, 0])),
+    # min_p (0.12) then top_p over what is left: 0.4 / 0.8 = 0.5 >= 0.45.
+    (SamplingParams(temperature=1.0, min_p=0.3, top_p=0.45, seed=15), normalised([1, 0, 0, 0, 0, 0])),
 ]
 
 
@@ -109,3 +120,93 @@ def test_greedy_choices_break_ties_low_and_are_what_sample_takes():
     torch.testing.assert_close(choices[:, 1], logits.double().log_softmax(-1).max(-1).values, rtol=1e-6, atol=1e-6)
     seqs = [Sequence(i, str(i), 0, [1, 2], SamplingParams(temperature=0)) for i in range(6)]
     assert sample(logits, seqs, engine_seed=0, choices=choices) == sample(logits, seqs, engine_seed=0)
+
+
+# -- penalties, min_tokens, logprobs -----------------------------------------------------------
+def reference_penalties(logits, prompt, output, params, eos=()):
+    """vLLM's penalties from their definitions, one row in numpy float64."""
+    out = np.array(logits, dtype=np.float64)
+    for token in set(prompt) | set(output):
+        r = params.repetition_penalty
+        out[token] = out[token] / r if out[token] > 0 else out[token] * r
+    for token in set(output):
+        out[token] -= params.frequency_penalty * output.count(token) + params.presence_penalty
+    if len(output) < params.min_tokens:
+        for token in set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos)):
+            out[token] = -np.inf
+    return out
+
+
+PENALIZED = [
+    SamplingParams(repetition_penalty=1.7),
+    SamplingParams(repetition_penalty=0.6),
+    SamplingParams(frequency_penalty=0.8),
+    SamplingParams(presence_penalty=-1.5),
+    SamplingParams(repetition_penalty=1.3, frequency_penalty=0.5, presence_penalty=1.2),
+    SamplingParams(),  # a plain row in the batch: unchanged
+    SamplingParams(min_tokens=4, stop_token_ids=[7]),
+    SamplingParams(min_tokens=4, stop_token_ids=[7], ignore_eos=True),
+    SamplingParams(min_tokens=2, stop_token_ids=[7]),  # its output is longer: nothing masked
+]
+
+
+def test_penalties_and_min_tokens_equal_their_definitions():
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(len(PENALIZED), 20, generator=g) * 3
+    seqs = []
+    for i, params in enumerate(PENALIZED):
+        prompt = torch.randint(20, (6,), generator=g).tolist()
+        output = [3, 3, 9, prompt[0]] if i != 8 else [3, 3, 9]
+        seqs.append(Sequence(i, str(i), 0, prompt, params, output=output[:3] if params.min_tokens else output))
+    got = apply_penalties(logits, seqs, eos_token_ids={11})
+    for i, seq in enumerate(seqs):
+        want = reference_penalties(logits[i].tolist(), seq.prompt, seq.output, seq.params, eos={11})
+        np.testing.assert_allclose(got[i].double().numpy(), want, rtol=1e-6, atol=1e-6)
+    assert torch.isinf(got[6, [7, 11]]).all() and torch.isinf(got[7, 7]) and not torch.isinf(got[7, 11])
+    assert not torch.isinf(got[8]).any()
+    assert torch.equal(got[5], logits[5])
+
+
+def test_greedy_rows_with_penalties_take_the_penalized_argmax_and_report_raw_logprobs():
+    g = torch.Generator().manual_seed(6)
+    logits = torch.randn(3, 30, generator=g)
+    top = int(logits[0].argmax())
+    params = [SamplingParams(temperature=0, repetition_penalty=4.0, logprobs=3), SamplingParams(temperature=0),
+              SamplingParams(temperature=0, logprobs=0)]
+    seqs = [Sequence(i, str(i), 0, [top, 1], p) for i, p in enumerate(params)]
+    choices = greedy_choices(logits)  # as a graph gives them: of the raw logits
+    tokens, logprobs, tops = sample_step(logits, seqs, 0, choices)
+    penalized = reference_penalties(logits[0].tolist(), [top, 1], [], params[0])
+    assert tokens[0] == int(np.argmax(penalized)) != top
+    assert tokens[1:] == logits[1:].argmax(-1).tolist()
+    # cumulative logprob: the distribution the token was chosen from; tops: the raw one.
+    shifted = penalized - penalized.max()
+    assert logprobs[0] == pytest.approx(shifted[tokens[0]] - np.log(np.exp(shifted).sum()), abs=1e-5)
+    raw = logits.double().log_softmax(-1)
+    order = raw[0].argsort(descending=True)[:3].tolist()
+    assert list(tops[0]) == [tokens[0]] + [t for t in order if t != tokens[0]]
+    for token, value in tops[0].items():
+        assert value == pytest.approx(float(raw[0, token]), abs=1e-5)
+    assert tops[1] is None and tops[2] == {tokens[2]: pytest.approx(float(raw[2].max()), abs=1e-5)}
+
+
+def test_sampled_rows_report_raw_top_logprobs_with_the_sampled_token_first():
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(40, 25, generator=g)
+    params = SamplingParams(temperature=1.5, top_k=10, seed=3, logprobs=4)
+    seqs = [Sequence(i, "r", 0, [1] * (i + 1), params) for i in range(40)]
+    tokens, logprobs, tops = sample_step(logits, seqs, 0)
+    raw = logits.double().log_softmax(-1)
+    assert any(t not in raw[i].argsort(descending=True)[:4].tolist() for i, t in enumerate(tokens))
+    for i, token in enumerate(tokens):
+        order = raw[i].argsort(descending=True)[:4].tolist()
+        assert list(tops[i])[0] == token and list(tops[i])[1:] == [t for t in order if t != token]
+        assert len(tops[i]) == (4 if token in order else 5)
+        for t, value in tops[i].items():
+            assert value == pytest.approx(float(raw[i, t]), abs=1e-5)
+
+
+def test_plain_rows_take_the_plain_path():
+    logits = torch.randn(4, 9, generator=torch.Generator().manual_seed(8))
+    seqs = [Sequence(i, str(i), 0, [1, 2], SamplingParams(temperature=0.7 * (i % 2), seed=i)) for i in range(4)]
+    assert sample_step(logits, seqs, 0) == (*sample(logits, seqs, 0), None)

@@ -173,6 +173,79 @@ def test_stop_strings_are_cut(server, offline):
         assert (got, reason) == (text[:text.index("return")], "stop")
 
 
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("sampling", [dict(temperature=0), dict(temperature=0.8, seed=7, n=2, min_p=0.05)])
+def test_completion_logprobs_equal_offline(server, offline, stream, sampling):
+    prompts = PROMPTS[:3]
+    params = SamplingParams(max_tokens=8, logprobs=3, **sampling)
+    refs = offline.generate(prompts, params, use_tqdm=False)
+    r = server.client.completions.create(model=MODEL, prompt=prompts, max_tokens=8, logprobs=3, stream=stream,
+                                         extra_body={"return_token_ids": True, **{k: v for k, v in sampling.items()
+                                                                                  if k == "min_p"}},
+                                         **{k: v for k, v in sampling.items() if k != "min_p"})
+    n = sampling.get("n", 1)
+    got = [dict(ids=[], tokens=[], lps=[], tops=[], offsets=[], text="") for _ in range(len(prompts) * n)]
+    for chunk in (r if stream else [r]):
+        for c in chunk.choices:
+            g = got[c.index]
+            g["text"] += c.text
+            if c.logprobs is not None:
+                g["ids"] += c.token_ids
+                g["tokens"] += c.logprobs.tokens
+                g["lps"] += c.logprobs.token_logprobs
+                g["tops"] += c.logprobs.top_logprobs
+                g["offsets"] += c.logprobs.text_offset
+    tokenizer = offline.tokenizer
+    for k, g in enumerate(got):
+        ref = refs[k // n].outputs[k % n]
+        assert g["ids"] == ref.token_ids and g["text"] == ref.text
+        assert g["tokens"] == [tokenizer.decode([t]) for t in ref.token_ids]
+        assert g["lps"] == pytest.approx([entry[t] for t, entry in zip(ref.token_ids, ref.logprobs)], abs=1e-4)
+        for top, entry in zip(g["tops"], ref.logprobs):
+            assert top == pytest.approx({tokenizer.decode([t]): lp for t, lp in entry.items()}, abs=1e-4)
+            assert 3 <= len(entry) <= 4  # (string keys of byte pieces may collide: "\ufffd")
+        assert g["offsets"] == [sum(len(t) for t in g["tokens"][:i]) for i in range(len(g["tokens"]))]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_chat_logprobs_equal_offline(server, offline, stream):
+    messages = [{"role": "user", "content": "def add(a, b):"}]
+    ids = server.engine.prompt_token_ids(server.app.state.chat_template.render(messages, True),
+                                         add_special_tokens=False)
+    ref = offline.generate(ids, SamplingParams(temperature=0, max_tokens=8, logprobs=2, repetition_penalty=1.3),
+                           use_tqdm=False)[0].outputs[0]
+    r = server.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0,
+                                              logprobs=True, top_logprobs=2, stream=stream,
+                                              extra_body={"repetition_penalty": 1.3})
+    content, text = [], ""
+    for chunk in (r if stream else [r]):
+        for c in chunk.choices:
+            text += (c.delta.content or "") if stream else c.message.content
+            if c.logprobs is not None:
+                content += c.logprobs.content
+    assert text == ref.text and len(content) == len(ref.token_ids)
+    for item, token, entry in zip(content, ref.token_ids, ref.logprobs):
+        name = offline.tokenizer.decode([token])
+        assert item.token == name and item.bytes == list(name.encode()) and item.logprob == pytest.approx(entry[token], abs=1e-4)
+        ranked = sorted(entry.items(), key=lambda e: -e[1])[:2]  # greedy: the sampled token is the top one
+        assert [(t.token, t.logprob) for t in item.top_logprobs] == [
+            (offline.tokenizer.decode([t]), pytest.approx(lp, abs=1e-4)) for t, lp in ranked]
+
+
+def test_penalties_and_min_tokens_equal_offline(server, offline):
+    options = dict(presence_penalty=0.8, frequency_penalty=0.6, repetition_penalty=1.2, min_tokens=4)
+    refs = offline.generate(PROMPTS[:2], SamplingParams(temperature=0, max_tokens=12, stop=["\n"], **options),
+                            use_tqdm=False)
+    r = server.client.completions.create(model=MODEL, prompt=PROMPTS[:2], max_tokens=12, temperature=0, stop=["\n"],
+                                         presence_penalty=0.8, frequency_penalty=0.6,
+                                         extra_body={"repetition_penalty": 1.2, "min_tokens": 4,
+                                                     "return_token_ids": True})
+    for choice, ref in zip(r.choices, refs):
+        assert (choice.text, choice.token_ids, choice.finish_reason) == (
+            ref.outputs[0].text, ref.outputs[0].token_ids, ref.outputs[0].finish_reason)
+        assert len(choice.token_ids) >= 4
+
+
 def test_models_health_metrics(server):
     assert [m.id for m in server.client.models.list().data] == [MODEL]
     assert httpx.get(f"{server.url}/health").status_code == 200
@@ -207,10 +280,17 @@ BAD = [
     ("token id out of vocabulary", "/v1/completions", {"prompt": [1, 99999]}, 400, "prompt"),
     ("longer than the context", "/v1/completions", {"prompt": "x " * 600, "max_tokens": 4}, 400, "prompt"),
     ("max_tokens past the context", "/v1/completions", {"prompt": "x", "max_tokens": 10**6}, 400, "prompt"),
-    ("logprobs", "/v1/completions", {"prompt": "x", "logprobs": 2}, 400, "logprobs"),
-    ("presence_penalty", "/v1/completions", {"prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty"),
-    ("frequency_penalty", "/v1/completions", {"prompt": "x", "frequency_penalty": 1}, 400, "frequency_penalty"),
-    ("min_p", "/v1/completions", {"prompt": "x", "min_p": 0.1}, 400, "min_p"),
+    ("logprobs above 20", "/v1/completions", {"prompt": "x", "logprobs": 21}, 400, "logprobs"),
+    ("logprobs a bool", "/v1/completions", {"prompt": "x", "logprobs": True}, 400, "logprobs"),
+    ("presence_penalty above 2", "/v1/completions", {"prompt": "x", "presence_penalty": 2.5}, 400, "presence_penalty"),
+    ("frequency_penalty below -2", "/v1/completions", {"prompt": "x", "frequency_penalty": -3.0}, 400,
+     "frequency_penalty"),
+    ("repetition_penalty zero", "/v1/completions", {"prompt": "x", "repetition_penalty": 0.0}, 400,
+     "repetition_penalty"),
+    ("min_p above 1", "/v1/completions", {"prompt": "x", "min_p": 1.5}, 400, "min_p"),
+    ("min_tokens above max_tokens", "/v1/completions", {"prompt": "x", "max_tokens": 2, "min_tokens": 3}, 400,
+     "min_tokens"),
+    ("logit_bias", "/v1/completions", {"prompt": "x", "logit_bias": {"5": 1.0}}, 400, "logit_bias"),
     ("echo", "/v1/completions", {"prompt": "x", "echo": True}, 400, "echo"),
     ("best_of", "/v1/completions", {"prompt": "x", "best_of": 3}, 400, "best_of"),
     ("five stop strings", "/v1/completions", {"prompt": "x", "stop": list("abcde")}, 400, "stop"),
@@ -220,8 +300,12 @@ BAD = [
     ("bad role", "/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages"),
     ("image part", "/v1/chat/completions",
      {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400, "messages"),
-    ("chat logprobs", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True},
+    ("chat logprobs an int", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": 2},
      400, "logprobs"),
+    ("top_logprobs without logprobs", "/v1/chat/completions",
+     {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400, "top_logprobs"),
+    ("top_logprobs above 20", "/v1/chat/completions",
+     {"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
     ("tools", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
      400, "tools"),
     ("chat context", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x " * 600}]}, 400, "messages"),

@@ -250,7 +250,7 @@ def test_a_fault_in_one_requests_text_fails_only_that_request(engine, llm):
 
     async def main():
         bad = await engine.add_request("def f(x):", long)
-        engine._live[bad.request_id].detoks[0].add = broken
+        engine._live[bad.request_id].seqs[0].text.detokenizer.add = broken
         good = asyncio.ensure_future(collect(engine, "def add(a, b):"))
         with pytest.raises(RequestFailed, match="injected detokenizer fault"):
             async for _ in bad:

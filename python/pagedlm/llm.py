@@ -21,9 +21,10 @@ from pagedlm.beam_search import BeamSearch, BeamSearchParams, beam_score
 from pagedlm.engine.checks import (check_bool, check_float, check_int, check_token_ids, resolve_device,
                                    resolve_dtype)
 from pagedlm.engine.runner import ModelRunner
-from pagedlm.engine.sampler import sample
+from pagedlm.engine.sampler import sample_step
 from pagedlm.engine.scheduler import Scheduler
 from pagedlm.engine.sequence import SamplingParams, Sequence, Status
+from pagedlm.engine.text import SampleText
 from pagedlm.models import LlamaForCausalLM, load_model
 from pagedlm.kv_cache import checkpoint_kv_scales, make_layer_caches, resolve_kv_cache_dtype
 from pagedlm.models.loader import _weight_files, eos_token_ids
@@ -59,6 +60,7 @@ class CompletionOutput:
     token_ids: list
     finish_reason: str
     cumulative_logprob: float
+    logprobs: list | None = None  # with SamplingParams.logprobs: a {token_id: logprob} dict per token
 
 
 @dataclass
@@ -150,7 +152,8 @@ class LLM:
                                      use_cuda_graphs=self.runner.graphs is not None,
                                      max_num_seqs=max_num_seqs)
             self.speculator = Speculator(proposer, self.runner, max_num_batched_tokens, seed,
-                                         adaptive=speculative.get("adaptive", True))
+                                         adaptive=speculative.get("adaptive", True),
+                                         eos_token_ids=self.eos_token_ids)
             if self.runner.varlen is not None:  # verification graphs up front
                 # Chains verify unmasked; trees (lookahead) masked, and their accepted tokens are
                 # recomputed in the next step unmasked (when it drafts nothing).
@@ -168,11 +171,13 @@ class LLM:
     # -- requests ---------------------------------------------------------------------
 
     @_exclusive
-    def add_request(self, prompt, params):
+    def add_request(self, prompt, params, *, detokenize=False):
         """Queues a prompt (text or token ids); returns its request id. A bad prompt or params
-        raises (naming it) and queues nothing."""
+        raises (naming it) and queues nothing. detokenize: keep each sample's text (its
+        Sequence's `text`, a SampleText) up to date as tokens come, for a streaming front end;
+        samples with stop strings always have it."""
         token_ids = self._check_request(prompt, params, "prompt", "params")
-        return self._enqueue(prompt, token_ids, params)
+        return self._enqueue(prompt, token_ids, params, detokenize=detokenize)
 
     def _check_request(self, prompt, params, prompt_name, params_name):
         """The prompt's token ids, after checking that the request can run on this engine."""
@@ -181,6 +186,12 @@ class LLM:
         token_ids = self._token_ids(prompt, prompt_name)
         vocab_size = self.model.args.vocab_size
         check_token_ids(f"{params_name}.stop_token_ids", params.stop_token_ids, vocab_size)
+        if params.stop and self.tokenizer is None:
+            raise ValueError(f"{params_name}.stop: stop strings need a tokenizer.json in the model folder; use "
+                             f"stop_token_ids")
+        if params.logprobs is not None and params.logprobs > vocab_size:
+            raise ValueError(f"{params_name}.logprobs: {params.logprobs} asked for, the vocabulary has {vocab_size} "
+                             f"tokens")
         # Refused before any sequence is built: n samples run at once from the first step, and
         # to be admitted together they reserve the prompt's blocks plus one token each.
         if params.n > self.scheduler.max_num_seqs:
@@ -193,11 +204,16 @@ class LLM:
                              f"the cache has {num_blocks}")
         return token_ids
 
-    def _enqueue(self, prompt, token_ids, params):
+    def _enqueue(self, prompt, token_ids, params, detokenize=False):
         request_id = str(next(self._ids))
         # Blocks the request's longest sequence needs with nothing else running.
         needed = -(-(len(token_ids) + params.max_tokens) // self.block_manager.block_size)
         seqs = [Sequence(next(self._ids), request_id, i, list(token_ids), params) for i in range(params.n)]
+        for seq in seqs:
+            if params.logprobs is not None:
+                seq.logprobs = []
+            if params.stop or detokenize:
+                seq.text = SampleText(self.tokenizer, token_ids, params)
         self._requests[request_id] = dict(prompt=prompt, token_ids=token_ids, seqs=seqs, start=time.perf_counter(),
                                           first_token=None)
         if needed > self.block_manager.num_blocks:
@@ -230,8 +246,8 @@ class LLM:
 
     @_exclusive
     def finish_sequence(self, seq, reason="stop"):
-        """Ends one sample of a request now, freeing its blocks (a front end found a stop string
-        in its text); its siblings go on. A no-op on a finished sample."""
+        """Ends one sample of a request now, freeing its blocks; its siblings go on. A no-op on
+        a finished sample. (The engine ends samples at their stop strings itself.)"""
         if seq.status == Status.FINISHED:
             return
         if seq.status == Status.RUNNING:
@@ -285,9 +301,10 @@ class LLM:
                 self.speculator.speculative_step_done(scheduled, kept)
                 return sum(kept.values())
         seqs, logits, choices = self.runner.step(scheduled, copies)
-        sampled, logprobs = sample(logits, seqs, self.seed, choices) if seqs else ([], [])
-        for seq, token, logprob in zip(seqs, sampled, logprobs):
-            self._emit(seq, token, logprob)
+        sampled, logprobs, tops = (sample_step(logits, seqs, self.seed, choices, self.eos_token_ids) if seqs
+                                   else ([], [], None))
+        for i, (seq, token, logprob) in enumerate(zip(seqs, sampled, logprobs)):
+            self._emit(seq, token, logprob, None if tops is None else tops[i])
         if self.speculator is not None:
             self.speculator.plain_step_done(scheduled, len(seqs))
         return len(seqs)
@@ -333,23 +350,33 @@ class LLM:
         return failed
 
     def _emit_tokens(self, seq, tokens):
-        """Appends (token, logprob) pairs up to a stop or max_tokens (the rest are dropped);
-        returns how many it kept."""
-        for count, (token, logprob) in enumerate(tokens, 1):
-            if self._emit(seq, token, logprob):
+        """Appends (token, logprob[, top logprobs]) tuples up to a stop or max_tokens (the rest
+        are dropped); returns how many it kept."""
+        for count, emitted in enumerate(tokens, 1):
+            if self._emit(seq, *emitted):
                 return count
         return len(tokens)
 
-    def _emit(self, seq, token, logprob):
-        """Appends a sampled token; True when it finishes the sequence."""
+    def _emit(self, seq, token, logprob, top=None):
+        """Appends a sampled token (top: its position's {token_id: logprob}, when the request
+        asks for logprobs); True when it finishes the sequence: a stop id or EOS, max_tokens, or
+        a stop string in the text (cut there)."""
         seq.output.append(token)
         seq.cumulative_logprob += logprob
+        if seq.logprobs is not None:
+            seq.logprobs.append(top)
         request = self._requests[seq.request_id]
         request["first_token"] = request["first_token"] or time.perf_counter()
         if token in seq.params.stop_token_ids or (token in self.eos_token_ids and not seq.params.ignore_eos):
             seq.finish_reason = "stop"
         elif len(seq.output) >= seq.params.max_tokens:
             seq.finish_reason = "length"
+        if seq.text is not None:
+            try:
+                if seq.text.add(token, final=bool(seq.finish_reason)):
+                    seq.finish_reason = "stop"
+            except Exception as e:  # a fault in one sample's text fails that sample, not the step
+                seq.finish_reason, seq.error = "error", f"its text failed: {e!r}"
         if seq.finish_reason:
             self.scheduler.finish(seq)
             if self.speculator is not None:
@@ -443,8 +470,10 @@ class LLM:
     def _output(self, request_id):
         r = self._requests[request_id]
         seqs = r["seqs"]
-        outputs = [CompletionOutput(s.index, self._completion_text(s.prompt, s.output), list(s.output), s.finish_reason,
-                                    s.cumulative_logprob) for s in seqs]
+        outputs = [CompletionOutput(s.index, s.text.text if s.text is not None and s.text.stopped
+                                    else self._completion_text(s.prompt, s.output), list(s.output), s.finish_reason,
+                                    s.cumulative_logprob, None if s.logprobs is None else list(s.logprobs))
+                   for s in seqs]
         end = time.perf_counter()
         first = r["first_token"] or end
         generated = sum(len(s.output) for s in seqs)

@@ -6,6 +6,13 @@ its launches. Sampled rows apply temperature, top-k and top-p, then pick a token
 with a uniform drawn from Philox-4x32-10 (the generator of the verification kernels) keyed by
 (request seed, sample index, position): a seeded request draws the same tokens alone or in any
 batch, on CPU or GPU.
+
+Requests with penalties, min_tokens or logprobs (SamplingParams._special) go through
+sample_step's longer path: their rows' logits are penalized first (vLLM's order: repetition,
+frequency, presence; EOS and stop ids masked until min_tokens), greedy rows then take the
+argmax of the penalized logits, and rows asking for logprobs get the raw log_softmax of the
+model's logits (before any transform) at the sampled token and the top N. A step without such
+requests takes the plain path unchanged (a graph's greedy choices, one host copy).
 """
 import zlib
 
@@ -23,6 +30,98 @@ def greedy_choices(logits, out=None):
     exactly), in one kernel (pagedlm.ops.argmax_logprob); written into out if given. logits:
     contiguous [rows, vocab], float32, float16 or bfloat16."""
     return ops.argmax_logprob(logits, out=out)
+
+
+def sample_step(logits, seqs, engine_seed, choices=None, eos_token_ids=frozenset()):
+    """(tokens, logprobs, tops): sample() with the per-request transforms of SamplingParams
+    (penalties, min_tokens; eos_token_ids are the ids min_tokens holds back). tops is None when
+    no row asks for logprobs, else one entry per row: None, or {token_id: raw logprob} with the
+    sampled token first, then the params.logprobs most likely tokens by rank."""
+    if not any(s.params._special for s in seqs):  # the plain step, as it always was
+        return (*sample(logits, seqs, engine_seed, choices), None)
+    raw = logits
+    if any(s.params._transforms_logits for s in seqs):
+        logits = apply_penalties(logits, seqs, eos_token_ids)
+        choices = None  # a graph's greedy choices are the raw logits' argmax
+    tokens, logprobs = sample(logits, seqs, engine_seed, choices)
+    tops = None
+    if any(s.params.logprobs is not None for s in seqs):
+        tops = top_logprobs(raw, seqs, tokens)
+    return tokens, logprobs, tops
+
+
+def apply_penalties(logits, seqs, eos_token_ids=frozenset()):
+    """float32 [rows, vocab]: a copy of logits with each row's penalties applied (rows of
+    requests without any are copied unchanged). Repetition first (prompt and output tokens:
+    positive logits divided by it, others multiplied), then frequency (times each token's count
+    in the output) and presence (once per token in the output) subtracted, as vLLM; then, while
+    a sequence has fewer than min_tokens output tokens, its stop ids and EOS (unless ignore_eos)
+    are masked to -inf."""
+    rows = [i for i, s in enumerate(seqs) if s.params._transforms_logits]
+    out = logits.float().clone()
+    device, vocab = out.device, out.shape[-1]
+    penalized = [i for i in rows if seqs[i].params.repetition_penalty != 1 or seqs[i].params.frequency_penalty != 0
+                 or seqs[i].params.presence_penalty != 0]
+    if penalized:
+        sub = out[penalized]
+        counts = _token_counts([seqs[i].output for i in penalized], vocab, device)
+        seen = _token_counts([seqs[i].prompt for i in penalized], vocab, device) > 0
+        seen |= counts > 0
+        params = [seqs[i].params for i in penalized]
+        repetition = torch.tensor([p.repetition_penalty for p in params], device=device)[:, None]
+        frequency = torch.tensor([p.frequency_penalty for p in params], device=device)[:, None]
+        presence = torch.tensor([p.presence_penalty for p in params], device=device)[:, None]
+        repeated = torch.where(sub > 0, sub / repetition, sub * repetition)
+        sub = torch.where(seen, repeated, sub)
+        sub = sub - frequency * counts - presence * (counts > 0).float()
+        out[penalized] = sub
+    for i in rows:
+        seq = seqs[i]
+        if len(seq.output) < seq.params.min_tokens:
+            held = set(seq.params.stop_token_ids) | (set() if seq.params.ignore_eos else set(eos_token_ids))
+            held = [t for t in held if t < vocab]
+            if held:
+                out[i, held] = float("-inf")
+    return out
+
+
+def _token_counts(lists, vocab, device):
+    """float32 [len(lists), vocab]: how many times each token occurs in each list."""
+    counts = torch.zeros(len(lists), vocab, dtype=torch.float32, device=device)
+    flat = [t for tokens in lists for t in tokens]
+    if flat:
+        row = torch.repeat_interleave(torch.arange(len(lists)), torch.tensor([len(t) for t in lists]))
+        index = torch.stack([row, torch.tensor(flat)]).to(device)
+        counts.index_put_((index[0], index[1]), torch.ones(len(flat), device=device), accumulate=True)
+    return counts
+
+
+def top_logprobs(logits, seqs, tokens):
+    """For each row whose params ask for logprobs: {token_id: logprob} of the raw distribution
+    (log_softmax of the model's logits), the sampled token first, then the N most likely tokens
+    in rank order (ties: the lower id first); None for the other rows. One host copy."""
+    rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+    if not rows:
+        return [None] * len(seqs)
+    logprobs = torch.log_softmax(logits[rows].float(), -1)
+    width = min(max(seqs[i].params.logprobs for i in rows), logprobs.shape[-1])
+    chosen = torch.tensor([tokens[i] for i in rows], device=logits.device)
+    values = [logprobs.gather(-1, chosen[:, None])]
+    ids = [chosen[:, None]]
+    if width:
+        top = logprobs.topk(width, -1, sorted=True)
+        values.append(top.values)
+        ids.append(top.indices)
+    both = torch.cat([torch.cat(ids, 1).double(), torch.cat(values, 1).double()], 1).cpu().numpy()
+    ids_host, values_host = both[:, :both.shape[1] // 2].astype(np.int64), both[:, both.shape[1] // 2:]
+    out = [None] * len(seqs)
+    for r, i in enumerate(rows):
+        n = seqs[i].params.logprobs
+        entry = {int(ids_host[r, 0]): float(values_host[r, 0])}
+        for k in range(1, 1 + min(n, width)):
+            entry.setdefault(int(ids_host[r, k]), float(values_host[r, k]))
+        out[i] = entry
+    return out
 
 
 def sample(logits, seqs, engine_seed, choices=None):
@@ -59,8 +158,9 @@ def _index(rows, device, total):
 
 
 def probabilities(logits, params):
-    """float32 [rows, vocab]: the distribution each row samples from (temperature, top-k, top-p),
-    params holding one SamplingParams per row, none greedy. Speculative verification uses it too."""
+    """float32 [rows, vocab]: the distribution each row samples from (temperature, then min_p,
+    top-k and top-p), params holding one SamplingParams per row, none greedy. Speculative
+    verification uses it too, so min_p is verified as it is sampled."""
     device = logits.device
     # Each row's largest logit is subtracted before dividing (softmax does not change), so the
     # quotient stays finite for any temperature > 0: a tiny one would take a logit to inf and
@@ -75,6 +175,12 @@ def probabilities(logits, params):
         kth_index = torch.tensor([min(k, scaled.shape[-1]) - 1 for k in top_k], device=device)
         kth = scaled.sort(-1, descending=True).values.gather(-1, kth_index[:, None])
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    if any(p.min_p > 0 for p in params):
+        # vLLM's min_p, on the temperature's distribution: keep the tokens at least min_p times
+        # as likely as the most likely one (that one always stays).
+        min_p = torch.tensor([p.min_p for p in params], device=device)
+        probs = scaled.softmax(-1)
+        scaled = scaled.masked_fill(probs < min_p[:, None] * probs.amax(-1, keepdim=True), float("-inf"))
     probs = scaled.softmax(-1)
     top_p = torch.tensor([p.top_p for p in params], device=device)
     if bool((top_p < 1).any()):

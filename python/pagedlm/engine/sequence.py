@@ -7,6 +7,30 @@ from pagedlm.engine.checks import check_bool, check_float, check_int, check_toke
 
 @dataclass(frozen=True)
 class SamplingParams:
+    """How a request samples, with vLLM's names and meanings; every field is checked at
+    construction (a bad one raises a ValueError naming it).
+
+    n: samples per prompt. temperature: 0 is greedy. top_k (-1: off), top_p (1: off), min_p
+    (0: off; keeps the tokens whose probability is at least min_p times the largest one's, after
+    temperature). max_tokens, min_tokens (until then EOS and stop_token_ids cannot be sampled and
+    stop strings are not looked for). stop_token_ids, ignore_eos, seed.
+
+    Penalties, applied to the logits in vLLM's order before anything else: repetition_penalty
+    (1: off; > 0; the logit of every token in the prompt or the output so far is divided by it
+    when positive, multiplied by it otherwise), then frequency_penalty (subtracted once per
+    occurrence of a token in the output so far) and presence_penalty (subtracted once from every
+    token in the output so far), each in [-2, 2] as OpenAI's.
+
+    stop: strings that end a sample where they appear in its text (across token boundaries);
+    the text is cut before the stop string, or after it with include_stop_str_in_output. The
+    token ids keep the token that completed it. Stop strings need the model's tokenizer.
+
+    logprobs: None (off) or N >= 0: each output position gets a {token_id: logprob} dict with
+    the sampled token and the N most likely ones (so N or N + 1 entries), as vLLM's. These are
+    the model's raw log-probabilities (log_softmax of its logits, before penalties, temperature,
+    top-k, top-p and min_p), as vLLM's default; cumulative_logprob is instead the
+    log-probability under the distribution each token was drawn from (after those transforms).
+    """
     n: int = 1
     temperature: float = 1.0
     top_k: int = -1
@@ -15,6 +39,14 @@ class SamplingParams:
     stop_token_ids: tuple = ()
     ignore_eos: bool = False
     seed: int | None = None
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+    stop: tuple = ()
+    include_stop_str_in_output: bool = False
+    logprobs: int | None = None
 
     def __post_init__(self):
         # Checked here, so a request that reaches the engine cannot fail in the sampler. Values
@@ -33,6 +65,33 @@ class SamplingParams:
         put("ignore_eos", check_bool("ignore_eos", self.ignore_eos))
         if self.seed is not None:
             put("seed", check_int("seed", self.seed))
+        put("min_p", check_float("min_p", self.min_p, minimum=0, maximum=1))
+        put("presence_penalty", check_float("presence_penalty", self.presence_penalty, minimum=-2, maximum=2))
+        put("frequency_penalty", check_float("frequency_penalty", self.frequency_penalty, minimum=-2, maximum=2))
+        put("repetition_penalty", check_float("repetition_penalty", self.repetition_penalty, above=0))
+        put("min_tokens", check_int("min_tokens", self.min_tokens, minimum=0, maximum=self.max_tokens))
+        put("stop", check_stop_strings("stop", self.stop))
+        put("include_stop_str_in_output", check_bool("include_stop_str_in_output", self.include_stop_str_in_output))
+        if self.logprobs is not None:
+            put("logprobs", check_int("logprobs", self.logprobs, minimum=0))
+        # What the sampler asks of every request each step, worked out once: whether the logits
+        # are transformed before sampling (penalties, min_tokens), and whether the request needs
+        # more than the plain path (those, or logprobs). A request with neither takes exactly
+        # the plain path (and may draft, under speculative decoding).
+        put("_transforms_logits", self.presence_penalty != 0 or self.frequency_penalty != 0
+            or self.repetition_penalty != 1 or self.min_tokens > 0)
+        put("_special", self._transforms_logits or self.logprobs is not None)
+
+
+def check_stop_strings(name, stop):
+    """stop strings as a tuple: one string or a sequence of non-empty strings."""
+    if isinstance(stop, str):
+        stop = (stop,)
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
+        raise ValueError(f"{name}: must be a string or a list of strings, got {stop!r}")
+    if any(not s for s in stop):
+        raise ValueError(f"{name}: empty strings are not allowed")
+    return tuple(stop)
 
 
 class Status(Enum):
@@ -54,6 +113,9 @@ class Sequence:
     cached_prompt_tokens: int = 0    # served from the prefix cache at admission
     cumulative_logprob: float = 0.0
     finish_reason: str | None = None
+    logprobs: list | None = None     # per output token, {token_id: logprob} (params.logprobs)
+    text: object = None              # a SampleText when stop strings (or a front end) need the text
+    error: str | None = None         # why, when finish_reason is "error" outside a failed step
 
     @property
     def tokens(self):

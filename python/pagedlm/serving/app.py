@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from pagedlm.serving.async_llm import EngineOverloaded, EngineStopped, PromptTooLong, RequestFailed
 from pagedlm.serving.chat_template import ChatTemplate, ChatTemplateError
 from pagedlm.serving.protocol import (ApiError, ChatCompletionRequest, CompletionRequest, error_body,
-                                      refuse_unsupported, sampling_params, stop_strings)
+                                      refuse_unsupported, sampling_params)
 
 log = logging.getLogger("pagedlm.serving")
 
@@ -94,12 +94,11 @@ def build_app(engine, *, served_model_name="pagedlm", chat_template=None):
     async def completions(body: CompletionRequest, request: Request):
         check_model(body.model)
         refuse_unsupported(body)
-        stop = stop_strings(body)
         prompts = _prompts(body.prompt)
         max_tokens = body.max_tokens if body.max_tokens is not None else DEFAULT_COMPLETION_MAX_TOKENS
         params = sampling_params(body, max_tokens)
-        streams = await _add_all(engine, prompts, params, stop, "prompt")
-        reply = _Reply("cmpl", served_model_name, body, streams)
+        streams = await _add_all(engine, prompts, params, "prompt")
+        reply = _Reply("cmpl", served_model_name, body, streams, params, engine.tokenizer)
         if body.stream:
             return _sse(reply.completion_events())
         return await _unless_disconnected(request, reply.completion(), streams)
@@ -108,7 +107,6 @@ def build_app(engine, *, served_model_name="pagedlm", chat_template=None):
     async def chat(body: ChatCompletionRequest, request: Request):
         check_model(body.model)
         refuse_unsupported(body)
-        stop = stop_strings(body)
         messages = [_message(i, m) for i, m in enumerate(body.messages)]
         try:
             text = app.state.chat_template.render(messages, body.add_generation_prompt)
@@ -126,8 +124,8 @@ def build_app(engine, *, served_model_name="pagedlm", chat_template=None):
                 raise ApiError(400, f"This model's maximum context length is {engine.max_model_len} tokens; the "
                                     f"messages take {len(ids)}", param="messages", code="context_length_exceeded")
         params = sampling_params(body, max_tokens)
-        streams = await _add_all(engine, [ids], params, stop, "messages")
-        reply = _Reply("chatcmpl", served_model_name, body, streams)
+        streams = await _add_all(engine, [ids], params, "messages")
+        reply = _Reply("chatcmpl", served_model_name, body, streams, params, engine.tokenizer)
         if body.stream:
             return _sse(reply.chat_events())
         return await _unless_disconnected(request, reply.chat(), streams)
@@ -186,11 +184,11 @@ def _message(i, m):
     return message
 
 
-async def _add_all(engine, prompts, params, stop, what):
+async def _add_all(engine, prompts, params, what):
     streams = []
     try:
         for prompt in prompts:
-            streams.append(await engine.add_request(prompt, params, stop=stop, add_special_tokens=what == "prompt"))
+            streams.append(await engine.add_request(prompt, params, add_special_tokens=what == "prompt"))
     except BaseException as e:
         for s in streams:
             s.abort()
@@ -282,15 +280,67 @@ def _event(data):
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
+class _Logprobs:
+    """OpenAI's logprobs objects from the engine's per-token {token_id: logprob} dicts (the
+    sampled token first, then the top N by rank, the sampled one not repeated)."""
+
+    def __init__(self, tokenizer, top_n):
+        self.tokenizer, self.top_n = tokenizer, top_n
+
+    def token(self, token_id):
+        # As vLLM: each token decoded alone (a piece of a multi-byte character shows as U+FFFD).
+        return self.tokenizer.decode([token_id]) if self.tokenizer is not None else f"token_id:{token_id}"
+
+    def ranked(self, entry):
+        """The top N (token_id, logprob) by rank."""
+        items = list(entry.items())
+        if len(items) > self.top_n:  # the sampled token is not among them
+            return items[1:]
+        return sorted(items, key=lambda item: -item[1])
+
+    def completion(self, token_ids, entries, offset):
+        """/v1/completions' {tokens, token_logprobs, top_logprobs, text_offset}; offset: where
+        the first token's text starts in the choice's text (the tokens' texts are added up)."""
+        tokens = [self.token(t) for t in token_ids]
+        offsets = []
+        for text in tokens:
+            offsets.append(offset)
+            offset += len(text)
+        return {"tokens": tokens, "token_logprobs": [entry[t] for t, entry in zip(token_ids, entries)],
+                "top_logprobs": [{self.token(t): lp for t, lp in entry.items()} for entry in entries],
+                "text_offset": offsets}
+
+    def chat(self, token_ids, entries):
+        """/v1/chat/completions' {content: [{token, logprob, bytes, top_logprobs}]}."""
+        def item(token_id, logprob):
+            text = self.token(token_id)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+        return {"content": [dict(item(t, entry[t]), top_logprobs=[item(*ranked) for ranked in self.ranked(entry)])
+                            for t, entry in zip(token_ids, entries)]}
+
+
 class _Reply:
     """One request's response, whole or as events; choices are numbered prompt * n + sample."""
 
-    def __init__(self, prefix, model, body, streams):
+    def __init__(self, prefix, model, body, streams, params, tokenizer):
         self.id = f"{prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.model, self.body, self.streams = model, body, streams
         self.n = body.n
         self.token_ids = body.return_token_ids
+        self.logprobs = None if params.logprobs is None else _Logprobs(tokenizer, params.logprobs)
+        self.is_chat = prefix == "chatcmpl"
+        self.offsets = [0] * (len(streams) * self.n)  # streamed completions: each choice's text_offset
+
+    def _choice_logprobs(self, k, token_ids, entries):
+        """A choice's (or chunk's) logprobs object, None when none were asked for."""
+        if self.logprobs is None:
+            return None
+        if self.is_chat:
+            return self.logprobs.chat(token_ids, entries)
+        result = self.logprobs.completion(token_ids, entries, self.offsets[k])
+        self.offsets[k] += sum(len(t) for t in result["tokens"])
+        return result
 
     def _usage(self, completion_tokens):
         prompt_tokens = sum(len(s.prompt_token_ids) for s in self.streams)
@@ -300,24 +350,27 @@ class _Reply:
     async def _collect(self):
         texts = [[] for _ in range(len(self.streams) * self.n)]
         ids = [[] for _ in texts]
+        logprobs = [[] for _ in texts]
         reasons = [None] * len(texts)
         async for i, out in _merged(self.streams):
             for d in out.outputs:
                 k = i * self.n + d.index
                 texts[k].append(d.text)
                 ids[k] += d.token_ids
+                logprobs[k] += d.logprobs or []
                 reasons[k] = d.finish_reason or reasons[k]
-        return ["".join(t) for t in texts], ids, reasons
+        return ["".join(t) for t in texts], ids, logprobs, reasons
 
     async def _whole(self, choice):
         try:
-            texts, ids, reasons = await self._collect()
+            texts, ids, logprobs, reasons = await self._collect()
         except (RequestFailed, EngineStopped) as e:
             status, body = _engine_error(e)
             return JSONResponse(body, status_code=status)
         choices = []
-        for k, (text, token_ids, reason) in enumerate(zip(texts, ids, reasons)):
+        for k, (text, token_ids, entries, reason) in enumerate(zip(texts, ids, logprobs, reasons)):
             c = choice(k, text, reason)
+            c["logprobs"] = self._choice_logprobs(k, token_ids, entries)
             if self.token_ids:
                 c["token_ids"] = token_ids
                 c["prompt_token_ids"] = self.streams[k // self.n].prompt_token_ids
@@ -337,9 +390,13 @@ class _Reply:
                 choices = []
                 for d in out.outputs:
                     completion_tokens += len(d.token_ids)
-                    if not (d.text or d.finish_reason or (self.token_ids and d.token_ids)):
+                    wants_tokens = self.token_ids or self.logprobs is not None
+                    if not (d.text or d.finish_reason or (wants_tokens and d.token_ids)):
                         continue
-                    c = chunk_choice(i * self.n + d.index, d.text, d.finish_reason)
+                    k = i * self.n + d.index
+                    c = chunk_choice(k, d.text, d.finish_reason)
+                    if d.token_ids:
+                        c["logprobs"] = self._choice_logprobs(k, d.token_ids, d.logprobs or [])
                     if self.token_ids:
                         c["token_ids"] = d.token_ids
                     choices.append(c)

@@ -2,16 +2,17 @@
 
 One thread owns the LLM and loops: it applies the adds and aborts queued since the last
 iteration (so a request joins the running batch at the next step, and an abort frees its
-blocks before the next step), runs LLM.step, then reads every live request's new tokens,
-detokenizes them incrementally, applies stop strings and hands the deltas to the requests'
-asyncio queues (one call_soon_threadsafe per event loop per step). The event loop never
-touches the LLM.
+blocks before the next step), runs LLM.step, then reads every live request's new tokens and
+text (the LLM detokenizes them incrementally and ends samples at their stop strings, the same
+code as offline generation) and hands the deltas to the requests' asyncio queues (one
+call_soon_threadsafe per event loop per step). The event loop never touches the LLM.
 
 A step that raises ends the requests it was running with RequestFailed on their streams;
 requests still waiting go on, and so does the loop. A sample that the engine finishes with a
 reason other than stop, length or abort (a failed request) ends its stream the same way.
 """
 import asyncio
+import dataclasses
 import logging
 import threading
 import time
@@ -19,7 +20,6 @@ import uuid
 from dataclasses import dataclass, field
 
 from pagedlm.engine.sequence import SamplingParams, Status
-from pagedlm.serving.detokenizer import IncrementalDetokenizer, StopStrings
 
 __all__ = ["AsyncLLM", "RequestStream", "StreamOutput", "SampleDelta", "RequestFailed", "EngineOverloaded",
            "EngineStopped", "PromptTooLong"]
@@ -52,6 +52,7 @@ class SampleDelta:
     text: str                   # text added since the last output
     token_ids: list             # token ids added since the last output
     finish_reason: str | None   # "stop", "length" or "abort" once the sample ended
+    logprobs: list | None = None  # with params.logprobs: a {token_id: logprob} per token of token_ids
 
 
 @dataclass
@@ -105,11 +106,9 @@ class _Live:
     stream: RequestStream
     llm_id: str
     seqs: list
-    stop: tuple
     arrival: float
-    detoks: list = field(default_factory=list)
-    stops: list = field(default_factory=list)
     seen: list = field(default_factory=list)
+    chars: list = field(default_factory=list)
     done: list = field(default_factory=list)
     last_token: list = field(default_factory=list)
     first_token: float | None = None
@@ -201,13 +200,15 @@ class AsyncLLM:
     async def add_request(self, prompt, params=None, *, stop=(), request_id=None, add_special_tokens=True):
         """Queues a prompt (text or token ids) and returns its RequestStream once the engine
         thread has taken it (it joins the batch at the next step). stop: strings that end a
-        sample, cut from its text. Raises ValueError (bad prompt or params), PromptTooLong,
-        EngineOverloaded or EngineStopped."""
+        sample, cut from its text (added to params.stop). Raises ValueError (bad prompt or
+        params), PromptTooLong, EngineOverloaded or EngineStopped."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params: expected SamplingParams, got {type(params).__name__}")
         if isinstance(stop, str):
             stop = (stop,)
+        if stop:
+            params = dataclasses.replace(params, stop=params.stop + tuple(stop))
         if not self.alive or self._stopping or self._draining:
             raise EngineStopped("the server is shutting down" if self.alive else f"the engine stopped ({self.dead!r})")
         if self.max_waiting is not None and self.num_waiting >= self.max_waiting:
@@ -219,7 +220,7 @@ class AsyncLLM:
         stream = RequestStream(self, request_id or uuid.uuid4().hex, ids, params, loop)
         with self._cv:
             self._pending_adds += 1
-            self._commands.append(("add", stream, tuple(stop), time.perf_counter()))
+            self._commands.append(("add", stream, time.perf_counter()))
             self._cv.notify()
         try:
             await stream._accepted
@@ -299,11 +300,11 @@ class AsyncLLM:
     def _apply(self, command, outbox):
         kind = command[0]
         if kind == "add":
-            _, stream, stop, arrival = command
+            _, stream, arrival = command
             with self._cv:
                 self._pending_adds -= 1
             try:
-                llm_id = self.llm.add_request(stream.prompt_token_ids, stream.params)
+                llm_id = self.llm.add_request(stream.prompt_token_ids, stream.params, detokenize=True)
                 seqs = self.llm.sequences(llm_id)
             except Exception as e:  # the engine's own checks
                 _post(outbox, stream, _call(stream._accepted, "set_exception", e))
@@ -313,11 +314,10 @@ class AsyncLLM:
                 _post(outbox, stream, _call(stream._accepted, "set_exception",
                                             PromptTooLong("the engine refused the request: it can never fit")))
                 return
-            live = _Live(stream, llm_id, seqs, stop, arrival)
+            live = _Live(stream, llm_id, seqs, arrival)
             for seq in seqs:
-                live.detoks.append(IncrementalDetokenizer(self.tokenizer, stream.prompt_token_ids))
-                live.stops.append(StopStrings(stop) if stop else None)
                 live.seen.append(0)
+                live.chars.append(0)
                 live.done.append(False)
                 live.last_token.append(None)
             self._live[stream.request_id] = live
@@ -376,6 +376,7 @@ class AsyncLLM:
             if live.done[i]:
                 continue
             new = seq.output[live.seen[i]:]
+            logprobs = None if seq.logprobs is None else seq.logprobs[live.seen[i]:]
             live.seen[i] = len(seq.output)
             reason = seq.finish_reason
             if new and metrics:
@@ -389,22 +390,16 @@ class AsyncLLM:
             if new:
                 live.first_token = live.first_token or now
                 live.last_token[i] = now
-            text = live.detoks[i].add(new)
-            if reason is not None:
-                text += live.detoks[i].finish()
-            if live.stops[i] is not None:
-                text, hit = live.stops[i].feed(text, final=reason is not None)
-                if hit and reason is None:
-                    self.llm.finish_sequence(seq, "stop")
-                if hit:
-                    reason = "stop"
+            # The engine keeps the sample's text (seq.text) and ends it at a stop string.
+            text = self._text(seq)[live.chars[i]:]
+            live.chars[i] += len(text)
             if reason is not None:
                 live.done[i] = True
                 if reason not in OK_REASONS:
                     failure = failure or RequestFailed(
                         f"the engine failed this request ({getattr(seq, 'error', None) or reason})")
             if new or text or reason is not None:
-                deltas.append(SampleDelta(i, text, list(new), reason))
+                deltas.append(SampleDelta(i, text, list(new), reason, logprobs))
         finished = all(live.done)
         if deltas and (failure is None or not finished):
             _post(outbox, live.stream, _call(live.stream, "_put", StreamOutput(
@@ -417,6 +412,10 @@ class AsyncLLM:
             self._count_finished(deltas[-1].finish_reason if deltas else "stop")
             if metrics:
                 metrics.e2e.observe(now - live.arrival)
+
+    @staticmethod
+    def _text(seq):
+        return seq.text.text
 
     def _count_finished(self, reason):
         if self.metrics:

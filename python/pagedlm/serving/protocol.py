@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pagedlm.engine.sequence import SamplingParams
 
 MAX_STOP_STRINGS = 4  # as OpenAI
+MAX_LOGPROBS = 20  # top alternatives per token, at most (vLLM's default max_logprobs; OpenAI's chat limit)
 
 
 class ApiError(Exception):
@@ -54,27 +55,19 @@ class _Sampling(_Strict):
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     return_token_ids: bool = False  # each choice also carries its token ids (and the prompt's)
-    # Named by the API (or by vLLM's extensions), not implemented: neutral values only.
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
-    repetition_penalty: float | None = None
+    repetition_penalty: float | None = None  # vLLM's extension, as min_p, min_tokens and the next
     min_p: float | None = None
     min_tokens: int | None = None
+    include_stop_str_in_output: bool = False
+    # Named by the API, not implemented: neutral values only.
     logit_bias: dict[str, float] | None = None
-    logprobs: Any = None
-    top_logprobs: int | None = None
 
 
 # parameter -> the values that mean "off" (what pagedlm does anyway)
 UNSUPPORTED = {
-    "presence_penalty": (None, 0, 0.0),
-    "frequency_penalty": (None, 0, 0.0),
-    "repetition_penalty": (None, 1, 1.0),
-    "min_p": (None, 0, 0.0),
-    "min_tokens": (None, 0),
     "logit_bias": (None, {}),
-    "logprobs": (None, False),
-    "top_logprobs": (None, 0),
     "echo": (None, False),
     "suffix": (None, ""),
     "tools": (None, []),
@@ -87,6 +80,7 @@ UNSUPPORTED = {
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = None  # the sampled token's log-probability and this many alternatives
     best_of: int | None = None
     echo: bool | None = None
     suffix: str | None = None
@@ -112,6 +106,23 @@ class ChatCompletionRequest(_Sampling):
     function_call: Any = None
     parallel_tool_calls: bool | None = None
     add_generation_prompt: bool = True  # vLLM's extension
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+
+
+def num_logprobs(request):
+    """SamplingParams.logprobs of a request: None (none asked for) or how many alternatives."""
+    if isinstance(request, ChatCompletionRequest):
+        if request.top_logprobs is not None and not request.logprobs:
+            if request.top_logprobs == 0:
+                return None
+            raise ApiError(400, "top_logprobs: needs logprobs set to true", param="top_logprobs")
+        count, name = (request.top_logprobs or 0) if request.logprobs else None, "top_logprobs"
+    else:
+        count, name = request.logprobs, "logprobs"
+    if count is not None and not 0 <= count <= MAX_LOGPROBS:
+        raise ApiError(400, f"{name}: must be in [0, {MAX_LOGPROBS}], got {count}", param=name)
+    return count
 
 
 def refuse_unsupported(request):
@@ -145,7 +156,12 @@ def stop_strings(request):
 def sampling_params(request, max_tokens):
     """SamplingParams of a request (max_tokens already resolved); ApiError 400 naming the
     parameter SamplingParams refuses."""
-    kwargs = dict(n=request.n, max_tokens=max_tokens, ignore_eos=request.ignore_eos, seed=request.seed)
+    kwargs = dict(n=request.n, max_tokens=max_tokens, ignore_eos=request.ignore_eos, seed=request.seed,
+                  stop=stop_strings(request), include_stop_str_in_output=request.include_stop_str_in_output,
+                  logprobs=num_logprobs(request))
+    for name in ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_p", "min_tokens"):
+        if getattr(request, name) is not None:
+            kwargs[name] = getattr(request, name)
     if request.temperature is not None:
         kwargs["temperature"] = request.temperature
     if request.top_p is not None:

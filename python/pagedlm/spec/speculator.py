@@ -16,6 +16,10 @@ are all rejected BACKOFF_AFTER steps in a row stops drafting for 1, 2, 4, ... (a
 MAX_PAUSE) steps, and decodes plainly meanwhile; an accepted draft resets it. Engine-wide
 (unless the config says "adaptive": False): PaySwitch times decode steps with and without
 drafts and lets greedy sequences draft only while drafting emits more tokens per second.
+
+Requests with penalties, min_tokens or logprobs (SamplingParams._special) never draft: they
+decode one token a step through the engine's sampler, which applies their transforms (min_p,
+a part of the sampling distribution itself, is verified like temperature, top-k and top-p).
 """
 import time
 from collections import defaultdict
@@ -25,7 +29,7 @@ import torch
 
 import pagedlm
 from pagedlm.engine.cuda_graphs import captures_so_far
-from pagedlm.engine.sampler import sample
+from pagedlm.engine.sampler import sample_step
 from pagedlm.engine.forward import ForwardItem, apply_block_copies, paged_forward
 from pagedlm.engine.runner import FEW_TOKENS
 from pagedlm.engine.varlen_graphs import TOKEN_BUCKETS
@@ -38,8 +42,10 @@ BACKOFF_AFTER, MAX_PAUSE = 2, 16
 
 
 class Speculator:
-    def __init__(self, proposer, runner, max_num_batched_tokens, engine_seed, *, adaptive=True):
+    def __init__(self, proposer, runner, max_num_batched_tokens, engine_seed, *, adaptive=True,
+                 eos_token_ids=frozenset()):
         self.proposer, self.runner = proposer, runner
+        self.eos_token_ids = eos_token_ids  # what min_tokens holds back in the sampler
         self.switch = PaySwitch() if adaptive else None
         self.budget, self.engine_seed = max_num_batched_tokens, engine_seed
         self.rotation = 0  # which sequence drafts first when not every one fits
@@ -91,7 +97,7 @@ class Speculator:
         """{seq: draft} whose slots are reserved, within the step's token budget."""
         # The switch's verdict first: while greedy sequences may not draft, most steps end here.
         may_draft = scheduled if greedy_may_draft else [s for s in scheduled if s.seq.params.temperature != 0]
-        candidates = [s.seq for s in may_draft if s.num_new > 0 and s.seq.output
+        candidates = [s.seq for s in may_draft if s.num_new > 0 and s.seq.output and not s.seq.params._special
                       and s.num_new == len(s.seq) - s.seq.num_cached and self._drafting(s.seq)]
         if not candidates:
             return {}
@@ -160,12 +166,16 @@ class Speculator:
                 plain.append(s)
         verdicts = verification.accept(logits, choices, self.engine_seed)
         last_row = {s.seq: sum(spans[s.logits_of]) - 1 for s in plain}
-        sampled = [s for s in plain if s.seq.params.temperature != 0]
+        # Greedy sequences emit their row's argmax, unless their logits are transformed first or
+        # they ask for logprobs: those go through the sampler, as sampled ones do.
+        sampled = [s for s in plain if s.seq.params.temperature != 0 or s.seq.params._special]
         emitted = {s.seq: [verification.row_choices[last_row[s.seq]]] for s in plain if s not in sampled}
         if sampled:
             rows = torch.tensor([last_row[s.seq] for s in sampled], device=logits.device)
-            tokens, logprobs = sample(logits[rows], [s.seq for s in sampled], self.engine_seed)
-            emitted.update({s.seq: [(t, lp)] for s, t, lp in zip(sampled, tokens, logprobs)})
+            tokens, logprobs, tops = sample_step(logits[rows], [s.seq for s in sampled], self.engine_seed,
+                                                 eos_token_ids=self.eos_token_ids)
+            tops = tops or [None] * len(sampled)
+            emitted.update({s.seq: [(t, lp, top)] for s, t, lp, top in zip(sampled, tokens, logprobs, tops)})
         emitted.update(self._verify(drafts, verdicts))
         return emitted
 

@@ -1,0 +1,140 @@
+"""Incremental detokenization and stop strings: one implementation for offline generation
+(LLM.generate) and the server (AsyncLLM), through SampleText.
+
+IncrementalDetokenizer turns a growing list of token ids into text deltas by decoding a short
+window (as vLLM does): the tokens from `prefix_offset` to the end against those from
+`prefix_offset` to `read_offset`. A byte-level BPE token can hold part of a multi-byte
+character; while the window's text ends in U+FFFD the delta waits for the next token. At the
+end, `finish()` returns whatever is left so that the concatenated deltas equal the text
+pagedlm.LLM gives offline (decode(prompt + output) less decode(prompt)).
+
+StopStrings finds stop strings in that text across token boundaries, cuts the text before the
+first one, and holds back a tail that could still become one, so no part of a stop string is
+ever streamed.
+
+SampleText is one sample's text as its tokens come, one at a time: the engine feeds it every
+token it emits (LLM._emit) and ends the sample as soon as a stop string shows in the text.
+"""
+
+REPLACEMENT = "\ufffd"
+PREFIX_WINDOW = 6  # prompt tokens decoded with the first output tokens (context for merges)
+
+
+class IncrementalDetokenizer:
+    def __init__(self, tokenizer, prompt_ids):
+        self.tokenizer = tokenizer
+        self.prompt_len = len(prompt_ids)
+        self.ids = list(prompt_ids)
+        self.prefix_offset = max(len(self.ids) - PREFIX_WINDOW, 0)
+        self.read_offset = len(self.ids)
+        self.text = ""  # the output's text so far (what the deltas add up to)
+
+    def add(self, new_ids):
+        """Appends token ids; returns the text they complete ("" while a character is split)."""
+        self.ids.extend(new_ids)
+        if self.tokenizer is None or not new_ids:
+            return ""
+        prefix_text = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset])
+        new_text = self.tokenizer.decode(self.ids[self.prefix_offset:])
+        if len(new_text) <= len(prefix_text) or new_text.endswith(REPLACEMENT) or not new_text.startswith(prefix_text):
+            return ""
+        delta = new_text[len(prefix_text):]
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        self.text += delta
+        return delta
+
+    def finish(self):
+        """The rest of the text once no token will come: the whole decode decides."""
+        if self.tokenizer is None or len(self.ids) == self.prompt_len:
+            return ""
+        prompt_text = self.tokenizer.decode(self.ids[:self.prompt_len])
+        full = self.tokenizer.decode(self.ids)
+        text = (full[len(prompt_text):] if full.startswith(prompt_text)
+                else self.tokenizer.decode(self.ids[self.prompt_len:]))
+        delta = text[len(self.text):] if text.startswith(self.text) else ""
+        self.text += delta
+        return delta
+
+
+class StopStrings:
+    """Scans one sample's text for stop strings as it grows; feed() returns the text that can be
+    released now and whether a stop string was found (the text is then cut before it)."""
+
+    def __init__(self, stops, include_stop=False):
+        self.stops = [s for s in stops if s]
+        self.include_stop = include_stop  # the text is cut after the stop string, not before
+        self.text = ""       # everything seen
+        self.released = 0    # characters of text already released
+        self.stopped = False
+
+    def feed(self, delta, final=False, search=True):
+        """search False (min_tokens not reached yet): the text is released whole, and no stop
+        string is looked for in it later (one may still begin after it)."""
+        if self.stopped:
+            return "", True
+        if not search:
+            self.text += delta
+            return self._release(len(self.text)), False
+        searched_from = max(self.released,
+                            len(self.text) - max((len(s) for s in self.stops), default=1) + 1, 0)
+        self.text += delta
+        hits = [(i, s) for i, s in ((self.text.find(s, searched_from), s) for s in self.stops) if i >= 0]
+        if hits:
+            at, stop = min(hits, key=lambda hit: (hit[0], -len(hit[1])))
+            self.text = self.text[:at + len(stop) if self.include_stop else at]
+            self.stopped = True
+            return self._release(len(self.text)), True
+        end = len(self.text) if final else len(self.text) - self._partial_tail()
+        return self._release(end), False
+
+    def _release(self, end):
+        out = self.text[self.released:end] if end > self.released else ""
+        self.released = max(self.released, end)
+        return out
+
+    def _partial_tail(self):
+        """The longest end of the text that begins some stop string (it may yet complete one)."""
+        longest = 0
+        for s in self.stops:
+            for size in range(min(len(s) - 1, len(self.text)), longest, -1):
+                if self.text.endswith(s[:size]):
+                    longest = size
+                    break
+        return longest
+
+
+class SampleText:
+    """One sample's text, token by token: its incremental decode and, if params has stop
+    strings, their search. `text` is the text released so far (all of it once final; cut at the
+    stop string once one is found); `stopped` tells whether one was."""
+
+    def __init__(self, tokenizer, prompt_ids, params):
+        self.detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids)
+        self.stops = StopStrings(params.stop, params.include_stop_str_in_output) if params.stop else None
+        self.min_tokens = params.min_tokens
+        self.count = 0  # tokens fed
+        self.text = ""
+        self.stopped = False
+
+    def add(self, token, final):
+        """Feeds one emitted token (final: the sample ends with it); True when a stop string
+        appears in the text. Stop strings are looked for once the sample has more than
+        min_tokens tokens, as vLLM."""
+        self.count += 1
+        delta = self.detokenizer.add([token])
+        if final:
+            delta += self.detokenizer.finish()
+        if self.stops is None:
+            self.text += delta
+            return False
+        released, hit = self.stops.feed(delta, final=final or self.stopped, search=self.count > self.min_tokens)
+        self.text += released
+        self.stopped = self.stopped or hit
+        return hit
+
+    def finish(self):
+        """The sample ended outside the engine's emit (an abort): the rest of its text."""
+        if self.stopped:
+            return
+        delta = self.detokenizer.finish()
+        self.text += self.stops.feed(delta, final=True)[0] if self.stops is not None else delta
