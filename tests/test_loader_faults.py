@@ -55,6 +55,7 @@ def test_the_good_folder_loads(good):
     (dict(head_dim=15), "head_dim 15 must be even"),
     (dict(intermediate_size=-4), "intermediate_size must be an integer >= 1"),
     (dict(rms_norm_eps=-1e-5), "rms_norm_eps must be a finite number > 0"),
+    (dict(rms_norm_eps=3.402823466385289e38), "rms_norm_eps must be a finite number > 0 (in float32)"),
     (dict(rope_theta="10000"), "rope_theta must be a finite number > 0"),
     (dict(rope_scaling=[1, 2]), "rope_scaling must be a JSON object"),
     (dict(rope_scaling={"rope_type": "llama3"}), "missing field 'rope_scaling.factor'"),

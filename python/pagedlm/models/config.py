@@ -284,8 +284,9 @@ _MISSING = object()
 
 
 def _field(config, source, key, kind, default=_MISSING, *, name=None, minimum=1, above=None):
-    """config[key] checked as kind (int: an integer >= minimum; float: a finite number > above;
-    bool; dict), or default when absent or null. Errors name the source and the field."""
+    """config[key] checked as kind (int: an integer >= minimum; float: a number > above that is
+    finite in float32, the precision the kernels compute in; bool; dict), or default when
+    absent or null. Errors name the source and the field."""
     name = name or key
     value = config.get(key)
     if value is None:
@@ -300,14 +301,16 @@ def _field(config, source, key, kind, default=_MISSING, *, name=None, minimum=1,
             raise ValueError(f"{source}: {name} must be an integer >= {minimum}, got {value!r}")
     elif kind is float:
         if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
-                or (above is not None and value <= above)):
+                or abs(value) > FLOAT32_MAX or (above is not None and value <= above)):
             bound = f" > {above}" if above is not None else ""
-            raise ValueError(f"{source}: {name} must be a finite number{bound}, got {value!r}")
+            raise ValueError(f"{source}: {name} must be a finite number{bound} (in float32), got {value!r}")
         value = float(value)
     elif not isinstance(value, kind):
         raise ValueError(f"{source}: {name} must be a JSON {_JSON_NAMES[kind]}, got {value!r}")
     return value
 
+
+FLOAT32_MAX = 3.4028234663852886e38  # the largest finite float32; a larger float rounds to inf
 
 _JSON_NAMES = {bool: "true or false", dict: "object", list: "array"}
 
