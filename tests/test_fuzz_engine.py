@@ -384,6 +384,7 @@ def fuzz_configs(good, scratch, edits):
 @given(edits=st.lists(st.tuples(config_keys, json_values) | st.tuples(st.just("rope_scaling"), rope_scalings),
                       min_size=1, max_size=3))
 @example(edits=[("rms_norm_eps", 3.402823466385289e38)])  # finite in float64, inf in float32: found by the fuzz
+@example(edits=[("num_hidden_layers", 15394264739849.0)])  # per-layer lists of that length: found by the fuzz
 def test_fuzzed_config_values_fail_naming_the_file(good_folder, tmp_path_factory, edits):
     fuzz_configs(good_folder, tmp_path_factory.getbasetemp(), edits)
 

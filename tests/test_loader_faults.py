@@ -56,6 +56,7 @@ def test_the_good_folder_loads(good):
     (dict(intermediate_size=-4), "intermediate_size must be an integer >= 1"),
     (dict(rms_norm_eps=-1e-5), "rms_norm_eps must be a finite number > 0"),
     (dict(rms_norm_eps=3.402823466385289e38), "rms_norm_eps must be a finite number > 0 (in float32)"),
+    (dict(num_hidden_layers=15394264739849), "num_hidden_layers must be at most 4096"),
     (dict(rope_theta="10000"), "rope_theta must be a finite number > 0"),
     (dict(rope_scaling=[1, 2]), "rope_scaling must be a JSON object"),
     (dict(rope_scaling={"rope_type": "llama3"}), "missing field 'rope_scaling.factor'"),
@@ -162,7 +163,7 @@ def test_a_truncated_weight_file_is_named(folder):
 
 
 @pytest.mark.parametrize("changes, message", [
-    (dict(num_hidden_layers=10**9), "weights missing from the checkpoint: model.layers.1.self_attn.q_proj.weight"),
+    (dict(num_hidden_layers=4096), "weights missing from the checkpoint: model.layers.1.self_attn.q_proj.weight"),
     (dict(vocab_size=10**12), r"model.embed_tokens.weight has shape \(50, 32\), the config implies \(1000000000000, 32\)"),
     (dict(intermediate_size=10**7), r"model.layers.0.mlp.gate_proj.weight has shape \(64, 32\)"),
 ])

@@ -93,7 +93,8 @@ class ModelArgs:
             head_dim = hidden // heads
         if head_dim % 2:
             raise ValueError(f"{source}: head_dim {head_dim} must be even (rotary embeddings rotate pairs)")
-        num_layers = field("num_hidden_layers", int)
+        # Per-layer settings are built from the count before the checkpoint can contradict it.
+        num_layers = field("num_hidden_layers", int, maximum=MAX_LAYERS)
         gemma = model_type in GEMMA
         window = field("sliding_window", int, default=4096 if gemma else None, minimum=0) or None
         if model_type in ("qwen2", "qwen3", "qwen3_moe") and not field("use_sliding_window", bool, default=False):
@@ -283,7 +284,7 @@ def _index_list(field, source, key):
 _MISSING = object()
 
 
-def _field(config, source, key, kind, default=_MISSING, *, name=None, minimum=1, above=None):
+def _field(config, source, key, kind, default=_MISSING, *, name=None, minimum=1, maximum=None, above=None):
     """config[key] checked as kind (int: an integer >= minimum; float: a number > above that is
     finite in float32, the precision the kernels compute in; bool; dict), or default when
     absent or null. Errors name the source and the field."""
@@ -299,6 +300,8 @@ def _field(config, source, key, kind, default=_MISSING, *, name=None, minimum=1,
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise ValueError(f"{source}: {name} must be an integer >= {minimum}, got {value!r}")
+        if maximum is not None and value > maximum:
+            raise ValueError(f"{source}: {name} must be at most {maximum}, got {value!r}")
     elif kind is float:
         if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
                 or abs(value) > FLOAT32_MAX or (above is not None and value <= above)):
@@ -310,6 +313,7 @@ def _field(config, source, key, kind, default=_MISSING, *, name=None, minimum=1,
     return value
 
 
+MAX_LAYERS = 4096  # far beyond any released model
 FLOAT32_MAX = 3.4028234663852886e38  # the largest finite float32; a larger float rounds to inf
 
 _JSON_NAMES = {bool: "true or false", dict: "object", list: "array"}
