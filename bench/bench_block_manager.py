@@ -23,8 +23,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import pagedlm  # noqa: E402
 from bench_common import cpu_name, git_commit, write_results  # noqa: E402
-from block_manager_trace import record_trace  # noqa: E402
-from py_block_manager import PyBlockManager  # noqa: E402
+from block_manager_trace import PyBlockManager, record_trace  # noqa: E402
 
 NUM_BLOCKS, BLOCK_SIZE = 16384, 16
 AS_ARRAY = {"block_tables": lambda r: np.asarray(r, dtype=np.int32),

@@ -4,8 +4,13 @@ The workload and scheduler are pagedlm.workload's (1,000 requests, prompts of 16
 tokens, 1-512 decode steps, 30% forks, shared prefixes). The trace is recorded once,
 against the pure-Python manager, and then replayed call for call on each manager measured.
 """
+import os
+import sys
+
 from pagedlm.workload import simulate, synthetic_requests
-from py_block_manager import PyBlockManager
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+from py_block_manager import PyBlockManager  # noqa: E402  (the tests' oracle, the benchmark's baseline)
 
 RECORDED = ("allocate", "append", "fork", "free", "truncate", "block_tables", "slot_mapping")
 

@@ -1,12 +1,6 @@
-"""Shared pytest set-up: GPU tests skip on machines without CUDA, tests marked `slow` run only
-with --runslow (long fuzzing runs for a GPU machine or nightly use), and bench/ is importable
-(it holds the pure-Python reference block manager the tests compare against)."""
-import pathlib
-import sys
-
+"""Shared pytest set-up: GPU tests skip on machines without CUDA, and tests marked `slow` run
+only with --runslow (long fuzzing runs for a GPU machine or nightly use)."""
 import pytest
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "bench"))
 
 
 def _cuda_usable():

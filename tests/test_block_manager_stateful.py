@@ -1,5 +1,5 @@
 """Hypothesis drives random allocate/append/fork/truncate/free sequences against the C++
-BlockManager and the pure-Python model (bench/py_block_manager.py) side by side, and
+BlockManager and the pure-Python model (tests/py_block_manager.py) side by side, and
 compares every observable after every step: results, errors, block tables, refcounts,
 free counts, copy-on-write pairs, stats. Nothing may leak once every sequence is freed."""
 import hypothesis.strategies as st

@@ -1,6 +1,6 @@
 """A plain pure-Python block manager with exactly the semantics of pagedlm.BlockManager.
 
-It is the model that tests/test_block_manager_stateful.py checks the C++ manager against
+It is the oracle that tests/test_block_manager_stateful.py checks the C++ manager against
 after every step, and the baseline that bench/bench_block_manager.py replays traces on.
 Written for clarity, the way nano-vllm writes its block manager: lists, a deque, dicts.
 """
