@@ -140,10 +140,13 @@ class LLM:
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
         # Decode steps replay CUDA graphs on the GPU unless enforce_eager (as vLLM's option) or
         # PAGEDLM_DEBUG=1, whose value checks synchronize, which no capture allows.
+        use_cuda_graphs = self.device.type == "cuda" and not enforce_eager
+        if use_cuda_graphs and debug_checks():
+            warnings.warn("PAGEDLM_DEBUG=1: CUDA graphs are off (the ops' value checks synchronize, which no "
+                          "capture allows); steps run eagerly and slower")
+            use_cuda_graphs = False
         self.runner = ModelRunner(self.model, self.kv_caches, self.block_manager, self.device,
-                                  max_num_seqs=max_num_seqs,
-                                  use_cuda_graphs=self.device.type == "cuda" and not enforce_eager
-                                  and not debug_checks())
+                                  max_num_seqs=max_num_seqs, use_cuda_graphs=use_cuda_graphs)
         self.seed = seed
         self.speculator = None
         if speculative is not None:
