@@ -15,7 +15,7 @@ from pagedlm.models.loader import checkpoint_names, expected_shapes
 from pagedlm.models.moe import expert_mlp, naive_expert_mlp, route
 
 from model_families import TINY, build, families, prompts
-from test_models import Runner, relative_error
+from test_models import Runner, assert_steps_match, relative_error
 
 transformers = pytest.importorskip("transformers")
 FAMILIES = families(transformers)
@@ -47,17 +47,7 @@ def test_prefill_and_decode_logits_match_transformers(family, checkpoints):
     runner = Runner(model, num_blocks=64, block_size=4)
     low = FAMILIES[family][3]
     sequences = dict(enumerate(prompts(2, TINY["vocab_size"], low + 8, low + 24, seed=1)))
-    logits = runner.step({s: list(p) for s, p in sequences.items()})
-    for step in range(5):
-        for s, tokens in sequences.items():
-            with torch.no_grad():
-                expected = reference(torch.tensor([tokens])).logits[0]
-            ours = logits[s]
-            assert relative_error(ours, expected[-len(ours):]) < 1e-4, (family, step, s)
-        next_tokens = {s: [int(logits[s][-1].argmax())] for s in sequences}
-        for s, t in next_tokens.items():
-            sequences[s] += t
-        logits = runner.step(next_tokens)
+    assert_steps_match(runner, reference, {s: list(p) for s, p in sequences.items()}, steps=5, label=family)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

@@ -72,6 +72,24 @@ def relative_error(ours, ref):
     return ((ours.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
+def assert_steps_match(runner, reference, prompts, *, steps, label):
+    """A packed prefill of `prompts` ({seq: token ids}) and then `steps` decode steps, each
+    sequence taking its greedy token in one batch: every step's logits within 1e-4 relative of
+    the transformers `reference` over the whole sequence so far."""
+    sequences = {s: list(p) for s, p in prompts.items()}
+    logits = runner.step(prompts)
+    for step in range(steps):
+        for s, tokens in sequences.items():
+            with torch.no_grad():
+                expected = reference(torch.tensor([tokens])).logits[0]
+            ours = logits[s]
+            assert relative_error(ours, expected[-len(ours):]) < 1e-4, (label, step, s)
+        next_tokens = {s: [int(logits[s][-1].argmax())] for s in sequences}
+        for s, t in next_tokens.items():
+            sequences[s] += t
+        logits = runner.step(next_tokens)
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_prefill_and_decode_logits_match_transformers(family, tmp_path):
     reference = build(family, tmp_path, shard=family == "llama-tied")
@@ -80,19 +98,7 @@ def test_prefill_and_decode_logits_match_transformers(family, tmp_path):
     generator = torch.Generator().manual_seed(1)
     prompts = {0: torch.randint(97, (23,), generator=generator).tolist(),
                1: torch.randint(97, (9,), generator=generator).tolist()}
-    logits = runner.step(prompts)
-    sequences = {s: list(p) for s, p in prompts.items()}
-    for step in range(6):
-        for s, tokens in sequences.items():
-            with torch.no_grad():
-                expected = reference(torch.tensor([tokens])).logits[0]
-            ours = logits[s]
-            assert relative_error(ours, expected[-len(ours):]) < 1e-4, (family, step, s)
-        # Decode: both sequences take transformers' greedy token, in one batch.
-        next_tokens = {s: [int(logits[s][-1].argmax())] for s in sequences}
-        for s, t in next_tokens.items():
-            sequences[s] += t
-        logits = runner.step(next_tokens)
+    assert_steps_match(runner, reference, prompts, steps=6, label=family)
 
 
 def test_sharded_checkpoint_is_read_through_its_index(tmp_path):
