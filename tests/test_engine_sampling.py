@@ -8,18 +8,9 @@ import torch
 
 from pagedlm import LLM, SamplingParams
 
-from llama_checkpoint import save_llama
-
 transformers = pytest.importorskip("transformers")
 
-TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-llama-sampling")
-    return folder, save_llama(folder, TINY)
+from test_engine import checkpoint  # noqa: E402,F401  (the engine tests' tiny model, as a fixture)
 
 
 @pytest.fixture(scope="module")
