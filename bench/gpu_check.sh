@@ -3,7 +3,7 @@
 # report the build and the card, run the GPU tests and compute-sanitizer, then the
 # benchmarks with the anchors side by side. Results go to $OUT (or ./gpu-out).
 #
-#   bash bench/gpu_check.sh [--archs LIST] [--no-tests] [--no-sanitizer] [--no-bench]
+#   bash bench/gpu_check.sh [--archs LIST] [--no-build] [--no-tests] [--no-sanitizer] [--no-bench]
 #                           [--tools "memcheck racecheck initcheck synccheck"]
 #                           [--bench "decode prefill verify engine decoding pay_switch"]
 #                           [--stage-timeout SECONDS]
@@ -13,6 +13,7 @@
 # every non-Hopper GPU takes, run on this one. FlashInfer, the kernels' anchor, is installed
 # from .anchors/flashinfer when that folder is present (see bench/README.md). BENCH_ARGS_<name>
 # passes options to one benchmark, e.g. BENCH_ARGS_prefill="--flashinfer-backends fa2".
+# --no-build keeps the pagedlm already installed on this machine (a second call on a warm one).
 # --stage-timeout bounds each test, sanitizer and benchmark command, so that a run inside a
 # time limit still reaches its later stages. The deeper op fuzzing on the GPU is
 # `pytest --runslow -m gpu tests/test_fuzz_ops.py`.
@@ -22,11 +23,12 @@ OUT="${OUT:-gpu-out}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 CMAKE_BUILD_PARALLEL_LEVEL=16
 export CUDA_CACHE_MAXSIZE=4294967296  # a PTX-only build is JIT-compiled once, then read from the cache
-run_tests=1 run_sanitizer=1 run_bench=1 benches="decode prefill verify engine decoding pay_switch"
+run_build=1 run_tests=1 run_sanitizer=1 run_bench=1 benches="decode prefill verify engine decoding pay_switch"
 tools="memcheck racecheck initcheck synccheck" stage_timeout=0
 while [ $# -gt 0 ]; do
   case $1 in
     --archs) export CMAKE_CUDA_ARCHITECTURES=$2; shift ;;
+    --no-build) run_build=0 ;;
     --no-tests) run_tests=0 ;;
     --no-sanitizer) run_sanitizer=0 ;;
     --no-bench) run_bench=0 ;;
@@ -38,9 +40,11 @@ while [ $# -gt 0 ]; do
   shift
 done
 
-rm -rf build
-{ time python3 -m pip install --no-build-isolation --no-deps --no-index -q . ; } > "$OUT/build.log" 2>&1 \
-  || { tail -50 "$OUT/build.log"; exit 1; }
+if [ $run_build = 1 ]; then
+  rm -rf build
+  { time python3 -m pip install --no-build-isolation --no-deps --no-index -q . ; } > "$OUT/build.log" 2>&1 \
+    || { tail -50 "$OUT/build.log"; exit 1; }
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
 pagedlm info | tee -a "$OUT/gpu.txt"
 status=0
