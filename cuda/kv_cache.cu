@@ -2,9 +2,7 @@
 // pieces, or, into an FP8 cache, quantization: saturate(x / scale) rounded to nearest even
 // (cvt.rn.satfinite, as the CPU path's float_to_fp8). An out-of-range slot or block id is
 // skipped, never dereferenced (the CPU path and PAGEDLM_DEBUG=1 report it as an error).
-#include <cuda_fp8.h>
-
-#include "common.cuh"
+#include "fp8.cuh"
 #include "launchers.h"
 
 namespace pagedlm::cuda {
@@ -34,10 +32,6 @@ __global__ void write_kv_cache_kernel(WriteKVCacheParams p, int64_t row_bytes, i
       reinterpret_cast<uint16_t*>(vc)[i] = reinterpret_cast<const uint16_t*>(v)[i];
     }
   }
-}
-
-__device__ __forceinline__ float scale_at(const KVScale& s, int kv_head) {
-  return s.data ? s.data[s.count == 1 ? 0 : kv_head] : s.value;
 }
 
 // FP8 caches: one thread block per token; each thread quantizes elements of the token's K and V

@@ -1,6 +1,6 @@
 // CUDA paged-attention decode (flash-decoding), the GPU twin of cpp/src/paged_decode.cpp.
-// f16/bf16 caches take the tensor-core kernel of paged_decode_tc.cuh; f32 caches the
-// CUDA-core kernel below.
+// f16/bf16 queries take the tensor-core kernel of paged_decode_tc.cuh, over 16-bit or FP8
+// caches; f32 the CUDA-core kernel below (FP8 caches under f32 queries: paged_fp8.cu).
 //
 // CUDA-core kernel: a thread block owns one (sequence, kv head, group of up to 8 query heads, split of the
 // sequence): it reads each K/V row of its range once for all its query heads (GQA). Rows
@@ -393,7 +393,8 @@ int launch_simt(const PagedDecodeParams& p, const DecodeWorkspace& ws, cudaStrea
   return launch_with_splits<T>(paged_decode_kernel<T, D, GT>, kThreads, smem, head_groups, p, ws, stream);
 }
 
-template <typename T, int D>
+// KV: the caches' element, T or tc::Fp8<format> (tensor cores), or float (CUDA cores).
+template <typename T, typename KV, int D>
 int launch_heads(const PagedDecodeParams& p, const DecodeWorkspace& ws, cudaStream_t stream) {
   if constexpr (!std::is_same<T, float>::value) {
     const int group = p.num_heads / p.num_kv_heads;
@@ -401,8 +402,8 @@ int launch_heads(const PagedDecodeParams& p, const DecodeWorkspace& ws, cudaStre
     // Two pipeline stages with registers capped for three blocks per SM: more resident blocks
     // hide the copies better than a third stage does. D = 256 needs the registers.
     constexpr int kMinBlocks = D <= 128 ? 3 : 1;
-    return launch_with_splits<T>(tc::paged_decode_tc_kernel<T, D, 2, kMinBlocks>, tc::kWarps * 32,
-                                 tc::Smem<D, 2>::kBytes, head_groups, p, ws, stream);
+    return launch_with_splits<T>(tc::paged_decode_tc_kernel<T, KV, D, 2, kMinBlocks>, tc::kWarps * 32,
+                                 tc::Smem<T, KV, D, 2>::kBytes, head_groups, p, ws, stream);
   } else {
     const int group = p.num_heads / p.num_kv_heads;
     // Eight heads per block keep 2 x D/4 q values per lane in registers: only for D <= 128.
@@ -415,20 +416,29 @@ int launch_heads(const PagedDecodeParams& p, const DecodeWorkspace& ws, cudaStre
   }
 }
 
+template <typename T, typename KV>
+int launch_head_dim(const PagedDecodeParams& p, const DecodeWorkspace& ws, cudaStream_t stream) {
+  switch (p.head_dim) {
+    case 64: return launch_heads<T, KV, 64>(p, ws, stream);
+    case 128: return launch_heads<T, KV, 128>(p, ws, stream);
+    case 256: return launch_heads<T, KV, 256>(p, ws, stream);
+    default: return static_cast<int>(cudaErrorInvalidValue);
+  }
+}
+
 }  // namespace
 
 int paged_decode(const PagedDecodeParams& p, const DecodeWorkspace& ws, void* stream_ptr) {
   if (p.batch == 0) return 0;
   auto stream = static_cast<cudaStream_t>(stream_ptr);
-  if (is_fp8(p.kv_dtype)) return paged_decode_fp8(p, stream);  // CUDA cores (paged_fp8.cu)
+  if (is_fp8(p.kv_dtype) && p.dtype == DType::f32) return paged_decode_fp8(p, stream);  // CUDA cores
   return dispatch_dtype(p.dtype, [&](auto type) {
     using T = decltype(type);
-    switch (p.head_dim) {
-      case 64: return launch_heads<T, 64>(p, ws, stream);
-      case 128: return launch_heads<T, 128>(p, ws, stream);
-      case 256: return launch_heads<T, 256>(p, ws, stream);
-      default: return static_cast<int>(cudaErrorInvalidValue);
+    if constexpr (!std::is_same<T, float>::value) {
+      if (p.kv_dtype == DType::e4m3) return launch_head_dim<T, tc::Fp8<__NV_E4M3>>(p, ws, stream);
+      if (p.kv_dtype == DType::e5m2) return launch_head_dim<T, tc::Fp8<__NV_E5M2>>(p, ws, stream);
     }
+    return launch_head_dim<T, T>(p, ws, stream);
   });
 }
 

@@ -9,8 +9,13 @@
 // (FlashAttention-2 style: S stays in registers and becomes the A operand of P.V), so warps
 // never wait for each other inside a tile; their four partial states are merged once at
 // the end.
+//
+// FP8 caches take the same kernel with half the bytes in flight: the tiles land as bytes, are
+// widened (exactly) to the query's type in shared memory, and the MMAs run as for a 16-bit
+// cache. k_scale multiplies the scores' scale and v_scale the output.
 #pragma once
 
+#include "fp8.cuh"
 #include "mma.cuh"
 #include "paged_tiles.cuh"
 
@@ -21,21 +26,58 @@ constexpr int kTile = 64;   // tokens per tile
 constexpr int kRows = 16;   // query heads per block (mma M)
 constexpr int kWarps = 4;
 
-template <int D, int Stages>
+// The caches' element type KV: T itself, or Fp8<F> for FP8 bytes of format F.
+template <__nv_fp8_interpretation_t F>
+struct Fp8 {};
+
+template <typename T, typename KV>
+struct Cache {
+  using Stored = T;
+  static constexpr bool kFp8 = false;
+};
+
+template <typename T, __nv_fp8_interpretation_t F>
+struct Cache<T, Fp8<F>> {
+  using Stored = uint8_t;
+  static constexpr bool kFp8 = true;
+
+  // Widens a stage's K and V tiles (2 * kTile rows of D bytes, as staged) into the 16-bit
+  // ldmatrix layout at `dst` (K tile, then V tile).
+  template <int D>
+  __device__ static void widen(const uint8_t* src, T* dst) {
+    constexpr int kByteChunks = D / 16;
+    for (int i = threadIdx.x; i < 2 * kTile * kByteChunks; i += kWarps * 32) {
+      const int row = i / kByteChunks, c = i % kByteChunks;
+      const uint4 bytes = *reinterpret_cast<const uint4*>(src + row * D + c * 16);
+      T* tile = dst + (row / kTile) * kTile * D;
+      const int r = row % kTile;
+      using Tiles = PagedTiles<T, D, kTile, kWarps * 32>;
+      *reinterpret_cast<uint4*>(tile + Tiles::offset(r, 2 * c)) = widen_fp8x8<T, F>(make_uint2(bytes.x, bytes.y));
+      *reinterpret_cast<uint4*>(tile + Tiles::offset(r, 2 * c + 1)) = widen_fp8x8<T, F>(make_uint2(bytes.z, bytes.w));
+    }
+  }
+};
+
+template <typename T, typename KV, int D, int Stages>
 struct Smem {
-  static constexpr int kChunks = D / 8;  // 16-byte chunks per row
-  static constexpr int kStageElems = 2 * kTile * D;
+  using C = Cache<T, KV>;
+  static constexpr int kStageElems = 2 * kTile * D;  // stored elements of one stage (K and V)
+  static constexpr int kStageBytes = kStageElems * static_cast<int>(sizeof(typename C::Stored));
   static constexpr int kStages = Stages;
-  static constexpr int kPipelineBytes = kStages * kStageElems * 2;
+  static constexpr int kWidenedBytes = C::kFp8 ? kStageElems * 2 : 0;  // FP8: the widened tile
+  static constexpr int kPipelineBytes = kStages * kStageBytes + kWidenedBytes;
   static constexpr int kMergeBytes = kWarps * kRows * D * 4;  // per-warp outputs, reusing the pipeline
   static constexpr int kBytes = kPipelineBytes > kMergeBytes ? kPipelineBytes : kMergeBytes;
 };
 
-template <typename T, int D, int Stages, int MinBlocks>
+template <typename T, typename KV, int D, int Stages, int MinBlocks>
 __global__ void __launch_bounds__(kWarps * 32, MinBlocks) paged_decode_tc_kernel(PagedDecodeParams p, SplitInfo split) {
-  using S = Smem<D, Stages>;
+  using C = Cache<T, KV>;
+  using Stored = typename C::Stored;
+  using S = Smem<T, KV, D, Stages>;
   extern __shared__ uint4 smem_raw[];
-  T* kv_smem = reinterpret_cast<T*>(smem_raw);
+  Stored* kv_smem = reinterpret_cast<Stored*>(smem_raw);
+  T* widened = reinterpret_cast<T*>(reinterpret_cast<unsigned char*>(smem_raw) + S::kStages * S::kStageBytes);
   __shared__ float warp_stats[kWarps][kRows][2];  // running max, sum
   __shared__ int bad_row;
   __shared__ int score_kind[kRows];  // non-finite scores seen, per head row (common.cuh)
@@ -58,7 +100,14 @@ __global__ void __launch_bounds__(kWarps * 32, MinBlocks) paged_decode_tc_kernel
   if (tid < kRows) score_kind[tid] = kScoreFinite;
   __syncthreads();
 
-  using Tiles = PagedTiles<T, D, kTile, kWarps * 32>;
+  float score_scale = p.scale, out_scale = 1.0f;
+  if constexpr (C::kFp8) {
+    score_scale *= scale_at(p.k_scale, kv_head);
+    out_scale = scale_at(p.v_scale, kv_head);
+  }
+
+  using Tiles = PagedTiles<Stored, D, kTile, kWarps * 32>;
+  using Layout = PagedTiles<T, D, kTile, kWarps * 32>;  // the 16-bit tile that ldmatrix reads
   Tiles tiles(p.key_cache, p.value_cache, p.block_tables + static_cast<int64_t>(b) * p.max_blocks_per_seq,
               p.num_kv_heads, kv_head, p.block_size, p.num_blocks, end);
   auto stage_k = [&](int stage) { return kv_smem + stage * S::kStageElems; };
@@ -103,13 +152,20 @@ __global__ void __launch_bounds__(kWarps * 32, MinBlocks) paged_decode_tc_kernel
     __syncthreads();
     const int ahead = tile + S::kStages - 1;
     if (ahead < my_tiles) {
-      T* k_dst = stage_k(ahead % S::kStages);
+      Stored* k_dst = stage_k(ahead % S::kStages);
       tiles.issue(begin + ahead * kTile, k_dst, k_dst + kTile * D, &bad_row);
     }
     cp_async_commit();
     if (ahead + 1 < my_tiles) tiles.fetch(begin + (ahead + 1) * kTile);
 
-    const T* k_tile = kv_smem + stage * S::kStageElems;
+    const T* k_tile;
+    if constexpr (C::kFp8) {
+      C::template widen<D>(kv_smem + stage * S::kStageElems, widened);
+      __syncthreads();  // every warp finished the previous tile before the first barrier
+      k_tile = widened;
+    } else {
+      k_tile = kv_smem + stage * S::kStageElems;
+    }
     const T* v_tile = k_tile + kTile * D;
     const int rb = warp * 16;  // this warp's tokens in the tile
     // Which of this lane's four tokens the row does not see, read before the MMAs hide the latency.
@@ -130,7 +186,7 @@ __global__ void __launch_bounds__(kWarps * 32, MinBlocks) paged_decode_tc_kernel
 #pragma unroll
     for (int ks = 0; ks < D / 16; ++ks) {
       uint32_t kf[4];  // matrices: (tokens 0-7, k lo), (0-7, k hi), (8-15, k lo), (8-15, k hi)
-      ldmatrix_x4(kf, k_tile + Tiles::offset(rb + (mi / 2) * 8 + ri, ks * 2 + (mi % 2)));
+      ldmatrix_x4(kf, k_tile + Layout::offset(rb + (mi / 2) * 8 + ri, ks * 2 + (mi % 2)));
       float (&acc)[2][4] = ks % 2 ? s_odd : s;
       mma_16816<T>(acc[0], q_frag[ks], kf[0], kf[1]);
       mma_16816<T>(acc[1], q_frag[ks], kf[2], kf[3]);
@@ -147,7 +203,7 @@ __global__ void __launch_bounds__(kWarps * 32, MinBlocks) paged_decode_tc_kernel
     for (int j = 0; j < 2; ++j) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        float v = s[j][e] * p.scale;
+        float v = s[j][e] * score_scale;
         if (p.soft_cap > 0.0f) v = p.soft_cap * tanhf(v / p.soft_cap);
         v = hidden[j][e & 1] ? -INFINITY : screen_score(v, kind[e >> 1]);
         s[j][e] = v;
@@ -185,7 +241,7 @@ __global__ void __launch_bounds__(kWarps * 32, MinBlocks) paged_decode_tc_kernel
 #pragma unroll
     for (int np = 0; np < D / 16; ++np) {
       uint32_t vf[4];  // matrices: (tokens 0-7, d lo), (8-15, d lo), (0-7, d hi), (8-15, d hi)
-      ldmatrix_x4_trans(vf, v_tile + Tiles::offset(rb + (mi % 2) * 8 + ri, np * 2 + mi / 2));
+      ldmatrix_x4_trans(vf, v_tile + Layout::offset(rb + (mi % 2) * 8 + ri, np * 2 + mi / 2));
       mma_16816<T>(o[2 * np], p_frag, vf[0], vf[1]);
       mma_16816<T>(o[2 * np + 1], p_frag, vf[2], vf[3]);
     }
@@ -230,7 +286,7 @@ __global__ void __launch_bounds__(kWarps * 32, MinBlocks) paged_decode_tc_kernel
       }
     }
     const int row_kind = bad ? kScoreNaN : score_kind[row];
-    const float result = flagged_out(row_kind, total > 0.0f ? value / total : 0.0f);
+    const float result = flagged_out(row_kind, total > 0.0f ? value / total * out_scale : 0.0f);
     const float lse = flagged_lse(row_kind, total > 0.0f ? m + logf(total) : -INFINITY);
     const int64_t row_index = static_cast<int64_t>(b) * p.num_heads + head0 + row;
     if (split.num_splits == 1) {

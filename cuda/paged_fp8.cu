@@ -11,12 +11,11 @@
 // Not the tensor-core kernels, and no split-K: a long decode is one warp per (row, head), so
 // FP8 trades speed for memory here. Bad values behave as in the other kernels: a bad block id,
 // length or mask offset turns the row into NaN, never a fault.
-#include <cuda_fp8.h>
-
 #include <cstdint>
 #include <type_traits>
 
 #include "common.cuh"
+#include "fp8.cuh"
 #include "paged_fp8.h"
 #include "prefill_mask.cuh"
 #include "prefill_schedule.cuh"
@@ -25,15 +24,6 @@ namespace pagedlm::cuda {
 namespace {
 
 constexpr int kRowsPerBlock = 4;  // warps per block, one query row each
-
-template <__nv_fp8_interpretation_t F>
-__device__ __forceinline__ float fp8_to_float(uint8_t x) {
-  return __half2float(__half(__nv_cvt_fp8_to_halfraw(static_cast<__nv_fp8_storage_t>(x), F)));
-}
-
-__device__ __forceinline__ float scale_at(const KVScale& s, int kv_head) {
-  return s.data ? s.data[s.count == 1 ? 0 : kv_head] : s.value;
-}
 
 template <typename Q, __nv_fp8_interpretation_t F, int D, bool kDecode, typename P>
 __global__ void __launch_bounds__(kRowsPerBlock * 32) paged_fp8_kernel(P p) {

@@ -141,9 +141,8 @@ def decode_grid():
 
 
 def check_decode(device, cache_dtype, query_dtype, heads, head_dim, block_size, window, soft_cap, seed,
-                 per_head=True):
+                 per_head=True, lengths=(1, 0, 97, 33, 250, 7, 64)):
     generator = torch.Generator().manual_seed(seed)
-    lengths = [1, 0, 97, 33, 250, 7, 64]
     q, k8, v8, tables, lens, k_scale, v_scale, kd, vd = fp8_inputs(
         lengths, num_heads=heads[0], num_kv_heads=heads[1], head_dim=head_dim, block_size=block_size,
         query_dtype=query_dtype, cache_dtype=cache_dtype, generator=generator, per_head=per_head)
@@ -369,6 +368,17 @@ def test_cuda_decode_matches_reference_and_cpu(cache_dtype, query_dtype, head_di
         ref, ref_lse = check_decode("cpu", cache_dtype, query_dtype, heads, head_dim, block_size, window, soft_cap,
                                     seed=3)
         torch.testing.assert_close(out, ref, atol=TOLERANCE[query_dtype], rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cache_dtype", FP8, ids=fp8_id)
+@pytest.mark.parametrize("query_dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cuda_decode_long_sequences_split_across_blocks(cache_dtype, query_dtype):
+    # Lengths past the split threshold: the tensor-core kernel's splits and their merge, with the
+    # scales applied per split.
+    for heads, head_dim, window in [((32, 8), 128, None), ((8, 1), 64, 3000), ((16, 16), 256, None)]:
+        check_decode("cuda", cache_dtype, query_dtype, heads, head_dim, 16, window, None, seed=21,
+                     lengths=(4100, 1, 9000, 1500))
 
 
 @pytest.mark.gpu
