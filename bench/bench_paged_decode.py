@@ -1,10 +1,11 @@
 """Paged-decode benchmark: pagedlm, FlashInfer's BatchDecodeWithPagedKVCacheWrapper (if
 installed; CUDA-core and tensor-core variants, pagedlm compared with the faster) and torch
 gather + SDPA side by side on the decode shapes of bench/README.md, with the card's copy
-bandwidth measured in the same run. bf16, 32 query / 8 kv heads, head_dim 128, page 16,
-pages scattered at random through the cache.
+bandwidth measured in the same run. bf16 queries, 32 query / 8 kv heads, head_dim 128, page 16,
+pages scattered at random through the cache; the cache bf16 or FP8 (e4m3, scale 1).
 
     python bench/bench_paged_decode.py                 # CUDA: all shapes, writes a markdown table
+    python bench/bench_paged_decode.py --kv-cache-dtype fp8_e4m3   # an FP8 cache (no torch column)
     python bench/bench_paged_decode.py --device cpu    # CPU path vs torch on CPU, f32, B=8 L=2048
 """
 import argparse
@@ -23,14 +24,17 @@ GPU_SHAPES = [(1, 32768), (8, 8192), (64, 4096), (256, 2048), (1, 131072), (512,
 HEADS, KV_HEADS, HEAD_DIM, PAGE = 32, 8, 128, 16
 
 
-def make_inputs(batch, length, dtype, device, seed=0):
+KV_DTYPES = {"bf16": torch.bfloat16, "fp8_e4m3": torch.float8_e4m3fn}
+
+
+def make_inputs(batch, length, dtype, device, seed=0, kv_dtype=None):
     g = torch.Generator(device="cpu").manual_seed(seed)
     pages_per_seq = length // PAGE
     num_pages = batch * pages_per_seq
     tables = torch.randperm(num_pages, generator=g).view(batch, pages_per_seq).int().to(device)
     cache_shape = (num_pages, PAGE, KV_HEADS, HEAD_DIM)
-    key_cache = torch.randn(cache_shape, dtype=dtype, device=device)
-    value_cache = torch.randn(cache_shape, dtype=dtype, device=device)
+    key_cache = torch.randn(cache_shape, dtype=dtype, device=device).to(kv_dtype or dtype)
+    value_cache = torch.randn(cache_shape, dtype=dtype, device=device).to(kv_dtype or dtype)
     query = torch.randn(batch, HEADS, HEAD_DIM, dtype=dtype, device=device)
     lens = torch.full((batch,), length, dtype=torch.int32, device=device)
     return query, key_cache, value_cache, tables, lens
@@ -64,17 +68,18 @@ def bench_cuda(args):
     copy_bw = copy_bandwidth()
     version = flashinfer_version()
     anchors = [f"FlashInfer {version} {v}" for v in args.flashinfer_variants] if version else []
+    kv_dtype = KV_DTYPES[args.kv_cache_dtype]
     rows = []
     for batch, length in GPU_SHAPES:
-        q, kc, vc, tables, lens = make_inputs(batch, length, torch.bfloat16, "cuda")
-        kv_bytes = 2 * batch * length * KV_HEADS * HEAD_DIM * 2
+        q, kc, vc, tables, lens = make_inputs(batch, length, torch.bfloat16, "cuda", kv_dtype=kv_dtype)
+        kv_bytes = 2 * batch * length * KV_HEADS * HEAD_DIM * kc.element_size()
         candidates = {"pagedlm": lambda: ops.paged_decode_attention(q, kc, vc, tables, lens)}
         for variant, label in zip(args.flashinfer_variants, anchors):
             try:  # an anchor variant that fails to build is reported and left out
                 candidates[label] = flashinfer_decode(q, kc, vc, tables, batch, length, FLASHINFER_VARIANTS[variant])
             except Exception as err:  # noqa: BLE001
                 print(f"B={batch} L={length}: {label} failed: {err}")
-        if batch * length <= 1 << 20:
+        if batch * length <= 1 << 20 and kv_dtype == torch.bfloat16:
             candidates["torch gather+SDPA"] = lambda: torch_gather_sdpa(q, kc, vc, tables)
         reference = candidates["pagedlm"]()
         times = {}
@@ -87,9 +92,10 @@ def bench_cuda(args):
         del q, kc, vc, tables, lens
         torch.cuda.empty_cache()
 
-    labels = ["pagedlm", *anchors, "torch gather+SDPA"]
-    lines = [f"### Paged decode — {datetime.date.today()}, {name}, commit {git_commit()}", "",
-             f"`python bench/bench_paged_decode.py` — bf16, {HEADS}/{KV_HEADS} heads, D={HEAD_DIM}, page {PAGE}, "
+    labels = ["pagedlm", *anchors] + (["torch gather+SDPA"] if kv_dtype == torch.bfloat16 else [])
+    lines = [f"### Paged decode, {args.kv_cache_dtype} cache — {datetime.date.today()}, {name}, commit {git_commit()}",
+             "", f"`python bench/bench_paged_decode.py --kv-cache-dtype {args.kv_cache_dtype}` — bf16 queries, "
+             f"{HEADS}/{KV_HEADS} heads, D={HEAD_DIM}, page {PAGE}, "
              f"scattered pages, `triton.testing.do_bench` median (L2 flushed). Copy bandwidth measured in the same "
              f"run: **{copy_bw / 1e9:.0f} GB/s** (bytes read + written).", "",
              "| B | L | " + " | ".join(f"{label} us (GB/s, % copy)" for label in labels)
@@ -134,6 +140,7 @@ def bench_cpu(args):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--kv-cache-dtype", default="bf16", choices=list(KV_DTYPES), help="CUDA: the caches' type")
     parser.add_argument("--repeats", type=int, default=20, help="CPU: timed calls per implementation")
     parser.add_argument("--flashinfer-variants", type=lambda s: s.split(","), default=list(FLASHINFER_VARIANTS),
                         help=f"comma-separated, of {','.join(FLASHINFER_VARIANTS)}")
