@@ -393,7 +393,7 @@ int launch_simt(const PagedDecodeParams& p, const DecodeWorkspace& ws, cudaStrea
   return launch_with_splits<T>(paged_decode_kernel<T, D, GT>, kThreads, smem, head_groups, p, ws, stream);
 }
 
-// KV: the caches' element, T or tc::Fp8<format> (tensor cores), or float (CUDA cores).
+// KV: the caches' element, T or Fp8<format> (tensor cores), or float (CUDA cores).
 template <typename T, typename KV, int D>
 int launch_heads(const PagedDecodeParams& p, const DecodeWorkspace& ws, cudaStream_t stream) {
   if constexpr (!std::is_same<T, float>::value) {
@@ -435,8 +435,8 @@ int paged_decode(const PagedDecodeParams& p, const DecodeWorkspace& ws, void* st
   return dispatch_dtype(p.dtype, [&](auto type) {
     using T = decltype(type);
     if constexpr (!std::is_same<T, float>::value) {
-      if (p.kv_dtype == DType::e4m3) return launch_head_dim<T, tc::Fp8<__NV_E4M3>>(p, ws, stream);
-      if (p.kv_dtype == DType::e5m2) return launch_head_dim<T, tc::Fp8<__NV_E5M2>>(p, ws, stream);
+      if (p.kv_dtype == DType::e4m3) return launch_head_dim<T, Fp8<__NV_E4M3>>(p, ws, stream);
+      if (p.kv_dtype == DType::e5m2) return launch_head_dim<T, Fp8<__NV_E5M2>>(p, ws, stream);
     }
     return launch_head_dim<T, T>(p, ws, stream);
   });

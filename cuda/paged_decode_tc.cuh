@@ -15,7 +15,6 @@
 // cache. k_scale multiplies the scores' scale and v_scale the output.
 #pragma once
 
-#include "fp8.cuh"
 #include "mma.cuh"
 #include "paged_tiles.cuh"
 
@@ -26,41 +25,9 @@ constexpr int kTile = 64;   // tokens per tile
 constexpr int kRows = 16;   // query heads per block (mma M)
 constexpr int kWarps = 4;
 
-// The caches' element type KV: T itself, or Fp8<F> for FP8 bytes of format F.
-template <__nv_fp8_interpretation_t F>
-struct Fp8 {};
-
-template <typename T, typename KV>
-struct Cache {
-  using Stored = T;
-  static constexpr bool kFp8 = false;
-};
-
-template <typename T, __nv_fp8_interpretation_t F>
-struct Cache<T, Fp8<F>> {
-  using Stored = uint8_t;
-  static constexpr bool kFp8 = true;
-
-  // Widens a stage's K and V tiles (2 * kTile rows of D bytes, as staged) into the 16-bit
-  // ldmatrix layout at `dst` (K tile, then V tile).
-  template <int D>
-  __device__ static void widen(const uint8_t* src, T* dst) {
-    constexpr int kByteChunks = D / 16;
-    for (int i = threadIdx.x; i < 2 * kTile * kByteChunks; i += kWarps * 32) {
-      const int row = i / kByteChunks, c = i % kByteChunks;
-      const uint4 bytes = *reinterpret_cast<const uint4*>(src + row * D + c * 16);
-      T* tile = dst + (row / kTile) * kTile * D;
-      const int r = row % kTile;
-      using Tiles = PagedTiles<T, D, kTile, kWarps * 32>;
-      *reinterpret_cast<uint4*>(tile + Tiles::offset(r, 2 * c)) = widen_fp8x8<T, F>(make_uint2(bytes.x, bytes.y));
-      *reinterpret_cast<uint4*>(tile + Tiles::offset(r, 2 * c + 1)) = widen_fp8x8<T, F>(make_uint2(bytes.z, bytes.w));
-    }
-  }
-};
-
 template <typename T, typename KV, int D, int Stages>
 struct Smem {
-  using C = Cache<T, KV>;
+  using C = CacheElem<T, KV>;
   static constexpr int kStageElems = 2 * kTile * D;  // stored elements of one stage (K and V)
   static constexpr int kStageBytes = kStageElems * static_cast<int>(sizeof(typename C::Stored));
   static constexpr int kStages = Stages;
@@ -72,7 +39,7 @@ struct Smem {
 
 template <typename T, typename KV, int D, int Stages, int MinBlocks>
 __global__ void __launch_bounds__(kWarps * 32, MinBlocks) paged_decode_tc_kernel(PagedDecodeParams p, SplitInfo split) {
-  using C = Cache<T, KV>;
+  using C = CacheElem<T, KV>;
   using Stored = typename C::Stored;
   using S = Smem<T, KV, D, Stages>;
   extern __shared__ uint4 smem_raw[];
@@ -160,7 +127,7 @@ __global__ void __launch_bounds__(kWarps * 32, MinBlocks) paged_decode_tc_kernel
 
     const T* k_tile;
     if constexpr (C::kFp8) {
-      C::template widen<D>(kv_smem + stage * S::kStageElems, widened);
+      C::template widen<D, kTile, kWarps * 32>(kv_smem + stage * S::kStageElems, widened);
       __syncthreads();  // every warp finished the previous tile before the first barrier
       k_tile = widened;
     } else {

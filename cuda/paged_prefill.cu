@@ -1,5 +1,5 @@
-// CUDA paged-attention prefill for f16/bf16 caches (f32: paged_prefill_f32.cu): FlashAttention-2 on mma.m16n8k16 over
-// the paged KV cache; the GPU twin of cpp/src/paged_prefill.cpp.
+// CUDA paged-attention prefill for f16/bf16 queries (f32: paged_prefill_f32.cu): FlashAttention-2 on mma.m16n8k16 over
+// the paged KV cache, 16-bit or FP8; the GPU twin of cpp/src/paged_prefill.cpp.
 //
 // A block owns 128 consecutive queries of one sequence and one query head. At D <= 128 each of
 // its 4 warps owns 32 of them as two m16 tiles, so every K/V fragment read from shared memory
@@ -7,7 +7,9 @@
 // warps own 16 rows each. The query tile is staged in shared memory once; each warp keeps its
 // rows' online softmax in registers (S becomes the A operand of P.V without leaving registers)
 // and skips K/V tiles that none of its rows can see. K/V tiles stream through shared memory
-// with cp.async, two landing while one is computed (PagedTiles).
+// with cp.async, two landing while one is computed (PagedTiles). An FP8 cache lands as bytes
+// (half the traffic) and each tile is widened to T in shared memory before the MMAs; k_scale
+// joins the score scale and v_scale the output's normalization.
 // The grid is sized from total_q on the host; each block finds its (sequence, query tile)
 // by walking cu_seqlens_q on the device, so nothing is synchronised and the launch is
 // graph-capturable. Bad values never fault: a bad block id, length or cu_seqlens_q turns
@@ -43,20 +45,28 @@ struct PrefillShape {
   static constexpr int kStages = 3;  // two tiles land while one is computed
   static constexpr int kQueryElems = kQueryTile * D;
   static constexpr int kStageElems = 2 * kKvTile * D;
-  static constexpr int kSmemBytes = (kQueryElems + kStages * kStageElems) * 2;  // 2-byte elements: 64/80/160 KB
+  // The query tile, the pipeline's stages of stored elements and, for FP8, one widened stage.
+  // 16-bit: 64/80/160 KB.
+  template <bool kFp8>
+  static constexpr int smem_bytes() {
+    return kQueryElems * 2 + kStages * kStageElems * (kFp8 ? 1 : 2) + (kFp8 ? kStageElems * 2 : 0);
+  }
 };
 
-template <typename T, int D>
+template <typename T, typename KV, int D>
 __global__ void __launch_bounds__(PrefillShape<D>::kThreads) paged_prefill_kernel(PagedPrefillParams p) {
   using Shape = PrefillShape<D>;
+  using C = CacheElem<T, KV>;
+  using Stored = typename C::Stored;
   constexpr int kKvTile = Shape::kKvTile, kMTiles = Shape::kMTiles, kWarpRows = Shape::kWarpRows;
   constexpr int kQueryTile = Shape::kQueryTile, kStages = Shape::kStages;
   constexpr int kNTiles = kKvTile / 8;  // score columns per m-tile, in mma n-tiles
   constexpr int kRows = 2 * kMTiles;    // query rows per thread: r0 and r0 + 8 of each m-tile
-  using Tiles = PagedTiles<T, D, kKvTile, Shape::kThreads>;
+  using Tiles = PagedTiles<T, D, kKvTile, Shape::kThreads>;  // the 16-bit layout ldmatrix reads
   extern __shared__ uint4 smem_raw[];
   T* q_smem = reinterpret_cast<T*>(smem_raw);
-  T* kv_smem = q_smem + Shape::kQueryElems;
+  Stored* kv_smem = reinterpret_cast<Stored*>(q_smem + Shape::kQueryElems);
+  T* widened = reinterpret_cast<T*>(kv_smem + kStages * Shape::kStageElems);  // FP8 only
   __shared__ int bad_row;
 
   int b, tile;
@@ -102,7 +112,7 @@ __global__ void __launch_bounds__(PrefillShape<D>::kThreads) paged_prefill_kerne
   }
   __syncthreads();  // bad_row is set before any copy can raise it
 
-  Tiles tiles(p.key_cache, p.value_cache, p.block_tables + static_cast<int64_t>(b) * p.max_blocks_per_seq,
+  PagedTiles<Stored, D, kKvTile, Shape::kThreads> tiles(p.key_cache, p.value_cache, p.block_tables + static_cast<int64_t>(b) * p.max_blocks_per_seq,
               p.num_kv_heads, kv_head, p.block_size, p.num_blocks, kv_end);
   auto stage_k = [&](int stage) { return kv_smem + stage * Shape::kStageElems; };
   for (int s = 0; s < kStages - 1; ++s) {
@@ -130,8 +140,13 @@ __global__ void __launch_bounds__(PrefillShape<D>::kThreads) paged_prefill_kerne
   // probability is one exp2. With a positive scale and no soft cap the max of the raw dot products
   // times scale * log2 e is the scaled max, and the scale folds into the exp2's FFMA; otherwise
   // every score is scaled (and capped) on its own first.
-  const bool fold_scale = p.scale > 0.0f && p.soft_cap <= 0.0f;
-  const float score_mult = fold_scale ? p.scale * kLog2e : 1.0f;
+  float scale = p.scale, out_scale = 1.0f;
+  if constexpr (C::kFp8) {
+    scale *= scale_at(p.k_scale, kv_head);
+    out_scale = scale_at(p.v_scale, kv_head);
+  }
+  const bool fold_scale = scale > 0.0f && p.soft_cap <= 0.0f;
+  const float score_mult = fold_scale ? scale * kLog2e : 1.0f;
   float row_max[kRows], row_sum[kRows];  // sum is lane-partial
   int kind[kRows];                       // non-finite scores seen, lane-partial (common.cuh)
   float o[kMTiles][D / 8][4];
@@ -156,11 +171,20 @@ __global__ void __launch_bounds__(PrefillShape<D>::kThreads) paged_prefill_kerne
     __syncthreads();  // tile kt landed everywhere; everyone is done with tile kt - 1's stage
     const int ahead = kt + kStages - 1;
     if (ahead < kv_tiles) {
-      T* k_dst = stage_k(ahead % kStages);
+      Stored* k_dst = stage_k(ahead % kStages);
       tiles.issue(kv_lo + ahead * kKvTile, k_dst, k_dst + kKvTile * D, &bad_row);
     }
     cp_async_commit();
     if (ahead + 1 < kv_tiles) tiles.fetch(kv_lo + (ahead + 1) * kKvTile);
+    uint32_t k_tile = kv_base + (kt % kStages) * Shape::kStageElems * 2;  // byte addresses
+    if constexpr (C::kFp8) {
+      // By the whole block, before any warp skips the tile; the barrier above ended every warp's
+      // reads of the previous tile's widened copy.
+      C::template widen<D, kKvTile, Shape::kThreads>(kv_smem + (kt % kStages) * Shape::kStageElems, widened);
+      __syncthreads();
+      k_tile = shared_address(widened);
+    }
+    const uint32_t v_tile = k_tile + kKvTile * D * 2;
 
     const int t0 = kv_lo + kt * kKvTile;
     // A warp whose rows are all padding, or all before this tile (causal) or all past it (window),
@@ -169,8 +193,6 @@ __global__ void __launch_bounds__(PrefillShape<D>::kThreads) paged_prefill_kerne
         (p.sliding_window > 0 && t0 + kKvTile <= warp_first_pos - p.sliding_window + 1)) {
       continue;
     }
-    const uint32_t k_tile = kv_base + (kt % kStages) * Shape::kStageElems * 2;  // byte addresses
-    const uint32_t v_tile = k_tile + kKvTile * D * 2;
 
     float s[kMTiles][kNTiles][4];
 #pragma unroll
@@ -208,7 +230,7 @@ __global__ void __launch_bounds__(PrefillShape<D>::kThreads) paged_prefill_kerne
         for (int j = 0; j < kNTiles; ++j) {
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
-            float v = s[m][j][e] * p.scale;
+            float v = s[m][j][e] * scale;
             if (p.soft_cap > 0.0f) v = p.soft_cap * tanhf(v / p.soft_cap);
             s[m][j][e] = v * kLog2e;
           }
@@ -318,7 +340,7 @@ __global__ void __launch_bounds__(PrefillShape<D>::kThreads) paged_prefill_kerne
     if (!rows_known || rows[r].q >= q_len) continue;
     const int m = r / 2, h = r % 2;
     const int64_t out_row = (static_cast<int64_t>(q_begin + rows[r].q) * p.num_heads + head);
-    const float inv = row_sum[r] > 0.0f ? 1.0f / row_sum[r] : 0.0f;  // a row that sees nothing yields zeros
+    const float inv = row_sum[r] > 0.0f ? out_scale / row_sum[r] : 0.0f;  // a row that sees nothing yields zeros
     T* out = static_cast<T*>(p.out) + out_row * D;
 #pragma unroll
     for (int n = 0; n < D / 8; ++n) {
@@ -332,11 +354,11 @@ __global__ void __launch_bounds__(PrefillShape<D>::kThreads) paged_prefill_kerne
   }
 }
 
-template <typename T, int D>
+template <typename T, typename KV, int D>
 int launch(const PagedPrefillParams& p, cudaStream_t stream) {
   using Shape = PrefillShape<D>;
-  auto kernel = paged_prefill_kernel<T, D>;
-  const int smem = Shape::kSmemBytes;
+  auto kernel = paged_prefill_kernel<T, KV, D>;
+  const int smem = Shape::template smem_bytes<CacheElem<T, KV>::kFp8>();
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   // Sequence i needs ceil(q_len_i / 128) blocks: at most total_q / 128 + batch in all.
   const int64_t blocks = static_cast<int64_t>(p.total_q) / Shape::kQueryTile + p.batch;
@@ -344,25 +366,32 @@ int launch(const PagedPrefillParams& p, cudaStream_t stream) {
   return static_cast<int>(cudaGetLastError());
 }
 
+template <typename T, typename KV>
+int launch_head_dim(const PagedPrefillParams& p, cudaStream_t stream) {
+  switch (p.head_dim) {
+    case 64: return launch<T, KV, 64>(p, stream);
+    case 128: return launch<T, KV, 128>(p, stream);
+    case 256: return launch<T, KV, 256>(p, stream);
+    default: return static_cast<int>(cudaErrorInvalidValue);
+  }
+}
+
 }  // namespace
 
 int paged_prefill(const PagedPrefillParams& p, void* stream_ptr) {
   if (p.batch == 0 || p.total_q == 0) return 0;
   auto stream = static_cast<cudaStream_t>(stream_ptr);
-  if (is_fp8(p.kv_dtype)) return paged_prefill_fp8(p, stream);  // CUDA cores (paged_fp8.cu)
+  if (is_fp8(p.kv_dtype) && p.dtype == DType::f32) return paged_prefill_fp8(p, stream);  // CUDA cores
   return dispatch_dtype(p.dtype, [&](auto type) {
     using T = decltype(type);
     if constexpr (std::is_same<T, float>::value) {
       return paged_prefill_f32(p, stream);
     } else {
+      if (p.kv_dtype == DType::e4m3) return launch_head_dim<T, Fp8<__NV_E4M3>>(p, stream);
+      if (p.kv_dtype == DType::e5m2) return launch_head_dim<T, Fp8<__NV_E5M2>>(p, stream);
       // Hopper takes the wgmma kernel where it covers the configuration (paged_prefill_sm90.cu).
       if (paged_prefill_sm90_supports(p)) return paged_prefill_sm90(p, stream);
-      switch (p.head_dim) {
-        case 64: return launch<T, 64>(p, stream);
-        case 128: return launch<T, 128>(p, stream);
-        case 256: return launch<T, 256>(p, stream);
-        default: return static_cast<int>(cudaErrorInvalidValue);
-      }
+      return launch_head_dim<T, T>(p, stream);
     }
   });
 }

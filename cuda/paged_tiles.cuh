@@ -11,6 +11,7 @@
 
 #include <cstdint>
 
+#include "fp8.cuh"
 #include "mma.cuh"
 
 namespace pagedlm::cuda {
@@ -79,6 +80,39 @@ struct PagedTiles {
                            static_cast<int64_t>(kv_head) * D + my_chunk * kChunkElems;
       cp_async_16(k_dst + stage_offset(row, my_chunk), key_cache + elem);
       cp_async_16(v_dst + stage_offset(row, my_chunk), value_cache + elem);
+    }
+  }
+};
+
+// The caches' element type KV, as the tensor-core kernels take it: T itself, or Fp8<F> for FP8
+// bytes of format F, which land in shared memory as they are and are widened to T there.
+template <__nv_fp8_interpretation_t F>
+struct Fp8 {};
+
+template <typename T, typename KV>
+struct CacheElem {
+  using Stored = T;
+  static constexpr bool kFp8 = false;
+};
+
+template <typename T, __nv_fp8_interpretation_t F>
+struct CacheElem<T, Fp8<F>> {
+  using Stored = uint8_t;
+  static constexpr bool kFp8 = true;
+
+  // Widens a stage's K and V tiles (2 * Tile rows of D bytes, as PagedTiles stages them) into the
+  // 16-bit ldmatrix layout at `dst` (K tile, then V tile). Every thread of the block takes part.
+  template <int D, int Tile, int Threads>
+  __device__ static void widen(const uint8_t* src, T* dst) {
+    using Layout = PagedTiles<T, D, Tile, Threads>;
+    constexpr int kByteChunks = D / 16;
+    for (int i = threadIdx.x; i < 2 * Tile * kByteChunks; i += Threads) {
+      const int row = i / kByteChunks, c = i % kByteChunks;
+      const uint4 bytes = *reinterpret_cast<const uint4*>(src + row * D + c * 16);
+      T* tile = dst + (row / Tile) * Tile * D;
+      const int r = row % Tile;
+      *reinterpret_cast<uint4*>(tile + Layout::offset(r, 2 * c)) = widen_fp8x8<T, F>(make_uint2(bytes.x, bytes.y));
+      *reinterpret_cast<uint4*>(tile + Layout::offset(r, 2 * c + 1)) = widen_fp8x8<T, F>(make_uint2(bytes.z, bytes.w));
     }
   }
 };
