@@ -1,9 +1,11 @@
 """Paged-prefill benchmark: pagedlm, FlashInfer's BatchPrefillWithPagedKVCacheWrapper (if
 installed; its fa2 and fa3 backends, pagedlm compared with the faster) and torch SDPA over
 dense K/V side by side on the prefill shapes of bench/README.md: bf16 causal, 32 query /
-8 kv heads (SDPA: 32/32, dense), head_dim 128, page 16, pages scattered.
+8 kv heads (SDPA: 32/32, dense), head_dim 128, page 16, pages scattered; the cache bf16 or FP8
+(e4m3, scale 1; SDPA stays bf16).
 
-    python bench/bench_paged_prefill.py [--flashinfer-backends fa2,fa3] [--out FILE] [--append-results]
+    python bench/bench_paged_prefill.py [--flashinfer-backends fa2,fa3] [--kv-cache-dtype fp8_e4m3]
+                                        [--out FILE] [--append-results]
 
 TFLOP/s counts what causal attention must compute: 4 * H * D per (query, visible key) pair,
 i.e. 2 * B * H * L^2 * D for a full causal prefill.
@@ -19,18 +21,19 @@ from bench_common import anchor_columns, flashinfer_version, git_commit, write_r
 
 HEADS, KV_HEADS, HEAD_DIM, PAGE = 32, 8, 128, 16
 # (label, batch, new tokens per sequence, cached tokens before them)
+KV_DTYPES = {"bf16": torch.bfloat16, "fp8_e4m3": torch.float8_e4m3fn}
 SHAPES = [("B=8, L=4096", 8, 4096, 0), ("B=1, L=16384", 1, 16384, 0),
           ("chunked: B=16, 512 new over 8192 cached", 16, 512, 8192)]
 
 
-def make_inputs(batch, q_len, cached, seed=0):
+def make_inputs(batch, q_len, cached, kv_dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
     length = cached + q_len
     pages = -(-length // PAGE)
     tables = torch.randperm(batch * pages, generator=g).view(batch, pages).int().cuda()
     shape = (batch * pages, PAGE, KV_HEADS, HEAD_DIM)
-    key_cache = torch.randn(shape, dtype=torch.bfloat16, device="cuda")
-    value_cache = torch.randn(shape, dtype=torch.bfloat16, device="cuda")
+    key_cache = torch.randn(shape, dtype=torch.bfloat16, device="cuda").to(kv_dtype)
+    value_cache = torch.randn(shape, dtype=torch.bfloat16, device="cuda").to(kv_dtype)
     query = torch.randn(batch * q_len, HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
     cu = torch.arange(batch + 1, dtype=torch.int32, device="cuda") * q_len
     lens = torch.full((batch,), length, dtype=torch.int32, device="cuda")
@@ -45,7 +48,7 @@ def flashinfer_prefill(query, key_cache, value_cache, tables, cu, lens, batch, l
     kv_indptr = torch.arange(batch + 1, dtype=torch.int32, device="cuda") * pages
     last = torch.full((batch,), length - (pages - 1) * PAGE, dtype=torch.int32, device="cuda")
     wrapper.plan(cu, kv_indptr, tables.flatten(), last, HEADS, KV_HEADS, HEAD_DIM, PAGE, causal=True,
-                 q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16)
+                 q_data_type=torch.bfloat16, kv_data_type=key_cache.dtype)
     return lambda: wrapper.run(query, (key_cache, value_cache))
 
 
@@ -69,6 +72,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--flashinfer-backends", type=lambda s: s.split(","), default=["fa2", "fa3"],
                         help="comma-separated FlashInfer backends to run (fa2, fa3, auto)")
+    parser.add_argument("--kv-cache-dtype", default="bf16", choices=list(KV_DTYPES), help="the caches' type")
     parser.add_argument("--out", help="also write the table to this file")
     parser.add_argument("--append-results", action="store_true", help="append the table to bench/RESULTS.md")
     args = parser.parse_args()
@@ -77,7 +81,7 @@ def main():
     anchors = [f"FlashInfer {version} {b}" for b in args.flashinfer_backends] if version else []
     rows = []
     for label, batch, q_len, cached in SHAPES:
-        query, kc, vc, tables, cu, lens = make_inputs(batch, q_len, cached)
+        query, kc, vc, tables, cu, lens = make_inputs(batch, q_len, cached, KV_DTYPES[args.kv_cache_dtype])
         fns = {"pagedlm": lambda: ops.paged_prefill_attention(query, kc, vc, tables, cu, lens)}
         for backend, anchor in zip(args.flashinfer_backends, anchors):
             fns[anchor] = lambda b=backend: flashinfer_prefill(query, kc, vc, tables, cu, lens, batch, cached + q_len, b)
@@ -100,8 +104,9 @@ def main():
         torch.cuda.empty_cache()
 
     names = ["pagedlm", *anchors, "torch SDPA dense (MHA)"]
-    lines = [f"### Paged prefill — {datetime.date.today()}, {torch.cuda.get_device_name()}, commit {git_commit()}", "",
-             f"`python bench/bench_paged_prefill.py` — bf16 causal, {HEADS}/{KV_HEADS} heads, D={HEAD_DIM}, page "
+    lines = [f"### Paged prefill, {args.kv_cache_dtype} cache — {datetime.date.today()}, "
+             f"{torch.cuda.get_device_name()}, commit {git_commit()}", "",
+             f"`python bench/bench_paged_prefill.py --kv-cache-dtype {args.kv_cache_dtype}` — bf16 queries, causal, {HEADS}/{KV_HEADS} heads, D={HEAD_DIM}, page "
              f"{PAGE}, scattered pages, `triton.testing.do_bench` median. TFLOP/s of causal attention "
              "(4·H·D per visible query-key pair).", "",
              "| shape | " + " | ".join(f"{n} ms (TFLOP/s)" for n in names) + " | best anchor | pagedlm speed vs it |",
