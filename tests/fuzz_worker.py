@@ -18,6 +18,8 @@ def _to(value, device):
         return value.to(device)
     if isinstance(value, (list, tuple)):
         return type(value)(_to(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
     return value
 
 

@@ -196,7 +196,8 @@ def attention_cases(draw, device, prefill):
 
 
 def attention_bad_args(c, device, prefill):
-    """The arguments the op must refuse, and the sequences whose values are bad."""
+    """The arguments the op must refuse, the sequences whose values are bad, and whether a
+    shape is bad (refused on every device, whatever PAGEDLM_DEBUG says)."""
     bad, bad_seqs = set(), set()
     kc = c["kc"]
     capacity = c["tables"].shape[1] * kc.shape[1]
@@ -204,7 +205,8 @@ def attention_bad_args(c, device, prefill):
         bad.add("query")
     if device == "cuda" and kc.shape[3] not in (64, 128, 256):
         bad.add("query")
-    if capacity > 2**30:
+    shape_bad = capacity > 2**30  # the table's shape, not its values
+    if shape_bad:
         bad.add("block_tables")
     if float_option_bad(c["scale"], False):
         bad.add("scale")
@@ -233,7 +235,7 @@ def attention_bad_args(c, device, prefill):
         if ((used < 0) | (used >= kc.shape[0])).any():
             bad.add("block_tables")
             bad_seqs.add(b)
-    return bad, bad_seqs
+    return bad, bad_seqs, shape_bad
 
 
 VALUE_ARGS = {"seq_lens", "block_tables", "cu_seqlens_q"}
@@ -247,8 +249,8 @@ def check_attention(runner, c, device, debug, prefill):
     else:
         outcome = runner("paged_decode_attention", c["query"], c["kc"], c["vc"], c["tables"], c["lens"],
                          device=device, debug=debug, **kwargs)
-    bad, bad_seqs = attention_bad_args(c, device, prefill)
-    unchecked = device == "cuda" and not debug and bad and bad <= VALUE_ARGS
+    bad, bad_seqs, shape_bad = attention_bad_args(c, device, prefill)
+    unchecked = device == "cuda" and not debug and bad and bad <= VALUE_ARGS and not shape_bad
     if bad and not unchecked:
         expect_named_error(outcome, bad)
         return
@@ -332,7 +334,8 @@ def _copy_blocks(runner, device, debug, data):
                               or set(dsts) & {s for s, _ in moving})
     shape_bad = len(set(shapes)) > 1
     if shape_bad:
-        expect_named_error(outcome, {"key_caches"})
+        # CUDA with PAGEDLM_DEBUG=1 reads the ids before the C++ layer compares the shapes.
+        expect_named_error(outcome, {"key_caches"} | ({"block_mapping"} if ids_bad and debug else set()))
         return
     if ids_bad and (device == "cpu" or debug):
         expect_named_error(outcome, {"block_mapping"})
@@ -394,7 +397,8 @@ def _apply_rope(runner, device, debug, data):
     dim = 2 * draw(st.integers(1, 8))
     qkv = torch.randn(tokens, heads + 2 * kv_heads, dim).to(dtype)
     query, key = qkv[:, :heads], qkv[:, heads:heads + kv_heads]
-    overlap = draw(st.floats(0, 1)) < 0.1 and tokens > 0
+    # (CPU only: moving views to CUDA one by one gives separate tensors.)
+    overlap = device == "cpu" and draw(st.floats(0, 1)) < 0.1 and tokens > 0
     if overlap:
         key = qkv[:, :kv_heads]  # shares heads with query
     positions = torch.tensor([draw(st.one_of(st.integers(-100, 5000), st.sampled_from(INT64_EXTREMES)))

@@ -30,9 +30,9 @@ def checkpoints(tmp_path_factory):
     return get
 
 
-def reference_bf16(folder, family):
+def reference_model(folder, family, dtype):
     _, model_class, _, _ = FAMILIES[family]
-    return model_class.from_pretrained(folder, dtype=torch.bfloat16, attn_implementation="eager").to("cuda").eval()
+    return model_class.from_pretrained(folder, dtype=dtype, attn_implementation="eager").to("cuda").eval()
 
 
 def family_prompts(family, count, seed, extra=24):
@@ -64,11 +64,12 @@ class CudaRunner(Runner):
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_bf16_logits_close_to_transformers(family, checkpoints):
-    """Prefill and 4 decode steps: bf16 rounds differently in each implementation, so the bound is
-    relative to the logits' scale (a few bf16 ulps accumulated over the layers)."""
+def test_bf16_logits_as_close_to_f32_as_transformers_bf16(family, checkpoints):
+    """Prefill and 4 decode steps in bf16: each implementation rounds differently, so pagedlm's
+    logits are measured against transformers' f32 logits and must be about as close as
+    transformers' own bf16 logits are (within 1.5x, plus 0.005 for rounding noise)."""
     folder = checkpoints(family)
-    reference = reference_bf16(folder, family)
+    reference, truth = (reference_model(folder, family, dtype) for dtype in (torch.bfloat16, torch.float32))
     model = load_model(folder, dtype=torch.bfloat16, device="cuda")
     runner = CudaRunner(model, num_blocks=128, block_size=4)
     sequences = dict(enumerate(family_prompts(family, 2, seed=1)))
@@ -76,11 +77,13 @@ def test_bf16_logits_close_to_transformers(family, checkpoints):
     for step in range(5):
         for s, tokens in sequences.items():
             with torch.no_grad():
-                expected = reference(torch.tensor([tokens], device="cuda")).logits[0].float()
+                ids = torch.tensor([tokens], device="cuda")
+                exact, theirs = truth(ids).logits[0].float(), reference(ids).logits[0].float()
             ours = logits[s].float()
-            expected = expected[-len(ours):]
-            error = ((ours - expected).norm() / expected.norm()).item()
-            assert error < 0.03, (family, step, s, error)
+            exact, theirs = exact[-len(ours):], theirs[-len(ours):]
+            our_error = ((ours - exact).norm() / exact.norm()).item()
+            their_error = ((theirs - exact).norm() / exact.norm()).item()
+            assert our_error <= 1.5 * their_error + 0.005, (family, step, s, our_error, their_error)
         next_tokens = {s: [int(logits[s][-1].argmax())] for s in sequences}
         for s, t in next_tokens.items():
             sequences[s] += t
@@ -92,7 +95,7 @@ def test_bf16_greedy_choices_agree_with_transformers_logits(family, checkpoints)
     """bf16 may flip a near-tie, so each chosen token must be within tolerance of the best under
     transformers' bf16 logits for the same prefix."""
     folder = checkpoints(family)
-    reference = reference_bf16(folder, family)
+    reference = reference_model(folder, family, torch.bfloat16)
     batch = family_prompts(family, 5, seed=2)
     llm = LLM(folder, device="cuda", dtype=torch.bfloat16, block_size=4, num_blocks=1024, max_num_batched_tokens=32)
     for prompt, out in zip(batch, llm.generate(batch, GREEDY, use_tqdm=False)):

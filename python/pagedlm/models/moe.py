@@ -44,15 +44,12 @@ _grouped_mm_support = {}  # (device, dtype): whether torch._grouped_mm ran there
 
 def grouped_mm_available(x, *sizes):
     """torch._grouped_mm serves x's device and dtype, and rows of each of sizes elements keep
-    the 16-byte alignment it requires. Probed outside any CUDA graph capture (the probe reads a
-    result back; the engine runs each forward eagerly before capturing it); during a capture
-    an unprobed device counts as unavailable."""
+    the 16-byte alignment it requires. Probed once per device and dtype (the probe reads a
+    result back), never during a CUDA graph capture (expert_mlp goes dense there)."""
     if any(s * x.element_size() % 16 for s in sizes):
         return False
     key = (x.device, x.dtype)
     if key not in _grouped_mm_support:
-        if x.is_cuda and torch.cuda.is_current_stream_capturing():
-            return False
         _grouped_mm_support[key] = _grouped_mm_works(x.device, x.dtype)
     return _grouped_mm_support[key]
 
@@ -66,10 +63,14 @@ def expert_mlp(x, weights, ids, w13, w2, hidden_act, method="auto"):
     top_k, experts, inter = ids.shape[1], w13.shape[0], w2.shape[2]
     if tokens == 0:
         return torch.zeros_like(x)
+    if method not in ("auto", "grouped", "loop"):
+        raise ValueError(f"method: expected 'auto', 'grouped' or 'loop', got {method!r}")
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        # The loop reads segment ends on the host, and torch._grouped_mm copies from the host
+        # internally: neither can be captured in a CUDA graph.
+        return _dense_experts(x, weights, ids, w13, w2, hidden_act)
     if method == "auto":
         method = "grouped" if grouped_mm_available(x, hidden, inter, 2 * inter) else "loop"
-    if method == "loop" and x.is_cuda and torch.cuda.is_current_stream_capturing():
-        return _dense_experts(x, weights, ids, w13, w2, hidden_act)
     flat = ids.reshape(-1)
     order = torch.argsort(flat, stable=True)  # (token, k) pairs sorted by expert
     rows = x[order // top_k]                  # [tokens * top_k, hidden]: each expert's rows contiguous
@@ -79,7 +80,7 @@ def expert_mlp(x, weights, ids, w13, w2, hidden_act, method="auto"):
         offsets = counts.cumsum(0, dtype=torch.int32)  # each expert's segment end
         h = act_and_mul(torch._grouped_mm(rows, w13.transpose(1, 2), offs=offsets), hidden_act)
         out = torch._grouped_mm(h, w2.transpose(1, 2), offs=offsets)
-    elif method == "loop":
+    else:
         ends = torch.bincount(flat, minlength=experts).cumsum(0).tolist()  # one host synchronization
         out = torch.empty_like(rows)
         start = 0
@@ -88,8 +89,6 @@ def expert_mlp(x, weights, ids, w13, w2, hidden_act, method="auto"):
                 h = act_and_mul(rows[start:end] @ w13[e].t(), hidden_act)
                 out[start:end] = h @ w2[e].t()
             start = end
-    else:
-        raise ValueError(f"method: expected 'auto', 'grouped' or 'loop', got {method!r}")
     out = out * weights.reshape(-1)[order, None]  # rounded to x's dtype, as transformers rounds
     unsorted = torch.empty_like(out, dtype=x.dtype)
     unsorted[order] = out.to(x.dtype)
