@@ -60,7 +60,7 @@ if [ $run_sanitizer = 1 ]; then
   for tool in $tools; do
     { $sanitize $tool python3 bench/sanitize_case.py && $sanitize $tool python3 bench/bench_verify.py --smoke; } \
       > "$OUT/sanitizer-$tool.log" 2>&1 || status=1
-    echo "compute-sanitizer $tool: $(grep -E 'SUMMARY|case done' "$OUT/sanitizer-$tool.log" | tr '\n' ' ')"
+    echo "compute-sanitizer $tool: $(grep -E "SUMMARY|case done" "$OUT/sanitizer-$tool.log" | tr '\n' ' ')"
   done
   # Op fuzzing with bad values inside CUDA tensors, with and without PAGEDLM_DEBUG=1.
   for tool in $tools; do

@@ -1,6 +1,6 @@
 """A small CUDA case for compute-sanitizer (memcheck, racecheck): every op once (both prefill kernels),
-split-K on, a bad block id and an out-of-range length included, decode under a custom mask, and the
-Hopper prefill kernel's persistent grid."""
+split-K on, a bad block id and an out-of-range length included, decode under a custom mask, the
+Hopper prefill kernel's persistent grid, and FP8 caches on every attention kernel that reads them."""
 import torch
 
 import pagedlm.ops as ops
@@ -66,3 +66,32 @@ q = torch.randn(2500, 32, 128, device="cuda", dtype=torch.bfloat16)
 ops.paged_prefill_attention(q, kc, vc, tables, cu, lens, return_lse=True)
 torch.cuda.synchronize()
 print("sanitize prefill case done")
+
+# FP8 caches: 16-bit queries take the tensor-core decode and the mma prefill (byte tiles widened in
+# shared memory), f32 queries the CUDA-core kernel. Split-K, a custom mask, bad ids and lengths.
+for fp8, dtype, head_dim in [(torch.float8_e4m3fn, torch.bfloat16, 128), (torch.float8_e5m2, torch.float16, 64),
+                             (torch.float8_e4m3fn, torch.float32, 128), (torch.float8_e4m3fn, torch.float16, 256)]:
+    kc = torch.randn(300, 16, 2, head_dim, device="cuda").to(fp8)
+    vc = torch.randn(300, 16, 2, head_dim, device="cuda").to(fp8)
+    k_scale = torch.tensor([0.5, 2.0], device="cuda")
+    tables = torch.randperm(300, device="cuda")[:288].view(3, 96).int()
+    tables[2, 3] = 1 << 20
+    q = torch.randn(3, 8, head_dim, device="cuda", dtype=dtype)
+    lens = torch.tensor([1500, 1, 1 << 30], dtype=torch.int32, device="cuda")
+    ops.paged_decode_attention(q, kc, vc, tables, lens, return_lse=True, k_scale=k_scale, v_scale=0.25)
+    mask = torch.rand(3000, device="cuda") < 0.5
+    ops.paged_decode_attention(q, kc, vc, tables, lens.clamp(max=900), custom_mask=mask,
+                               mask_offsets=torch.tensor([0, 950, 2500], device="cuda"), k_scale=k_scale)
+    ops.write_kv_cache(torch.randn(5, 2, head_dim, device="cuda", dtype=dtype),
+                       torch.randn(5, 2, head_dim, device="cuda", dtype=dtype), kc, vc,
+                       torch.tensor([0, 17, -1, 4799, 5], device="cuda"), k_scale=k_scale, v_scale=0.25)
+    lens = torch.tensor([200, 70, 30], dtype=torch.int32, device="cuda")
+    cu = torch.tensor([0, 100, 103, 133], dtype=torch.int32, device="cuda")
+    q = torch.randn(133, 8, head_dim, device="cuda", dtype=dtype)
+    ops.paged_prefill_attention(q, kc, vc, tables, cu, lens, sliding_window=64, k_scale=k_scale, v_scale=0.25)
+    ops.paged_prefill_attention(q, kc, vc, tables, cu, lens, return_lse=True, k_scale=k_scale)
+    mask = torch.rand(100 * 200 + 3 * 70 + 30 * 30, device="cuda") < 0.5
+    indptr = torch.tensor([0, 20000, 20210, 21110], dtype=torch.int32, device="cuda")
+    ops.paged_prefill_attention(q, kc, vc, tables, cu, lens, custom_mask=mask, mask_indptr=indptr, v_scale=0.25)
+torch.cuda.synchronize()
+print("sanitize fp8 case done")
