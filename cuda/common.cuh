@@ -46,6 +46,15 @@ __device__ __forceinline__ float exp2_ftz(float x) {
 // score of weight 0. kScoreNaN also stands for a row turned into NaN by a bad block id or length.
 constexpr int kScoreFinite = 0, kScoreInf = 1, kScoreNaN = 2;
 __device__ __forceinline__ int nonfinite_kind(float s) { return s < INFINITY ? kScoreFinite : s != s ? kScoreNaN : kScoreInf; }
+// max that propagates NaN (max.NaN.f32, one instruction like fmaxf). The hot loops take their
+// tiles' maxima with it, so a tile's non-finite scores show in its maximum alone:
+// nonfinite_kind(tile max) is the worst kind among them, at no cost per score. (Such a row's
+// output is NaN whatever its softmax state holds.)
+__device__ __forceinline__ float fmax_nan(float a, float b) {
+  float r;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
 // Takes a visible score out of the softmax if it is NaN or +inf, noting its kind in `kind`.
 __device__ __forceinline__ float screen_score(float s, int& kind) {
   const int k = nonfinite_kind(s);

@@ -172,14 +172,15 @@ __global__ void __launch_bounds__(kWarps * 32, MinBlocks) paged_decode_tc_kernel
       for (int e = 0; e < 4; ++e) {
         float v = s[j][e] * score_scale;
         if (p.soft_cap > 0.0f) v = p.soft_cap * tanhf(v / p.soft_cap);
-        v = hidden[j][e & 1] ? -INFINITY : screen_score(v, kind[e >> 1]);
+        v = hidden[j][e & 1] ? -INFINITY : v;
         s[j][e] = v;
-        tile_max[e >> 1] = fmaxf(tile_max[e >> 1], v);
+        tile_max[e >> 1] = fmax_nan(tile_max[e >> 1], v);
       }
     }
     float rescale[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
+      kind[h] = max(kind[h], nonfinite_kind(tile_max[h]));
       tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 1));
       tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 2));
       const float new_max = fmaxf(row_max[h], tile_max[h]);

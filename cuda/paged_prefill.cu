@@ -249,8 +249,7 @@ __global__ void __launch_bounds__(PrefillShape<D>::kThreads) paged_prefill_kerne
           for (int e = 0; e < 4; ++e) {
             const int r = 2 * m + (e >> 1), t = t0 + j * 8 + col + (e & 1);
             if (decltype(masked)::value && !visible(r, t)) s[m][j][e] = -INFINITY;
-            s[m][j][e] = screen_score(s[m][j][e], kind[r]);
-            tile_max[r] = fmaxf(tile_max[r], s[m][j][e]);
+            tile_max[r] = fmax_nan(tile_max[r], s[m][j][e]);
           }
         }
       }
@@ -264,6 +263,7 @@ __global__ void __launch_bounds__(PrefillShape<D>::kThreads) paged_prefill_kerne
     bool max_moved = false;
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
+      kind[r] = max(kind[r], nonfinite_kind(tile_max[r]));
       tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
       tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
       const float new_max = fmaxf(row_max[r], tile_max[r] * score_mult);

@@ -437,13 +437,11 @@ __global__ void __launch_bounds__(Sm90Shape<D>::kThreads, 1) paged_prefill_sm90_
         }
         float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-        for (int i = 0; i < kKvTile / 2; ++i) {
-          sc[i] = screen_score(sc[i], kind[(i >> 1) & 1]);
-          tile_max[(i >> 1) & 1] = fmaxf(tile_max[(i >> 1) & 1], sc[i]);
-        }
+        for (int i = 0; i < kKvTile / 2; ++i) tile_max[(i >> 1) & 1] = fmax_nan(tile_max[(i >> 1) & 1], sc[i]);
         float exp_offset[2];
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
+          kind[r] = max(kind[r], nonfinite_kind(tile_max[r]));
           tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
           tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
           const float new_max = fmaxf(row_max[r], tile_max[r] * score_mult);
