@@ -15,9 +15,9 @@ from pagedlm import _C
 from pagedlm._torch_glue import bool_arg, debug_checks, expect_tensors, float_arg, int_arg, stream_of
 from pagedlm.verify import verify_greedy, verify_speculative, verify_tree_greedy, verify_tree_speculative  # noqa: F401
 
-__all__ = ["write_kv_cache", "copy_blocks", "paged_decode_attention", "paged_prefill_attention", "rms_norm",
-           "silu_and_mul", "apply_rope", "argmax_logprob", "verify_greedy", "verify_speculative", "verify_tree_greedy",
-           "verify_tree_speculative"]
+__all__ = ["write_kv_cache", "copy_blocks", "paged_decode_attention", "paged_prefill_attention",
+           "merge_attention_states", "rms_norm", "silu_and_mul", "apply_rope",
+           "argmax_logprob", "verify_greedy", "verify_speculative", "verify_tree_greedy", "verify_tree_speculative"]
 
 DECODE_WORKSPACE_BYTES = 32 << 20
 _workspaces = {}
@@ -206,6 +206,55 @@ def _prefill_into(query, key_cache, value_cache, block_tables, cu_seqlens_q, seq
                      v_tensor, stream_of(query))
 
 
+ATTENTION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def merge_attention_states(out_a, lse_a, out_b, lse_b, *, out=None):
+    """Attention over the union of two disjoint key sets, from the attention over each part.
+
+    out_a, out_b [rows, num_heads, head_dim] (float32, float16 or bfloat16, one dtype); lse_a, lse_b
+    float32 [rows, num_heads], natural-log sums of exp(logits) as the attention ops return them.
+    Returns (out, lse), out in out_a's dtype, computed in float32:
+
+        lse = log(exp(lse_a) + exp(lse_b)),   out = exp(lse_a - lse) * out_a + exp(lse_b - lse) * out_b
+
+    A part with lse -inf (it saw no key) leaves the other part's out and lse exactly as they are;
+    both -inf give zeros and lse -inf, as for a row that sees nothing. A NaN in either part's out
+    or lse makes the result NaN there (even the out of a part of weight 0); a lse of +inf (a +inf
+    score) gives NaN out and lse +inf, as the attention ops do. out: a tensor of out_a's shape,
+    dtype and device to write into; out_a or out_b itself is fine (an in-place merge).
+    Plain torch arithmetic: any device, no synchronization, graph-capturable."""
+    expect_tensors(out_a=out_a, lse_a=lse_a, out_b=out_b, lse_b=lse_b, out=out)
+    if out_a.dim() != 3:
+        raise ValueError(f"out_a: expected 3 dimensions [rows, num_heads, head_dim], got shape {list(out_a.shape)}")
+    if out_a.dtype not in ATTENTION_DTYPES:
+        raise TypeError(f"out_a: dtype must be float32, float16 or bfloat16, got {out_a.dtype}")
+    for name, t, like in (("out_b", out_b, out_a), ("out", out, out_a), ("lse_a", lse_a, None), ("lse_b", lse_b, None)):
+        if t is None:
+            continue
+        shape, dtype = (like.shape, like.dtype) if like is not None else (out_a.shape[:2], torch.float32)
+        if t.dtype != dtype:
+            raise TypeError(f"{name}: dtype must be {str(dtype)[6:]}, got {t.dtype}")
+        if t.shape != shape:
+            raise ValueError(f"{name}: shape {list(t.shape)} must be {list(shape)}")
+        if t.device != out_a.device:
+            raise ValueError(f"{name}: must be on the same device as out_a ({out_a.device}), got {t.device}")
+    # Weights relative to the larger lse; a non-finite maximum is replaced by 0 so that two -inf
+    # parts weigh 0 each (not exp(-inf + inf) = NaN) while NaN and +inf still reach the result.
+    top = torch.maximum(lse_a, lse_b)
+    top = torch.where(top.isfinite(), top, 0.0)
+    w_a, w_b = (lse_a - top).exp(), (lse_b - top).exp()
+    total = w_a + w_b
+    lse = top + total.log()
+    merged = out_a.float() * w_a.unsqueeze(-1) + out_b.float() * w_b.unsqueeze(-1)
+    if out is None:
+        out = torch.empty(out_a.shape, dtype=out_a.dtype, device=out_a.device)
+    # total >= 1 wherever the maximum is finite; it is 0 only where both parts are empty, and
+    # clamping it there to 1 leaves their zeros (times weight 0) as the result.
+    torch.div(merged, total.clamp_min(1.0).unsqueeze(-1), out=out)
+    return out, lse
+
+
 def rms_norm(x, weight, eps, *, residual=None):
     """RMSNorm of each row of x [tokens, hidden] (contiguous; float32, float16 or bfloat16)
     in one kernel: weight * to_dtype(x * rsqrt(mean(x**2) + eps)), in float32 and rounded
@@ -279,6 +328,7 @@ _lib.define("paged_decode_attention_out(Tensor query, Tensor key_cache, Tensor v
             "Tensor seq_lens, Tensor(a!) out, Tensor(b!)? lse, float? scale=None, int? sliding_window=None, "
             "float? soft_cap=None, Tensor? custom_mask=None, Tensor? mask_offsets=None, *, Tensor? k_scale=None, "
             "Tensor? v_scale=None) -> ()")
+_lib.define("merge_attention_states(Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b) -> (Tensor, Tensor)")
 _lib.define("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor")
 _lib.define("fused_add_rms_norm(Tensor(a!) x, Tensor(b!) residual, Tensor weight, float eps) -> ()")
 _lib.define("silu_and_mul(Tensor x) -> Tensor")
@@ -334,6 +384,7 @@ for _key in ("CPU", "CUDA"):
     _lib.impl("paged_decode_attention", _decode_functional, _key)
     _lib.impl("paged_decode_attention_out", _decode_out, _key)
     _lib.impl("paged_prefill_attention", _prefill_functional, _key)
+    _lib.impl("merge_attention_states", merge_attention_states, _key)
     _lib.impl("rms_norm", rms_norm, _key)
     _lib.impl("fused_add_rms_norm", _fused_add_rms_norm, _key)
     _lib.impl("silu_and_mul", silu_and_mul, _key)
@@ -367,6 +418,11 @@ def _(query, key_cache, value_cache, block_tables, seq_lens, out, lse, scale=Non
 def _(query, key_cache, value_cache, block_tables, cu_seqlens_q, seq_lens, causal=True, custom_mask=None,
       mask_indptr=None, scale=None, sliding_window=None, soft_cap=None, *, k_scale=None, v_scale=None):
     return torch.empty_like(query), query.new_empty(query.shape[:2], dtype=torch.float32)
+
+
+@torch.library.register_fake("pagedlm::merge_attention_states")
+def _(out_a, lse_a, out_b, lse_b):
+    return out_a.new_empty(out_a.shape), out_a.new_empty(out_a.shape[:2], dtype=torch.float32)
 
 
 @torch.library.register_fake("pagedlm::rms_norm")
