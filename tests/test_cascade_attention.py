@@ -111,6 +111,17 @@ def test_one_group_over_the_whole_batch_and_empty_groups_around_it():
     run_and_check("cpu", args, dtype=torch.bfloat16, soft_cap=4.0)
 
 
+def test_groups_larger_than_the_prefix_tables_reach():
+    # The prefill reads a short group's rows' worth of tokens from block 0 (its result dropped):
+    # here 9 rows against prefix tables of 8 slots, then of none at all.
+    args = list(cascade_inputs([9, 4], [2, 0], [1, 5, 0, 8, 3, 2, 7, 1, 4, 6, 0, 2, 9], heads=(4, 2), head_dim=32,
+                               block_size=4, dtype=torch.float32, seed=21))
+    assert args[3].shape[1] * 4 < 9
+    run_and_check("cpu", args, dtype=torch.float32)
+    args[3], args[4] = torch.zeros(2, 0, dtype=torch.int32), int32(0, 0)
+    run_and_check("cpu", args, dtype=torch.float32)
+
+
 def test_empty_batch():
     args = cascade_inputs([0, 0], [4, 0], [], heads=(4, 2), head_dim=16, block_size=4, dtype=torch.float32, seed=4)
     out, lse = ops.cascade_decode_attention(*args, return_lse=True)

@@ -9,6 +9,8 @@ Shapes, dtypes, devices and contiguity are always checked; values inside CUDA te
 ids, lengths) only when PAGEDLM_DEBUG=1, since reading them costs a synchronization. What each
 op checks, and what becomes of a bad value without the check, is in docs/errors.md.
 """
+import math
+
 import torch
 
 from pagedlm import _C
@@ -239,19 +241,16 @@ def merge_attention_states(out_a, lse_a, out_b, lse_b, *, out=None):
             raise ValueError(f"{name}: shape {list(t.shape)} must be {list(shape)}")
         if t.device != out_a.device:
             raise ValueError(f"{name}: must be on the same device as out_a ({out_a.device}), got {t.device}")
-    # Weights relative to the larger lse; a non-finite maximum is replaced by 0 so that two -inf
-    # parts weigh 0 each (not exp(-inf + inf) = NaN) while NaN and +inf still reach the result.
-    top = torch.maximum(lse_a, lse_b)
-    top = torch.where(top.isfinite(), top, 0.0)
-    w_a, w_b = (lse_a - top).exp(), (lse_b - top).exp()
-    total = w_a + w_b
-    lse = top + total.log()
-    merged = out_a.float() * w_a.unsqueeze(-1) + out_b.float() * w_b.unsqueeze(-1)
+    # Exact where one part is -inf (logaddexp(x, -inf) = x); NaN and +inf carry through.
+    lse = torch.logaddexp(lse_a, lse_b)
+    # Each part's weight is exp(lse_part - lse). Where both parts are empty, lse is -inf and the
+    # weights must be 0 (not exp(-inf + inf) = NaN): -inf is replaced by 0 there, NaN and +inf stay.
+    base = lse.nan_to_num(nan=math.nan, posinf=math.inf, neginf=0.0)
+    w_a = (lse_a - base).exp_().unsqueeze(-1)
+    w_b = (lse_b - base).exp_().unsqueeze(-1)
     if out is None:
         out = torch.empty(out_a.shape, dtype=out_a.dtype, device=out_a.device)
-    # total >= 1 wherever the maximum is finite; it is 0 only where both parts are empty, and
-    # clamping it there to 1 leaves their zeros (times weight 0) as the result.
-    torch.div(merged, total.clamp_min(1.0).unsqueeze(-1), out=out)
+    torch.add(out_a * w_a, out_b * w_b, out=out)  # in float32 (the weights'), rounded once into out
     return out, lse
 
 
@@ -403,8 +402,9 @@ def cascade_decode_attention(query, key_cache, value_cache, prefix_block_tables,
     if num_blocks > 0:  # an empty cache has only empty prefixes: every group is short or has no rows
         # Every other group's prefix once for all its rows; a short group reads as many tokens as it
         # has rows from block 0 (a table wide enough for any group) and its result is dropped.
-        width = max(prefix_block_tables.shape[1], -(-batch // block_size))
-        tables = torch.nn.functional.pad(prefix_block_tables, (0, width - prefix_block_tables.shape[1]))
+        tables, width = prefix_block_tables, prefix_block_tables.shape[1]
+        if width * block_size < batch:
+            tables = torch.nn.functional.pad(tables, (0, -(-batch // block_size) - width))
         tables = tables.masked_fill(short.unsqueeze(1), 0)
         shared_out, shared_lse = paged_prefill_attention(query, key_cache, value_cache, tables, group_indptr,
                                                          torch.where(short, group_sizes, prefix_lens), causal=False,
