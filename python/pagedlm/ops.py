@@ -5,6 +5,8 @@ Each op launches on the caller's current CUDA stream, never synchronizes and nev
 allocates device memory inside the kernel call: the split-K workspace of paged decode is
 one buffer per device, allocated on first use, and a large prefill's work counter is a
 4-byte tensor from torch's caching allocator, zeroed on the stream (graph-capturable).
+cascade_decode_attention and merge_attention_states are compositions of these kernels and
+torch arithmetic; their intermediates come from torch's caching allocator too.
 Shapes, dtypes, devices and contiguity are always checked; values inside CUDA tensors (block
 ids, lengths) only when PAGEDLM_DEBUG=1, since reading them costs a synchronization. What each
 op checks, and what becomes of a bad value without the check, is in docs/errors.md.
