@@ -82,8 +82,8 @@ def grid():
     for i, (dtype, heads, head_dim) in enumerate(itertools.product(DTYPES, HEADS, HEAD_DIMS)):
         block_size = [16, 7, 32, 1][i % 4]
         soft_cap = [None, 5.0][(i // 2) % 2]
-        cases.append(pytest.param(dtype, heads, head_dim, block_size, soft_cap,
-                                  id=f"{str(dtype)[6:]}-h{heads[0]}x{heads[1]}-d{head_dim}-bs{block_size}-cap{soft_cap}"))
+        name = f"{str(dtype)[6:]}-h{heads[0]}x{heads[1]}-d{head_dim}-bs{block_size}-cap{soft_cap}"
+        cases.append(pytest.param(dtype, heads, head_dim, block_size, soft_cap, id=name))
     return cases
 
 
