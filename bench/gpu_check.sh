@@ -13,6 +13,8 @@
 # every non-Hopper GPU takes, run on this one. FlashInfer, the kernels' anchor, is installed
 # from .anchors/flashinfer when that folder is present (see bench/README.md). BENCH_ARGS_<name>
 # passes options to one benchmark, e.g. BENCH_ARGS_prefill="--flashinfer-backends fa2".
+# --bench names the benchmarks to run: those of the default list above, and cascade
+# (bench_cascade.py), which runs only when named.
 # --no-build keeps the pagedlm already installed on this machine (a second call on a warm one).
 # --stage-timeout bounds each test, sanitizer and benchmark command, so that a run inside a
 # time limit still reaches its later stages. The deeper op fuzzing on the GPU is
@@ -77,7 +79,8 @@ if [ $run_bench = 1 ]; then
     tail -2 "$OUT/flashinfer-install.log"
   fi
   declare -A script=([decode]=bench_paged_decode [prefill]=bench_paged_prefill [verify]=bench_verify
-                     [engine]=bench_engine [decoding]=bench_decoding [pay_switch]=bench_pay_switch)
+                     [engine]=bench_engine [decoding]=bench_decoding [pay_switch]=bench_pay_switch
+                     [cascade]=bench_cascade)
   for name in $benches; do
     extra="BENCH_ARGS_$name"
     # shellcheck disable=SC2086  # the options are meant to split

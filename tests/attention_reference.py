@@ -37,6 +37,35 @@ def decode_reference(query, key_cache, value_cache, block_tables, seq_lens, *, s
     return out, lse
 
 
+def cascade_reference(query, key_cache, value_cache, prefix_block_tables, prefix_lens, group_indptr,
+                      suffix_block_tables, suffix_lens, *, scale=None, soft_cap=None):
+    """Returns (out float64 [B, H, D], lse float64 [B, H]): row b of group g attends over the first
+    prefix_lens[g] tokens of prefix_block_tables[g] followed by the first suffix_lens[b] tokens of
+    suffix_block_tables[b]; a row that sees nothing gives zeros and -inf."""
+    batch, num_heads, head_dim = query.shape
+    block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
+    group = num_heads // num_kv_heads
+    scale = head_dim ** -0.5 if scale is None else scale
+    out = torch.zeros(batch, num_heads, head_dim, dtype=torch.float64)
+    lse = torch.full((batch, num_heads), -math.inf, dtype=torch.float64)
+    for g in range(len(prefix_lens)):
+        prefix = [gather(cache, prefix_block_tables[g].cpu(), int(prefix_lens[g]), block_size)
+                  for cache in (key_cache, value_cache)]
+        for b in range(int(group_indptr[g]), int(group_indptr[g + 1])):
+            suffix = [gather(cache, suffix_block_tables[b].cpu(), int(suffix_lens[b]), block_size)
+                      for cache in (key_cache, value_cache)]
+            k, v = torch.cat([prefix[0], suffix[0]]), torch.cat([prefix[1], suffix[1]])
+            if len(k) == 0:
+                continue
+            q = query[b].double().view(num_kv_heads, group, head_dim)
+            logits = torch.einsum("kgd,tkd->kgt", q, k) * scale
+            if soft_cap:
+                logits = soft_cap * torch.tanh(logits / soft_cap)
+            out[b] = torch.einsum("kgt,tkd->kgd", logits.softmax(-1), v).reshape(num_heads, head_dim)
+            lse[b] = logits.logsumexp(-1).reshape(num_heads)
+    return out, lse
+
+
 def paged_inputs(seq_lens, *, num_heads, num_kv_heads, head_dim, block_size, dtype, device="cpu", spare_blocks=3,
                  generator=None):
     """Random query and caches, with each sequence's blocks scattered through the cache in a

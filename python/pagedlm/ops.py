@@ -5,19 +5,23 @@ Each op launches on the caller's current CUDA stream, never synchronizes and nev
 allocates device memory inside the kernel call: the split-K workspace of paged decode is
 one buffer per device, allocated on first use, and a large prefill's work counter is a
 4-byte tensor from torch's caching allocator, zeroed on the stream (graph-capturable).
+cascade_decode_attention and merge_attention_states are compositions of these kernels and
+torch arithmetic; their intermediates come from torch's caching allocator too.
 Shapes, dtypes, devices and contiguity are always checked; values inside CUDA tensors (block
 ids, lengths) only when PAGEDLM_DEBUG=1, since reading them costs a synchronization. What each
 op checks, and what becomes of a bad value without the check, is in docs/errors.md.
 """
+import math
+
 import torch
 
 from pagedlm import _C
 from pagedlm._torch_glue import bool_arg, debug_checks, expect_tensors, float_arg, int_arg, stream_of
 from pagedlm.verify import verify_greedy, verify_speculative, verify_tree_greedy, verify_tree_speculative  # noqa: F401
 
-__all__ = ["write_kv_cache", "copy_blocks", "paged_decode_attention", "paged_prefill_attention", "rms_norm",
-           "silu_and_mul", "apply_rope", "argmax_logprob", "verify_greedy", "verify_speculative", "verify_tree_greedy",
-           "verify_tree_speculative"]
+__all__ = ["write_kv_cache", "copy_blocks", "paged_decode_attention", "paged_prefill_attention",
+           "cascade_decode_attention", "merge_attention_states", "rms_norm", "silu_and_mul", "apply_rope",
+           "argmax_logprob", "verify_greedy", "verify_speculative", "verify_tree_greedy", "verify_tree_speculative"]
 
 DECODE_WORKSPACE_BYTES = 32 << 20
 _workspaces = {}
@@ -206,6 +210,215 @@ def _prefill_into(query, key_cache, value_cache, block_tables, cu_seqlens_q, seq
                      v_tensor, stream_of(query))
 
 
+ATTENTION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def merge_attention_states(out_a, lse_a, out_b, lse_b, *, out=None):
+    """Attention over the union of two disjoint key sets, from the attention over each part.
+
+    out_a, out_b [rows, num_heads, head_dim] (float32, float16 or bfloat16, one dtype); lse_a, lse_b
+    float32 [rows, num_heads], natural-log sums of exp(logits) as the attention ops return them.
+    Returns (out, lse), out in out_a's dtype, computed in float32:
+
+        lse = log(exp(lse_a) + exp(lse_b)),   out = exp(lse_a - lse) * out_a + exp(lse_b - lse) * out_b
+
+    A part with lse -inf (it saw no key) leaves the other part's out and lse exactly as they are;
+    both -inf give zeros and lse -inf, as for a row that sees nothing. A NaN in either part's out
+    or lse makes the result NaN there (even the out of a part of weight 0); a lse of +inf (a +inf
+    score) gives NaN out and lse +inf, as the attention ops do. out: a tensor of out_a's shape,
+    dtype and device to write into; out_a or out_b itself is fine (an in-place merge).
+    Plain torch arithmetic: any device, no synchronization, graph-capturable."""
+    expect_tensors(out_a=out_a, lse_a=lse_a, out_b=out_b, lse_b=lse_b, out=out)
+    if out_a.dim() != 3:
+        raise ValueError(f"out_a: expected 3 dimensions [rows, num_heads, head_dim], got shape {list(out_a.shape)}")
+    if out_a.dtype not in ATTENTION_DTYPES:
+        raise TypeError(f"out_a: dtype must be float32, float16 or bfloat16, got {out_a.dtype}")
+    for name, t, like in (("out_b", out_b, out_a), ("out", out, out_a), ("lse_a", lse_a, None), ("lse_b", lse_b, None)):
+        if t is None:
+            continue
+        shape, dtype = (like.shape, like.dtype) if like is not None else (out_a.shape[:2], torch.float32)
+        if t.dtype != dtype:
+            raise TypeError(f"{name}: dtype must be {str(dtype)[6:]}, got {t.dtype}")
+        if t.shape != shape:
+            raise ValueError(f"{name}: shape {list(t.shape)} must be {list(shape)}")
+        if t.device != out_a.device:
+            raise ValueError(f"{name}: must be on the same device as out_a ({out_a.device}), got {t.device}")
+    # Exact where one part is -inf (logaddexp(x, -inf) = x); NaN and +inf carry through.
+    lse = torch.logaddexp(lse_a, lse_b)
+    # Each part's weight is exp(lse_part - lse). Where both parts are empty, lse is -inf and the
+    # weights must be 0 (not exp(-inf + inf) = NaN): -inf is replaced by 0 there, NaN and +inf stay.
+    base = lse.nan_to_num(nan=math.nan, posinf=math.inf, neginf=0.0)
+    w_a = (lse_a - base).exp_().unsqueeze(-1)
+    w_b = (lse_b - base).exp_().unsqueeze(-1)
+    if out is None:
+        out = torch.empty(out_a.shape, dtype=out_a.dtype, device=out_a.device)
+    torch.add(out_a * w_a, out_b * w_b, out=out)  # in float32 (the weights'), rounded once into out
+    return out, lse
+
+
+_MAX_TABLE_TOKENS = 1 << 30
+
+
+def _index_arg(name, t, shape, device):
+    """An int32 index tensor: contiguous, on the query's device, of the given shape (a None
+    dimension may be any size)."""
+    if t.dtype != torch.int32:
+        raise TypeError(f"{name}: dtype must be int32, got {t.dtype}")
+    if t.dim() != len(shape) or any(n is not None and n != m for n, m in zip(shape, t.shape)):
+        want = ", ".join("*" if n is None else str(n) for n in shape)
+        raise ValueError(f"{name}: shape must be [{want}], got {list(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name}: must be on the same device as query ({device}), got {t.device}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name}: must be contiguous")
+
+
+def _byte_span(t):
+    """The bytes [first, last] a tensor's elements span, or None for an empty tensor."""
+    if t.numel() == 0:
+        return None
+    reach = [(n - 1) * s for n, s in zip(t.shape, t.stride())]
+    lo, hi = sum(r for r in reach if r < 0), sum(r for r in reach if r > 0)
+    return t.data_ptr() + lo * t.element_size(), t.data_ptr() + (hi + 1) * t.element_size() - 1
+
+
+def _expect_apart(name, t, **others):
+    span = _byte_span(t)
+    for other_name, other in others.items():
+        other_span = None if other is None or not isinstance(other, torch.Tensor) else _byte_span(other)
+        if span and other_span and span[0] <= other_span[1] and other_span[0] <= span[1]:
+            raise ValueError(f"{name}: must not share memory with {other_name}")
+
+
+def _check_table_values(tables_name, tables, lens_name, lens, block_size, num_blocks):
+    """Host tensors: each length within its table row's capacity, each block id it uses in range."""
+    capacity = tables.shape[1] * block_size
+    lens = lens.long()
+    bad = ((lens < 0) | (lens > capacity)).nonzero()
+    if len(bad):
+        i = int(bad[0])
+        raise ValueError(f"{lens_name}[{i}] = {int(lens[i])} is outside [0, {capacity}] "
+                         f"({tables_name} width x block_size)")
+    used = torch.arange(tables.shape[1]) < ((lens + block_size - 1) // block_size).unsqueeze(1)
+    bad = (used & ((tables < 0) | (tables >= num_blocks))).nonzero()
+    if len(bad):
+        row, col = bad[0].tolist()
+        raise ValueError(f"{tables_name}[{row}, {col}] = {int(tables[row, col])} is outside [0, {num_blocks})")
+
+
+def _check_group_indptr(group_indptr, batch):
+    if group_indptr[0] != 0:
+        raise ValueError(f"group_indptr[0] must be 0, got {int(group_indptr[0])}")
+    steps = (group_indptr[1:].long() - group_indptr[:-1].long() < 0).nonzero()
+    if len(steps):
+        raise ValueError(f"group_indptr must be non-decreasing (at index {int(steps[0]) + 1})")
+    if group_indptr[-1] != batch:
+        raise ValueError(f"group_indptr[-1] = {int(group_indptr[-1])} must equal the batch (query rows, {batch})")
+
+
+def cascade_decode_attention(query, key_cache, value_cache, prefix_block_tables, prefix_lens, group_indptr,
+                             suffix_block_tables, suffix_lens, *, scale=None, soft_cap=None, return_lse=False,
+                             out=None, k_scale=1.0, v_scale=1.0):
+    """Decode for a batch whose sequences share prefixes (parallel samples, beams, a common system
+    prompt): the K/V of each group's prefix is read once for all of the group's queries.
+
+    query [batch, num_heads, head_dim]; caches as in paged_decode_attention. The rows form groups:
+    group g is rows group_indptr[g]:group_indptr[g + 1] (int32 [num_groups + 1], from 0 to batch,
+    non-decreasing; a group may be empty or of one row). Row b of group g attends over
+      - the first prefix_lens[g] tokens of prefix_block_tables[g] (int32 [num_groups] and
+        [num_groups, max_prefix_blocks]), and
+      - the first suffix_lens[b] tokens of suffix_block_tables[b] (int32 [batch] and
+        [batch, max_suffix_blocks]),
+    giving what paged_decode_attention gives over those tokens together. Each part counts its
+    tokens from slot 0 of its own table's first block, so a prefix may end mid-block (its last
+    block partly used) and the suffix's tokens are in blocks of its own. Either length may be 0; a
+    row that sees no token gets zeros (lse -inf). After BlockManager.fork, a group's prefix is
+    typically the full blocks its rows share, and each row's suffix the blocks after them.
+
+    Returns out [batch, num_heads, head_dim], or (out, lse) with return_lse (lse as in
+    paged_decode_attention). scale, soft_cap, FP8 caches and k_scale / v_scale: as in
+    paged_decode_attention. No sliding window: the parts hold no positions.
+
+    It runs paged_prefill_attention (causal=False) with one sequence per group over the prefixes,
+    paged_decode_attention over the suffixes, and merge_attention_states. A prefill sequence
+    holds at most as many queries as keys, so a group with fewer prefix tokens than rows (an
+    empty prefix included) runs there over block 0 instead, and that result is discarded: its
+    rows' prefix is attended to row by row, by a second decode. Nothing synchronizes and the
+    intermediates come from torch's caching allocator, so a call can be captured in a CUDA graph.
+    Values inside CUDA index tensors are checked only with PAGEDLM_DEBUG=1, as for the other ops.
+    """
+    expect_tensors(query=query, key_cache=key_cache, value_cache=value_cache,
+                    prefix_block_tables=prefix_block_tables, prefix_lens=prefix_lens, group_indptr=group_indptr,
+                    suffix_block_tables=suffix_block_tables, suffix_lens=suffix_lens, out=out)
+    if query.dim() != 3:
+        raise ValueError(f"query: expected 3 dimensions [batch, num_heads, head_dim], got shape {list(query.shape)}")
+    if key_cache.dim() != 4:
+        raise ValueError(f"key_cache: expected 4 dimensions [num_blocks, block_size, num_kv_heads, head_dim], "
+                         f"got shape {list(key_cache.shape)}")
+    batch, device = query.shape[0], query.device
+    num_blocks, block_size = key_cache.shape[0], key_cache.shape[1]
+    num_groups = prefix_lens.shape[0] if prefix_lens.dim() == 1 else None
+    _index_arg("prefix_lens", prefix_lens, (None,), device)
+    _index_arg("prefix_block_tables", prefix_block_tables, (num_groups, None), device)
+    _index_arg("group_indptr", group_indptr, (num_groups + 1,), device)
+    _index_arg("suffix_lens", suffix_lens, (batch,), device)
+    _index_arg("suffix_block_tables", suffix_block_tables, (batch, None), device)
+    if num_groups == 0 and batch > 0:
+        raise ValueError(f"group_indptr: no groups for the batch's {batch} rows")
+    if block_size == 0:
+        raise ValueError(f"key_cache: block_size (dimension 1) must be at least 1, got shape {list(key_cache.shape)}")
+    for name, tables in (("prefix_block_tables", prefix_block_tables), ("suffix_block_tables", suffix_block_tables)):
+        if tables.shape[1] * block_size > _MAX_TABLE_TOKENS:
+            raise ValueError(f"{name}: width x block_size = {tables.shape[1]} x {block_size} tokens is above 2^30")
+    if out is not None:
+        if out.shape != query.shape:
+            raise ValueError(f"out: shape {list(out.shape)} must equal the shape of query {list(query.shape)}")
+        if out.dtype != query.dtype:
+            raise TypeError(f"out: dtype must match query ({query.dtype}), got {out.dtype}")
+        if out.device != device:
+            raise ValueError(f"out: must be on the same device as query ({device}), got {out.device}")
+        if not out.is_contiguous():
+            raise ValueError("out: must be contiguous")
+        _expect_apart("out", out, query=query, key_cache=key_cache, value_cache=value_cache,
+                      prefix_block_tables=prefix_block_tables, prefix_lens=prefix_lens, group_indptr=group_indptr,
+                      suffix_block_tables=suffix_block_tables, suffix_lens=suffix_lens, k_scale=k_scale,
+                      v_scale=v_scale)
+    if not query.is_cuda or debug_checks():
+        _check_group_indptr(group_indptr.cpu(), batch)
+        _check_table_values("prefix_block_tables", prefix_block_tables.cpu(), "prefix_lens", prefix_lens.cpu(),
+                            block_size, num_blocks)
+        _check_table_values("suffix_block_tables", suffix_block_tables.cpu(), "suffix_lens", suffix_lens.cpu(),
+                            block_size, num_blocks)
+
+    options = dict(scale=scale, soft_cap=soft_cap, return_lse=True, k_scale=k_scale, v_scale=v_scale)
+    # Each row's group, and the groups with fewer prefix tokens than rows ("short").
+    rows = torch.arange(batch, dtype=torch.int32, device=device)
+    group_of_row = torch.searchsorted(group_indptr[1:], rows, right=True).clamp_(max=max(num_groups - 1, 0))
+    group_sizes = group_indptr[1:] - group_indptr[:-1]
+    short = prefix_lens < group_sizes
+    short_row = short[group_of_row]
+    # The short groups' prefixes, row by row (every other row sees nothing here).
+    row_lens = torch.where(short_row, prefix_lens[group_of_row], 0)
+    prefix_out, prefix_lse = paged_decode_attention(query, key_cache, value_cache, prefix_block_tables[group_of_row],
+                                                    row_lens, **options)
+    if num_blocks > 0:  # an empty cache has only empty prefixes: every group is short or has no rows
+        # Every other group's prefix once for all its rows; a short group reads as many tokens as it
+        # has rows from block 0 (a table wide enough for any group) and its result is dropped.
+        tables, width = prefix_block_tables, prefix_block_tables.shape[1]
+        if width * block_size < batch:
+            tables = torch.nn.functional.pad(tables, (0, -(-batch // block_size) - width))
+        tables = tables.masked_fill(short.unsqueeze(1), 0)
+        shared_out, shared_lse = paged_prefill_attention(query, key_cache, value_cache, tables, group_indptr,
+                                                         torch.where(short, group_sizes, prefix_lens), causal=False,
+                                                         **options)
+        prefix_out = torch.where(short_row[:, None, None], prefix_out, shared_out)
+        prefix_lse = torch.where(short_row[:, None], prefix_lse, shared_lse)
+    suffix_out, suffix_lse = paged_decode_attention(query, key_cache, value_cache, suffix_block_tables, suffix_lens,
+                                                    **options)
+    out, lse = merge_attention_states(prefix_out, prefix_lse, suffix_out, suffix_lse, out=out)
+    return (out, lse) if return_lse else out
+
+
 def rms_norm(x, weight, eps, *, residual=None):
     """RMSNorm of each row of x [tokens, hidden] (contiguous; float32, float16 or bfloat16)
     in one kernel: weight * to_dtype(x * rsqrt(mean(x**2) + eps)), in float32 and rounded
@@ -279,6 +492,11 @@ _lib.define("paged_decode_attention_out(Tensor query, Tensor key_cache, Tensor v
             "Tensor seq_lens, Tensor(a!) out, Tensor(b!)? lse, float? scale=None, int? sliding_window=None, "
             "float? soft_cap=None, Tensor? custom_mask=None, Tensor? mask_offsets=None, *, Tensor? k_scale=None, "
             "Tensor? v_scale=None) -> ()")
+_lib.define("cascade_decode_attention(Tensor query, Tensor key_cache, Tensor value_cache, "
+            "Tensor prefix_block_tables, Tensor prefix_lens, Tensor group_indptr, Tensor suffix_block_tables, "
+            "Tensor suffix_lens, float? scale=None, float? soft_cap=None, *, Tensor? k_scale=None, "
+            "Tensor? v_scale=None) -> (Tensor, Tensor)")
+_lib.define("merge_attention_states(Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b) -> (Tensor, Tensor)")
 _lib.define("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor")
 _lib.define("fused_add_rms_norm(Tensor(a!) x, Tensor(b!) residual, Tensor weight, float eps) -> ()")
 _lib.define("silu_and_mul(Tensor x) -> Tensor")
@@ -320,6 +538,13 @@ def _prefill_functional(query, key_cache, value_cache, block_tables, cu_seqlens_
                                    k_scale=_scale_or_one(k_scale), v_scale=_scale_or_one(v_scale))
 
 
+def _cascade_functional(query, key_cache, value_cache, prefix_block_tables, prefix_lens, group_indptr,
+                        suffix_block_tables, suffix_lens, scale=None, soft_cap=None, *, k_scale=None, v_scale=None):
+    return cascade_decode_attention(query, key_cache, value_cache, prefix_block_tables, prefix_lens, group_indptr,
+                                    suffix_block_tables, suffix_lens, scale=scale, soft_cap=soft_cap, return_lse=True,
+                                    k_scale=_scale_or_one(k_scale), v_scale=_scale_or_one(v_scale))
+
+
 def _fused_add_rms_norm(x, residual, weight, eps):
     rms_norm(x, weight, eps, residual=residual)
 
@@ -334,6 +559,8 @@ for _key in ("CPU", "CUDA"):
     _lib.impl("paged_decode_attention", _decode_functional, _key)
     _lib.impl("paged_decode_attention_out", _decode_out, _key)
     _lib.impl("paged_prefill_attention", _prefill_functional, _key)
+    _lib.impl("cascade_decode_attention", _cascade_functional, _key)
+    _lib.impl("merge_attention_states", merge_attention_states, _key)
     _lib.impl("rms_norm", rms_norm, _key)
     _lib.impl("fused_add_rms_norm", _fused_add_rms_norm, _key)
     _lib.impl("silu_and_mul", silu_and_mul, _key)
@@ -367,6 +594,17 @@ def _(query, key_cache, value_cache, block_tables, seq_lens, out, lse, scale=Non
 def _(query, key_cache, value_cache, block_tables, cu_seqlens_q, seq_lens, causal=True, custom_mask=None,
       mask_indptr=None, scale=None, sliding_window=None, soft_cap=None, *, k_scale=None, v_scale=None):
     return torch.empty_like(query), query.new_empty(query.shape[:2], dtype=torch.float32)
+
+
+@torch.library.register_fake("pagedlm::cascade_decode_attention")
+def _(query, key_cache, value_cache, prefix_block_tables, prefix_lens, group_indptr, suffix_block_tables, suffix_lens,
+      scale=None, soft_cap=None, *, k_scale=None, v_scale=None):
+    return query.new_empty(query.shape), query.new_empty(query.shape[:2], dtype=torch.float32)
+
+
+@torch.library.register_fake("pagedlm::merge_attention_states")
+def _(out_a, lse_a, out_b, lse_b):
+    return out_a.new_empty(out_a.shape), out_a.new_empty(out_a.shape[:2], dtype=torch.float32)
 
 
 @torch.library.register_fake("pagedlm::rms_norm")
