@@ -3,7 +3,7 @@
 # report the build and the card, run the GPU tests and compute-sanitizer, then the
 # benchmarks with the anchors side by side. Results go to $OUT (or ./gpu-out).
 #
-#   bash bench/gpu_check.sh [--archs LIST] [--no-build] [--no-tests] [--no-sanitizer] [--no-bench]
+#   bash bench/gpu_check.sh [--archs LIST] [--no-build] [--no-tests] [--tests "FILES"] [--no-sanitizer] [--no-bench]
 #                           [--tools "memcheck racecheck initcheck synccheck"]
 #                           [--bench "decode prefill verify engine decoding pay_switch"]
 #                           [--stage-timeout SECONDS]
@@ -15,6 +15,7 @@
 # passes options to one benchmark, e.g. BENCH_ARGS_prefill="--flashinfer-backends fa2".
 # --bench names the benchmarks to run: those of the default list above, and cascade
 # (bench_cascade.py), which runs only when named.
+# --tests limits the GPU tests to the files named (default: every test marked gpu).
 # --no-build keeps the pagedlm already installed on this machine (a second call on a warm one).
 # --stage-timeout bounds each test, sanitizer and benchmark command, so that a run inside a
 # time limit still reaches its later stages. The deeper op fuzzing on the GPU is
@@ -26,12 +27,13 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 CMAKE_BUILD_PARALLEL_LEVEL=16
 export CUDA_CACHE_MAXSIZE=4294967296  # a PTX-only build is JIT-compiled once, then read from the cache
 run_build=1 run_tests=1 run_sanitizer=1 run_bench=1 benches="decode prefill verify engine decoding pay_switch"
-tools="memcheck racecheck initcheck synccheck" stage_timeout=0
+tools="memcheck racecheck initcheck synccheck" stage_timeout=0 test_files=""
 while [ $# -gt 0 ]; do
   case $1 in
     --archs) export CMAKE_CUDA_ARCHITECTURES=$2; shift ;;
     --no-build) run_build=0 ;;
     --no-tests) run_tests=0 ;;
+    --tests) test_files=$2; shift ;;
     --no-sanitizer) run_sanitizer=0 ;;
     --no-bench) run_bench=0 ;;
     --bench) benches=$2; shift ;;
@@ -52,7 +54,9 @@ pagedlm info | tee -a "$OUT/gpu.txt"
 status=0
 
 if [ $run_tests = 1 ]; then
-  timeout "$stage_timeout" python3 -m pytest -v -rfE --tb=short -m gpu -p no:cacheprovider > "$OUT/pytest-gpu.log" 2>&1; rc=$?
+  # shellcheck disable=SC2086  # the file names are meant to split
+  timeout "$stage_timeout" python3 -m pytest -v -rfE --tb=short -m gpu -p no:cacheprovider $test_files \
+    > "$OUT/pytest-gpu.log" 2>&1; rc=$?
   tail -5 "$OUT/pytest-gpu.log"
   [ $rc -eq 0 ] || [ $rc -eq 5 ] || status=1
 fi

@@ -4,7 +4,8 @@ each expert's rows are one contiguous segment; one grouped GEMM (torch._grouped_
 every expert's gate/up projection over its segment, and another its down projection. Where
 torch has no grouped GEMM for the device and dtype, a loop over the experts runs the same
 segments (reading their bounds costs a host synchronization, so inside a CUDA graph capture,
-which allows none, every expert runs over every token instead, weighted by the routing).
+which allows none, every expert runs over every token instead, weighted by the routing; so
+too where torch's grouped GEMM itself cannot be captured).
 
 Every shape in the forward depends on the token count alone, never on the routing, so the
 grouped path is captured into CUDA graphs as it is."""
@@ -26,32 +27,47 @@ def route(router_logits, top_k, renormalize, out_dtype=None):
     return (weights if out_dtype is None else weights.to(out_dtype)), ids
 
 
-def _grouped_mm_works(device, dtype):
-    """Whether torch._grouped_mm runs on this device and dtype (tried once, on small tensors)."""
+def _probe_grouped_mm(device, dtype):
+    """(runs, capturable): whether torch._grouped_mm runs on this device and dtype, and whether a
+    CUDA graph can capture it (torch's fallback for some dtypes and GPUs copies the offsets to
+    the host, which no capture allows; its own check refuses before anything is recorded).
+    Tried once, on small tensors, outside any capture."""
     if not hasattr(torch, "_grouped_mm"):
-        return False
+        return False, False
+    a = torch.ones(4, 16, dtype=dtype, device=device)
+    b = torch.ones(2, 16, 16, dtype=dtype, device=device).transpose(1, 2)
+    offs = torch.tensor([1, 4], dtype=torch.int32, device=device)
     try:
-        a = torch.ones(4, 16, dtype=dtype, device=device)
-        b = torch.ones(2, 16, 16, dtype=dtype, device=device).transpose(1, 2)
-        out = torch._grouped_mm(a, b, offs=torch.tensor([1, 4], dtype=torch.int32, device=device))
-        return bool((out == 16).all())
+        runs = bool((torch._grouped_mm(a, b, offs=offs) == 16).all())
     except (RuntimeError, NotImplementedError, TypeError):
-        return False
+        return False, False
+    if not (runs and device.type == "cuda"):
+        return runs, False
+    try:
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            torch._grouped_mm(a, b, offs=offs)
+    except RuntimeError:
+        return True, False
+    return True, True
 
 
-_grouped_mm_support = {}  # (device, dtype): whether torch._grouped_mm ran there
+_grouped_mm_support = {}  # (device, dtype): (runs, capturable), from _probe_grouped_mm
 
 
 def grouped_mm_available(x, *sizes):
-    """torch._grouped_mm serves x's device and dtype, and rows of each of sizes elements keep
-    the 16-byte alignment it requires. Probed once per device and dtype (the probe reads a
-    result back), never during a CUDA graph capture (expert_mlp goes dense there)."""
+    """torch._grouped_mm serves x's device and dtype (inside a CUDA graph capture too, when one
+    is under way), and rows of each of sizes elements keep the 16-byte alignment it requires.
+    Probed once per device and dtype; during a capture an unprobed one counts as unavailable."""
     if any(s * x.element_size() % 16 for s in sizes):
         return False
+    capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
     key = (x.device, x.dtype)
     if key not in _grouped_mm_support:
-        _grouped_mm_support[key] = _grouped_mm_works(x.device, x.dtype)
-    return _grouped_mm_support[key]
+        if capturing:
+            return False
+        _grouped_mm_support[key] = _probe_grouped_mm(x.device, x.dtype)
+    runs, capturable = _grouped_mm_support[key]
+    return capturable if capturing else runs
 
 
 def expert_mlp(x, weights, ids, w13, w2, hidden_act, method="auto"):
@@ -65,12 +81,10 @@ def expert_mlp(x, weights, ids, w13, w2, hidden_act, method="auto"):
         return torch.zeros_like(x)
     if method not in ("auto", "grouped", "loop"):
         raise ValueError(f"method: expected 'auto', 'grouped' or 'loop', got {method!r}")
-    if x.is_cuda and torch.cuda.is_current_stream_capturing():
-        # The loop reads segment ends on the host, and torch._grouped_mm copies from the host
-        # internally: neither can be captured in a CUDA graph.
-        return _dense_experts(x, weights, ids, w13, w2, hidden_act)
     if method == "auto":
         method = "grouped" if grouped_mm_available(x, hidden, inter, 2 * inter) else "loop"
+    if method == "loop" and x.is_cuda and torch.cuda.is_current_stream_capturing():
+        return _dense_experts(x, weights, ids, w13, w2, hidden_act)
     flat = ids.reshape(-1)
     order = torch.argsort(flat, stable=True)  # (token, k) pairs sorted by expert
     rows = x[order // top_k]                  # [tokens * top_k, hidden]: each expert's rows contiguous
