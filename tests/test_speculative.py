@@ -105,13 +105,12 @@ def test_the_pay_switch_ignores_steps_that_captured_a_graph(models, monkeypatch)
     its mode look slow (on the GPU, each first probe of drafting captured new graphs)."""
     import itertools
 
-    import pagedlm.spec.speculator as speculator
     llm = LLM(models["target"], device="cpu", block_size=4, num_blocks=256,
               speculative=dict(speculative("ngram", models), adaptive=True))
     llm.generate(prompts(2, seed=4), GREEDY, use_tqdm=False)
     assert sum(llm.speculator.switch.recorded.values()) > 0
     every_step_captures = itertools.count()
-    monkeypatch.setattr(speculator, "captures_so_far", lambda: next(every_step_captures))
+    monkeypatch.setattr(type(llm.runner), "captures", property(lambda runner: next(every_step_captures)))
     recorded = dict(llm.speculator.switch.recorded)
     llm.generate(prompts(2, seed=5), GREEDY, use_tqdm=False)
     assert llm.speculator.switch.recorded == recorded

@@ -21,19 +21,10 @@ MIN_WIDTH = 64          # blocks per table row in the narrowest graphs
 MAX_WIDTH = 1 << 16     # wider tables run eagerly
 
 
-_captured = 0  # graphs captured in this process, by every engine
-
-
-def captures_so_far():
-    """How many graphs capture() has taken: a step that took one is no measure of speed."""
-    return _captured
-
-
 def capture(forward, pool, device):
     """(graph, output) of forward() captured into the memory pool, after one eager warm-up run
-    (lazy allocations and kernel choices happen outside the capture)."""
-    global _captured
-    _captured += 1
+    (lazy allocations and kernel choices happen outside the capture). Each graph set counts
+    its own captures (.captures): a step that captured a graph is no measure of speed."""
     stream = torch.cuda.Stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(stream):

@@ -27,6 +27,11 @@ class ModelRunner:
         self.varlen = (VarlenGraphs(model, kv_caches, max_num_seqs, device, self.graphs.pool) if use_cuda_graphs
                        else None)
 
+    @property
+    def captures(self):
+        """CUDA graphs captured so far by the runner's graph sets."""
+        return sum(g.captures for g in (self.graphs, self.varlen) if g is not None)
+
     def step(self, scheduled, copies):
         """Runs the forward; returns (sequences, logits float32 [len(sequences), vocab], their
         greedy_choices or None) for the sequences that now have every token cached (not those

@@ -20,7 +20,21 @@ class Draft:
     probs: torch.Tensor | None = None
 
 
-class ChainProposer:
+class Proposer:
+    """A speculative method: propose(seqs, caps) -> {seq: Draft}, draft_size(seq, cap), and
+    update(seq, draft, row_argmax, accepted) after each verification; forget(seq) drops what
+    it keeps for a sequence."""
+
+    @property
+    def captures(self):
+        """CUDA graphs the proposer has captured (a draft model's)."""
+        return 0
+
+    def update(self, seq, draft, row_argmax, accepted):
+        pass
+
+
+class ChainProposer(Proposer):
     """A proposer of chains of at most num_tokens tokens (n-gram, Jacobi, draft model)."""
 
     def draft_size(self, seq, cap):

@@ -99,8 +99,9 @@ class DraftModelProposer(ChainProposer):
                 self.cached[seq][-n:] = row[:n]
         return drafts
 
-    def update(self, seq, draft, row_argmax, accepted):
-        pass  # the next propose() keeps what still matches the sequence
+    @property
+    def captures(self):
+        return sum(g.captures for g in (self.varlen, self.chain) if g is not None)
 
     def forget(self, seq):
         self.matched.pop(seq, None)

@@ -15,10 +15,10 @@ best guesses; the window's n-grams still cover what the context has not said yet
 import random
 import zlib
 
-from pagedlm.spec.draft import Draft
+from pagedlm.spec.draft import Draft, Proposer
 
 
-class LookaheadProposer:
+class LookaheadProposer(Proposer):
     def __init__(self, window, ngram, guesses, pool_from_prompt=True):
         self.W, self.N, self.G = window, ngram, guesses
         self.pool_from_prompt = pool_from_prompt

@@ -26,9 +26,6 @@ class NgramProposer(ChainProposer):
                 drafts[seq] = Draft(draft)
         return drafts
 
-    def update(self, seq, draft, row_argmax, accepted):
-        pass
-
     def forget(self, seq):
         self.indexes.pop(seq, None)
 

@@ -28,7 +28,6 @@ from operator import attrgetter
 import torch
 
 import pagedlm
-from pagedlm.engine.cuda_graphs import captures_so_far
 from pagedlm.engine.sampler import sample_step
 from pagedlm.engine.forward import ForwardItem, apply_block_copies, paged_forward
 from pagedlm.engine.runner import FEW_TOKENS
@@ -61,7 +60,7 @@ class Speculator:
         some sequence drafts (the engine reports what it kept with speculative_step_done); None
         when none does, and the engine runs its plain step (then reports it with
         plain_step_done) at little more cost than an engine without speculation."""
-        self.started, self.captures = time.perf_counter(), captures_so_far()
+        self.started, self.captures = time.perf_counter(), self._captures()
         greedy_may_draft = self.switch is None or self.switch.drafting(len(scheduled))
         drafts = self._draft(scheduled, copies, greedy_may_draft)
         if not drafts:
@@ -89,9 +88,14 @@ class Speculator:
     def _time(self, scheduled, drafted, tokens):
         # Prompt chunks blur the timing, and a step that captured a CUDA graph is no measure at all.
         # A few new tokens per sequence (those a tree step accepted, recomputed) are a decode step.
-        if (self.switch is not None and self.captures == captures_so_far()
+        if (self.switch is not None and self.captures == self._captures()
                 and max(map(NUM_NEW, scheduled)) <= FEW_TOKENS):
             self.switch.record(len(scheduled), drafted, tokens, time.perf_counter() - self.started)
+
+    def _captures(self):
+        """CUDA graphs captured so far by every graph set a step can replay."""
+        verification = self.verification_graphs.captures if self.verification_graphs is not None else 0
+        return self.runner.captures + verification + self.proposer.captures
 
     def _draft(self, scheduled, copies, greedy_may_draft):
         """{seq: draft} whose slots are reserved, within the step's token budget."""

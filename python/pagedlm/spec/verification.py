@@ -167,6 +167,7 @@ class VerificationGraphs:
 
     def __init__(self, varlen):
         self.varlen, self.graphs = varlen, {}
+        self.captures = 0  # graphs captured so far
 
     def holds(self, logits):
         """Whether logits are the first rows of the buffer these graphs read (a replayed forward)."""
@@ -195,6 +196,7 @@ class VerificationGraphs:
             return None
         if key not in self.graphs:
             self.graphs[key] = _VerificationGraph(self.varlen, key)
+            self.captures += 1
         return self.graphs[key]
 
 
