@@ -265,18 +265,18 @@ def test_verification_graph_equals_eager_verification(chains, trees, monkeypatch
         drafts[seq], spans[seq] = Draft(tokens, parents), (row, size + 1)
         row += size + 1
     rows = logits[:row]
-    eager = Verification(drafts, spans, rows.device).accept(rows, greedy_choices(rows), 0)
+    eager = Verification(drafts, spans, rows.device).accept(rows, greedy_choices(rows))
     graphs = VerificationGraphs(buffers)
     assert graphs.holds(rows)
     verification = Verification(drafts, spans, rows.device, graphs)
     assert verification.shapes[0] == {0: 0, 1: 1, 2: 2, 3: 4}[chains] and verification.shapes[2] == {0: 0, 1: 1, 5: 8}[trees]
-    assert verification.accept(rows, None, 0) == eager
+    assert verification.accept(rows, None) == eager
     assert verification.row_choices == [tuple(c) for c in greedy_choices(rows).tolist()]
     assert len(graphs.graphs) == 1
     # A graph whose logits gather would be too large is not made: that step verifies eagerly.
     monkeypatch.setattr("pagedlm.spec.verification.MAX_GATHER_BYTES", 0)
     assert graphs.graph(verification.shapes) is None
-    assert Verification(drafts, spans, rows.device, graphs).accept(rows, greedy_choices(rows), 0) == eager
+    assert Verification(drafts, spans, rows.device, graphs).accept(rows, greedy_choices(rows)) == eager
 
 
 @pytest.mark.parametrize("name", ["ngram", "lookahead"])

@@ -151,10 +151,10 @@ class LLM:
         self.speculator = None
         if speculative is not None:
             proposer = make_proposer(speculative, draft_model=draft, num_blocks=num_blocks, block_size=block_size,
-                                     device=self.device, engine_seed=seed,
+                                     device=self.device,
                                      use_cuda_graphs=self.runner.graphs is not None,
                                      max_num_seqs=max_num_seqs)
-            self.speculator = Speculator(proposer, self.runner, max_num_batched_tokens, seed,
+            self.speculator = Speculator(proposer, self.runner, max_num_batched_tokens,
                                          adaptive=speculative.get("adaptive", True),
                                          eos_token_ids=self.eos_token_ids)
             if self.runner.varlen is not None:  # verification graphs up front
@@ -211,7 +211,8 @@ class LLM:
         request_id = str(next(self._ids))
         # Blocks the request's longest sequence needs with nothing else running.
         needed = -(-(len(token_ids) + params.max_tokens) // self.block_manager.block_size)
-        seqs = [Sequence(next(self._ids), request_id, i, list(token_ids), params) for i in range(params.n)]
+        seqs = [Sequence(next(self._ids), request_id, i, list(token_ids), params, engine_seed=self.seed)
+                for i in range(params.n)]
         for seq in seqs:
             if params.logprobs is not None:
                 seq.logprobs = []
@@ -304,7 +305,7 @@ class LLM:
                 self.speculator.speculative_step_done(scheduled, kept)
                 return sum(kept.values())
         seqs, logits, choices = self.runner.step(scheduled, copies)
-        sampled, logprobs, tops = (sample_step(logits, seqs, self.seed, choices, self.eos_token_ids) if seqs
+        sampled, logprobs, tops = (sample_step(logits, seqs, choices, self.eos_token_ids) if seqs
                                    else ([], [], None))
         for i, (seq, token, logprob) in enumerate(zip(seqs, sampled, logprobs)):
             self._emit(seq, token, logprob, None if tops is None else tops[i])

@@ -40,8 +40,7 @@ def check_config(config):
             raise ValueError(f"speculative['{key}']: must be an int >= {smallest}, got {value!r}")
 
 
-def make_proposer(config, *, draft_model, num_blocks, block_size, device, engine_seed, use_cuda_graphs=False,
-                  max_num_seqs=256):
+def make_proposer(config, *, draft_model, num_blocks, block_size, device, use_cuda_graphs=False, max_num_seqs=256):
     """The proposer a checked `speculative` dict asks for (draft_model: the loaded draft, for
     the draft method, which replays CUDA graphs with use_cuda_graphs)."""
     method = config["method"]
@@ -52,7 +51,7 @@ def make_proposer(config, *, draft_model, num_blocks, block_size, device, engine
     if method == "lookahead":
         return LookaheadProposer(config["window"], config["ngram"], config["guesses"],
                                  config.get("pool_from_prompt", True))
-    return DraftModelProposer(draft_model, config["num_tokens"], num_blocks, block_size, device, engine_seed,
+    return DraftModelProposer(draft_model, config["num_tokens"], num_blocks, block_size, device,
                               use_cuda_graphs=use_cuda_graphs, max_num_seqs=max_num_seqs)
 
 

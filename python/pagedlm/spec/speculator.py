@@ -41,12 +41,11 @@ BACKOFF_AFTER, MAX_PAUSE = 2, 16
 
 
 class Speculator:
-    def __init__(self, proposer, runner, max_num_batched_tokens, engine_seed, *, adaptive=True,
-                 eos_token_ids=frozenset()):
+    def __init__(self, proposer, runner, max_num_batched_tokens, *, adaptive=True, eos_token_ids=frozenset()):
         self.proposer, self.runner = proposer, runner
         self.eos_token_ids = eos_token_ids  # what min_tokens holds back in the sampler
         self.switch = PaySwitch() if adaptive else None
-        self.budget, self.engine_seed = max_num_batched_tokens, engine_seed
+        self.budget = max_num_batched_tokens
         self.rotation = 0  # which sequence drafts first when not every one fits
         # Per sequence. forwards and kept: over speculative steps, the forwards it emitted from and
         # the tokens it kept (each plain step's forward emits one token: no per-sequence count).
@@ -168,7 +167,7 @@ class Speculator:
                 s.seq.num_cached = s.logits_of.num_cached
             if s.logits_of.num_cached == len(s.logits_of) and s.seq not in drafts:
                 plain.append(s)
-        verdicts = verification.accept(logits, choices, self.engine_seed)
+        verdicts = verification.accept(logits, choices)
         last_row = {s.seq: sum(spans[s.logits_of]) - 1 for s in plain}
         # Greedy sequences emit their row's argmax, unless their logits are transformed first or
         # they ask for logprobs: those go through the sampler, as sampled ones do.
@@ -176,7 +175,7 @@ class Speculator:
         emitted = {s.seq: [verification.row_choices[last_row[s.seq]]] for s in plain if s not in sampled}
         if sampled:
             rows = torch.tensor([last_row[s.seq] for s in sampled], device=logits.device)
-            tokens, logprobs, tops = sample_step(logits[rows], [s.seq for s in sampled], self.engine_seed,
+            tokens, logprobs, tops = sample_step(logits[rows], [s.seq for s in sampled],
                                                  eos_token_ids=self.eos_token_ids)
             tops = tops or [None] * len(sampled)
             emitted.update({s.seq: [(t, lp, top)] for s, t, lp, top in zip(sampled, tokens, logprobs, tops)})

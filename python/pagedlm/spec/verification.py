@@ -18,7 +18,7 @@ import torch
 
 import pagedlm.ops as ops
 from pagedlm.engine.cuda_graphs import capture
-from pagedlm.spec.sampling import processed_probs, request_seed, token_logprobs
+from pagedlm.spec.sampling import processed_probs, sample_seed, token_logprobs
 
 
 class Verification:
@@ -60,7 +60,7 @@ class Verification:
             self.inputs = (flat.pin_memory() if device.type == "cuda" else flat).to(device, non_blocking=True)
         self.row_choices = None
 
-    def accept(self, logits, choices, engine_seed):
+    def accept(self, logits, choices):
         """{seq: (path, tokens, logprobs, row_argmax)}: path indexes the seq's rows (0, then the
         accepted extras); tokens are the ones to emit, one per path entry, with their
         log-probabilities; row_argmax is the argmax of each of the seq's rows (proposers that
@@ -95,7 +95,7 @@ class Verification:
             if seq.params.temperature > 0:
                 first, count = self.spans[seq]
                 rows = logits[first:first + count]
-                path, tokens = _sampled(seq, self.drafts[seq], rows, engine_seed)
+                path, tokens = _sampled(seq, self.drafts[seq], rows)
                 results[seq] = (path, tokens, token_logprobs(rows[path], seq.params, tokens),
                                 argmax[first:first + count])
         return results
@@ -236,8 +236,8 @@ def tree_view(seq, draft):
             [0] + [e + 1 for e in nodes])
 
 
-def _sampled(seq, draft, rows, engine_seed):
-    seed, offset = request_seed(seq, engine_seed), len(seq)
+def _sampled(seq, draft, rows):
+    seed, offset = sample_seed(seq), len(seq)
     if draft.parents is None:
         drafted = torch.tensor([draft.tokens], dtype=torch.int64, device=rows.device)
         q = None if draft.probs is None else draft.probs.unsqueeze(0).float()
