@@ -322,6 +322,8 @@ class LLM:
         for seq in self._requests[request_id]["seqs"]:
             if seq.finish_reason == "abort":
                 seq.finish_reason = "refused"
+                if self.speculator is not None:
+                    self.speculator.finished(seq)  # a preempted sequence may have drafted
 
     def _recover(self, fail_scheduled):
         """Makes the engine consistent after a step that raised, wherever it stopped (blocks

@@ -22,7 +22,7 @@ decode one token a step through the engine's sampler, which applies their transf
 a part of the sampling distribution itself, is verified like temperature, top-k and top-p).
 """
 import time
-from collections import defaultdict
+from dataclasses import dataclass
 from operator import attrgetter
 
 import torch
@@ -40,6 +40,25 @@ NUM_NEW = attrgetter("num_new")
 BACKOFF_AFTER, MAX_PAUSE = 2, 16
 
 
+@dataclass
+class SequenceRecord:
+    """What speculation counts for one sequence, kept on it (Sequence.speculation) as long as it lives."""
+    drafted: int = 0        # tokens drafted (a tree's candidates)
+    accepted: int = 0       # of them, accepted
+    verify_steps: int = 0   # steps that verified a draft of it
+    drafting_s: float = 0.0
+    forwards: int = 0       # speculative steps in which it emitted, and the tokens it kept from them
+    kept: int = 0           # (each plain step's forward emits one token: no per-sequence count)
+    misses: int = 0         # verifications in a row that rejected every drafted token
+    paused: int = 0         # steps left before it drafts again
+
+
+def _record(seq):
+    if seq.speculation is None:
+        seq.speculation = SequenceRecord()
+    return seq.speculation
+
+
 class Speculator:
     def __init__(self, proposer, runner, max_num_batched_tokens, *, adaptive=True, eos_token_ids=frozenset()):
         self.proposer, self.runner = proposer, runner
@@ -47,11 +66,6 @@ class Speculator:
         self.switch = PaySwitch() if adaptive else None
         self.budget = max_num_batched_tokens
         self.rotation = 0  # which sequence drafts first when not every one fits
-        # Per sequence. forwards and kept: over speculative steps, the forwards it emitted from and
-        # the tokens it kept (each plain step's forward emits one token: no per-sequence count).
-        self.stats = defaultdict(lambda: dict(drafted=0, accepted=0, verify_steps=0, drafting_s=0.0, forwards=0,
-                                              kept=0))
-        self.misses, self.paused = defaultdict(int), defaultdict(int)  # per sequence: the switch
         self.verification_graphs = None
 
     def step(self, scheduled, copies):
@@ -70,9 +84,9 @@ class Speculator:
         """kept: {seq: tokens it kept} of the step() that returned emissions (tokens past a stop
         are dropped)."""
         for seq, count in kept.items():
-            stats = self.stats[seq]
-            stats["forwards"] += 1
-            stats["kept"] += count
+            record = _record(seq)
+            record.forwards += 1
+            record.kept += count
         self._time(scheduled, drafted=True, tokens=sum(kept.values()))
 
     def plain_step_done(self, scheduled, tokens):
@@ -122,7 +136,7 @@ class Speculator:
         drafts = self.proposer.propose(chosen, caps)
         drafting = time.perf_counter() - start
         for seq in drafts:
-            self.stats[seq]["drafting_s"] += drafting
+            _record(seq).drafting_s += drafting
         for seq, draft in list(drafts.items()):
             if len(draft.tokens) > left or not self._reserve(seq, draft, copies):
                 del drafts[seq]
@@ -204,28 +218,21 @@ class Speculator:
             seq.num_cached += len(path) - 1 if draft.parents is None else 0
             self.runner.bm.truncate(seq.seq_id, seq.num_cached)
             drafted = len(draft.tokens if draft.candidates is None else draft.candidates)
-            stats = self.stats[seq]
-            stats["drafted"] += drafted
-            stats["accepted"] += len(path) - 1
-            stats["verify_steps"] += 1
-            self._record(seq, drafted, len(path) - 1)
+            record = _record(seq)
+            record.drafted += drafted
+            record.accepted += len(path) - 1
+            record.verify_steps += 1
+            _back_off(record, drafted, len(path) - 1)
             emitted[seq] = list(zip(tokens, logprobs))
         return emitted
 
     def _drafting(self, seq):
         """False while the sequence is paused by the switch (counting the pause down)."""
-        if self.paused[seq] > 0:
-            self.paused[seq] -= 1
+        record = seq.speculation
+        if record is not None and record.paused > 0:
+            record.paused -= 1
             return False
         return True
-
-    def _record(self, seq, drafted, accepted):
-        if accepted:
-            self.misses[seq] = 0
-        elif drafted:
-            self.misses[seq] += 1
-            if self.misses[seq] >= BACKOFF_AFTER:
-                self.paused[seq] = min(MAX_PAUSE, 2 ** (self.misses[seq] - BACKOFF_AFTER))
 
     def _reserve(self, seq, draft, copies):
         ids = draft.tokens if draft.parents is None else [TREE_SLOT] * len(draft.tokens)
@@ -236,18 +243,25 @@ class Speculator:
             return False
 
     def metrics(self, seqs):
-        """The speculation metrics of a request's sequences (and forgets them)."""
-        total = defaultdict(float)
-        for seq in seqs:
-            self.proposer.forget(seq)
-            self.misses.pop(seq, None)
-            self.paused.pop(seq, None)
-            for key, value in self.stats.pop(seq, {}).items():
-                total[key] += value
+        """The speculation metrics of a request's sequences (read, nothing reset)."""
+        records = [s.speculation for s in seqs if s.speculation is not None]
+        total = {key: sum(getattr(r, key) for r in records)
+                 for key in ("drafted", "accepted", "verify_steps", "drafting_s", "forwards", "kept")}
         generated = sum(len(s.output) for s in seqs)
-        total["forwards"] += generated - total["kept"]  # a plain step's forward: one token
+        forwards = total["forwards"] + generated - total["kept"]  # a plain step's forward: one token
         return {"acceptance_rate": total["accepted"] / total["drafted"] if total["drafted"] else 0.0,
                 "mean_accepted_length": total["accepted"] / total["verify_steps"] if total["verify_steps"] else 0.0,
-                "tokens_per_forward": generated / total["forwards"] if total["forwards"] else 0.0,
-                "draft_steps": int(total["verify_steps"]),
-                "drafting_time_s": total["drafting_s"]}
+                "tokens_per_forward": generated / forwards if forwards else 0.0,
+                "draft_steps": total["verify_steps"],
+                "drafting_time_s": float(total["drafting_s"])}
+
+
+def _back_off(record, drafted, accepted):
+    """The per-sequence switch: after BACKOFF_AFTER verifications in a row that rejected every
+    drafted token, the sequence pauses drafting for 1, 2, 4, ... steps."""
+    if accepted:
+        record.misses = 0
+    elif drafted:
+        record.misses += 1
+        if record.misses >= BACKOFF_AFTER:
+            record.paused = min(MAX_PAUSE, 2 ** (record.misses - BACKOFF_AFTER))
