@@ -9,12 +9,12 @@ import pytest
 import torch
 
 import pagedlm.engine.varlen_graphs as varlen_graphs
-import pagedlm.spec.draft_chain as draft_chain
-import pagedlm.spec.verification as verification
+import pagedlm.speculative.draft_chain as draft_chain
+import pagedlm.speculative.verification as verification
 from pagedlm import LLM, SamplingParams
 from pagedlm.engine.sampler import greedy_choices
 from pagedlm.engine.varlen_graphs import VarlenGraphs
-from pagedlm.spec.draft_chain import DraftChainGraphs
+from pagedlm.speculative.draft_chain import DraftChainGraphs
 
 from llama_checkpoint import save_llama
 from spec_checks import assert_drafts_take_turns
@@ -248,8 +248,8 @@ def test_verification_graph_equals_eager_verification(chains, trees, monkeypatch
     give the eager verification's verdicts and row choices; past MAX_GATHER_BYTES, the eager one."""
     from types import SimpleNamespace
 
-    from pagedlm.spec.draft import Draft
-    from pagedlm.spec.verification import Verification, VerificationGraphs
+    from pagedlm.speculative.draft import Draft
+    from pagedlm.speculative.verification import Verification, VerificationGraphs
     g = torch.Generator().manual_seed(chains * 10 + trees)
     vocab = 11
     logits = torch.randn(512, vocab, generator=g)
@@ -274,7 +274,7 @@ def test_verification_graph_equals_eager_verification(chains, trees, monkeypatch
     assert verification.row_choices == [tuple(c) for c in greedy_choices(rows).tolist()]
     assert len(graphs.graphs) == 1
     # A graph whose logits gather would be too large is not made: that step verifies eagerly.
-    monkeypatch.setattr("pagedlm.spec.verification.MAX_GATHER_BYTES", 0)
+    monkeypatch.setattr("pagedlm.speculative.verification.MAX_GATHER_BYTES", 0)
     assert graphs.graph(verification.shapes) is None
     assert Verification(drafts, spans, rows.device, graphs).accept(rows, greedy_choices(rows)) == eager
 
@@ -283,7 +283,7 @@ def test_verification_graph_equals_eager_verification(chains, trees, monkeypatch
 def test_verification_capture_all_takes_every_shape_a_run_meets(models, name):
     """Captured up front from the method's bounds, the verification graphs cover every step of
     a batched run, as sequences finish at different steps: nothing is captured mid-run."""
-    from pagedlm.spec import verification_bounds
+    from pagedlm.speculative import verification_bounds
     config = dict(METHODS[name])
     llm = engine(models, 4, config)
     llm.speculator.capture_verification_graphs(MAX_SEQS, *verification_bounds(config))

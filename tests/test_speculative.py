@@ -9,7 +9,7 @@ import torch
 
 import pagedlm
 from pagedlm import LLM, SamplingParams
-from pagedlm.spec.pay_switch import MAX_PROBE_INTERVAL, PROBE_COST, PROBE_LENGTH, PaySwitch
+from pagedlm.speculative.pay_switch import MAX_PROBE_INTERVAL, PROBE_COST, PROBE_LENGTH, PaySwitch
 
 from llama_checkpoint import save_llama
 
@@ -230,7 +230,7 @@ def test_lookahead_pools_the_sequences_own_ngrams():
     """With pool_from_prompt the prompt's n-grams are candidates from the first step, and the
     n-grams that committed tokens end join them, newest last; without it the pool starts empty."""
     from pagedlm.engine.sequence import Sequence
-    from pagedlm.spec.lookahead import LookaheadProposer
+    from pagedlm.speculative.lookahead import LookaheadProposer
 
     def candidate_paths(proposer, seq):
         draft = proposer.propose([seq], [10])[seq]

@@ -28,7 +28,7 @@ from pagedlm.engine.text import SampleText
 from pagedlm.models import LlamaForCausalLM, load_model
 from pagedlm.kv_cache import checkpoint_kv_scales, make_layer_caches, resolve_kv_cache_dtype
 from pagedlm.models.loader import _weight_files, eos_token_ids
-from pagedlm.spec import Speculator, check_config, make_proposer, verification_bounds
+from pagedlm.speculative import Speculator, check_config, make_proposer, verification_bounds
 
 __all__ = ["LLM", "SamplingParams", "BeamSearchParams", "RequestOutput", "CompletionOutput"]
 

@@ -15,7 +15,7 @@ best guesses; the window's n-grams still cover what the context has not said yet
 import random
 import zlib
 
-from pagedlm.spec.draft import Draft, Proposer
+from pagedlm.speculative.draft import Draft, Proposer
 
 
 class LookaheadProposer(Proposer):

@@ -32,8 +32,8 @@ from pagedlm.engine.sampler import sample_step
 from pagedlm.engine.forward import ForwardItem, apply_block_copies, paged_forward
 from pagedlm.engine.runner import FEW_TOKENS
 from pagedlm.engine.varlen_graphs import TOKEN_BUCKETS
-from pagedlm.spec.pay_switch import PaySwitch
-from pagedlm.spec.verification import Verification, VerificationGraphs
+from pagedlm.speculative.pay_switch import PaySwitch
+from pagedlm.speculative.verification import Verification, VerificationGraphs
 
 TREE_SLOT = -1
 NUM_NEW = attrgetter("num_new")

@@ -12,9 +12,9 @@ import pagedlm
 from pagedlm.engine.sequence import Status
 from pagedlm.engine.forward import ForwardItem, paged_forward
 from pagedlm.engine.varlen_graphs import VarlenGraphs
-from pagedlm.spec.draft import ChainProposer, Draft
-from pagedlm.spec.draft_chain import DraftChainGraphs
-from pagedlm.spec.sampling import processed_probs, sample_seed
+from pagedlm.speculative.draft import ChainProposer, Draft
+from pagedlm.speculative.draft_chain import DraftChainGraphs
+from pagedlm.speculative.sampling import processed_probs, sample_seed
 
 
 PENDING = -1  # the token id of a reserved slot whose token the chain has yet to draft

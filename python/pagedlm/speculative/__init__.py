@@ -7,11 +7,11 @@ requests emit exactly plain greedy decoding's tokens, sampled ones the target's 
 Every method also takes "adaptive" (default True): the engine-wide switch of pay_switch.py.
 "lookahead" also takes "pool_from_prompt" (default True): the sequence's own n-grams join its pool.
 """
-from pagedlm.spec.draft_model import DraftModelProposer
-from pagedlm.spec.jacobi import JacobiProposer
-from pagedlm.spec.lookahead import LookaheadProposer
-from pagedlm.spec.ngram import NgramProposer
-from pagedlm.spec.speculator import Speculator
+from pagedlm.speculative.draft_model import DraftModelProposer
+from pagedlm.speculative.jacobi import JacobiProposer
+from pagedlm.speculative.lookahead import LookaheadProposer
+from pagedlm.speculative.ngram import NgramProposer
+from pagedlm.speculative.speculator import Speculator
 
 __all__ = ["Speculator", "check_config", "make_proposer", "verification_bounds"]
 

@@ -18,7 +18,7 @@ import torch
 
 import pagedlm.ops as ops
 from pagedlm.engine.cuda_graphs import capture
-from pagedlm.spec.sampling import processed_probs, sample_seed, token_logprobs
+from pagedlm.speculative.sampling import processed_probs, sample_seed, token_logprobs
 
 
 class Verification:
