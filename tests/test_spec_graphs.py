@@ -283,10 +283,9 @@ def test_verification_graph_equals_eager_verification(chains, trees, monkeypatch
 def test_verification_capture_all_takes_every_shape_a_run_meets(models, name):
     """Captured up front from the method's bounds, the verification graphs cover every step of
     a batched run, as sequences finish at different steps: nothing is captured mid-run."""
-    from pagedlm.speculative import verification_bounds
     config = dict(METHODS[name])
     llm = engine(models, 4, config)
-    llm.speculator.capture_verification_graphs(MAX_SEQS, *verification_bounds(config))
+    llm.speculator.capture_graphs(llm.runner.varlen, MAX_SEQS)
     graphs = llm.speculator.verification_graphs
     captured = set(graphs.graphs)
     params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (3, 7, 13, 9, 5)]

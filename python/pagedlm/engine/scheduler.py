@@ -98,20 +98,16 @@ class Scheduler:
         self.preemptions += 1
 
     def finish(self, seq):
-        self.bm.free(seq.seq_id)
-        self.running.remove(seq)
+        """seq ends: running, its blocks are freed; waiting (preempted, or not yet admitted), it
+        leaves its queued group."""
+        if seq.status == Status.RUNNING:
+            self.bm.free(seq.seq_id)
+            self.running.remove(seq)
+        else:
+            kept = deque()
+            for group in self.waiting:
+                left = [s for s in group if s is not seq]
+                if left:
+                    kept.append(left)
+            self.waiting = kept
         seq.status = Status.FINISHED
-
-    def abort(self, request_id):
-        for seq in [s for s in self.running if s.request_id == request_id]:
-            self.finish(seq)
-            seq.finish_reason = "abort"
-        kept = deque()
-        for group in self.waiting:
-            left = [s for s in group if s.request_id != request_id]
-            for s in group:
-                if s.request_id == request_id:
-                    s.status, s.finish_reason = Status.FINISHED, "abort"
-            if left:
-                kept.append(left)
-        self.waiting = kept

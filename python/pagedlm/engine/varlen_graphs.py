@@ -40,6 +40,7 @@ MASKED_PER_QUERY_TOKENS = 64  # the same for masked forwards
 class VarlenGraphs:
     def __init__(self, model, kv_caches, max_num_seqs, device, pool):
         self.model, self.kv_caches, self.device, self.pool = model, kv_caches, device, pool
+        self.max_tokens = TOKEN_BUCKETS[-1]  # the most tokens a replayed forward holds
         # Few sequence buckets (a spare sequence costs one block that leaves at once), so few
         # graphs: each capture costs a forward and tens of milliseconds.
         self.seq_buckets = [b for b in (4, 16, 64, 256) if b <= max_num_seqs] + [max_num_seqs + 1]

@@ -23,7 +23,9 @@ class Draft:
 class Proposer:
     """A speculative method: propose(seqs, caps) -> {seq: Draft}, draft_size(seq, cap), and
     update(seq, draft, row_argmax, accepted) after each verification; forget(seq) drops what
-    it keeps for a sequence."""
+    it keeps for a sequence. verification_bounds: (longest chain drafted, most nodes of a
+    verification tree, root included), the shapes its steps verify."""
+    verification_bounds = (0, 0)
 
     @property
     def captures(self):
@@ -36,6 +38,10 @@ class Proposer:
 
 class ChainProposer(Proposer):
     """A proposer of chains of at most num_tokens tokens (n-gram, Jacobi, draft model)."""
+
+    @property
+    def verification_bounds(self):
+        return self.num_tokens, 0
 
     def draft_size(self, seq, cap):
         """The tokens seq's draft will hold, at most, when it may take `cap` more (the speculator

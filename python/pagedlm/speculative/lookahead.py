@@ -23,6 +23,7 @@ class LookaheadProposer(Proposer):
         self.W, self.N, self.G = window, ngram, guesses
         self.pool_from_prompt = pool_from_prompt
         self.window_parents = [self._parent(level, j) for level in range(self.N - 1) for j in range(self.W)]
+        self.verification_bounds = (0, 1 + self.G * (self.N - 1))  # a trie of G branches of N - 1 tokens
         self.windows = {}  # seq -> N-1 levels of W tokens
         self.pools = {}    # seq -> {first token: {continuation (N-1 tokens): None}, newest last}
         self.pooled = {}   # seq -> how many of its tokens have ended an n-gram added to its pool
