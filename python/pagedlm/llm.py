@@ -1,6 +1,7 @@
 """pagedlm.LLM: offline generation with the familiar vLLM API, on the C++ block manager and
-pagedlm's paged-attention ops (continuous batching, preemption by recompute, prefix
-caching, n > 1 by copy-on-write forks)."""
+pagedlm's paged-attention ops (continuous batching, preemption by recompute, prefix caching,
+n > 1 by copy-on-write forks, speculative decoding). A step: the scheduler picks the tokens,
+the model runner runs them and returns each sequence's new tokens, LLM._emit appends them."""
 import functools
 import itertools
 import numbers

@@ -1,14 +1,7 @@
-"""One engine step on the model, top to bottom: a speculative runner's drafts (its speculator
-proposes them and reserves their slots), the forward of the scheduled tokens and the drafts
-over the paged cache, the next token of every sequence that now has all its tokens cached
-(the sampler), and the verification of the drafts. It returns, per sequence, the tokens to
-emit.
-
-On the GPU, decode-only steps replay a DecodeGraphs graph, and steps in which every sequence
-brings at most FEW_TOKENS tokens, or that carry drafts, replay a VarlenGraphs graph when they
-fit one (the few-token steps are the decode steps of tree methods, whose accepted tokens are
-recomputed with the next token; run eagerly they would cost several times a decode graph's
-host time). Larger steps (prompt chunks) run eagerly, through the same paged_forward."""
+"""One engine step on the model, top to bottom: the drafts of a speculative runner, the
+forward of the scheduled tokens (and drafts) over the paged cache, the next token of each
+sequence that now has all its tokens cached, and the drafts' verification. It returns, per
+sequence, the tokens to emit; the graphs it replays are in cuda_graphs.py and varlen_graphs.py."""
 import time
 from operator import attrgetter
 
@@ -20,7 +13,9 @@ from pagedlm.engine.sampler import sample_step
 from pagedlm.engine.varlen_graphs import VarlenGraphs
 from pagedlm.models import AttentionBatch
 
-FEW_TOKENS = 8  # tokens per sequence up to which a step replays a VarlenGraphs graph
+# Tokens per sequence up to which a plain step replays a VarlenGraphs graph (the decode steps of
+# tree methods, whose accepted tokens are recomputed with the next token); more run eagerly.
+FEW_TOKENS = 8
 NUM_NEW = attrgetter("num_new")
 
 
@@ -92,13 +87,12 @@ class ModelRunner:
         return emitted
 
     def _forward(self, computing, drafts):
-        """(logits, greedy_choices or None, rows): the logits of each computing sequence's last
-        token, then of its draft's tokens; rows: seq -> its first row. The choices come from a
-        replayed graph, or with drafts (verification reads them), else are None."""
+        """(logits, their greedy_choices or None, rows): the logits of each computing sequence's
+        last token, then of its draft's tokens; rows: seq -> its first row."""
         counts = [s.num_new for s in computing]
         if not drafts and max(counts) == 1:
             return (*self._decode(computing), {s.seq: i for i, s in enumerate(computing)})
-        # Prompt chunks, drafts, or a tree's accepted tokens recomputed.
+        # Drafts, prompt chunks, or a tree's accepted tokens recomputed: one packed forward.
         items, rows, first = [], {}, 0
         for s in computing:
             seq, start, draft = s.seq, s.seq.num_cached, drafts.get(s.seq)
@@ -106,11 +100,8 @@ class ModelRunner:
             rows[seq], first = first, first + 1 + len(extra)
             items.append(ForwardItem(seq.seq_id, seq.token_range(start, start + s.num_new) + extra, start, len(extra),
                                      parents, list(range(s.num_new - 1, s.num_new + len(extra)))))
-        if drafts or (self.varlen is not None and max(counts) <= FEW_TOKENS):
-            logits, choices = paged_forward(self.model, self.kv_caches, self.bm, self.device, items, self.varlen,
-                                            choices=True)
-            return logits, choices, rows
-        return paged_forward(self.model, self.kv_caches, self.bm, self.device, items), None, rows
+        graphs = self.varlen if drafts or max(counts) <= FEW_TOKENS else None
+        return (*paged_forward(self.model, self.kv_caches, self.bm, self.device, items, graphs, choices=True), rows)
 
     def _decode(self, computing):
         """(logits, greedy_choices or None) of one new token per sequence: a DecodeGraphs

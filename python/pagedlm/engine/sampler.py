@@ -1,18 +1,9 @@
-"""Next-token sampling for a whole step at once, on the logits' device, with one host sync.
-
-Greedy rows (temperature 0) take the argmax, with its log-probability: greedy_choices, which
-the CUDA graphs of decode and verification forwards compute with the logits, saving the step
-its launches. Sampled rows apply temperature, top-k and top-p, then pick a token by inverse CDF
-with a uniform drawn from Philox-4x32-10 (the generator of the verification kernels) keyed by
-(Sequence.seed, sample index, position): a seeded request draws the same tokens alone or in any
-batch, on CPU or GPU.
-
-Requests with penalties, min_tokens or logprobs (SamplingParams._special) go through
-sample_step's longer path: their rows' logits are penalized first (vLLM's order: repetition,
-frequency, presence; EOS and stop ids masked until min_tokens), greedy rows then take the
-argmax of the penalized logits, and rows asking for logprobs get the raw log_softmax of the
-model's logits (before any transform) at the sampled token and the top N. A step without such
-requests takes the plain path unchanged (a graph's greedy choices, one host copy).
+"""Next-token sampling for a whole step at once, on the logits' device, with one host sync:
+greedy rows take the argmax (greedy_choices, which the CUDA graphs compute with the logits),
+sampled rows draw from their processed distribution with a Philox uniform keyed by
+(Sequence.seed, sample index, position), so a seeded request draws the same tokens alone or in
+any batch, on CPU or GPU. sample_step adds the per-request transforms (penalties, min_tokens)
+and logprobs.
 """
 import numpy as np
 import torch
@@ -34,8 +25,13 @@ def sample_step(logits, seqs, choices=None, eos_token_ids=frozenset()):
     """(tokens, logprobs, tops): sample() with the per-request transforms of SamplingParams
     (penalties, min_tokens; eos_token_ids are the ids min_tokens holds back). tops is None when
     no row asks for logprobs, else one entry per row: None, or {token_id: raw logprob} with the
-    sampled token first, then the params.logprobs most likely tokens by rank."""
-    if not any(s.params._special for s in seqs):  # the plain step, as it always was
+    sampled token first, then the params.logprobs most likely tokens by rank.
+
+    Rows of requests with transforms or logprobs (SamplingParams._special) have their logits
+    penalized first (vLLM's order: repetition, frequency, presence; EOS and stop ids masked
+    until min_tokens); greedy rows then take the argmax of the penalized logits, and logprobs
+    are the raw log_softmax of the model's logits. A step without such requests is sample()."""
+    if not any(s.params._special for s in seqs):  # no transforms, no logprobs: the plain path
         return (*sample(logits, seqs, choices), None)
     raw = logits
     if any(s.params._transforms_logits for s in seqs):
@@ -124,7 +120,10 @@ def top_logprobs(logits, seqs, tokens):
 
 def sample(logits, seqs, choices=None):
     """logits float32 [rows, vocab], one row per sequence in seqs; returns (tokens, logprobs)
-    lists. choices: the logits' greedy_choices when already computed (by a graph)."""
+    lists. Greedy rows (temperature 0) take the argmax; sampled ones apply temperature, min_p,
+    top-k and top-p, then pick a token by inverse CDF with a uniform from Philox-4x32-10 (the
+    verification kernels' generator). choices: the logits' greedy_choices when already
+    computed (by a graph)."""
     greedy = [i for i, s in enumerate(seqs) if s.params.temperature == 0]
     if len(greedy) == len(seqs):  # the common step: one copy of the choices to the host
         both = (greedy_choices(logits) if choices is None else choices).cpu().numpy()

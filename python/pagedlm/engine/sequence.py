@@ -1,4 +1,5 @@
-"""SamplingParams and the per-sequence state the scheduler and runner share."""
+"""SamplingParams, and Sequence: one sample of a request, the state the scheduler, the runner
+and the engine share."""
 import zlib
 from dataclasses import InitVar, dataclass, field
 from enum import Enum

@@ -1,4 +1,5 @@
-"""Shared types of the speculative methods: what a proposer drafts for one sequence."""
+"""What every speculative method shares: Draft (the extra tokens proposed for one sequence) and
+the Proposer interface the speculator calls."""
 from dataclasses import dataclass
 
 import torch
@@ -26,11 +27,7 @@ class Proposer:
     it keeps for a sequence. verification_bounds: (longest chain drafted, most nodes of a
     verification tree, root included), the shapes its steps verify."""
     verification_bounds = (0, 0)
-
-    @property
-    def captures(self):
-        """CUDA graphs the proposer has captured (a draft model's)."""
-        return 0
+    captures = 0  # CUDA graphs it captured (a draft model's)
 
     def update(self, seq, draft, row_argmax, accepted):
         pass

@@ -100,7 +100,7 @@ class DraftModelProposer(ChainProposer):
 
     @property
     def captures(self):
-        return sum(g.captures for g in (self.varlen, self.chain) if g is not None)
+        return sum(graphs.captures for graphs in (self.varlen, self.chain) if graphs is not None)
 
     def forget(self, seq):
         self.matched.pop(seq, None)

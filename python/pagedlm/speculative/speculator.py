@@ -1,27 +1,8 @@
-"""What the model runner asks of speculation in a step: drafts to compute with the scheduled
-tokens (propose), and the tokens each drafted sequence emits once the forward has verified its
-draft (verify). A draft is a proposer's chain or tree; verification is lossless, with
-pagedlm's verification kernels.
-
-Draft slots are reserved in the BlockManager after the scheduler's, and only when blocks are
-free (else the sequence decodes plainly this step). After verification the cache is cut back
-with truncate to the committed tokens: for a chain, plus the accepted drafts, whose KV is
-exactly their causal KV; for a tree, nothing more (accepted tokens are recomputed next step,
-and tree slots carry the id -1, so no tree block can ever match a real prompt in the prefix
-cache). Rejected tokens never reach the output. Drafts also keep within the step's token
-budget, and a step that fits the largest CUDA graph within that graph: sequences take turns
-to draft when not all of them fit.
-
-Two switches keep a method from costing more than it saves. Per sequence: one whose drafts
-are all rejected BACKOFF_AFTER steps in a row stops drafting for 1, 2, 4, ... (at most
-MAX_PAUSE) steps, and decodes plainly meanwhile; an accepted draft resets it. Engine-wide
-(unless the config says "adaptive": False): PaySwitch, fed the runner's decode-step times,
-lets greedy sequences draft only while drafting emits more tokens per second.
-
-Requests with penalties, min_tokens or logprobs (SamplingParams._special) never draft: they
-decode one token a step through the engine's sampler, which applies their transforms (min_p,
-a part of the sampling distribution itself, is verified like temperature, top-k and top-p).
-"""
+"""The speculation the model runner carries: before a step's forward, Speculator.propose picks
+the sequences that draft, has the proposer draft and reserves their slots; after it,
+Speculator.verify verifies the drafts losslessly and cuts each cache back to its committed
+tokens. Two switches keep a method from costing more than it saves: a per-sequence backoff
+and the engine-wide PaySwitch."""
 import time
 from dataclasses import dataclass
 from operator import attrgetter
@@ -82,8 +63,13 @@ class Speculator:
     def propose(self, scheduled, copies, bm, varlen):
         """{seq: Draft} of the sequences that draft this step, their slots reserved in bm after
         the scheduler's (their copy-on-write pairs added to copies), within the step's token
-        budget and, when the step fits the largest graph of varlen (None: eager forwards), within it."""
-        # The switch's verdict first: while greedy sequences may not draft, most steps end here.
+        budget and, when the step fits the largest graph of varlen (None: eager forwards), within it.
+        A sequence without free blocks for its draft decodes plainly this step; sequences take
+        turns when not all drafts fit. Requests with penalties, min_tokens or logprobs
+        (SamplingParams._special) never draft: the sampler applies their transforms."""
+        # The engine-wide switch (unless the config says "adaptive": False) lets greedy sequences
+        # draft only while drafting emits more tokens per second; its verdict first: while greedy
+        # sequences may not draft, most steps end here.
         greedy_may_draft = self.switch is None or self.switch.drafting(len(scheduled))
         may_draft = scheduled if greedy_may_draft else [s for s in scheduled if s.seq.params.temperature != 0]
         candidates = [s.seq for s in may_draft if s.num_new > 0 and s.seq.output and not s.seq.params._special
@@ -118,8 +104,8 @@ class Speculator:
 
     def _draft_budget(self, scheduled_tokens, varlen):
         """Draft tokens the step may add. A step that fits the largest CUDA graph (VarlenGraphs)
-        stays within it, or its whole forward would run eagerly (lookahead's ~90 tokens a sequence
-        at batch 16: 7 ms instead of one replay, each time the timing switch probed drafting)."""
+        stays within it, or its whole forward would run eagerly (a lookahead window per sequence
+        can outgrow the largest graph in a large batch)."""
         limit = self.budget
         if varlen is not None and scheduled_tokens <= varlen.max_tokens:
             limit = min(limit, varlen.max_tokens)
@@ -131,7 +117,12 @@ class Speculator:
         [(token, logprob, None), ...], its cache cut back to its committed tokens; row_choices,
         each row's greedy (token, logprob) on the host, read back with the verdicts. rows: each
         sequence's first row in logits (its last token's; its draft's follow); choices: the
-        logits' greedy_choices; varlen: the graphs the forward may have replayed."""
+        logits' greedy_choices; varlen: the graphs the forward may have replayed.
+
+        A chain keeps the KV of its accepted drafts, which is exactly their causal KV; a tree
+        keeps nothing past the committed tokens (the next step recomputes the accepted ones),
+        and its slots carry the id TREE_SLOT, so no tree block can match a prompt in the prefix
+        cache. Rejected tokens never reach the output."""
         spans = {seq: (rows[seq], 1 + len(draft.tokens)) for seq, draft in drafts.items()}
         verification = Verification(drafts, spans, logits.device, self._verification_graphs(logits, varlen))
         verified = {}
@@ -195,7 +186,8 @@ def _reserve(bm, seq, draft, copies):
 
 def _back_off(record, drafted, accepted):
     """The per-sequence switch: after BACKOFF_AFTER verifications in a row that rejected every
-    drafted token, the sequence pauses drafting for 1, 2, 4, ... steps."""
+    drafted token, the sequence pauses drafting for 1, 2, 4, ... (at most MAX_PAUSE) steps and
+    decodes plainly meanwhile; an accepted token resets it."""
     if accepted:
         record.misses = 0
     elif drafted:

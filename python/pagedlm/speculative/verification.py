@@ -1,16 +1,6 @@
-"""Verification of a step's drafts with pagedlm's kernels. Greedy requests are verified in
-one batched call per draft shape (chains with verify_greedy and ragged draft_lens, trees with
-verify_tree_greedy and padding nodes). Sampled requests are verified one by one, each with
-its own seed and its position as the Philox offset, so a seeded request's tokens do not
-depend on its batch (the kernels take one seed per call).
-
-Everything the host needs from the greedy requests (the kernels' verdicts, each row's argmax
-and its log-probability, which the forward's graph computes with the logits) comes back in
-one transfer, so a step synchronizes once however many sequences it verifies: a greedy
-request emits each row's argmax. When the forward replayed a VarlenGraphs graph, the greedy
-verification is itself one replay of a VerificationGraphs graph (inputs padded to buckets):
-on a small model each launch and each torch call costs the host as much as a kernel, and
-this part of the step made about twenty of them."""
+"""Lossless verification of a step's drafts with pagedlm's kernels (Verification), and the CUDA
+graphs of the greedy part (VerificationGraphs): greedy requests are verified in one batched
+call per draft shape, sampled ones one by one with their own seed."""
 import math
 
 import numpy as np
@@ -22,10 +12,13 @@ from pagedlm.speculative.sampling import processed_probs, sample_seed, token_log
 
 
 class Verification:
-    """One step's verification. Built while the device runs the step's forward (the host is
-    what limits small models): every index and draft the kernels read goes to the device in
-    one copy, which queues behind the forward without waiting for it. Then accept(logits,
-    choices) reads the verdicts back in one transfer."""
+    """One step's verification. Greedy chains go through verify_greedy with ragged draft_lens,
+    trees through verify_tree_greedy with padding nodes; every index and draft the kernels
+    read goes to the device in one copy, queued behind the forward. accept(logits, choices)
+    reads everything the host needs from the greedy requests (verdicts, each row's argmax and
+    its log-probability) back in one transfer, so a step synchronizes once. Sampled requests
+    are verified one by one, each with its own seed and its position as the Philox offset, so
+    their tokens do not depend on the batch (the kernels take one seed per call)."""
 
     def __init__(self, drafts, spans, device, graphs=None):
         """drafts: {seq: Draft}; spans: {seq: (its first row in the step's logits, its row
