@@ -1,4 +1,4 @@
-"""What the engine-wide speculation switch (pagedlm/spec/pay_switch.py) is worth: plain decoding
+"""What the engine-wide speculation switch (pagedlm/speculative/pay_switch.py) is worth: plain decoding
 against each method with the switch on ("adaptive", the default) and off, on the shipped code
 pair and its held-out windows. The engines run in turn, round after round, so that drift in the
 machine's speed hits every column alike; medians over the rounds.

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import pagedlm.beam_search
+import pagedlm.engine.runner
 import pagedlm.llm
 from pagedlm import LLM, BeamSearchParams, SamplingParams
 from pagedlm.engine.sequence import Sequence, Status
@@ -226,7 +227,7 @@ def test_a_failure_in_sampling_fails_the_batch_and_the_engine_goes_on(model, mon
     llm = engine(model)
     ids = [llm.add_request(p, GREEDY) for p in prompts]
     llm.step()
-    fail_on_call(monkeypatch, pagedlm.llm, "sample_step", 1, IndexError("sampler"))
+    fail_on_call(monkeypatch, pagedlm.engine.runner, "sample_step", 1, IndexError("sampler"))
     with pytest.raises(IndexError):
         llm.step()
     assert [o.finish_reason for r in ids for o in llm.take_output(r).outputs] == ["error", "error"]

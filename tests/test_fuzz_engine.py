@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-import pagedlm.llm
+import pagedlm.engine.runner
 from pagedlm import LLM, SamplingParams
 from pagedlm.engine.sequence import Status
 from pagedlm.models import load_model, random_model
@@ -53,7 +53,7 @@ class Faults:
         self.fired = 0
         self._wrap(llm.runner, "step", "forward")
         self._wrap(llm.scheduler, "_reserve", "schedule")
-        self.sample = self._wrapped(pagedlm.llm.sample_step, "sample")
+        self.sample = self._wrapped(pagedlm.engine.runner.sample_step, "sample")
 
     def arm(self, point, after, exception):
         self.armed = (point, after, exception)
@@ -175,7 +175,7 @@ class Run:
         self.reasons = {}  # (request id, sample index) -> the finish reason first seen
         self.step_original = self.llm.step
         self.llm.step = self.checked_step  # generate's steps are checked too
-        self.sample_original = pagedlm.llm.sample_step
+        self.sample_original = pagedlm.engine.runner.sample_step
 
     def checked_step(self):
         try:
@@ -290,7 +290,7 @@ class Run:
 
 def run_stream(engine, ops):
     run = Run(engine)
-    pagedlm.llm.sample_step = run.faults.sample
+    pagedlm.engine.runner.sample_step = run.faults.sample
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # refusals warn
@@ -310,7 +310,7 @@ def run_stream(engine, ops):
                 run.check_reasons()
             run.drain()
     finally:
-        pagedlm.llm.sample_step = run.sample_original
+        pagedlm.engine.runner.sample_step = run.sample_original
         del run.llm.step  # the instance's wrapper: a reference cycle through run
     return run.faults.fired
 

@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from pagedlm.spec.ngram import NgramIndex
+from pagedlm.speculative.ngram import NgramIndex
 
 
 def scan(tokens, max_ngram, count):

@@ -53,7 +53,7 @@ def draws(params, logits=LOGITS, count=DRAWS):
     """count samples from one logits row, one per position (the generator's counter), and their
     reported log-probabilities."""
     seqs = [Sequence(i, "r", 0, [1] * (i + 1), params) for i in range(count)]
-    tokens, logprobs = sample(logits.expand(count, -1).contiguous(), seqs, engine_seed=0)
+    tokens, logprobs = sample(logits.expand(count, -1).contiguous(), seqs)
     return torch.bincount(torch.tensor(tokens), minlength=logits.numel()).double(), tokens, logprobs
 
 
@@ -94,17 +94,17 @@ def test_a_draw_is_keyed_by_position_not_by_how_the_tokens_are_split():
     logits = LOGITS.expand(200, -1).contiguous()
     split = [Sequence(i, "r", 0, [1] * 5, params, output=[2] * (i + 1)) for i in range(200)]
     joined = [Sequence(i, "r", 0, [1] * 5 + [2] * (i + 1), params) for i in range(200)]
-    assert sample(logits, split, engine_seed=0)[0] == sample(logits, joined, engine_seed=0)[0]
+    assert sample(logits, split)[0] == sample(logits, joined)[0]
     same_position = [Sequence(i, "r", 0, [1] * 5 + [2] * 7, params) for i in range(200)]
-    assert len(set(sample(logits, same_position, engine_seed=0)[0])) == 1
+    assert len(set(sample(logits, same_position)[0])) == 1
     samples = [Sequence(i, "r", i, [1] * 5 + [2] * 7, params) for i in range(200)]
-    assert len(set(sample(logits, samples, engine_seed=0)[0])) > 1
+    assert len(set(sample(logits, samples)[0])) > 1
 
 
 def test_greedy_rows_take_the_argmax_with_its_log_probability():
     logits = torch.randn(5, 11, generator=torch.Generator().manual_seed(0))
     seqs = [Sequence(i, str(i), 0, [1, 2], SamplingParams(temperature=0)) for i in range(5)]
-    tokens, logprobs = sample(logits, seqs, engine_seed=0)
+    tokens, logprobs = sample(logits, seqs)
     assert tokens == logits.argmax(-1).tolist()
     torch.testing.assert_close(torch.tensor(logprobs), logits.log_softmax(-1).max(-1).values)
 
@@ -119,7 +119,7 @@ def test_greedy_choices_break_ties_low_and_are_what_sample_takes():
     assert choices[:, 0].long().tolist() == [int(row.argmax()) for row in logits] and choices[2, 0] == 3
     torch.testing.assert_close(choices[:, 1], logits.double().log_softmax(-1).max(-1).values, rtol=1e-6, atol=1e-6)
     seqs = [Sequence(i, str(i), 0, [1, 2], SamplingParams(temperature=0)) for i in range(6)]
-    assert sample(logits, seqs, engine_seed=0, choices=choices) == sample(logits, seqs, engine_seed=0)
+    assert sample(logits, seqs, choices=choices) == sample(logits, seqs)
 
 
 # -- penalties, min_tokens, logprobs -----------------------------------------------------------
@@ -175,7 +175,7 @@ def test_greedy_rows_with_penalties_take_the_penalized_argmax_and_report_raw_log
               SamplingParams(temperature=0, logprobs=0)]
     seqs = [Sequence(i, str(i), 0, [top, 1], p) for i, p in enumerate(params)]
     choices = greedy_choices(logits)  # as a graph gives them: of the raw logits
-    tokens, logprobs, tops = sample_step(logits, seqs, 0, choices)
+    tokens, logprobs, tops = sample_step(logits, seqs, choices)
     penalized = reference_penalties(logits[0].tolist(), [top, 1], [], params[0])
     assert tokens[0] == int(np.argmax(penalized)) != top
     assert tokens[1:] == logits[1:].argmax(-1).tolist()
@@ -195,7 +195,7 @@ def test_sampled_rows_report_raw_top_logprobs_with_the_sampled_token_first():
     logits = torch.randn(40, 25, generator=g)
     params = SamplingParams(temperature=1.5, top_k=10, seed=3, logprobs=4)
     seqs = [Sequence(i, "r", 0, [1] * (i + 1), params) for i in range(40)]
-    tokens, logprobs, tops = sample_step(logits, seqs, 0)
+    tokens, logprobs, tops = sample_step(logits, seqs)
     raw = logits.double().log_softmax(-1)
     assert any(t not in raw[i].argsort(descending=True)[:4].tolist() for i, t in enumerate(tokens))
     for i, token in enumerate(tokens):
@@ -209,4 +209,4 @@ def test_sampled_rows_report_raw_top_logprobs_with_the_sampled_token_first():
 def test_plain_rows_take_the_plain_path():
     logits = torch.randn(4, 9, generator=torch.Generator().manual_seed(8))
     seqs = [Sequence(i, str(i), 0, [1, 2], SamplingParams(temperature=0.7 * (i % 2), seed=i)) for i in range(4)]
-    assert sample_step(logits, seqs, 0) == (*sample(logits, seqs, 0), None)
+    assert sample_step(logits, seqs) == (*sample(logits, seqs), None)

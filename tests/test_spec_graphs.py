@@ -9,12 +9,12 @@ import pytest
 import torch
 
 import pagedlm.engine.varlen_graphs as varlen_graphs
-import pagedlm.spec.draft_chain as draft_chain
-import pagedlm.spec.verification as verification
+import pagedlm.speculative.draft_chain as draft_chain
+import pagedlm.speculative.verification as verification
 from pagedlm import LLM, SamplingParams
 from pagedlm.engine.sampler import greedy_choices
 from pagedlm.engine.varlen_graphs import VarlenGraphs
-from pagedlm.spec.draft_chain import DraftChainGraphs
+from pagedlm.speculative.draft_chain import DraftChainGraphs
 
 from llama_checkpoint import save_llama
 from spec_checks import assert_drafts_take_turns
@@ -248,8 +248,8 @@ def test_verification_graph_equals_eager_verification(chains, trees, monkeypatch
     give the eager verification's verdicts and row choices; past MAX_GATHER_BYTES, the eager one."""
     from types import SimpleNamespace
 
-    from pagedlm.spec.draft import Draft
-    from pagedlm.spec.verification import Verification, VerificationGraphs
+    from pagedlm.speculative.draft import Draft
+    from pagedlm.speculative.verification import Verification, VerificationGraphs
     g = torch.Generator().manual_seed(chains * 10 + trees)
     vocab = 11
     logits = torch.randn(512, vocab, generator=g)
@@ -265,28 +265,27 @@ def test_verification_graph_equals_eager_verification(chains, trees, monkeypatch
         drafts[seq], spans[seq] = Draft(tokens, parents), (row, size + 1)
         row += size + 1
     rows = logits[:row]
-    eager = Verification(drafts, spans, rows.device).accept(rows, greedy_choices(rows), 0)
+    eager = Verification(drafts, spans, rows.device).accept(rows, greedy_choices(rows))
     graphs = VerificationGraphs(buffers)
     assert graphs.holds(rows)
     verification = Verification(drafts, spans, rows.device, graphs)
     assert verification.shapes[0] == {0: 0, 1: 1, 2: 2, 3: 4}[chains] and verification.shapes[2] == {0: 0, 1: 1, 5: 8}[trees]
-    assert verification.accept(rows, None, 0) == eager
+    assert verification.accept(rows, None) == eager
     assert verification.row_choices == [tuple(c) for c in greedy_choices(rows).tolist()]
     assert len(graphs.graphs) == 1
     # A graph whose logits gather would be too large is not made: that step verifies eagerly.
-    monkeypatch.setattr("pagedlm.spec.verification.MAX_GATHER_BYTES", 0)
+    monkeypatch.setattr("pagedlm.speculative.verification.MAX_GATHER_BYTES", 0)
     assert graphs.graph(verification.shapes) is None
-    assert Verification(drafts, spans, rows.device, graphs).accept(rows, greedy_choices(rows), 0) == eager
+    assert Verification(drafts, spans, rows.device, graphs).accept(rows, greedy_choices(rows)) == eager
 
 
 @pytest.mark.parametrize("name", ["ngram", "lookahead"])
 def test_verification_capture_all_takes_every_shape_a_run_meets(models, name):
     """Captured up front from the method's bounds, the verification graphs cover every step of
     a batched run, as sequences finish at different steps: nothing is captured mid-run."""
-    from pagedlm.spec import verification_bounds
     config = dict(METHODS[name])
     llm = engine(models, 4, config)
-    llm.speculator.capture_verification_graphs(MAX_SEQS, *verification_bounds(config))
+    llm.speculator.capture_graphs(llm.runner.varlen, MAX_SEQS)
     graphs = llm.speculator.verification_graphs
     captured = set(graphs.graphs)
     params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (3, 7, 13, 9, 5)]

@@ -9,7 +9,7 @@ import torch
 
 import pagedlm
 from pagedlm import LLM, SamplingParams
-from pagedlm.spec.pay_switch import MAX_PROBE_INTERVAL, PROBE_COST, PROBE_LENGTH, PaySwitch
+from pagedlm.speculative.pay_switch import MAX_PROBE_INTERVAL, PROBE_COST, PROBE_LENGTH, PaySwitch
 
 from llama_checkpoint import save_llama
 
@@ -105,13 +105,12 @@ def test_the_pay_switch_ignores_steps_that_captured_a_graph(models, monkeypatch)
     its mode look slow (on the GPU, each first probe of drafting captured new graphs)."""
     import itertools
 
-    import pagedlm.spec.speculator as speculator
     llm = LLM(models["target"], device="cpu", block_size=4, num_blocks=256,
               speculative=dict(speculative("ngram", models), adaptive=True))
     llm.generate(prompts(2, seed=4), GREEDY, use_tqdm=False)
     assert sum(llm.speculator.switch.recorded.values()) > 0
     every_step_captures = itertools.count()
-    monkeypatch.setattr(speculator, "captures_so_far", lambda: next(every_step_captures))
+    monkeypatch.setattr(type(llm.runner), "captures", property(lambda runner: next(every_step_captures)))
     recorded = dict(llm.speculator.switch.recorded)
     llm.generate(prompts(2, seed=5), GREEDY, use_tqdm=False)
     assert llm.speculator.switch.recorded == recorded
@@ -231,7 +230,7 @@ def test_lookahead_pools_the_sequences_own_ngrams():
     """With pool_from_prompt the prompt's n-grams are candidates from the first step, and the
     n-grams that committed tokens end join them, newest last; without it the pool starts empty."""
     from pagedlm.engine.sequence import Sequence
-    from pagedlm.spec.lookahead import LookaheadProposer
+    from pagedlm.speculative.lookahead import LookaheadProposer
 
     def candidate_paths(proposer, seq):
         draft = proposer.propose([seq], [10])[seq]

@@ -43,17 +43,9 @@ def bigram_model(model):
 
 
 def stub_forward(llm):
-    """Decode steps return zero logits without running the model (prompt steps still run it)."""
-    prefill = llm.runner.step
+    """Decode forwards return zero logits without running the model (prompt steps still run it)."""
     logits = torch.zeros(llm.scheduler.max_num_seqs, llm.model.args.vocab_size)
-
-    def step(scheduled, copies):
-        if any(s.num_new > 1 for s in scheduled):
-            return prefill(scheduled, copies)
-        for s in scheduled:
-            s.seq.num_cached += s.num_new
-        return [s.seq for s in scheduled], logits[:len(scheduled)], None
-    llm.runner.step = step
+    llm.runner._decode = lambda computing: (logits[:len(computing)], None)
 
 
 def main():

@@ -1,6 +1,7 @@
 """pagedlm.LLM: offline generation with the familiar vLLM API, on the C++ block manager and
-pagedlm's paged-attention ops (continuous batching, preemption by recompute, prefix
-caching, n > 1 by copy-on-write forks)."""
+pagedlm's paged-attention ops (continuous batching, preemption by recompute, prefix caching,
+n > 1 by copy-on-write forks, speculative decoding). A step: the scheduler picks the tokens,
+the model runner runs them and returns each sequence's new tokens, LLM._emit appends them."""
 import functools
 import itertools
 import numbers
@@ -21,14 +22,13 @@ from pagedlm.beam_search import BeamSearch, BeamSearchParams, beam_score
 from pagedlm.engine.checks import (check_bool, check_float, check_int, check_token_ids, resolve_device,
                                    resolve_dtype)
 from pagedlm.engine.runner import ModelRunner
-from pagedlm.engine.sampler import sample_step
 from pagedlm.engine.scheduler import Scheduler
 from pagedlm.engine.sequence import SamplingParams, Sequence, Status
 from pagedlm.engine.text import SampleText
 from pagedlm.models import LlamaForCausalLM, load_model
 from pagedlm.kv_cache import checkpoint_kv_scales, make_layer_caches, resolve_kv_cache_dtype
 from pagedlm.models.loader import _weight_files, eos_token_ids
-from pagedlm.spec import Speculator, check_config, make_proposer, verification_bounds
+from pagedlm.speculative import check_config, make_speculator
 
 __all__ = ["LLM", "SamplingParams", "BeamSearchParams", "RequestOutput", "CompletionOutput"]
 
@@ -109,12 +109,12 @@ class LLM:
                 _check_model_arg("speculative['model']", speculative["model"])
         # One caller at a time (see _exclusive); reentrant, as generate calls step.
         self._lock = threading.RLock()
-        self.tokenizer, self.eos_token_ids = None, frozenset()
+        self.tokenizer, eos_ids = None, frozenset()
         if isinstance(model, LlamaForCausalLM):
             self.model = model.to(self.device)
         else:
             self.model = load_model(model, dtype=dtype, device=self.device)
-            self.eos_token_ids = eos_token_ids(model)
+            eos_ids = eos_token_ids(model)
             self.tokenizer = _load_tokenizer(Path(model))
         _check_cuda_head_dim(self.model, self.device, "model")
         draft = (self._load_draft(speculative["model"], dtype)
@@ -145,25 +145,14 @@ class LLM:
             warnings.warn("PAGEDLM_DEBUG=1: CUDA graphs are off (the ops' value checks synchronize, which no "
                           "capture allows); steps run eagerly and slower")
             use_cuda_graphs = False
+        speculator = (make_speculator(speculative, max_num_batched_tokens=max_num_batched_tokens, draft_model=draft,
+                                      num_blocks=num_blocks, block_size=block_size, device=self.device,
+                                      use_cuda_graphs=use_cuda_graphs, max_num_seqs=max_num_seqs)
+                      if speculative is not None else None)
         self.runner = ModelRunner(self.model, self.kv_caches, self.block_manager, self.device,
-                                  max_num_seqs=max_num_seqs, use_cuda_graphs=use_cuda_graphs)
+                                  max_num_seqs=max_num_seqs, use_cuda_graphs=use_cuda_graphs, eos_token_ids=eos_ids,
+                                  speculator=speculator)
         self.seed = seed
-        self.speculator = None
-        if speculative is not None:
-            proposer = make_proposer(speculative, draft_model=draft, num_blocks=num_blocks, block_size=block_size,
-                                     device=self.device, engine_seed=seed,
-                                     use_cuda_graphs=self.runner.graphs is not None,
-                                     max_num_seqs=max_num_seqs)
-            self.speculator = Speculator(proposer, self.runner, max_num_batched_tokens, seed,
-                                         adaptive=speculative.get("adaptive", True),
-                                         eos_token_ids=self.eos_token_ids)
-            if self.runner.varlen is not None:  # verification graphs up front
-                # Chains verify unmasked; trees (lookahead) masked, and their accepted tokens are
-                # recomputed in the next step unmasked (when it drafts nothing).
-                self.runner.varlen.capture_all(masked=False)
-                if speculative["method"] == "lookahead":
-                    self.runner.varlen.capture_all(masked=True)
-                self.speculator.capture_verification_graphs(max_num_seqs, *verification_bounds(speculative))
         # Scales are measured by the first real forward, not by the warm-up runs of graph captures above.
         for cache in self.kv_caches:
             cache.measure = calculate_kv_scales and cache.is_fp8
@@ -211,7 +200,8 @@ class LLM:
         request_id = str(next(self._ids))
         # Blocks the request's longest sequence needs with nothing else running.
         needed = -(-(len(token_ids) + params.max_tokens) // self.block_manager.block_size)
-        seqs = [Sequence(next(self._ids), request_id, i, list(token_ids), params) for i in range(params.n)]
+        seqs = [Sequence(next(self._ids), request_id, i, list(token_ids), params, engine_seed=self.seed)
+                for i in range(params.n)]
         for seq in seqs:
             if params.logprobs is not None:
                 seq.logprobs = []
@@ -251,26 +241,45 @@ class LLM:
     def finish_sequence(self, seq, reason="stop"):
         """Ends one sample of a request now, freeing its blocks; its siblings go on. A no-op on
         a finished sample. (The engine ends samples at their stop strings itself.)"""
-        if seq.status == Status.FINISHED:
-            return
-        if seq.status == Status.RUNNING:
-            self.scheduler.finish(seq)
-        else:  # waiting (preempted, or not yet admitted): out of its queued group
-            self.scheduler.waiting = type(self.scheduler.waiting)(
-                left for left in ([s for s in group if s is not seq] for group in self.scheduler.waiting) if left)
-            seq.status = Status.FINISHED
-        seq.finish_reason = reason
-        if self.speculator is not None:
-            self.speculator.finished(seq)
+        if seq.status != Status.FINISHED:
+            self._finish(seq, reason)
 
     @_exclusive
     def abort(self, request_id):
         """Finishes a request's unfinished sequences with finish_reason "abort", freeing their
         blocks; its output stays for take_output. Unknown or finished requests: nothing to do."""
-        self.scheduler.abort(request_id)
-        if self.speculator is not None and request_id in self._requests:
-            for seq in self._requests[request_id]["seqs"]:
-                self.speculator.finished(seq)
+        self._abort(request_id, "abort")
+
+    def _abort(self, request_id, reason):
+        # In the scheduler's order (running, then waiting), in which their blocks are freed.
+        scheduler = self.scheduler
+        for seq in scheduler.running + [s for group in scheduler.waiting for s in group]:
+            if seq.request_id == request_id:
+                self._finish(seq, reason)
+
+    def _finish(self, seq, reason):
+        """Every end of an unfinished sequence comes here (a stop or max_tokens, finish_sequence,
+        an abort, a refusal): it leaves the scheduler (its blocks freed) and the runner (what it
+        keeps for the sequence: a proposer's state, a draft model's blocks)."""
+        self.scheduler.finish(seq)
+        seq.finish_reason = reason
+        self.runner.forget(seq)
+
+    @property
+    def speculator(self):
+        """The runner's Speculator (None without speculative decoding): its metrics are reported
+        with each request's output."""
+        return self.runner.speculator
+
+    @property
+    def eos_token_ids(self):
+        """The model's end-of-sequence ids (its folder's; none for a model object): a sample ends
+        at one unless ignore_eos, and sampling holds them back until min_tokens (in the runner)."""
+        return self.runner.eos_token_ids
+
+    @eos_token_ids.setter
+    def eos_token_ids(self, ids):
+        self.runner.eos_token_ids = frozenset(ids)
 
     @_exclusive
     def step(self):
@@ -297,30 +306,17 @@ class LLM:
             if self.scheduler.waiting and not self.scheduler.running:
                 self._refuse_head()
             return 0
-        if self.speculator is not None:
-            emitted = self.speculator.step(scheduled, copies)
-            if emitted is not None:
-                kept = {seq: self._emit_tokens(seq, tokens) for seq, tokens in emitted.items()}
-                self.speculator.speculative_step_done(scheduled, kept)
-                return sum(kept.values())
-        seqs, logits, choices = self.runner.step(scheduled, copies)
-        sampled, logprobs, tops = (sample_step(logits, seqs, self.seed, choices, self.eos_token_ids) if seqs
-                                   else ([], [], None))
-        for i, (seq, token, logprob) in enumerate(zip(seqs, sampled, logprobs)):
-            self._emit(seq, token, logprob, None if tops is None else tops[i])
-        if self.speculator is not None:
-            self.speculator.plain_step_done(scheduled, len(seqs))
-        return len(seqs)
+        kept = 0
+        for seq, tokens in self.runner.step(scheduled, copies).items():
+            kept += self._emit(seq, tokens)
+        return kept
 
     def _refuse_head(self):
         """Nothing runs and the first waiting group still cannot be admitted: it never will be
         (add_request refuses such requests; this is the guard against waiting forever)."""
         request_id = self.scheduler.waiting[0][0].request_id
         warnings.warn(f"request {request_id}: cannot be admitted into an empty KV cache; refused")
-        self.scheduler.abort(request_id)
-        for seq in self._requests[request_id]["seqs"]:
-            if seq.finish_reason == "abort":
-                seq.finish_reason = "refused"
+        self._abort(request_id, "refused")
 
     def _recover(self, fail_scheduled):
         """Makes the engine consistent after a step that raised, wherever it stopped (blocks
@@ -339,8 +335,7 @@ class LLM:
         for request_id, request in self._requests.items():
             seqs = [s for s in request["seqs"] if s.status != Status.FINISHED]
             for seq in seqs:
-                if self.speculator is not None:
-                    self.speculator.finished(seq)  # its draft state may be half made
+                self.runner.forget(seq)  # its proposer's state may be half made
                 seq.num_cached = 0
                 seq.status = Status.FINISHED if request_id in failed else Status.WAITING
                 seq.finish_reason = "error" if request_id in failed else None
@@ -352,39 +347,34 @@ class LLM:
                 self.scheduler.waiting.extend([s] for s in seqs)
         return failed
 
-    def _emit_tokens(self, seq, tokens):
-        """Appends (token, logprob[, top logprobs]) tuples up to a stop or max_tokens (the rest
-        are dropped); returns how many it kept."""
-        for count, emitted in enumerate(tokens, 1):
-            if self._emit(seq, *emitted):
-                return count
-        return len(tokens)
-
-    def _emit(self, seq, token, logprob, top=None):
-        """Appends a sampled token (top: its position's {token_id: logprob}, when the request
-        asks for logprobs); True when it finishes the sequence: a stop id or EOS, max_tokens, or
-        a stop string in the text (cut there)."""
-        seq.output.append(token)
-        seq.cumulative_logprob += logprob
-        if seq.logprobs is not None:
-            seq.logprobs.append(top)
+    def _emit(self, seq, tokens):
+        """Appends one step's tokens of seq, (token, logprob, top) each (top: its position's
+        {token_id: logprob} when the request asks for logprobs), up to the one that finishes it:
+        a stop id or EOS, max_tokens, or a stop string in the text (cut there); the rest are
+        dropped. Returns how many it kept."""
+        seq.forwards += 1
         request = self._requests[seq.request_id]
         request["first_token"] = request["first_token"] or time.perf_counter()
-        if token in seq.params.stop_token_ids or (token in self.eos_token_ids and not seq.params.ignore_eos):
-            seq.finish_reason = "stop"
-        elif len(seq.output) >= seq.params.max_tokens:
-            seq.finish_reason = "length"
-        if seq.text is not None:
-            try:
-                if seq.text.add(token, final=bool(seq.finish_reason)):
-                    seq.finish_reason = "stop"
-            except Exception as e:  # a fault in one sample's text fails that sample, not the step
-                seq.finish_reason, seq.error = "error", f"its text failed: {e!r}"
-        if seq.finish_reason:
-            self.scheduler.finish(seq)
-            if self.speculator is not None:
-                self.speculator.finished(seq)
-        return bool(seq.finish_reason)
+        eos_token_ids = self.runner.eos_token_ids
+        for kept, (token, logprob, top) in enumerate(tokens, 1):
+            seq.output.append(token)
+            seq.cumulative_logprob += logprob
+            if seq.logprobs is not None:
+                seq.logprobs.append(top)
+            if token in seq.params.stop_token_ids or (token in eos_token_ids and not seq.params.ignore_eos):
+                seq.finish_reason = "stop"
+            elif len(seq.output) >= seq.params.max_tokens:
+                seq.finish_reason = "length"
+            if seq.text is not None:
+                try:
+                    if seq.text.add(token, final=bool(seq.finish_reason)):
+                        seq.finish_reason = "stop"
+                except Exception as e:  # a fault in one sample's text fails that sample, not the step
+                    seq.finish_reason, seq.error = "error", f"its text failed: {e!r}"
+            if seq.finish_reason:
+                self._finish(seq, seq.finish_reason)
+                break
+        return kept
 
     # -- the offline API ----------------------------------------------------------------
 

@@ -1,2 +1,3 @@
 """The serving engine: requests, a continuous-batching scheduler over the C++ BlockManager,
-and a model runner that turns each scheduled step into one forward over the paged cache."""
+and a model runner that runs each scheduled step (a speculative method's drafts included) and
+returns the tokens to emit."""

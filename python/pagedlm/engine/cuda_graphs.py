@@ -1,14 +1,7 @@
-"""CUDA graphs for decode-only steps: the whole forward (every layer's KV write, paged decode
-attention and matmuls, then the LM head and each row's greedy choice) captured once per
-batch-size bucket and block-table width, and replayed with the step's inputs copied into static
-buffers.
-
-A step of B sequences runs the graph of the smallest bucket >= B; the padding rows write no
-KV (slot -1) and attend to nothing (length 0, an all -1 block-table row), so they cost little
-and change nothing. Tables are captured at a few widths (powers of two from MIN_WIDTH blocks)
-because the decode kernel sizes its split-K from the table's capacity: a table sized for the
-model's longest context would split short sequences into many empty pieces.
-"""
+"""CUDA graphs for decode-only steps (DecodeGraphs), and what every graph set shares: capture,
+static input buffers, batch buckets and table widths. A decode graph holds the whole forward,
+then the LM head and each row's greedy choice, per batch-size bucket and block-table width;
+a step replays it with its inputs copied into the graph's buffer."""
 import gc
 
 import numpy as np
@@ -21,19 +14,10 @@ MIN_WIDTH = 64          # blocks per table row in the narrowest graphs
 MAX_WIDTH = 1 << 16     # wider tables run eagerly
 
 
-_captured = 0  # graphs captured in this process, by every engine
-
-
-def captures_so_far():
-    """How many graphs capture() has taken: a step that took one is no measure of speed."""
-    return _captured
-
-
 def capture(forward, pool, device):
     """(graph, output) of forward() captured into the memory pool, after one eager warm-up run
-    (lazy allocations and kernel choices happen outside the capture)."""
-    global _captured
-    _captured += 1
+    (lazy allocations and kernel choices happen outside the capture). Each graph set counts
+    its own captures (.captures): a step that captured a graph is no measure of speed."""
     stream = torch.cuda.Stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(stream):
@@ -97,6 +81,13 @@ def batch_buckets(max_num_seqs):
 
 
 class DecodeGraphs:
+    """A step of B sequences runs the graph of the smallest bucket >= B; the padding rows write
+    no KV (slot -1) and attend to nothing (length 0, an all -1 block-table row), so they cost
+    little and change nothing. Tables are captured at a few widths (powers of two from
+    MIN_WIDTH blocks) because the decode kernel sizes its split-K from the table's capacity: a
+    table sized for the model's longest context would split short sequences into many empty
+    pieces."""
+
     def __init__(self, model, kv_caches, max_num_seqs, device):
         self.model, self.kv_caches, self.device = model, kv_caches, device
         self.buckets = batch_buckets(max_num_seqs)

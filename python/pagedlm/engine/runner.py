@@ -1,67 +1,113 @@
-"""One engine step on the model: gather the scheduled tokens into a packed batch, run the
-forward over the paged cache, and return the next-token logits of the sequences that now have
-every token cached.
+"""One engine step on the model, top to bottom: the drafts of a speculative runner, the
+forward of the scheduled tokens (and drafts) over the paged cache, the next token of each
+sequence that now has all its tokens cached, and the drafts' verification. It returns, per
+sequence, the tokens to emit; the graphs it replays are in cuda_graphs.py and varlen_graphs.py."""
+import time
+from operator import attrgetter
 
-On the GPU, decode-only steps replay a DecodeGraphs graph, and steps in which every sequence
-brings at most FEW_TOKENS tokens replay a VarlenGraphs graph. The latter are the decode steps of
-speculative engines after a token tree was verified: its accepted tokens are recomputed with
-the next token (speculator.py), and run eagerly they would cost a speculative engine's plain
-steps several times a decode graph's host time. Larger steps (prompt chunks) run eagerly, through
-the same paged_forward."""
 import torch
 
 from pagedlm.engine.cuda_graphs import DecodeGraphs
 from pagedlm.engine.forward import ForwardItem, apply_block_copies, paged_forward
+from pagedlm.engine.sampler import sample_step
 from pagedlm.engine.varlen_graphs import VarlenGraphs
 from pagedlm.models import AttentionBatch
 
-FEW_TOKENS = 8  # tokens per sequence up to which a step replays a VarlenGraphs graph
+# Tokens per sequence up to which a plain step replays a VarlenGraphs graph (the decode steps of
+# tree methods, whose accepted tokens are recomputed with the next token); more run eagerly.
+FEW_TOKENS = 8
+NUM_NEW = attrgetter("num_new")
 
 
 class ModelRunner:
-    def __init__(self, model, kv_caches, block_manager, device, *, max_num_seqs, use_cuda_graphs):
+    def __init__(self, model, kv_caches, block_manager, device, *, max_num_seqs, use_cuda_graphs,
+                 eos_token_ids=frozenset(), speculator=None):
+        """eos_token_ids: what min_tokens holds back in sampling; speculator: a Speculator, whose
+        graphs are captured here with the runner's."""
         self.model, self.kv_caches, self.bm, self.device = model, kv_caches, block_manager, device
+        self.eos_token_ids = eos_token_ids
         self.graphs = DecodeGraphs(model, kv_caches, max_num_seqs, device) if use_cuda_graphs else None
         # Forwards of a few tokens per sequence (speculative verification, recomputed tokens):
-        # captured on first use, or all at start by a speculative LLM (VarlenGraphs.capture_all).
+        # captured on first use, or all at start by a speculative runner.
         self.varlen = (VarlenGraphs(model, kv_caches, max_num_seqs, device, self.graphs.pool) if use_cuda_graphs
                        else None)
+        self.speculator = speculator
+        if speculator is not None and self.varlen is not None:
+            speculator.capture_graphs(self.varlen, max_num_seqs)
+
+    @property
+    def captures(self):
+        """CUDA graphs captured so far by every graph set a step can replay."""
+        captures = 0 if self.graphs is None else self.graphs.captures
+        captures += 0 if self.varlen is None else self.varlen.captures
+        return captures + (0 if self.speculator is None else self.speculator.captures)
+
+    def forget(self, seq):
+        """seq ended, or restarts from nothing after a failed step: what the runner keeps for it
+        (its proposer's state, a draft model's blocks) goes."""
+        if self.speculator is not None:
+            self.speculator.forget(seq)
 
     def step(self, scheduled, copies):
-        """Runs the forward; returns (sequences, logits float32 [len(sequences), vocab], their
-        greedy_choices or None) for the sequences that now have every token cached (not those
-        after a mid-prompt chunk). The choices come from a replayed graph, else are None."""
+        """Runs one scheduled step: {seq: [(token, logprob, top logprobs or None), ...]} of the
+        sequences that emit, each with every token now cached (not those after a mid-prompt
+        chunk): its next token, or, after a verified draft, the accepted tokens and the target's
+        token after them."""
+        speculator, drafts = self.speculator, {}
+        # The timing switch learns from decode steps (a few new tokens per sequence, as those a tree
+        # step accepted, recomputed) that capture no graph: prompt chunks blur the timing, and a
+        # capture is no measure at all.
+        timed = (speculator is not None and speculator.switch is not None
+                 and max(map(NUM_NEW, scheduled)) <= FEW_TOKENS)
+        if timed:
+            started, captures = time.perf_counter(), self.captures
+        if speculator is not None:
+            drafts = speculator.propose(scheduled, copies, self.bm, self.varlen)
         apply_block_copies(self.kv_caches, copies, self.device)
         computing = [s for s in scheduled if s.num_new > 0]
-        choices = None
+        logits = choices = None
         if computing:
-            logits, choices = self._forward(computing)
-            row_of = {s.seq: i for i, s in enumerate(computing)}
+            logits, choices, rows = self._forward(computing, drafts)
             for s in computing:
                 s.seq.num_cached += s.num_new
         for s in scheduled:  # a fork holds its parent's cached tokens
             if s.seq is not s.logits_of:
                 s.seq.num_cached = s.logits_of.num_cached
         ready = [s for s in scheduled if s.logits_of.num_cached == len(s.logits_of)]
-        if not ready:
-            return [], None, None
-        rows = [row_of[s.logits_of] for s in ready]
-        if rows != list(range(len(computing))):
-            index = torch.tensor(rows, device=self.device)
-            logits, choices = logits[index], None if choices is None else choices[index]
-        return [s.seq for s in ready], logits, choices
+        if not drafts:
+            emitted = self._sample(ready, logits, choices, rows) if ready else {}
+        else:  # the drafts verified, the other sequences sampled
+            verified, host_choices = speculator.verify(drafts, rows, logits, choices, self.bm, self.varlen)
+            ready = [s for s in ready if s.seq not in drafts]
+            emitted = self._sample(ready, logits, choices, rows, host_choices) if ready else {}
+            emitted.update(verified)
+        if timed and self.captures == captures:
+            tokens = sum(map(len, emitted.values())) if drafts else len(emitted)
+            speculator.switch.record(len(scheduled), bool(drafts), tokens, time.perf_counter() - started)
+        return emitted
 
-    def _forward(self, computing):
-        """(logits, greedy_choices or None): each computing sequence's last token's."""
+    def _forward(self, computing, drafts):
+        """(logits, their greedy_choices or None, rows): the logits of each computing sequence's
+        last token, then of its draft's tokens; rows: seq -> its first row."""
         counts = [s.num_new for s in computing]
-        if max(counts) > 1:  # prompt chunks, or a tree's accepted tokens recomputed
-            items = [ForwardItem(s.seq.seq_id, s.seq.token_range(s.seq.num_cached, s.seq.num_cached + s.num_new),
-                                 s.seq.num_cached, 0, None, [s.num_new - 1]) for s in computing]
-            if self.varlen is not None and max(counts) <= FEW_TOKENS:
-                return paged_forward(self.model, self.kv_caches, self.bm, self.device, items, self.varlen, choices=True)
-            return paged_forward(self.model, self.kv_caches, self.bm, self.device, items), None
+        if not drafts and max(counts) == 1:
+            return (*self._decode(computing), {s.seq: i for i, s in enumerate(computing)})
+        # Drafts, prompt chunks, or a tree's accepted tokens recomputed: one packed forward.
+        items, rows, first = [], {}, 0
+        for s in computing:
+            seq, start, draft = s.seq, s.seq.num_cached, drafts.get(s.seq)
+            extra, parents = (draft.tokens, draft.parents) if draft is not None else ([], None)
+            rows[seq], first = first, first + 1 + len(extra)
+            items.append(ForwardItem(seq.seq_id, seq.token_range(start, start + s.num_new) + extra, start, len(extra),
+                                     parents, list(range(s.num_new - 1, s.num_new + len(extra)))))
+        graphs = self.varlen if drafts or max(counts) <= FEW_TOKENS else None
+        return (*paged_forward(self.model, self.kv_caches, self.bm, self.device, items, graphs, choices=True), rows)
+
+    def _decode(self, computing):
+        """(logits, greedy_choices or None) of one new token per sequence: a DecodeGraphs
+        replay (which computes the choices) when the batch fits one, else an eager forward."""
         seq_ids = [s.seq.seq_id for s in computing]
-        tables, slots = self.bm.block_tables(seq_ids), self.bm.slot_mapping(seq_ids, counts)  # numpy
+        tables, slots = self.bm.block_tables(seq_ids), self.bm.slot_mapping(seq_ids, [1] * len(seq_ids))  # numpy
         ids = [s.seq.token_range(s.seq.num_cached, s.seq.num_cached + 1)[0] for s in computing]
         positions = [s.seq.num_cached for s in computing]
         if self.graphs is not None and self.graphs.fits(len(computing), tables.shape[1]):
@@ -77,3 +123,28 @@ class ModelRunner:
                                block_tables=torch.from_numpy(tables).to(self.device, non_blocking=True),
                                seq_lens=packed[2 * n:3 * n].int(), cu_seqlens_q=None, decode_only=True)
         return self.model(packed[:n], packed[n:2 * n], batch, self.kv_caches)
+
+    def _sample(self, ready, logits, choices, rows, host_choices=None):
+        """{seq: [(token, logprob, top logprobs or None)]}: each ready sequence's next token, from
+        its last token's row (a fork's: its parent's). host_choices: after a verification, every
+        row's greedy (token, logprob) on the host, which greedy sequences emit unless their logits
+        are transformed first or they ask for logprobs; the others go through the sampler."""
+        emitted = {}
+        if host_choices is not None:
+            for s in ready:
+                if s.seq.params.temperature == 0 and not s.seq.params._special:
+                    emitted[s.seq] = [(*host_choices[rows[s.logits_of]], None)]
+            ready = [s for s in ready if s.seq not in emitted]
+            if not ready:
+                return emitted
+        index = [rows[s.logits_of] for s in ready]
+        if index != list(range(logits.shape[0])):
+            index = torch.tensor(index, device=self.device)
+            logits, choices = logits[index], None if choices is None else choices[index]
+        seqs = [s.seq for s in ready]
+        tokens, logprobs, tops = sample_step(logits, seqs, choices, self.eos_token_ids)
+        if tops is None:  # no request asks for logprobs
+            emitted.update({seq: [(token, logprob, None)] for seq, token, logprob in zip(seqs, tokens, logprobs)})
+        else:
+            emitted.update({seq: [entry] for seq, entry in zip(seqs, zip(tokens, logprobs, tops))})
+        return emitted

@@ -1,21 +1,10 @@
-"""Next-token sampling for a whole step at once, on the logits' device, with one host sync.
-
-Greedy rows (temperature 0) take the argmax, with its log-probability: greedy_choices, which
-the CUDA graphs of decode and verification forwards compute with the logits, saving the step
-its launches. Sampled rows apply temperature, top-k and top-p, then pick a token by inverse CDF
-with a uniform drawn from Philox-4x32-10 (the generator of the verification kernels) keyed by
-(request seed, sample index, position): a seeded request draws the same tokens alone or in any
-batch, on CPU or GPU.
-
-Requests with penalties, min_tokens or logprobs (SamplingParams._special) go through
-sample_step's longer path: their rows' logits are penalized first (vLLM's order: repetition,
-frequency, presence; EOS and stop ids masked until min_tokens), greedy rows then take the
-argmax of the penalized logits, and rows asking for logprobs get the raw log_softmax of the
-model's logits (before any transform) at the sampled token and the top N. A step without such
-requests takes the plain path unchanged (a graph's greedy choices, one host copy).
+"""Next-token sampling for a whole step at once, on the logits' device, with one host sync:
+greedy rows take the argmax (greedy_choices, which the CUDA graphs compute with the logits),
+sampled rows draw from their processed distribution with a Philox uniform keyed by
+(Sequence.seed, sample index, position), so a seeded request draws the same tokens alone or in
+any batch, on CPU or GPU. sample_step adds the per-request transforms (penalties, min_tokens)
+and logprobs.
 """
-import zlib
-
 import numpy as np
 import torch
 
@@ -32,18 +21,23 @@ def greedy_choices(logits, out=None):
     return ops.argmax_logprob(logits, out=out)
 
 
-def sample_step(logits, seqs, engine_seed, choices=None, eos_token_ids=frozenset()):
+def sample_step(logits, seqs, choices=None, eos_token_ids=frozenset()):
     """(tokens, logprobs, tops): sample() with the per-request transforms of SamplingParams
     (penalties, min_tokens; eos_token_ids are the ids min_tokens holds back). tops is None when
     no row asks for logprobs, else one entry per row: None, or {token_id: raw logprob} with the
-    sampled token first, then the params.logprobs most likely tokens by rank."""
-    if not any(s.params._special for s in seqs):  # the plain step, as it always was
-        return (*sample(logits, seqs, engine_seed, choices), None)
+    sampled token first, then the params.logprobs most likely tokens by rank.
+
+    Rows of requests with transforms or logprobs (SamplingParams._special) have their logits
+    penalized first (vLLM's order: repetition, frequency, presence; EOS and stop ids masked
+    until min_tokens); greedy rows then take the argmax of the penalized logits, and logprobs
+    are the raw log_softmax of the model's logits. A step without such requests is sample()."""
+    if not any(s.params._special for s in seqs):  # no transforms, no logprobs: the plain path
+        return (*sample(logits, seqs, choices), None)
     raw = logits
     if any(s.params._transforms_logits for s in seqs):
         logits = apply_penalties(logits, seqs, eos_token_ids)
         choices = None  # a graph's greedy choices are the raw logits' argmax
-    tokens, logprobs = sample(logits, seqs, engine_seed, choices)
+    tokens, logprobs = sample(logits, seqs, choices)
     tops = None
     if any(s.params.logprobs is not None for s in seqs):
         tops = top_logprobs(raw, seqs, tokens)
@@ -124,9 +118,12 @@ def top_logprobs(logits, seqs, tokens):
     return out
 
 
-def sample(logits, seqs, engine_seed, choices=None):
+def sample(logits, seqs, choices=None):
     """logits float32 [rows, vocab], one row per sequence in seqs; returns (tokens, logprobs)
-    lists. choices: the logits' greedy_choices when already computed (by a graph)."""
+    lists. Greedy rows (temperature 0) take the argmax; sampled ones apply temperature, min_p,
+    top-k and top-p, then pick a token by inverse CDF with a uniform from Philox-4x32-10 (the
+    verification kernels' generator). choices: the logits' greedy_choices when already
+    computed (by a graph)."""
     greedy = [i for i, s in enumerate(seqs) if s.params.temperature == 0]
     if len(greedy) == len(seqs):  # the common step: one copy of the choices to the host
         both = (greedy_choices(logits) if choices is None else choices).cpu().numpy()
@@ -140,7 +137,7 @@ def sample(logits, seqs, engine_seed, choices=None):
     sampled = [i for i, s in enumerate(seqs) if s.params.temperature != 0]
     if sampled:
         rows = _index(sampled, logits.device, len(seqs))
-        chosen, logprob = _sample_rows(logits[rows], [seqs[i] for i in sampled], engine_seed)
+        chosen, logprob = _sample_rows(logits[rows], [seqs[i] for i in sampled])
         tokens[rows], logprobs[rows] = chosen, logprob
     return _to_host(tokens, logprobs)
 
@@ -192,12 +189,12 @@ def probabilities(logits, params):
     return probs
 
 
-def _sample_rows(logits, seqs, engine_seed):
+def _sample_rows(logits, seqs):
     device = logits.device
     probs = probabilities(logits, [s.params for s in seqs])
     cdf = probs.cumsum(-1)
     total = cdf[:, -1:]
-    uniform = torch.tensor([_uniform(s, engine_seed) for s in seqs], dtype=torch.float32, device=device)
+    uniform = torch.tensor([_uniform(s) for s in seqs], dtype=torch.float32, device=device)
     # Kept below the total so rounding can never run past the last token.
     target = torch.minimum(uniform[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
     # The first token whose CDF exceeds the draw: never a zero-probability token, whose CDF
@@ -206,10 +203,9 @@ def _sample_rows(logits, seqs, engine_seed):
     return tokens, probs.gather(-1, tokens[:, None]).squeeze(-1).log()
 
 
-def _uniform(seq, engine_seed):
-    """A uniform in [0, 1) keyed by (seed, sample index, position)."""
-    seed = seq.params.seed if seq.params.seed is not None else engine_seed ^ zlib.crc32(seq.request_id.encode())
-    seed &= (1 << 64) - 1
+def _uniform(seq):
+    """A uniform in [0, 1) keyed by (the sequence's seed, its sample index, its position)."""
+    seed = seq.seed & ((1 << 64) - 1)
     position = len(seq)
     words = _C.philox4x32_10(seq.index & 0xFFFFFFFF, 0, position & 0xFFFFFFFF, 0,
                              seed & 0xFFFFFFFF, seed >> 32)

@@ -1,11 +1,7 @@
-"""Iteration-level continuous batching over the C++ BlockManager, as nano-vllm does it: two
-queues, running sequences first (a decode token or a prefill chunk each), then waiting ones
-admitted while blocks, sequence slots and the token budget (max_num_batched_tokens) last. When a running sequence cannot get a slot, the
-newest running sequence is preempted by recompute: its blocks are freed and it goes back to
-the front of the waiting queue with every token it has produced. Nothing is dropped.
-
-A prompt longer than the step's token budget is prefilled in chunks, mixed with decodes.
-"""
+"""Iteration-level continuous batching over the C++ BlockManager, as nano-vllm does it: running
+sequences first (a decode token or a prompt chunk each), then waiting ones admitted while
+blocks, sequence slots and the token budget last; a sequence that cannot get a slot preempts
+the newest running one, by recompute (nothing is dropped)."""
 from collections import deque
 from dataclasses import dataclass
 
@@ -36,7 +32,10 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self):
-        """The sequences of one step and the copy-on-write block copies to do before it.
+        """The sequences of one step and the copy-on-write block copies to do before it. A
+        preempted sequence's blocks are freed and it goes back to the front of the waiting
+        queue with every token it has produced; a prompt longer than the token budget is
+        prefilled in chunks, mixed with decodes.
 
         A running sequence computes its uncached tokens: one after a decode step, or the next
         chunk of a prompt that did not fit the token budget. Slots are reserved only for the
@@ -98,20 +97,16 @@ class Scheduler:
         self.preemptions += 1
 
     def finish(self, seq):
-        self.bm.free(seq.seq_id)
-        self.running.remove(seq)
+        """seq ends: running, its blocks are freed; waiting (preempted, or not yet admitted), it
+        leaves its queued group."""
+        if seq.status == Status.RUNNING:
+            self.bm.free(seq.seq_id)
+            self.running.remove(seq)
+        else:
+            kept = deque()
+            for group in self.waiting:
+                left = [s for s in group if s is not seq]
+                if left:
+                    kept.append(left)
+            self.waiting = kept
         seq.status = Status.FINISHED
-
-    def abort(self, request_id):
-        for seq in [s for s in self.running if s.request_id == request_id]:
-            self.finish(seq)
-            seq.finish_reason = "abort"
-        kept = deque()
-        for group in self.waiting:
-            left = [s for s in group if s.request_id != request_id]
-            for s in group:
-                if s.request_id == request_id:
-                    s.status, s.finish_reason = Status.FINISHED, "abort"
-            if left:
-                kept.append(left)
-        self.waiting = kept

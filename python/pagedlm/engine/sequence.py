@@ -1,5 +1,7 @@
-"""SamplingParams and the per-sequence state the scheduler and runner share."""
-from dataclasses import dataclass, field
+"""SamplingParams, and Sequence: one sample of a request, the state the scheduler, the runner
+and the engine share."""
+import zlib
+from dataclasses import InitVar, dataclass, field
 from enum import Enum
 
 from pagedlm.engine.checks import check_bool, check_float, check_int, check_token_ids
@@ -116,6 +118,15 @@ class Sequence:
     logprobs: list | None = None     # per output token, {token_id: logprob} (params.logprobs)
     text: object = None              # a SampleText when stop strings (or a front end) need the text
     error: str | None = None         # why, when finish_reason is "error" outside a failed step
+    forwards: int = 0                # steps that emitted its tokens (one forward each)
+    speculation: object = None       # a speculative engine's counters for it (SequenceRecord), from its first draft
+    engine_seed: InitVar[int] = 0    # LLM(seed=...), which seeds the requests that bring none
+    seed: int = field(init=False)    # the seed of its random draws (plain and speculative sampling)
+
+    def __post_init__(self, engine_seed):
+        # Worked out once: the request's own seed, else the engine's mixed with the request id.
+        self.seed = (self.params.seed if self.params.seed is not None
+                     else engine_seed ^ zlib.crc32(self.request_id.encode()))
 
     @property
     def tokens(self):

@@ -1,26 +1,18 @@
 """Incremental detokenization and stop strings: one implementation for offline generation
-(LLM.generate) and the server (AsyncLLM), through SampleText.
-
-IncrementalDetokenizer turns a growing list of token ids into text deltas by decoding a short
-window (as vLLM does): the tokens from `prefix_offset` to the end against those from
-`prefix_offset` to `read_offset`. A byte-level BPE token can hold part of a multi-byte
-character; while the window's text ends in U+FFFD the delta waits for the next token. At the
-end, `finish()` returns whatever is left so that the concatenated deltas equal the text
-pagedlm.LLM gives offline (decode(prompt + output) less decode(prompt)).
-
-StopStrings finds stop strings in that text across token boundaries, cuts the text before the
-first one, and holds back a tail that could still become one, so no part of a stop string is
-ever streamed.
-
-SampleText is one sample's text as its tokens come, one at a time: the engine feeds it every
-token it emits (LLM._emit) and ends the sample as soon as a stop string shows in the text.
-"""
+(LLM.generate) and the server (AsyncLLM), through SampleText, one sample's text as the
+engine emits its tokens."""
 
 REPLACEMENT = "\ufffd"
 PREFIX_WINDOW = 6  # prompt tokens decoded with the first output tokens (context for merges)
 
 
 class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas by decoding a short window (as vLLM
+    does): the tokens from prefix_offset to the end against those from prefix_offset to
+    read_offset. A byte-level BPE token can hold part of a multi-byte character; while the
+    window's text ends in U+FFFD the delta waits for the next token. finish() returns whatever
+    is left, so that the deltas add up to the text pagedlm.LLM gives offline."""
+
     def __init__(self, tokenizer, prompt_ids):
         self.tokenizer = tokenizer
         self.prompt_len = len(prompt_ids)
@@ -57,8 +49,10 @@ class IncrementalDetokenizer:
 
 
 class StopStrings:
-    """Scans one sample's text for stop strings as it grows; feed() returns the text that can be
-    released now and whether a stop string was found (the text is then cut before it)."""
+    """Scans one sample's text for stop strings as it grows, across token boundaries; feed()
+    returns the text that can be released now and whether a stop string was found (the text is
+    then cut before it). A tail that could still become a stop string is held back, so no part
+    of one is ever streamed."""
 
     def __init__(self, stops, include_stop=False):
         self.stops = [s for s in stops if s]

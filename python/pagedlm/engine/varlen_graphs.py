@@ -1,30 +1,6 @@
-"""CUDA graphs for small forwards in which each sequence brings a few tokens: speculative
-verification (the last token and its draft), the draft model catching up on the tokens the
-target accepted, a lookahead window under its custom mask.
-
-One graph serves any split of its tokens among its sequences: the prefill kernel finds each
-sequence's rows by walking cu_seqlens_q on the device, and its grid is sized from the
-buffers' shapes. Graphs are keyed by (token bucket, sequence bucket, table width, masked).
-The padding tokens form one padding sequence after the real ones, which writes no KV (slots
--1) and reads block 0 (under a custom mask, nothing), so every value stays valid even for
-the strictest input checks; further padding sequences are empty. The logits of the rows the
-caller picks (an index in the inputs) are computed, into one output buffer that all the graphs
-share (a graph per bucket and width each holding [tokens, vocab] float32 would cost gigabytes
-with a large vocabulary), and so is each row's greedy choice (its argmax and log-probability),
-which verification reads without launching anything more.
-
-Forwards of a few tokens per sequence under the causal mask attend as decode queries: token
-j of a sequence is one query over the sequence's first position_j + 1 cached tokens (its
-table row and that length), computed by paged_decode_attention. Its split-K kernel takes a
-fraction of the time of the prefill kernel, which walks each sequence's keys in one thread
-block, for these shapes; and verification then computes its logits with the same
-kernel as plain decoding. It rereads a sequence's keys once per query, so it is used only
-where the graph averages at most PER_QUERY_TOKENS tokens per sequence. Masked forwards (tree
-and lookahead windows) do the same up to MASKED_PER_QUERY_TOKENS: each token is a decode query
-over its sequence's whole length, its row of the custom mask located by an offset. The prefill
-kernel runs one thread block per (sequence, head) for such windows, walking every key in turn,
-many times slower than the split-K decode kernel for a lookahead window.
-"""
+"""CUDA graphs for forwards in which each sequence brings a few tokens: speculative verification
+(the last token and its draft), the draft model catching up on the tokens the target
+accepted, a lookahead window under its custom mask, a tree's accepted tokens recomputed."""
 import numpy as np
 import torch
 
@@ -38,8 +14,22 @@ MASKED_PER_QUERY_TOKENS = 64  # the same for masked forwards
 
 
 class VarlenGraphs:
+    """Graphs keyed by (token bucket, sequence bucket, table width, masked). One graph serves
+    any split of its tokens among its sequences (the prefill kernel walks cu_seqlens_q on the
+    device). The padding tokens form one padding sequence after the real ones, which writes no
+    KV (slots -1) and reads block 0 (under a custom mask, nothing), so every value stays valid
+    for the strictest input checks; further padding sequences are empty. The rows the caller
+    picks get their logits and greedy choices, in one output buffer that every graph shares
+    (one per graph would hold [tokens, vocab] float32 each).
+
+    Up to PER_QUERY_TOKENS tokens per sequence (MASKED_PER_QUERY_TOKENS under a mask), each
+    token attends as a decode query over its sequence's first position + 1 tokens (its row of
+    the mask located by an offset): the split-K decode kernel is much faster for such shapes
+    than the prefill kernel, which walks each sequence's keys in one thread block."""
+
     def __init__(self, model, kv_caches, max_num_seqs, device, pool):
         self.model, self.kv_caches, self.device, self.pool = model, kv_caches, device, pool
+        self.max_tokens = TOKEN_BUCKETS[-1]  # the most tokens a replayed forward holds
         # Few sequence buckets (a spare sequence costs one block that leaves at once), so few
         # graphs: each capture costs a forward and tens of milliseconds.
         self.seq_buckets = [b for b in (4, 16, 64, 256) if b <= max_num_seqs] + [max_num_seqs + 1]

@@ -1,16 +1,6 @@
-"""Verification of a step's drafts with pagedlm's kernels. Greedy requests are verified in
-one batched call per draft shape (chains with verify_greedy and ragged draft_lens, trees with
-verify_tree_greedy and padding nodes). Sampled requests are verified one by one, each with
-its own seed and its position as the Philox offset, so a seeded request's tokens do not
-depend on its batch (the kernels take one seed per call).
-
-Everything the host needs from the greedy requests (the kernels' verdicts, each row's argmax
-and its log-probability, which the forward's graph computes with the logits) comes back in
-one transfer, so a step synchronizes once however many sequences it verifies: a greedy
-request emits each row's argmax. When the forward replayed a VarlenGraphs graph, the greedy
-verification is itself one replay of a VerificationGraphs graph (inputs padded to buckets):
-on a small model each launch and each torch call costs the host as much as a kernel, and
-this part of the step made about twenty of them."""
+"""Lossless verification of a step's drafts with pagedlm's kernels (Verification), and the CUDA
+graphs of the greedy part (VerificationGraphs): greedy requests are verified in one batched
+call per draft shape, sampled ones one by one with their own seed."""
 import math
 
 import numpy as np
@@ -18,14 +8,17 @@ import torch
 
 import pagedlm.ops as ops
 from pagedlm.engine.cuda_graphs import capture
-from pagedlm.spec.sampling import processed_probs, request_seed, token_logprobs
+from pagedlm.speculative.sampling import processed_probs, sample_seed, token_logprobs
 
 
 class Verification:
-    """One step's verification. Built while the device runs the step's forward (the host is
-    what limits small models): every index and draft the kernels read goes to the device in
-    one copy, which queues behind the forward without waiting for it. Then accept(logits,
-    choices) reads the verdicts back in one transfer."""
+    """One step's verification. Greedy chains go through verify_greedy with ragged draft_lens,
+    trees through verify_tree_greedy with padding nodes; every index and draft the kernels
+    read goes to the device in one copy, queued behind the forward. accept(logits, choices)
+    reads everything the host needs from the greedy requests (verdicts, each row's argmax and
+    its log-probability) back in one transfer, so a step synchronizes once. Sampled requests
+    are verified one by one, each with its own seed and its position as the Philox offset, so
+    their tokens do not depend on the batch (the kernels take one seed per call)."""
 
     def __init__(self, drafts, spans, device, graphs=None):
         """drafts: {seq: Draft}; spans: {seq: (its first row in the step's logits, its row
@@ -60,7 +53,7 @@ class Verification:
             self.inputs = (flat.pin_memory() if device.type == "cuda" else flat).to(device, non_blocking=True)
         self.row_choices = None
 
-    def accept(self, logits, choices, engine_seed):
+    def accept(self, logits, choices):
         """{seq: (path, tokens, logprobs, row_argmax)}: path indexes the seq's rows (0, then the
         accepted extras); tokens are the ones to emit, one per path entry, with their
         log-probabilities; row_argmax is the argmax of each of the seq's rows (proposers that
@@ -95,7 +88,7 @@ class Verification:
             if seq.params.temperature > 0:
                 first, count = self.spans[seq]
                 rows = logits[first:first + count]
-                path, tokens = _sampled(seq, self.drafts[seq], rows, engine_seed)
+                path, tokens = _sampled(seq, self.drafts[seq], rows)
                 results[seq] = (path, tokens, token_logprobs(rows[path], seq.params, tokens),
                                 argmax[first:first + count])
         return results
@@ -167,6 +160,7 @@ class VerificationGraphs:
 
     def __init__(self, varlen):
         self.varlen, self.graphs = varlen, {}
+        self.captures = 0  # graphs captured so far
 
     def holds(self, logits):
         """Whether logits are the first rows of the buffer these graphs read (a replayed forward)."""
@@ -195,6 +189,7 @@ class VerificationGraphs:
             return None
         if key not in self.graphs:
             self.graphs[key] = _VerificationGraph(self.varlen, key)
+            self.captures += 1
         return self.graphs[key]
 
 
@@ -234,8 +229,8 @@ def tree_view(seq, draft):
             [0] + [e + 1 for e in nodes])
 
 
-def _sampled(seq, draft, rows, engine_seed):
-    seed, offset = request_seed(seq, engine_seed), len(seq)
+def _sampled(seq, draft, rows):
+    seed, offset = sample_seed(seq), len(seq)
     if draft.parents is None:
         drafted = torch.tensor([draft.tokens], dtype=torch.int64, device=rows.device)
         q = None if draft.probs is None else draft.probs.unsqueeze(0).float()

@@ -2,7 +2,7 @@
 and verify it as a draft chain. The model's greedy outputs at the window's positions become
 the next guesses, so each step is one Jacobi iteration; a guess prefix that already equals
 the model's own continuation (the part at its fixed point) is accepted."""
-from pagedlm.spec.draft import ChainProposer, Draft
+from pagedlm.speculative.draft import ChainProposer, Draft
 
 
 class JacobiProposer(ChainProposer):

@@ -5,7 +5,7 @@ a deterministic draft, so sampled requests verify it with a one-hot q.
 Each sequence keeps an index from every n-gram (n <= max_ngram) to where the tokens after its
 latest occurrence start, extended by the tokens added since the last step, so a lookup costs
 O(max_ngram) however long the sequence (a scan would cost its length, every step)."""
-from pagedlm.spec.draft import ChainProposer, Draft
+from pagedlm.speculative.draft import ChainProposer, Draft
 
 
 class NgramProposer(ChainProposer):
@@ -25,9 +25,6 @@ class NgramProposer(ChainProposer):
             if draft:
                 drafts[seq] = Draft(draft)
         return drafts
-
-    def update(self, seq, draft, row_argmax, accepted):
-        pass
 
     def forget(self, seq):
         self.indexes.pop(seq, None)

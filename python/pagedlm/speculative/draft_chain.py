@@ -18,6 +18,7 @@ class DraftChainGraphs:
         self.model, self.kv_caches, self.steps, self.device, self.pool = model, kv_caches, steps, device, pool
         self.buckets = batch_buckets(max_num_seqs)
         self.graphs = {}
+        self.captures = 0  # graphs captured so far
 
     def run(self, first, meta, tables):
         """Tokens int64 [1 + steps, batch] on the device: first, then each step's argmax.
@@ -29,6 +30,7 @@ class DraftChainGraphs:
         graph = self.graphs.get(key)
         if graph is None:
             graph = self.graphs[key] = _ChainGraph(self, *key)
+            self.captures += 1
         return graph.run(first, meta, tables)
 
 

@@ -1,8 +1,6 @@
 """The target's sampling distribution over several rows of one request, as the engine's
-sampler forms it, and each request's seed: what lossless verification needs to accept or
-correct drafts as plain sampling would draw."""
-import zlib
-
+sampler forms it, and the key of each sequence's speculative draws: what lossless
+verification needs to accept or correct drafts as plain sampling would draw."""
 import torch
 
 from pagedlm.engine.sampler import probabilities
@@ -19,8 +17,8 @@ def token_logprobs(logits, params, tokens):
     return probs[torch.arange(len(tokens)), torch.tensor(tokens)].tolist()
 
 
-def request_seed(seq, engine_seed):
-    """The seed of a sequence's random draws: the request's, else derived from the engine's
-    seed and the request id; mixed with the sample index so n > 1 samples differ."""
-    seed = seq.params.seed if seq.params.seed is not None else engine_seed ^ zlib.crc32(seq.request_id.encode())
-    return ((seed * 1_000_003 + seq.index) * 1_000_003) & ((1 << 63) - 1)
+def sample_seed(seq):
+    """The key of a sequence's speculative draws: its seed (Sequence.seed, as plain sampling
+    uses it) mixed with its sample index so n > 1 samples differ. (Plain sampling puts the
+    index in Philox's counter; the verification kernels' counter has no place for it.)"""
+    return ((seq.seed * 1_000_003 + seq.index) * 1_000_003) & ((1 << 63) - 1)

@@ -1,28 +1,27 @@
 """Lookahead decoding (Fu et al. 2024), batched: per sequence a 2-D Jacobi window of N-1
 levels by W columns and a pool of n-grams harvested from it; each step verifies up to G
-pool n-grams that start with the last token, all in the same forward as the window.
-
-Window token (l, j) sits at position last + 1 + l + j and attends to level 0 up to column j,
-then to column j up to level l: a contiguous chain of positions, so the window is a tree
-rooted at the last token. The candidates form a trie under the same root. The outputs of the
-last level are the window's next level, and each column yields the n-gram
-window[0][j], ..., window[N-2][j], output[j] of consecutive positions.
-
-With pool_from_prompt (the default, as the reference implementation's POOL_FROM_PROMPT, which
-its code benchmarks use), the sequence's own n-grams join the pool too: the prompt's at the
-first step, then those each committed token ends. Code repeats itself, so these are often the
-best guesses; the window's n-grams still cover what the context has not said yet."""
+pool n-grams that start with the last token, all in the same forward as the window."""
 import random
 import zlib
 
-from pagedlm.spec.draft import Draft
+from pagedlm.speculative.draft import Draft, Proposer
 
 
-class LookaheadProposer:
+class LookaheadProposer(Proposer):
+    """Window token (l, j) sits at position last + 1 + l + j and attends to level 0 up to column
+    j, then to column j up to level l: a contiguous chain of positions, so the window is a tree
+    rooted at the last token. The candidates form a trie under the same root. The outputs of
+    the last level are the window's next level, and each column yields the n-gram
+    window[0][j], ..., window[N-2][j], output[j] of consecutive positions. With
+    pool_from_prompt, the sequence's own n-grams join the pool too (the prompt's at the first
+    step, then those each committed token ends): text repeats itself, so these are often the
+    best guesses."""
+
     def __init__(self, window, ngram, guesses, pool_from_prompt=True):
         self.W, self.N, self.G = window, ngram, guesses
         self.pool_from_prompt = pool_from_prompt
         self.window_parents = [self._parent(level, j) for level in range(self.N - 1) for j in range(self.W)]
+        self.verification_bounds = (0, 1 + self.G * (self.N - 1))  # a trie of G branches of N - 1 tokens
         self.windows = {}  # seq -> N-1 levels of W tokens
         self.pools = {}    # seq -> {first token: {continuation (N-1 tokens): None}, newest last}
         self.pooled = {}   # seq -> how many of its tokens have ended an n-gram added to its pool

@@ -12,18 +12,17 @@ import pagedlm
 from pagedlm.engine.sequence import Status
 from pagedlm.engine.forward import ForwardItem, paged_forward
 from pagedlm.engine.varlen_graphs import VarlenGraphs
-from pagedlm.spec.draft import ChainProposer, Draft
-from pagedlm.spec.draft_chain import DraftChainGraphs
-from pagedlm.spec.sampling import processed_probs, request_seed
+from pagedlm.speculative.draft import ChainProposer, Draft
+from pagedlm.speculative.draft_chain import DraftChainGraphs
+from pagedlm.speculative.sampling import processed_probs, sample_seed
 
 
 PENDING = -1  # the token id of a reserved slot whose token the chain has yet to draft
 
 
 class DraftModelProposer(ChainProposer):
-    def __init__(self, model, num_tokens, num_blocks, block_size, device, engine_seed, *, use_cuda_graphs=False,
-                 max_num_seqs=256):
-        self.model, self.num_tokens, self.device, self.engine_seed = model, num_tokens, device, engine_seed
+    def __init__(self, model, num_tokens, num_blocks, block_size, device, *, use_cuda_graphs=False, max_num_seqs=256):
+        self.model, self.num_tokens, self.device = model, num_tokens, device
         self.bm = pagedlm.BlockManager(num_blocks, block_size, False)
         self.kv_caches = model.make_kv_caches(num_blocks, block_size)
         self.cached = {}  # seq -> the tokens whose draft KV is cached (or reserved)
@@ -99,8 +98,9 @@ class DraftModelProposer(ChainProposer):
                 self.cached[seq][-n:] = row[:n]
         return drafts
 
-    def update(self, seq, draft, row_argmax, accepted):
-        pass  # the next propose() keeps what still matches the sequence
+    @property
+    def captures(self):
+        return sum(graphs.captures for graphs in (self.varlen, self.chain) if graphs is not None)
 
     def forget(self, seq):
         self.matched.pop(seq, None)
@@ -141,6 +141,6 @@ class DraftModelProposer(ChainProposer):
         if seq.params.temperature == 0:
             return int(logits.argmax()), None
         q = processed_probs(logits.unsqueeze(0), seq.params)[0]
-        key = (request_seed(seq, self.engine_seed) * 31 + position) & ((1 << 63) - 1)
+        key = (sample_seed(seq) * 31 + position) & ((1 << 63) - 1)
         token = int(torch.multinomial(q.cpu(), 1, generator=torch.Generator().manual_seed(key)))
         return token, q

@@ -1,4 +1,5 @@
-"""Shared types of the speculative methods: what a proposer drafts for one sequence."""
+"""What every speculative method shares: Draft (the extra tokens proposed for one sequence) and
+the Proposer interface the speculator calls."""
 from dataclasses import dataclass
 
 import torch
@@ -20,8 +21,24 @@ class Draft:
     probs: torch.Tensor | None = None
 
 
-class ChainProposer:
+class Proposer:
+    """A speculative method: propose(seqs, caps) -> {seq: Draft}, draft_size(seq, cap), and
+    update(seq, draft, row_argmax, accepted) after each verification; forget(seq) drops what
+    it keeps for a sequence. verification_bounds: (longest chain drafted, most nodes of a
+    verification tree, root included), the shapes its steps verify."""
+    verification_bounds = (0, 0)
+    captures = 0  # CUDA graphs it captured (a draft model's)
+
+    def update(self, seq, draft, row_argmax, accepted):
+        pass
+
+
+class ChainProposer(Proposer):
     """A proposer of chains of at most num_tokens tokens (n-gram, Jacobi, draft model)."""
+
+    @property
+    def verification_bounds(self):
+        return self.num_tokens, 0
 
     def draft_size(self, seq, cap):
         """The tokens seq's draft will hold, at most, when it may take `cap` more (the speculator

@@ -7,13 +7,13 @@ requests emit exactly plain greedy decoding's tokens, sampled ones the target's 
 Every method also takes "adaptive" (default True): the engine-wide switch of pay_switch.py.
 "lookahead" also takes "pool_from_prompt" (default True): the sequence's own n-grams join its pool.
 """
-from pagedlm.spec.draft_model import DraftModelProposer
-from pagedlm.spec.jacobi import JacobiProposer
-from pagedlm.spec.lookahead import LookaheadProposer
-from pagedlm.spec.ngram import NgramProposer
-from pagedlm.spec.speculator import Speculator
+from pagedlm.speculative.draft_model import DraftModelProposer
+from pagedlm.speculative.jacobi import JacobiProposer
+from pagedlm.speculative.lookahead import LookaheadProposer
+from pagedlm.speculative.ngram import NgramProposer
+from pagedlm.speculative.speculator import Speculator
 
-__all__ = ["Speculator", "check_config", "make_proposer", "verification_bounds"]
+__all__ = ["Speculator", "check_config", "make_speculator"]
 
 _KEYS = {"ngram": {"num_tokens", "max_ngram"}, "draft": {"model", "num_tokens"}, "jacobi": {"num_tokens"},
          "lookahead": {"window", "ngram", "guesses"}}
@@ -40,25 +40,20 @@ def check_config(config):
             raise ValueError(f"speculative['{key}']: must be an int >= {smallest}, got {value!r}")
 
 
-def make_proposer(config, *, draft_model, num_blocks, block_size, device, engine_seed, use_cuda_graphs=False,
-                  max_num_seqs=256):
-    """The proposer a checked `speculative` dict asks for (draft_model: the loaded draft, for
-    the draft method, which replays CUDA graphs with use_cuda_graphs)."""
+def make_speculator(config, *, max_num_batched_tokens, draft_model=None, num_blocks=None, block_size=None,
+                    device=None, use_cuda_graphs=False, max_num_seqs=256):
+    """The Speculator a checked `speculative` dict asks for, over its method's proposer
+    (draft_model: the loaded draft, for the draft method, whose cache has num_blocks blocks of
+    block_size tokens on device, and which replays CUDA graphs with use_cuda_graphs)."""
     method = config["method"]
     if method == "ngram":
-        return NgramProposer(config["num_tokens"], config["max_ngram"])
-    if method == "jacobi":
-        return JacobiProposer(config["num_tokens"])
-    if method == "lookahead":
-        return LookaheadProposer(config["window"], config["ngram"], config["guesses"],
-                                 config.get("pool_from_prompt", True))
-    return DraftModelProposer(draft_model, config["num_tokens"], num_blocks, block_size, device, engine_seed,
-                              use_cuda_graphs=use_cuda_graphs, max_num_seqs=max_num_seqs)
-
-
-def verification_bounds(config):
-    """(longest chain drafted, most nodes of a verification tree, root included) of a checked
-    `speculative` dict: the shapes its steps verify."""
-    if config["method"] == "lookahead":
-        return 0, 1 + config["guesses"] * (config["ngram"] - 1)
-    return config["num_tokens"], 0
+        proposer = NgramProposer(config["num_tokens"], config["max_ngram"])
+    elif method == "jacobi":
+        proposer = JacobiProposer(config["num_tokens"])
+    elif method == "lookahead":
+        proposer = LookaheadProposer(config["window"], config["ngram"], config["guesses"],
+                                     config.get("pool_from_prompt", True))
+    else:
+        proposer = DraftModelProposer(draft_model, config["num_tokens"], num_blocks, block_size, device,
+                                      use_cuda_graphs=use_cuda_graphs, max_num_seqs=max_num_seqs)
+    return Speculator(proposer, max_num_batched_tokens, adaptive=config.get("adaptive", True))

@@ -1,28 +1,8 @@
-"""The engine-wide switch that stops speculation where it costs more than it saves.
-
-Acceptance alone (the per-sequence backoff in speculator.py) cannot tell whether drafting
-pays: a method can be accepted often and still lose, as a large lookahead tree does at batch
-16, or a draft model nearly as slow as its target. So the speculator also times its decode
-steps: for steps with drafts and steps without it keeps decayed sums of emitted tokens and of
-seconds, and drafts while the first ratio (tokens per second) is at least the second. Sums,
-not an average of per-step rates: one step's rate swings with how many drafts it happened to
-accept, the ratio of sums weighs each step by its time.
-
-Both rates depend on the batch: drafting that pays for one request can cost half the speed of
-sixteen. So each power-of-two batch size keeps its own measurements and its own choice.
-
-It re-measures the mode not in use now and then, PROBE_LENGTH steps in a row, to notice when
-the balance turns (the text gets easier, acceptance changes). A probe of the losing mode costs
-time: its steps emit their tokens at the slower rate, and a drafting step can last many plain
-steps (a draft model catching up on a hundred tokens per sequence). So probes are spaced in
-time: each costs PROBE_LENGTH * slow step * (1 - slow rate / fast rate) seconds, and the steps
-between two probes last that cost over PROBE_COST (a draft mode at 1/5 of plain's speed whose
-steps last 18 plain steps is probed every few thousand steps, a near tie every PROBE_EVERY),
-never further apart than MAX_PROBE_INTERVAL.
-
-It gates greedy sequences only. A seeded sampled sequence's tokens depend on which of its
-steps drafted, and they must never depend on timing; those keep the acceptance rule alone.
-"""
+"""The engine-wide switch that stops speculation where it costs more than it saves: for each
+power-of-two batch size, it compares the tokens per second of decode steps with and without
+drafts, lets greedy sequences draft while drafting is at least as fast, and now and then
+re-measures the mode not in use. Seeded sampled sequences are not gated: their tokens depend
+on which steps drafted, and must never depend on timing."""
 
 PROBE_EVERY = 16           # the closest two measurements of the mode not in use may be
 PROBE_LENGTH = 2           # steps one measurement lasts
@@ -34,6 +14,17 @@ DECAY = 0.97
 
 
 class PaySwitch:
+    """Acceptance alone cannot tell whether drafting pays: a method can be accepted often and
+    still lose (a large lookahead tree in a large batch, a draft model nearly as slow as its
+    target). So for steps with drafts and steps without, each batch-size bucket keeps decayed
+    sums of emitted tokens and of seconds, and drafts while the first ratio is at least the
+    second. Sums, not an average of per-step rates: one step's rate swings with how many
+    drafts it happened to accept, the ratio of sums weighs each step by its time.
+
+    The mode not in use is re-measured PROBE_LENGTH steps in a row, to notice when the balance
+    turns. A probe of the losing mode costs time, so probes are spaced by it: the steps between
+    two probes last the probe's cost over PROBE_COST, never more than MAX_PROBE_INTERVAL."""
+
     def __init__(self):
         self.regimes = {}  # batch-size bucket -> _Regime
 
