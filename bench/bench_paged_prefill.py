@@ -73,6 +73,8 @@ def main():
     parser.add_argument("--flashinfer-backends", type=lambda s: s.split(","), default=["fa2", "fa3"],
                         help="comma-separated FlashInfer backends to run (fa2, fa3, auto)")
     parser.add_argument("--kv-cache-dtype", default="bf16", choices=list(KV_DTYPES), help="the caches' type")
+    parser.add_argument("--backend", default="auto", choices=list(ops.PREFILL_BACKENDS),
+                        help="pagedlm's prefill kernel (paged_prefill_attention's backend)")
     parser.add_argument("--out", help="also write the table to this file")
     parser.add_argument("--append-results", action="store_true", help="append the table to bench/RESULTS.md")
     args = parser.parse_args()
@@ -82,7 +84,7 @@ def main():
     rows = []
     for label, batch, q_len, cached in SHAPES:
         query, kc, vc, tables, cu, lens = make_inputs(batch, q_len, cached, KV_DTYPES[args.kv_cache_dtype])
-        fns = {"pagedlm": lambda: ops.paged_prefill_attention(query, kc, vc, tables, cu, lens)}
+        fns = {"pagedlm": lambda: ops.paged_prefill_attention(query, kc, vc, tables, cu, lens, backend=args.backend)}
         for backend, anchor in zip(args.flashinfer_backends, anchors):
             fns[anchor] = lambda b=backend: flashinfer_prefill(query, kc, vc, tables, cu, lens, batch, cached + q_len, b)
         reference = fns["pagedlm"]()
@@ -106,7 +108,8 @@ def main():
     names = ["pagedlm", *anchors, "torch SDPA dense (MHA)"]
     lines = [f"### Paged prefill, {args.kv_cache_dtype} cache — {datetime.date.today()}, "
              f"{torch.cuda.get_device_name()}, commit {git_commit()}", "",
-             f"`python bench/bench_paged_prefill.py --kv-cache-dtype {args.kv_cache_dtype}` — bf16 queries, causal, {HEADS}/{KV_HEADS} heads, D={HEAD_DIM}, page "
+             f"`python bench/bench_paged_prefill.py --kv-cache-dtype {args.kv_cache_dtype} --backend {args.backend}` — "
+             f"bf16 queries, causal, {HEADS}/{KV_HEADS} heads, D={HEAD_DIM}, page "
              f"{PAGE}, scattered pages, `triton.testing.do_bench` median. TFLOP/s of causal attention "
              "(4·H·D per visible query-key pair).", "",
              "| shape | " + " | ".join(f"{n} ms (TFLOP/s)" for n in names) + " | best anchor | pagedlm speed vs it |",

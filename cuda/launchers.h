@@ -26,6 +26,8 @@ int paged_decode(const PagedDecodeParams& p, const DecodeWorkspace& workspace, v
 
 // f16/bf16 on tensor cores, f32 on CUDA cores.
 int paged_prefill(const PagedPrefillParams& p, void* stream);
+// Whether the Hopper wgmma kernel covers this configuration on the current device and build.
+bool paged_prefill_sm90_supports(const PagedPrefillParams& p);
 
 // One thread block per token row.
 int rms_norm(const RMSNormParams& p, void* stream);

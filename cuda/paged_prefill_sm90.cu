@@ -33,7 +33,6 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
-#include <cstdlib>
 #include <type_traits>
 
 #include "common.cuh"
@@ -593,12 +592,7 @@ bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15)
 }  // namespace
 
 bool paged_prefill_sm90_supports(const PagedPrefillParams& p) {
-  // PAGEDLM_PREFILL_SM90=0 keeps every call on the mma.sync kernel (for comparisons).
-  static const bool enabled = [] {
-    const char* flag = std::getenv("PAGEDLM_PREFILL_SM90");
-    return flag == nullptr || flag[0] != '0';
-  }();
-  return enabled && built_for_sm90a() && (p.dtype == DType::f16 || p.dtype == DType::bf16) &&
+  return built_for_sm90a() && (p.dtype == DType::f16 || p.dtype == DType::bf16) && p.kv_dtype == p.dtype &&
          (p.head_dim == 64 || p.head_dim == 128) && p.mask == nullptr && p.sliding_window <= 0 &&
          p.soft_cap <= 0.0f && p.scale > 0.0f && p.num_kv_heads > 0 && p.num_heads % p.num_kv_heads == 0 &&
          aligned16(p.query) && aligned16(p.key_cache) && aligned16(p.value_cache) && aligned16(p.out) &&

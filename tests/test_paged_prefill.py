@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+import pagedlm._C
 import pagedlm.ops as ops
 from attention_reference import (TOLERANCE, flat_masks, pack_masks, paged_inputs, prefill_reference)
 
@@ -25,6 +26,7 @@ def make_batch(seq_lens, q_lens, *, heads, head_dim, block_size, dtype, seed):
 def check(batch, dtype, **kwargs):
     query, kc, vc, tables, cu, lens = batch
     masks = kwargs.pop("masks", None)
+    backend = kwargs.pop("backend", "auto")
     mask_args = {}
     if masks is not None:
         fmt = kwargs.pop("mask_format", "flat")
@@ -33,7 +35,7 @@ def check(batch, dtype, **kwargs):
     expected, expected_lse = prefill_reference(query, kc, vc, tables, cu, lens, masks=masks, **kwargs)
     out = torch.full_like(query, math.nan)
     result, lse = ops.paged_prefill_attention(query, kc, vc, tables, cu, lens, return_lse=True, out=out,
-                                              **mask_args, **kwargs)
+                                              backend=backend, **mask_args, **kwargs)
     assert result is out
     torch.testing.assert_close(out.double(), expected, atol=TOLERANCE[dtype], rtol=0)
     torch.testing.assert_close(lse.double(), expected_lse, atol=1e-3, rtol=1e-4)
@@ -145,6 +147,8 @@ def test_torch_op_and_opcheck():
     (lambda a: a.update(custom_mask=torch.ones(300, dtype=torch.bool)), ValueError, "mask_indptr"),
     (lambda a: a.update(query=a["query"][:, :3]), ValueError, "query"),
     (lambda a: a.update(sliding_window=-2), ValueError, "sliding_window"),
+    (lambda a: a.update(backend="fa3"), ValueError, "backend"),
+    (lambda a: a.update(backend=None), ValueError, "backend"),
 ])
 def test_bad_input_raises_naming_the_argument(mutate, error, argument):
     query, kc, vc, tables, cu, lens = make_batch([12, 30], [12, 5], heads=(4, 2), head_dim=32, block_size=8,
@@ -155,11 +159,18 @@ def test_bad_input_raises_naming_the_argument(mutate, error, argument):
         ops.paged_prefill_attention(**args)
 
 
+@pytest.mark.parametrize("backend", ["auto", "mma", "sm90"])
+def test_cpu_path_takes_every_backend(backend):
+    batch = make_batch([40, 13], [40, 5], heads=(4, 2), head_dim=32, block_size=8, dtype=torch.float32, seed=29)
+    check(batch, torch.float32, backend=backend)
+
+
 # ---- CUDA -----------------------------------------------------------------------------
 def cuda_check(batch, dtype, **kwargs):
     """CUDA against the float64 reference and against the CPU path."""
     masks = kwargs.pop("masks", None)
     fmt = kwargs.pop("mask_format", "flat")
+    backend = kwargs.pop("backend", "auto")
     mask_args = {}
     if masks is not None:
         mask, indptr = (pack_masks if fmt == "packed" else flat_masks)(masks)
@@ -170,7 +181,7 @@ def cuda_check(batch, dtype, **kwargs):
     gpu_args = [t.cuda() for t in batch]
     gpu_mask = {k: v.cuda() for k, v in mask_args.items()}
     out = torch.full_like(gpu_args[0], math.nan)
-    _, lse = ops.paged_prefill_attention(*gpu_args, return_lse=True, out=out, **gpu_mask, **kwargs)
+    _, lse = ops.paged_prefill_attention(*gpu_args, return_lse=True, out=out, backend=backend, **gpu_mask, **kwargs)
     torch.testing.assert_close(out.cpu().double(), expected, atol=TOLERANCE[dtype], rtol=0)
     torch.testing.assert_close(lse.cpu().double(), expected_lse, atol=2e-3, rtol=1e-3)
     torch.testing.assert_close(out.cpu().float(), cpu.float(), atol=2 * TOLERANCE[dtype], rtol=0)
@@ -197,6 +208,25 @@ def test_cuda_custom_masks_and_tree(mask_format, dtype):
     masks[0][2] = False
     out, lse = cuda_check(batch, dtype, masks=masks, mask_format=mask_format)
     assert torch.all(out[2] == 0) and torch.all(lse[2] == -math.inf)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("causal", [True, False])
+def test_cuda_backends_agree_with_the_reference(dtype, causal):
+    # Both tensor-core kernels where the device has them: "mma" everywhere, "sm90" on Hopper.
+    batch = make_batch([700, 300, 129], [700, 100, 1], heads=(8, 2), head_dim=128, block_size=16, dtype=dtype,
+                       seed=41)
+    hopper = torch.cuda.get_device_capability() == (9, 0) and "90a" in pagedlm._C.cuda_architectures
+    for backend in ["auto", "mma"] + (["sm90"] if hopper else []):
+        cuda_check(batch, dtype, causal=causal, backend=backend)
+    if hopper:  # the wgmma kernel has no sliding window: asking for it there is an error, not a fallback
+        args = [t.cuda() for t in batch]
+        with pytest.raises(ValueError, match="backend"):
+            ops.paged_prefill_attention(*args, sliding_window=64, backend="sm90")
+    else:
+        with pytest.raises(ValueError, match="backend"):
+            ops.paged_prefill_attention(*[t.cuda() for t in batch], backend="sm90")
 
 
 @pytest.mark.gpu

@@ -394,7 +394,8 @@ void paged_prefill(Tensor query, Tensor key_cache, Tensor value_cache, Tensor bl
                    Tensor seq_lens, MutTensor out, std::optional<MutTensor> lse, std::optional<Tensor> custom_mask,
                    std::optional<Tensor> mask_indptr, bool causal, double scale, int64_t sliding_window,
                    double soft_cap, std::optional<MutTensor> tile_counter, double k_scale, double v_scale,
-                   std::optional<Tensor> k_scale_t, std::optional<Tensor> v_scale_t, uintptr_t stream) {
+                   std::optional<Tensor> k_scale_t, std::optional<Tensor> v_scale_t, int64_t backend,
+                   uintptr_t stream) {
   const AttentionShape a = check_attention(query, key_cache, value_cache, out, lse);
   const Placement where = a.where;
   expect_rank(seq_lens, 1, "seq_lens");
@@ -432,10 +433,18 @@ void paged_prefill(Tensor query, Tensor key_cache, Tensor value_cache, Tensor bl
     expect_same_placement(*tile_counter, where, "tile_counter", "query");
     p.tile_counter = static_cast<int32_t*>(tile_counter->data());
   }
+  if (backend < 0 || backend > 2) fail("backend", "expected 0 (automatic), 1 (mma) or 2 (sm90)");
+  p.backend = static_cast<PrefillBackend>(backend);
   if (where.cuda) {
     expect_cuda_head_dim(a.head_dim);
     expect_cuda_grid(a.num_heads, "query", "num_heads");
     expect_fp8_aligned(key_cache, value_cache, a.kv_dtype);
+#ifdef PAGEDLM_WITH_CUDA
+    if (p.backend == PrefillBackend::sm90 && !cuda::paged_prefill_sm90_supports(p)) {
+      fail("backend", "'sm90' needs an sm_90 GPU and a build with sm_90a code, f16/bf16 queries and caches, "
+                      "head_dim 64 or 128, 16-byte aligned tensors, and no custom mask, sliding window or soft cap");
+    }
+#endif
   }
   run_on(where, p, paged_prefill_cpu, PAGEDLM_CUDA_LAUNCHER(paged_prefill), stream, "paged_prefill_attention");
 }
@@ -548,7 +557,7 @@ void bind_ops(nb::module_& m) {
         "cu_seqlens_q"_a, "seq_lens"_a, "out"_a.noconvert(), "lse"_a.noconvert().none(), "custom_mask"_a.none(),
         "mask_indptr"_a.none(), "causal"_a, "scale"_a, "sliding_window"_a, "soft_cap"_a,
         "tile_counter"_a.noconvert().none(), "k_scale"_a, "v_scale"_a, "k_scale_t"_a.none(), "v_scale_t"_a.none(),
-        "stream"_a);
+        "backend"_a, "stream"_a);
   m.def("check_paged_decode_mask", &check_paged_decode_mask, "mask_offsets"_a, "seq_lens"_a, "mask_size"_a);
   m.def("check_paged_decode_values", &check_paged_decode_values, "block_tables"_a, "seq_lens"_a, "block_size"_a,
         "num_blocks"_a);

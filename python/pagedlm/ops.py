@@ -163,7 +163,7 @@ def _decode_into(query, key_cache, value_cache, block_tables, seq_lens, out, lse
 
 def paged_prefill_attention(query, key_cache, value_cache, block_tables, cu_seqlens_q, seq_lens, *, causal=True,
                             custom_mask=None, mask_indptr=None, scale=None, sliding_window=None, soft_cap=None,
-                            return_lse=False, out=None, k_scale=1.0, v_scale=1.0):
+                            return_lse=False, out=None, k_scale=1.0, v_scale=1.0, backend="auto"):
     """New query tokens of a packed batch attend to their sequences' cached tokens.
 
     query [total_q, num_heads, head_dim], sequence i's rows being cu_seqlens_q[i]:cu_seqlens_q[i+1]
@@ -174,6 +174,10 @@ def paged_prefill_attention(query, key_cache, value_cache, block_tables, cu_seql
     or a uint8 tensor bit-packed as FlashInfer packs it with mask_indptr counting bytes. A row
     that sees no token returns zeros (lse -inf). Returns out, or (out, lse) with return_lse.
     FP8 caches and k_scale / v_scale: as in paged_decode_attention.
+
+    backend picks the CUDA kernel: "auto" (the Hopper wgmma kernel where the GPU, the build and
+    the call allow it, else the mma.sync kernel), "mma" (always the mma.sync kernel) or "sm90"
+    (the wgmma kernel; a ValueError where it cannot run). The CPU path takes any of them.
     """
     expect_tensors(query=query, key_cache=key_cache, value_cache=value_cache, block_tables=block_tables,
                     cu_seqlens_q=cu_seqlens_q, seq_lens=seq_lens)
@@ -185,12 +189,14 @@ def paged_prefill_attention(query, key_cache, value_cache, block_tables, cu_seql
         raise TypeError(f"out: expected a torch.Tensor, got {type(out).__name__}")
     lse = torch.empty(query.shape[:2], dtype=torch.float32, device=query.device) if return_lse else None
     _prefill_into(query, key_cache, value_cache, block_tables, cu_seqlens_q, seq_lens, out, lse, causal, custom_mask,
-                  mask_indptr, scale, sliding_window, soft_cap, k_scale, v_scale)
+                  mask_indptr, scale, sliding_window, soft_cap, k_scale, v_scale, backend)
     return (out, lse) if return_lse else out
 
 
 def _prefill_into(query, key_cache, value_cache, block_tables, cu_seqlens_q, seq_lens, out, lse, causal, custom_mask,
-                  mask_indptr, scale, sliding_window, soft_cap, k_scale=1.0, v_scale=1.0):
+                  mask_indptr, scale, sliding_window, soft_cap, k_scale=1.0, v_scale=1.0, backend="auto"):
+    if backend not in PREFILL_BACKENDS:
+        raise ValueError(f"backend: expected one of {', '.join(map(repr, PREFILL_BACKENDS))}, got {backend!r}")
     scale, sliding_window, soft_cap = _attention_options(query, scale, sliding_window, soft_cap)
     k_value, k_tensor = _scale_args("k_scale", k_scale, key_cache)
     v_value, v_tensor = _scale_args("v_scale", v_scale, key_cache)
@@ -207,10 +213,11 @@ def _prefill_into(query, key_cache, value_cache, block_tables, cu_seqlens_q, seq
     tile_counter = torch.zeros(1, dtype=torch.int32, device=query.device) if large else None
     _C.paged_prefill(query, key_cache, value_cache, block_tables, cu_seqlens_q, seq_lens, out, lse, custom_mask,
                      mask_indptr, causal, scale, sliding_window, soft_cap, tile_counter, k_value, v_value, k_tensor,
-                     v_tensor, stream_of(query))
+                     v_tensor, PREFILL_BACKENDS.index(backend), stream_of(query))
 
 
 ATTENTION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+PREFILL_BACKENDS = ("auto", "mma", "sm90")  # the index is the C++ PrefillBackend
 
 
 def merge_attention_states(out_a, lse_a, out_b, lse_b, *, out=None):
@@ -487,7 +494,7 @@ _lib.define("paged_decode_attention(Tensor query, Tensor key_cache, Tensor value
 _lib.define("paged_prefill_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
             "Tensor cu_seqlens_q, Tensor seq_lens, bool causal=True, Tensor? custom_mask=None, "
             "Tensor? mask_indptr=None, float? scale=None, int? sliding_window=None, float? soft_cap=None, *, "
-            "Tensor? k_scale=None, Tensor? v_scale=None) -> (Tensor, Tensor)")
+            "Tensor? k_scale=None, Tensor? v_scale=None, str backend=\"auto\") -> (Tensor, Tensor)")
 _lib.define("paged_decode_attention_out(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
             "Tensor seq_lens, Tensor(a!) out, Tensor(b!)? lse, float? scale=None, int? sliding_window=None, "
             "float? soft_cap=None, Tensor? custom_mask=None, Tensor? mask_offsets=None, *, Tensor? k_scale=None, "
@@ -531,11 +538,11 @@ def _decode_out(query, key_cache, value_cache, block_tables, seq_lens, out, lse,
 
 def _prefill_functional(query, key_cache, value_cache, block_tables, cu_seqlens_q, seq_lens, causal=True,
                         custom_mask=None, mask_indptr=None, scale=None, sliding_window=None, soft_cap=None, *,
-                        k_scale=None, v_scale=None):
+                        k_scale=None, v_scale=None, backend="auto"):
     return paged_prefill_attention(query, key_cache, value_cache, block_tables, cu_seqlens_q, seq_lens,
                                    causal=causal, custom_mask=custom_mask, mask_indptr=mask_indptr, scale=scale,
                                    sliding_window=sliding_window, soft_cap=soft_cap, return_lse=True,
-                                   k_scale=_scale_or_one(k_scale), v_scale=_scale_or_one(v_scale))
+                                   k_scale=_scale_or_one(k_scale), v_scale=_scale_or_one(v_scale), backend=backend)
 
 
 def _cascade_functional(query, key_cache, value_cache, prefix_block_tables, prefix_lens, group_indptr,
@@ -592,7 +599,7 @@ def _(query, key_cache, value_cache, block_tables, seq_lens, out, lse, scale=Non
 
 @torch.library.register_fake("pagedlm::paged_prefill_attention")
 def _(query, key_cache, value_cache, block_tables, cu_seqlens_q, seq_lens, causal=True, custom_mask=None,
-      mask_indptr=None, scale=None, sliding_window=None, soft_cap=None, *, k_scale=None, v_scale=None):
+      mask_indptr=None, scale=None, sliding_window=None, soft_cap=None, *, k_scale=None, v_scale=None, backend="auto"):
     return torch.empty_like(query), query.new_empty(query.shape[:2], dtype=torch.float32)
 
 

@@ -17,6 +17,11 @@ namespace pagedlm {
 // or difference of two of them stays inside int32. A length above the capacity is a bad value.
 constexpr int64_t kMaxSequenceTokens = int64_t{1} << 30;
 
+// Which CUDA kernel computes a prefill: the fastest the device and the configuration allow
+// (automatic), the portable mma.sync kernel, or the Hopper wgmma kernel (sm90). The CPU path has
+// one kernel and takes any of them.
+enum class PrefillBackend : int32_t { automatic = 0, mma = 1, sm90 = 2 };
+
 struct PagedPrefillParams {
   const void* query = nullptr;            // [total_q, num_heads, head_dim] contiguous
   const void* key_cache = nullptr;        // [num_blocks, block_size, num_kv_heads, head_dim] contiguous
@@ -50,6 +55,7 @@ struct PagedPrefillParams {
   // Hopper kernel takes it: its blocks then overlap one query tile's start with the last one's end).
   // Null: one thread block per query tile. A counter serves one call at a time.
   int32_t* tile_counter = nullptr;
+  PrefillBackend backend = PrefillBackend::automatic;
 };
 
 // Throws InvalidArgument naming cu_seqlens_q, seq_lens, block_tables or mask_indptr when a
