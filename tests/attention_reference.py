@@ -12,12 +12,23 @@ def gather(cache, block_table, length, block_size):
     return cache[blocks, positions % block_size].double()
 
 
+def attend_one(q, k, v, scale, soft_cap):
+    """One query token's attention: q [H, D], k and v float64 [T > 0, KV, D] -> (out [H, D], lse [H])."""
+    num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    q = q.double().view(num_kv_heads, num_heads // num_kv_heads, head_dim)
+    logits = torch.einsum("kgd,tkd->kgt", q, k) * scale
+    if soft_cap:
+        logits = soft_cap * torch.tanh(logits / soft_cap)
+    out = torch.einsum("kgt,tkd->kgd", logits.softmax(-1), v).reshape(num_heads, head_dim)
+    return out, logits.logsumexp(-1).reshape(num_heads)
+
+
 def decode_reference(query, key_cache, value_cache, block_tables, seq_lens, *, scale=None, sliding_window=None,
                      soft_cap=None):
     """Returns (out float64 [B, H, D], lse float64 [B, H]); an empty row gives zeros and -inf."""
     batch, num_heads, head_dim = query.shape
-    block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
-    group = num_heads // num_kv_heads
+    block_size = key_cache.shape[1]
     scale = head_dim ** -0.5 if scale is None else scale
     out = torch.zeros(batch, num_heads, head_dim, dtype=torch.float64)
     lse = torch.full((batch, num_heads), -math.inf, dtype=torch.float64)
@@ -28,12 +39,7 @@ def decode_reference(query, key_cache, value_cache, block_tables, seq_lens, *, s
             continue
         k = gather(key_cache, block_tables[b].cpu(), length, block_size)[start:]
         v = gather(value_cache, block_tables[b].cpu(), length, block_size)[start:]
-        q = query[b].double().view(num_kv_heads, group, head_dim)
-        logits = torch.einsum("kgd,tkd->kgt", q, k) * scale
-        if soft_cap:
-            logits = soft_cap * torch.tanh(logits / soft_cap)
-        out[b] = torch.einsum("kgt,tkd->kgd", logits.softmax(-1), v).reshape(num_heads, head_dim)
-        lse[b] = logits.logsumexp(-1).reshape(num_heads)
+        out[b], lse[b] = attend_one(query[b], k, v, scale, soft_cap)
     return out, lse
 
 
@@ -43,8 +49,7 @@ def cascade_reference(query, key_cache, value_cache, prefix_block_tables, prefix
     prefix_lens[g] tokens of prefix_block_tables[g] followed by the first suffix_lens[b] tokens of
     suffix_block_tables[b]; a row that sees nothing gives zeros and -inf."""
     batch, num_heads, head_dim = query.shape
-    block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
-    group = num_heads // num_kv_heads
+    block_size = key_cache.shape[1]
     scale = head_dim ** -0.5 if scale is None else scale
     out = torch.zeros(batch, num_heads, head_dim, dtype=torch.float64)
     lse = torch.full((batch, num_heads), -math.inf, dtype=torch.float64)
@@ -55,14 +60,8 @@ def cascade_reference(query, key_cache, value_cache, prefix_block_tables, prefix
             suffix = [gather(cache, suffix_block_tables[b].cpu(), int(suffix_lens[b]), block_size)
                       for cache in (key_cache, value_cache)]
             k, v = torch.cat([prefix[0], suffix[0]]), torch.cat([prefix[1], suffix[1]])
-            if len(k) == 0:
-                continue
-            q = query[b].double().view(num_kv_heads, group, head_dim)
-            logits = torch.einsum("kgd,tkd->kgt", q, k) * scale
-            if soft_cap:
-                logits = soft_cap * torch.tanh(logits / soft_cap)
-            out[b] = torch.einsum("kgt,tkd->kgd", logits.softmax(-1), v).reshape(num_heads, head_dim)
-            lse[b] = logits.logsumexp(-1).reshape(num_heads)
+            if len(k) > 0:
+                out[b], lse[b] = attend_one(query[b], k, v, scale, soft_cap)
     return out, lse
 
 
