@@ -32,6 +32,11 @@ class SamplingParams:
     the model's raw log-probabilities (log_softmax of its logits, before penalties, temperature,
     top-k, top-p and min_p), as vLLM's default; cumulative_logprob is instead the
     log-probability under the distribution each token was drawn from (after those transforms).
+
+    prompt_logprobs: None (off) or N >= 0: the request's output gets, for every prompt token
+    after the first, the same kind of dict under the model given the tokens before it (the
+    prompt's token first, then the N most likely), and None for the first token, as vLLM's.
+    They come from the prefill's logits, so such a request is not served from the prefix cache.
     """
     n: int = 1
     temperature: float = 1.0
@@ -49,6 +54,7 @@ class SamplingParams:
     stop: tuple = ()
     include_stop_str_in_output: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self):
         # Checked here, so a request that reaches the engine cannot fail in the sampler. Values
@@ -76,6 +82,8 @@ class SamplingParams:
         put("include_stop_str_in_output", check_bool("include_stop_str_in_output", self.include_stop_str_in_output))
         if self.logprobs is not None:
             put("logprobs", check_int("logprobs", self.logprobs, minimum=0))
+        if self.prompt_logprobs is not None:
+            put("prompt_logprobs", check_int("prompt_logprobs", self.prompt_logprobs, minimum=0))
         # What the sampler asks of every request each step, worked out once: whether the logits
         # are transformed before sampling (penalties, min_tokens), and whether the request needs
         # more than the plain path (those, or logprobs). A request with neither takes exactly
@@ -94,6 +102,30 @@ def check_stop_strings(name, stop):
     if any(not s for s in stop):
         raise ValueError(f"{name}: empty strings are not allowed")
     return tuple(stop)
+
+
+class Logprob(float):
+    """One entry of a logprobs or prompt_logprobs dict: the token's log-probability, a float
+    (what these dicts have always held), carrying vLLM's Logprob fields too: logprob (the same
+    value), rank (1 + the number of tokens of larger log-probability; the top-N entries are
+    ranked 1..N by their place) and decoded_token (the token decoded alone, None without a
+    tokenizer)."""
+    __slots__ = ("rank", "decoded_token")
+
+    def __new__(cls, logprob, rank=None, decoded_token=None):
+        self = super().__new__(cls, logprob)
+        self.rank, self.decoded_token = rank, decoded_token
+        return self
+
+    @property
+    def logprob(self):
+        return float(self)
+
+    def __repr__(self):
+        return f"Logprob(logprob={float(self)!r}, rank={self.rank!r}, decoded_token={self.decoded_token!r})"
+
+    def __reduce__(self):
+        return type(self), (float(self), self.rank, self.decoded_token)
 
 
 class Status(Enum):
@@ -116,6 +148,9 @@ class Sequence:
     cumulative_logprob: float = 0.0
     finish_reason: str | None = None
     logprobs: list | None = None     # per output token, {token_id: logprob} (params.logprobs)
+    # params.prompt_logprobs: None, then {token_id: logprob} per prompt token as the forwards reach
+    # it; one list shared by the request's samples (whichever computes a position adds its entry).
+    prompt_logprobs: list | None = None
     text: object = None              # a SampleText when stop strings (or a front end) need the text
     error: str | None = None         # why, when finish_reason is "error" outside a failed step
     forwards: int = 0                # steps that emitted its tokens (one forward each)
