@@ -68,7 +68,6 @@ class _Sampling(_Strict):
 # parameter -> the values that mean "off" (what pagedlm does anyway)
 UNSUPPORTED = {
     "logit_bias": (None, {}),
-    "echo": (None, False),
     "suffix": (None, ""),
     "tools": (None, []),
     "tool_choice": (None, "none"),
@@ -82,8 +81,9 @@ class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = None  # the sampled token's log-probability and this many alternatives
     best_of: int | None = None
-    echo: bool | None = None
+    echo: bool | None = None  # the prompt before the completion (with logprobs: the prompt's too)
     suffix: str | None = None
+    prompt_logprobs: int | None = None  # vLLM's extension: each choice's prompt_logprobs, as vLLM's
 
 
 class ChatMessage(_Strict):
@@ -125,6 +125,22 @@ def num_logprobs(request):
     return count
 
 
+def num_prompt_logprobs(request):
+    """SamplingParams.prompt_logprobs of a request, as vLLM: its prompt_logprobs, else with echo
+    its logprobs (the echoed prompt's tokens get theirs)."""
+    if not isinstance(request, CompletionRequest):
+        return None
+    count = request.prompt_logprobs
+    if count is not None:
+        if not 0 <= count <= MAX_LOGPROBS:
+            raise ApiError(400, f"prompt_logprobs: must be in [0, {MAX_LOGPROBS}], got {count}", param="prompt_logprobs")
+        if request.stream:
+            raise ApiError(400, "prompt_logprobs: not available when stream is true (as vLLM; echo with logprobs "
+                                "streams the prompt's log-probabilities)", param="prompt_logprobs")
+        return count
+    return request.logprobs if request.echo else None
+
+
 def refuse_unsupported(request):
     for name, neutral in UNSUPPORTED.items():
         if name in type(request).model_fields:
@@ -158,7 +174,7 @@ def sampling_params(request, max_tokens):
     parameter SamplingParams refuses."""
     kwargs = dict(n=request.n, max_tokens=max_tokens, ignore_eos=request.ignore_eos, seed=request.seed,
                   stop=stop_strings(request), include_stop_str_in_output=request.include_stop_str_in_output,
-                  logprobs=num_logprobs(request))
+                  logprobs=num_logprobs(request), prompt_logprobs=num_prompt_logprobs(request))
     for name in ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_p", "min_tokens"):
         if getattr(request, name) is not None:
             kwargs[name] = getattr(request, name)
