@@ -341,6 +341,28 @@ def test_prompt_logprobs_field_as_vllm(server, offline):
     assert "prompt_logprobs" not in (plain.choices[0].model_extra or {})
 
 
+def test_logit_bias_equals_offline(server, offline):
+    """OpenAI's logit_bias ({"token id": bias}), on both endpoints: the same tokens as offline
+    generation with SamplingParams.logit_bias, and not those of a request without it."""
+    plain = offline.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)[0].outputs[0]
+    bias = {plain.token_ids[0]: -100.0, plain.token_ids[2]: -100.0, 10: 3.0}
+    ref = offline.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=8, logit_bias=bias),
+                           use_tqdm=False)[0].outputs[0]
+    assert ref.token_ids != plain.token_ids and plain.token_ids[0] not in ref.token_ids
+    body = {str(t): b for t, b in bias.items()}
+    r = server.client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=8, temperature=0, logit_bias=body,
+                                         extra_body={"return_token_ids": True})
+    assert (r.choices[0].token_ids, r.choices[0].text) == (ref.token_ids, ref.text)
+    messages = [{"role": "user", "content": PROMPTS[0]}]
+    ids = server.engine.prompt_token_ids(server.app.state.chat_template.render(messages, True),
+                                         add_special_tokens=False)
+    chat_ref = offline.generate(ids, SamplingParams(temperature=0, max_tokens=8, logit_bias=bias),
+                                use_tqdm=False)[0].outputs[0]
+    chat = server.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0,
+                                                 logit_bias=body)
+    assert chat.choices[0].message.content == chat_ref.text
+
+
 def test_models_health_metrics(server):
     assert [m.id for m in server.client.models.list().data] == [MODEL]
     assert httpx.get(f"{server.url}/health").status_code == 200
@@ -385,7 +407,13 @@ BAD = [
     ("min_p above 1", "/v1/completions", {"prompt": "x", "min_p": 1.5}, 400, "min_p"),
     ("min_tokens above max_tokens", "/v1/completions", {"prompt": "x", "max_tokens": 2, "min_tokens": 3}, 400,
      "min_tokens"),
-    ("logit_bias", "/v1/completions", {"prompt": "x", "logit_bias": {"5": 1.0}}, 400, "logit_bias"),
+    ("logit_bias key not a token id", "/v1/completions", {"prompt": "x", "logit_bias": {"a": 1.0}}, 400,
+     "logit_bias"),
+    ("logit_bias above 100", "/v1/completions", {"prompt": "x", "logit_bias": {"5": 100.5}}, 400, "logit_bias"),
+    ("logit_bias past the vocabulary", "/v1/completions", {"prompt": "x", "logit_bias": {"4096": 1.0}}, 400,
+     "logit_bias"),
+    ("logit_bias a list", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                                                   "logit_bias": [5]}, 400, "logit_bias"),
     ("echo a string", "/v1/completions", {"prompt": "x", "echo": "yes"}, 400, "echo"),
     ("prompt_logprobs above 20", "/v1/completions", {"prompt": "x", "prompt_logprobs": 21}, 400, "prompt_logprobs"),
     ("prompt_logprobs negative", "/v1/completions", {"prompt": "x", "prompt_logprobs": -1}, 400, "prompt_logprobs"),

@@ -186,6 +186,9 @@ class LLM:
         if params.stop and self.tokenizer is None:
             raise ValueError(f"{params_name}.stop: stop strings need a tokenizer.json in the model folder; use "
                              f"stop_token_ids")
+        if params.logit_bias is not None and max(params.logit_bias) >= vocab_size:
+            raise ValueError(f"{params_name}.logit_bias: token id {max(params.logit_bias)} is not in the vocabulary "
+                             f"[0, {vocab_size})")
         for name in ("logprobs", "prompt_logprobs"):
             count = getattr(params, name)
             if count is not None and count > vocab_size:

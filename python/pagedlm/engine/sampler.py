@@ -47,15 +47,21 @@ def sample_step(logits, seqs, choices=None, eos_token_ids=frozenset(), decode=No
 
 
 def apply_penalties(logits, seqs, eos_token_ids=frozenset()):
-    """float32 [rows, vocab]: a copy of logits with each row's penalties applied (rows of
-    requests without any are copied unchanged). Repetition first (prompt and output tokens:
-    positive logits divided by it, others multiplied), then frequency (times each token's count
-    in the output) and presence (once per token in the output) subtracted, as vLLM; then, while
-    a sequence has fewer than min_tokens output tokens, its stop ids and EOS (unless ignore_eos)
-    are masked to -inf."""
+    """float32 [rows, vocab]: a copy of logits with each row's transforms applied (rows of
+    requests without any are copied unchanged), in vLLM's order. logit_bias added first; then
+    repetition (prompt and output tokens: positive logits divided by it, others multiplied),
+    frequency (times each token's count in the output) and presence (once per token in the
+    output) subtracted; then, while a sequence has fewer than min_tokens output tokens, its stop
+    ids and EOS (unless ignore_eos) are masked to -inf."""
     rows = [i for i, s in enumerate(seqs) if s.params._transforms_logits]
     out = logits.float().clone()
     device, vocab = out.device, out.shape[-1]
+    biased = [(i, token, bias) for i in rows if seqs[i].params.logit_bias
+              for token, bias in seqs[i].params.logit_bias.items()]
+    if biased:
+        row, token, bias = zip(*biased)
+        out.index_put_((torch.tensor(row, device=device), torch.tensor(token, device=device)),
+                       torch.tensor(bias, dtype=out.dtype, device=device), accumulate=True)
     penalized = [i for i in rows if seqs[i].params.repetition_penalty != 1 or seqs[i].params.frequency_penalty != 0
                  or seqs[i].params.presence_penalty != 0]
     if penalized:

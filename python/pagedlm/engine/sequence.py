@@ -21,7 +21,8 @@ class SamplingParams:
     (1: off; > 0; the logit of every token in the prompt or the output so far is divided by it
     when positive, multiplied by it otherwise), then frequency_penalty (subtracted once per
     occurrence of a token in the output so far) and presence_penalty (subtracted once from every
-    token in the output so far), each in [-2, 2] as OpenAI's.
+    token in the output so far), each in [-2, 2] as OpenAI's. Before them, logit_bias: {token_id:
+    bias}, each bias (finite) added to its token's logit at every step, as vLLM's and OpenAI's.
 
     stop: strings that end a sample where they appear in its text (across token boundaries);
     the text is cut before the stop string, or after it with include_stop_str_in_output. The
@@ -55,6 +56,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    logit_bias: dict | None = field(default=None, hash=False)
 
     def __post_init__(self):
         # Checked here, so a request that reaches the engine cannot fail in the sampler. Values
@@ -84,13 +86,30 @@ class SamplingParams:
             put("logprobs", check_int("logprobs", self.logprobs, minimum=0))
         if self.prompt_logprobs is not None:
             put("prompt_logprobs", check_int("prompt_logprobs", self.prompt_logprobs, minimum=0))
+        put("logit_bias", check_logit_bias("logit_bias", self.logit_bias))
         # What the sampler asks of every request each step, worked out once: whether the logits
         # are transformed before sampling (penalties, min_tokens), and whether the request needs
         # more than the plain path (those, or logprobs). A request with neither takes exactly
         # the plain path (and may draft, under speculative decoding).
         put("_transforms_logits", self.presence_penalty != 0 or self.frequency_penalty != 0
-            or self.repetition_penalty != 1 or self.min_tokens > 0)
+            or self.repetition_penalty != 1 or self.min_tokens > 0 or self.logit_bias is not None)
         put("_special", self._transforms_logits or self.logprobs is not None)
+
+
+def check_logit_bias(name, bias):
+    """logit_bias as a new {int token id: float} dict, None when empty."""
+    if bias is None:
+        return None
+    if not isinstance(bias, dict):
+        raise ValueError(f"{name}: must be a dict of token id -> bias, got {type(bias).__name__}")
+    checked = {}
+    for token, value in bias.items():
+        try:
+            token = check_int(name, token, minimum=0)
+        except ValueError:
+            raise ValueError(f"{name}: keys must be token ids (ints >= 0), got {token!r}") from None
+        checked[token] = check_float(name, value)
+    return checked or None
 
 
 def check_stop_strings(name, stop):

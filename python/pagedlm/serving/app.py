@@ -99,7 +99,7 @@ def build_app(engine, *, served_model_name="pagedlm", chat_template=None):
         # As OpenAI: echo with max_tokens 0 returns the prompt alone (with logprobs, scored); the
         # engine samples one token, which the reply leaves out.
         prompt_only = bool(body.echo) and max_tokens == 0
-        params = sampling_params(body, 1 if prompt_only else max_tokens)
+        params = sampling_params(body, 1 if prompt_only else max_tokens, engine.vocab_size)
         streams = await _add_all(engine, prompts, params, "prompt")
         echoed = [_prompt_text(engine.tokenizer, p) for p in prompts] if body.echo else None
         reply = _Reply("cmpl", served_model_name, body, streams, params, engine.tokenizer, echoed, prompt_only)
@@ -127,7 +127,7 @@ def build_app(engine, *, served_model_name="pagedlm", chat_template=None):
             if max_tokens < 1:
                 raise ApiError(400, f"This model's maximum context length is {engine.max_model_len} tokens; the "
                                     f"messages take {len(ids)}", param="messages", code="context_length_exceeded")
-        params = sampling_params(body, max_tokens)
+        params = sampling_params(body, max_tokens, engine.vocab_size)
         streams = await _add_all(engine, [ids], params, "messages")
         reply = _Reply("chatcmpl", served_model_name, body, streams, params, engine.tokenizer)
         if body.stream:
@@ -328,10 +328,12 @@ class _Logprobs:
         for text in tokens:
             offsets.append(offset)
             offset += len(text)
+        pairs = list(zip(token_ids, entries))
         return {"tokens": tokens,
-                "token_logprobs": [None if entry is None else _finite(entry[t]) for t, entry in zip(token_ids, entries)],
-                "top_logprobs": [None if entry is None else {self.token(t): _finite(lp) for t, lp in self.top(token, entry)}
-                                 for token, entry in zip(token_ids, entries)],
+                "token_logprobs": [None if entry is None else _finite(entry[t]) for t, entry in pairs],
+                "top_logprobs": [None if entry is None else {self.token(t): _finite(lp)
+                                                             for t, lp in self.top(token, entry)}
+                                 for token, entry in pairs],
                 "text_offset": offsets}
 
     def chat(self, token_ids, entries):
