@@ -29,8 +29,9 @@ class SamplingParams:
     token ids keep the token that completed it. Stop strings need the model's tokenizer.
 
     logprobs: None (off) or N >= 0: each output position gets a {token_id: logprob} dict with
-    the sampled token and the N most likely ones (so N or N + 1 entries), as vLLM's. These are
-    the model's raw log-probabilities (log_softmax of its logits, before penalties, temperature,
+    the sampled token and the N most likely ones (so N or N + 1 entries), as vLLM's; each
+    logprob a Logprob (a float with vLLM's rank and decoded_token). These are the model's raw
+    log-probabilities (log_softmax of its logits, before logit_bias, penalties, temperature,
     top-k, top-p and min_p), as vLLM's default; cumulative_logprob is instead the
     log-probability under the distribution each token was drawn from (after those transforms).
 
