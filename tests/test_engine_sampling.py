@@ -41,6 +41,7 @@ def log_softmax(row):
     SamplingParams(temperature=0.9, top_k=20, seed=4, max_tokens=12, ignore_eos=True, logprobs=3),
     SamplingParams(temperature=1.3, min_p=0.05, n=2, seed=5, max_tokens=12, ignore_eos=True, logprobs=0),
     SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, repetition_penalty=1.5, logprobs=2),
+    SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logit_bias={5: 3.0, 9: 2.0}, logprobs=2),
 ])
 def test_logprobs_are_the_models_raw_log_softmax(checkpoint, llm, params):
     _, model = checkpoint
@@ -60,8 +61,10 @@ def test_logprobs_are_the_models_raw_log_softmax(checkpoint, llm, params):
 
 
 def penalized(row, prompt, output, params):
-    """vLLM's penalties on one logits row, from their definitions."""
+    """vLLM's logit_bias and penalties on one logits row, from their definitions."""
     row = row.copy()
+    for t, bias in (params.logit_bias or {}).items():
+        row[t] += bias
     for t in set(prompt) | set(output):
         row[t] = row[t] / params.repetition_penalty if row[t] > 0 else row[t] * params.repetition_penalty
     for t in set(output):
@@ -74,6 +77,10 @@ def penalized(row, prompt, output, params):
     SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, frequency_penalty=1.5),
     SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, presence_penalty=2.0),
     SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, repetition_penalty=0.5, presence_penalty=-1.0),
+    SamplingParams(temperature=0, max_tokens=16, ignore_eos=True,
+                   logit_bias={t: 0.3 * (t % 7) - 0.9 for t in range(0, 97, 3)}),
+    SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logit_bias={5: 0.4, 9: -100.0, 11: 0.2},
+                   repetition_penalty=3.0),
 ])
 def test_greedy_tokens_are_the_argmax_of_the_penalized_reference_logits(checkpoint, llm, params):
     _, model = checkpoint
@@ -195,10 +202,14 @@ def test_bad_options_are_refused_naming_them(llm):
                          (dict(min_tokens=-1), "min_tokens"), (dict(max_tokens=4, min_tokens=5), "min_tokens"),
                          (dict(logprobs=-1), "logprobs"), (dict(logprobs=True), "logprobs"),
                          (dict(stop=[""]), "stop"), (dict(stop=5), "stop"),
-                         (dict(include_stop_str_in_output=1), "include_stop_str_in_output")]:
+                         (dict(include_stop_str_in_output=1), "include_stop_str_in_output"),
+                         (dict(logit_bias={-1: 1.0}), "logit_bias"), (dict(logit_bias={"5": 1.0}), "logit_bias"),
+                         (dict(logit_bias={5: float("inf")}), "logit_bias"), (dict(logit_bias=[5]), "logit_bias")]:
         with pytest.raises(ValueError, match=f"^{name}:"):
             SamplingParams(**kwargs)
     with pytest.raises(ValueError, match="stop: stop strings need a tokenizer"):
         llm.generate([1, 2, 3], SamplingParams(stop="x"), use_tqdm=False)
     with pytest.raises(ValueError, match="logprobs: 98 asked for"):
         llm.generate([1, 2, 3], SamplingParams(logprobs=98), use_tqdm=False)
+    with pytest.raises(ValueError, match=r"logit_bias: token id 97 is not in the vocabulary \[0, 97\)"):
+        llm.generate([1, 2, 3], SamplingParams(logit_bias={3: 1.0, 97: 1.0}), use_tqdm=False)

@@ -125,6 +125,8 @@ good_params = st.fixed_dictionaries({}, optional={
     "repetition_penalty": st.sampled_from([1.0, 1.3, 0.5]),
     "min_tokens": st.integers(0, 1),
     "logprobs": st.sampled_from([None, 0, 3]),
+    "prompt_logprobs": st.sampled_from([None, None, 0, 2]),
+    "logit_bias": st.sampled_from([None, {}, {3: 2.0, 5: -100.0}]),
 })
 bad_values = st.sampled_from([
     ("n", 0), ("n", -1), ("n", 1.5), ("n", "2"), ("n", True), ("n", 10**8), ("n", 9), ("temperature", -0.5),
@@ -132,7 +134,8 @@ bad_values = st.sampled_from([
     ("top_k", 2.5), ("top_p", 0.0), ("top_p", 1.5), ("top_p", float("nan")), ("max_tokens", 0), ("max_tokens", 1.5),
     ("max_tokens", 10**9), ("stop_token_ids", [-1]), ("stop_token_ids", [VOCAB]), ("stop_token_ids", 3),
     ("ignore_eos", "no"), ("seed", 2.5), ("min_p", 1.5), ("presence_penalty", 3.0), ("repetition_penalty", 0.0),
-    ("min_tokens", -1), ("logprobs", -1), ("logprobs", VOCAB + 1), ("stop", "x")])
+    ("min_tokens", -1), ("logprobs", -1), ("logprobs", VOCAB + 1), ("stop", "x"), ("prompt_logprobs", -1),
+    ("prompt_logprobs", VOCAB + 1), ("logit_bias", {VOCAB: 1.0}), ("logit_bias", {1: float("nan")})])
 bad_params = st.tuples(good_params, bad_values).map(lambda t: {**t[0], t[1][0]: t[1][1]})
 params = st.one_of(good_params, good_params, good_params, good_params, bad_params)
 engines = st.fixed_dictionaries({
@@ -152,15 +155,19 @@ operations = st.lists(st.one_of(
               st.one_of(st.none(), faults)),
 ), min_size=3, max_size=30)
 
-_alone = {}  # (prompt, params) -> the tokens that request produces alone on a roomy engine
+_alone = {}  # (prompt, params) -> what that request produces alone on a roomy engine
 
 
 def alone(prompt, sampling):
+    """(each sample's tokens, the prompt's log-probability per prompt token or None)."""
     key = (tuple(prompt), sampling)
     if key not in _alone:
         roomy = LLM(MODEL, device="cpu", block_size=4, num_blocks=256, enable_prefix_caching=False)
         roomy.eos_token_ids = frozenset([CONFIG["eos_token_id"]])
-        _alone[key] = [o.token_ids for o in roomy.generate([prompt], sampling, use_tqdm=False)[0].outputs]
+        out = roomy.generate([prompt], sampling, use_tqdm=False)[0]
+        logprobs = out.prompt_logprobs
+        _alone[key] = ([o.token_ids for o in out.outputs],
+                       None if logprobs is None else [e and e[t] for t, e in zip(prompt, logprobs)])
     return _alone[key]
 
 
@@ -200,7 +207,7 @@ class Run:
             assert str(error).split(":")[0].split(".")[0].split("[")[0] in (
                 "prompt", "prompts", "params", "sampling_params", "n", "temperature", "top_k", "top_p", "max_tokens",
                 "stop_token_ids", "ignore_eos", "seed", "min_p", "presence_penalty", "frequency_penalty",
-                "repetition_penalty", "min_tokens", "logprobs", "stop"), str(error)
+                "repetition_penalty", "min_tokens", "logprobs", "stop", "prompt_logprobs", "logit_bias"), str(error)
             assert snapshot(self.llm) == before
             return False, None
 
@@ -248,16 +255,26 @@ class Run:
         if ok:
             for output, sp in zip(outputs, sampling):
                 assert [o.finish_reason in {"stop", "length", "refused"} for o in output.outputs] == [True] * sp.n
-                self.check_tokens(output.prompt_token_ids, sp, output.outputs)
+                self.check_tokens(output.prompt_token_ids, sp, output)
 
-    def check_tokens(self, prompt, sampling, outputs):
+    def check_tokens(self, prompt, sampling, output):
         """A request that finished normally produced what it produces alone on a plain engine:
         greedy ones always, seeded ones without speculation (whose draws depend on the seed,
         the sample and the position only; speculation keeps their distribution, not their
-        tokens)."""
+        tokens); and its prompt logprobs, one entry per prompt token, whatever befell it."""
+        outputs = output.outputs
+        normal = all(o.finish_reason in ("stop", "length") for o in outputs)
         comparable = sampling.temperature == 0 or (sampling.seed is not None and self.llm.speculator is None)
-        if comparable and all(o.finish_reason in ("stop", "length") for o in outputs):
-            assert [o.token_ids for o in outputs] == alone(prompt, sampling)
+        if comparable and normal:
+            assert [o.token_ids for o in outputs] == alone(prompt, sampling)[0]
+        assert (output.prompt_logprobs is None) == (sampling.prompt_logprobs is None)
+        if sampling.prompt_logprobs is not None and normal:
+            got = output.prompt_logprobs
+            assert len(got) == len(prompt) and got[0] is None
+            assert all(list(e)[0] == t and len(e) in (sampling.prompt_logprobs, sampling.prompt_logprobs + 1)
+                       for t, e in zip(prompt[1:], got[1:]))
+            assert [e[t] for t, e in zip(prompt[1:], got[1:])] == pytest.approx(alone(prompt, sampling)[1][1:],
+                                                                             abs=1e-4)
         for o in outputs:
             assert (o.logprobs is None) == (sampling.logprobs is None)
             assert o.logprobs is None or [list(e)[0] for e in o.logprobs] == o.token_ids
@@ -271,9 +288,10 @@ class Run:
     def finish(self, request_id):
         self.check_reasons()
         prompt, sampling = self.accepted.pop(request_id)
-        outputs = self.llm.take_output(request_id).outputs
+        output = self.llm.take_output(request_id)
+        outputs = output.outputs
         assert [o.finish_reason for o in outputs] == [self.reasons.pop((request_id, o.index)) for o in outputs]
-        self.check_tokens(prompt, sampling, outputs)
+        self.check_tokens(prompt, sampling, output)
 
     def drain(self):
         """Runs to the end: every accepted request finishes, and leaves with its output."""

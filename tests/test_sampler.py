@@ -124,8 +124,10 @@ def test_greedy_choices_break_ties_low_and_are_what_sample_takes():
 
 # -- penalties, min_tokens, logprobs -----------------------------------------------------------
 def reference_penalties(logits, prompt, output, params, eos=()):
-    """vLLM's penalties from their definitions, one row in numpy float64."""
+    """vLLM's logit_bias and penalties from their definitions, one row in numpy float64."""
     out = np.array(logits, dtype=np.float64)
+    for token, bias in (params.logit_bias or {}).items():
+        out[token] += bias
     for token in set(prompt) | set(output):
         r = params.repetition_penalty
         out[token] = out[token] / r if out[token] > 0 else out[token] * r
@@ -147,6 +149,8 @@ PENALIZED = [
     SamplingParams(min_tokens=4, stop_token_ids=[7]),
     SamplingParams(min_tokens=4, stop_token_ids=[7], ignore_eos=True),
     SamplingParams(min_tokens=2, stop_token_ids=[7]),  # its output is longer: nothing masked
+    SamplingParams(logit_bias={2: 3.5, 5: -4.0, 19: 0.25}),
+    SamplingParams(logit_bias={3: 6.0, 4: -2.0}, repetition_penalty=1.8, frequency_penalty=0.4),  # bias first
 ]
 
 

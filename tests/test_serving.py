@@ -246,6 +246,123 @@ def test_penalties_and_min_tokens_equal_offline(server, offline):
         assert len(choice.token_ids) >= 4
 
 
+# -- echo and prompt logprobs -------------------------------------------------------------------
+def _choices_of(r, stream, count):
+    """Each choice's text, logprobs fields and finish reason, whole or gathered from the chunks."""
+    got = [dict(text="", tokens=[], lps=[], tops=[], offsets=[], ids=[], reason=None) for _ in range(count)]
+    for chunk in (r if stream else [r]):
+        for c in chunk.choices:
+            g = got[c.index]
+            g["text"] += c.text
+            g["reason"] = c.finish_reason or g["reason"]
+            g["ids"] += getattr(c, "token_ids", None) or []
+            if c.logprobs is not None:
+                g["tokens"] += c.logprobs.tokens
+                g["lps"] += c.logprobs.token_logprobs
+                g["tops"] += c.logprobs.top_logprobs
+                g["offsets"] += c.logprobs.text_offset
+    return got
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_echo_puts_the_prompt_before_the_text(server, offline, stream):
+    """Text prompts are echoed as sent; token-id prompts, decoded."""
+    texts = PROMPTS[:2]
+    refs = offline.generate(texts, SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)
+    for prompts in (texts, [ref.prompt_token_ids for ref in refs]):
+        r = server.client.completions.create(model=MODEL, prompt=prompts, max_tokens=6, temperature=0, echo=True,
+                                             stream=stream, extra_body={"return_token_ids": True})
+        for g, text, ref in zip(_choices_of(r, stream, 2), texts, refs):
+            assert g["text"] == text + ref.outputs[0].text
+            assert g["ids"] == ref.outputs[0].token_ids and g["reason"] == ref.outputs[0].finish_reason
+            assert g["tokens"] == []  # no logprobs asked for
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("sampling", [dict(temperature=0), dict(temperature=0.8, seed=7, n=2)])
+def test_echo_with_logprobs_reports_the_prompts_first(server, offline, stream, sampling):
+    """As OpenAI: the prompt's tokens come first, the first with null logprobs, then the
+    completion's; each equal to offline generation's prompt_logprobs and logprobs."""
+    prompts = PROMPTS[:3]
+    refs = offline.generate(prompts, SamplingParams(max_tokens=6, logprobs=3, prompt_logprobs=3, **sampling),
+                            use_tqdm=False)
+    r = server.client.completions.create(model=MODEL, prompt=prompts, max_tokens=6, logprobs=3, echo=True,
+                                         stream=stream, **sampling)
+    n = sampling.get("n", 1)
+    decode = offline.tokenizer.decode
+    for k, g in enumerate(_choices_of(r, stream, len(prompts) * n)):
+        ref = refs[k // n]
+        out = ref.outputs[k % n]
+        ids = ref.prompt_token_ids + out.token_ids
+        entries = ref.prompt_logprobs + out.logprobs
+        assert g["text"] == prompts[k // n] + out.text
+        assert g["tokens"] == [decode([t]) for t in ids]
+        assert g["lps"][0] is None and g["tops"][0] is None
+        assert g["lps"][1:] == pytest.approx([e[t] for t, e in zip(ids[1:], entries[1:])], abs=1e-4)
+        for top, entry in zip(g["tops"][1:], entries[1:]):
+            assert top == pytest.approx({decode([t]): lp for t, lp in entry.items()}, abs=1e-4)
+        assert g["offsets"] == [sum(len(t) for t in g["tokens"][:i]) for i in range(len(ids))]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_echo_with_max_tokens_zero_scores_the_prompt_alone(server, offline, stream):
+    ref = offline.generate(PROMPTS[0], SamplingParams(max_tokens=1, prompt_logprobs=1), use_tqdm=False)[0]
+    kwargs = dict(stream_options={"include_usage": True}) if stream else {}
+    r = server.client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=0, echo=True, logprobs=1,
+                                         stream=stream, extra_body={"return_token_ids": True}, **kwargs)
+    chunks = list(r) if stream else [r]
+    [g] = _choices_of(chunks, True, 1)
+    assert (g["text"], g["ids"], g["reason"]) == (PROMPTS[0], [], "length")
+    assert g["lps"][0] is None and len(g["lps"]) == len(ref.prompt_token_ids)
+    assert g["lps"][1:] == pytest.approx([e[t] for t, e in zip(ref.prompt_token_ids[1:], ref.prompt_logprobs[1:])],
+                                         abs=1e-4)
+    usage = chunks[-1].usage
+    assert (usage.prompt_tokens, usage.completion_tokens) == (len(ref.prompt_token_ids), 0)
+
+
+def test_prompt_logprobs_field_as_vllm(server, offline):
+    """vLLM's extension: each choice's prompt_logprobs, None and then per prompt token
+    {token_id: {logprob, rank, decoded_token}}; beside echo's logprobs, which keep their own N."""
+    ref = offline.generate(PROMPTS[3], SamplingParams(temperature=0, max_tokens=4, prompt_logprobs=5),
+                           use_tqdm=False)[0]
+    r = server.client.completions.create(model=MODEL, prompt=PROMPTS[3], max_tokens=4, temperature=0, n=2, echo=True,
+                                         logprobs=1, extra_body={"prompt_logprobs": 5})
+    for choice in r.choices:
+        got = choice.model_extra["prompt_logprobs"]
+        assert got[0] is None and len(got) == len(ref.prompt_token_ids)
+        for entry, want in zip(got[1:], ref.prompt_logprobs[1:]):
+            assert list(entry) == [str(t) for t in want]
+            for t, lp in want.items():
+                assert entry[str(t)] == {"logprob": pytest.approx(lp, abs=1e-4), "rank": lp.rank,
+                                         "decoded_token": offline.tokenizer.decode([t])}
+        tops = choice.logprobs.top_logprobs[1:len(ref.prompt_token_ids)]
+        assert all(1 <= len(top) <= 2 for top in tops)  # the prompt's token and the most likely one
+    plain = server.client.completions.create(model=MODEL, prompt=PROMPTS[3], max_tokens=2)
+    assert "prompt_logprobs" not in (plain.choices[0].model_extra or {})
+
+
+def test_logit_bias_equals_offline(server, offline):
+    """OpenAI's logit_bias ({"token id": bias}), on both endpoints: the same tokens as offline
+    generation with SamplingParams.logit_bias, and not those of a request without it."""
+    plain = offline.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)[0].outputs[0]
+    bias = {plain.token_ids[0]: -100.0, plain.token_ids[2]: -100.0, 10: 3.0}
+    ref = offline.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=8, logit_bias=bias),
+                           use_tqdm=False)[0].outputs[0]
+    assert ref.token_ids != plain.token_ids and plain.token_ids[0] not in ref.token_ids
+    body = {str(t): b for t, b in bias.items()}
+    r = server.client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=8, temperature=0, logit_bias=body,
+                                         extra_body={"return_token_ids": True})
+    assert (r.choices[0].token_ids, r.choices[0].text) == (ref.token_ids, ref.text)
+    messages = [{"role": "user", "content": PROMPTS[0]}]
+    ids = server.engine.prompt_token_ids(server.app.state.chat_template.render(messages, True),
+                                         add_special_tokens=False)
+    chat_ref = offline.generate(ids, SamplingParams(temperature=0, max_tokens=8, logit_bias=bias),
+                                use_tqdm=False)[0].outputs[0]
+    chat = server.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0,
+                                                 logit_bias=body)
+    assert chat.choices[0].message.content == chat_ref.text
+
+
 def test_models_health_metrics(server):
     assert [m.id for m in server.client.models.list().data] == [MODEL]
     assert httpx.get(f"{server.url}/health").status_code == 200
@@ -290,8 +407,21 @@ BAD = [
     ("min_p above 1", "/v1/completions", {"prompt": "x", "min_p": 1.5}, 400, "min_p"),
     ("min_tokens above max_tokens", "/v1/completions", {"prompt": "x", "max_tokens": 2, "min_tokens": 3}, 400,
      "min_tokens"),
-    ("logit_bias", "/v1/completions", {"prompt": "x", "logit_bias": {"5": 1.0}}, 400, "logit_bias"),
-    ("echo", "/v1/completions", {"prompt": "x", "echo": True}, 400, "echo"),
+    ("logit_bias key not a token id", "/v1/completions", {"prompt": "x", "logit_bias": {"a": 1.0}}, 400,
+     "logit_bias"),
+    ("logit_bias above 100", "/v1/completions", {"prompt": "x", "logit_bias": {"5": 100.5}}, 400, "logit_bias"),
+    ("logit_bias past the vocabulary", "/v1/completions", {"prompt": "x", "logit_bias": {"4096": 1.0}}, 400,
+     "logit_bias"),
+    ("logit_bias a list", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                                                   "logit_bias": [5]}, 400, "logit_bias"),
+    ("echo a string", "/v1/completions", {"prompt": "x", "echo": "yes"}, 400, "echo"),
+    ("prompt_logprobs above 20", "/v1/completions", {"prompt": "x", "prompt_logprobs": 21}, 400, "prompt_logprobs"),
+    ("prompt_logprobs negative", "/v1/completions", {"prompt": "x", "prompt_logprobs": -1}, 400, "prompt_logprobs"),
+    ("prompt_logprobs streamed", "/v1/completions", {"prompt": "x", "prompt_logprobs": 1, "stream": True}, 400,
+     "prompt_logprobs"),
+    ("echo with logprobs above 20", "/v1/completions", {"prompt": "x", "echo": True, "logprobs": 21}, 400, "logprobs"),
+    ("chat prompt_logprobs", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                                                       "prompt_logprobs": 1}, 400, "prompt_logprobs"),
     ("best_of", "/v1/completions", {"prompt": "x", "best_of": 3}, 400, "best_of"),
     ("five stop strings", "/v1/completions", {"prompt": "x", "stop": list("abcde")}, 400, "stop"),
     ("stream_options without stream", "/v1/completions", {"prompt": "x", "stream_options": {"include_usage": True}},

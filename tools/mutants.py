@@ -37,6 +37,8 @@ ENGINE_TESTS = ("tests/test_engine_logprobs.py", "tests/test_engine.py::test_n_s
                 "tests/test_engine.py::test_chunked_prefill_changes_nothing")
 SAMPLER = "python/pagedlm/engine/sampler.py"
 SAMPLER_TESTS = ("tests/test_sampler.py",)
+RUNNER = "python/pagedlm/engine/runner.py"
+PROMPT_LOGPROBS_TESTS = ("tests/test_prompt_logprobs.py",)
 SCALING_TESTS = ("tests/test_scaling_laws.py", "tests/test_scaling_params.py", "tests/test_scaling_design.py",
                  "tests/test_scaling_flops.py", "tests/test_scaling_memory.py")
 
@@ -260,6 +262,23 @@ MUTANTS = [
     Mutant("llm_abort_keeps_running", "engine", LLM,
            "            if seq.request_id == request_id:\n                self._finish(seq, reason)",
            "            if seq.request_id == request_id:\n                seq.finish_reason = reason", ENGINE_TESTS),
+    # ---- engine: prompt logprobs ----------------------------------------------------------
+    Mutant("runner_prompt_rows_recomputed", "engine", RUNNER,
+           "    low, high = max(start, done), min(start + count, len(seq.prompt) - 1)\n"
+           "    if low >= high:\n        return None\n    if low > done:",
+           "    low, high = start, min(start + count, len(seq.prompt) - 1)\n"
+           "    if low >= high:\n        return None\n    if False:", PROMPT_LOGPROBS_TESTS),
+    Mutant("sched_prompt_logprobs_take_cache_hits", "engine", SCHED,
+           "        if not owes_prompt_logprobs(seq):", "        if True:", PROMPT_LOGPROBS_TESTS),
+    Mutant("runner_decode_step_prompt_row_lost", "engine", RUNNER,
+           "                if s.seq.prompt_logprobs is not None and _prompt_positions(s.seq, s.seq.num_cached, 1):",
+           "                if False:", PROMPT_LOGPROBS_TESTS),
+    Mutant("runner_samples_from_first_prompt_row", "engine", RUNNER,
+           "            rows[seq] = first + logit_rows.index(s.num_new - 1)", "            rows[seq] = first",
+           PROMPT_LOGPROBS_TESTS),
+    Mutant("sampler_rank_counts_ties_and_itself", "engine", SAMPLER,
+           "(logprobs > value).sum(-1, keepdim=True)", "(logprobs >= value).sum(-1, keepdim=True)",
+           PROMPT_LOGPROBS_TESTS),
 
     # ---- sampler ------------------------------------------------------------------------------
     Mutant("sampler_temperature_multiplies", "sampler", SAMPLER,
@@ -284,6 +303,9 @@ MUTANTS = [
     Mutant("sampler_logprob_before_truncation", "sampler", SAMPLER,
            "return tokens, probs.gather(-1, tokens[:, None]).squeeze(-1).log()",
            "return tokens, logits.log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1)", SAMPLER_TESTS),
+    Mutant("sampler_logit_bias_ignored", "sampler", SAMPLER,
+           "    if biased:\n        row, token, bias = zip(*biased)",
+           "    if False:\n        row, token, bias = zip(*biased)", SAMPLER_TESTS),
 
     # ---- scaling estimators ---------------------------------------------------------------------
     Mutant("laws_n_opt_exponent", "scaling", "python/pagedlm/scaling/laws.py",

@@ -17,6 +17,7 @@ _LAZY = {
     "OutOfBlocksError": "pagedlm._C",
     "LLM": "pagedlm.llm",
     "SamplingParams": "pagedlm.llm",
+    "Logprob": "pagedlm.llm",
     "BeamSearchParams": "pagedlm.beam_search",
     "AsyncLLM": "pagedlm.serving",
 }

@@ -23,14 +23,14 @@ from pagedlm.engine.checks import (check_bool, check_float, check_int, check_tok
                                    resolve_dtype)
 from pagedlm.engine.runner import ModelRunner
 from pagedlm.engine.scheduler import Scheduler
-from pagedlm.engine.sequence import SamplingParams, Sequence, Status
+from pagedlm.engine.sequence import Logprob, SamplingParams, Sequence, Status
 from pagedlm.engine.text import SampleText
 from pagedlm.models import LlamaForCausalLM, load_model
 from pagedlm.kv_cache import checkpoint_kv_scales, make_layer_caches, resolve_kv_cache_dtype
 from pagedlm.models.loader import _weight_files, eos_token_ids
 from pagedlm.speculative import check_config, make_speculator
 
-__all__ = ["LLM", "SamplingParams", "BeamSearchParams", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "SamplingParams", "BeamSearchParams", "RequestOutput", "CompletionOutput", "Logprob"]
 
 CPU_KV_BUDGET_BYTES = 1 << 30
 INT32_MAX = 2**31 - 1  # the block manager counts blocks, tokens per block and sequences in int32
@@ -60,7 +60,7 @@ class CompletionOutput:
     token_ids: list
     finish_reason: str
     cumulative_logprob: float
-    logprobs: list | None = None  # with SamplingParams.logprobs: a {token_id: logprob} dict per token
+    logprobs: list | None = None  # with SamplingParams.logprobs: a {token_id: Logprob} dict per token
 
 
 @dataclass
@@ -70,6 +70,9 @@ class RequestOutput:
     prompt_token_ids: list
     outputs: list
     metrics: dict = field(default_factory=dict)
+    # With SamplingParams.prompt_logprobs: None for the first prompt token, then a {token_id:
+    # Logprob} dict per prompt token (the prompt's token first), the same for every sample.
+    prompt_logprobs: list | None = None
 
 
 class LLM:
@@ -152,6 +155,8 @@ class LLM:
         self.runner = ModelRunner(self.model, self.kv_caches, self.block_manager, self.device,
                                   max_num_seqs=max_num_seqs, use_cuda_graphs=use_cuda_graphs, eos_token_ids=eos_ids,
                                   speculator=speculator)
+        if self.tokenizer is not None:  # logprobs' decoded_token: each token decoded alone, as vLLM
+            self.runner.decode_token = functools.lru_cache(maxsize=None)(lambda t: self.tokenizer.decode([t]))
         self.seed = seed
         # Scales are measured by the first real forward, not by the warm-up runs of graph captures above.
         for cache in self.kv_caches:
@@ -181,9 +186,13 @@ class LLM:
         if params.stop and self.tokenizer is None:
             raise ValueError(f"{params_name}.stop: stop strings need a tokenizer.json in the model folder; use "
                              f"stop_token_ids")
-        if params.logprobs is not None and params.logprobs > vocab_size:
-            raise ValueError(f"{params_name}.logprobs: {params.logprobs} asked for, the vocabulary has {vocab_size} "
-                             f"tokens")
+        if params.logit_bias is not None and max(params.logit_bias) >= vocab_size:
+            raise ValueError(f"{params_name}.logit_bias: token id {max(params.logit_bias)} is not in the vocabulary "
+                             f"[0, {vocab_size})")
+        for name in ("logprobs", "prompt_logprobs"):
+            count = getattr(params, name)
+            if count is not None and count > vocab_size:
+                raise ValueError(f"{params_name}.{name}: {count} asked for, the vocabulary has {vocab_size} tokens")
         # Refused before any sequence is built: n samples run at once from the first step, and
         # to be admitted together they reserve the prompt's blocks plus one token each.
         if params.n > self.scheduler.max_num_seqs:
@@ -202,7 +211,9 @@ class LLM:
         needed = -(-(len(token_ids) + params.max_tokens) // self.block_manager.block_size)
         seqs = [Sequence(next(self._ids), request_id, i, list(token_ids), params, engine_seed=self.seed)
                 for i in range(params.n)]
+        prompt_logprobs = [None] if params.prompt_logprobs is not None else None  # the samples share it
         for seq in seqs:
+            seq.prompt_logprobs = prompt_logprobs
             if params.logprobs is not None:
                 seq.logprobs = []
             if params.stop or detokenize:
@@ -475,7 +486,9 @@ class LLM:
                    "cached_prompt_tokens": seqs[0].cached_prompt_tokens}
         if self.speculator is not None:
             metrics.update(self.speculator.metrics(seqs))
-        return RequestOutput(request_id, r["prompt"], r["token_ids"], outputs, metrics)
+        prompt_logprobs = seqs[0].prompt_logprobs
+        return RequestOutput(request_id, r["prompt"], r["token_ids"], outputs, metrics,
+                             None if prompt_logprobs is None else list(prompt_logprobs))
 
     def _load_draft(self, model, dtype):
         draft = model.to(self.device) if isinstance(model, LlamaForCausalLM) else load_model(model, dtype=dtype,

@@ -9,7 +9,7 @@ import torch
 
 from pagedlm.engine.cuda_graphs import DecodeGraphs
 from pagedlm.engine.forward import ForwardItem, apply_block_copies, paged_forward
-from pagedlm.engine.sampler import sample_step
+from pagedlm.engine.sampler import logprob_dicts, sample_step
 from pagedlm.engine.varlen_graphs import VarlenGraphs
 from pagedlm.models import AttentionBatch
 
@@ -26,6 +26,7 @@ class ModelRunner:
         graphs are captured here with the runner's."""
         self.model, self.kv_caches, self.bm, self.device = model, kv_caches, block_manager, device
         self.eos_token_ids = eos_token_ids
+        self.decode_token = None  # token id -> its text, for the Logprobs' decoded_token (the LLM's tokenizer)
         self.graphs = DecodeGraphs(model, kv_caches, max_num_seqs, device) if use_cuda_graphs else None
         # Forwards of a few tokens per sequence (speculative verification, recomputed tokens):
         # captured on first use, or all at start by a speculative runner.
@@ -67,7 +68,9 @@ class ModelRunner:
         computing = [s for s in scheduled if s.num_new > 0]
         logits = choices = None
         if computing:
-            logits, choices, rows = self._forward(computing, drafts)
+            logits, choices, rows, prompt_rows = self._forward(computing, drafts)
+            if prompt_rows:
+                self._record_prompt_logprobs(logits, prompt_rows)
             for s in computing:
                 s.seq.num_cached += s.num_new
         for s in scheduled:  # a fork holds its parent's cached tokens
@@ -87,21 +90,49 @@ class ModelRunner:
         return emitted
 
     def _forward(self, computing, drafts):
-        """(logits, their greedy_choices or None, rows): the logits of each computing sequence's
-        last token, then of its draft's tokens; rows: seq -> its first row."""
+        """(logits, their greedy_choices or None, rows, prompt_rows): the logits of each computing
+        sequence's last token, then of its draft's tokens, and before those, for a sequence
+        still owed prompt logprobs, of its chunk's positions that give them; rows: seq -> its
+        last token's row; prompt_rows: (seq, first row, first position, count) of the latter."""
         counts = [s.num_new for s in computing]
+        prompt_rows = []
         if not drafts and max(counts) == 1:
-            return (*self._decode(computing), {s.seq: i for i, s in enumerate(computing)})
+            for i, s in enumerate(computing):  # a one-token chunk of a prompt gives one prompt row
+                if s.seq.prompt_logprobs is not None and _prompt_positions(s.seq, s.seq.num_cached, 1):
+                    prompt_rows.append((s.seq, i, s.seq.num_cached, 1))
+            return (*self._decode(computing), {s.seq: i for i, s in enumerate(computing)}, prompt_rows)
         # Drafts, prompt chunks, or a tree's accepted tokens recomputed: one packed forward.
         items, rows, first = [], {}, 0
         for s in computing:
             seq, start, draft = s.seq, s.seq.num_cached, drafts.get(s.seq)
             extra, parents = (draft.tokens, draft.parents) if draft is not None else ([], None)
-            rows[seq], first = first, first + 1 + len(extra)
+            logit_rows = list(range(s.num_new - 1, s.num_new + len(extra)))
+            span = _prompt_positions(seq, start, s.num_new) if seq.prompt_logprobs is not None else None
+            if span:  # the LM head on those rows too (the last one may be the chunk's last token's)
+                low, high = span[0] - start, span[1] - start
+                prompt_rows.append((seq, first, span[0], high - low))
+                logit_rows = list(range(low, high)) + [r for r in logit_rows if r >= high]
+            rows[seq] = first + logit_rows.index(s.num_new - 1)
+            first += len(logit_rows)
             items.append(ForwardItem(seq.seq_id, seq.token_range(start, start + s.num_new) + extra, start, len(extra),
-                                     parents, list(range(s.num_new - 1, s.num_new + len(extra)))))
+                                     parents, logit_rows))
         graphs = self.varlen if drafts or max(counts) <= FEW_TOKENS else None
-        return (*paged_forward(self.model, self.kv_caches, self.bm, self.device, items, graphs, choices=True), rows)
+        return (*paged_forward(self.model, self.kv_caches, self.bm, self.device, items, graphs, choices=True), rows,
+                prompt_rows)
+
+    def _record_prompt_logprobs(self, logits, prompt_rows):
+        """Appends to each sequence's prompt_logprobs the entries its rows give: at position p,
+        token p + 1's raw log-probability and the request's prompt_logprobs most likely tokens
+        (logprob_dicts, as the sampled tokens' logprobs)."""
+        index, targets, widths = [], [], []
+        for seq, row, position, count in prompt_rows:
+            index += range(row, row + count)
+            targets += seq.prompt[position + 1:position + 1 + count]
+            widths += [seq.params.prompt_logprobs] * count
+        entries = iter(logprob_dicts(logits[torch.tensor(index, device=logits.device)], targets, widths,
+                                     self.decode_token))
+        for seq, _, _, count in prompt_rows:
+            seq.prompt_logprobs.extend(next(entries) for _ in range(count))
 
     def _decode(self, computing):
         """(logits, greedy_choices or None) of one new token per sequence: a DecodeGraphs
@@ -142,9 +173,23 @@ class ModelRunner:
             index = torch.tensor(index, device=self.device)
             logits, choices = logits[index], None if choices is None else choices[index]
         seqs = [s.seq for s in ready]
-        tokens, logprobs, tops = sample_step(logits, seqs, choices, self.eos_token_ids)
+        tokens, logprobs, tops = sample_step(logits, seqs, choices, self.eos_token_ids, self.decode_token)
         if tops is None:  # no request asks for logprobs
             emitted.update({seq: [(token, logprob, None)] for seq, token, logprob in zip(seqs, tokens, logprobs)})
         else:
             emitted.update({seq: [entry] for seq, entry in zip(seqs, zip(tokens, logprobs, tops))})
         return emitted
+
+
+def _prompt_positions(seq, start, count):
+    """(low, high): the positions among start .. start + count - 1 whose logits give prompt
+    logprobs seq's request still lacks (position p gives token p + 1's), or None. They always
+    follow the ones it has: the positions before start were computed (a sequence owed prompt
+    logprobs takes no prefix-cache hit), and a recompute after a preemption skips those done."""
+    done = len(seq.prompt_logprobs) - 1  # positions whose entry is there (the first entry is None)
+    low, high = max(start, done), min(start + count, len(seq.prompt) - 1)
+    if low >= high:
+        return None
+    if low > done:
+        raise RuntimeError(f"sequence {seq.seq_id}: prompt logprobs of positions {done}..{low - 1} were never computed")
+    return low, high

@@ -10,6 +10,7 @@ import torch
 
 import pagedlm.ops as ops
 from pagedlm import _C
+from pagedlm.engine.sequence import Logprob
 
 _DRAW_SAMPLE = 1  # the Philox word the kernels use for sampling a token (philox.h: kDrawSample)
 
@@ -21,11 +22,12 @@ def greedy_choices(logits, out=None):
     return ops.argmax_logprob(logits, out=out)
 
 
-def sample_step(logits, seqs, choices=None, eos_token_ids=frozenset()):
+def sample_step(logits, seqs, choices=None, eos_token_ids=frozenset(), decode=None):
     """(tokens, logprobs, tops): sample() with the per-request transforms of SamplingParams
     (penalties, min_tokens; eos_token_ids are the ids min_tokens holds back). tops is None when
-    no row asks for logprobs, else one entry per row: None, or {token_id: raw logprob} with the
-    sampled token first, then the params.logprobs most likely tokens by rank.
+    no row asks for logprobs, else one entry per row: None, or {token_id: raw Logprob} with the
+    sampled token first, then the params.logprobs most likely tokens by rank (logprob_dicts;
+    decode gives their decoded_token).
 
     Rows of requests with transforms or logprobs (SamplingParams._special) have their logits
     penalized first (vLLM's order: repetition, frequency, presence; EOS and stop ids masked
@@ -40,20 +42,26 @@ def sample_step(logits, seqs, choices=None, eos_token_ids=frozenset()):
     tokens, logprobs = sample(logits, seqs, choices)
     tops = None
     if any(s.params.logprobs is not None for s in seqs):
-        tops = top_logprobs(raw, seqs, tokens)
+        tops = top_logprobs(raw, seqs, tokens, decode)
     return tokens, logprobs, tops
 
 
 def apply_penalties(logits, seqs, eos_token_ids=frozenset()):
-    """float32 [rows, vocab]: a copy of logits with each row's penalties applied (rows of
-    requests without any are copied unchanged). Repetition first (prompt and output tokens:
-    positive logits divided by it, others multiplied), then frequency (times each token's count
-    in the output) and presence (once per token in the output) subtracted, as vLLM; then, while
-    a sequence has fewer than min_tokens output tokens, its stop ids and EOS (unless ignore_eos)
-    are masked to -inf."""
+    """float32 [rows, vocab]: a copy of logits with each row's transforms applied (rows of
+    requests without any are copied unchanged), in vLLM's order. logit_bias added first; then
+    repetition (prompt and output tokens: positive logits divided by it, others multiplied),
+    frequency (times each token's count in the output) and presence (once per token in the
+    output) subtracted; then, while a sequence has fewer than min_tokens output tokens, its stop
+    ids and EOS (unless ignore_eos) are masked to -inf."""
     rows = [i for i, s in enumerate(seqs) if s.params._transforms_logits]
     out = logits.float().clone()
     device, vocab = out.device, out.shape[-1]
+    biased = [(i, token, bias) for i in rows if seqs[i].params.logit_bias
+              for token, bias in seqs[i].params.logit_bias.items()]
+    if biased:
+        row, token, bias = zip(*biased)
+        out.index_put_((torch.tensor(row, device=device), torch.tensor(token, device=device)),
+                       torch.tensor(bias, dtype=out.dtype, device=device), accumulate=True)
     penalized = [i for i in rows if seqs[i].params.repetition_penalty != 1 or seqs[i].params.frequency_penalty != 0
                  or seqs[i].params.presence_penalty != 0]
     if penalized:
@@ -90,32 +98,59 @@ def _token_counts(lists, vocab, device):
     return counts
 
 
-def top_logprobs(logits, seqs, tokens):
-    """For each row whose params ask for logprobs: {token_id: logprob} of the raw distribution
-    (log_softmax of the model's logits), the sampled token first, then the N most likely tokens
-    in rank order (ties: the lower id first); None for the other rows. One host copy."""
+def top_logprobs(logits, seqs, tokens, decode=None):
+    """For each row whose params ask for logprobs: logprob_dicts' entry of its sampled token and
+    its params.logprobs most likely tokens; None for the other rows."""
     rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
-    if not rows:
-        return [None] * len(seqs)
-    logprobs = torch.log_softmax(logits[rows].float(), -1)
-    width = min(max(seqs[i].params.logprobs for i in rows), logprobs.shape[-1])
-    chosen = torch.tensor([tokens[i] for i in rows], device=logits.device)
-    values = [logprobs.gather(-1, chosen[:, None])]
-    ids = [chosen[:, None]]
-    if width:
-        top = logprobs.topk(width, -1, sorted=True)
-        values.append(top.values)
-        ids.append(top.indices)
-    both = torch.cat([torch.cat(ids, 1).double(), torch.cat(values, 1).double()], 1).cpu().numpy()
-    ids_host, values_host = both[:, :both.shape[1] // 2].astype(np.int64), both[:, both.shape[1] // 2:]
     out = [None] * len(seqs)
-    for r, i in enumerate(rows):
-        n = seqs[i].params.logprobs
-        entry = {int(ids_host[r, 0]): float(values_host[r, 0])}
-        for k in range(1, 1 + min(n, width)):
-            entry.setdefault(int(ids_host[r, k]), float(values_host[r, k]))
-        out[i] = entry
+    if rows:
+        index = slice(None) if len(rows) == len(seqs) else torch.tensor(rows, device=logits.device)
+        entries = logprob_dicts(logits[index], [tokens[i] for i in rows], [seqs[i].params.logprobs for i in rows],
+                                decode)
+        for i, entry in zip(rows, entries):
+            out[i] = entry
     return out
+
+
+ROWS_AT_ONCE = 1024  # logprob_dicts' rows per log_softmax: a long prompt's never doubles its logits' memory
+
+
+def logprob_dicts(logits, tokens, widths, decode=None):
+    """One {token_id: Logprob} per row of logits [rows, vocab], the model's raw logits: the raw
+    log_softmax's value of the row's token (tokens[i]) first, ranked 1 + the number of tokens
+    with a larger value, then the widths[i] most likely tokens in rank order (ties: the lower id
+    first), ranked 1..widths[i] by place, a token already there not repeated. decode: token id
+    -> its text (each Logprob's decoded_token), or None. One host copy."""
+    device, vocab = logits.device, logits.shape[-1]
+    width = min(max(widths), vocab)
+    chosen = torch.tensor(tokens, device=device)[:, None]
+    parts = []
+    for start in range(0, len(tokens), ROWS_AT_ONCE):
+        logprobs = torch.log_softmax(logits[start:start + ROWS_AT_ONCE].float(), -1)
+        token = chosen[start:start + ROWS_AT_ONCE]
+        value = logprobs.gather(-1, token)
+        columns = [token.double(), (logprobs > value).sum(-1, keepdim=True).double() + 1, value.double()]
+        if width:
+            top = logprobs.topk(width, -1, sorted=True)
+            columns += [top.indices.double(), top.values.double()]
+        parts.append(torch.cat(columns, 1))
+    host = torch.cat(parts).cpu().numpy()
+    ids, ranks, values = host[:, 0].astype(np.int64).tolist(), host[:, 1].astype(np.int64).tolist(), host[:, 2].tolist()
+    top_ids, top_values = host[:, 3:3 + width].astype(np.int64).tolist(), host[:, 3 + width:].tolist()
+    decode = decode or _no_text
+    out = []
+    for r, n in enumerate(widths):
+        entry = {ids[r]: Logprob(values[r], ranks[r], decode(ids[r]))}
+        for k in range(min(n, width)):
+            token = top_ids[r][k]
+            if token not in entry:
+                entry[token] = Logprob(top_values[r][k], k + 1, decode(token))
+        out.append(entry)
+    return out
+
+
+def _no_text(token):
+    return None
 
 
 def sample(logits, seqs, choices=None):

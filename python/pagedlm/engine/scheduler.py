@@ -16,6 +16,11 @@ class Scheduled:
     logits_of: object   # the sequence whose last position gives this one's next-token logits
 
 
+def owes_prompt_logprobs(seq):
+    """Whether seq's request asks for prompt logprobs that are not all computed yet."""
+    return seq.prompt_logprobs is not None and len(seq.prompt_logprobs) < len(seq.prompt)
+
+
 class Scheduler:
     def __init__(self, block_manager, max_num_seqs, max_num_batched_tokens):
         self.bm = block_manager
@@ -67,7 +72,7 @@ class Scheduler:
             if not self.bm.can_allocate(count + len(group)):
                 break
             self.waiting.popleft()
-            cached = self.bm.allocate(first.seq_id, first.token_range(0, count))
+            cached = self._allocate(first, count)
             first.num_cached = cached
             if not first.output:
                 first.cached_prompt_tokens = cached
@@ -80,6 +85,16 @@ class Scheduler:
                 self.running.append(seq)
             budget -= count - cached
         return batch, copies
+
+    def _allocate(self, seq, count):
+        """Enters seq's first count tokens into the block manager; returns how many its prefix
+        cache served. A sequence still owed prompt logprobs takes no hit, as vLLM's: each of
+        them needs its position's forward. Its blocks enter the cache as usual."""
+        if not owes_prompt_logprobs(seq):
+            return self.bm.allocate(seq.seq_id, seq.token_range(0, count))
+        self.bm.allocate(seq.seq_id, [])
+        self.bm.append(seq.seq_id, seq.token_range(0, count))  # cannot run out: can_allocate(count) held
+        return 0
 
     def _reserve(self, seq, count, copies):
         """Slots for the seq's next `count` uncached tokens; False when blocks ran out."""

@@ -21,17 +21,24 @@ class SamplingParams:
     (1: off; > 0; the logit of every token in the prompt or the output so far is divided by it
     when positive, multiplied by it otherwise), then frequency_penalty (subtracted once per
     occurrence of a token in the output so far) and presence_penalty (subtracted once from every
-    token in the output so far), each in [-2, 2] as OpenAI's.
+    token in the output so far), each in [-2, 2] as OpenAI's. Before them, logit_bias: {token_id:
+    bias}, each bias (finite) added to its token's logit at every step, as vLLM's and OpenAI's.
 
     stop: strings that end a sample where they appear in its text (across token boundaries);
     the text is cut before the stop string, or after it with include_stop_str_in_output. The
     token ids keep the token that completed it. Stop strings need the model's tokenizer.
 
     logprobs: None (off) or N >= 0: each output position gets a {token_id: logprob} dict with
-    the sampled token and the N most likely ones (so N or N + 1 entries), as vLLM's. These are
-    the model's raw log-probabilities (log_softmax of its logits, before penalties, temperature,
+    the sampled token and the N most likely ones (so N or N + 1 entries), as vLLM's; each
+    logprob a Logprob (a float with vLLM's rank and decoded_token). These are the model's raw
+    log-probabilities (log_softmax of its logits, before logit_bias, penalties, temperature,
     top-k, top-p and min_p), as vLLM's default; cumulative_logprob is instead the
     log-probability under the distribution each token was drawn from (after those transforms).
+
+    prompt_logprobs: None (off) or N >= 0: the request's output gets, for every prompt token
+    after the first, the same kind of dict under the model given the tokens before it (the
+    prompt's token first, then the N most likely), and None for the first token, as vLLM's.
+    They come from the prefill's logits, so such a request is not served from the prefix cache.
     """
     n: int = 1
     temperature: float = 1.0
@@ -49,6 +56,8 @@ class SamplingParams:
     stop: tuple = ()
     include_stop_str_in_output: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    logit_bias: dict | None = field(default=None, hash=False)
 
     def __post_init__(self):
         # Checked here, so a request that reaches the engine cannot fail in the sampler. Values
@@ -76,13 +85,32 @@ class SamplingParams:
         put("include_stop_str_in_output", check_bool("include_stop_str_in_output", self.include_stop_str_in_output))
         if self.logprobs is not None:
             put("logprobs", check_int("logprobs", self.logprobs, minimum=0))
+        if self.prompt_logprobs is not None:
+            put("prompt_logprobs", check_int("prompt_logprobs", self.prompt_logprobs, minimum=0))
+        put("logit_bias", check_logit_bias("logit_bias", self.logit_bias))
         # What the sampler asks of every request each step, worked out once: whether the logits
         # are transformed before sampling (penalties, min_tokens), and whether the request needs
         # more than the plain path (those, or logprobs). A request with neither takes exactly
         # the plain path (and may draft, under speculative decoding).
         put("_transforms_logits", self.presence_penalty != 0 or self.frequency_penalty != 0
-            or self.repetition_penalty != 1 or self.min_tokens > 0)
+            or self.repetition_penalty != 1 or self.min_tokens > 0 or self.logit_bias is not None)
         put("_special", self._transforms_logits or self.logprobs is not None)
+
+
+def check_logit_bias(name, bias):
+    """logit_bias as a new {int token id: float} dict, None when empty."""
+    if bias is None:
+        return None
+    if not isinstance(bias, dict):
+        raise ValueError(f"{name}: must be a dict of token id -> bias, got {type(bias).__name__}")
+    checked = {}
+    for token, value in bias.items():
+        try:
+            token = check_int(name, token, minimum=0)
+        except ValueError:
+            raise ValueError(f"{name}: keys must be token ids (ints >= 0), got {token!r}") from None
+        checked[token] = check_float(name, value)
+    return checked or None
 
 
 def check_stop_strings(name, stop):
@@ -94,6 +122,30 @@ def check_stop_strings(name, stop):
     if any(not s for s in stop):
         raise ValueError(f"{name}: empty strings are not allowed")
     return tuple(stop)
+
+
+class Logprob(float):
+    """One entry of a logprobs or prompt_logprobs dict: the token's log-probability, a float
+    (what these dicts have always held), carrying vLLM's Logprob fields too: logprob (the same
+    value), rank (1 + the number of tokens of larger log-probability; the top-N entries are
+    ranked 1..N by their place) and decoded_token (the token decoded alone, None without a
+    tokenizer)."""
+    __slots__ = ("rank", "decoded_token")
+
+    def __new__(cls, logprob, rank=None, decoded_token=None):
+        self = super().__new__(cls, logprob)
+        self.rank, self.decoded_token = rank, decoded_token
+        return self
+
+    @property
+    def logprob(self):
+        return float(self)
+
+    def __repr__(self):
+        return f"Logprob(logprob={float(self)!r}, rank={self.rank!r}, decoded_token={self.decoded_token!r})"
+
+    def __reduce__(self):
+        return type(self), (float(self), self.rank, self.decoded_token)
 
 
 class Status(Enum):
@@ -116,6 +168,9 @@ class Sequence:
     cumulative_logprob: float = 0.0
     finish_reason: str | None = None
     logprobs: list | None = None     # per output token, {token_id: logprob} (params.logprobs)
+    # params.prompt_logprobs: None, then {token_id: logprob} per prompt token as the forwards reach
+    # it; one list shared by the request's samples (whichever computes a position adds its entry).
+    prompt_logprobs: list | None = None
     text: object = None              # a SampleText when stop strings (or a front end) need the text
     error: str | None = None         # why, when finish_reason is "error" outside a failed step
     forwards: int = 0                # steps that emitted its tokens (one forward each)

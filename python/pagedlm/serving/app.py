@@ -96,9 +96,13 @@ def build_app(engine, *, served_model_name="pagedlm", chat_template=None):
         refuse_unsupported(body)
         prompts = _prompts(body.prompt)
         max_tokens = body.max_tokens if body.max_tokens is not None else DEFAULT_COMPLETION_MAX_TOKENS
-        params = sampling_params(body, max_tokens)
+        # As OpenAI: echo with max_tokens 0 returns the prompt alone (with logprobs, scored); the
+        # engine samples one token, which the reply leaves out.
+        prompt_only = bool(body.echo) and max_tokens == 0
+        params = sampling_params(body, 1 if prompt_only else max_tokens, engine.vocab_size)
         streams = await _add_all(engine, prompts, params, "prompt")
-        reply = _Reply("cmpl", served_model_name, body, streams, params, engine.tokenizer)
+        echoed = [_prompt_text(engine.tokenizer, p) for p in prompts] if body.echo else None
+        reply = _Reply("cmpl", served_model_name, body, streams, params, engine.tokenizer, echoed, prompt_only)
         if body.stream:
             return _sse(reply.completion_events())
         return await _unless_disconnected(request, reply.completion(), streams)
@@ -123,7 +127,7 @@ def build_app(engine, *, served_model_name="pagedlm", chat_template=None):
             if max_tokens < 1:
                 raise ApiError(400, f"This model's maximum context length is {engine.max_model_len} tokens; the "
                                     f"messages take {len(ids)}", param="messages", code="context_length_exceeded")
-        params = sampling_params(body, max_tokens)
+        params = sampling_params(body, max_tokens, engine.vocab_size)
         streams = await _add_all(engine, [ids], params, "messages")
         reply = _Reply("chatcmpl", served_model_name, body, streams, params, engine.tokenizer)
         if body.stream:
@@ -164,6 +168,13 @@ def _prompts(prompt):
     if isinstance(prompt[0], int):
         return [prompt]
     return list(prompt)
+
+
+def _prompt_text(tokenizer, prompt):
+    """The text echo puts before a completion: the prompt as sent, or its token ids decoded."""
+    if isinstance(prompt, str):
+        return prompt
+    return tokenizer.decode(prompt) if tokenizer is not None else ""
 
 
 def _message(i, m):
@@ -280,9 +291,16 @@ def _event(data):
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
+def _finite(logprob):
+    """A log-probability for JSON, which has no -inf: at least -9999.0, as vLLM reports it."""
+    return max(float(logprob), -9999.0)
+
+
 class _Logprobs:
-    """OpenAI's logprobs objects from the engine's per-token {token_id: logprob} dicts (the
-    sampled token first, then the top N by rank, the sampled one not repeated)."""
+    """OpenAI's logprobs objects from the engine's per-token {token_id: Logprob} dicts (the
+    token first, then the top N by rank, the token not repeated). An echoed prompt's entries
+    start with None (its first token has no log-probability) and may rank more than N tokens
+    (prompt_logprobs above logprobs): the top N of them are reported."""
 
     def __init__(self, tokenizer, top_n):
         self.tokenizer, self.top_n = tokenizer, top_n
@@ -290,6 +308,10 @@ class _Logprobs:
     def token(self, token_id):
         # As vLLM: each token decoded alone (a piece of a multi-byte character shows as U+FFFD).
         return self.tokenizer.decode([token_id]) if self.tokenizer is not None else f"token_id:{token_id}"
+
+    def top(self, token_id, entry):
+        """The entry's token and its top N (token_id, logprob) items."""
+        return [(t, lp) for t, lp in entry.items() if t == token_id or lp.rank <= self.top_n]
 
     def ranked(self, entry):
         """The top N (token_id, logprob) by rank."""
@@ -306,23 +328,37 @@ class _Logprobs:
         for text in tokens:
             offsets.append(offset)
             offset += len(text)
-        return {"tokens": tokens, "token_logprobs": [entry[t] for t, entry in zip(token_ids, entries)],
-                "top_logprobs": [{self.token(t): lp for t, lp in entry.items()} for entry in entries],
+        pairs = list(zip(token_ids, entries))
+        return {"tokens": tokens,
+                "token_logprobs": [None if entry is None else _finite(entry[t]) for t, entry in pairs],
+                "top_logprobs": [None if entry is None else {self.token(t): _finite(lp)
+                                                             for t, lp in self.top(token, entry)}
+                                 for token, entry in pairs],
                 "text_offset": offsets}
 
     def chat(self, token_ids, entries):
         """/v1/chat/completions' {content: [{token, logprob, bytes, top_logprobs}]}."""
         def item(token_id, logprob):
             text = self.token(token_id)
-            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+            return {"token": text, "logprob": _finite(logprob), "bytes": list(text.encode("utf-8"))}
         return {"content": [dict(item(t, entry[t]), top_logprobs=[item(*ranked) for ranked in self.ranked(entry)])
                             for t, entry in zip(token_ids, entries)]}
+
+
+def _vllm_logprobs(entries):
+    """A choice's prompt_logprobs as vLLM writes them: None, then per prompt token
+    {token_id: {"logprob", "rank", "decoded_token"}}."""
+    return [None if entry is None else {str(t): {"logprob": _finite(lp), "rank": lp.rank,
+                                                 "decoded_token": lp.decoded_token} for t, lp in entry.items()}
+            for entry in entries]
 
 
 class _Reply:
     """One request's response, whole or as events; choices are numbered prompt * n + sample."""
 
-    def __init__(self, prefix, model, body, streams, params, tokenizer):
+    def __init__(self, prefix, model, body, streams, params, tokenizer, echoed=None, prompt_only=False):
+        """echoed: with echo, each prompt's text, put before its choices' text (and its tokens'
+        logprobs before theirs); prompt_only: the samples are left out (echo, max_tokens 0)."""
         self.id = f"{prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.model, self.body, self.streams = model, body, streams
@@ -331,6 +367,27 @@ class _Reply:
         self.logprobs = None if params.logprobs is None else _Logprobs(tokenizer, params.logprobs)
         self.is_chat = prefix == "chatcmpl"
         self.offsets = [0] * (len(streams) * self.n)  # streamed completions: each choice's text_offset
+        self.echoed, self.prompt_only = echoed, prompt_only
+        self.echo_due = [echoed is not None] * (len(streams) * self.n)
+        # Each prompt's prompt_logprobs (from its first output), and whether choices carry them (vLLM's field).
+        self.prompt_logprobs = [None] * len(streams)
+        self.vllm_prompt_logprobs = params.prompt_logprobs is not None and not body.stream
+
+    def _with_prompt(self, k, text, token_ids, entries):
+        """(text, token_ids, logprob entries) of choice k's next piece: its sample's (none when
+        prompt_only), after the prompt's while an echo is due."""
+        if self.prompt_only:
+            text, token_ids, entries = "", [], []
+        if self.echo_due[k]:
+            self.echo_due[k] = False
+            i = k // self.n
+            prompt_ids = self.streams[i].prompt_token_ids
+            if self.logprobs is not None:
+                prompt_entries = list(self.prompt_logprobs[i] or [None])
+                prompt_entries += [None] * (len(prompt_ids) - len(prompt_entries))  # an aborted prefill's
+                entries = prompt_entries + list(entries)
+            text, token_ids = self.echoed[i] + text, list(prompt_ids) + list(token_ids)
+        return text, token_ids, entries
 
     def _choice_logprobs(self, k, token_ids, entries):
         """A choice's (or chunk's) logprobs object, None when none were asked for."""
@@ -353,6 +410,8 @@ class _Reply:
         logprobs = [[] for _ in texts]
         reasons = [None] * len(texts)
         async for i, out in _merged(self.streams):
+            if out.prompt_logprobs is not None:
+                self.prompt_logprobs[i] = out.prompt_logprobs
             for d in out.outputs:
                 k = i * self.n + d.index
                 texts[k].append(d.text)
@@ -369,14 +428,18 @@ class _Reply:
             return JSONResponse(body, status_code=status)
         choices = []
         for k, (text, token_ids, entries, reason) in enumerate(zip(texts, ids, logprobs, reasons)):
-            c = choice(k, text, reason)
-            c["logprobs"] = self._choice_logprobs(k, token_ids, entries)
+            shown, shown_ids, entries = self._with_prompt(k, text, token_ids, entries)
+            c = choice(k, shown, "length" if self.prompt_only else reason)
+            c["logprobs"] = self._choice_logprobs(k, shown_ids, entries)
             if self.token_ids:
-                c["token_ids"] = token_ids
+                c["token_ids"] = [] if self.prompt_only else token_ids
                 c["prompt_token_ids"] = self.streams[k // self.n].prompt_token_ids
+            if self.vllm_prompt_logprobs:
+                c["prompt_logprobs"] = _vllm_logprobs(self.prompt_logprobs[k // self.n] or [None])
             choices.append(c)
+        completion_tokens = 0 if self.prompt_only else sum(map(len, ids))
         return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
-                "choices": choices, "usage": self._usage(sum(map(len, ids)))}
+                "choices": choices, "usage": self._usage(completion_tokens)}
 
     async def _events(self, chunk_choice, first_choice=None):
         """SSE lines: a chunk per delta with text (or tokens, with return_token_ids) or an end."""
@@ -387,18 +450,23 @@ class _Reply:
                 for k in range(len(self.streams) * self.n):
                     yield _event(self._chunk([first_choice(k)], include_usage))
             async for i, out in _merged(self.streams):
+                if out.prompt_logprobs is not None:
+                    self.prompt_logprobs[i] = out.prompt_logprobs
                 choices = []
                 for d in out.outputs:
-                    completion_tokens += len(d.token_ids)
-                    wants_tokens = self.token_ids or self.logprobs is not None
-                    if not (d.text or d.finish_reason or (wants_tokens and d.token_ids)):
-                        continue
                     k = i * self.n + d.index
-                    c = chunk_choice(k, d.text, d.finish_reason)
-                    if d.token_ids:
-                        c["logprobs"] = self._choice_logprobs(k, d.token_ids, d.logprobs or [])
+                    completion_tokens += 0 if self.prompt_only else len(d.token_ids)
+                    wants_tokens = (self.token_ids or self.logprobs is not None) and not self.prompt_only
+                    if not (d.text and not self.prompt_only or d.finish_reason or (wants_tokens and d.token_ids)
+                            or self.echo_due[k]):
+                        continue
+                    text, token_ids, entries = self._with_prompt(k, d.text, d.token_ids, d.logprobs or [])
+                    reason = "length" if self.prompt_only and d.finish_reason in ("stop", "length") else d.finish_reason
+                    c = chunk_choice(k, text, reason)
+                    if token_ids:
+                        c["logprobs"] = self._choice_logprobs(k, token_ids, entries)
                     if self.token_ids:
-                        c["token_ids"] = d.token_ids
+                        c["token_ids"] = [] if self.prompt_only else d.token_ids
                     choices.append(c)
                 if choices:
                     yield _event(self._chunk(choices, include_usage))

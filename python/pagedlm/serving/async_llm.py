@@ -52,7 +52,7 @@ class SampleDelta:
     text: str                   # text added since the last output
     token_ids: list             # token ids added since the last output
     finish_reason: str | None   # "stop", "length" or "abort" once the sample ended
-    logprobs: list | None = None  # with params.logprobs: a {token_id: logprob} per token of token_ids
+    logprobs: list | None = None  # with params.logprobs: a {token_id: Logprob} per token of token_ids
 
 
 @dataclass
@@ -61,6 +61,9 @@ class StreamOutput:
     prompt_token_ids: list
     outputs: list               # SampleDeltas of the samples that changed
     finished: bool              # every sample has ended; nothing more comes
+    # With params.prompt_logprobs, on the request's first output (its prompt is computed by then):
+    # RequestOutput.prompt_logprobs, None and then a {token_id: Logprob} per prompt token.
+    prompt_logprobs: list | None = None
 
 
 class RequestStream:
@@ -112,6 +115,7 @@ class _Live:
     done: list = field(default_factory=list)
     last_token: list = field(default_factory=list)
     first_token: float | None = None
+    outputs_sent: bool = False
 
 
 class AsyncLLM:
@@ -402,8 +406,15 @@ class AsyncLLM:
                 deltas.append(SampleDelta(i, text, list(new), reason, logprobs))
         finished = all(live.done)
         if deltas and (failure is None or not finished):
+            prompt_logprobs = live.seqs[0].prompt_logprobs
+            if prompt_logprobs is not None and not live.outputs_sent:
+                prompt_logprobs = list(prompt_logprobs)
+            else:
+                prompt_logprobs = None
+            live.outputs_sent = True
             _post(outbox, live.stream, _call(live.stream, "_put", StreamOutput(
-                live.stream.request_id, live.stream.prompt_token_ids, deltas, finished and failure is None)))
+                live.stream.request_id, live.stream.prompt_token_ids, deltas, finished and failure is None,
+                prompt_logprobs)))
         if failure is not None:
             self._end(live, failure, outbox)
         elif finished:

@@ -61,14 +61,11 @@ class _Sampling(_Strict):
     min_p: float | None = None
     min_tokens: int | None = None
     include_stop_str_in_output: bool = False
-    # Named by the API, not implemented: neutral values only.
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100], as OpenAI
 
 
 # parameter -> the values that mean "off" (what pagedlm does anyway)
 UNSUPPORTED = {
-    "logit_bias": (None, {}),
-    "echo": (None, False),
     "suffix": (None, ""),
     "tools": (None, []),
     "tool_choice": (None, "none"),
@@ -82,8 +79,9 @@ class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = None  # the sampled token's log-probability and this many alternatives
     best_of: int | None = None
-    echo: bool | None = None
+    echo: bool | None = None  # the prompt before the completion (with logprobs: the prompt's too)
     suffix: str | None = None
+    prompt_logprobs: int | None = None  # vLLM's extension: each choice's prompt_logprobs, as vLLM's
 
 
 class ChatMessage(_Strict):
@@ -125,6 +123,23 @@ def num_logprobs(request):
     return count
 
 
+def num_prompt_logprobs(request):
+    """SamplingParams.prompt_logprobs of a request, as vLLM: its prompt_logprobs, else with echo
+    its logprobs (the echoed prompt's tokens get theirs)."""
+    if not isinstance(request, CompletionRequest):
+        return None
+    count = request.prompt_logprobs
+    if count is not None:
+        if not 0 <= count <= MAX_LOGPROBS:
+            raise ApiError(400, f"prompt_logprobs: must be in [0, {MAX_LOGPROBS}], got {count}",
+                           param="prompt_logprobs")
+        if request.stream:
+            raise ApiError(400, "prompt_logprobs: not available when stream is true (as vLLM; echo with logprobs "
+                                "streams the prompt's log-probabilities)", param="prompt_logprobs")
+        return count
+    return request.logprobs if request.echo else None
+
+
 def refuse_unsupported(request):
     for name, neutral in UNSUPPORTED.items():
         if name in type(request).model_fields:
@@ -153,12 +168,31 @@ def stop_strings(request):
     return tuple(stop)
 
 
-def sampling_params(request, max_tokens):
-    """SamplingParams of a request (max_tokens already resolved); ApiError 400 naming the
-    parameter SamplingParams refuses."""
+def logit_bias(request, vocab_size=None):
+    """SamplingParams.logit_bias of a request: its {"token id": bias} with int keys, each id in
+    the vocabulary and each bias in [-100, 100], as OpenAI's; None when empty."""
+    if not request.logit_bias:
+        return None
+    bias = {}
+    for key, value in request.logit_bias.items():
+        token = int(key) if key.isascii() and key.isdigit() else None
+        if token is None or (vocab_size is not None and token >= vocab_size):
+            raise ApiError(400, f"logit_bias: {key!r} is not a token id" + (
+                f" (the vocabulary is [0, {vocab_size}))" if token is not None else ""), param="logit_bias")
+        if not -100 <= value <= 100:
+            raise ApiError(400, f"logit_bias: the bias of token {key} must be in [-100, 100], got {value}",
+                           param="logit_bias")
+        bias[token] = value
+    return bias
+
+
+def sampling_params(request, max_tokens, vocab_size=None):
+    """SamplingParams of a request (max_tokens already resolved; vocab_size: the model's, which
+    logit_bias's ids must be in); ApiError 400 naming the parameter SamplingParams refuses."""
     kwargs = dict(n=request.n, max_tokens=max_tokens, ignore_eos=request.ignore_eos, seed=request.seed,
                   stop=stop_strings(request), include_stop_str_in_output=request.include_stop_str_in_output,
-                  logprobs=num_logprobs(request))
+                  logprobs=num_logprobs(request), prompt_logprobs=num_prompt_logprobs(request),
+                  logit_bias=logit_bias(request, vocab_size))
     for name in ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_p", "min_tokens"):
         if getattr(request, name) is not None:
             kwargs[name] = getattr(request, name)

@@ -65,7 +65,7 @@ class Speculator:
         the scheduler's (their copy-on-write pairs added to copies), within the step's token
         budget and, when the step fits the largest graph of varlen (None: eager forwards), within it.
         A sequence without free blocks for its draft decodes plainly this step; sequences take
-        turns when not all drafts fit. Requests with penalties, min_tokens or logprobs
+        turns when not all drafts fit. Requests with penalties, logit_bias, min_tokens or logprobs
         (SamplingParams._special) never draft: the sampler applies their transforms."""
         # The engine-wide switch (unless the config says "adaptive": False) lets greedy sequences
         # draft only while drafting emits more tokens per second; its verdict first: while greedy
