@@ -187,8 +187,11 @@ class TensorParallelGroup:
         """A description of the first worker that has ended (waiting up to `wait` seconds for
         one to), with its last words if it sent any, or None."""
         procs = self._workers.procs
-        if wait and procs and all(p.exitcode is None for p in procs):
-            multiprocessing.connection.wait([p.sentinel for p in procs], timeout=wait)
+        # A sentinel is ready as the process exits, a little before it can be reaped (exitcode).
+        ended = multiprocessing.connection.wait([p.sentinel for p in procs], timeout=wait) if procs else []
+        for proc in procs:
+            if proc.sentinel in ended:
+                proc.join(STOP_GRACE_S)
         for rank, (proc, conn) in enumerate(zip(procs, self._workers.conns), 1):
             if proc.exitcode is None:
                 continue
@@ -243,7 +246,8 @@ class TensorParallelGroup:
                                                   f"{message[1]}")
                     replies[rank] = message[1:]
                     del pending[rank]
-                elif procs[rank - 1].exitcode is not None:
+                elif procs[rank - 1].sentinel in ready:
+                    procs[rank - 1].join(STOP_GRACE_S)
                     raise TensorParallelError(f"tensor parallelism: {self._dead()} ({what})")
         return [replies[r] for r in sorted(replies)]
 
