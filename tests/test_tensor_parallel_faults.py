@@ -112,18 +112,21 @@ def test_close_and_collection_leave_no_process(llama):
     assert all(_no_process(pid) for pid in pids) and not dist.is_initialized()
 
 
-def test_interpreter_exit_leaves_no_process(llama):
+@pytest.mark.parametrize("ending, status", [("", 0), ("os.kill(os.getpid(), signal.SIGKILL)", -signal.SIGKILL)])
+def test_interpreter_exit_or_a_killed_driver_leaves_no_process(llama, ending, status):
     script = textwrap.dedent(f"""
+        import os, signal
         from pagedlm import LLM, SamplingParams
         if __name__ == "__main__":
             llm = LLM({str(llama)!r}, device="cpu", block_size=4, tensor_parallel_size=2)
             llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2), use_tqdm=False)
             print([p.pid for p in llm._tp._workers.procs], flush=True)
+            {ending}
     """)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "python"),
                                                          os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == status, done.stderr
     pids = eval(done.stdout.strip().splitlines()[-1])
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and not all(_no_process(pid) for pid in pids):
