@@ -65,9 +65,10 @@ class _Workers:
     """What stopping the workers needs, apart from the group (its finalizer must not hold it)."""
 
     def __init__(self):
-        self.procs, self.conns, self.owns_process_group = [], [], False
+        self.procs, self.conns, self.owns_process_group, self.stopping = [], [], False, False
 
     def stop(self):
+        self.stopping = True
         for conn in self.conns:
             try:
                 conn.send(("close",))
@@ -85,8 +86,22 @@ class _Workers:
             conn.close()
         self.conns = []
         if self.owns_process_group and dist.is_initialized():
-            dist.destroy_process_group()
+            try:
+                dist.destroy_process_group()
+            except Exception:  # aborted already (watch)
+                pass
         self.owns_process_group = False
+
+    def watch(self):
+        """NCCL: a worker's death aborts the group's communicators, so that a collective the
+        driver waits in returns an error rather than waiting out the timeout. (A thread of its
+        own, which holds the workers but not the group, so the group can still be collected.)"""
+        multiprocessing.connection.wait([p.sentinel for p in self.procs])
+        if not self.stopping and dist.is_initialized():
+            try:
+                dist.distributed_c10d._abort_process_group()
+            except Exception:
+                pass
 
 
 class TensorParallelGroup:
@@ -128,7 +143,7 @@ class TensorParallelGroup:
         self._store = store
         self.model.driver = self
         if self.backend == "nccl":  # NCCL collectives wait for a dead peer until the timeout: abort them
-            threading.Thread(target=self._watch, name="pagedlm-tp-watch", daemon=True).start()
+            threading.Thread(target=self._workers.watch, name="pagedlm-tp-watch", daemon=True).start()
 
     # -- the driver's side of a step --------------------------------------------------------
 
@@ -250,17 +265,6 @@ class TensorParallelGroup:
                     procs[rank - 1].join(STOP_GRACE_S)
                     raise TensorParallelError(f"tensor parallelism: {self._dead()} ({what})")
         return [replies[r] for r in sorted(replies)]
-
-    def _watch(self):
-        """NCCL: a worker's death aborts the group's communicators, so that a collective the
-        driver waits in returns an error rather than waiting out the timeout."""
-        procs = list(self._workers.procs)
-        multiprocessing.connection.wait([p.sentinel for p in procs])
-        if self.broken is None and dist.is_initialized():
-            try:
-                dist.distributed_c10d._abort_process_group()
-            except Exception:
-                pass
 
 
 class TensorParallelRunner(ModelRunner):
