@@ -53,8 +53,8 @@ def save_model(config, folder, device):
     return model
 
 
-def run_pagedlm(folder, requests, device):
-    llm = LLM(folder, device=device, dtype=torch.bfloat16)
+def run_pagedlm(folder, requests, device, tensor_parallel_size=1):
+    llm = LLM(folder, device=device, dtype=torch.bfloat16, tensor_parallel_size=tensor_parallel_size)
     prompts = [p for p, _ in requests]
     llm.generate(prompts[:8], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
     _sync(device)
@@ -72,6 +72,7 @@ def run_pagedlm(folder, requests, device):
     extra = dict(utilization=sum(utilization) / len(utilization), steps=steps,
                  preemptions=llm.scheduler.preemptions, kv_blocks=llm.block_manager.num_blocks,
                  graphs=llm.runner.graphs.captures if llm.runner.graphs else 0)
+    llm.close()
     del llm
     return outputs, elapsed, extra
 
@@ -138,6 +139,8 @@ def main():
                         help="comma-separated engines beside pagedlm: vllm, transformers (standard workload only), "
                              "or none")
     parser.add_argument("--smoke", action="store_true", help="a tiny model and workload, any device")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1,
+                        help="pagedlm over this many GPUs (its peak memory is the first GPU's)")
     parser.add_argument("--out", help="also write the table to this file")
     parser.add_argument("--append-results", action="store_true", help="append the table to bench/RESULTS.md")
     args = parser.parse_args()
@@ -155,8 +158,9 @@ def main():
         model = save_model(config, folder, device)
         model.cpu()  # out of the way while pagedlm sizes its cache from free memory
         torch.cuda.empty_cache() if device == "cuda" else None
-        ours, elapsed, extra = run_pagedlm(folder, requests, device)
-        rows.append(["pagedlm.LLM", total / elapsed, f"{extra['utilization']:.1%}", _peak_gib(device), ours])
+        ours, elapsed, extra = run_pagedlm(folder, requests, device, args.tensor_parallel_size)
+        tp = args.tensor_parallel_size
+        rows.append(["pagedlm.LLM" + (f" (tensor_parallel_size={tp})" if tp > 1 else ""), total / elapsed, f"{extra['utilization']:.1%}", _peak_gib(device), ours])
         gc.collect()
         torch.cuda.empty_cache() if device == "cuda" else None
         print(f"pagedlm: {elapsed:.2f} s, {extra}", flush=True)
@@ -183,7 +187,9 @@ def main():
     lines = [f"### Engine, {'smoke' if args.smoke else args.workload} workload — {card}, "
              f"{datetime.date.today()}, commit {git_commit()}",
              "",
-             f"`python bench/bench_engine.py --workload {args.workload}` — {len(requests)} requests, "
+             f"`python bench/bench_engine.py --workload {args.workload}"
+             + (f" --tensor-parallel-size {args.tensor_parallel_size}" if args.tensor_parallel_size > 1 else "")
+             + f"` — {len(requests)} requests, "
              f"{total:,} output tokens (greedy, EOS ignored), bf16. pagedlm: {extra['steps']} steps, "
              f"{extra['graphs']} CUDA graphs captured, {extra['kv_blocks']:,} KV blocks preallocated (in its peak "
              f"memory), {extra['preemptions']} preemptions."]

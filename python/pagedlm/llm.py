@@ -28,6 +28,7 @@ from pagedlm.engine.text import SampleText
 from pagedlm.models import LlamaForCausalLM, load_model
 from pagedlm.kv_cache import checkpoint_kv_scales, make_layer_caches, resolve_kv_cache_dtype
 from pagedlm.models.loader import _weight_files, eos_token_ids
+from pagedlm.parallel import TensorParallelGroup, TensorParallelRunner, check_llm_options
 from pagedlm.speculative import check_config, make_speculator
 
 __all__ = ["LLM", "SamplingParams", "BeamSearchParams", "RequestOutput", "CompletionOutput", "Logprob"]
@@ -79,7 +80,7 @@ class LLM:
     def __init__(self, model, *, device=None, dtype=None, block_size=16, num_blocks=None,
                  gpu_memory_utilization=0.9, max_num_seqs=256, max_num_batched_tokens=8192,
                  enable_prefix_caching=True, seed=0, enforce_eager=False, speculative=None,
-                 kv_cache_dtype="auto", calculate_kv_scales=False):
+                 kv_cache_dtype="auto", calculate_kv_scales=False, tensor_parallel_size=1):
         """device: "auto" (None), "cpu", "cuda" or "cuda:N"; dtype of the weights loaded from a
         folder: "auto" (None: bfloat16 on a GPU, float32 on the CPU), "float16"/"half",
         "bfloat16", "float32"/"float" or the torch dtype. kv_cache_dtype: "auto" (the model's
@@ -87,7 +88,9 @@ class LLM:
         per-layer scales read from the checkpoint's *.k_scale / *.v_scale / *.kv_scale tensors
         (1.0 where it has none), or, with calculate_kv_scales, measured from the first prefill's
         keys and values (amax / the format's max). A draft model's cache keeps its dtype. Every
-        argument is checked before anything is loaded: a bad one raises a ValueError naming it."""
+        argument is checked before anything is loaded: a bad one raises a ValueError naming it.
+        tensor_parallel_size: split the model over that many processes, one GPU each (or the
+        CPU), this one being rank 0 (docs/tensor-parallel.md); close() stops them."""
         _check_model_arg("model", model)
         self.device = resolve_device(device)
         dtype = resolve_dtype(dtype, self.device)
@@ -110,11 +113,20 @@ class LLM:
             check_config(speculative)
             if speculative["method"] == "draft":
                 _check_model_arg("speculative['model']", speculative["model"])
+        tensor_parallel_size = check_int("tensor_parallel_size", tensor_parallel_size, minimum=1, maximum=INT32_MAX)
+        check_llm_options(tensor_parallel_size, model_is_object=isinstance(model, LlamaForCausalLM),
+                          speculative=speculative, kv_cache_dtype=kv_dtype)
+        self.tensor_parallel_size, self._tp = tensor_parallel_size, None
         # One caller at a time (see _exclusive); reentrant, as generate calls step.
         self._lock = threading.RLock()
         self.tokenizer, eos_ids = None, frozenset()
         if isinstance(model, LlamaForCausalLM):
             self.model = model.to(self.device)
+        elif tensor_parallel_size > 1:  # rank 0's shard; the workers load theirs
+            self._tp = TensorParallelGroup(model, tensor_parallel_size, dtype=dtype, device=self.device)
+            self.model = self._tp.model
+            eos_ids = eos_token_ids(model)
+            self.tokenizer = _load_tokenizer(Path(model))
         else:
             self.model = load_model(model, dtype=dtype, device=self.device)
             eos_ids = eos_token_ids(model)
@@ -128,7 +140,8 @@ class LLM:
             # A draft model's cache has as many blocks as the target's.
             bytes_per_block = (_kv_block_bytes(self.model, block_size, kv_dtype)
                                + (_kv_block_bytes(draft, block_size) if draft is not None else 0))
-            budget = (torch.cuda.mem_get_info(self.device)[0] * gpu_memory_utilization
+            budget = ((torch.cuda.mem_get_info(self.device)[0] if self._tp is None else self._tp.free_memory())
+                      * gpu_memory_utilization
                       if self.device.type == "cuda" else CPU_KV_BUDGET_BYTES)
             num_blocks = max(1, int(budget // bytes_per_block))
         _check_kv_fits(self.model, draft, num_blocks, block_size, self.device, kv_dtype)
@@ -140,10 +153,13 @@ class LLM:
         self.kv_cache_dtype = kv_dtype or self.model.lm_head.weight.dtype
         self.kv_caches = make_layer_caches(self.model.make_kv_caches(num_blocks, block_size, dtype=kv_dtype),
                                            scales=scales)
+        if self._tp is not None:
+            self._tp.make_caches(num_blocks, block_size)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
         # Decode steps replay CUDA graphs on the GPU unless enforce_eager (as vLLM's option) or
         # PAGEDLM_DEBUG=1, whose value checks synchronize, which no capture allows.
-        use_cuda_graphs = self.device.type == "cuda" and not enforce_eager
+        # With tensor parallelism, steps run eagerly.
+        use_cuda_graphs = self.device.type == "cuda" and not enforce_eager and self._tp is None
         if use_cuda_graphs and debug_checks():
             warnings.warn("PAGEDLM_DEBUG=1: CUDA graphs are off (the ops' value checks synchronize, which no "
                           "capture allows); steps run eagerly and slower")
@@ -152,9 +168,10 @@ class LLM:
                                       num_blocks=num_blocks, block_size=block_size, device=self.device,
                                       use_cuda_graphs=use_cuda_graphs, max_num_seqs=max_num_seqs)
                       if speculative is not None else None)
-        self.runner = ModelRunner(self.model, self.kv_caches, self.block_manager, self.device,
-                                  max_num_seqs=max_num_seqs, use_cuda_graphs=use_cuda_graphs, eos_token_ids=eos_ids,
-                                  speculator=speculator)
+        runner = ModelRunner if self._tp is None else functools.partial(TensorParallelRunner, group=self._tp)
+        self.runner = runner(self.model, self.kv_caches, self.block_manager, self.device,
+                             max_num_seqs=max_num_seqs, use_cuda_graphs=use_cuda_graphs, eos_token_ids=eos_ids,
+                             speculator=speculator)
         if self.tokenizer is not None:  # logprobs' decoded_token: each token decoded alone, as vLLM
             self.runner.decode_token = functools.lru_cache(maxsize=None)(lambda t: self.tokenizer.decode([t]))
         self.seed = seed
@@ -164,6 +181,13 @@ class LLM:
         self._ids = itertools.count()
         self._requests = {}
         self._scheduled = []  # the running step's scheduled sequences: those a failure of it fails
+
+    def close(self):
+        """Stops the tensor-parallel workers (tensor_parallel_size > 1; their process group is
+        left, so another such LLM may start); later steps raise. Also done when the LLM is
+        collected and at interpreter exit. Nothing to do otherwise."""
+        if self._tp is not None:
+            self._tp.close()
 
     # -- requests ---------------------------------------------------------------------
 
@@ -438,6 +462,9 @@ class LLM:
         Prompts are searched together in waves that fit the cache with nothing shared."""
         if not isinstance(params, BeamSearchParams):
             raise TypeError(f"params: expected BeamSearchParams, got {type(params).__name__}")
+        if self._tp is not None:
+            raise NotImplementedError(f"LLM.beam_search: not supported with tensor_parallel_size="
+                                      f"{self.tensor_parallel_size}")
         prompts = _prompt_list(prompts)
         token_ids = [self._token_ids(p, f"prompts[{i}]") for i, p in enumerate(prompts)]
         search = BeamSearch(self.model, self.kv_caches, self.block_manager, self.device, self.eos_token_ids, params)
