@@ -93,6 +93,19 @@ def test_greedy_tokens_and_logprobs_match_one_rank(engines):
     assert parallel.block_manager.stats()["used_blocks"] == 0
 
 
+def test_prompt_logprobs_match_one_rank(engines):
+    # The prompt rows' logits are gathered from the ranks like the sampled rows'.
+    single, parallel = engines
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True, prompt_logprobs=3)
+    batch = prompts(3)
+    expected, got = single.generate(batch, params, use_tqdm=False), parallel.generate(batch, params, use_tqdm=False)
+    for e, g in zip(expected, got):
+        assert len(g.prompt_logprobs) == len(e.prompt_logprobs) and g.prompt_logprobs[0] is None
+        for e_pos, g_pos in zip(e.prompt_logprobs[1:], g.prompt_logprobs[1:]):
+            assert list(g_pos) == list(e_pos)
+            assert all(abs(g_pos[t] - e_pos[t]) <= 1e-5 for t in e_pos)
+
+
 def test_seeded_sampling_with_n_samples_matches_one_rank(engines):
     single, parallel = engines
     params = SamplingParams(n=3, temperature=0.9, top_k=30, top_p=0.95, max_tokens=10, seed=1234, ignore_eos=True)
