@@ -141,28 +141,35 @@ def load_model(folder, *, dtype=torch.float32, device="cpu", rope_factors="auto"
         for name, tensor in tensors.items():
             if name not in expected:
                 continue  # e.g. rotary buffers some exporters include
-            param, rows = expected[name]
-            if param[rows].shape != tensor.shape:
-                raise ValueError(f"{f}: {name} has shape {tuple(tensor.shape)}, the config implies "
-                                 f"{tuple(param[rows].shape)}")
-            # copy_ would cast integers or bools silently, and a non-finite weight turns every
-            # logit it reaches into nan: answers that look like answers.
-            if not tensor.is_floating_point():
-                raise ValueError(f"{f}: {name} has dtype {tensor.dtype}, weights must be floating point")
-            if not bool(torch.isfinite(tensor).all()):
-                raise ValueError(f"{f}: {name} holds non-finite values (inf or nan)")
             if name in loaded:
                 raise ValueError(f"{f}: {name} appears in more than one weight file")
-            with torch.no_grad():
-                param[rows].copy_(_stored_value(args, name, tensor))
+            param, rows = expected[name]
+            copy_weight(args, f, name, tensor, param[rows], f"{name} has shape")
             loaded.add(name)
-    if args.tie_word_embeddings:
-        loaded.add("lm_head.weight")
-    missing = sorted(set(expected) - loaded)
+    check_complete(args, folder, expected, loaded)
+    return model.eval()
+
+
+def copy_weight(args, f, name, tensor, target, what):
+    """Checks a checkpoint tensor against the parameter (slice) it fills, then copies it in.
+    copy_ would cast integers or bools silently, and a non-finite weight turns every logit it
+    reaches into nan: answers that look like answers. what: how an error names the tensor."""
+    if target.shape != tensor.shape:
+        raise ValueError(f"{f}: {what} {tuple(tensor.shape)}, the config implies {tuple(target.shape)}")
+    if not tensor.is_floating_point():
+        raise ValueError(f"{f}: {name} has dtype {tensor.dtype}, weights must be floating point")
+    if not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"{f}: {name} holds non-finite values (inf or nan)")
+    with torch.no_grad():
+        target.copy_(_stored_value(args, name, tensor))
+
+
+def check_complete(args, folder, expected, loaded):
+    """Every parameter the model expects came from the checkpoint (a tied LM head from the embedding)."""
+    missing = sorted(set(expected) - loaded - ({"lm_head.weight"} if args.tie_word_embeddings else set()))
     if missing:
         raise ValueError(f"{folder}: weights missing from the checkpoint: {', '.join(missing[:5])}"
                          + (" ..." if len(missing) > 5 else ""))
-    return model.eval()
 
 
 def expected_shapes(args):

@@ -7,8 +7,8 @@ import torch
 from safetensors import safe_open
 
 from pagedlm.models.config import ModelArgs
-from pagedlm.models.loader import (_check_shapes, _keep_rope_in_f32, _stored_shapes, _stored_value, _weight_files,
-                                   checkpoint_names, read_config)
+from pagedlm.models.loader import (_check_shapes, _keep_rope_in_f32, _stored_shapes, _weight_files, check_complete,
+                                   checkpoint_names, copy_weight, read_config)
 from pagedlm.parallel.shard import build_shard, check_tensor_parallel, vocab_range
 
 VOCAB = ("model.embed_tokens.weight", "lm_head.weight")
@@ -83,22 +83,9 @@ def load_shard(folder, rank, size, *, dtype=torch.float32, device="cpu", args=No
                 tensor = _read_part(weights, f, name, source_index(name, args, rank, size))
                 param, rows = expected[name]
                 target = param[:tensor.shape[0]] if name in VOCAB else param[rows]
-                if target.shape != tensor.shape:
-                    raise ValueError(f"{f}: {name}: rank {rank}'s part has shape {tuple(tensor.shape)}, the config "
-                                     f"implies {tuple(target.shape)}")
-                if not tensor.is_floating_point():
-                    raise ValueError(f"{f}: {name} has dtype {tensor.dtype}, weights must be floating point")
-                if not bool(torch.isfinite(tensor).all()):
-                    raise ValueError(f"{f}: {name} holds non-finite values (inf or nan)")
-                with torch.no_grad():
-                    target.copy_(_stored_value(args, name, tensor))
+                copy_weight(args, f, name, tensor, target, f"{name}: rank {rank}'s part has shape")
                 loaded.add(name)
-    if args.tie_word_embeddings:
-        loaded.add("lm_head.weight")
-    missing = sorted(set(expected) - loaded)
-    if missing:
-        raise ValueError(f"{folder}: weights missing from the checkpoint: {', '.join(missing[:5])}"
-                         + (" ..." if len(missing) > 5 else ""))
+    check_complete(args, folder, expected, loaded)
     return model.eval()
 
 
