@@ -28,13 +28,13 @@ from pagedlm import LLM, SamplingParams
 from pagedlm.engine.sequence import Status
 from pagedlm.models import load_model, random_model
 
+from engine_checks import check_consistent
 from llama_checkpoint import save_random_checkpoint
 
 CONFIG = dict(vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
               num_key_value_heads=1, max_position_embeddings=256, eos_token_id=2)
 VOCAB = CONFIG["vocab_size"]
 MODEL = random_model(CONFIG, seed=3, std=0.2)
-FINISH_REASONS = {"stop", "length", "abort", "refused", "error"}
 FUZZ = settings(deadline=None, suppress_health_check=list(HealthCheck), print_blob=True)
 
 
@@ -72,29 +72,6 @@ class Faults:
                 self.armed = (point_, left - 1, exception)
             return function(*args, **kwargs)
         return call
-
-
-def check_consistent(llm):
-    """The block manager holds exactly the running sequences' blocks and KV; every unfinished
-    sequence is in exactly one queue, finished ones in none."""
-    bm, scheduler = llm.block_manager, llm.scheduler
-    running = scheduler.running
-    assert len(bm) == len(running)
-    held = set()
-    for seq in running:
-        assert seq.status == Status.RUNNING and seq.seq_id in bm
-        assert bm.num_tokens(seq.seq_id) == seq.num_cached <= len(seq)
-        held.update(bm.block_table(seq.seq_id))
-    assert bm.stats()["used_blocks"] == len(held)
-    waiting = [s for group in scheduler.waiting for s in group]
-    assert all(s.status == Status.WAITING and s.num_cached == 0 and s.seq_id not in bm for s in waiting)
-    queued = [id(s) for s in running + waiting]
-    assert len(queued) == len(set(queued))
-    live = {id(s) for r in llm._requests.values() for s in r["seqs"] if s.status != Status.FINISHED}
-    assert live == set(queued)
-    for r in llm._requests.values():
-        for s in r["seqs"]:
-            assert (s.finish_reason in FINISH_REASONS) == (s.status == Status.FINISHED)
 
 
 def snapshot(llm):
