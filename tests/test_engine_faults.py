@@ -15,6 +15,7 @@ from pagedlm import LLM, BeamSearchParams, SamplingParams
 from pagedlm.engine.sequence import Sequence, Status
 from pagedlm.models import random_model
 
+from engine_checks import check_consistent
 from llama_checkpoint import save_random_checkpoint
 
 CONFIG = dict(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
@@ -235,6 +236,24 @@ def test_a_failure_in_sampling_fails_the_batch_and_the_engine_goes_on(model, mon
     assert tokens(llm.generate(prompts, GREEDY, use_tqdm=False)) == expected
 
 
+def test_a_failed_step_keeps_the_prefix_cache(model, monkeypatch):
+    prompt = list(range(1, 14))  # 13 tokens: 3 whole blocks of 4 can come from the cache
+    clean = tokens(engine(model).generate([prompt], GREEDY, use_tqdm=False))
+    llm = engine(model)
+    assert tokens(llm.generate([prompt], GREEDY, use_tqdm=False)) == clean
+    failed = llm.add_request([30, 31, 32, 33, 34], GREEDY)
+    fail_on_call(monkeypatch, llm.runner, "_forward", 1, RuntimeError("kernel failure"))
+    with pytest.raises(RuntimeError, match="kernel failure"):
+        llm.step()
+    # Recovery freed exactly the failed request's blocks; the prompt's stay in the prefix cache.
+    check_consistent(llm)
+    assert used_blocks(llm) == 0 and llm.block_manager.stats()["cached_blocks"] >= 4
+    outputs = llm.generate([prompt], GREEDY, use_tqdm=False)
+    assert tokens(outputs) == clean and outputs[0].metrics["cached_prompt_tokens"] == 12
+    assert [o.finish_reason for o in llm.take_output(failed).outputs] == ["error"]
+    assert_clean(llm)
+
+
 def test_an_interrupted_step_fails_no_request(model, monkeypatch):
     prompts = [[1, 2, 3], [4, 5, 6, 7]]
     expected = tokens(engine(model).generate(prompts, GREEDY, use_tqdm=False))
@@ -245,7 +264,8 @@ def test_an_interrupted_step_fails_no_request(model, monkeypatch):
     fail_on_call(monkeypatch, llm.runner, "step", 1, KeyboardInterrupt())
     with pytest.raises(KeyboardInterrupt):
         llm.step()
-    assert used_blocks(llm) == 0  # both go back to waiting, to be recomputed
+    check_consistent(llm)  # both cut back to what an earlier step cached, to be recomputed from there
+    assert all(s.finish_reason is None for r in ids for s in llm.sequences(r))
     while llm.scheduler.has_work():
         llm.step()
     assert tokens([llm.take_output(r) for r in ids]) == expected
