@@ -288,10 +288,10 @@ class LLM:
     def step(self):
         """One engine iteration; returns the number of tokens sampled.
 
-        A step that raises leaves the engine consistent and usable (see _recover): the requests
-        it had scheduled finish with finish_reason "error" (an interrupt fails none of them),
-        their blocks are freed, and the other sequences go on; the exception is re-raised, with
-        a note naming the failed requests."""
+        A step that raises leaves the engine consistent and usable (see _recover): the
+        request(s) that make it fail finish with finish_reason "error" (an interrupt fails
+        none), their blocks are freed, and the step's other sequences go on as if those had
+        never been there; the exception is re-raised, with a note naming the failed requests."""
         try:
             return self._step()
         except BaseException as exc:
@@ -329,29 +329,29 @@ class LLM:
         reserved, KV half written, tokens sampled but not emitted); returns the ids of the
         requests it failed. The step is rolled back (_roll_back): the sequences not in it are
         untouched, and the prefix cache keeps every block whose KV an earlier step wrote. An
-        interrupt fails no request; after an exception every request the step had scheduled
-        finishes with finish_reason "error" (a failure inside a batched forward cannot be traced
-        to one of its requests), each sequence's `error` saying why. A failure before the
-        scheduler returned the step is no request's: none fails."""
+        interrupt fails no request; an exception is blamed on the step's requests that make it
+        fail (_blame), which finish with finish_reason "error", each sequence's `error` saying
+        why. A failure before the scheduler returned the step is no request's: none fails."""
         batch, self._scheduled = self._scheduled, None
         self._roll_back(batch)
         if batch is None or not isinstance(exc, Exception):
             return set()
         failed = set()
-        for request_id in dict.fromkeys(s.seq.request_id for s in batch):
+        for request_id, error in self._blame(batch, exc).items():
             for seq in self._requests[request_id]["seqs"]:
-                if seq.status != Status.FINISHED:
+                if seq.status != Status.FINISHED:  # (a retry may have finished it)
                     self._finish(seq, "error")
-                    seq.error = f"a step running it failed: {exc!r}"
+                    seq.error = f"a step running it failed: {error!r}"
                     failed.add(request_id)
         return failed
 
-    def _roll_back(self, batch):
+    def _roll_back(self, batch, members=None):
         """Undoes a failed step of the scheduled `batch` (None: the scheduler raised before
         returning it). Each of its unfinished sequences is cut back to the whole blocks it had
         before the step (_cut), its proposer's state forgotten; those the step admitted go back,
         in their groups, to the head of the waiting queue, as before the step. Running
-        sequences the step did not schedule, and waiting ones, are untouched.
+        sequences the step did not schedule, and waiting ones, are untouched. members: the
+        sequences a retry (_retry) ran, which alone are in the scheduler's queues then.
 
         With prefix caching and blocks of one token, a block cannot leave the prefix cache
         while it is kept (see _cut): then, and if the queues are found broken, every
@@ -367,7 +367,7 @@ class LLM:
             for seq in reversed(scheduler.running):
                 if bm.num_tokens(seq.seq_id) != seq.num_cached:
                     self._cut(seq, seq.num_cached)
-            if not self._queued_as_expected():
+            if not self._queued_as_expected(members):
                 self._reset()
                 return True
             return False
@@ -417,16 +417,80 @@ class LLM:
         bm.truncate(seq_id, keep)
         seq.num_cached = keep
 
-    def _queued_as_expected(self):
-        """Whether every unfinished sequence is in exactly one of the scheduler's queues,
-        running ones in the block manager and waiting ones not."""
+    def _queued_as_expected(self, members):
+        """Whether every unfinished sequence (of members, when given) is in exactly one of the
+        scheduler's queues, running ones in the block manager and waiting ones not."""
         scheduler, bm = self.scheduler, self.block_manager
         running = scheduler.running
         waiting = [s for group in scheduler.waiting for s in group]
         live = {s for r in self._requests.values() for s in r["seqs"] if s.status != Status.FINISHED}
+        if members is not None:
+            live &= members
         return (len(running) + len(waiting) == len(live) and set(running) | set(waiting) == live
                 and all(s.status == Status.RUNNING and s.seq_id in bm for s in running)
                 and all(s.status == Status.WAITING and s.seq_id not in bm for s in waiting))
+
+    def _blame(self, batch, exc):
+        """{request_id: exception} of the failed step's requests to fail (all of a one-request
+        step). The step's requests are bisected: both halves of a group known to fail run again
+        alone (_retry); a half that goes through has its tokens emitted and carries on, a
+        failing one is split further, and a request that fails on its own is to blame. That
+        takes at most 2 * ceil(log2(requests)) retries, enough to isolate one culprit. Where the
+        failure is not attributable to single requests, every request of the group fails, as
+        the step's requests all would without blame: when neither half fails alone (a failure
+        that needs them together, or a transient one), and when the retries run out (several
+        culprits, or a failure that every request meets alone)."""
+        units = {}  # request id -> its sequences in the step (unfinished), in the step's order
+        for s in batch:
+            if s.seq.status != Status.FINISHED:
+                units.setdefault(s.seq.request_id, set()).add(s.seq)
+        retries = 2 * (len(units) - 1).bit_length()
+        failed, pending = {}, [(list(units), exc)]  # groups known to fail, with their error
+        while pending:
+            group, error = pending.pop()
+            if len(group) <= 1 or retries < 2:
+                failed.update(dict.fromkeys(group, error))
+                continue
+            halves = [group[:len(group) // 2], group[len(group) // 2:]]
+            errors = []
+            for half in halves:
+                retries -= 1
+                errors.append(self._retry(set().union(*(units[r] for r in half))))
+            failing = [(half, e) for half, e in zip(halves, errors) if e is not None]
+            if not failing:  # not attributable to a request: the whole group fails
+                failed.update(dict.fromkeys(group, error))
+            pending.extend(reversed(failing))
+        return failed
+
+    def _retry(self, members):
+        """Runs one step of the failed step's sequences `members` alone, the engine's others
+        waiting (as they were). Returns None when it went through (its tokens are emitted:
+        those sequences carry on), else its exception, after rolling the retry back."""
+        scheduler = self.scheduler
+        running, waiting = scheduler.running, scheduler.waiting
+        scheduler.running = [s for s in running if s in members]
+        scheduler.waiting = deque(g for g in waiting if g[0] in members)
+        reset = False
+        try:
+            self._scheduled = None
+            batch, copies = scheduler.schedule()
+            self._scheduled = batch
+            if batch:
+                for seq, tokens in self.runner.step(batch, copies).items():
+                    self._emit(seq, tokens)
+            return None
+        except BaseException as exc:
+            reset = self._roll_back(self._scheduled, members)
+            if not isinstance(exc, Exception):
+                raise
+            return exc
+        finally:
+            self._scheduled = None
+            if not reset:  # the retried sequences back in their places among the others
+                ran, before = set(scheduler.running), set(running)
+                scheduler.running = ([s for s in running if s in ran or s not in members]
+                                     + [s for s in scheduler.running if s not in before])
+                scheduler.waiting.extend(g for g in waiting if g[0] not in members)
 
     def _reset(self):
         """The last resort: every unfinished sequence goes back to waiting, in arrival order,
