@@ -1,6 +1,7 @@
 """Faults at the engine's edges: bad arguments are refused up front with an error naming them,
 a step that fails leaves the engine consistent and usable, generate leaves nothing behind
 however it exits, and a second thread is told at once that an LLM is not shared."""
+import dataclasses
 import threading
 import warnings
 
@@ -15,6 +16,7 @@ from pagedlm import LLM, BeamSearchParams, SamplingParams
 from pagedlm.engine.sequence import Sequence, Status
 from pagedlm.models import random_model
 
+from engine_checks import check_consistent
 from llama_checkpoint import save_random_checkpoint
 
 CONFIG = dict(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
@@ -235,6 +237,167 @@ def test_a_failure_in_sampling_fails_the_batch_and_the_engine_goes_on(model, mon
     assert tokens(llm.generate(prompts, GREEDY, use_tqdm=False)) == expected
 
 
+class BadRequest:
+    """Makes every step that computes or samples for one of the `bad` requests fail, once it has
+    `after` output tokens, as a kernel would that chokes on those requests' input. At "step"
+    (before the step's copy-on-write block copies) and "forward", garbage is written into every
+    slot the step computes (the other sequences' included) before it raises; at "sample",
+    sampling raises. `calls` counts the steps' runs, forwards or samplings; `fired`, the
+    failures."""
+
+    def __init__(self, monkeypatch, llm, bad, point="forward", after=0):
+        self.llm, self.bad, self.after, self.armed = llm, set(bad), after, True
+        self.calls = self.fired = 0
+        if point == "step":
+            step = llm.runner.step
+            monkeypatch.setattr(llm.runner, "step", lambda scheduled, copies: (
+                self._check([s.seq for s in scheduled], [s for s in scheduled if s.num_new]), step(scheduled, copies))[1])
+        elif point == "forward":
+            forward = llm.runner._forward
+            monkeypatch.setattr(llm.runner, "_forward", lambda computing, drafts: (
+                self._check([s.seq for s in computing], computing), forward(computing, drafts))[1])
+        else:
+            sample = pagedlm.engine.runner.sample_step
+            monkeypatch.setattr(pagedlm.engine.runner, "sample_step", lambda logits, seqs, *args: (
+                self._check(seqs), sample(logits, seqs, *args))[1])
+
+    def _check(self, seqs, computing=None):
+        self.calls += 1
+        if self.armed and any(s.request_id in self.bad and len(s.output) >= self.after for s in seqs):
+            if computing is not None:
+                slots = self.llm.block_manager.slot_mapping([s.seq.seq_id for s in computing],
+                                                            [s.num_new for s in computing])
+                for cache in self.llm.kv_caches:
+                    for t in cache[:2]:
+                        t.view(-1, *t.shape[2:])[torch.from_numpy(slots)] = 7.0
+            self.fired += 1
+            raise RuntimeError(f"kernel failure on {sorted(self.bad)}")
+
+
+def run_to_the_end(llm):
+    """Steps until nothing is left, checking the engine after each step; returns the errors raised."""
+    errors = []
+    while llm.scheduler.has_work():
+        try:
+            llm.step()
+        except RuntimeError as e:
+            errors.append(e)
+        check_consistent(llm)
+    return errors
+
+
+SEEDED = SamplingParams(temperature=0.9, seed=11, max_tokens=6, ignore_eos=True)
+PROMPTS = [[1, 2, 3, 4, 5, 6, 7, 8, 9], [1, 2, 3, 4, 5, 6, 7, 8, 10], [11, 12, 13], [1, 2, 3, 4, 5, 6, 7, 8, 9],
+           [14, 15, 16, 17, 18], [19, 20]]
+
+
+@pytest.mark.parametrize("point", ["step", "forward", "sample"])
+# In the step that admits them all; in the first decode step, where request 2's samples copy
+# their shared last prompt block on write; or two decode steps later.
+@pytest.mark.parametrize("after", [0, 1, 3])
+@pytest.mark.parametrize("prefix_caching", [True, False])
+@pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
+def test_a_request_that_fails_steps_fails_alone(model, monkeypatch, point, after, prefix_caching, params):
+    check_blamed_alone(model, monkeypatch, point, after, params, enable_prefix_caching=prefix_caching)
+
+
+@pytest.mark.parametrize("speculative", ["ngram", "draft", "lookahead", "jacobi", None])
+@pytest.mark.parametrize("point", ["step", "forward"])
+def test_a_request_that_fails_steps_fails_alone_when_speculating_or_with_one_token_blocks(model, monkeypatch,
+                                                                                          speculative, point):
+    # Drafts hold slots in the failed step; with one-token blocks and prefix caching, recovery
+    # cannot take a block out of the prefix cache and resets the block manager instead.
+    kwargs = {None: dict(block_size=1, num_blocks=256),
+              "ngram": dict(speculative={"method": "ngram", "num_tokens": 2, "max_ngram": 2}),
+              "draft": dict(speculative={"method": "draft", "model": random_model(CONFIG, seed=2, std=0.2),
+                                         "num_tokens": 2}),
+              "lookahead": dict(speculative={"method": "lookahead", "window": 2, "ngram": 2, "guesses": 2}),
+              "jacobi": dict(speculative={"method": "jacobi", "num_tokens": 2})}[speculative]
+    check_blamed_alone(model, monkeypatch, point, 1, GREEDY, **kwargs)
+
+
+def check_blamed_alone(model, monkeypatch, point, after, params, **kwargs):
+    """Request 1 fails every step it is in, from its `after`-th token on; it shares 8 prompt
+    tokens with requests 0 and 3, admitted in the same step, and request 2 has two samples."""
+    all_params = [params, params, dataclasses.replace(params, n=2), params, params, params]
+    clean = tokens(engine(model).generate(PROMPTS, all_params, use_tqdm=False))
+    llm = engine(model, **kwargs)
+    ids = [llm.add_request(p, sp) for p, sp in zip(PROMPTS, all_params)]
+    bad = BadRequest(monkeypatch, llm, [ids[1]], point, after)
+    errors = run_to_the_end(llm)
+    error = llm.sequences(ids[1])[0].error
+    outputs = [llm.take_output(r) for r in ids]
+    # The others produced what they produce without the bad request; it failed alone.
+    assert tokens(outputs[:1] + outputs[2:]) == clean[:1] + clean[2:]
+    assert [o.finish_reason for o in outputs[1].outputs] == ["error"]
+    assert len(outputs[1].outputs[0].token_ids) == after
+    assert len(errors) == 1 and bad.fired >= 2  # the step, and the bad request retried alone
+    assert f"request(s) {ids[1]} were in the failed step" in str(errors[0].__notes__)
+    assert "kernel failure" in error
+    assert_clean(llm)
+    bad.armed = False
+    assert tokens(llm.generate(PROMPTS, all_params, use_tqdm=False)) == clean
+
+
+def test_blame_takes_at_most_twice_log2_retries(model, monkeypatch):
+    # 8 requests in the step, the last one bad: 3 halvings of 2 retries each.
+    llm = engine(model)
+    ids = [llm.add_request([1 + i, 2, 3], GREEDY) for i in range(8)]
+    bad = BadRequest(monkeypatch, llm, [ids[-1]], "forward", after=1)
+    llm.step()
+    calls = bad.calls
+    with pytest.raises(RuntimeError, match="kernel failure"):
+        llm.step()
+    assert bad.calls - calls == 1 + 2 * 3
+    check_consistent(llm)
+    assert [s.finish_reason for r in ids for s in llm.sequences(r)] == [None] * 7 + ["error"]
+    # The retries that went through emitted the others' second tokens.
+    assert [len(llm.sequences(r)[0].output) for r in ids] == [2] * 7 + [1]
+
+
+def test_a_failure_every_request_meets_alone_fails_the_step(model, monkeypatch):
+    # Every request fails alone (the whole engine is broken): blame falls back to failing the
+    # step's requests, within its retries; a request the step did not run is untouched.
+    prompts = [[1 + i, 2, 3] for i in range(5)]
+    clean = tokens(engine(model).generate(prompts, GREEDY, use_tqdm=False))
+    llm = engine(model, max_num_seqs=4)
+    ids = [llm.add_request(p, GREEDY) for p in prompts]
+    bad = BadRequest(monkeypatch, llm, ids, "forward")
+    with pytest.raises(RuntimeError, match="kernel failure") as failure:
+        llm.step()
+    assert bad.calls == 1 + 2 * 2
+    assert f"request(s) {', '.join(ids[:4])} were in the failed step" in str(failure.value.__notes__)
+    check_consistent(llm)
+    assert [s.finish_reason for r in ids for s in llm.sequences(r)] == ["error"] * 4 + [None]
+    bad.armed = False
+    assert not run_to_the_end(llm)
+    assert tokens([llm.take_output(ids[4])]) == clean[4:]
+
+
+def test_a_failed_step_keeps_the_prefix_cache(model, monkeypatch):
+    prompt = list(range(1, 14))  # 13 tokens: 3 whole blocks of 4 can come from the cache
+    clean = tokens(engine(model).generate([prompt, [20, 21, 22]], GREEDY, use_tqdm=False))
+    llm = engine(model)
+    assert tokens(llm.generate([prompt], GREEDY, use_tqdm=False)) == clean[:1]
+    ids = [llm.add_request([20, 21, 22], GREEDY), llm.add_request([30, 31, 32, 33, 34], GREEDY)]
+    llm.step()
+    bad = BadRequest(monkeypatch, llm, [ids[1]], "forward")
+    with pytest.raises(RuntimeError, match="kernel failure"):
+        llm.step()
+    # Recovery freed exactly the failed request's blocks: the running one keeps its own, and
+    # the prompt's blocks stay in the prefix cache.
+    check_consistent(llm)
+    stats = llm.block_manager.stats()
+    assert stats["used_blocks"] == 1 and stats["cached_blocks"] >= 4
+    bad.armed = False
+    outputs = llm.generate([prompt], GREEDY, use_tqdm=False)
+    assert tokens(outputs) == clean[:1] and outputs[0].metrics["cached_prompt_tokens"] == 12
+    assert not run_to_the_end(llm)
+    assert tokens([llm.take_output(ids[0])]) == clean[1:]
+    assert [o.finish_reason for o in llm.take_output(ids[1]).outputs] == ["error"]
+    assert_clean(llm)
+
+
 def test_an_interrupted_step_fails_no_request(model, monkeypatch):
     prompts = [[1, 2, 3], [4, 5, 6, 7]]
     expected = tokens(engine(model).generate(prompts, GREEDY, use_tqdm=False))
@@ -245,7 +408,8 @@ def test_an_interrupted_step_fails_no_request(model, monkeypatch):
     fail_on_call(monkeypatch, llm.runner, "step", 1, KeyboardInterrupt())
     with pytest.raises(KeyboardInterrupt):
         llm.step()
-    assert used_blocks(llm) == 0  # both go back to waiting, to be recomputed
+    check_consistent(llm)  # both cut back to what an earlier step cached, to be recomputed from there
+    assert all(s.finish_reason is None for r in ids for s in llm.sequences(r))
     while llm.scheduler.has_work():
         llm.step()
     assert tokens([llm.take_output(r) for r in ids]) == expected

@@ -1,13 +1,16 @@
 """Hypothesis-driven fuzzing of the engine and the loader.
 
 The engine: random streams of requests (valid and invalid prompts and sampling params),
-steps, aborts, outputs taken, generate calls, and faults injected into steps (an error in
-the scheduler, the forward or the sampler; an interrupt), on a tiny random model under
-random engine settings. After every step the block manager must hold exactly the blocks of
-the running sequences and every live sequence must be in one queue; a rejected call must
-leave no trace; every accepted request must finish exactly once (its reason never changes
-once set), and a request that finished normally must have produced the tokens it produces
-alone on a roomy engine. The loader: config.json fields replaced by random JSON values and
+steps, aborts, outputs taken, generate calls, faults injected into steps (an error in the
+scheduler, the forward or the sampler; an interrupt), and bad requests (each step that runs
+one fails, after writing garbage into the KV slots the step computes), on a tiny random
+model under random engine settings. After every step the block manager must hold exactly
+the blocks of the running sequences and every live sequence must be in one queue; a failed
+step must keep the block manager (and so the prefix cache), and fail no request but bad
+ones unless an injected fault fired in it; a bad request must end with an error (or an
+abort); a rejected call must leave no trace; every accepted request must finish exactly
+once (its reason never changes once set), and a request that finished normally must have
+produced the tokens it produces alone on a roomy engine. The loader: config.json fields replaced by random JSON values and
 checkpoint tensors broken at random; every error must name the file.
 
 Default runs take about a minute and a half on two cores; pytest --runslow runs many more
@@ -28,13 +31,13 @@ from pagedlm import LLM, SamplingParams
 from pagedlm.engine.sequence import Status
 from pagedlm.models import load_model, random_model
 
+from engine_checks import check_consistent
 from llama_checkpoint import save_random_checkpoint
 
 CONFIG = dict(vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
               num_key_value_heads=1, max_position_embeddings=256, eos_token_id=2)
 VOCAB = CONFIG["vocab_size"]
 MODEL = random_model(CONFIG, seed=3, std=0.2)
-FINISH_REASONS = {"stop", "length", "abort", "refused", "error"}
 FUZZ = settings(deadline=None, suppress_health_check=list(HealthCheck), print_blob=True)
 
 
@@ -51,12 +54,28 @@ class Faults:
     def __init__(self, llm):
         self.armed = None  # (point, calls left before it fires, exception class)
         self.fired = 0
+        self.bad = set()  # request ids: a step that runs one fails
+        self._wrap_bad(llm)
         self._wrap(llm.runner, "step", "forward")
         self._wrap(llm.scheduler, "_reserve", "schedule")
         self.sample = self._wrapped(pagedlm.engine.runner.sample_step, "sample")
 
     def arm(self, point, after, exception):
         self.armed = (point, after, exception)
+
+    def _wrap_bad(self, llm):
+        step = llm.runner.step
+
+        def call(scheduled, copies):
+            if any(s.seq.request_id in self.bad for s in scheduled):
+                computing = [s for s in scheduled if s.num_new]
+                slots = llm.block_manager.slot_mapping([s.seq.seq_id for s in computing], [s.num_new for s in computing])
+                for cache in llm.kv_caches:
+                    for t in cache[:2]:
+                        t.view(-1, *t.shape[2:])[torch.from_numpy(slots)] = 7.0
+                raise InjectedFault("a bad request")
+            return step(scheduled, copies)
+        llm.runner.step = call
 
     def _wrap(self, obj, name, point):
         setattr(obj, name, self._wrapped(getattr(obj, name), point))
@@ -72,29 +91,6 @@ class Faults:
                 self.armed = (point_, left - 1, exception)
             return function(*args, **kwargs)
         return call
-
-
-def check_consistent(llm):
-    """The block manager holds exactly the running sequences' blocks and KV; every unfinished
-    sequence is in exactly one queue, finished ones in none."""
-    bm, scheduler = llm.block_manager, llm.scheduler
-    running = scheduler.running
-    assert len(bm) == len(running)
-    held = set()
-    for seq in running:
-        assert seq.status == Status.RUNNING and seq.seq_id in bm
-        assert bm.num_tokens(seq.seq_id) == seq.num_cached <= len(seq)
-        held.update(bm.block_table(seq.seq_id))
-    assert bm.stats()["used_blocks"] == len(held)
-    waiting = [s for group in scheduler.waiting for s in group]
-    assert all(s.status == Status.WAITING and s.num_cached == 0 and s.seq_id not in bm for s in waiting)
-    queued = [id(s) for s in running + waiting]
-    assert len(queued) == len(set(queued))
-    live = {id(s) for r in llm._requests.values() for s in r["seqs"] if s.status != Status.FINISHED}
-    assert live == set(queued)
-    for r in llm._requests.values():
-        for s in r["seqs"]:
-            assert (s.finish_reason in FINISH_REASONS) == (s.status == Status.FINISHED)
 
 
 def snapshot(llm):
@@ -147,10 +143,11 @@ engines = st.fixed_dictionaries({
 faults = st.tuples(st.sampled_from(["schedule", "forward", "sample"]), st.integers(0, 2),
                    st.sampled_from([InjectedFault, KeyboardInterrupt]))
 operations = st.lists(st.one_of(
-    st.tuples(st.just("add"), prompts, params),
+    st.tuples(st.just("add"), prompts, params, st.sampled_from([False] * 5 + [True])),  # True: a bad request
     st.tuples(st.just("step"), st.integers(1, 8), st.one_of(st.none(), faults)),
     st.tuples(st.just("abort"), st.integers(0, 30)),
     st.tuples(st.just("take"), st.integers(0, 30)),
+    st.tuples(st.just("bad"), st.integers(0, 30)),
     st.tuples(st.just("generate"), st.lists(st.tuples(prompts, params), min_size=1, max_size=3),
               st.one_of(st.none(), faults)),
 ), min_size=3, max_size=30)
@@ -180,16 +177,31 @@ class Run:
         self.faults = Faults(self.llm)
         self.accepted = {}  # request id -> (prompt token ids, params)
         self.reasons = {}  # (request id, sample index) -> the finish reason first seen
+        self.bad_samples = set()  # (request id, sample index): unfinished when their request went bad
         self.step_original = self.llm.step
         self.llm.step = self.checked_step  # generate's steps are checked too
         self.sample_original = pagedlm.engine.runner.sample_step
 
     def checked_step(self):
+        fired, bm, errors = self.faults.fired, self.llm.block_manager, self.errors()
         try:
             return self.step_original()
         finally:
             check_consistent(self.llm)
             self.check_reasons()
+            if not (bm.block_size == 1 and bm.enable_prefix_caching):  # where recovery resets
+                assert self.llm.block_manager is bm
+            if self.faults.fired == fired:  # no injected fault: the bad requests alone may fail
+                assert {r for r, _ in self.errors() - errors} <= self.faults.bad
+
+    def errors(self):
+        return {(r, s.index) for r, request in self.llm._requests.items() for s in request["seqs"]
+                if s.finish_reason == "error"}
+
+    def make_live_one_bad(self, pick):
+        live = [r for r in self.accepted if any(s.status != Status.FINISHED for s in self.llm._requests[r]["seqs"])]
+        if live:
+            self.make_bad(live[pick % len(live)])
 
     def check_reasons(self):
         for request_id, request in self.llm._requests.items():
@@ -211,13 +223,20 @@ class Run:
             assert snapshot(self.llm) == before
             return False, None
 
-    def add(self, prompt, kwargs):
+    def add(self, prompt, kwargs, bad=False):
         ok, sampling = self.expect_rejected_or(lambda: SamplingParams(**kwargs))
         if not ok:
             return
         ok, request_id = self.expect_rejected_or(lambda: self.llm.add_request(prompt, sampling))
         if ok:
             self.accepted[request_id] = (self.llm._requests[request_id]["token_ids"], sampling)
+            if bad:
+                self.make_bad(request_id)
+
+    def make_bad(self, request_id):
+        self.faults.bad.add(request_id)
+        self.bad_samples |= {(request_id, s.index) for s in self.llm._requests[request_id]["seqs"]
+                             if s.status != Status.FINISHED}
 
     def step(self, count, fault):
         """count steps, the fault (if any) armed for the first."""
@@ -291,13 +310,19 @@ class Run:
         output = self.llm.take_output(request_id)
         outputs = output.outputs
         assert [o.finish_reason for o in outputs] == [self.reasons.pop((request_id, o.index)) for o in outputs]
+        for o in outputs:
+            if (request_id, o.index) in self.bad_samples:
+                assert o.finish_reason in ("error", "abort", "refused")
         self.check_tokens(prompt, sampling, output)
 
     def drain(self):
         """Runs to the end: every accepted request finishes, and leaves with its output."""
         steps = 0
         while self.llm.scheduler.has_work():
-            self.llm.step()
+            try:
+                self.llm.step()
+            except InjectedFault:  # a step that ran a bad request
+                assert self.faults.bad
             steps += 1
             assert steps < 5000, "the engine stopped making progress"
         for request_id in list(self.accepted):
@@ -314,7 +339,7 @@ def run_stream(engine, ops):
             warnings.simplefilter("ignore")  # refusals warn
             for op in ops:
                 if op[0] == "add":
-                    run.add(op[1], op[2])
+                    run.add(op[1], op[2], op[3])
                 elif op[0] == "step":
                     run.step(op[1], op[2])
                 elif op[0] == "abort":
@@ -322,6 +347,8 @@ def run_stream(engine, ops):
                     run.llm.abort(ids[op[1] % len(ids)])
                 elif op[0] == "take":
                     run.take(op[1])
+                elif op[0] == "bad":
+                    run.make_live_one_bad(op[1])
                 else:
                     run.generate(op[1], op[2])
                 check_consistent(run.llm)

@@ -215,6 +215,34 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(engine, llm):
     assert llm.block_manager.stats()["num_seqs"] == 0 and engine.alive
 
 
+def test_a_step_that_one_request_fails_fails_only_that_request(engine, llm):
+    """The engine blames the request that makes a step fail: its stream fails, and the others
+    that ran in the step go on with the tokens they produce alone."""
+    real_step = llm.runner.step
+    poison = 4000
+
+    def step(scheduled, copies):
+        if any(poison in s.seq.prompt for s in scheduled):
+            raise RuntimeError("injected fault")
+        return real_step(scheduled, copies)
+
+    async def main():
+        alone = await collect(engine, "def add(a, b):")
+        llm.runner.step = step
+        try:
+            good = [asyncio.ensure_future(collect(engine, prompt)) for prompt in ("def add(a, b):", [7, 8, 9])]
+            bad = asyncio.ensure_future(collect(engine, [5, 6, poison]))
+            with pytest.raises(RequestFailed, match="injected fault"):
+                await bad
+            return alone, await asyncio.gather(*good)
+        finally:
+            llm.runner.step = real_step
+
+    alone, (first, second) = run(main())
+    assert first == alone and second[2] == ["length"] and len(second[1][0]) == GREEDY.max_tokens
+    assert llm.block_manager.stats()["num_seqs"] == 0 and engine.alive
+
+
 def test_a_sample_the_engine_finishes_with_an_error_fails_only_its_request(engine, llm):
     """The engine's contract for a failed request: its samples finish with a reason other
     than stop, length or abort; the others in the batch carry on."""

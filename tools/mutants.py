@@ -35,6 +35,8 @@ ENGINE_TESTS = ("tests/test_engine_logprobs.py", "tests/test_engine.py::test_n_s
                 "tests/test_engine.py::test_one_sampling_params_per_prompt",
                 "tests/test_engine.py::test_prefix_caching_reuses_blocks_and_changes_nothing",
                 "tests/test_engine.py::test_chunked_prefill_changes_nothing")
+FAULT_TESTS = ("tests/test_engine_faults.py::test_a_failed_step_fails_its_requests_and_the_others_go_on",
+               "tests/test_engine_faults.py::test_a_request_that_fails_steps_fails_alone")
 SAMPLER = "python/pagedlm/engine/sampler.py"
 SAMPLER_TESTS = ("tests/test_sampler.py",)
 RUNNER = "python/pagedlm/engine/runner.py"
@@ -279,6 +281,20 @@ MUTANTS = [
     Mutant("sampler_rank_counts_ties_and_itself", "engine", SAMPLER,
            "(logprobs > value).sum(-1, keepdim=True)", "(logprobs >= value).sum(-1, keepdim=True)",
            PROMPT_LOGPROBS_TESTS),
+    # A failed step (recovery, blame).
+    Mutant("llm_failed_step_blocks_stay_in_prefix_cache", "engine", LLM,
+           "                    bm.truncate(seq_id, j * size + 1)\n                    bm.append(seq_id, [UNMATCHABLE_TOKEN])",
+           "                    pass", FAULT_TESTS),
+    Mutant("llm_roll_back_keeps_partial_block", "engine", LLM,
+           "        keep -= keep % size\n        if bm.enable_prefix_caching:\n            table = bm.block_table(seq_id)\n"
+           "            for j in range(len(table) - 1, keep // size - 1, -1):",
+           "        if bm.enable_prefix_caching:\n            table = bm.block_table(seq_id)\n"
+           "            for j in range(len(table) - 1, -(-keep // size) - 1, -1):", FAULT_TESTS),
+    Mutant("llm_roll_back_in_step_order", "engine", LLM,
+           "        for s in reversed(batch):\n            seq = s.seq\n", "        for s in batch:\n            seq = s.seq\n",
+           FAULT_TESTS),
+    Mutant("llm_blame_fails_the_whole_step", "engine", LLM,
+           "if len(group) <= 1 or retries < 2:", "if True:", FAULT_TESTS),
 
     # ---- sampler ------------------------------------------------------------------------------
     Mutant("sampler_temperature_multiplies", "sampler", SAMPLER,

@@ -14,6 +14,10 @@ class Scheduled:
     seq: object
     num_new: int        # tokens to compute this step (0 for a fork that shares its parent's)
     logits_of: object   # the sequence whose last position gives this one's next-token logits
+    # What undoing a failed step needs (LLM._roll_back): the tokens whose KV was in the cache
+    # before the step, and whether the step admitted the sequence from the waiting queue.
+    start: int = 0
+    admitted: bool = False
 
 
 def owes_prompt_logprobs(seq):
@@ -60,7 +64,7 @@ class Scheduler:
                 if victim is seq:
                     break
             else:
-                batch.append(Scheduled(seq, count, seq))
+                batch.append(Scheduled(seq, count, seq, seq.num_cached))
                 budget -= count
         while self.waiting and budget > 0 and len(self.running) + len(self.waiting[0]) <= self.max_num_seqs:
             group = self.waiting[0]
@@ -76,10 +80,10 @@ class Scheduler:
             first.num_cached = cached
             if not first.output:
                 first.cached_prompt_tokens = cached
-            batch.append(Scheduled(first, count - cached, first))
+            batch.append(Scheduled(first, count - cached, first, cached, True))
             for child in group[1:]:
                 self.bm.fork(first.seq_id, child.seq_id)
-                batch.append(Scheduled(child, 0, first))
+                batch.append(Scheduled(child, 0, first, cached, True))
             for seq in group:
                 seq.status = Status.RUNNING
                 self.running.append(seq)

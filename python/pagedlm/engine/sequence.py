@@ -172,7 +172,7 @@ class Sequence:
     # it; one list shared by the request's samples (whichever computes a position adds its entry).
     prompt_logprobs: list | None = None
     text: object = None              # a SampleText when stop strings (or a front end) need the text
-    error: str | None = None         # why, when finish_reason is "error" outside a failed step
+    error: str | None = None         # why, when finish_reason is "error"
     forwards: int = 0                # steps that emitted its tokens (one forward each)
     speculation: object = None       # a speculative engine's counters for it (SequenceRecord), from its first draft
     engine_seed: InitVar[int] = 0    # LLM(seed=...), which seeds the requests that bring none

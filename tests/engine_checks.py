@@ -1,0 +1,27 @@
+"""The engine's bookkeeping invariant, shared by the fault tests and the engine fuzz."""
+from pagedlm.engine.sequence import Status
+
+FINISH_REASONS = {"stop", "length", "abort", "refused", "error"}
+
+
+def check_consistent(llm):
+    """The block manager holds exactly the running sequences' blocks and KV; every unfinished
+    sequence is in exactly one queue, finished ones in none."""
+    bm, scheduler = llm.block_manager, llm.scheduler
+    running = scheduler.running
+    assert len(bm) == len(running)
+    held = set()
+    for seq in running:
+        assert seq.status == Status.RUNNING and seq.seq_id in bm
+        assert bm.num_tokens(seq.seq_id) == seq.num_cached <= len(seq)
+        held.update(bm.block_table(seq.seq_id))
+    assert bm.stats()["used_blocks"] == len(held)
+    waiting = [s for group in scheduler.waiting for s in group]
+    assert all(s.status == Status.WAITING and s.num_cached == 0 and s.seq_id not in bm for s in waiting)
+    queued = [id(s) for s in running + waiting]
+    assert len(queued) == len(set(queued))
+    live = {id(s) for r in llm._requests.values() for s in r["seqs"] if s.status != Status.FINISHED}
+    assert live == set(queued)
+    for r in llm._requests.values():
+        for s in r["seqs"]:
+            assert (s.finish_reason in FINISH_REASONS) == (s.status == Status.FINISHED)
