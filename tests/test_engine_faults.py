@@ -246,7 +246,9 @@ class BadRequest:
     failures."""
 
     def __init__(self, monkeypatch, llm, bad, point="forward", after=0):
-        self.llm, self.bad, self.after, self.armed = llm, set(bad), after, True
+        # bad: request ids, or a test of a sequence (for requests generate queues itself)
+        self.is_bad = bad if callable(bad) else (lambda seq, ids=frozenset(bad): seq.request_id in ids)
+        self.llm, self.bad, self.after, self.armed = llm, bad, after, True
         self.calls = self.fired = 0
         if point == "step":
             step = llm.runner.step
@@ -263,7 +265,7 @@ class BadRequest:
 
     def _check(self, seqs, computing=None):
         self.calls += 1
-        if self.armed and any(s.request_id in self.bad and len(s.output) >= self.after for s in seqs):
+        if self.armed and any(self.is_bad(s) and len(s.output) >= self.after for s in seqs):
             if computing is not None:
                 slots = self.llm.block_manager.slot_mapping([s.seq.seq_id for s in computing],
                                                             [s.num_new for s in computing])
@@ -271,7 +273,7 @@ class BadRequest:
                     for t in cache[:2]:
                         t.view(-1, *t.shape[2:])[torch.from_numpy(slots)] = 7.0
             self.fired += 1
-            raise RuntimeError(f"kernel failure on {sorted(self.bad)}")
+            raise RuntimeError(f"kernel failure on {self.bad if callable(self.bad) else sorted(self.bad)}")
 
 
 def run_to_the_end(llm):
@@ -337,6 +339,27 @@ def check_blamed_alone(model, monkeypatch, point, after, params, **kwargs):
     assert_clean(llm)
     bad.armed = False
     assert tokens(llm.generate(PROMPTS, all_params, use_tqdm=False)) == clean
+
+
+def test_generate_returns_the_failed_request_with_an_error_and_the_others_finish(model, monkeypatch):
+    all_params = [GREEDY, GREEDY, dataclasses.replace(GREEDY, n=2), GREEDY, GREEDY, GREEDY]
+    clean = tokens(engine(model).generate(PROMPTS, all_params, use_tqdm=False))
+    llm = engine(model)
+    bad = BadRequest(monkeypatch, llm, lambda seq: seq.prompt == PROMPTS[1], "forward", after=1)
+    with pytest.warns(RuntimeWarning, match=r"request\(s\) \d+ finished with finish_reason 'error'"):
+        outputs = llm.generate(PROMPTS, all_params, use_tqdm=False)
+    assert bad.fired >= 2
+    assert [o.finish_reason for o in outputs[1].outputs] == ["error"] and len(outputs[1].outputs[0].token_ids) == 1
+    assert tokens(outputs[:1] + outputs[2:]) == clean[:1] + clean[2:]
+    assert_clean(llm)
+
+
+def test_generate_raises_when_every_request_of_the_call_fails(model, monkeypatch):
+    llm = engine(model)
+    BadRequest(monkeypatch, llm, lambda seq: True, "forward")
+    with pytest.raises(RuntimeError, match="kernel failure"):
+        llm.generate([[1, 2, 3], [4, 5, 6]], GREEDY, use_tqdm=False)
+    assert_clean(llm)
 
 
 def test_blame_takes_at_most_twice_log2_retries(model, monkeypatch):

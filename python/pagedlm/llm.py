@@ -581,8 +581,10 @@ class LLM:
         """sampling_params: one SamplingParams for every prompt, or a list of one per prompt (as vLLM takes).
 
         Every prompt and params is checked before any is queued, so a bad one raises (naming
-        it) and changes nothing. However generate exits (a return, an error, an interrupt), it
-        leaves none of its requests behind in the engine."""
+        it) and changes nothing. A step that fails on some of the call's requests fails those
+        (finish_reason "error", with a RuntimeWarning) and the others go on; it raises when no
+        request of the call is blamed, or all of them are. However generate exits (a return, an
+        error, an interrupt), it leaves none of its requests behind in the engine."""
         prompts = _prompt_list(prompts)
         params = SamplingParams() if sampling_params is None else sampling_params
         if isinstance(params, (list, tuple)):
@@ -603,7 +605,10 @@ class LLM:
                 while left:
                     if not self.scheduler.has_work():  # never: a guard against waiting forever
                         raise RuntimeError(f"requests {sorted(left)} are unfinished but nothing is queued")
-                    self.step()
+                    try:
+                        self.step()
+                    except Exception as exc:  # not an interrupt: that ends the call
+                        self._go_on_after(exc, ids)
                     finished = {r for r in left if self._finished(r)}
                     bar.update(len(finished))
                     left -= finished
@@ -614,6 +619,16 @@ class LLM:
                     self.abort(r)
                     del self._requests[r]
         return outputs
+
+    def _go_on_after(self, exc, ids):
+        """After a step that raised exc: generate goes on when it blamed some of the call's
+        requests (they finished with finish_reason "error") but not all of them; otherwise exc
+        goes to the caller."""
+        failed = [r for r in ids if any(s.finish_reason == "error" for s in self._requests[r]["seqs"])]
+        if not failed or len(failed) == len(ids):
+            raise exc
+        warnings.warn(f"pagedlm: a step failed ({exc!r}); request(s) {', '.join(map(str, failed))} finished with "
+                      f"finish_reason 'error' and generate goes on with the others", RuntimeWarning, stacklevel=3)
 
     def _finished(self, request_id):
         return all(s.status == Status.FINISHED for s in self._requests[request_id]["seqs"])
