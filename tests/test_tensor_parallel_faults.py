@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
+import pagedlm
 from pagedlm import LLM, SamplingParams
 from pagedlm.parallel import TensorParallelError
 
@@ -123,7 +124,8 @@ def test_interpreter_exit_or_a_killed_driver_leaves_no_process(llama, ending, st
             print([p.pid for p in llm._tp._workers.procs], flush=True)
             {ending}
     """)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "python"),
+    # The child imports the pagedlm these tests import (an installed wheel, or the source tree).
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(pagedlm.__file__).parents[1]),
                                                          os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == status, done.stderr
