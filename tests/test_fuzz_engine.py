@@ -252,19 +252,22 @@ class Run:
 
     def generate(self, batch, fault):
         """A generate call: rejected (changing nothing), interrupted or failed by a fault
-        (leaving none of its requests), or returning one finished output per prompt."""
+        (leaving none of its requests), or returning one finished output per prompt (some with
+        finish_reason "error" when a fault fired and was blamed on them, with a warning)."""
         sampling = []
         for _, kwargs in batch:
             ok, sp = self.expect_rejected_or(lambda: SamplingParams(**kwargs))
             if not ok:
                 return
             sampling.append(sp)
-        known = set(self.llm._requests)
+        known, fired = set(self.llm._requests), self.faults.fired
         if fault is not None:
             self.faults.arm(*fault)
         try:
-            ok, outputs = self.expect_rejected_or(
-                lambda: self.llm.generate([p for p, _ in batch], sampling, use_tqdm=False))
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", RuntimeWarning)
+                ok, outputs = self.expect_rejected_or(
+                    lambda: self.llm.generate([p for p, _ in batch], sampling, use_tqdm=False))
         except (InjectedFault, KeyboardInterrupt):
             ok = False
         finally:
@@ -272,9 +275,14 @@ class Run:
         assert set(self.llm._requests) <= known  # none of its requests stays behind
         check_consistent(self.llm)
         if ok:
+            reasons = {"stop", "length", "refused"} | ({"error"} if self.faults.fired > fired else set())
+            errors = 0
             for output, sp in zip(outputs, sampling):
-                assert [o.finish_reason in {"stop", "length", "refused"} for o in output.outputs] == [True] * sp.n
+                assert [o.finish_reason in reasons for o in output.outputs] == [True] * sp.n
+                errors += any(o.finish_reason == "error" for o in output.outputs)
                 self.check_tokens(output.prompt_token_ids, sp, output)
+            assert errors < len(outputs)  # generate raises when every request of the call fails
+            assert bool(errors) == any("finish_reason 'error'" in str(w.message) for w in caught)
 
     def check_tokens(self, prompt, sampling, output):
         """A request that finished normally produced what it produces alone on a plain engine:
