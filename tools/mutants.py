@@ -31,6 +31,7 @@ VERIFY = "cpp/src/verify.cpp"
 VERIFY_TESTS = ("tests/test_verify.py", "tests/test_verify_boundaries.py")
 SCHED = "python/pagedlm/engine/scheduler.py"
 LLM = "python/pagedlm/llm.py"
+RECOVERY = "python/pagedlm/engine/recovery.py"
 ENGINE_TESTS = ("tests/test_engine_logprobs.py", "tests/test_engine.py::test_n_samples_share_prompt_blocks_and_abort_frees_them",
                 "tests/test_engine.py::test_one_sampling_params_per_prompt",
                 "tests/test_engine.py::test_prefix_caching_reuses_blocks_and_changes_nothing",
@@ -282,18 +283,18 @@ MUTANTS = [
            "(logprobs > value).sum(-1, keepdim=True)", "(logprobs >= value).sum(-1, keepdim=True)",
            PROMPT_LOGPROBS_TESTS),
     # A failed step (recovery, blame).
-    Mutant("llm_failed_step_blocks_stay_in_prefix_cache", "engine", LLM,
+    Mutant("llm_failed_step_blocks_stay_in_prefix_cache", "engine", RECOVERY,
            "                    bm.truncate(seq_id, j * size + 1)\n                    bm.append(seq_id, [UNMATCHABLE_TOKEN])",
            "                    pass", FAULT_TESTS),
-    Mutant("llm_roll_back_keeps_partial_block", "engine", LLM,
+    Mutant("llm_roll_back_keeps_partial_block", "engine", RECOVERY,
            "        keep -= keep % size\n        if bm.enable_prefix_caching:\n            table = bm.block_table(seq_id)\n"
            "            for j in range(len(table) - 1, keep // size - 1, -1):",
            "        if bm.enable_prefix_caching:\n            table = bm.block_table(seq_id)\n"
            "            for j in range(len(table) - 1, -(-keep // size) - 1, -1):", FAULT_TESTS),
-    Mutant("llm_roll_back_in_step_order", "engine", LLM,
+    Mutant("llm_roll_back_in_step_order", "engine", RECOVERY,
            "        for s in reversed(batch):\n            seq = s.seq\n", "        for s in batch:\n            seq = s.seq\n",
            FAULT_TESTS),
-    Mutant("llm_blame_fails_the_whole_step", "engine", LLM,
+    Mutant("llm_blame_fails_the_whole_step", "engine", RECOVERY,
            "if len(group) <= 1 or retries < 2:", "if True:", FAULT_TESTS),
 
     # ---- sampler ------------------------------------------------------------------------------
