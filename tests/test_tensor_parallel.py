@@ -15,19 +15,8 @@ import torch
 from pagedlm import LLM, BeamSearchParams, SamplingParams
 from pagedlm.models import ModelArgs
 from pagedlm.parallel import check_tensor_parallel
+from test_models import FAMILIES, TINY, build
 
-transformers = pytest.importorskip("transformers")
-
-TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5)
-FAMILIES = {
-    "llama": (transformers.LlamaConfig, dict(rope_theta=500000.0, rope_scaling=dict(
-        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-        original_max_position_embeddings=32))),
-    "llama-tied": (transformers.LlamaConfig, dict(tie_word_embeddings=True)),
-    "mistral": (transformers.MistralConfig, dict(sliding_window=7)),
-    "qwen2": (transformers.Qwen2Config, dict()),
-}
 # Chunked prefill (prompts up to 40 tokens, 32 tokens a step) and a cache small enough that the
 # preemption test's batch preempts.
 ENGINE = dict(device="cpu", block_size=4, num_blocks=40, max_num_batched_tokens=32)
@@ -35,14 +24,8 @@ GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=
 
 
 def save(family, folder):
-    config_class, extra = FAMILIES[family]
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config_class(**TINY, **extra))
-    with torch.no_grad():  # biases and norms are zero / one at init: make them matter
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "norm" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-    model.save_pretrained(folder)
+    """The model tests' tiny random checkpoint of family, in folder."""
+    build(family, folder)
     return folder
 
 

@@ -41,7 +41,7 @@ def test_other_dense_families_match_one_rank(family, tmp_path):
 
 
 def test_llm_refuses_bad_sizes_and_unsupported_options_before_starting_anything(tmp_path):
-    folder = save("llama", tmp_path / "llama")
+    folder = save("llama3", tmp_path / "llama")
     for size, match in [(3, "num_attention_heads"), (4, "num_key_value_heads"), (0, "tensor_parallel_size")]:
         with pytest.raises(ValueError, match="tensor_parallel_size") as info:
             LLM(folder, device="cpu", tensor_parallel_size=size)
@@ -64,7 +64,7 @@ def test_llm_refuses_bad_sizes_and_unsupported_options_before_starting_anything(
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
-    return save("llama", tmp_path_factory.mktemp("llama-faults"))
+    return save("llama3", tmp_path_factory.mktemp("llama-faults"))
 
 
 def test_a_worker_killed_mid_generation_raises_in_the_driver(llama):
