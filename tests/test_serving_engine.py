@@ -1,6 +1,7 @@
 """pagedlm.AsyncLLM without HTTP: incremental detokenization, stop strings, aborts, failures,
 the waiting bound; and the chat template. CPU, the shipped code model, small max_tokens."""
 import asyncio
+import contextlib
 import json
 
 import pytest
@@ -192,22 +193,30 @@ def test_waiting_bound_raises_overloaded():
         engine.shutdown()
 
 
-def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(engine, llm):
+POISON = 4000  # a prompt holding this token makes every step it is in fail
+
+
+@contextlib.contextmanager
+def poisoned_steps(llm):
+    """While inside: a step that runs a sequence whose prompt holds POISON raises."""
     real_step = llm.runner.step
-    poison = 4000
 
     def step(scheduled, copies):
-        if any(poison in s.seq.prompt for s in scheduled):
+        if any(POISON in s.seq.prompt for s in scheduled):
             raise RuntimeError("injected fault")
         return real_step(scheduled, copies)
 
+    llm.runner.step = step
+    try:
+        yield
+    finally:
+        llm.runner.step = real_step
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(engine, llm):
     async def main():
-        llm.runner.step = step
-        try:
-            with pytest.raises(RequestFailed, match="injected fault"):
-                await collect(engine, [5, 6, poison])
-        finally:
-            llm.runner.step = real_step
+        with poisoned_steps(llm), pytest.raises(RequestFailed, match="injected fault"):
+            await collect(engine, [5, 6, POISON])
         return await collect(engine, "def add(a, b):")
 
     texts, ids, reasons = run(main())
@@ -218,25 +227,14 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(engine, llm):
 def test_a_step_that_one_request_fails_fails_only_that_request(engine, llm):
     """The engine blames the request that makes a step fail: its stream fails, and the others
     that ran in the step go on with the tokens they produce alone."""
-    real_step = llm.runner.step
-    poison = 4000
-
-    def step(scheduled, copies):
-        if any(poison in s.seq.prompt for s in scheduled):
-            raise RuntimeError("injected fault")
-        return real_step(scheduled, copies)
-
     async def main():
         alone = await collect(engine, "def add(a, b):")
-        llm.runner.step = step
-        try:
+        with poisoned_steps(llm):
             good = [asyncio.ensure_future(collect(engine, prompt)) for prompt in ("def add(a, b):", [7, 8, 9])]
-            bad = asyncio.ensure_future(collect(engine, [5, 6, poison]))
+            bad = asyncio.ensure_future(collect(engine, [5, 6, POISON]))
             with pytest.raises(RequestFailed, match="injected fault"):
                 await bad
             return alone, await asyncio.gather(*good)
-        finally:
-            llm.runner.step = real_step
 
     alone, (first, second) = run(main())
     assert first == alone and second[2] == ["length"] and len(second[1][0]) == GREEDY.max_tokens
