@@ -74,6 +74,32 @@ def build(transformers, family, folder, *, dtype=torch.float32, seed=0, dims=TIN
     return model.to(dtype)
 
 
+def checkpoint_cache(transformers, tmp_path_factory, dims=TINY):
+    """get(family) -> (folder, transformers model): each family's checkpoint built once, on first use."""
+    made = {}
+
+    def get(family):
+        if family not in made:
+            folder = tmp_path_factory.mktemp(family)
+            made[family] = folder, build(transformers, family, folder, dims=dims)
+        return made[family]
+    return get
+
+
+def assert_choices_near_best(reference, prompt, chosen):
+    """Each token pagedlm chose after prompt is within bf16 tolerance of the best under the
+    transformers reference's logits for the same prefix (bf16 may flip a near-tie, so choices
+    are compared, not sequences). Returns those steps' logits, float32 [len(chosen), vocab]."""
+    device = next(reference.parameters()).device
+    with torch.no_grad():
+        logits = reference(torch.tensor([prompt + chosen], device=device)).logits[0].float()
+    steps = logits[len(prompt) - 1:-1]
+    picked = steps.gather(-1, torch.tensor(chosen, device=device)[:, None]).squeeze(-1)
+    tolerance = 0.03 * steps.abs().amax(-1) + 0.02
+    assert bool((picked >= steps.amax(-1) - tolerance).all())
+    return steps
+
+
 def prompts(count, vocab, low, high, seed):
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(vocab, (int(torch.randint(low, high + 1, (1,), generator=g)),), generator=g).tolist()

@@ -7,6 +7,7 @@ import torch
 from pagedlm import LLM, SamplingParams
 
 from llama_checkpoint import save_llama
+from model_families import assert_choices_near_best
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.gpu
@@ -68,12 +69,7 @@ def test_bf16_greedy_choices_agree_with_transformers_logits(checkpoint):
     outputs = engine(folder, dtype=torch.bfloat16, block_size=16).generate(batch, GREEDY, use_tqdm=False)
     for prompt, out in zip(batch, outputs):
         chosen = out.outputs[0].token_ids
-        with torch.no_grad():
-            logits = reference(torch.tensor([prompt + chosen], device="cuda")).logits[0].float()
-        steps = logits[len(prompt) - 1:-1]
-        picked = steps.gather(-1, torch.tensor(chosen, device="cuda")[:, None]).squeeze(-1)
-        tolerance = 0.03 * steps.abs().amax(-1) + 0.02
-        assert bool((picked >= steps.amax(-1) - tolerance).all())
+        steps = assert_choices_near_best(reference, prompt, chosen)
         logprob = steps.log_softmax(-1).gather(-1, torch.tensor(chosen, device="cuda")[:, None]).sum()
         assert out.outputs[0].cumulative_logprob == pytest.approx(float(logprob), abs=0.05 * len(chosen))
 

@@ -14,7 +14,7 @@ from pagedlm.models import ModelArgs, load_model, random_model
 from pagedlm.models.loader import checkpoint_names, expected_shapes
 from pagedlm.models.moe import expert_mlp, naive_expert_mlp, route
 
-from model_families import TINY, build, families, prompts
+from model_families import TINY, checkpoint_cache, families, prompts
 from test_models import Runner, assert_steps_match, relative_error
 
 transformers = pytest.importorskip("transformers")
@@ -25,15 +25,8 @@ CLASSES = ["Qwen3ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Gemma3
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    """{family: (folder, transformers model)}, each built once for the module."""
-    made = {}
-
-    def get(family):
-        if family not in made:
-            folder = tmp_path_factory.mktemp(family)
-            made[family] = folder, build(transformers, family, folder)
-        return made[family]
-    return get
+    """family -> (folder, transformers model), each built once for the module."""
+    return checkpoint_cache(transformers, tmp_path_factory)
 
 
 def test_transformers_has_every_family():

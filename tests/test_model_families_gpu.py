@@ -8,7 +8,7 @@ import torch
 from pagedlm import LLM, SamplingParams
 from pagedlm.models import AttentionBatch, load_model
 
-from model_families import GPU_TINY, build, families, prompts
+from model_families import GPU_TINY, assert_choices_near_best, checkpoint_cache, families, prompts
 from test_models import Runner
 
 transformers = pytest.importorskip("transformers")
@@ -19,15 +19,9 @@ GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    made = {}
-
-    def get(family):
-        if family not in made:
-            folder = tmp_path_factory.mktemp(family)
-            build(transformers, family, folder, dims=GPU_TINY)
-            made[family] = folder
-        return made[family]
-    return get
+    """family -> its GPU-sized checkpoint's folder, each built once for the module."""
+    get = checkpoint_cache(transformers, tmp_path_factory, dims=GPU_TINY)
+    return lambda family: get(family)[0]
 
 
 def reference_model(folder, family, dtype):
@@ -99,13 +93,7 @@ def test_bf16_greedy_choices_agree_with_transformers_logits(family, checkpoints)
     batch = family_prompts(family, 5, seed=2)
     llm = LLM(folder, device="cuda", dtype=torch.bfloat16, block_size=4, num_blocks=1024, max_num_batched_tokens=32)
     for prompt, out in zip(batch, llm.generate(batch, GREEDY, use_tqdm=False)):
-        chosen = out.outputs[0].token_ids
-        with torch.no_grad():
-            logits = reference(torch.tensor([prompt + chosen], device="cuda")).logits[0].float()
-        steps = logits[len(prompt) - 1:-1]
-        picked = steps.gather(-1, torch.tensor(chosen, device="cuda")[:, None]).squeeze(-1)
-        tolerance = 0.03 * steps.abs().amax(-1) + 0.02
-        assert bool((picked >= steps.amax(-1) - tolerance).all()), family
+        assert_choices_near_best(reference, prompt, out.outputs[0].token_ids)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
