@@ -53,8 +53,9 @@ def save_model(config, folder, device):
     return model
 
 
-def run_pagedlm(folder, requests, device, tensor_parallel_size=1):
-    llm = LLM(folder, device=device, dtype=torch.bfloat16, tensor_parallel_size=tensor_parallel_size)
+def run_pagedlm(folder, requests, device, tensor_parallel_size=1, kv_cache_dtype="auto"):
+    llm = LLM(folder, device=device, dtype=torch.bfloat16, tensor_parallel_size=tensor_parallel_size,
+              kv_cache_dtype=kv_cache_dtype)
     prompts = [p for p, _ in requests]
     llm.generate(prompts[:8], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
     _sync(device)
@@ -71,6 +72,7 @@ def run_pagedlm(folder, requests, device, tensor_parallel_size=1):
     outputs = [llm.take_output(r).outputs[0].token_ids for r in ids]
     extra = dict(utilization=sum(utilization) / len(utilization), steps=steps,
                  preemptions=llm.scheduler.preemptions, kv_blocks=llm.block_manager.num_blocks,
+                 kv_tokens=llm.block_manager.num_blocks * llm.block_manager.block_size,
                  graphs=llm.runner.graphs.captures if llm.runner.graphs else 0)
     llm.close()
     del llm
@@ -107,19 +109,31 @@ def run_continuous(model, prompts, max_tokens):
     return [r.generated_tokens for r in results.values()], elapsed
 
 
-def run_vllm(folder, requests):
-    """vLLM in a process of its own (bench/vllm_engine.py): (seconds, its version)."""
+def run_vllm(folder, requests, site=None, log_path=None):
+    """vLLM in a process of its own (bench/vllm_engine.py): (seconds, its version, how it ran).
+    vLLM's defaults first (its engine core in a child process); if that fails, once more with
+    the engine core in the same process (VLLM_ENABLE_V1_MULTIPROCESSING=0)."""
+    env = dict(os.environ)
+    if site:  # a folder vLLM was installed into with pip --target
+        env["PYTHONPATH"] = site + os.pathsep + env.get("PYTHONPATH", "")
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(requests, f)
+    errors = []
     try:
-        done = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "vllm_engine.py"), folder,
-                               f.name], capture_output=True, text=True, timeout=1800)
+        for mode, extra_env in [("defaults", {}), ("engine core in-process", {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"})]:
+            done = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "vllm_engine.py"), folder,
+                                   f.name], capture_output=True, text=True, timeout=1800, env={**env, **extra_env})
+            if log_path:
+                with open(log_path, "a") as log:
+                    log.write(f"=== vLLM, {mode}: exit {done.returncode}\n{done.stdout}\n{done.stderr}\n")
+            if done.returncode == 0:
+                result = json.loads(done.stdout.strip().splitlines()[-1])
+                return result["seconds"], result["version"], mode
+            lines = done.stderr.strip().splitlines()
+            errors.append(lines[-1] if lines else f"exit {done.returncode}")
     finally:
         os.unlink(f.name)
-    if done.returncode != 0:
-        raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}")
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    return result["seconds"], result["version"]
+    raise RuntimeError(" / ".join(errors))
 
 
 def _sync(device):
@@ -138,13 +152,19 @@ def main():
     parser.add_argument("--anchors", default="vllm,transformers",
                         help="comma-separated engines beside pagedlm: vllm, transformers (standard workload only), "
                              "or none")
+    parser.add_argument("--kv-cache-dtypes", default="auto",
+                        help="comma-separated: pagedlm runs once with each KV cache dtype (auto, fp8, fp8_e5m2)")
+    parser.add_argument("--vllm-site", default=os.environ.get("VLLM_SITE"),
+                        help="a folder vLLM was pip-installed into with --target (default: $VLLM_SITE, else the "
+                             "environment's vllm)")
     parser.add_argument("--smoke", action="store_true", help="a tiny model and workload, any device")
     parser.add_argument("--tensor-parallel-size", type=int, default=1,
                         help="pagedlm over this many GPUs (its peak memory is the first GPU's)")
-    parser.add_argument("--out", help="also write the table to this file")
+    parser.add_argument("--out", help="also write the table to this file (and vLLM's log beside it)")
     parser.add_argument("--append-results", action="store_true", help="append the table to bench/RESULTS.md")
     args = parser.parse_args()
     anchors = set(args.anchors.split(",")) - {"none", ""}
+    kv_dtypes = args.kv_cache_dtypes.split(",")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     card = torch.cuda.get_device_name() if device == "cuda" else cpu_name()
     if args.smoke:
@@ -153,23 +173,30 @@ def main():
     else:
         config, requests = LLAMA_3_2_1B, engine_workloads.WORKLOADS[args.workload]()
     total = sum(o for _, o in requests)
-    rows = []
+    tp = args.tensor_parallel_size
+    rows, runs = [], []  # rows: [name, tokens/s, KV utilization, peak GiB, outputs, KV element bytes]
     with tempfile.TemporaryDirectory() as folder:
         model = save_model(config, folder, device)
         model.cpu()  # out of the way while pagedlm sizes its cache from free memory
         torch.cuda.empty_cache() if device == "cuda" else None
-        ours, elapsed, extra = run_pagedlm(folder, requests, device, args.tensor_parallel_size)
-        tp = args.tensor_parallel_size
-        rows.append(["pagedlm.LLM" + (f" (tensor_parallel_size={tp})" if tp > 1 else ""), total / elapsed, f"{extra['utilization']:.1%}", _peak_gib(device), ours])
-        gc.collect()
-        torch.cuda.empty_cache() if device == "cuda" else None
-        print(f"pagedlm: {elapsed:.2f} s, {extra}", flush=True)
+        for kv_dtype in kv_dtypes:
+            ours, elapsed, extra = run_pagedlm(folder, requests, device, tp, kv_dtype)
+            name = "pagedlm.LLM" + (f" (tensor_parallel_size={tp})" if tp > 1 else "")
+            name += f", kv_cache_dtype={kv_dtype}" if kv_dtype != "auto" else ""
+            kv_bytes = 2 if kv_dtype == "auto" else 1
+            rows.append([name, total / elapsed, f"{extra['utilization']:.1%}", _peak_gib(device), ours, kv_bytes])
+            runs.append((kv_dtype, extra))
+            gc.collect()
+            torch.cuda.empty_cache() if device == "cuda" else None
+            print(f"pagedlm ({kv_dtype}): {elapsed:.2f} s, {extra}", flush=True)
         if "vllm" in anchors:
+            log_path = args.out + ".vllm.log" if args.out else None
             try:
-                seconds, version = run_vllm(folder, requests)
-                rows.append([f"vLLM {version} (defaults)", total / seconds, "", None, None])
+                seconds, version, mode = run_vllm(folder, requests, args.vllm_site, log_path)
+                rows.append([f"vLLM {version} ({mode})", total / seconds, "", None, None, 2])
+                print(f"vLLM: {seconds:.2f} s", flush=True)
             except Exception as e:  # an anchor that cannot run here is reported, not fatal
-                rows.append(["vLLM", None, f"failed: {str(e)[:120]}", None, None])
+                rows.append(["vLLM", None, f"failed: {str(e)[:160]}", None, None, 2])
     uniform = len({o for _, o in requests}) == 1
     if "transformers" in anchors and uniform:
         model.to(device)
@@ -180,36 +207,39 @@ def main():
             try:
                 theirs, elapsed = fn()
             except Exception as e:  # an anchor that cannot run here is reported, not fatal
-                rows.append([name, None, f"failed: {type(e).__name__}: {str(e)[:80]}", None, None])
+                rows.append([name, None, f"failed: {type(e).__name__}: {str(e)[:80]}", None, None, 2])
                 continue
-            rows.append([name, total / elapsed, "", _peak_gib(device), theirs])
+            rows.append([name, total / elapsed, "", _peak_gib(device), theirs, 2])
             print(f"{name}: {elapsed:.2f} s", flush=True)
+    command = (f"python bench/bench_engine.py --workload {args.workload}"
+               + (f" --kv-cache-dtypes {args.kv_cache_dtypes}" if kv_dtypes != ["auto"] else "")
+               + (f" --tensor-parallel-size {tp}" if tp > 1 else ""))
     lines = [f"### Engine, {'smoke' if args.smoke else args.workload} workload — {card}, "
              f"{datetime.date.today()}, commit {git_commit()}",
              "",
-             f"`python bench/bench_engine.py --workload {args.workload}"
-             + (f" --tensor-parallel-size {args.tensor_parallel_size}" if args.tensor_parallel_size > 1 else "")
-             + f"` — {len(requests)} requests, "
-             f"{total:,} output tokens (greedy, EOS ignored), bf16. pagedlm: {extra['steps']} steps, "
-             f"{extra['graphs']} CUDA graphs captured, {extra['kv_blocks']:,} KV blocks preallocated (in its peak "
-             f"memory), {extra['preemptions']} preemptions."]
+             f"`{command}` — {len(requests)} requests, {total:,} output tokens (greedy, EOS ignored), bf16 weights."]
+    for kv_dtype, extra in runs:
+        lines.append(f"pagedlm ({kv_dtype} KV): {extra['steps']} steps, {extra['graphs']} CUDA graphs captured, "
+                     f"{extra['kv_blocks']:,} KV blocks ({extra['kv_tokens']:,} tokens) preallocated (in its peak "
+                     f"memory), {extra['preemptions']} preemptions.")
+    rooflines = {}
     if device == "cuda":
         flops, bandwidth = matmul_rate(), copy_bandwidth()
-        prefill, decode = engine_workloads.roofline_seconds(requests, engine_workloads.ModelShape.of(config), flops,
-                                                            bandwidth)
-        roofline = total / (prefill + decode)
-        lines += ["", f"Roofline on this card (bench/engine_workloads.py): prefill {prefill:.3f} s at the measured "
-                      f"{flops / 1e12:.0f} TFLOP/s, decode {decode:.3f} s at the measured {bandwidth / 1e9:,.0f} GB/s: "
-                      f"**{roofline:,.0f} output tokens/s**."]
-    else:
-        roofline = None
+        lines.append("")
+        for kv_bytes in sorted({row[5] for row in rows}, reverse=True):
+            shape = engine_workloads.ModelShape.of(config, kv_bytes=kv_bytes)
+            prefill, decode = engine_workloads.roofline_seconds(requests, shape, flops, bandwidth)
+            rooflines[kv_bytes] = total / (prefill + decode)
+            lines.append(f"Roofline on this card (bench/engine_workloads.py), {'bf16' if kv_bytes == 2 else 'FP8'} KV: "
+                         f"prefill {prefill:.3f} s at the measured {flops / 1e12:.0f} TFLOP/s, decode {decode:.3f} s "
+                         f"at the measured {bandwidth / 1e9:,.0f} GB/s: **{rooflines[kv_bytes]:,.0f} output tokens/s**.")
     lines += ["", f"| engine | output tokens/s | of the roofline | KV utilization | peak memory (GiB) | equal to "
                   f"transformers generate: first token / first {COMPARED_TOKENS} tokens |",
               "|---|---|---|---|---|---|"]
     reference = next((r[4] for r in rows if r[0].startswith("transformers generate (") and r[4]), None)
-    for name, rate, util, peak, outputs in rows:
+    for name, rate, util, peak, outputs, kv_bytes in rows:
         rate_text = f"{rate:,.0f}" if rate else "—"
-        share = f"{rate / roofline:.0%}" if rate and roofline else "—"
+        share = f"{rate / rooflines[kv_bytes]:.0%}" if rate and kv_bytes in rooflines else "—"
         peak_text = f"{peak:.1f}" if peak is not None and peak == peak else "—"
         agree = "—"
         if reference and outputs:

@@ -134,16 +134,53 @@ async def run_rate(url, model, prompts, output_len, rate, seed):
 
 
 def offline(args, prompts):
+    """LLM.generate on prompts (the server idle): output tokens/s, and the median wall time of
+    the steps that only decode (every scheduled sequence computing one token), the yardstick of
+    the inter-token latency target."""
     from pagedlm import LLM, SamplingParams
 
     llm = LLM(args.model_folder, **engine_kwargs(args))
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
     llm.generate([p[:8] for p in prompts[:4]], params, use_tqdm=False)  # warm-up, not the prompts' blocks
+    decode_steps, schedule, step, last = [], llm.scheduler.schedule, llm.step, {}
+
+    def spied_schedule():
+        scheduled, copies = schedule()
+        last["decode_only"] = bool(scheduled) and all(s.num_new == 1 for s in scheduled)
+        return scheduled, copies
+
+    def timed_step():
+        start = time.perf_counter()
+        emitted = step()
+        if last.pop("decode_only", False):
+            decode_steps.append(time.perf_counter() - start)
+        return emitted
+    llm.scheduler.schedule, llm.step = spied_schedule, timed_step
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - start
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-    return dict(elapsed=elapsed, tok_per_s=tokens / elapsed, req_per_s=len(prompts) / elapsed, tokens=tokens)
+    return dict(elapsed=elapsed, tok_per_s=tokens / elapsed, req_per_s=len(prompts) / elapsed, tokens=tokens,
+                decode_step_p50=percentile(decode_steps, 0.5), decode_steps=len(decode_steps))
+
+
+def random_llama_folder():
+    """A random-weight bf16 model shaped like Llama-3.2-1B (the engine bench's), saved to a
+    temporary folder that lives as long as the process."""
+    import tempfile
+
+    from bench_engine import LLAMA_3_2_1B, save_model
+    folder = tempfile.mkdtemp(prefix="pagedlm-bench-llama-")
+    save_model(LLAMA_3_2_1B, folder, "cpu")
+    return folder
+
+
+def device_name(device):
+    """The card (or CPU) the engine runs on, as the results tables name it."""
+    import torch
+    if (device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda":
+        return torch.cuda.get_device_name()
+    return cpu_name()
 
 
 def engine_kwargs(args):
@@ -184,12 +221,14 @@ def main():
     parser.add_argument("--smoke", action="store_true", help="a small CPU run: 24 prompts at 4/s, 16/s and at once")
     parser.add_argument("--url", help="a running server (default: start `pagedlm serve` here)")
     parser.add_argument("--model", help="model folder (default: the shipped code model)")
+    parser.add_argument("--random-llama", action="store_true",
+                        help="serve a random-weight model shaped like Llama-3.2-1B (the engine bench's model)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--num-blocks", type=int, default=None)
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--rates", default="1,4,16,64,inf", help="requests per second, comma-separated")
     parser.add_argument("--num-prompts", type=int, default=400, help="requests per rate")
-    parser.add_argument("--input-len", default="32,256", help="prompt tokens, min,max")
+    parser.add_argument("--input-len", default="64,512", help="prompt tokens, min,max")
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-offline", action="store_true", help="skip the offline LLM.generate comparison")
@@ -201,6 +240,8 @@ def main():
         args.device, args.num_blocks = args.device or "cpu", args.num_blocks or 512
     rates = [float(r) for r in args.rates.split(",")]
     input_len = tuple(int(x) for x in args.input_len.split(","))
+    if args.random_llama:
+        args.model = random_llama_folder()
     if args.model is None:
         from pagedlm.data import tiny_model
         args.model_folder, vocab = tiny_model("target"), None
@@ -225,9 +266,10 @@ def main():
     at_once = [i for i, rate in enumerate(rates) if math.isinf(rate)]
     ref = None if args.no_offline or args.url else offline(args, per_rate[at_once[0] if at_once else -1])
 
-    what = args.model or "the shipped code model"
-    lines = [f"### Serving ({'smoke' if args.smoke else 'Poisson'}), {what} — {cpu_name()}"
-             f"{', ' + args.device if args.device else ''}, commit {git_commit()}, "
+    what = ("a random Llama-3.2-1B-shaped model (bf16)" if args.random_llama else args.model
+            or "the shipped code model")
+    lines = [f"### Serving ({'smoke' if args.smoke else 'Poisson'}), {what} — {device_name(args.device)}, "
+             f"commit {git_commit()}, "
              f"{datetime.date.today().isoformat()}",
              "",
              f"{args.num_prompts} requests per rate, prompts {input_len[0]}-{input_len[1]} tokens, "
@@ -247,7 +289,15 @@ def main():
         lines += ["", f"Offline LLM.generate, same prompts: {ref['tok_per_s']:.0f} output tok/s "
                       f"({ref['elapsed']:.2f} s)"
                   + (f"; the server at once: {at_once['tok_per_s']:.0f} tok/s "
-                     f"({at_once['tok_per_s'] / ref['tok_per_s']:.0%} of offline)" if at_once else "")]
+                     f"({at_once['tok_per_s'] / ref['tok_per_s']:.0%} of offline)" if at_once else "")
+                  + f". Median decode-only step offline: {ref['decode_step_p50'] * 1e3:.1f} ms "
+                    f"(over {ref['decode_steps']} steps)."]
+        near = [r for r in rows if r["tok_per_s"] >= 0.9 * ref["tok_per_s"]]
+        if near:
+            r = min(near, key=lambda r: r["rate"])
+            rate = "at once" if math.isinf(r["rate"]) else f"{r['rate']:g} req/s"
+            lines.append(f"The lowest rate at 90% of offline throughput: {rate}, ITL p99 "
+                         f"{r['itl_p99'] / ref['decode_step_p50']:.1f}x the median decode-only step.")
     write_results("\n".join(lines) + "\n", args.out, args.append_results)
 
 

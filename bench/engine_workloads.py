@@ -40,7 +40,14 @@ def long_prompts(seed=0, count=256, output_tokens=64, token_range=TOKEN_RANGE):
     return standard(seed, count, (2048, 8192), output_tokens, token_range)
 
 
-WORKLOADS = {"standard": standard, "sharegpt": sharegpt_like, "long-prompts": long_prompts}
+def long_context(seed=0, count=64, prompt_len=16384, output_tokens=256, token_range=TOKEN_RANGE):
+    """64 prompts of 16K tokens, 256 outputs each: decode reads about 1M tokens of KV a step,
+    so the KV cache's bytes, not the weights, bound it (the FP8 cache's case)."""
+    return standard(seed, count, (prompt_len, prompt_len), output_tokens, token_range)
+
+
+WORKLOADS = {"standard": standard, "sharegpt": sharegpt_like, "long-prompts": long_prompts,
+             "long-context": long_context}
 
 
 @dataclass
@@ -55,8 +62,9 @@ class ModelShape:
     kv_bytes_per_token: int
 
     @classmethod
-    def of(cls, config, dtype_bytes=2):
-        """From a Hugging Face Llama config dict."""
+    def of(cls, config, dtype_bytes=2, kv_bytes=None):
+        """From a Hugging Face Llama config dict; kv_bytes is the KV cache's element size
+        (default: dtype_bytes; 1 for an FP8 cache)."""
         layers, hidden = config["num_hidden_layers"], config["hidden_size"]
         heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
         head_dim = config.get("head_dim") or hidden // heads
@@ -64,7 +72,7 @@ class ModelShape:
         per_layer = hidden * head_dim * (2 * heads + 2 * kv_heads) + 3 * hidden * inter + 2 * hidden
         weight_bytes = (layers * per_layer + vocab * hidden + hidden) * dtype_bytes
         return cls(layers, hidden, heads, head_dim, vocab, layers * per_layer, weight_bytes,
-                   2 * layers * kv_heads * head_dim * dtype_bytes)
+                   2 * layers * kv_heads * head_dim * (kv_bytes or dtype_bytes))
 
     def prefill_flops(self, prompt_len):
         """A prompt's forward: 2 FLOPs per layer weight per token, the LM head for the last

@@ -14,7 +14,8 @@
 # from .anchors/flashinfer when that folder is present (see bench/README.md). BENCH_ARGS_<name>
 # passes options to one benchmark, e.g. BENCH_ARGS_prefill="--flashinfer-backends fa2".
 # --bench names the benchmarks to run: those of the default list above, and cascade
-# (bench_cascade.py), which runs only when named.
+# (bench_cascade.py), serving (bench_serving.py) and models (bench_models.py), which run only
+# when named.
 # --tests limits the GPU tests to the files named (default: every test marked gpu).
 # --no-build keeps the pagedlm already installed on this machine (a second call on a warm one).
 # --stage-timeout bounds each test, sanitizer and benchmark command, so that a run inside a
@@ -84,7 +85,7 @@ if [ $run_bench = 1 ]; then
   fi
   declare -A script=([decode]=bench_paged_decode [prefill]=bench_paged_prefill [verify]=bench_verify
                      [engine]=bench_engine [decoding]=bench_decoding [pay_switch]=bench_pay_switch
-                     [cascade]=bench_cascade)
+                     [cascade]=bench_cascade [serving]=bench_serving [models]=bench_models)
   for name in $benches; do
     extra="BENCH_ARGS_$name"
     # shellcheck disable=SC2086  # the options are meant to split

@@ -1,19 +1,27 @@
 """vLLM serving a workload file, for bench_engine.py to run in a process of its own (so each
 engine has the GPU to itself): `python bench/vllm_engine.py MODEL_DIR WORKLOAD.json` prints one
 JSON line {"seconds": ..., "tokens": ..., "version": ...}. vLLM runs at its defaults (CUDA
-graphs and torch.compile on), greedy, EOS ignored, the prompts given as token ids."""
+graphs and torch.compile on), greedy, EOS ignored, the prompts given as token ids (the model
+folder has no tokenizer). Nothing is fetched: the Hugging Face hub and vLLM's usage reports are
+switched off."""
 import json
+import os
 import sys
 import time
 
+OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
+           "VLLM_HOST_IP": "127.0.0.1", "TOKENIZERS_PARALLELISM": "false"}
+
 
 def main(folder, workload_path):
+    for key, value in OFFLINE.items():
+        os.environ.setdefault(key, value)
     import vllm
     from vllm.inputs import TokensPrompt
 
     with open(workload_path) as f:
         requests = json.load(f)
-    llm = vllm.LLM(model=folder, dtype="bfloat16", seed=0,
+    llm = vllm.LLM(model=folder, dtype="bfloat16", seed=0, skip_tokenizer_init=True,
                    max_model_len=max(len(p) + o for p, o in requests) + 16)
     params = [vllm.SamplingParams(temperature=0, max_tokens=o, ignore_eos=True) for _, o in requests]
     prompts = [TokensPrompt(prompt_token_ids=p) for p, _ in requests]
