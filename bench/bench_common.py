@@ -4,6 +4,7 @@ the best anchor, and appending a table to bench/RESULTS.md or another file."""
 import os
 import platform
 import subprocess
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -63,6 +64,44 @@ def anchor_columns(times, anchors):
         return "—", "—"
     best = min(ran, key=times.get)
     return best, f"{times[best] / times['pagedlm']:.2f}x"
+
+
+class StepClock:
+    """Times each step of an LLM, sorted by kind: "decode" when every scheduled sequence
+    computes one token (a CUDA-graph step), "prefill" when some compute a prompt chunk (the
+    scheduler is spied on to tell them apart). Installs itself on llm."""
+
+    def __init__(self, llm):
+        self.times = {"decode": [], "prefill": []}
+        schedule, step, kind = llm.scheduler.schedule, llm.step, {}
+
+        def spied_schedule():
+            scheduled, copies = schedule()
+            if scheduled:
+                kind["last"] = "decode" if all(s.num_new == 1 for s in scheduled) else "prefill"
+            return scheduled, copies
+
+        def timed_step():
+            start = time.perf_counter()
+            emitted = step()
+            if "last" in kind:
+                self.times[kind.pop("last")].append(time.perf_counter() - start)
+            return emitted
+        llm.scheduler.schedule, llm.step = spied_schedule, timed_step
+
+    def summary(self):
+        """'N decode steps (median X ms, total Y s), M prefill steps (...)'."""
+        parts = []
+        for name, times in self.times.items():
+            if times:
+                times = sorted(times)
+                parts.append(f"{len(times)} {name} steps (median {times[len(times) // 2] * 1e3:.1f} ms, "
+                             f"{sum(times):.2f} s in all)")
+        return ", ".join(parts) or "no steps"
+
+    def median(self, kind):
+        times = sorted(self.times[kind])
+        return times[len(times) // 2] if times else float("nan")
 
 
 def write_results(text, out=None, append_results=False):

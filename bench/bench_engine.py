@@ -32,7 +32,7 @@ import torch
 import transformers
 
 import engine_workloads
-from bench_common import copy_bandwidth, cpu_name, git_commit, matmul_rate, write_results
+from bench_common import StepClock, copy_bandwidth, cpu_name, git_commit, matmul_rate, write_results
 from pagedlm import LLM, SamplingParams
 
 LLAMA_3_2_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
@@ -62,7 +62,7 @@ def run_pagedlm(folder, requests, device, tensor_parallel_size=1, kv_cache_dtype
     torch.cuda.reset_peak_memory_stats() if device == "cuda" else None
     start = time.perf_counter()
     ids = [llm.add_request(p, SamplingParams(temperature=0, max_tokens=o, ignore_eos=True)) for p, o in requests]
-    utilization, steps = [], 0
+    utilization, steps, clock = [], 0, StepClock(llm)
     while llm.scheduler.has_work():
         llm.step()
         steps += 1
@@ -73,7 +73,7 @@ def run_pagedlm(folder, requests, device, tensor_parallel_size=1, kv_cache_dtype
     extra = dict(utilization=sum(utilization) / len(utilization), steps=steps,
                  preemptions=llm.scheduler.preemptions, kv_blocks=llm.block_manager.num_blocks,
                  kv_tokens=llm.block_manager.num_blocks * llm.block_manager.block_size,
-                 graphs=llm.runner.graphs.captures if llm.runner.graphs else 0)
+                 graphs=llm.runner.graphs.captures if llm.runner.graphs else 0, step_times=clock.summary())
     llm.close()
     del llm
     return outputs, elapsed, extra
@@ -127,7 +127,9 @@ def run_vllm(folder, requests, site=None, log_path=None):
                 with open(log_path, "a") as log:
                     log.write(f"=== vLLM, {mode}: exit {done.returncode}\n{done.stdout}\n{done.stderr}\n")
             if done.returncode == 0:
-                result = json.loads(done.stdout.strip().splitlines()[-1])
+                # vLLM logs to stdout too, after the result: the result is its line of JSON
+                result = json.loads(next(line for line in reversed(done.stdout.splitlines())
+                                         if line.startswith('{"seconds"')))
                 return result["seconds"], result["version"], mode
             lines = done.stderr.strip().splitlines()
             errors.append(lines[-1] if lines else f"exit {done.returncode}")
@@ -221,7 +223,7 @@ def main():
     for kv_dtype, extra in runs:
         lines.append(f"pagedlm ({kv_dtype} KV): {extra['steps']} steps, {extra['graphs']} CUDA graphs captured, "
                      f"{extra['kv_blocks']:,} KV blocks ({extra['kv_tokens']:,} tokens) preallocated (in its peak "
-                     f"memory), {extra['preemptions']} preemptions.")
+                     f"memory), {extra['preemptions']} preemptions; {extra['step_times']}.")
     rooflines = {}
     if device == "cuda":
         flops, bandwidth = matmul_rate(), copy_bandwidth()

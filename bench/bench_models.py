@@ -20,7 +20,7 @@ import time
 import torch
 
 from bench_common import cpu_name, git_commit, write_results
-from bench_engine import workload
+from engine_workloads import standard
 from pagedlm import LLM, SamplingParams
 from pagedlm.models import LlamaForCausalLM, ModelArgs
 from pagedlm.models.loader import _keep_rope_in_f32
@@ -139,9 +139,9 @@ def main():
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     names = args.models.split(",")
     if args.smoke:
-        prompts, max_tokens = workload(8, prompt_lens=(5, 40), token_range=(1, 512)), 8
+        prompts, max_tokens = [p for p, _ in standard(count=8, prompt_lens=(5, 40), token_range=(1, 512))], 8
     else:
-        prompts, max_tokens = workload(256), 128
+        prompts, max_tokens = [p for p, _ in standard(token_range=(1000, 32000))], 128  # inside every vocabulary
     lines = [f"### Model families, {'smoke' if args.smoke else 'standard'} workload — {card}, "
              f"{datetime.date.today()}, commit {git_commit()}", "",
              f"{len(prompts)} requests, prompts of {min(map(len, prompts))}-{max(map(len, prompts))} random tokens, "

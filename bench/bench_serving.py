@@ -31,7 +31,7 @@ import time
 
 import httpx
 
-from bench_common import cpu_name, git_commit, write_results
+from bench_common import StepClock, cpu_name, git_commit, write_results
 
 
 def workload(count, input_len, vocab_size, seed):
@@ -142,26 +142,13 @@ def offline(args, prompts):
     llm = LLM(args.model_folder, **engine_kwargs(args))
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
     llm.generate([p[:8] for p in prompts[:4]], params, use_tqdm=False)  # warm-up, not the prompts' blocks
-    decode_steps, schedule, step, last = [], llm.scheduler.schedule, llm.step, {}
-
-    def spied_schedule():
-        scheduled, copies = schedule()
-        last["decode_only"] = bool(scheduled) and all(s.num_new == 1 for s in scheduled)
-        return scheduled, copies
-
-    def timed_step():
-        start = time.perf_counter()
-        emitted = step()
-        if last.pop("decode_only", False):
-            decode_steps.append(time.perf_counter() - start)
-        return emitted
-    llm.scheduler.schedule, llm.step = spied_schedule, timed_step
+    clock = StepClock(llm)
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - start
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     return dict(elapsed=elapsed, tok_per_s=tokens / elapsed, req_per_s=len(prompts) / elapsed, tokens=tokens,
-                decode_step_p50=percentile(decode_steps, 0.5), decode_steps=len(decode_steps))
+                decode_step_p50=clock.median("decode"), decode_steps=len(clock.times["decode"]))
 
 
 def random_llama_folder():

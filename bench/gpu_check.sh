@@ -83,6 +83,10 @@ if [ $run_bench = 1 ]; then
       && export PYTHONPATH="/tmp/fisite${PYTHONPATH:+:$PYTHONPATH}"
     tail -2 "$OUT/flashinfer-install.log"
   fi
+  if [ -d .anchors/serve ]; then  # the serve extra, for bench_serving.py, from wheels brought along
+    python3 -m pip install -q --no-index --find-links .anchors/serve fastapi uvicorn prometheus-client jinja2 \
+      > "$OUT/serve-install.log" 2>&1 || tail -3 "$OUT/serve-install.log"
+  fi
   declare -A script=([decode]=bench_paged_decode [prefill]=bench_paged_prefill [verify]=bench_verify
                      [engine]=bench_engine [decoding]=bench_decoding [pay_switch]=bench_pay_switch
                      [cascade]=bench_cascade [serving]=bench_serving [models]=bench_models)

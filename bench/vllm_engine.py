@@ -10,7 +10,10 @@ import sys
 import time
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
-           "VLLM_HOST_IP": "127.0.0.1", "TOKENIZERS_PARALLELISM": "false"}
+           "VLLM_HOST_IP": "127.0.0.1", "TOKENIZERS_PARALLELISM": "false",
+           # FlashInfer's top-k/top-p sampler is optional in vLLM (a vLLM without FlashInfer
+           # would fail to start with it on) and greedy sampling never uses it.
+           "VLLM_USE_FLASHINFER_SAMPLER": "0"}
 
 
 def main(folder, workload_path):
