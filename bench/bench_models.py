@@ -19,8 +19,8 @@ import time
 
 import torch
 
-from bench_common import cpu_name, git_commit, write_results
-from engine_workloads import standard
+from bench_common import copy_bandwidth, cpu_name, git_commit, matmul_rate, write_results
+from engine_workloads import ModelShape, roofline_seconds, standard
 from pagedlm import LLM, SamplingParams
 from pagedlm.models import LlamaForCausalLM, ModelArgs
 from pagedlm.models.loader import _keep_rope_in_f32
@@ -146,8 +146,14 @@ def main():
              f"{datetime.date.today()}, commit {git_commit()}", "",
              f"{len(prompts)} requests, prompts of {min(map(len, prompts))}-{max(map(len, prompts))} random tokens, "
              f"{max_tokens} greedy output tokens each (EOS ignored), {str(dtype).removeprefix('torch.')}, "
-             f"pagedlm.LLM defaults (CUDA graphs on the GPU), random weights.", "",
-             "| model | parameters | output tokens/s | preemptions | CUDA graphs |", "|---|---|---|---|---|"]
+             f"pagedlm.LLM defaults (CUDA graphs on the GPU), random weights."]
+    if device == "cuda":
+        flops, bandwidth = matmul_rate(), copy_bandwidth()
+        lines += ["", f"Rooflines as the engine bench computes them (bench/engine_workloads.py), at the measured "
+                      f"{flops / 1e12:.0f} TFLOP/s and {bandwidth / 1e9:,.0f} GB/s."]
+    lines += ["", "| model | parameters | output tokens/s | of the roofline | preemptions | CUDA graphs |",
+              "|---|---|---|---|---|---|"]
+    requests = [(p, max_tokens) for p in prompts]
     for name in names:
         label, config = MODELS[name]
         if args.smoke:
@@ -161,7 +167,12 @@ def main():
         del model
         gc.collect()
         print(f"{label}: {rate:,.0f} output tokens/s {extra}", flush=True)
-        lines.append(f"| {label} | {params / 1e9:.3g} B | {rate:,.0f} | {extra['preemptions']} | {extra['graphs']} |")
+        share = "—"
+        if device == "cuda":
+            prefill, decode = roofline_seconds(requests, ModelShape.of(config), flops, bandwidth)
+            share = f"{rate / (len(requests) * max_tokens / (prefill + decode)):.0%}"
+        lines.append(f"| {label} | {params / 1e9:.3g} B | {rate:,.0f} | {share} | {extra['preemptions']} "
+                     f"| {extra['graphs']} |")
         if device == "cuda":
             torch.cuda.empty_cache()
     # The expert MLP alone, at Mixtral's layer shape (smoke: small).

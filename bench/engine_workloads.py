@@ -57,21 +57,31 @@ class ModelShape:
     heads: int
     head_dim: int
     vocab: int
-    layer_parameters: int  # the decoder layers' weights, all layers
+    layer_parameters: int  # the decoder layers' weights a token computes with, all layers
     weight_bytes: int      # what a decode step reads: the layers' weights and the LM head
     kv_bytes_per_token: int
 
     @classmethod
     def of(cls, config, dtype_bytes=2, kv_bytes=None):
-        """From a Hugging Face Llama config dict; kv_bytes is the KV cache's element size
-        (default: dtype_bytes; 1 for an FP8 cache)."""
+        """From a Hugging Face config dict (Llama and its relatives; for a mixture of experts,
+        num_local_experts or num_experts, num_experts_per_tok and moe_intermediate_size when it
+        differs). A token computes with its experts only, but a decode step of a large batch
+        reads every expert. kv_bytes is the KV cache's element size (default: dtype_bytes; 1
+        for an FP8 cache)."""
         layers, hidden = config["num_hidden_layers"], config["hidden_size"]
         heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
         head_dim = config.get("head_dim") or hidden // heads
-        inter, vocab = config["intermediate_size"], config["vocab_size"]
-        per_layer = hidden * head_dim * (2 * heads + 2 * kv_heads) + 3 * hidden * inter + 2 * hidden
-        weight_bytes = (layers * per_layer + vocab * hidden + hidden) * dtype_bytes
-        return cls(layers, hidden, heads, head_dim, vocab, layers * per_layer, weight_bytes,
+        vocab = config["vocab_size"]
+        attention = hidden * head_dim * (2 * heads + 2 * kv_heads) + 2 * hidden
+        experts = config.get("num_local_experts") or config.get("num_experts") or 0
+        if experts:
+            expert = 3 * hidden * (config.get("moe_intermediate_size") or config["intermediate_size"])
+            computed = attention + hidden * experts + expert * config["num_experts_per_tok"]
+            stored = attention + hidden * experts + expert * experts
+        else:
+            computed = stored = attention + 3 * hidden * config["intermediate_size"]
+        weight_bytes = (layers * stored + vocab * hidden + hidden) * dtype_bytes
+        return cls(layers, hidden, heads, head_dim, vocab, layers * computed, weight_bytes,
                    2 * layers * kv_heads * head_dim * (kv_bytes or dtype_bytes))
 
     def prefill_flops(self, prompt_len):
