@@ -69,10 +69,16 @@ def anchor_columns(times, anchors):
 class StepClock:
     """Times each step of an LLM, sorted by kind: "decode" when every scheduled sequence
     computes one token (a CUDA-graph step), "prefill" when some compute a prompt chunk (the
-    scheduler is spied on to tell them apart). Installs itself on llm."""
+    scheduler is spied on to tell them apart). Installs itself on llm.
 
-    def __init__(self, llm):
+    On a GPU, profile=N also runs N decode steps (after the first 16) under torch.profiler and
+    sums their kernels' device time: the device's busy time per decode step, against which the
+    wall time says how much of a step the device waits for the host. Profiled steps are left
+    out of the wall times."""
+
+    def __init__(self, llm, profile=0):
         self.times = {"decode": [], "prefill": []}
+        self.busy = []  # device busy seconds of each profiled decode step
         schedule, step, kind = llm.scheduler.schedule, llm.step, {}
 
         def spied_schedule():
@@ -82,6 +88,8 @@ class StepClock:
             return scheduled, copies
 
         def timed_step():
+            if profile and len(self.times["decode"]) >= 16 and len(self.busy) < profile:
+                return self._profiled(step, kind)
             start = time.perf_counter()
             emitted = step()
             if "last" in kind:
@@ -89,14 +97,27 @@ class StepClock:
             return emitted
         llm.scheduler.schedule, llm.step = spied_schedule, timed_step
 
+    def _profiled(self, step, kind):
+        import torch
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
+            emitted = step()
+            torch.cuda.synchronize()
+        if kind.pop("last", None) == "decode":
+            self.busy.append(sum(e.self_device_time_total for e in profiler.key_averages()) / 1e6)
+        return emitted
+
     def summary(self):
-        """'N decode steps (median X ms, total Y s), M prefill steps (...)'."""
+        """'N decode steps (median X ms, total Y s), M prefill steps (...)', and the profiled
+        device busy time per decode step when there is one."""
         parts = []
         for name, times in self.times.items():
             if times:
-                times = sorted(times)
-                parts.append(f"{len(times)} {name} steps (median {times[len(times) // 2] * 1e3:.1f} ms, "
+                parts.append(f"{len(times)} {name} steps (median {self.median(name) * 1e3:.1f} ms, "
                              f"{sum(times):.2f} s in all)")
+        if self.busy:
+            busy = sorted(self.busy)[len(self.busy) // 2]
+            parts.append(f"device busy per decode step {busy * 1e3:.2f} ms (median of {len(self.busy)} profiled)")
         return ", ".join(parts) or "no steps"
 
     def median(self, kind):
