@@ -8,9 +8,8 @@ change no token: greedy outputs equal plain decoding's, batched and alone."""
 import pytest
 import torch
 
+import pagedlm.engine.cuda_graphs as cuda_graphs
 import pagedlm.engine.varlen_graphs as varlen_graphs
-import pagedlm.speculative.draft_chain as draft_chain
-import pagedlm.speculative.verification as verification
 from pagedlm import LLM, SamplingParams
 from pagedlm.engine.sampler import greedy_choices
 from pagedlm.engine.varlen_graphs import VarlenGraphs
@@ -48,9 +47,7 @@ def replay_eagerly(forward, pool, device):
 
 @pytest.fixture(autouse=True)
 def eager_capture(monkeypatch):
-    monkeypatch.setattr(varlen_graphs, "capture", replay_eagerly)
-    monkeypatch.setattr(draft_chain, "capture", replay_eagerly)
-    monkeypatch.setattr(verification, "capture", replay_eagerly)
+    monkeypatch.setattr(cuda_graphs, "capture", replay_eagerly)  # the one capture every graph set goes through
 
 
 @pytest.fixture(scope="module")
@@ -299,10 +296,7 @@ def test_decode_graphs_emit_the_eager_tokens(models, monkeypatch):
     """DecodeGraphs (plain decode steps) on the CPU, capture replaced as above: batches that
     pad their bucket (5 sequences in the bucket of 8, then fewer as they finish) emit the eager
     decode's tokens; each step's inputs go through the graph set's reused host array."""
-    import pagedlm.engine.cuda_graphs as cuda_graphs
     from pagedlm.engine.cuda_graphs import DecodeGraphs
-    monkeypatch.setattr(cuda_graphs, "capture", replay_eagerly)
-    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
     batch = prompts(5)
     params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (3, 13, 7, 9, 11)]
     expected = tokens(engine(models, 4).generate(batch, params, use_tqdm=False))

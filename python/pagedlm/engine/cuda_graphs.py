@@ -1,7 +1,12 @@
-"""CUDA graphs for decode-only steps (DecodeGraphs), and what every graph set shares: capture,
-static input buffers, batch buckets and table widths. A decode graph holds the whole forward,
-then the LM head and each row's greedy choice, per batch-size bucket and block-table width;
-a step replays it with its inputs copied into the graph's buffer."""
+"""CUDA graphs: one mechanism for every forward a step replays, and its plainest use.
+
+A GraphSet keys graphs by a shape its owner buckets (batch size, token count, table width, ...)
+and captures each on first use, or up front when the owner asks (largest first, so that the
+smaller reuse its pool memory). A Graph replays one captured forward over StaticInputs: named
+fields packed in one int64 device buffer with a host twin, so a replay's inputs are written on
+the host and go up in one copy. DecodeGraphs (decode-only steps) is configured here; varlen
+forwards (varlen_graphs.py), the draft model's greedy chain (speculative/draft_chain.py) and
+greedy verification (speculative/verification.py) are the others."""
 import gc
 
 import numpy as np
@@ -12,12 +17,12 @@ from pagedlm.models import AttentionBatch
 
 MIN_WIDTH = 64          # blocks per table row in the narrowest graphs
 MAX_WIDTH = 1 << 16     # wider tables run eagerly
+_NUMPY = {torch.int64: np.int64, torch.int32: np.int32, torch.bool: np.bool_}
 
 
 def capture(forward, pool, device):
     """(graph, output) of forward() captured into the memory pool, after one eager warm-up run
-    (lazy allocations and kernel choices happen outside the capture). Each graph set counts
-    its own captures (.captures): a step that captured a graph is no measure of speed."""
+    (lazy allocations and kernel choices happen outside the capture)."""
     stream = torch.cuda.Stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(stream):
@@ -38,6 +43,11 @@ def capture(forward, pool, device):
     return graph, output
 
 
+def graph_pool(device):
+    """A memory pool for graphs to share (None off CUDA, where graphs only run in tests)."""
+    return torch.cuda.graph_pool_handle() if torch.device(device).type == "cuda" else None
+
+
 def bucket_of(size, buckets):
     return next(b for b in buckets if b >= size)
 
@@ -50,29 +60,6 @@ def width_of(blocks):
     return width
 
 
-class InputBuffer:
-    """A graph's static int64 inputs (.tensor, on its device) and their host side (.host, a
-    pageable numpy array): a replay's inputs are written into .host in place and go up in one
-    copy. The same host array serves every replay, since a copy from pageable memory has read
-    it when copy_ returns; so nothing is allocated per replay."""
-
-    def __init__(self, size, device):
-        self.tensor = torch.zeros(size, dtype=torch.int64, device=device)
-        self.host = np.zeros(size, dtype=np.int64)
-        self._host_tensor = torch.from_numpy(self.host)
-
-    def upload(self, used=None):
-        """The first `used` elements of .host (all by default) to .tensor."""
-        used = len(self.host) if used is None else used
-        self.tensor[:used].copy_(self._host_tensor[:used], non_blocking=True)
-
-
-def int32_rows(flat, rows, cols):
-    """flat (int64, numpy or torch) viewed as int32 [rows, cols]: block tables inside a packed buffer."""
-    as_int32 = flat.view(np.int32 if isinstance(flat, np.ndarray) else torch.int32)
-    return as_int32[:rows * cols].reshape(rows, cols)
-
-
 def batch_buckets(max_num_seqs):
     """1, 2, 4, 8, then multiples of 16 up to max_num_seqs (the padding stays under 16 rows)."""
     buckets = [b for b in (1, 2, 4, 8) if b < max_num_seqs]
@@ -80,25 +67,89 @@ def batch_buckets(max_num_seqs):
     return buckets + [max_num_seqs]
 
 
-class DecodeGraphs:
-    """A step of B sequences runs the graph of the smallest bucket >= B; the padding rows write
-    no KV (slot -1) and attend to nothing (length 0, an all -1 block-table row), so they cost
-    little and change nothing. Tables are captured at a few widths (powers of two from
-    MIN_WIDTH blocks) because the decode kernel sizes its split-K from the table's capacity: a
-    table sized for the model's longest context would split short sequences into many empty
-    pieces."""
+class StaticInputs:
+    """A graph's inputs: named fields packed in one int64 buffer on the device (.device[name])
+    with a pageable host twin (.host[name], numpy). A replay writes its inputs into .host in
+    place and upload() sends them up in one copy; the same host array serves every replay,
+    since a copy from pageable memory has read it when copy_ returns. fields: name -> shape
+    (int64), or (shape, dtype) with dtype torch.int32 or torch.bool; each field starts on an
+    int64 boundary, in the order given, and ends[name] is where it ends (in int64 words), for
+    an upload of the fields up to it."""
+
+    def __init__(self, fields, device):
+        layout, words = {}, 0
+        for name, spec in fields.items():
+            shape, dtype = spec if isinstance(spec, tuple) and isinstance(spec[-1], torch.dtype) else (spec, torch.int64)
+            shape = (shape,) if isinstance(shape, int) else tuple(shape)
+            count = int(np.prod(shape))
+            size = -(-count * torch.empty((), dtype=dtype).element_size() // 8)
+            layout[name], words = (words, words + size, shape, count, dtype), words + size
+        self.tensor = torch.zeros(words, dtype=torch.int64, device=device)
+        self._host = np.zeros(words, dtype=np.int64)
+        self._host_tensor = torch.from_numpy(self._host)
+        self.device, self.host, self.ends = {}, {}, {}
+        for name, (start, end, shape, count, dtype) in layout.items():
+            device_words = self.tensor[start:end]
+            if dtype == torch.bool:  # via bytes: a bool view of int64 words is not allowed
+                device_words = device_words.view(torch.uint8)
+            self.device[name] = device_words.view(dtype)[:count].view(shape)
+            self.host[name] = self._host[start:end].view(_NUMPY[dtype])[:count].reshape(shape)
+            self.ends[name] = end
+
+    def upload(self, used=None):
+        """The first `used` int64 words (all by default) of the host twin to the device."""
+        used = len(self._host) if used is None else used
+        self.tensor[:used].copy_(self._host_tensor[:used], non_blocking=True)
+
+
+class Graph:
+    """forward(inputs.device) captured once over its StaticInputs; .output is what it returned,
+    which every replay overwrites in place."""
+
+    def __init__(self, inputs, forward, pool, device):
+        self.inputs = inputs
+        self.graph, self.output = capture(lambda: forward(inputs.device), pool, device)
+
+    def replay(self, used=None):
+        """Uploads the inputs written into .inputs.host (the first `used` words), then replays."""
+        self.inputs.upload(used)
+        self.graph.replay()
+        return self.output
+
+
+class GraphSet:
+    """Graphs by shape key, each made by build(*key) on first use; .captures counts them (a
+    step that captured is no measure of speed). Each kind of graph set is one of these."""
+
+    def __init__(self, build):
+        self.build, self.graphs, self.captures = build, {}, 0
+
+    def graph(self, key):
+        graph = self.graphs.get(key)
+        if graph is None:
+            graph = self.graphs[key] = self.build(*key)
+            self.captures += 1
+        return graph
+
+
+class DecodeGraphs(GraphSet):
+    """Decode-only steps: the whole forward, then the LM head and each row's greedy choice, by
+    (batch bucket, table width). A step of B sequences runs the graph of the smallest bucket
+    >= B; the padding rows write no KV (slot -1) and attend to nothing (length 0, an all -1
+    block-table row), so they cost little and change nothing. Tables are captured at a few
+    widths (powers of two from MIN_WIDTH blocks) because the decode kernel sizes its split-K
+    from the table's capacity: a table sized for the model's longest context would split short
+    sequences into many empty pieces."""
 
     def __init__(self, model, kv_caches, max_num_seqs, device):
         self.model, self.kv_caches, self.device = model, kv_caches, device
         self.buckets = batch_buckets(max_num_seqs)
-        self.pool = torch.cuda.graph_pool_handle()
-        self.widths = {}   # width -> _GraphSet
-        self.captures = 0  # graphs captured so far (each costs one warm-up forward and a capture)
-        # The common width is captured up front, largest bucket first so that the smaller
-        # captures reuse its pool memory; other widths and buckets on first use.
-        narrow = self._graph_set(MIN_WIDTH)
+        self.pool = graph_pool(device)
+        super().__init__(self._capture)
+        self.views = {}  # (bucket, width, batch) -> the first batch rows of that graph's outputs
+        # The common width is captured up front, largest bucket first; other widths on first use.
         for bucket in reversed(self.buckets):
-            narrow.graph(bucket)
+            self.graph((bucket, MIN_WIDTH))
 
     def fits(self, batch, width):
         return batch <= self.buckets[-1] and width <= MAX_WIDTH
@@ -106,76 +157,32 @@ class DecodeGraphs:
     def run(self, ids, positions, slots, tables):
         """(logits float32 [len(ids), vocab], their greedy_choices) of one decode step (views of
         the graph's outputs). slots and tables: the block manager's arrays."""
-        batch, needed = len(ids), tables.shape[1]
-        graphs = self._graph_set(width_of(needed))
-        bucket = bucket_of(batch, self.buckets)
-        graph = graphs.graph(bucket)  # before the inputs are copied in: a first capture resets the buffers
-        # ids, positions, slots, lengths [4, bucket], then the tables: one host array, one copy
-        # (padding rows write no KV and read nothing).
-        meta, padded_tables = graphs.host_layout(bucket)
-        meta.fill(0)
-        meta[0, :batch], meta[1, :batch], meta[2, :batch], meta[2, batch:] = ids, positions, slots, -1
-        meta[3, :batch] = meta[1, :batch] + 1
-        padded_tables.fill(-1)
-        padded_tables[:batch, :tables.shape[1]] = tables
-        graphs.inputs.upload(graphs.size(bucket))
-        graph.replay()
-        return graphs.output_views(bucket, batch)
+        batch = len(ids)
+        key = bucket_of(batch, self.buckets), width_of(tables.shape[1])
+        graph = self.graph(key)
+        f = graph.inputs.host
+        f["ids"][:batch], f["ids"][batch:] = ids, 0
+        f["positions"][:batch], f["positions"][batch:] = positions, 0
+        f["slots"][:batch], f["slots"][batch:] = slots, -1
+        np.add(f["positions"], 1, out=f["lens"])
+        f["lens"][batch:] = 0
+        f["tables"].fill(-1)
+        f["tables"][:batch, :tables.shape[1]] = tables
+        logits, choices = graph.replay()
+        view = (*key, batch)
+        if view not in self.views:  # made once: on a small model's step, slicing costs as much as a kernel
+            self.views[view] = logits[:batch], choices[:batch]
+        return self.views[view]
 
-    def _graph_set(self, width):
-        if width not in self.widths:
-            self.widths[width] = _GraphSet(self, width)
-        return self.widths[width]
+    def _capture(self, bucket, width):
+        inputs = StaticInputs(dict(ids=bucket, positions=bucket, slots=bucket, lens=bucket,
+                                   tables=((bucket, width), torch.int32)), self.device)
+        inputs.device["slots"].fill_(-1)  # captured with every row padding: no KV write, nothing read
+        inputs.device["tables"].fill_(-1)
+        return Graph(inputs, self._forward, self.pool, self.device)
 
-
-class _GraphSet:
-    """The static input buffer of one table width and the graphs captured over it. A bucket's
-    graph reads its first size(bucket) elements: meta [4, bucket], then tables int32
-    [bucket, width], so each step's inputs are one copy whatever the bucket."""
-
-    def __init__(self, owner, width):
-        self.owner, self.width = owner, width
-        self.inputs = InputBuffer(self.size(owner.buckets[-1]), owner.device)
-        self.host_views = {}  # bucket -> layout(self.inputs.host, bucket), made once
-        self.graphs, self.outputs = {}, {}
-        self.views = {}  # (bucket, batch) -> the first batch rows of the bucket's outputs
-
-    def host_layout(self, bucket):
-        if bucket not in self.host_views:
-            self.host_views[bucket] = self.layout(self.inputs.host, bucket)
-        return self.host_views[bucket]
-
-    def output_views(self, bucket, batch):
-        """The first batch rows of the bucket graph's (logits, choices), made once: on a small
-        model's step, slicing a tensor costs the host as much as a kernel."""
-        if (bucket, batch) not in self.views:
-            logits, choices = self.outputs[bucket]
-            self.views[bucket, batch] = (logits[:batch], choices[:batch])
-        return self.views[bucket, batch]
-
-    def size(self, bucket):
-        return 4 * bucket + -(-bucket * self.width // 2)
-
-    def layout(self, packed, bucket):
-        """(meta [4, bucket], tables [bucket, width]): views of a packed buffer, torch or numpy."""
-        return packed[:4 * bucket].reshape(4, bucket), int32_rows(packed[4 * bucket:], bucket, self.width)
-
-    def graph(self, bucket):
-        if bucket not in self.graphs:
-            self.graphs[bucket] = self._capture(bucket)
-        return self.graphs[bucket]
-
-    def _forward(self, bucket):
-        meta, tables = self.layout(self.inputs.tensor, bucket)
-        batch = AttentionBatch(slot_mapping=meta[2], block_tables=tables, seq_lens=meta[3].int(),
+    def _forward(self, f):
+        batch = AttentionBatch(slot_mapping=f["slots"], block_tables=f["tables"], seq_lens=f["lens"].int(),
                                cu_seqlens_q=None, decode_only=True)
-        logits = self.owner.model(meta[0], meta[1], batch, self.owner.kv_caches)
+        logits = self.model(f["ids"], f["positions"], batch, self.kv_caches)
         return logits, greedy_choices(logits)
-
-    def _capture(self, bucket):
-        meta, tables = self.layout(self.inputs.tensor, bucket)
-        meta.copy_(torch.tensor([[0], [0], [-1], [0]]).expand(4, bucket))  # padding rows: no KV write, nothing read
-        tables.fill_(-1)
-        graph, self.outputs[bucket] = capture(lambda: self._forward(bucket), self.owner.pool, self.owner.device)
-        self.owner.captures += 1
-        return graph

@@ -4,7 +4,7 @@ accepted, a lookahead window under its custom mask, a tree's accepted tokens rec
 import numpy as np
 import torch
 
-from pagedlm.engine.cuda_graphs import MAX_WIDTH, InputBuffer, bucket_of, capture, int32_rows, width_of
+from pagedlm.engine.cuda_graphs import MAX_WIDTH, Graph, GraphSet, StaticInputs, bucket_of, width_of
 from pagedlm.engine.sampler import greedy_choices
 from pagedlm.models import AttentionBatch
 
@@ -13,7 +13,7 @@ PER_QUERY_TOKENS = 8  # tokens per sequence bucket up to which causal forwards a
 MASKED_PER_QUERY_TOKENS = 64  # the same for masked forwards
 
 
-class VarlenGraphs:
+class VarlenGraphs(GraphSet):
     """Graphs keyed by (token bucket, sequence bucket, table width, masked). One graph serves
     any split of its tokens among its sequences (the prefill kernel walks cu_seqlens_q on the
     device). The padding tokens form one padding sequence after the real ones, which writes no
@@ -33,9 +33,9 @@ class VarlenGraphs:
         # Few sequence buckets (a spare sequence costs one block that leaves at once), so few
         # graphs: each capture costs a forward and tens of milliseconds.
         self.seq_buckets = [b for b in (4, 16, 64, 256) if b <= max_num_seqs] + [max_num_seqs + 1]
-        self.graphs = {}
+        super().__init__(lambda *key: _VarlenGraph(self, *key))
         self.keys = {}  # (tokens, seqs, table width, masked) of a forward that fits the graphs -> its graph's key
-        self.captures = self.replays = 0
+        self.replays = 0
         # Every graph's outputs, [TOKEN_BUCKETS[-1], vocab] float32 and their greedy choices,
         # allocated at the first capture (or by allocate_outputs): verification graphs read them
         # at fixed addresses.
@@ -92,12 +92,8 @@ class VarlenGraphs:
             self.choices = torch.empty(TOKEN_BUCKETS[-1], 2, dtype=torch.float64, device=self.device)
 
     def _graph(self, key):
-        graph = self.graphs.get(key)
-        if graph is None:
-            self.allocate_outputs()
-            graph = self.graphs[key] = _VarlenGraph(self, *key)
-            self.captures += 1
-        return graph
+        self.allocate_outputs()
+        return self.graph(key)
 
 
 class _VarlenGraph:
@@ -105,76 +101,63 @@ class _VarlenGraph:
         self.tokens, self.seqs = tokens, seqs
         self.per_query = tokens <= (MASKED_PER_QUERY_TOKENS if masked else PER_QUERY_TOKENS) * seqs
         self.masked_rows = masked and self.per_query
-        device = owner.device
-        # One int64 buffer, whose used part is one copy per replay: these fields (per token, per
-        # sequence; each masked row's sequence length and mask offset; mask_indptr for masked
-        # graphs), then the block tables (int32), then the mask's bytes.
+        # Per token, per sequence; each masked row's sequence length and mask offset; mask_indptr
+        # for masked graphs; the block tables; the mask (the sum of q_len x seq_len, padding's too).
         n, b = tokens, seqs
-        sizes = dict(ids=n, positions=n, slots=n, owners=n, rows=n, cu=b + 1, lens=b,
-                     row_lens=n if self.masked_rows else 0, offsets=n if self.masked_rows else 0,
-                     indptr=b + 1 if masked else 0, tables=-(-seqs * width // 2))
-        self.at, self.ints = {}, 0
-        for name, size in sizes.items():
-            self.at[name] = slice(self.ints, self.ints + size)
-            self.ints += size
         block_size = owner.kv_caches[0][0].shape[1]
-        capacity = tokens * max(width * block_size, tokens) if masked else 0  # sum of q_len x seq_len, padding's too
-        self.inputs = InputBuffer(self.ints + -(-capacity // 8), device)
-        packed, host = self.inputs.tensor, self.inputs.host
-        self.tables = int32_rows(packed[self.at["tables"]], seqs, width)
-        self.mask = packed[self.ints:].view(torch.uint8)[:capacity].view(torch.bool) if masked else None
-        # The host side's views, made once.
-        self.fields = {name: host[field] for name, field in self.at.items()}
-        self.fields["tables"] = int32_rows(self.fields["tables"], seqs, width)
-        self.host_mask = host[self.ints:].view(np.bool_)
-        self.token_index = np.arange(tokens)
+        capacity = tokens * max(width * block_size, tokens) if masked else 0
+        self.inputs = StaticInputs(dict(ids=n, positions=n, slots=n, owners=n, rows=n, cu=b + 1, lens=b,
+                                        row_lens=n if self.masked_rows else 0, offsets=n if self.masked_rows else 0,
+                                        indptr=b + 1 if masked else 0, tables=((b, width), torch.int32),
+                                        mask=(capacity, torch.bool)), owner.device)
+        self.fields, self.token_index = self.inputs.host, np.arange(tokens)
         self._copy_inputs([], [], [], np.zeros((0, 1), dtype=np.int32), [0], [], [],
                           [0] if masked else None)  # captured with every token padding
-        self.graph = capture(lambda: self._forward(owner), owner.pool, device)[0]  # it writes the owner's outputs
+        self.inputs.upload()
+        self.graph = Graph(self.inputs, lambda f: self._forward(owner, f, masked), owner.pool, owner.device)
 
-    def _forward(self, owner):
-        p, at = self.inputs.tensor, self.at
-        positions, slots, cu_seqlens = p[at["positions"]], p[at["slots"]], p[at["cu"]].int()
+    def _forward(self, owner, f, masked):
+        """The forward over the device fields f; it writes the owner's shared outputs."""
+        positions, slots, cu_seqlens = f["positions"], f["slots"], f["cu"].int()
+        mask = f["mask"] if masked else None
         if self.masked_rows:  # token i: a decode query over its sequence, under its row of the mask
-            batch = AttentionBatch(slot_mapping=slots, block_tables=self.tables[p[at["owners"]]],
-                                   seq_lens=p[at["row_lens"]].int(), cu_seqlens_q=cu_seqlens, decode_only=True,
-                                   custom_mask=self.mask, mask_offsets=p[at["offsets"]])
+            batch = AttentionBatch(slot_mapping=slots, block_tables=f["tables"][f["owners"]],
+                                   seq_lens=f["row_lens"].int(), cu_seqlens_q=cu_seqlens, decode_only=True,
+                                   custom_mask=mask, mask_offsets=f["offsets"])
         elif self.per_query:  # token i: a decode query over its sequence's first positions[i] + 1 tokens
-            batch = AttentionBatch(slot_mapping=slots, block_tables=self.tables[p[at["owners"]]],
+            batch = AttentionBatch(slot_mapping=slots, block_tables=f["tables"][f["owners"]],
                                    seq_lens=(positions + 1).int(), cu_seqlens_q=cu_seqlens, decode_only=True)
         else:
-            indptr = p[at["indptr"]].int() if self.mask is not None else None
-            batch = AttentionBatch(slot_mapping=slots, block_tables=self.tables, seq_lens=p[at["lens"]].int(),
-                                   cu_seqlens_q=cu_seqlens, decode_only=False, custom_mask=self.mask,
-                                   mask_indptr=indptr)
-        logits = owner.model(p[at["ids"]], positions, batch, owner.kv_caches, logits_indices=p[at["rows"]],
+            batch = AttentionBatch(slot_mapping=slots, block_tables=f["tables"], seq_lens=f["lens"].int(),
+                                   cu_seqlens_q=cu_seqlens, decode_only=False, custom_mask=mask,
+                                   mask_indptr=f["indptr"].int() if masked else None)
+        logits = owner.model(f["ids"], positions, batch, owner.kv_caches, logits_indices=f["rows"],
                              logits_out=owner.logits[:self.tokens])
         return logits, greedy_choices(logits, out=owner.choices[:self.tokens])
 
     def mask_buffer(self, size):
         """The host side of the mask's first `size` elements (flat bool), for the caller to
         write this replay's mask into."""
-        return self.host_mask[:size]
+        return self.fields["mask"][:size]
 
     def _copy_inputs(self, ids, positions, slots, tables, cu_seqlens, seq_lens, rows, mask_indptr):
+        """Writes the host fields; returns how many int64 words of them the replay uses."""
         n, f, index = self.tokens, self.fields, self.token_index
         real, pad = len(ids), n - len(ids)
-        self.inputs.host[:self.ints] = 0
-        f["ids"][:real] = ids
+        f["ids"][:real], f["ids"][real:] = ids, 0
         f["positions"][:real], f["positions"][real:] = positions, index[:pad]
         f["slots"][:real], f["slots"][real:] = slots, -1
-        f["rows"][:len(rows)] = rows  # the rest: row 0, computed and ignored
+        f["rows"][:len(rows)], f["rows"][len(rows):] = rows, 0  # the rest: row 0, computed and ignored
         cu, lens, owners = f["cu"], f["lens"], f["owners"]
         b = len(seq_lens)
         cu[:b + 1], cu[b + 1:] = cu_seqlens, n
-        lens[:b] = seq_lens
+        lens[:b], lens[b:] = seq_lens, 0
         if pad:
             lens[b] = pad  # the padding sequence; further ones are empty
         # Each token's sequence (the padding tokens form the sequence after the real ones).
         ends = b + 1 + (pad > 0)
         counts = cu[1:ends] - cu[:ends - 1]
         owners[:] = np.repeat(np.arange(len(counts)), counts)
-        used = self.ints
         if self.masked_rows:  # row i of sequence s: s's length; its mask row starts at indptr[s] + i * length
             row_lens, firsts = f["row_lens"], slice(len(counts))
             row_lens[:] = np.repeat(lens[firsts], counts)
@@ -183,15 +166,15 @@ class _VarlenGraph:
             # Then padding rows attend to nothing (each would take a thread block per head), their
             # offsets still inside the mask.
             row_lens[real:] = 0
-        if mask_indptr is not None:
-            end = mask_indptr[-1] + pad * pad  # the padding sequence's rows see nothing
-            f["indptr"][:b + 1], f["indptr"][b + 1:] = mask_indptr, end
-            self.host_mask[mask_indptr[-1]:end] = False
-            used += -(-end // 8)
-        f["tables"][:tables.shape[0], :tables.shape[1]] = tables  # the padding sequences' blocks: block 0
-        self.inputs.upload(used)
+        f["tables"].fill(0)  # the padding sequences' blocks: block 0
+        f["tables"][:tables.shape[0], :tables.shape[1]] = tables
+        if mask_indptr is None:
+            return self.inputs.ends["tables"]
+        end = mask_indptr[-1] + pad * pad  # the padding sequence's rows see nothing
+        f["indptr"][:b + 1], f["indptr"][b + 1:] = mask_indptr, end
+        f["mask"][mask_indptr[-1]:end] = False
+        return self.inputs.ends["tables"] + -(-end // 8)
 
     def run(self, ids, positions, slots, tables, cu_seqlens, seq_lens, rows, mask_indptr):
         """Replays over these inputs (the mask already in mask_buffer), into the owner's logits and choices."""
-        self._copy_inputs(ids, positions, slots, tables, cu_seqlens, seq_lens, rows, mask_indptr)
-        self.graph.replay()
+        self.graph.replay(self._copy_inputs(ids, positions, slots, tables, cu_seqlens, seq_lens, rows, mask_indptr))

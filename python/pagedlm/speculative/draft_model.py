@@ -11,6 +11,7 @@ import torch
 import pagedlm
 from pagedlm.engine.sequence import Status
 from pagedlm.engine.forward import ForwardItem, paged_forward
+from pagedlm.engine.cuda_graphs import graph_pool
 from pagedlm.engine.varlen_graphs import VarlenGraphs
 from pagedlm.speculative.draft import ChainProposer, Draft
 from pagedlm.speculative.draft_chain import DraftChainGraphs
@@ -29,7 +30,7 @@ class DraftModelProposer(ChainProposer):
         self.matched = {}  # seq -> how many of them are known to be the sequence's own tokens
         self.varlen = self.chain = None
         if use_cuda_graphs:
-            pool = torch.cuda.graph_pool_handle()
+            pool = graph_pool(device)
             self.varlen = VarlenGraphs(model, self.kv_caches, max_num_seqs, device, pool)
             self.varlen.capture_all(masked=False)  # catch-ups after plain steps are long, at any step
             if num_tokens > 1:

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 import pagedlm.ops as ops
-from pagedlm.engine.cuda_graphs import capture
+from pagedlm.engine.cuda_graphs import Graph, GraphSet, StaticInputs
 from pagedlm.speculative.sampling import processed_probs, sample_seed, token_logprobs
 
 
@@ -153,14 +153,14 @@ def _split(flat, shapes):
 MAX_GATHER_BYTES = 1 << 28  # 256 MiB: e.g. 512 rows of a 128K vocabulary
 
 
-class VerificationGraphs:
+class VerificationGraphs(GraphSet):
     """CUDA graphs of greedy_verdicts over a VarlenGraphs' output buffers, keyed by the
     (chains, draft length, trees, nodes) they take, each rounded up to a power of two. Padding
     chains draft nothing; padding trees are a root alone; their verdicts are ignored."""
 
     def __init__(self, varlen):
-        self.varlen, self.graphs = varlen, {}
-        self.captures = 0  # graphs captured so far
+        super().__init__(lambda *shapes: _VerificationGraph(varlen, shapes))
+        self.varlen = varlen
 
     def holds(self, logits):
         """Whether logits are the first rows of the buffer these graphs read (a replayed forward)."""
@@ -187,10 +187,7 @@ class VerificationGraphs:
         c, k, t, nodes = key
         if (c * (k + 1) + t * nodes) * self.varlen.logits.shape[1] * 4 > MAX_GATHER_BYTES:
             return None
-        if key not in self.graphs:
-            self.graphs[key] = _VerificationGraph(self.varlen, key)
-            self.captures += 1
-        return self.graphs[key]
+        return super().graph(key)
 
 
 def _power_of_two(n):
@@ -205,18 +202,18 @@ def _powers_of_two(n):
 class _VerificationGraph:
     def __init__(self, varlen, shapes):
         self.shapes = shapes
-        self.inputs = torch.from_numpy(_empty_inputs(shapes)[0]).to(varlen.device)
-        self.graph, self.output = capture(
-            lambda: _flatten(greedy_verdicts(self.inputs, shapes, varlen.logits, varlen.choices)), varlen.pool,
-            varlen.device)
+        padding = _empty_inputs(shapes)[0]
+        inputs = StaticInputs(dict(values=len(padding)), varlen.device)
+        inputs.device["values"].copy_(torch.from_numpy(padding))  # captured with every node padding
+        self.graph = Graph(inputs, lambda f: _flatten(greedy_verdicts(f["values"], shapes, varlen.logits,
+                                                                      varlen.choices)), varlen.pool, varlen.device)
 
     def load(self, values):
-        self.inputs.copy_(torch.from_numpy(values), non_blocking=True)
+        self.graph.inputs.host["values"][:] = values
 
     def run(self):
         """The flat verdicts on the host (numpy float64), choices for every row of the buffers."""
-        self.graph.replay()
-        return self.output.cpu().numpy()
+        return self.graph.replay().cpu().numpy()
 
 
 def tree_view(seq, draft):
