@@ -309,6 +309,25 @@ def test_decode_graphs_emit_the_eager_tokens(models, monkeypatch):
     assert {5, 4, 3, 2, 1} <= set(replays)  # every bucket met, padded and not
 
 
+def test_cascade_decode_graphs_emit_the_eager_tokens(models):
+    """DecodeGraphs' cascade graphs (rows reordered into groups that share a prefix, the padding
+    rows a group of their own), capture replaced as above: n = 3 samples of a 300-token prompt
+    beside an unrelated one, padded into the bucket of 4 and then fewer as samples finish, emit
+    what an engine that never cascades emits, and the steps did cascade."""
+    from pagedlm.engine.cuda_graphs import DecodeGraphs
+    g = torch.Generator().manual_seed(17)
+    batch = [torch.randint(97, (300,), generator=g).tolist(), torch.randint(97, (20,), generator=g).tolist()]
+    params = [SamplingParams(n=3, temperature=0.9, seed=4, max_tokens=9, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)]
+    plain = LLM(models["target"], device="cpu", block_size=4, num_blocks=512, max_num_seqs=MAX_SEQS,
+                disable_cascade_attn=True)
+    expected = tokens(plain.generate(batch, params, use_tqdm=False))
+    llm = engine(models, 4)
+    llm.runner.graphs = graphs = DecodeGraphs(llm.model, llm.kv_caches, MAX_SEQS, llm.device)
+    assert tokens(llm.generate(batch, params, use_tqdm=False)) == expected
+    assert llm.runner.cascade_steps > 0 and any(key[2] for key in graphs.graphs)
+
+
 def test_drafts_past_the_largest_graph_take_turns(models):
     """Eight lookahead windows of 64 tokens, and their n-gram branches, would make a forward past
     the largest graph (512 tokens): only the sequences whose trees should fit draft, taking turns,

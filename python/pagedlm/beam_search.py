@@ -49,8 +49,10 @@ def beam_score(beam, length_penalty):
 class BeamSearch:
     """One beam search over several prompts sharing a model, its KV caches and BlockManager."""
 
-    def __init__(self, model, kv_caches, block_manager, device, eos_token_ids, params):
+    def __init__(self, model, kv_caches, block_manager, device, eos_token_ids, params, cascade=False):
+        """cascade: whether the beams' decode reads the prefix they share once (engine/cascade.py)."""
         self.model, self.kv_caches, self.bm, self.device = model, kv_caches, block_manager, device
+        self.cascade = cascade
         self.eos, self.params = eos_token_ids, params
         self._ids = itertools.count(1 << 62)  # beam seq ids, apart from the engine's
         self.blocks_shared = self.blocks_unshared = 0  # summed over steps, for the saving figure
@@ -106,7 +108,8 @@ class BeamSearch:
             if step == self.params.max_tokens - 1:
                 break
             items = [ForwardItem(b.seq_id, b.tokens[-1:], len(b.tokens) - 1, 0, None, [0]) for b in live]
-            logprobs = torch.log_softmax(paged_forward(self.model, self.kv_caches, self.bm, self.device, items), -1)
+            logprobs = torch.log_softmax(paged_forward(self.model, self.kv_caches, self.bm, self.device, items,
+                                                       cascade=self.cascade), -1)
         results = []
         for live, done in zip(beams, completed):
             for beam in live:

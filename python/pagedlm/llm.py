@@ -80,7 +80,8 @@ class LLM(StepRecovery):
     def __init__(self, model, *, device=None, dtype=None, block_size=16, num_blocks=None,
                  gpu_memory_utilization=0.9, max_num_seqs=256, max_num_batched_tokens=8192,
                  enable_prefix_caching=True, seed=0, enforce_eager=False, speculative=None,
-                 kv_cache_dtype="auto", calculate_kv_scales=False, tensor_parallel_size=1):
+                 kv_cache_dtype="auto", calculate_kv_scales=False, tensor_parallel_size=1,
+                 disable_cascade_attn=False):
         """device: "auto" (None), "cpu", "cuda" or "cuda:N"; dtype of the weights loaded from a
         folder: "auto" (None: bfloat16 on a GPU, float32 on the CPU), "float16"/"half",
         "bfloat16", "float32"/"float" or the torch dtype. kv_cache_dtype: "auto" (the model's
@@ -90,7 +91,10 @@ class LLM(StepRecovery):
         keys and values (amax / the format's max). A draft model's cache keeps its dtype. Every
         argument is checked before anything is loaded: a bad one raises a ValueError naming it.
         tensor_parallel_size: split the model over that many processes, one GPU each (or the
-        CPU), this one being rank 0 (docs/tensor-parallel.md); close() stops them."""
+        CPU), this one being rank 0 (docs/tensor-parallel.md); close() stops them.
+        disable_cascade_attn (vLLM's name): decode steps read a prefix that rows share (n > 1
+        samples, beams, prompts from one prefix-cache entry) once per group unless set; steps
+        without such sharing, layers with a sliding window and tensor parallelism never do."""
         _check_model_arg("model", model)
         self.device = resolve_device(device)
         dtype = resolve_dtype(dtype, self.device)
@@ -104,6 +108,7 @@ class LLM(StepRecovery):
         enable_prefix_caching = check_bool("enable_prefix_caching", enable_prefix_caching)
         seed = check_int("seed", seed)
         enforce_eager = check_bool("enforce_eager", enforce_eager)
+        disable_cascade_attn = check_bool("disable_cascade_attn", disable_cascade_attn)
         kv_dtype = resolve_kv_cache_dtype(kv_cache_dtype)
         calculate_kv_scales = check_bool("calculate_kv_scales", calculate_kv_scales)
         if calculate_kv_scales and kv_dtype is None:
@@ -171,7 +176,7 @@ class LLM(StepRecovery):
         runner = ModelRunner if self._tp is None else functools.partial(TensorParallelRunner, group=self._tp)
         self.runner = runner(self.model, self.kv_caches, self.block_manager, self.device,
                              max_num_seqs=max_num_seqs, use_cuda_graphs=use_cuda_graphs, eos_token_ids=eos_ids,
-                             speculator=speculator)
+                             speculator=speculator, cascade=not disable_cascade_attn and self._tp is None)
         if self.tokenizer is not None:  # logprobs' decoded_token: each token decoded alone, as vLLM
             self.runner.decode_token = functools.lru_cache(maxsize=None)(lambda t: self.tokenizer.decode([t]))
         self.seed = seed
@@ -456,7 +461,8 @@ class LLM(StepRecovery):
                                       f"{self.tensor_parallel_size}")
         prompts = _prompt_list(prompts)
         token_ids = [self._token_ids(p, f"prompts[{i}]") for i, p in enumerate(prompts)]
-        search = BeamSearch(self.model, self.kv_caches, self.block_manager, self.device, self.eos_token_ids, params)
+        search = BeamSearch(self.model, self.kv_caches, self.block_manager, self.device, self.eos_token_ids, params,
+                            cascade=self.runner.cascade)
         search.check_fits(token_ids)
         try:
             waves = list(search.run_in_waves(token_ids))

@@ -12,6 +12,7 @@ import gc
 import numpy as np
 import torch
 
+from pagedlm.engine.cascade import CascadeBatch
 from pagedlm.engine.sampler import greedy_choices
 from pagedlm.models import AttentionBatch
 
@@ -79,7 +80,8 @@ class StaticInputs:
     def __init__(self, fields, device):
         layout, words = {}, 0
         for name, spec in fields.items():
-            shape, dtype = spec if isinstance(spec, tuple) and isinstance(spec[-1], torch.dtype) else (spec, torch.int64)
+            typed = isinstance(spec, tuple) and isinstance(spec[-1], torch.dtype)
+            shape, dtype = spec if typed else (spec, torch.int64)
             shape = (shape,) if isinstance(shape, int) else tuple(shape)
             count = int(np.prod(shape))
             size = -(-count * torch.empty((), dtype=dtype).element_size() // 8)
@@ -134,12 +136,13 @@ class GraphSet:
 
 class DecodeGraphs(GraphSet):
     """Decode-only steps: the whole forward, then the LM head and each row's greedy choice, by
-    (batch bucket, table width). A step of B sequences runs the graph of the smallest bucket
-    >= B; the padding rows write no KV (slot -1) and attend to nothing (length 0, an all -1
-    block-table row), so they cost little and change nothing. Tables are captured at a few
-    widths (powers of two from MIN_WIDTH blocks) because the decode kernel sizes its split-K
-    from the table's capacity: a table sized for the model's longest context would split short
-    sequences into many empty pieces."""
+    (batch bucket, table width, and for a cascade step its group bucket and prefix table
+    width). A step of B sequences runs the graph of the smallest bucket >= B; the padding rows
+    write no KV (slot -1) and attend to nothing (length 0, an all -1 block-table row; in a
+    cascade step, a group of their own with no prefix), so they cost little and change
+    nothing. Tables are captured at a few widths (powers of two from MIN_WIDTH blocks) because
+    the decode kernel sizes its split-K from the table's capacity: a table sized for the
+    model's longest context would split short sequences into many empty pieces."""
 
     def __init__(self, model, kv_caches, max_num_seqs, device):
         self.model, self.kv_caches, self.device = model, kv_caches, device
@@ -149,16 +152,21 @@ class DecodeGraphs(GraphSet):
         self.views = {}  # (bucket, width, batch) -> the first batch rows of that graph's outputs
         # The common width is captured up front, largest bucket first; other widths on first use.
         for bucket in reversed(self.buckets):
-            self.graph((bucket, MIN_WIDTH))
+            self.graph((bucket, MIN_WIDTH, 0, 0))
 
     def fits(self, batch, width):
         return batch <= self.buckets[-1] and width <= MAX_WIDTH
 
-    def run(self, ids, positions, slots, tables):
+    def run(self, ids, positions, slots, tables, cascade=None):
         """(logits float32 [len(ids), vocab], their greedy_choices) of one decode step (views of
-        the graph's outputs). slots and tables: the block manager's arrays."""
+        the graph's outputs). slots and tables: the block manager's arrays; cascade: the step's
+        CascadePlan, or None."""
         batch = len(ids)
-        key = bucket_of(batch, self.buckets), width_of(tables.shape[1])
+        bucket, width = bucket_of(batch, self.buckets), width_of(tables.shape[1])
+        key = bucket, width, 0, 0
+        if cascade is not None:  # room for the padding rows' group
+            key = bucket, width, bucket_of(len(cascade.prefix_lens) + 1, self.buckets), width_of(
+                cascade.prefix_tables.shape[1])
         graph = self.graph(key)
         f = graph.inputs.host
         f["ids"][:batch], f["ids"][batch:] = ids, 0
@@ -168,21 +176,48 @@ class DecodeGraphs(GraphSet):
         f["lens"][batch:] = 0
         f["tables"].fill(-1)
         f["tables"][:batch, :tables.shape[1]] = tables
+        if cascade is not None:
+            _write_cascade(f, cascade, batch, bucket)
         logits, choices = graph.replay()
         view = (*key, batch)
         if view not in self.views:  # made once: on a small model's step, slicing costs as much as a kernel
             self.views[view] = logits[:batch], choices[:batch]
         return self.views[view]
 
-    def _capture(self, bucket, width):
-        inputs = StaticInputs(dict(ids=bucket, positions=bucket, slots=bucket, lens=bucket,
-                                   tables=((bucket, width), torch.int32)), self.device)
-        inputs.device["slots"].fill_(-1)  # captured with every row padding: no KV write, nothing read
-        inputs.device["tables"].fill_(-1)
-        return Graph(inputs, self._forward, self.pool, self.device)
+    def _capture(self, bucket, width, groups, prefix_width):
+        fields = dict(ids=bucket, positions=bucket, slots=bucket, lens=bucket, tables=((bucket, width), torch.int32))
+        if groups:
+            fields.update(order=bucket, indptr=(groups + 1, torch.int32), prefix_lens=(groups, torch.int32),
+                          prefix_tables=((groups, prefix_width), torch.int32), suffix_lens=(bucket, torch.int32),
+                          suffix_tables=((bucket, width), torch.int32))
+        inputs = StaticInputs(fields, self.device)
+        # Captured with every row padding: no KV write, nothing read (a cascade: one group of them).
+        for name in ("slots", "tables", "prefix_tables", "suffix_tables"):
+            if name in fields:
+                inputs.device[name].fill_(-1)
+        if groups:
+            inputs.device["order"].copy_(torch.arange(bucket))
+            inputs.device["indptr"][1:] = bucket
+        return Graph(inputs, lambda f: self._forward(f, groups > 0), self.pool, self.device)
 
-    def _forward(self, f):
+    def _forward(self, f, cascade):
+        cascade = (CascadeBatch(f["order"], f["indptr"], f["prefix_tables"], f["prefix_lens"], f["suffix_tables"],
+                                f["suffix_lens"]) if cascade else None)
         batch = AttentionBatch(slot_mapping=f["slots"], block_tables=f["tables"], seq_lens=f["lens"].int(),
-                               cu_seqlens_q=None, decode_only=True)
+                               cu_seqlens_q=None, decode_only=True, cascade=cascade)
         logits = self.model(f["ids"], f["positions"], batch, self.kv_caches)
         return logits, greedy_choices(logits)
+
+
+def _write_cascade(f, cascade, batch, bucket):
+    """A CascadePlan of batch rows into a cascade graph's host fields: the padding rows after the
+    real ones, as one more group with no prefix; the groups after it are empty."""
+    groups, prefix_width = len(cascade.prefix_lens), cascade.prefix_tables.shape[1]
+    f["order"][:batch], f["order"][batch:] = cascade.order, np.arange(batch, bucket)
+    f["indptr"][:groups + 1], f["indptr"][groups + 1:] = cascade.group_indptr, bucket
+    f["prefix_lens"][:groups], f["prefix_lens"][groups:] = cascade.prefix_lens, 0
+    f["prefix_tables"].fill(-1)
+    f["prefix_tables"][:groups, :prefix_width] = cascade.prefix_tables
+    f["suffix_lens"][:batch], f["suffix_lens"][batch:] = cascade.suffix_lens, 0
+    f["suffix_tables"].fill(-1)
+    f["suffix_tables"][:batch, :cascade.suffix_tables.shape[1]] = cascade.suffix_tables

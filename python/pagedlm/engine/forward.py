@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 import pagedlm.ops as ops
+from pagedlm.engine.cascade import plan as cascade_plan
 from pagedlm.engine.sampler import greedy_choices
 from pagedlm.models import AttentionBatch
 
@@ -84,11 +85,12 @@ def _lower_triangle(n):
     return tri
 
 
-def paged_forward(model, kv_caches, bm, device, items, graphs=None, *, choices=False):
+def paged_forward(model, kv_caches, bm, device, items, graphs=None, *, choices=False, cascade=False):
     """Runs items (their slots already reserved in bm) through model, replaying one of graphs
     (VarlenGraphs) when the batch fits them; returns float32 logits
     [sum(len(item.logit_rows)), vocab], items in order. choices=True: (logits, their
-    greedy_choices), which a replayed graph has computed with the logits."""
+    greedy_choices), which a replayed graph has computed with the logits. cascade: an eager
+    decode-only forward reads the prefixes its rows share once per group (engine/cascade.py)."""
     counts = [len(it.tokens) for it in items]
     seq_ids = [it.seq_id for it in items]
     seq_lens = [bm.num_tokens(s) for s in seq_ids]
@@ -109,14 +111,17 @@ def paged_forward(model, kv_caches, bm, device, items, graphs=None, *, choices=F
     if graph is not None:
         logits, row_choices = graphs.run(graph, ids, positions, slots, tables, cu, seq_lens, rows, indptr)
         return (logits, row_choices) if choices else logits
+    decode_only = all(c == 1 for c in counts)
+    shared = cascade_plan(tables, seq_lens, bm.block_size) if cascade and decode_only and mask is None else None
     batch = AttentionBatch(
         slot_mapping=torch.from_numpy(slots).to(device),
         block_tables=torch.from_numpy(tables).to(device),
         seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
         cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=device),
-        decode_only=all(c == 1 for c in counts),
+        decode_only=decode_only,
         custom_mask=None if mask is None else torch.from_numpy(mask).to(device),
-        mask_indptr=None if indptr is None else torch.tensor(indptr, dtype=torch.int32, device=device))
+        mask_indptr=None if indptr is None else torch.tensor(indptr, dtype=torch.int32, device=device),
+        cascade=None if shared is None else shared.tensors(device))
     logits = model(torch.tensor(ids, device=device), torch.tensor(positions, device=device), batch, kv_caches,
                    logits_indices=torch.tensor(rows, device=device))
     return (logits, greedy_choices(logits)) if choices else logits

@@ -7,6 +7,7 @@ from operator import attrgetter
 
 import torch
 
+from pagedlm.engine.cascade import plan as cascade_plan
 from pagedlm.engine.cuda_graphs import DecodeGraphs
 from pagedlm.engine.forward import ForwardItem, apply_block_copies, paged_forward
 from pagedlm.engine.sampler import logprob_dicts, sample_step
@@ -21,10 +22,12 @@ NUM_NEW = attrgetter("num_new")
 
 class ModelRunner:
     def __init__(self, model, kv_caches, block_manager, device, *, max_num_seqs, use_cuda_graphs,
-                 eos_token_ids=frozenset(), speculator=None):
+                 eos_token_ids=frozenset(), speculator=None, cascade=False):
         """eos_token_ids: what min_tokens holds back in sampling; speculator: a Speculator, whose
-        graphs are captured here with the runner's."""
+        graphs are captured here with the runner's; cascade: whether decode steps whose rows share
+        long prefixes read each prefix once per group (engine/cascade.py)."""
         self.model, self.kv_caches, self.bm, self.device = model, kv_caches, block_manager, device
+        self.cascade, self.cascade_steps = cascade, 0  # decode steps that took the cascade
         self.eos_token_ids = eos_token_ids
         self.decode_token = None  # token id -> its text, for the Logprobs' decoded_token (the LLM's tokenizer)
         self.graphs = DecodeGraphs(model, kv_caches, max_num_seqs, device) if use_cuda_graphs else None
@@ -141,18 +144,21 @@ class ModelRunner:
         tables, slots = self.bm.block_tables(seq_ids), self.bm.slot_mapping(seq_ids, [1] * len(seq_ids))  # numpy
         ids = [s.seq.token_range(s.seq.num_cached, s.seq.num_cached + 1)[0] for s in computing]
         positions = [s.seq.num_cached for s in computing]
+        cascade = cascade_plan(tables, [p + 1 for p in positions], self.bm.block_size) if self.cascade else None
+        self.cascade_steps += cascade is not None
         if self.graphs is not None and self.graphs.fits(len(computing), tables.shape[1]):
-            return self.graphs.run(ids, positions, slots, tables)
-        return self._eager_decode(ids, positions, slots, tables), None
+            return self.graphs.run(ids, positions, slots, tables, cascade)
+        return self._eager_decode(ids, positions, slots, tables, cascade), None
 
-    def _eager_decode(self, ids, positions, slots, tables):
+    def _eager_decode(self, ids, positions, slots, tables, cascade=None):
         n = len(ids)
         # One host-to-device copy for ids, positions, lengths (one past each position) and slots.
         packed = torch.cat([torch.tensor(ids + positions + [p + 1 for p in positions]), torch.from_numpy(slots)])
         packed = packed.to(self.device, non_blocking=True)
         batch = AttentionBatch(slot_mapping=packed[3 * n:],
                                block_tables=torch.from_numpy(tables).to(self.device, non_blocking=True),
-                               seq_lens=packed[2 * n:3 * n].int(), cu_seqlens_q=None, decode_only=True)
+                               seq_lens=packed[2 * n:3 * n].int(), cu_seqlens_q=None, decode_only=True,
+                               cascade=None if cascade is None else cascade.tensors(self.device))
         return self.model(packed[:n], packed[n:2 * n], batch, self.kv_caches)
 
     def _sample(self, ready, logits, choices, rows, host_choices=None):

@@ -109,7 +109,14 @@ class Attention(nn.Module):
         key_cache, value_cache = kv_cache
         k_scale, v_scale = kv_cache_scales(kv_cache, k, v)  # 1.0 unless the cache is FP8
         ops.write_kv_cache(k, v, key_cache, value_cache, batch.slot_mapping, k_scale=k_scale, v_scale=v_scale)
-        if batch.decode_only:
+        if batch.decode_only and batch.cascade is not None and self.sliding_window is None:
+            c = batch.cascade  # the rows in groups that share prefixes: each prefix read once per group
+            out = torch.empty_like(q)
+            out[c.order] = ops.cascade_decode_attention(q[c.order], key_cache, value_cache, c.prefix_tables,
+                                                        c.prefix_lens, c.group_indptr, c.suffix_tables,
+                                                        c.suffix_lens, scale=self.scale, soft_cap=self.soft_cap,
+                                                        k_scale=k_scale, v_scale=v_scale)
+        elif batch.decode_only:
             out = ops.paged_decode_attention(q, key_cache, value_cache, batch.block_tables, batch.seq_lens,
                                              scale=self.scale, sliding_window=self.sliding_window,
                                              soft_cap=self.soft_cap, custom_mask=batch.custom_mask,

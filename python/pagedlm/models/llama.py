@@ -25,7 +25,8 @@ class AttentionBatch:
     custom_mask, mask_indptr: replace the causal mask (tree and lookahead verification), in
     paged_prefill_attention's layout; with decode_only, each token is its own row (its sequence's
     table and length) and mask_offsets int64 [tokens] locate the rows' masks instead, as
-    paged_decode_attention takes them.
+    paged_decode_attention takes them. cascade (engine.cascade.CascadeBatch): with decode_only,
+    the rows' shared prefixes, which layers without a sliding window read once per group.
     """
     slot_mapping: torch.Tensor
     block_tables: torch.Tensor
@@ -35,6 +36,7 @@ class AttentionBatch:
     custom_mask: torch.Tensor | None = None
     mask_indptr: torch.Tensor | None = None
     mask_offsets: torch.Tensor | None = None
+    cascade: object = None
 
 
 class DecoderLayer(nn.Module):

@@ -62,6 +62,9 @@ def _add_arguments(p):
                         help="prompt + max_tokens at most (default: the model's max_position_embeddings)")
     engine.add_argument("--no-prefix-caching", action="store_true", help="turn the prefix cache off")
     engine.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    engine.add_argument("--disable-cascade-attn", action="store_true",
+                        help="decode reads prefixes that requests share (n > 1, prefix-cache hits) once per row, "
+                             "not once per group")
     engine.add_argument("--tensor-parallel-size", type=int, default=1,
                         help="split the model over this many GPUs (processes; on cpu: gloo), one rank each")
     engine.add_argument("--seed", type=int, default=0, help="engine seed (requests without a seed draw from it)")
@@ -99,7 +102,8 @@ def build(args):
                       gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
                       max_num_batched_tokens=args.max_num_batched_tokens,
                       enable_prefix_caching=not args.no_prefix_caching, seed=args.seed,
-                      enforce_eager=args.enforce_eager, tensor_parallel_size=args.tensor_parallel_size)
+                      enforce_eager=args.enforce_eager, tensor_parallel_size=args.tensor_parallel_size,
+                      disable_cascade_attn=args.disable_cascade_attn)
     template = ChatTemplate(*load_chat_template(folder, args.chat_template))
     return engine, build_app(engine, served_model_name=name or str(args.model), chat_template=template)
 
