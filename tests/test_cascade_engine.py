@@ -17,6 +17,12 @@ TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=112, num_hidden_lay
 BLOCK = 16
 
 
+@pytest.fixture(autouse=True)
+def small_savings_cascade(monkeypatch):
+    """These engines are small: let any saving cascade (the default waits for 16K tokens)."""
+    monkeypatch.setattr(cascade, "MIN_SAVED_TOKENS", 0)
+
+
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     folder = tmp_path_factory.mktemp("cascade") / "model"
@@ -115,7 +121,7 @@ def test_plan_covers_each_row_exactly(data):
     tables = np.full((len(rows), width), -1, dtype=np.int32)
     for i, table in enumerate(rows):
         tables[i, :len(table)] = table
-    result = cascade.plan(tables, lens, block_size, min_prefix_tokens=0, min_saved_share=0)
+    result = cascade.plan(tables, lens, block_size, min_prefix_tokens=0, min_saved_tokens=0)
     if result is None:  # only when each group (one first block) has a row with no full block before its token
         firsts = tables[:, 0].tolist()
         assert all(min((lens[i] - 1) // block_size for i in range(len(rows)) if firsts[i] == t) == 0

@@ -309,12 +309,13 @@ def test_decode_graphs_emit_the_eager_tokens(models, monkeypatch):
     assert {5, 4, 3, 2, 1} <= set(replays)  # every bucket met, padded and not
 
 
-def test_cascade_decode_graphs_emit_the_eager_tokens(models):
+def test_cascade_decode_graphs_emit_the_eager_tokens(models, monkeypatch):
     """DecodeGraphs' cascade graphs (rows reordered into groups that share a prefix, the padding
     rows a group of their own), capture replaced as above: n = 3 samples of a 300-token prompt
     beside an unrelated one, padded into the bucket of 4 and then fewer as samples finish, emit
     what an engine that never cascades emits, and the steps did cascade."""
     from pagedlm.engine.cuda_graphs import DecodeGraphs
+    monkeypatch.setattr("pagedlm.engine.cascade.MIN_SAVED_TOKENS", 0)  # a small model: any saving cascades
     g = torch.Generator().manual_seed(17)
     batch = [torch.randint(97, (300,), generator=g).tolist(), torch.randint(97, (20,), generator=g).tolist()]
     params = [SamplingParams(n=3, temperature=0.9, seed=4, max_tokens=9, ignore_eos=True),

@@ -8,8 +8,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-MIN_PREFIX_TOKENS = 256  # a shorter shared prefix is read per row: the cascade's extra kernels cost more
-MIN_SAVED_SHARE = 0.25   # cascade a step only when it saves this share of the step's KV reads
+# When cascading pays: its attention runs three more kernels a layer than plain decode, which
+# at a few microseconds each a small model's layer repays with about 16K tokens' K/V not read.
+# (Rough: tune against bench/bench_cascade.py on the card.)
+MIN_PREFIX_TOKENS = 256   # a shorter shared prefix is read per row
+MIN_SAVED_TOKENS = 16384  # tokens of K/V a step must skip reading
 
 
 @dataclass
@@ -44,9 +47,10 @@ class CascadeBatch:
     suffix_lens: torch.Tensor
 
 
-def plan(tables, lens, block_size, *, min_prefix_tokens=MIN_PREFIX_TOKENS, min_saved_share=MIN_SAVED_SHARE):
-    """The CascadePlan of a decode batch, or None when cascading would not pay (no group shares
-    min_prefix_tokens tokens, or the groups save less than min_saved_share of the reads).
+def plan(tables, lens, block_size, *, min_prefix_tokens=None, min_saved_tokens=None):
+    """The CascadePlan of a decode batch, or None when cascading would not pay: no group's rows
+    share min_prefix_tokens, or the groups save reading fewer than min_saved_tokens tokens
+    (defaults: MIN_PREFIX_TOKENS and MIN_SAVED_TOKENS, read at the call).
     tables: int32 [rows, width], the block manager's (padded with -1); lens: each row's tokens,
     the one this step computes included. A group's prefix is the leading blocks all its rows
     have, and only blocks wholly before each row's new token: those are full and never written
@@ -63,9 +67,10 @@ def plan(tables, lens, block_size, *, min_prefix_tokens=MIN_PREFIX_TOKENS, min_s
     shared = np.minimum(same, (lens - 1) // block_size)
     prefix_blocks = np.minimum.reduceat(shared, starts)
     sizes = np.diff(np.r_[starts, len(rows)])
+    min_prefix_tokens = MIN_PREFIX_TOKENS if min_prefix_tokens is None else min_prefix_tokens
     prefix_blocks[(sizes < 2) | (prefix_blocks * block_size < max(min_prefix_tokens, 1))] = 0
     saved = ((sizes - 1) * prefix_blocks).sum() * block_size
-    if saved == 0 or saved < min_saved_share * lens.sum():
+    if saved == 0 or saved < (MIN_SAVED_TOKENS if min_saved_tokens is None else min_saved_tokens):
         return None
     width = max(int(prefix_blocks.max()), 1)
     columns = np.arange(width)
