@@ -53,15 +53,19 @@ def save_model(config, folder, device):
     return model
 
 
-def run_pagedlm(folder, requests, device, tensor_parallel_size=1, kv_cache_dtype="auto"):
+def greedy(request):
+    return SamplingParams(n=request.n, temperature=0, max_tokens=request.output_tokens, ignore_eos=True)
+
+
+def run_pagedlm(folder, requests, device, tensor_parallel_size=1, kv_cache_dtype="auto", disable_cascade_attn=False):
     llm = LLM(folder, device=device, dtype=torch.bfloat16, tensor_parallel_size=tensor_parallel_size,
-              kv_cache_dtype=kv_cache_dtype)
-    prompts = [p for p, _ in requests]
+              kv_cache_dtype=kv_cache_dtype, disable_cascade_attn=disable_cascade_attn)
+    prompts = [r.prompt for r in requests]
     llm.generate(prompts[:8], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
     _sync(device)
     torch.cuda.reset_peak_memory_stats() if device == "cuda" else None
     start = time.perf_counter()
-    ids = [llm.add_request(p, SamplingParams(temperature=0, max_tokens=o, ignore_eos=True)) for p, o in requests]
+    ids = [llm.add_request(r.prompt, greedy(r)) for r in requests]
     utilization, steps, clock = [], 0, StepClock(llm)
     while llm.scheduler.has_work():
         llm.step()
@@ -79,7 +83,8 @@ def run_pagedlm(folder, requests, device, tensor_parallel_size=1, kv_cache_dtype
     extra = dict(utilization=sum(utilization) / len(utilization), steps=steps,
                  preemptions=llm.scheduler.preemptions, kv_blocks=llm.block_manager.num_blocks,
                  kv_tokens=llm.block_manager.num_blocks * llm.block_manager.block_size,
-                 graphs=llm.runner.graphs.captures if llm.runner.graphs else 0, step_times=clock.summary() + busy)
+                 graphs=llm.runner.graphs.captures if llm.runner.graphs else 0, step_times=clock.summary() + busy,
+                 cascade_steps=llm.runner.cascade_steps)
     llm.close()
     del llm
     return outputs, elapsed, extra
@@ -91,7 +96,7 @@ def device_busy_per_decode_step(llm, requests, steps=5):
     ', device busy per decode step X ms (...)', the kernels' time in a step whose wall time
     the timed run gives: the rest is the device waiting for the host."""
     clock = StepClock(llm, profile=steps)
-    ids = [llm.add_request(p, SamplingParams(temperature=0, max_tokens=o, ignore_eos=True)) for p, o in requests]
+    ids = [llm.add_request(r.prompt, greedy(r)) for r in requests]
     while llm.scheduler.has_work() and len(clock.busy) < steps:
         llm.step()
     for request_id in ids:
@@ -176,6 +181,9 @@ def main():
                              "or none")
     parser.add_argument("--kv-cache-dtypes", default="auto",
                         help="comma-separated: pagedlm runs once with each KV cache dtype (auto, fp8, fp8_e5m2)")
+    parser.add_argument("--cascade", default="on", choices=["on", "off", "both"],
+                        help="pagedlm with cascade attention (shared prefixes read once per group), without "
+                             "(disable_cascade_attn=True), or both in turn")
     parser.add_argument("--vllm-site", default=os.environ.get("VLLM_SITE"),
                         help="a folder vLLM was pip-installed into with --target (default: $VLLM_SITE, else the "
                              "environment's vllm)")
@@ -194,23 +202,25 @@ def main():
         requests = engine_workloads.standard(count=12, prompt_lens=(5, 40), output_tokens=8, token_range=(1, 512))
     else:
         config, requests = LLAMA_3_2_1B, engine_workloads.WORKLOADS[args.workload]()
-    total = sum(o for _, o in requests)
+    total = engine_workloads.output_tokens(requests)
     tp = args.tensor_parallel_size
     rows, runs = [], []  # rows: [name, tokens/s, KV utilization, peak GiB, outputs, KV element bytes]
     with tempfile.TemporaryDirectory() as folder:
         model = save_model(config, folder, device)
         model.cpu()  # out of the way while pagedlm sizes its cache from free memory
         torch.cuda.empty_cache() if device == "cuda" else None
-        for kv_dtype in kv_dtypes:
-            ours, elapsed, extra = run_pagedlm(folder, requests, device, tp, kv_dtype)
+        cascades = {"on": [False], "off": [True], "both": [False, True]}[args.cascade]
+        for kv_dtype, disable_cascade in ((k, c) for k in kv_dtypes for c in cascades):
+            ours, elapsed, extra = run_pagedlm(folder, requests, device, tp, kv_dtype, disable_cascade)
             name = "pagedlm.LLM" + (f" (tensor_parallel_size={tp})" if tp > 1 else "")
             name += f", kv_cache_dtype={kv_dtype}" if kv_dtype != "auto" else ""
+            name += ", disable_cascade_attn=True" if disable_cascade else ""
             kv_bytes = 2 if kv_dtype == "auto" else 1
             rows.append([name, total / elapsed, f"{extra['utilization']:.1%}", _peak_gib(device), ours, kv_bytes])
-            runs.append((kv_dtype, extra))
+            runs.append((f"{kv_dtype} KV" + (", cascade off" if disable_cascade else ""), extra))
             gc.collect()
             torch.cuda.empty_cache() if device == "cuda" else None
-            print(f"pagedlm ({kv_dtype}): {elapsed:.2f} s, {extra}", flush=True)
+            print(f"pagedlm ({runs[-1][0]}): {elapsed:.2f} s, {extra}", flush=True)
         if "vllm" in anchors:
             log_path = args.out + ".vllm.log" if args.out else None
             try:
@@ -219,10 +229,10 @@ def main():
                 print(f"vLLM: {seconds:.2f} s", flush=True)
             except Exception as e:  # an anchor that cannot run here is reported, not fatal
                 rows.append(["vLLM", None, f"failed: {str(e)[:160]}", None, None, 2])
-    uniform = len({o for _, o in requests}) == 1
+    uniform = len({(r.output_tokens, r.n) for r in requests}) == 1 and requests[0].n == 1
     if "transformers" in anchors and uniform:
         model.to(device)
-        prompts, max_tokens = [p for p, _ in requests], requests[0][1]
+        prompts, max_tokens = [r.prompt for r in requests], requests[0].output_tokens
         for name, fn in [("transformers generate (static, batch 64)", lambda: run_static(model, prompts, max_tokens, 64)),
                          ("transformers generate_batch (paged|sdpa)", lambda: run_continuous(model, prompts, max_tokens))]:
             torch.cuda.reset_peak_memory_stats() if device == "cuda" else None
@@ -235,15 +245,19 @@ def main():
             print(f"{name}: {elapsed:.2f} s", flush=True)
     command = (f"python bench/bench_engine.py --workload {args.workload}"
                + (f" --kv-cache-dtypes {args.kv_cache_dtypes}" if kv_dtypes != ["auto"] else "")
+               + (f" --cascade {args.cascade}" if args.cascade != "on" else "")
                + (f" --tensor-parallel-size {tp}" if tp > 1 else ""))
     lines = [f"### Engine, {'smoke' if args.smoke else args.workload} workload — {card}, "
              f"{datetime.date.today()}, commit {git_commit()}",
              "",
-             f"`{command}` — {len(requests)} requests, {total:,} output tokens (greedy, EOS ignored), bf16 weights."]
-    for kv_dtype, extra in runs:
-        lines.append(f"pagedlm ({kv_dtype} KV): {extra['steps']} steps, {extra['graphs']} CUDA graphs captured, "
+             f"`{command}` — {len(requests)} requests"
+             + (f" of n = {requests[0].n} samples" if requests[0].n > 1 else "")
+             + f", {total:,} output tokens (greedy, EOS ignored), bf16 weights."]
+    for label, extra in runs:
+        lines.append(f"pagedlm ({label}): {extra['steps']} steps, {extra['graphs']} CUDA graphs captured, "
                      f"{extra['kv_blocks']:,} KV blocks ({extra['kv_tokens']:,} tokens) preallocated (in its peak "
-                     f"memory), {extra['preemptions']} preemptions; {extra['step_times']}.")
+                     f"memory), {extra['preemptions']} preemptions, {extra['cascade_steps']} cascade steps; "
+                     f"{extra['step_times']}.")
     rooflines = {}
     if device == "cuda":
         flops, bandwidth = matmul_rate(), copy_bandwidth()

@@ -139,9 +139,10 @@ def main():
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     names = args.models.split(",")
     if args.smoke:
-        prompts, max_tokens = [p for p, _ in standard(count=8, prompt_lens=(5, 40), token_range=(1, 512))], 8
+        requests = standard(count=8, prompt_lens=(5, 40), output_tokens=8, token_range=(1, 512))
     else:
-        prompts, max_tokens = [p for p, _ in standard(token_range=(1000, 32000))], 128  # inside every vocabulary
+        requests = standard(token_range=(1000, 32000))  # inside every vocabulary
+    prompts, max_tokens = [r.prompt for r in requests], requests[0].output_tokens
     lines = [f"### Model families, {'smoke' if args.smoke else 'standard'} workload — {card}, "
              f"{datetime.date.today()}, commit {git_commit()}", "",
              f"{len(prompts)} requests, prompts of {min(map(len, prompts))}-{max(map(len, prompts))} random tokens, "
@@ -153,7 +154,6 @@ def main():
                       f"{flops / 1e12:.0f} TFLOP/s and {bandwidth / 1e9:,.0f} GB/s."]
     lines += ["", "| model | parameters | output tokens/s | of the roofline | preemptions | CUDA graphs |",
               "|---|---|---|---|---|---|"]
-    requests = [(p, max_tokens) for p in prompts]
     for name in names:
         label, config = MODELS[name]
         if args.smoke:

@@ -1,25 +1,33 @@
 """The engine benchmarks' workloads (bench/README.md) and their roofline.
 
-A workload is a list of requests (prompt token ids, output tokens), served greedily with EOS
-ignored, so every engine produces exactly the same number of tokens. The roofline is the time
-an ideal engine would need on a card with the measured ceilings: every prompt's FLOPs at the
-dense matmul rate, then one decode step per output position, each reading the weights once and
-the KV of every sequence still decoding at the copy bandwidth. Prefill and decode sharing steps
+A workload is a list of Requests (prompt token ids, output tokens, samples n), served greedily
+with EOS ignored, so every engine produces exactly the same number of tokens. The roofline is
+the time an ideal engine would need on a card with the measured ceilings: every prompt's FLOPs
+at the dense matmul rate, then one decode step per output position, each reading the weights
+once and the KV of every sequence still decoding at the copy bandwidth (a prompt that n samples
+share, once). Prefill and decode sharing steps
 can only be faster than this sum where one of them is not at its ceiling, so tokens/s over the
 roofline's tokens/s reads as a fraction of what the card allows.
 """
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
 TOKEN_RANGE = (1000, 100000)  # prompt tokens are drawn from here (inside any Llama-3 vocabulary)
 
 
-def standard(seed=0, count=256, prompt_lens=(64, 512), output_tokens=128, token_range=TOKEN_RANGE):
+class Request(NamedTuple):
+    prompt: list
+    output_tokens: int
+    n: int = 1  # samples of the prompt, decoded side by side
+
+
+def standard(seed=0, count=256, prompt_lens=(64, 512), output_tokens=128, token_range=TOKEN_RANGE, n=1):
     """256 prompts of 64-512 uniform random tokens, 128 outputs each."""
     rng = np.random.default_rng(seed)
     lengths = rng.integers(prompt_lens[0], prompt_lens[1] + 1, count)
-    return [(rng.integers(*token_range, n).tolist(), output_tokens) for n in lengths]
+    return [Request(rng.integers(*token_range, length).tolist(), output_tokens, n) for length in lengths]
 
 
 def sharegpt_like(seed=0, count=1000, prompt_mean=250, output_mean=200, sigma=1.0, max_len=2048,
@@ -32,7 +40,7 @@ def sharegpt_like(seed=0, count=1000, prompt_mean=250, output_mean=200, sigma=1.
         return np.clip(rng.lognormal(np.log(mean) - sigma**2 / 2, sigma, count), 4, max_len).astype(int)
 
     prompts, outputs = lognormal(prompt_mean), lognormal(output_mean)
-    return [(rng.integers(*token_range, p).tolist(), int(o)) for p, o in zip(prompts, outputs)]
+    return [Request(rng.integers(*token_range, p).tolist(), int(o)) for p, o in zip(prompts, outputs)]
 
 
 def long_prompts(seed=0, count=256, output_tokens=64, token_range=TOKEN_RANGE):
@@ -46,8 +54,18 @@ def long_context(seed=0, count=64, prompt_len=16384, output_tokens=256, token_ra
     return standard(seed, count, (prompt_len, prompt_len), output_tokens, token_range)
 
 
+def parallel_samples(seed=0, count=32, prompt_len=2048, output_tokens=128, n=8, token_range=TOKEN_RANGE):
+    """32 prompts of 2K tokens, n = 8 samples of 128 tokens each: 256 sequences decoding, in
+    groups of 8 that share a prompt (the cascade's case)."""
+    return standard(seed, count, (prompt_len, prompt_len), output_tokens, token_range, n)
+
+
 WORKLOADS = {"standard": standard, "sharegpt": sharegpt_like, "long-prompts": long_prompts,
-             "long-context": long_context}
+             "long-context": long_context, "parallel-samples": parallel_samples}
+
+
+def output_tokens(requests):
+    return sum(r.output_tokens * r.n for r in requests)
 
 
 @dataclass
@@ -94,11 +112,13 @@ class ModelShape:
 
 def roofline_seconds(requests, shape, matmul_flops_per_s, copy_bytes_per_s):
     """(prefill seconds, decode seconds) of the ideal engine described in the module docstring."""
-    prefill = sum(shape.prefill_flops(len(p)) for p, _ in requests) / matmul_flops_per_s
-    prompts = np.array([len(p) for p, _ in requests])
-    outputs = np.array([o for _, o in requests])
+    prefill = sum(shape.prefill_flops(len(r.prompt)) for r in requests) / matmul_flops_per_s
+    prompts = np.array([len(r.prompt) for r in requests])
+    outputs = np.array([r.output_tokens for r in requests])
+    samples = np.array([r.n for r in requests])
     decode_bytes = 0
     for step in range(1, int(outputs.max())):  # the first output token comes from the prefill
         active = outputs > step
-        decode_bytes += shape.weight_bytes + shape.kv_bytes_per_token * int((prompts[active] + step).sum())
+        tokens = int((prompts[active] + samples[active] * step).sum())
+        decode_bytes += shape.weight_bytes + shape.kv_bytes_per_token * tokens
     return prefill, decode_bytes / copy_bytes_per_s

@@ -23,17 +23,17 @@ def main(folder, workload_path):
     from vllm.inputs import TokensPrompt
 
     with open(workload_path) as f:
-        requests = json.load(f)
+        requests = json.load(f)  # [prompt token ids, output tokens, samples n] each
     llm = vllm.LLM(model=folder, dtype="bfloat16", seed=0, skip_tokenizer_init=True,
-                   max_model_len=max(len(p) + o for p, o in requests) + 16)
-    params = [vllm.SamplingParams(temperature=0, max_tokens=o, ignore_eos=True) for _, o in requests]
-    prompts = [TokensPrompt(prompt_token_ids=p) for p, _ in requests]
+                   max_model_len=max(len(p) + o for p, o, _ in requests) + 16)
+    params = [vllm.SamplingParams(n=n, temperature=0, max_tokens=o, ignore_eos=True) for _, o, n in requests]
+    prompts = [TokensPrompt(prompt_token_ids=p) for p, _, _ in requests]
     llm.generate(prompts[:8], [vllm.SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)] * 8,
                  use_tqdm=False)  # warm-up, as pagedlm's
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     seconds = time.perf_counter() - start
-    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    tokens = sum(len(sample.token_ids) for o in outputs for sample in o.outputs)
     print(json.dumps({"seconds": seconds, "tokens": tokens, "version": vllm.__version__}))
 
 
