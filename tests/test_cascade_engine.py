@@ -140,16 +140,24 @@ def test_plan_covers_each_row_exactly(data):
         assert tables[row, 0] == tables[result.order[result.group_indptr[g]], 0]
 
 
+@pytest.fixture(scope="module")
+def gpu_model(tmp_path_factory):
+    """TINY with head dim 64, which the CUDA kernels take."""
+    folder = tmp_path_factory.mktemp("cascade-gpu") / "model"
+    save_random_checkpoint(folder, dict(TINY, hidden_size=256, intermediate_size=224), seed=3)
+    return folder
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("enforce_eager", [False, True])
-def test_cascade_on_the_gpu_equals_plain_decode(model, enforce_eager):
+def test_cascade_on_the_gpu_equals_plain_decode(gpu_model, enforce_eager):
     """On CUDA, in float32, through the cascade graphs (and eagerly): n = 4 seeded samples and a
     prefix-cache hit emit plain decode's tokens, with log-probabilities equal to float32 rounding."""
     prompts = [prompt(300, 1), prompt(300, 1), prompt(30, 2)]
     params = [SamplingParams(n=4, temperature=0.8, seed=7, max_tokens=16, ignore_eos=True, logprobs=0),
               SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=0),
               SamplingParams(n=2, temperature=0, max_tokens=16, ignore_eos=True, logprobs=0)]
-    on, off = (LLM(model, device="cuda", dtype="float32", block_size=BLOCK, num_blocks=1024,
+    on, off = (LLM(gpu_model, device="cuda", dtype="float32", block_size=BLOCK, num_blocks=1024,
                    enforce_eager=enforce_eager, disable_cascade_attn=disable) for disable in (False, True))
     ours, theirs = on.generate(prompts, params, use_tqdm=False), off.generate(prompts, params, use_tqdm=False)
     assert tokens(ours) == tokens(theirs)
