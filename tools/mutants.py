@@ -36,6 +36,11 @@ ENGINE_TESTS = ("tests/test_engine_logprobs.py", "tests/test_engine.py::test_n_s
                 "tests/test_engine.py::test_one_sampling_params_per_prompt",
                 "tests/test_engine.py::test_prefix_caching_reuses_blocks_and_changes_nothing",
                 "tests/test_engine.py::test_chunked_prefill_changes_nothing")
+CASCADE = "python/pagedlm/engine/cascade.py"
+GRAPHS = "python/pagedlm/engine/cuda_graphs.py"
+CASCADE_TESTS = ("tests/test_cascade_engine.py",
+                 "tests/test_spec_graphs.py::test_cascade_decode_graphs_emit_the_eager_tokens")
+GRAPH_TESTS = ("tests/test_spec_graphs.py",)
 FAULT_TESTS = ("tests/test_engine_faults.py::test_a_failed_step_fails_its_requests_and_the_others_go_on",
                "tests/test_engine_faults.py::test_a_request_that_fails_steps_fails_alone")
 SAMPLER = "python/pagedlm/engine/sampler.py"
@@ -336,6 +341,18 @@ MUTANTS = [
     Mutant("params_kv_as_q", "scaling", "python/pagedlm/scaling/params.py",
            "attention = d * cfg.q_dim + 2 * d * cfg.kv_dim + cfg.q_dim * d",
            "attention = d * cfg.q_dim + 2 * d * cfg.q_dim + cfg.q_dim * d", SCALING_TESTS),
+    Mutant("cascade_suffix_len_off_by_one", "engine", CASCADE,
+           "(lens - skip * block_size).astype", "(lens - skip * block_size - 1).astype", CASCADE_TESTS),
+    Mutant("cascade_group_prefix_max", "engine", CASCADE,
+           "np.minimum.reduceat(shared, starts)", "np.maximum.reduceat(shared, starts)", CASCADE_TESTS),
+    Mutant("cascade_prefix_from_wrong_row", "engine", CASCADE,
+           "rows[starts][:, :width]", "rows[starts - 1][:, :width]", CASCADE_TESTS),
+    Mutant("graphs_padding_rows_write_kv", "engine", GRAPHS,
+           'f["slots"][:batch], f["slots"][batch:] = slots, -1', 'f["slots"][:batch], f["slots"][batch:] = slots, 0',
+           GRAPH_TESTS),
+    Mutant("graphs_padding_group_not_closed", "engine", GRAPHS,
+           'f["indptr"][:groups + 1], f["indptr"][groups + 1:] = cascade.group_indptr, bucket',
+           'f["indptr"][:groups + 1], f["indptr"][groups + 1:] = cascade.group_indptr, batch', GRAPH_TESTS),
     Mutant("budget_days_ignore_gpus", "scaling", "python/pagedlm/scaling/budget.py",
            "/ n_gpus / 24.0", "/ 24.0", SCALING_TESTS),
     Mutant("design_gpus_ignore_memory", "scaling", "python/pagedlm/scaling/design.py",
