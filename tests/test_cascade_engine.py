@@ -163,3 +163,27 @@ def test_cascade_on_the_gpu_equals_plain_decode(gpu_model, enforce_eager):
     assert tokens(ours) == tokens(theirs)
     assert_same_logprobs(ours, theirs)
     assert on.runner.cascade_steps > 0
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.data())
+def test_random_batches_emit_what_plain_decode_emits(model, data):
+    """Random batches where prompts share leading tokens (a common stem, repeated prompts, n > 1
+    samples), random block sizes and lengths: an engine that cascades every shared block emits
+    the tokens and log-probabilities of one that never does."""
+    block_size = data.draw(st.sampled_from([1, 3, 8, 16]))
+    stem = prompt(data.draw(st.integers(1, 90)), data.draw(st.integers(0, 99)))
+    prompts, params = [], []
+    for i in range(data.draw(st.integers(1, 5))):
+        tail = prompt(data.draw(st.integers(0, 20)), 1000 + i)
+        prompts.append(stem + tail if data.draw(st.booleans()) else prompts[-1] if prompts else stem)
+        params.append(SamplingParams(n=data.draw(st.integers(1, 3)), temperature=data.draw(st.sampled_from([0, 0.7])),
+                                     seed=i, max_tokens=data.draw(st.integers(1, 9)), ignore_eos=True, logprobs=0))
+    on, off = (LLM(model, device="cpu", block_size=block_size, num_blocks=512, disable_cascade_attn=disable)
+               for disable in (False, True))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cascade, "MIN_PREFIX_TOKENS", 0)  # every shared block cascades
+        ours = on.generate(prompts, params, use_tqdm=False)
+    theirs = off.generate(prompts, params, use_tqdm=False)
+    assert tokens(ours) == tokens(theirs)
+    assert_same_logprobs(ours, theirs)
