@@ -110,19 +110,20 @@ class StepClock:
     def summary(self):
         """'N decode steps (median X ms, total Y s), M prefill steps (...)', and the profiled
         device busy time per decode step when there is one."""
-        parts = []
-        for name, times in self.times.items():
-            if times:
-                parts.append(f"{len(times)} {name} steps (median {self.median(name) * 1e3:.1f} ms, "
-                             f"{sum(times):.2f} s in all)")
-        if self.busy:
-            busy = sorted(self.busy)[len(self.busy) // 2]
-            parts.append(f"device busy per decode step {busy * 1e3:.2f} ms (median of {len(self.busy)} profiled)")
-        return ", ".join(parts) or "no steps"
+        parts = [f"{len(times)} {name} steps (median {_median(times) * 1e3:.1f} ms, {sum(times):.2f} s in all)"
+                 for name, times in self.times.items() if times]
+        return ", ".join(parts + ([self.busy_summary()] if self.busy else [])) or "no steps"
+
+    def busy_summary(self):
+        return f"device busy per decode step {_median(self.busy) * 1e3:.2f} ms (median of {len(self.busy)} profiled)"
 
     def median(self, kind):
-        times = sorted(self.times[kind])
-        return times[len(times) // 2] if times else float("nan")
+        return _median(self.times[kind])
+
+
+def _median(values):
+    values = sorted(values)
+    return values[len(values) // 2] if values else float("nan")
 
 
 def write_results(text, out=None, append_results=False):

@@ -101,7 +101,7 @@ def device_busy_per_decode_step(llm, requests, steps=5):
         llm.step()
     for request_id in ids:
         llm.abort(request_id)
-    return ", " + clock.summary().rsplit(", ", 1)[-1] if clock.busy else ""
+    return ", " + clock.busy_summary() if clock.busy else ""
 
 
 def run_static(model, prompts, max_tokens, batch_size):

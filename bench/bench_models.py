@@ -20,7 +20,7 @@ import time
 import torch
 
 from bench_common import copy_bandwidth, cpu_name, git_commit, matmul_rate, write_results
-from engine_workloads import ModelShape, roofline_seconds, standard
+from engine_workloads import ModelShape, output_tokens, roofline_seconds, standard
 from pagedlm import LLM, SamplingParams
 from pagedlm.models import LlamaForCausalLM, ModelArgs
 from pagedlm.models.loader import _keep_rope_in_f32
@@ -170,7 +170,7 @@ def main():
         share = "—"
         if device == "cuda":
             prefill, decode = roofline_seconds(requests, ModelShape.of(config), flops, bandwidth)
-            share = f"{rate / (len(requests) * max_tokens / (prefill + decode)):.0%}"
+            share = f"{rate / (output_tokens(requests) / (prefill + decode)):.0%}"
         lines.append(f"| {label} | {params / 1e9:.3g} B | {rate:,.0f} | {share} | {extra['preemptions']} "
                      f"| {extra['graphs']} |")
         if device == "cuda":
