@@ -2,13 +2,14 @@
 installed; its fa2 and fa3 backends, pagedlm compared with the faster) and torch SDPA over
 dense K/V side by side on the prefill shapes of bench/README.md: bf16 causal, 32 query /
 8 kv heads (SDPA: 32/32, dense), head_dim 128, page 16, pages scattered; the cache bf16 or FP8
-(e4m3, scale 1; SDPA stays bf16).
+(e4m3, scale 1; SDPA stays bf16). Three more rows take a 4K sliding window, a soft cap of 50 and
+head dim 256 (Mistral's and Gemma's options; FlashInfer given the same, SDPA not run).
 
     python bench/bench_paged_prefill.py [--flashinfer-backends fa2,fa3] [--kv-cache-dtype fp8_e4m3]
                                         [--out FILE] [--append-results]
 
 TFLOP/s counts what causal attention must compute: 4 * H * D per (query, visible key) pair,
-i.e. 2 * B * H * L^2 * D for a full causal prefill.
+i.e. 2 * B * H * L^2 * D for a full causal prefill (a window sees fewer pairs).
 """
 import argparse
 import datetime
@@ -20,35 +21,39 @@ import pagedlm.ops as ops
 from bench_common import anchor_columns, flashinfer_version, git_commit, write_results
 
 HEADS, KV_HEADS, HEAD_DIM, PAGE = 32, 8, 128, 16
-# (label, batch, new tokens per sequence, cached tokens before them)
 KV_DTYPES = {"bf16": torch.bfloat16, "fp8_e4m3": torch.float8_e4m3fn}
-SHAPES = [("B=8, L=4096", 8, 4096, 0), ("B=1, L=16384", 1, 16384, 0),
-          ("chunked: B=16, 512 new over 8192 cached", 16, 512, 8192)]
+# (label, batch, new tokens per sequence, cached tokens before them, options: sliding window, soft cap, head dim)
+SHAPES = [("B=8, L=4096", 8, 4096, 0, {}), ("B=1, L=16384", 1, 16384, 0, {}),
+          ("chunked: B=16, 512 new over 8192 cached", 16, 512, 8192, {}),
+          ("4K window: B=1, L=16384", 1, 16384, 0, {"window": 4096}),
+          ("soft cap 50: B=8, L=4096", 8, 4096, 0, {"soft_cap": 50.0}),
+          ("D=256: B=8, L=4096", 8, 4096, 0, {"head_dim": 256})]
 
 
-def make_inputs(batch, q_len, cached, kv_dtype, seed=0):
+def make_inputs(batch, q_len, cached, kv_dtype, head_dim, seed=0):
     g = torch.Generator().manual_seed(seed)
     length = cached + q_len
     pages = -(-length // PAGE)
     tables = torch.randperm(batch * pages, generator=g).view(batch, pages).int().cuda()
-    shape = (batch * pages, PAGE, KV_HEADS, HEAD_DIM)
+    shape = (batch * pages, PAGE, KV_HEADS, head_dim)
     key_cache = torch.randn(shape, dtype=torch.bfloat16, device="cuda").to(kv_dtype)
     value_cache = torch.randn(shape, dtype=torch.bfloat16, device="cuda").to(kv_dtype)
-    query = torch.randn(batch * q_len, HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
+    query = torch.randn(batch * q_len, HEADS, head_dim, dtype=torch.bfloat16, device="cuda")
     cu = torch.arange(batch + 1, dtype=torch.int32, device="cuda") * q_len
     lens = torch.full((batch,), length, dtype=torch.int32, device="cuda")
     return query, key_cache, value_cache, tables, cu, lens
 
 
-def flashinfer_prefill(query, key_cache, value_cache, tables, cu, lens, batch, length, backend):
+def flashinfer_prefill(query, key_cache, value_cache, tables, cu, lens, batch, length, backend, window, soft_cap):
     import flashinfer
     workspace = torch.zeros(256 << 20, dtype=torch.uint8, device="cuda")
     wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD", backend=backend)
     pages = tables.shape[1]
     kv_indptr = torch.arange(batch + 1, dtype=torch.int32, device="cuda") * pages
     last = torch.full((batch,), length - (pages - 1) * PAGE, dtype=torch.int32, device="cuda")
-    wrapper.plan(cu, kv_indptr, tables.flatten(), last, HEADS, KV_HEADS, HEAD_DIM, PAGE, causal=True,
-                 q_data_type=torch.bfloat16, kv_data_type=key_cache.dtype)
+    wrapper.plan(cu, kv_indptr, tables.flatten(), last, HEADS, KV_HEADS, query.shape[-1], PAGE, causal=True,
+                 q_data_type=torch.bfloat16, kv_data_type=key_cache.dtype,
+                 window_left=-1 if window is None else window - 1, logits_soft_cap=soft_cap)
     return lambda: wrapper.run(query, (key_cache, value_cache))
 
 
@@ -63,9 +68,11 @@ def sdpa_dense(batch, q_len, length):
     return lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-def causal_flops(batch, q_len, cached):
-    visible_pairs = q_len * cached + q_len * (q_len + 1) / 2
-    return 4 * batch * HEADS * HEAD_DIM * visible_pairs
+def causal_flops(batch, q_len, cached, window=None, head_dim=HEAD_DIM):
+    """4 * H * D per visible (query, key) pair: the query at position p sees min(p + 1, window) keys."""
+    window = window or cached + q_len
+    visible_pairs = sum(min(p + 1, window) for p in range(cached, cached + q_len))
+    return 4 * batch * HEADS * head_dim * visible_pairs
 
 
 def main():
@@ -82,11 +89,14 @@ def main():
     version = flashinfer_version()
     anchors = [f"FlashInfer {version} {b}" for b in args.flashinfer_backends] if version else []
     rows = []
-    for label, batch, q_len, cached in SHAPES:
-        query, kc, vc, tables, cu, lens = make_inputs(batch, q_len, cached, KV_DTYPES[args.kv_cache_dtype])
-        fns = {"pagedlm": lambda: ops.paged_prefill_attention(query, kc, vc, tables, cu, lens, backend=args.backend)}
+    for label, batch, q_len, cached, options in SHAPES:
+        window, soft_cap, head_dim = options.get("window"), options.get("soft_cap"), options.get("head_dim", HEAD_DIM)
+        query, kc, vc, tables, cu, lens = make_inputs(batch, q_len, cached, KV_DTYPES[args.kv_cache_dtype], head_dim)
+        fns = {"pagedlm": lambda: ops.paged_prefill_attention(query, kc, vc, tables, cu, lens, sliding_window=window,
+                                                              soft_cap=soft_cap, backend=args.backend)}
         for backend, anchor in zip(args.flashinfer_backends, anchors):
-            fns[anchor] = lambda b=backend: flashinfer_prefill(query, kc, vc, tables, cu, lens, batch, cached + q_len, b)
+            fns[anchor] = lambda b=backend: flashinfer_prefill(query, kc, vc, tables, cu, lens, batch, cached + q_len, b,
+                                                               window, soft_cap)
         reference = fns["pagedlm"]()
         times = {}
         for name, make in fns.items():
@@ -99,9 +109,10 @@ def main():
             err = ((out.float() - reference.float()).norm() / reference.float().norm()).item()
             assert err < 2e-2, (name, err)
             times[name] = do_bench(fn, warmup=25, rep=100, return_mode="median")
-        times["torch SDPA dense (MHA)"] = do_bench(sdpa_dense(batch, q_len, cached + q_len), warmup=25, rep=100,
-                                                   return_mode="median")
-        rows.append((label, causal_flops(batch, q_len, cached), times))
+        if not options:
+            times["torch SDPA dense (MHA)"] = do_bench(sdpa_dense(batch, q_len, cached + q_len), warmup=25, rep=100,
+                                                       return_mode="median")
+        rows.append((label, causal_flops(batch, q_len, cached, window, head_dim), times))
         del query, kc, vc, tables, cu, lens
         torch.cuda.empty_cache()
 

@@ -38,7 +38,7 @@ torch.cuda.synchronize()
 print("sanitize case done")
 
 # Prefill: a causal batch, a custom mask, a bad block id.
-for dtype, head_dim in [(torch.bfloat16, 128), (torch.float16, 64)]:
+for dtype, head_dim in [(torch.bfloat16, 128), (torch.float16, 64), (torch.bfloat16, 256)]:
     kc = torch.randn(40, 16, 2, head_dim, device="cuda", dtype=dtype)
     vc = torch.randn_like(kc)
     tables = torch.randperm(40, device="cuda")[:39].view(3, 13).int()
@@ -46,10 +46,11 @@ for dtype, head_dim in [(torch.bfloat16, 128), (torch.float16, 64)]:
     lens = torch.tensor([200, 70, 30], dtype=torch.int32, device="cuda")
     cu = torch.tensor([0, 100, 103, 133], dtype=torch.int32, device="cuda")
     q = torch.randn(133, 8, head_dim, device="cuda", dtype=dtype)
+    # Without a custom mask Hopper takes the wgmma kernel (paged_prefill_sm90.cu); "mma" asks for the other.
     ops.paged_prefill_attention(q, kc, vc, tables, cu, lens, sliding_window=64)
-    # Without a window or mask, Hopper takes the wgmma kernel (paged_prefill_sm90.cu).
+    ops.paged_prefill_attention(q, kc, vc, tables, cu, lens, sliding_window=64, soft_cap=5.0, backend="mma")
     ops.paged_prefill_attention(q, kc, vc, tables, cu, lens, return_lse=True)
-    ops.paged_prefill_attention(q, kc, vc, tables, cu, lens, causal=False)
+    ops.paged_prefill_attention(q, kc, vc, tables, cu, lens, causal=False, soft_cap=5.0)
     mask = torch.rand(100 * 200 + 3 * 70 + 30 * 30, device="cuda") < 0.5
     indptr = torch.tensor([0, 20000, 20210, 21110], dtype=torch.int32, device="cuda")
     ops.paged_prefill_attention(q, kc, vc, tables, cu, lens, custom_mask=mask, mask_indptr=indptr)
@@ -64,11 +65,15 @@ lens = torch.tensor([1900, 2000], dtype=torch.int32, device="cuda")
 cu = torch.tensor([0, 1900, 2500], dtype=torch.int32, device="cuda")
 q = torch.randn(2500, 32, 128, device="cuda", dtype=torch.bfloat16)
 ops.paged_prefill_attention(q, kc, vc, tables, cu, lens, return_lse=True)
+ops.paged_prefill_attention(q, kc, vc, tables, cu, lens, sliding_window=300)
+ops.paged_prefill_attention(q, kc.to(torch.float8_e4m3fn), vc.to(torch.float8_e4m3fn), tables, cu, lens,
+                            k_scale=0.5, v_scale=2.0)
 torch.cuda.synchronize()
 print("sanitize prefill case done")
 
-# FP8 caches: 16-bit queries take the tensor-core decode and the mma prefill (byte tiles widened in
-# shared memory), f32 queries the CUDA-core kernel. Split-K, a custom mask, bad ids and lengths.
+# FP8 caches: 16-bit queries take the tensor-core decode and, on Hopper, the wgmma prefill (byte tiles
+# widened by its producer), else or under a custom mask the mma prefill (byte tiles widened in shared
+# memory); f32 queries the CUDA-core kernel. Split-K, a custom mask, bad ids and lengths.
 for fp8, dtype, head_dim in [(torch.float8_e4m3fn, torch.bfloat16, 128), (torch.float8_e5m2, torch.float16, 64),
                              (torch.float8_e4m3fn, torch.float32, 128), (torch.float8_e4m3fn, torch.float16, 256)]:
     kc = torch.randn(300, 16, 2, head_dim, device="cuda").to(fp8)
@@ -90,6 +95,7 @@ for fp8, dtype, head_dim in [(torch.float8_e4m3fn, torch.bfloat16, 128), (torch.
     q = torch.randn(133, 8, head_dim, device="cuda", dtype=dtype)
     ops.paged_prefill_attention(q, kc, vc, tables, cu, lens, sliding_window=64, k_scale=k_scale, v_scale=0.25)
     ops.paged_prefill_attention(q, kc, vc, tables, cu, lens, return_lse=True, k_scale=k_scale)
+    ops.paged_prefill_attention(q, kc, vc, tables, cu, lens, k_scale=k_scale, backend="mma")
     mask = torch.rand(100 * 200 + 3 * 70 + 30 * 30, device="cuda") < 0.5
     indptr = torch.tensor([0, 20000, 20210, 21110], dtype=torch.int32, device="cuda")
     ops.paged_prefill_attention(q, kc, vc, tables, cu, lens, custom_mask=mask, mask_indptr=indptr, v_scale=0.25)

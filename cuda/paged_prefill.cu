@@ -387,11 +387,11 @@ int paged_prefill(const PagedPrefillParams& p, void* stream_ptr) {
     if constexpr (std::is_same<T, float>::value) {
       return paged_prefill_f32(p, stream);
     } else {
-      if (p.kv_dtype == DType::e4m3) return launch_head_dim<T, Fp8<__NV_E4M3>>(p, stream);
-      if (p.kv_dtype == DType::e5m2) return launch_head_dim<T, Fp8<__NV_E5M2>>(p, stream);
       // Hopper takes the wgmma kernel where it covers the configuration (paged_prefill_sm90.cu),
       // unless the caller asked for the mma.sync kernel (the bindings refuse sm90 where it cannot run).
       if (p.backend != PrefillBackend::mma && paged_prefill_sm90_supports(p)) return paged_prefill_sm90(p, stream);
+      if (p.kv_dtype == DType::e4m3) return launch_head_dim<T, Fp8<__NV_E4M3>>(p, stream);
+      if (p.kv_dtype == DType::e5m2) return launch_head_dim<T, Fp8<__NV_E5M2>>(p, stream);
       return launch_head_dim<T, T>(p, stream);
     }
   });

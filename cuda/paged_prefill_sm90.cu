@@ -1,14 +1,19 @@
-// Hopper (sm_90a) paged prefill for f16/bf16 caches: FlashAttention-3's layout on wgmma, with the
+// Hopper (sm_90a) paged prefill for f16/bf16 queries: FlashAttention-3's layout on wgmma, with the
 // K/V pages gathered by cp.async. Same contract and results as paged_prefill.cu's mma.sync kernel,
-// which keeps every configuration this one does not take (paged_prefill_sm90_supports).
+// which keeps every configuration this one does not take (paged_prefill_sm90_supports): causal or
+// not, sliding windows, soft caps, head dims 64, 128 and 256, FP8 caches (at 64 and 128) are taken
+// here; custom masks are not.
 //
 // A block works on 128 consecutive queries of one sequence and one query head at a time, with three
 // warpgroups:
 //  - warpgroup 0 (the producer, registers lowered with setmaxnreg) gathers K/V tiles of 128 keys
-//    from the paged cache into a ring of shared-memory stages with 16-byte cp.async copies, each
+//    (64 at head dim 256, whose tiles are twice as wide) from the paged cache into a ring of shared-memory stages with 16-byte cp.async copies, each
 //    row to its 128-byte-swizzled place (wgmma.cuh). The stage's `full` mbarrier completes when the
 //    copies have landed (cp.async.mbarrier.arrive, so several tiles are in flight); the stage is
-//    reused after its `empty` mbarrier says both consumers are done with it. Any block size works;
+//    reused after its `empty` mbarrier says both consumers are done with it. An FP8 cache's tiles
+//    land first in a ring of two byte tiles, each thread's own copies, which the thread widens to
+//    f16/bf16 into the stage (exact: every FP8 value is one) before arriving on `full`; k_scale joins
+//    the score scale and v_scale the output's normalization. Any block size works;
 //    with power-of-two pages the lanes look up one page each and hand the ids over by shuffles, and
 //    a thread's consecutive rows (16 at D=128) share one lookup when a page holds them. Its instructions
 //    share the SM's issue slots with the softmax's, so they are kept few.
@@ -37,6 +42,7 @@
 
 #include "common.cuh"
 #include "device_query.h"
+#include "fp8.cuh"
 #include "mma.cuh"
 #include "paged_prefill_sm90.h"
 #include "prefill_schedule.cuh"
@@ -51,22 +57,55 @@
 namespace pagedlm::cuda {
 namespace {
 
-template <int D>
+// The cache's element: the queries' 16-bit type, or FP8 bytes of format F that the producer widens.
+template <typename T>
+struct Plain {
+  using Stored = T;
+  static constexpr bool kFp8 = false;
+};
+template <__nv_fp8_interpretation_t F>
+struct Fp8Bytes {
+  using Stored = uint8_t;
+  static constexpr bool kFp8 = true;
+  // Sixteen stored values (lo: the first eight) as sixteen T values, in two 16-byte chunks.
+  template <typename T>
+  __device__ __forceinline__ static void widen(uint4 bytes, uint4& first, uint4& second) {
+    first = widen_fp8x8<T, F>(make_uint2(bytes.x, bytes.y));
+    second = widen_fp8x8<T, F>(make_uint2(bytes.z, bytes.w));
+  }
+};
+
+__device__ __forceinline__ uint4 ld_shared_16(uint32_t address) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(address) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ void st_shared_16(uint32_t address, uint4 v) {
+  asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(address), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
+               : "memory");
+}
+
+template <int D, bool kFp8 = false>
 struct Sm90Shape {
   static constexpr int kConsumers = 2;                     // warpgroups of 64 query rows
   static constexpr int kQueryTile = 64 * kConsumers;       // queries per block
-  static constexpr int kKvTile = 128;                      // keys per K/V tile
+  static constexpr int kKvTile = D == 256 ? 64 : 128;      // keys per K/V tile
   static constexpr int kThreads = 128 * (1 + kConsumers);  // warpgroup 0 loads, the others compute
   static constexpr int kChunks = D / 8;                    // 16-byte chunks per row
-  static constexpr int kStages = D <= 64 ? 4 : 3;
+  static constexpr int kStages = D <= 64 ? 4 : D == 256 || kFp8 ? 2 : 3;
   static constexpr int kQBytes = kQueryTile * D * 2;
   static constexpr int kTileBytes = kKvTile * D * 2;       // K (or V) of one tile
   static constexpr int kStageBytes = 2 * kTileBytes;
+  static constexpr int kByteStageBytes = kFp8 ? kStageBytes / 2 : 0;  // FP8: K and V of a tile as stored
   // 1024 bytes of slack to align the tiles for the swizzle, 256 for the mbarriers and the item slots.
-  static constexpr int kSmemBytes = 1024 + kQBytes + kStages * kStageBytes + 256;
+  static constexpr int kSmemBytes = 1024 + kQBytes + kStages * kStageBytes + 2 * kByteStageBytes + 256;
   static_assert(kSmemBytes <= 227 * 1024, "over the shared-memory limit of a block");
-  // setmaxnreg budgets: 56 * 128 + 224 * 256 registers fit the SM's 64K.
-  static constexpr int kProducerRegisters = 56, kConsumerRegisters = 224;
+  // setmaxnreg budgets: 56 * 128 + 224 * 256 (or 40 * 128 + 232 * 256) registers are the 168 * 384 the
+  // launch holds; at head dim 256 a consumer thread holds 128 accumulators of O and takes registers
+  // from the producer.
+  static constexpr int kProducerRegisters = D == 256 ? 40 : 56, kConsumerRegisters = D == 256 ? 232 : 224;
 };
 
 // base + a * b by one 32 x 32 -> 64-bit multiply-add (C++ widening leaves an add of a zero high word).
@@ -89,7 +128,8 @@ struct ItemGeometry {
   bool bad_len;     // the sequence's length or rows are out of range: its rows turn into NaN
   int q0, pos0;     // the tile's first query within the sequence, and that query's position
   int kv_end;       // keys seen by the tile: all of the sequence's, or under a causal mask up to its last query
-  int kv_tiles;
+  int tile_lo;      // the first key tile (of kKvTile keys from key 0) the tile sees: under a window, its first query's
+  int kv_tiles;     // key tiles tile_lo .. tile_lo + kv_tiles - 1
 };
 
 template <int kQueryTile, int kKvTile>
@@ -104,7 +144,10 @@ __device__ __forceinline__ ItemGeometry item_geometry(const PagedPrefillParams& 
   g.pos0 = g.len - g.q_len + g.q0;
   const int last_pos = g.pos0 + min(kQueryTile, g.q_len - g.q0) - 1;
   g.kv_end = g.bad_len ? 0 : (p.causal ? last_pos + 1 : g.len);
-  g.kv_tiles = (g.kv_end + kKvTile - 1) / kKvTile;
+  // Tiles stay aligned to key 0 (the causal diagonal's masking counts on it); a window drops the
+  // tiles wholly before the first query's first key.
+  g.tile_lo = g.bad_len || p.sliding_window <= 0 ? 0 : max(0, g.pos0 - p.sliding_window + 1) / kKvTile;
+  g.kv_tiles = max((g.kv_end + kKvTile - 1) / kKvTile - g.tile_lo, 0);
   return g;
 }
 
@@ -167,19 +210,23 @@ struct ItemSlot {
 
 // kLanePages: block_size is a power of two >= 4, so a K/V tile spans at most 32 pages, which the
 // producer's lanes look up one each.
-template <typename T, int D, bool kLanePages>
+template <typename T, typename Cache, int D, bool kLanePages>
 __global__ void __launch_bounds__(Sm90Shape<D>::kThreads, 1) paged_prefill_sm90_kernel(const PagedPrefillParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using namespace sm90;
-  using Shape = Sm90Shape<D>;
+  using Stored = typename Cache::Stored;
+  constexpr bool kFp8 = Cache::kFp8;
+  using Shape = Sm90Shape<D, kFp8>;
   constexpr int kQueryTile = Shape::kQueryTile, kKvTile = Shape::kKvTile, kStages = Shape::kStages;
   constexpr int kChunks = Shape::kChunks, kTileBytes = Shape::kTileBytes, kStageBytes = Shape::kStageBytes;
+  constexpr int kByteStageBytes = Shape::kByteStageBytes;
   extern __shared__ uint8_t smem_raw[];
   // The swizzle acts on address bits: tiles start on 1024-byte boundaries.
   const uint32_t smem_raw_address = shared_address(smem_raw);
   const uint32_t q_smem = (smem_raw_address + 1023) & ~1023u;
   const uint32_t kv_smem = q_smem + Shape::kQBytes;  // stage s: K at kv_smem + s * kStageBytes, V after it
-  const uint32_t barriers = kv_smem + kStages * kStageBytes;
+  const uint32_t byte_smem = kv_smem + kStages * kStageBytes;  // FP8: byte tile b at byte_smem + b * kByteStageBytes
+  const uint32_t barriers = byte_smem + 2 * kByteStageBytes;
   // The K/V ring counts tiles over all of a block's items: tile number i lives in stage i % kStages
   // and is that stage's (i / kStages)-th use, whose parity the barriers' waits take.
   auto full = [&](uint32_t i) { return barriers + 8 * (i % kStages); };
@@ -206,20 +253,45 @@ __global__ void __launch_bounds__(Sm90Shape<D>::kThreads, 1) paged_prefill_sm90_
   __syncthreads();
 
   if (tid < 128) {
-    // ---- Producer: K/V tiles into the stage ring. Thread tid copies chunk tid % kChunks of the
-    // kRowsPerThread consecutive rows from row_first: a warp reads whole rows, coalesced.
+    // ---- Producer: K/V tiles into the stage ring. Thread tid copies 16-byte chunk tid % kCopies of
+    // the kRowsPerThread consecutive rows from row_first: a warp reads whole rows, coalesced.
     registers_down<Shape::kProducerRegisters>();
-    constexpr int kRowsPerThread = kKvTile * kChunks / 128;
-    static_assert(kRowsPerThread % 8 == 0, "a thread's first row must start a swizzle atom");
-    const int chunk = tid % kChunks, row_first = tid / kChunks * kRowsPerThread, lane = tid % 32;
+    constexpr int kCopies = D * sizeof(Stored) / 16;  // 16-byte copies per cache row
+    constexpr int kRowsPerThread = kKvTile * kCopies / 128;
+    static_assert(kFp8 || kRowsPerThread % 8 == 0, "a thread's first row must start a swizzle atom");
+    constexpr int kCopyTileBytes = kKvTile * D * sizeof(Stored);  // K (or V) of a tile as copied
+    const int chunk = tid % kCopies, row_first = tid / kCopies * kRowsPerThread, lane = tid % 32;
     const int block_size = p.block_size, block_shift = __ffs(block_size) - 1;
     const int pages_per_tile = max(kKvTile >> block_shift, 1);  // kLanePages: pages start a tile or hold it
-    const uint32_t row_bytes = p.num_kv_heads * D * sizeof(T);  // between consecutive cache rows
-    // Row row_first + k of a stage goes to my_offset + dst_offset(k): row_first starts a swizzle atom,
-    // so the chunk's place in the row depends on k alone.
+    const uint32_t row_bytes = p.num_kv_heads * D * sizeof(Stored);  // between consecutive cache rows
+    // Row row_first + k goes to my_offset + dst_offset(k). In a stage row_first starts a swizzle atom,
+    // so the chunk's place in the row depends on k alone; a byte tile is row-major.
     const uint32_t chunk_in_atom = chunk % 8;
-    const uint32_t my_offset = swizzled_offset(kKvTile, row_first, chunk) - chunk_in_atom * 16;
-    auto dst_offset = [&](int k) { return k * 128 + ((chunk_in_atom ^ (k % 8)) * 16); };
+    const uint32_t my_offset = kFp8 ? row_first * D + chunk * 16
+                                    : swizzled_offset(kKvTile, row_first, chunk) - chunk_in_atom * 16;
+    auto dst_offset = [&](int k) { return kFp8 ? k * D : k * 128 + ((chunk_in_atom ^ (k % 8)) * 16); };
+    // FP8: widens this thread's copies of ring position r (byte tile r % 2, landed) into the stage:
+    // chunk c of a byte row is chunks 2c and 2c + 1 of the 16-bit row.
+    auto widen = [&](uint32_t r) {
+      if constexpr (kFp8) {  // (a 16-bit cache never calls it)
+        if (r >= kStages) mbarrier_wait(empty(r), (r / kStages - 1) & 1);
+        const uint32_t src = byte_smem + (r % 2) * kByteStageBytes + my_offset;
+        const uint32_t dst = kv_smem + (r % kStages) * kStageBytes;
+#pragma unroll
+        for (int k = 0; k < kRowsPerThread; ++k) {
+#pragma unroll
+          for (int v = 0; v < 2; ++v) {  // K, then V
+            uint4 first, second;
+            Cache::template widen<T>(ld_shared_16(src + v * kCopyTileBytes + k * D), first, second);
+            const uint32_t tile = dst + v * kTileBytes;
+            st_shared_16(tile + swizzled_offset(kKvTile, row_first + k, 2 * chunk), first);
+            st_shared_16(tile + swizzled_offset(kKvTile, row_first + k, 2 * chunk + 1), second);
+          }
+        }
+        fence_proxy_async();  // the generic-proxy stores, before the consumers' wgmma reads them
+        mbarrier_arrive(full(r));
+      }
+    };
     WorkQueue<kQueryTile> queue(p);  // used by thread 0
     uint32_t ring = 0;
     for (int n = 0;; ++n) {
@@ -235,7 +307,7 @@ __global__ void __launch_bounds__(Sm90Shape<D>::kThreads, 1) paged_prefill_sm90_
       const int kv_head = item.head / (p.num_heads / p.num_kv_heads);
       const int32_t* table = p.block_tables + static_cast<int64_t>(item.seq) * p.max_blocks_per_seq;
       const char* key_base =
-          reinterpret_cast<const char*>(static_cast<const T*>(p.key_cache) + kv_head * D + chunk * 8);
+          reinterpret_cast<const char*>(static_cast<const Stored*>(p.key_cache) + kv_head * D) + chunk * 16;
       const int64_t value_offset = static_cast<const char*>(p.value_cache) - static_cast<const char*>(p.key_cache);
       // The block ids of a tile's tokens are looked up one tile ahead, so the table's latency hides
       // behind a tile; a token past the end or behind a bad block id is zero-filled (P V multiplies it
@@ -271,14 +343,19 @@ __global__ void __launch_bounds__(Sm90Shape<D>::kThreads, 1) paged_prefill_sm90_
       // The K and V copies of the thread's row k, from the key cache's key_row (or zeros).
       auto copy_row = [&](uint32_t k_dst, int k, const char* key_row, bool copy) {
         cp_async_16_or_zero(k_dst + dst_offset(k), key_row, copy);
-        cp_async_16_or_zero(k_dst + kTileBytes + dst_offset(k), key_row + value_offset, copy);
+        cp_async_16_or_zero(k_dst + kCopyTileBytes + dst_offset(k), key_row + value_offset, copy);
       };
-      // The item's key tiles go last to first (ring position i holds key tile kv_tiles - 1 - i).
-      if (g.kv_tiles > 0) fetch((g.kv_tiles - 1) * kKvTile);
+      // The item's key tiles go last to first (ring position i holds key tile tile_lo + kv_tiles - 1 - i).
+      if (g.kv_tiles > 0) fetch((g.tile_lo + g.kv_tiles - 1) * kKvTile);
       for (int kt = 0; kt < g.kv_tiles; ++kt, ++ring) {
-        if (ring >= kStages) mbarrier_wait(empty(ring), (ring / kStages - 1) & 1);
-        const uint32_t k_dst = kv_smem + (ring % kStages) * kStageBytes + my_offset;
-        const int first = (g.kv_tiles - 1 - kt) * kKvTile;
+        uint32_t k_dst;
+        if constexpr (kFp8) {
+          k_dst = byte_smem + (ring % 2) * kByteStageBytes + my_offset;  // widened by widen(ring) a tile later
+        } else {
+          if (ring >= kStages) mbarrier_wait(empty(ring), (ring / kStages - 1) & 1);
+          k_dst = kv_smem + (ring % kStages) * kStageBytes + my_offset;
+        }
+        const int first = (g.tile_lo + g.kv_tiles - 1 - kt) * kKvTile;
         const int rows_left = g.kv_end - first - row_first;  // this thread's rows before the sequence's end
         if constexpr (kLanePages) {
           const int u0 = (first & (block_size - 1)) + row_first;  // from the start of the tile's first page
@@ -304,10 +381,26 @@ __global__ void __launch_bounds__(Sm90Shape<D>::kThreads, 1) paged_prefill_sm90_
             copy_row(k_dst, k, offset_by(key_base, max(rows[k], 0), row_bytes), rows[k] >= 0);
           }
         }
-        // The stage's `full` barrier completes once every producer thread's copies so far have landed;
-        // meanwhile the next tiles are issued, up to kStages in flight.
-        cp_async_arrive_on(full(ring));
-        if (kt + 1 < g.kv_tiles) fetch(first - kKvTile);
+        if constexpr (kFp8) {
+          // This tile's copies in flight while the last one's are widened.
+          cp_async_commit();
+          if (kt + 1 < g.kv_tiles) fetch(first - kKvTile);
+          if (kt > 0) {
+            cp_async_wait<1>();
+            widen(ring - 1);
+          }
+        } else {
+          // The stage's `full` barrier completes once every producer thread's copies so far have landed;
+          // meanwhile the next tiles are issued, up to kStages in flight.
+          cp_async_arrive_on(full(ring));
+          if (kt + 1 < g.kv_tiles) fetch(first - kKvTile);
+        }
+      }
+      if constexpr (kFp8) {
+        if (g.kv_tiles > 0) {
+          cp_async_wait<0>();
+          widen(ring - 1);
+        }
       }
       if (bad) slots[n & 1].bad = 1;
       mbarrier_arrive(item_done(n));
@@ -319,7 +412,9 @@ __global__ void __launch_bounds__(Sm90Shape<D>::kThreads, 1) paged_prefill_sm90_
     const int wg = warp_uniform(tid / 128 - 1), ctid = tid % 128, warp = ctid / 32, lane = tid % 32;
     const int wg_row0 = wg * 64;  // within the block's query tile
     const uint64_t q_desc = smem_desc(q_smem + wg_row0 * 128, 16, 1024);
-    const float score_mult = p.scale * kLog2e;  // the scale is positive (supports())
+    const bool soft_cap = p.soft_cap > 0.0f;
+    const float cap_in = soft_cap ? 2.0f / p.soft_cap : 0.0f, cap_out = p.soft_cap * kLog2e;
+    const int window = p.sliding_window;
 
     auto wait_item = [&](int n) {
       mbarrier_wait(item_full(n), (n >> 1) & 1);
@@ -355,16 +450,28 @@ __global__ void __launch_bounds__(Sm90Shape<D>::kThreads, 1) paged_prefill_sm90_
       const bool wg_has_rows = g.q0 + wg_row0 < g.q_len;
       const int wg_last_pos = g.pos0 + wg_row0 + min(64, g.q_len - g.q0 - wg_row0) - 1;
       const int warp_first_pos = g.pos0 + wg_row0 + warp * 16;
-      const int kv_end = g.kv_end, kv_tiles = warp_uniform(g.kv_tiles);
+      const int kv_end = g.kv_end, kv_tiles = warp_uniform(g.kv_tiles), tile_hi = g.tile_lo + kv_tiles;
+      // Scores live in the log2 domain. With a positive scale and no soft cap the max of the raw dot
+      // products times scale * log2 e is the scaled max, and the scale folds into the exp2's FFMA;
+      // otherwise (a soft cap, or an FP8 cache's k_scale not positive) each score is scaled (and
+      // capped: cap * tanh(score / cap)) on its own first.
+      const int kv_head = item.head / (p.num_heads / p.num_kv_heads);
+      const float scale = kFp8 ? p.scale * scale_at(p.k_scale, kv_head) : p.scale;
+      const float out_scale = kFp8 ? scale_at(p.v_scale, kv_head) : 1.0f;
+      const bool per_score = soft_cap || !(scale > 0.0f);
+      const float score_mult = per_score ? 1.0f : scale * kLog2e;
       float o[D / 2];
 #pragma unroll
       for (int i = 0; i < D / 2; ++i) o[i] = 0.0f;
       float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};  // sums are lane-partial
       int kind[2] = {kScoreFinite, kScoreFinite};  // non-finite scores seen, lane-partial (common.cuh)
 
-      // Tiles this warpgroup computes: under a causal mask, none past its last row's position.
-      const int wg_tiles =
-          warp_uniform(!wg_has_rows ? 0 : p.causal ? min(kv_tiles, wg_last_pos / kKvTile + 1) : kv_tiles);
+      // Tiles this warpgroup computes, [wg_lo, wg_hi): under a causal mask none past its last row's position,
+      // under a window none wholly before its first row's window.
+      const int wg_hi = warp_uniform(p.causal ? min(tile_hi, wg_last_pos / kKvTile + 1) : tile_hi);
+      const int wg_lo =
+          warp_uniform(window > 0 ? max(g.tile_lo, max(0, g.pos0 + wg_row0 - window + 1) / kKvTile) : g.tile_lo);
+      const int wg_tiles = warp_uniform(wg_has_rows ? wg_hi - wg_lo : 0);
       auto wait_tile = [&](int kt) {
         mbarrier_wait(full(ring + kt), ((ring + kt) / kStages) & 1);
         fence_proxy_async();  // the copies' generic-proxy writes, now visible here, before wgmma reads them
@@ -375,7 +482,8 @@ __global__ void __launch_bounds__(Sm90Shape<D>::kThreads, 1) paged_prefill_sm90_
       // The next item's query rows are loaded under this item's last tile, once S = Q K^T of that tile
       // is done with the rows. That tile is the last the producer issues for the item (tiles go last
       // to first, and the ones past this warpgroup's rows were released up front), so the producer
-      // can hand over the next item meanwhile. With no rows here the load waits for the end.
+      // can hand over the next item meanwhile. With no rows here, or tiles before this warpgroup's
+      // window still to come (the producer needs their stages freed first), the load waits for the end.
       WorkItem next{-1, 0, 0};
       ItemGeometry next_g{};
       bool next_loaded = false;
@@ -388,17 +496,22 @@ __global__ void __launch_bounds__(Sm90Shape<D>::kThreads, 1) paged_prefill_sm90_
         }
         next_loaded = true;
       };
-      const bool load_next_early = wg_tiles > 0;
-      // Key tiles come last to first: the first kv_tiles - wg_tiles ring positions hold the tiles past
-      // this warpgroup's rows, waited for and released now (a release never counts towards a later
-      // use of the stage); computation m then takes ring position pos(m), key tile key(m).
-      const int skip = kv_tiles - wg_tiles;
-      for (int kt = 0; kt < skip; ++kt) {
-        mbarrier_wait(full(ring + kt), ((ring + kt) / kStages) & 1);
-        release_tile(kt);
-      }
+      // Key tiles come last to first: the first `skip` ring positions hold the tiles past this
+      // warpgroup's rows, waited for and released now (a release never counts towards a later use of
+      // the stage); computation m then takes ring position pos(m), key tile key(m); the tiles before
+      // its window come last, released after the computation.
+      const int skip = wg_tiles > 0 ? tile_hi - wg_hi : kv_tiles;
+      const int behind = kv_tiles - skip - wg_tiles;
+      const bool load_next_early = wg_tiles > 0 && behind == 0;
+      auto pass_tiles = [&](int from, int to) {
+        for (int kt = from; kt < to; ++kt) {
+          mbarrier_wait(full(ring + kt), ((ring + kt) / kStages) & 1);
+          release_tile(kt);
+        }
+      };
+      pass_tiles(0, skip);
       auto pos = [&](int m) { return skip + m; };
-      auto key = [&](int m) { return wg_tiles - 1 - m; };
+      auto key = [&](int m) { return wg_hi - 1 - m; };
 
       float sc[kKvTile / 2];    // S of the newest tile
       uint32_t pf[kKvTile / 16][4];  // P of the tile before it, wgmma's register A operand
@@ -423,15 +536,25 @@ __global__ void __launch_bounds__(Sm90Shape<D>::kThreads, 1) paged_prefill_sm90_
         }
         wgmma_commit();
       };
-      // Online softmax of S (tile kt) in place: masks, new row maxima, rescale factors for O, exp2.
+      // Online softmax of S (tile kt) in place: soft cap, masks, new row maxima, rescale factors for O, exp2.
       auto softmax = [&](int kt) {
         const int t0 = kt * kKvTile;
-        // Only tiles past the sequence's end or on the causal diagonal hide any (row, key) pair.
-        if (t0 + kKvTile > kv_end || (p.causal && t0 + kKvTile - 1 > warp_first_pos)) {
+        if (per_score) {
+          // tanh(x) = 1 - 2 / (e^2x + 1): within a few units of 1e-7 of tanh, +-1 at +-inf, NaN kept.
+#pragma unroll
+          for (int i = 0; i < kKvTile / 2; ++i) {
+            const float v = sc[i] * scale * kLog2e;
+            sc[i] = soft_cap ? cap_out * (1.0f - __fdividef(2.0f, exp2_ftz(v * cap_in) + 1.0f)) : v;
+          }
+        }
+        // Only tiles past the sequence's end, on the causal diagonal or at the window's edge hide any
+        // (row, key) pair (a warp's rows lie at positions warp_first_pos .. warp_first_pos + 15).
+        if (t0 + kKvTile > kv_end || (p.causal && t0 + kKvTile - 1 > warp_first_pos) ||
+            (window > 0 && t0 < warp_first_pos + 15 - window + 1)) {
 #pragma unroll
           for (int i = 0; i < kKvTile / 2; ++i) {
             const int t = t0 + (i / 4) * 8 + col + (i & 1), pos = pos_lo + ((i & 2) ? 8 : 0);
-            if (t >= kv_end || (p.causal && t > pos)) sc[i] = -INFINITY;
+            if (t >= kv_end || (p.causal && t > pos) || (window > 0 && t <= pos - window)) sc[i] = -INFINITY;
           }
         }
         float tile_max[2] = {-INFINITY, -INFINITY};
@@ -504,6 +627,7 @@ __global__ void __launch_bounds__(Sm90Shape<D>::kThreads, 1) paged_prefill_sm90_
         fence_registers(o);
         release_tile(pos(wg_tiles - 1));
       }
+      pass_tiles(skip + wg_tiles, skip + wg_tiles + behind);
       if (!next_loaded) load_next();
 
 #pragma unroll
@@ -522,7 +646,7 @@ __global__ void __launch_bounds__(Sm90Shape<D>::kThreads, 1) paged_prefill_sm90_
         const int q = g.q0 + row_lo + 8 * r;
         if (!rows_known || q >= g.q_len) continue;
         const int64_t out_row = static_cast<int64_t>(g.q_begin + q) * p.num_heads + item.head;
-        const float inv = row_sum[r] > 0.0f ? 1.0f / row_sum[r] : 0.0f;  // a row that sees nothing yields zeros
+        const float inv = row_sum[r] > 0.0f ? out_scale / row_sum[r] : 0.0f;  // a row that sees nothing yields zeros
         T* out = static_cast<T*>(p.out) + out_row * D + col;
 #pragma unroll
         for (int j = 0; j < D / 8; ++j) {
@@ -544,11 +668,12 @@ __global__ void __launch_bounds__(Sm90Shape<D>::kThreads, 1) paged_prefill_sm90_
 #endif
 }
 
-template <typename T, int D>
+template <typename T, typename Cache, int D>
 int launch(const PagedPrefillParams& p, cudaStream_t stream) {
-  using Shape = Sm90Shape<D>;
+  using Shape = Sm90Shape<D, Cache::kFp8>;
   const bool lane_pages = (p.block_size & (p.block_size - 1)) == 0 && p.block_size >= 4;
-  auto kernel = lane_pages ? paged_prefill_sm90_kernel<T, D, true> : paged_prefill_sm90_kernel<T, D, false>;
+  auto kernel =
+      lane_pages ? paged_prefill_sm90_kernel<T, Cache, D, true> : paged_prefill_sm90_kernel<T, Cache, D, false>;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Shape::kSmemBytes);
   // Sequence i needs ceil(q_len_i / 128) blocks: at most total_q / 128 + batch in all.
   const int64_t tiles = static_cast<int64_t>(p.total_q) / Shape::kQueryTile + p.batch;
@@ -592,9 +717,10 @@ bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15)
 }  // namespace
 
 bool paged_prefill_sm90_supports(const PagedPrefillParams& p) {
-  return built_for_sm90a() && (p.dtype == DType::f16 || p.dtype == DType::bf16) && p.kv_dtype == p.dtype &&
-         (p.head_dim == 64 || p.head_dim == 128) && p.mask == nullptr && p.sliding_window <= 0 &&
-         p.soft_cap <= 0.0f && p.scale > 0.0f && p.num_kv_heads > 0 && p.num_heads % p.num_kv_heads == 0 &&
+  return built_for_sm90a() && (p.dtype == DType::f16 || p.dtype == DType::bf16) &&
+         (p.kv_dtype == p.dtype || is_fp8(p.kv_dtype)) &&
+         (p.head_dim == 64 || p.head_dim == 128 || (p.head_dim == 256 && !is_fp8(p.kv_dtype))) && p.mask == nullptr &&
+         p.scale > 0.0f && p.num_kv_heads > 0 && p.num_heads % p.num_kv_heads == 0 &&
          aligned16(p.query) && aligned16(p.key_cache) && aligned16(p.value_cache) && aligned16(p.out) &&
          static_cast<int64_t>(p.num_blocks) * p.block_size <= INT32_MAX &&  // cache rows fit an int
          current_device_is_sm90();
@@ -606,7 +732,16 @@ int paged_prefill_sm90(const PagedPrefillParams& p, cudaStream_t stream) {
     if constexpr (std::is_same<T, float>::value) {
       return static_cast<int>(cudaErrorInvalidValue);
     } else {
-      return p.head_dim == 64 ? launch<T, 64>(p, stream) : launch<T, 128>(p, stream);
+      auto by_head_dim = [&](auto cache) {
+        using Cache = decltype(cache);
+        if (p.head_dim == 64) return launch<T, Cache, 64>(p, stream);
+        if (p.head_dim == 128) return launch<T, Cache, 128>(p, stream);
+        if constexpr (!Cache::kFp8) return launch<T, Cache, 256>(p, stream);  // FP8 at 256 overflows shared memory
+        return static_cast<int>(cudaErrorInvalidValue);
+      };
+      if (p.kv_dtype == DType::e4m3) return by_head_dim(Fp8Bytes<__NV_E4M3>{});
+      if (p.kv_dtype == DType::e5m2) return by_head_dim(Fp8Bytes<__NV_E5M2>{});
+      return by_head_dim(Plain<T>{});
     }
   });
 }

@@ -60,7 +60,7 @@ __device__ void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t b, 
 
 // The specializations, each written once for both 16-bit types (PTX: the type's name in the
 // instruction). The accumulators' register lists are long and regular: the operand list and its
-// "%i" placeholders are written once per size (32 for N = 64, 64 for N = 128).
+// "%i" placeholders are written once per size (32 for N = 64, 64 for N = 128, 128 for N = 256).
 
 #define PAGEDLM_WGMMA_REGS32                                                                                     \
   "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                                      \
@@ -69,6 +69,12 @@ __device__ void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t b, 
   PAGEDLM_WGMMA_REGS32 ", "                                                                                      \
   "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "                            \
   "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+#define PAGEDLM_WGMMA_REGS128                                                                                    \
+  PAGEDLM_WGMMA_REGS64 ", "                                                                                      \
+  "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "                            \
+  "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "                            \
+  "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "                 \
+  "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
 #define PAGEDLM_WGMMA_OUT32(d)                                                                                   \
   "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),                \
   "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),          \
@@ -80,6 +86,17 @@ __device__ void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t b, 
   "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),        \
   "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),        \
   "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+
+#define PAGEDLM_WGMMA_OUT128(d)                                                                                  \
+  PAGEDLM_WGMMA_OUT64(d),                                                                                        \
+  "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),        \
+  "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),        \
+  "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),        \
+  "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),        \
+  "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),    \
+  "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),\
+  "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),\
+  "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
 
 #define PAGEDLM_WGMMA_SS_64(T, PTX)                                                                              \
 template <>                                                                                                      \
@@ -127,6 +144,19 @@ __device__ __forceinline__ void wgmma_rs<T, 128>(float (&d)[64], const uint32_t 
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate));                                    \
 }
 
+// O += P V at head dim 256 (the P operand in registers; S = Q K^T there uses N = 64, the key tile).
+#define PAGEDLM_WGMMA_RS_256(T, PTX)                                                                             \
+template <>                                                                                                      \
+__device__ __forceinline__ void wgmma_rs<T, 256>(float (&d)[128], const uint32_t (&a)[4], uint64_t b,            \
+                                                int accumulate) {                                                \
+  asm volatile(                                                                                                  \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %133, 0;\n"                                                              \
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32." PTX "." PTX " {" PAGEDLM_WGMMA_REGS128                     \
+      "}, {%128, %129, %130, %131}, %132, p, 1, 1, 1;\n}\n"                                                       \
+      : PAGEDLM_WGMMA_OUT128(d)                                                                                  \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate));                                    \
+}
+
 PAGEDLM_WGMMA_SS_64(__nv_bfloat16, "bf16")
 PAGEDLM_WGMMA_SS_64(__half, "f16")
 PAGEDLM_WGMMA_RS_64(__nv_bfloat16, "bf16")
@@ -135,10 +165,15 @@ PAGEDLM_WGMMA_SS_128(__nv_bfloat16, "bf16")
 PAGEDLM_WGMMA_SS_128(__half, "f16")
 PAGEDLM_WGMMA_RS_128(__nv_bfloat16, "bf16")
 PAGEDLM_WGMMA_RS_128(__half, "f16")
+PAGEDLM_WGMMA_RS_256(__nv_bfloat16, "bf16")
+PAGEDLM_WGMMA_RS_256(__half, "f16")
 #undef PAGEDLM_WGMMA_SS_64
 #undef PAGEDLM_WGMMA_RS_64
 #undef PAGEDLM_WGMMA_SS_128
 #undef PAGEDLM_WGMMA_RS_128
+#undef PAGEDLM_WGMMA_RS_256
+#undef PAGEDLM_WGMMA_REGS128
+#undef PAGEDLM_WGMMA_OUT128
 #undef PAGEDLM_WGMMA_REGS32
 #undef PAGEDLM_WGMMA_REGS64
 #undef PAGEDLM_WGMMA_OUT32

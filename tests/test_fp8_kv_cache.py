@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+import pagedlm._C
 import pagedlm.ops as ops
 from attention_reference import TOLERANCE, decode_reference, flat_masks, pack_masks, paged_inputs, prefill_reference
 
@@ -388,6 +389,41 @@ def test_cuda_decode_long_sequences_split_across_blocks(cache_dtype, query_dtype
 def test_cuda_prefill_matches_reference(cache_dtype, query_dtype, mode):
     for head_dim in (64, 128, 256):
         check_prefill("cuda", cache_dtype, query_dtype, mode, head_dim=head_dim, heads=(8, 2), block_size=16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["causal", "full", "window", "soft-cap", "negative-k-scale"])
+@pytest.mark.parametrize("cache_dtype", FP8, ids=fp8_id)
+def test_cuda_prefill_across_key_tiles_on_both_kernels(cache_dtype, mode, monkeypatch):
+    # Sequences of several 128-key tiles and 128-query blocks. On Hopper the wgmma kernel's producer
+    # copies byte tiles and widens its own copies into the stage ring, through one ring item after
+    # item (persistent grid) and one block per tile; the mma.sync kernel widens in shared memory. A
+    # negative k_scale cannot fold into the softmax's exponent: each score is scaled first. A bad
+    # block id turns only its sequence's rows into NaN.
+    hopper = torch.cuda.get_device_capability() == (9, 0) and "90a" in pagedlm._C.cuda_architectures
+    seq_lens, q_lens = [700, 300, 129, 1, 520], [700, 100, 129, 1, 200]
+    query, k8, v8, tables, cu, lens, k_scale, v_scale, kd, vd = prefill_case(
+        seq_lens, q_lens, heads=(8, 2), head_dim=128, block_size=16, query_dtype=torch.bfloat16,
+        cache_dtype=cache_dtype, seed=hash((mode, str(cache_dtype))) % 1000)
+    kwargs = {"full": dict(causal=False), "window": dict(sliding_window=300), "soft-cap": dict(soft_cap=2.5)}.get(mode, {})
+    if mode == "negative-k-scale":
+        k_scale = -k_scale
+        kd = -kd
+    expected, expected_lse = prefill_reference(query, kd, vd, tables, cu, lens, **kwargs)
+    args = [t.cuda() for t in (query, k8, v8, tables, cu, lens)]
+    scales = dict(k_scale=k_scale.cuda(), v_scale=v_scale.cuda())
+    for backend, min_work in [("mma", 0)] + ([("sm90", 0), ("sm90", 1 << 62)] if hopper else []):
+        monkeypatch.setattr(ops, "PERSISTENT_PREFILL_MIN_WORK", min_work)
+        out = torch.full_like(args[0], math.nan)
+        _, lse = ops.paged_prefill_attention(*args, out=out, return_lse=True, backend=backend, **scales, **kwargs)
+        torch.testing.assert_close(out.cpu().double(), expected, atol=TOLERANCE[torch.bfloat16], rtol=0)
+        torch.testing.assert_close(lse.cpu().double(), expected_lse, atol=1e-3, rtol=1e-4)
+    bad_tables = args[3].clone()
+    bad_tables[1, 2] = 1 << 24
+    out = ops.paged_prefill_attention(*args[:3], bad_tables, *args[4:], **scales, **kwargs)
+    rows = slice(q_lens[0], q_lens[0] + q_lens[1])
+    assert out[rows].isnan().all()
+    assert out[:rows.start].isfinite().all() and out[rows.stop:].isfinite().all()
 
 
 @pytest.mark.gpu

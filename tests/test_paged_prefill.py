@@ -217,16 +217,42 @@ def test_cuda_backends_agree_with_the_reference(dtype, causal):
     # Both tensor-core kernels where the device has them: "mma" everywhere, "sm90" on Hopper.
     batch = make_batch([700, 300, 129], [700, 100, 1], heads=(8, 2), head_dim=128, block_size=16, dtype=dtype,
                        seed=41)
-    hopper = torch.cuda.get_device_capability() == (9, 0) and "90a" in pagedlm._C.cuda_architectures
+    hopper = wgmma_backend() == "sm90"
     for backend in ["auto", "mma"] + (["sm90"] if hopper else []):
         cuda_check(batch, dtype, causal=causal, backend=backend)
-    if hopper:  # the wgmma kernel has no sliding window: asking for it there is an error, not a fallback
-        args = [t.cuda() for t in batch]
+    if hopper:  # the wgmma kernel takes no custom mask: asking for it there is an error, not a fallback
+        mask, indptr = flat_masks([torch.ones(q, n, dtype=torch.bool) for n, q in zip([700, 300, 129], [700, 100, 1])])
         with pytest.raises(ValueError, match="backend"):
-            ops.paged_prefill_attention(*args, sliding_window=64, backend="sm90")
+            ops.paged_prefill_attention(*[t.cuda() for t in batch], custom_mask=mask.cuda(), mask_indptr=indptr.cuda(),
+                                        backend="sm90")
     else:
         with pytest.raises(ValueError, match="backend"):
             ops.paged_prefill_attention(*[t.cuda() for t in batch], backend="sm90")
+
+
+def wgmma_backend():
+    """"sm90" where the device and the build have the wgmma kernel, else "auto"."""
+    hopper = torch.cuda.get_device_capability() == (9, 0) and "90a" in pagedlm._C.cuda_architectures
+    return "sm90" if hopper else "auto"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("soft_cap", [None, 2.0])
+@pytest.mark.parametrize("window", [1, 100, 128, 129, 300])
+@pytest.mark.parametrize("head_dim", [128, 256])
+def test_cuda_windows_and_soft_caps_across_tiles(head_dim, window, soft_cap, causal, monkeypatch):
+    # Windows shorter than, as long as and longer than the Hopper kernel's 128-key tiles, over
+    # sequences of several query tiles: each warpgroup computes only the key tiles its rows' windows
+    # reach and passes over the rest, which its neighbour may need; through the persistent grid (items
+    # one after another through one K/V ring) and one block per tile.
+    seq_lens, q_lens = [700, 300, 129, 1, 520], [700, 100, 129, 1, 200]
+    batch = make_batch(seq_lens, q_lens, heads=(8, 2), head_dim=head_dim, block_size=16, dtype=torch.bfloat16,
+                       seed=hash((head_dim, window, soft_cap, causal, "window")))
+    for min_work in (0, 1 << 62):
+        monkeypatch.setattr(ops, "PERSISTENT_PREFILL_MIN_WORK", min_work)
+        cuda_check(batch, torch.bfloat16, causal=causal, sliding_window=window, soft_cap=soft_cap,
+                   backend=wgmma_backend())
 
 
 @pytest.mark.gpu
@@ -281,10 +307,11 @@ def test_cuda_rejects_odd_head_dims():
 @pytest.mark.gpu
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("heads, block_size", [((8, 8), 16), ((8, 2), 32), ((8, 1), 5), ((4, 1), 1)])
-@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_query_and_key_tile_edges(dtype, head_dim, heads, block_size, causal):
-    # Edges of the Hopper kernel's tiles (64-row warpgroups, 128-query blocks, 128-key tiles): q_len and
+    # Edges of the Hopper kernel's tiles (64-row warpgroups, 128-query blocks, 128-key tiles, 64 at head
+    # dim 256): q_len and
     # seq_len on either side of them, plain prefill and chunks after cached tokens, GQA groups 1/4/8,
     # block sizes that are not powers of two.
     seq_lens, q_lens = [63, 129, 300, 256, 520, 1, 700], [63, 65, 127, 128, 200, 1, 129]
@@ -296,7 +323,7 @@ def test_cuda_query_and_key_tile_edges(dtype, head_dim, heads, block_size, causa
 @pytest.mark.gpu
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("block_size", [4, 8, 64, 256])
-@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
 def test_cuda_page_sizes_with_poisoned_tails(head_dim, block_size, causal):
     # The Hopper kernel's producer takes a thread's rows (8 for D=64, 16 for D=128) from one page when
     # the page holds them, else page by page; pages larger than a 128-key tile hold several tiles. The
@@ -316,7 +343,7 @@ def test_cuda_page_sizes_with_poisoned_tails(head_dim, block_size, causal):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("head_dim, block_size", [(128, 16), (64, 5)])
+@pytest.mark.parametrize("head_dim, block_size", [(128, 16), (64, 5), (256, 16)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_persistent_grid_equals_one_block_per_tile(dtype, head_dim, block_size, causal, monkeypatch):
     # Enough (query tile, head) items for several per SM, so that the persistent grid's blocks run

@@ -441,8 +441,8 @@ void paged_prefill(Tensor query, Tensor key_cache, Tensor value_cache, Tensor bl
     expect_fp8_aligned(key_cache, value_cache, a.kv_dtype);
 #ifdef PAGEDLM_WITH_CUDA
     if (p.backend == PrefillBackend::sm90 && !cuda::paged_prefill_sm90_supports(p)) {
-      fail("backend", "'sm90' needs an sm_90 GPU and a build with sm_90a code, f16/bf16 queries and caches, "
-                      "head_dim 64 or 128, 16-byte aligned tensors, and no custom mask, sliding window or soft cap");
+      fail("backend", "'sm90' needs an sm_90 GPU and a build with sm_90a code, f16/bf16 queries, f16/bf16 or "
+                      "FP8 caches, head_dim 64 or 128, 16-byte aligned tensors, and no custom mask");
     }
 #endif
   }

@@ -208,7 +208,6 @@ def _prefill_into(query, key_cache, value_cache, block_tables, cu_seqlens_q, seq
                                       custom_mask is not None and custom_mask.dtype == torch.uint8,
                                       query.shape[0], key_cache.shape[1], key_cache.shape[0])
     large = (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and query.dim() == 3
-             and key_cache.dtype not in FP8_DTYPES
              and query.shape[0] * query.shape[1] >= PERSISTENT_PREFILL_MIN_WORK)
     tile_counter = torch.zeros(1, dtype=torch.int32, device=query.device) if large else None
     _C.paged_prefill(query, key_cache, value_cache, block_tables, cu_seqlens_q, seq_lens, out, lse, custom_mask,
