@@ -57,7 +57,7 @@ def greedy(request):
     return SamplingParams(n=request.n, temperature=0, max_tokens=request.output_tokens, ignore_eos=True)
 
 
-def run_pagedlm(folder, requests, device, tensor_parallel_size=1, kv_cache_dtype="auto", disable_cascade_attn=False):
+def run_pagedlm(folder, requests, device, tensor_parallel_size=1, kv_cache_dtype="auto", disable_cascade_attn=True):
     llm = LLM(folder, device=device, dtype=torch.bfloat16, tensor_parallel_size=tensor_parallel_size,
               kv_cache_dtype=kv_cache_dtype, disable_cascade_attn=disable_cascade_attn)
     prompts = [r.prompt for r in requests]
@@ -181,9 +181,9 @@ def main():
                              "or none")
     parser.add_argument("--kv-cache-dtypes", default="auto",
                         help="comma-separated: pagedlm runs once with each KV cache dtype (auto, fp8, fp8_e5m2)")
-    parser.add_argument("--cascade", default="on", choices=["on", "off", "both"],
-                        help="pagedlm with cascade attention (shared prefixes read once per group), without "
-                             "(disable_cascade_attn=True), or both in turn")
+    parser.add_argument("--cascade", default="off", choices=["on", "off", "both"],
+                        help="pagedlm with cascade attention (disable_cascade_attn=False: shared prefixes read "
+                             "once per group), without (the default), or both in turn")
     parser.add_argument("--vllm-site", default=os.environ.get("VLLM_SITE"),
                         help="a folder vLLM was pip-installed into with --target (default: $VLLM_SITE, else the "
                              "environment's vllm)")
@@ -214,7 +214,7 @@ def main():
             ours, elapsed, extra = run_pagedlm(folder, requests, device, tp, kv_dtype, disable_cascade)
             name = "pagedlm.LLM" + (f" (tensor_parallel_size={tp})" if tp > 1 else "")
             name += f", kv_cache_dtype={kv_dtype}" if kv_dtype != "auto" else ""
-            name += ", disable_cascade_attn=True" if disable_cascade else ""
+            name += "" if disable_cascade else ", disable_cascade_attn=False"
             kv_bytes = 2 if kv_dtype == "auto" else 1
             rows.append([name, total / elapsed, f"{extra['utilization']:.1%}", _peak_gib(device), ours, kv_bytes])
             runs.append((f"{kv_dtype} KV" + (", cascade off" if disable_cascade else ""), extra))

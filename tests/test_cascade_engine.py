@@ -36,7 +36,7 @@ def prompt(length, seed):
 
 def engines(model, **kwargs):
     """(an LLM that cascades, one that does not), otherwise alike."""
-    return (LLM(model, device="cpu", block_size=BLOCK, num_blocks=1024, **kwargs),
+    return (LLM(model, device="cpu", block_size=BLOCK, num_blocks=1024, disable_cascade_attn=False, **kwargs),
             LLM(model, device="cpu", block_size=BLOCK, num_blocks=1024, disable_cascade_attn=True, **kwargs))
 
 

@@ -70,9 +70,9 @@ def tokens(outputs):
     return [[o.token_ids for o in r.outputs] for r in outputs]
 
 
-def engine(models, block_size, speculative=None):
+def engine(models, block_size, speculative=None, **options):
     llm = LLM(models["target"], device="cpu", block_size=block_size, num_blocks=512, max_num_seqs=MAX_SEQS,
-              speculative=speculative)
+              speculative=speculative, **options)
     if speculative is not None:  # the graph objects the GPU engine builds, over the CPU caches
         llm.runner.varlen = VarlenGraphs(llm.model, llm.kv_caches, MAX_SEQS, llm.device, None)
         proposer = llm.speculator.proposer
@@ -323,7 +323,7 @@ def test_cascade_decode_graphs_emit_the_eager_tokens(models, monkeypatch):
     plain = LLM(models["target"], device="cpu", block_size=4, num_blocks=512, max_num_seqs=MAX_SEQS,
                 disable_cascade_attn=True)
     expected = tokens(plain.generate(batch, params, use_tqdm=False))
-    llm = engine(models, 4)
+    llm = engine(models, 4, disable_cascade_attn=False)
     llm.runner.graphs = graphs = DecodeGraphs(llm.model, llm.kv_caches, MAX_SEQS, llm.device)
     assert tokens(llm.generate(batch, params, use_tqdm=False)) == expected
     assert llm.runner.cascade_steps > 0 and any(key[2] for key in graphs.graphs)

@@ -81,7 +81,7 @@ class LLM(StepRecovery):
                  gpu_memory_utilization=0.9, max_num_seqs=256, max_num_batched_tokens=8192,
                  enable_prefix_caching=True, seed=0, enforce_eager=False, speculative=None,
                  kv_cache_dtype="auto", calculate_kv_scales=False, tensor_parallel_size=1,
-                 disable_cascade_attn=False):
+                 disable_cascade_attn=True):
         """device: "auto" (None), "cpu", "cuda" or "cuda:N"; dtype of the weights loaded from a
         folder: "auto" (None: bfloat16 on a GPU, float32 on the CPU), "float16"/"half",
         "bfloat16", "float32"/"float" or the torch dtype. kv_cache_dtype: "auto" (the model's
@@ -92,9 +92,10 @@ class LLM(StepRecovery):
         argument is checked before anything is loaded: a bad one raises a ValueError naming it.
         tensor_parallel_size: split the model over that many processes, one GPU each (or the
         CPU), this one being rank 0 (docs/tensor-parallel.md); close() stops them.
-        disable_cascade_attn (vLLM's name): decode steps read a prefix that rows share (n > 1
-        samples, beams, prompts from one prefix-cache entry) once per group unless set; steps
-        without such sharing, layers with a sliding window and tensor parallelism never do."""
+        disable_cascade_attn (vLLM's name; True by default here, unlike vLLM, until the cascade
+        measures faster in the engine): False makes decode steps read a prefix that rows share
+        (n > 1 samples, beams, prompts from one prefix-cache entry) once per group (docs/engine.md);
+        steps without such sharing, layers with a sliding window and tensor parallelism never do."""
         _check_model_arg("model", model)
         self.device = resolve_device(device)
         dtype = resolve_dtype(dtype, self.device)

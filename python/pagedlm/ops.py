@@ -346,10 +346,12 @@ def cascade_decode_attention(query, key_cache, value_cache, prefix_block_tables,
     paged_decode_attention. No sliding window: the parts hold no positions.
 
     It runs paged_prefill_attention (causal=False) with one sequence per group over the prefixes,
-    paged_decode_attention over the suffixes, and merge_attention_states. A prefill sequence
-    holds at most as many queries as keys, so a group with fewer prefix tokens than rows (an
-    empty prefix included) runs there over block 0 instead, and that result is discarded: its
-    rows' prefix is attended to row by row, by a second decode. Nothing synchronizes and the
+    paged_decode_attention over the suffixes, and merge_attention_states. In the prefill the query
+    heads that share a kv head are queries of one head (a group of r rows brings r * num_heads /
+    num_kv_heads queries to each kv head), so a tile of queries fills up and reads its K/V once. A
+    prefill sequence holds at most as many queries as keys, so a group with fewer prefix tokens
+    than queries (an empty prefix included) runs there over block 0 instead, and that result is
+    discarded: its rows' prefix is attended to row by row, by a second decode. Nothing synchronizes and the
     intermediates come from torch's caching allocator, so a call can be captured in a CUDA graph.
     Values inside CUDA index tensors are checked only with PAGEDLM_DEBUG=1, as for the other ops.
     """
@@ -397,26 +399,38 @@ def cascade_decode_attention(query, key_cache, value_cache, prefix_block_tables,
                             block_size, num_blocks)
 
     options = dict(scale=scale, soft_cap=soft_cap, return_lse=True, k_scale=k_scale, v_scale=v_scale)
-    # Each row's group, and the groups with fewer prefix tokens than rows ("short").
+    num_heads, num_kv_heads, head_dim = query.shape[1], key_cache.shape[2], query.shape[2]
+    if num_kv_heads == 0 or num_heads % num_kv_heads:
+        raise ValueError(f"query: num_heads ({num_heads}) must be a multiple of the caches' num_kv_heads "
+                         f"({num_kv_heads})")
+    per_kv = num_heads // num_kv_heads
+    # Each row's group, and the groups with fewer prefix tokens than prefill queries ("short").
     rows = torch.arange(batch, dtype=torch.int32, device=device)
     group_of_row = torch.searchsorted(group_indptr[1:], rows, right=True).clamp_(max=max(num_groups - 1, 0))
-    group_sizes = group_indptr[1:] - group_indptr[:-1]
-    short = prefix_lens < group_sizes
+    group_queries = (group_indptr[1:] - group_indptr[:-1]) * per_kv
+    short = prefix_lens < group_queries
     short_row = short[group_of_row]
     # The short groups' prefixes, row by row (every other row sees nothing here).
     row_lens = torch.where(short_row, prefix_lens[group_of_row], 0)
     prefix_out, prefix_lse = paged_decode_attention(query, key_cache, value_cache, prefix_block_tables[group_of_row],
                                                     row_lens, **options)
     if num_blocks > 0:  # an empty cache has only empty prefixes: every group is short or has no rows
-        # Every other group's prefix once for all its rows; a short group reads as many tokens as it
-        # has rows from block 0 (a table wide enough for any group) and its result is dropped.
+        # Every other group's prefix once for all its queries: row b's query head kv * per_kv + j is
+        # query b * per_kv + j of kv head kv. A short group reads as many tokens as it has queries
+        # from block 0 (a table wide enough for any group) and its result is dropped.
+        queries = batch * per_kv
         tables, width = prefix_block_tables, prefix_block_tables.shape[1]
-        if width * block_size < batch:
-            tables = torch.nn.functional.pad(tables, (0, -(-batch // block_size) - width))
+        if width * block_size < queries:
+            tables = torch.nn.functional.pad(tables, (0, -(-queries // block_size) - width))
         tables = tables.masked_fill(short.unsqueeze(1), 0)
-        shared_out, shared_lse = paged_prefill_attention(query, key_cache, value_cache, tables, group_indptr,
-                                                         torch.where(short, group_sizes, prefix_lens), causal=False,
-                                                         **options)
+        by_kv_head = query.view(batch, num_kv_heads, per_kv, head_dim).transpose(1, 2).reshape(
+            queries, num_kv_heads, head_dim)
+        shared_out, shared_lse = paged_prefill_attention(by_kv_head, key_cache, value_cache, tables,
+                                                         group_indptr * per_kv,
+                                                         torch.where(short, group_queries, prefix_lens),
+                                                         causal=False, **options)
+        shared_out = shared_out.view(batch, per_kv, num_kv_heads, head_dim).transpose(1, 2).reshape(query.shape)
+        shared_lse = shared_lse.view(batch, per_kv, num_kv_heads).transpose(1, 2).reshape(batch, num_heads)
         prefix_out = torch.where(short_row[:, None, None], prefix_out, shared_out)
         prefix_lse = torch.where(short_row[:, None], prefix_lse, shared_lse)
     suffix_out, suffix_lse = paged_decode_attention(query, key_cache, value_cache, suffix_block_tables, suffix_lens,

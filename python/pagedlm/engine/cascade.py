@@ -55,6 +55,9 @@ def plan(tables, lens, block_size, *, min_prefix_tokens=None, min_saved_tokens=N
     the one this step computes included. A group's prefix is the leading blocks all its rows
     have, and only blocks wholly before each row's new token: those are full and never written
     again (a shared block is copied before a write)."""
+    min_saved_tokens = MIN_SAVED_TOKENS if min_saved_tokens is None else min_saved_tokens
+    if sum(lens) < min_saved_tokens:  # too few tokens in all to save that many (cheaper than any sort)
+        return None
     firsts = tables[:, 0]
     if len(np.unique(firsts)) == len(firsts):  # no two rows start alike: nothing is shared
         return None
@@ -70,7 +73,7 @@ def plan(tables, lens, block_size, *, min_prefix_tokens=None, min_saved_tokens=N
     min_prefix_tokens = MIN_PREFIX_TOKENS if min_prefix_tokens is None else min_prefix_tokens
     prefix_blocks[(sizes < 2) | (prefix_blocks * block_size < max(min_prefix_tokens, 1))] = 0
     saved = ((sizes - 1) * prefix_blocks).sum() * block_size
-    if saved == 0 or saved < (MIN_SAVED_TOKENS if min_saved_tokens is None else min_saved_tokens):
+    if saved == 0 or saved < min_saved_tokens:
         return None
     width = max(int(prefix_blocks.max()), 1)
     columns = np.arange(width)

@@ -62,9 +62,9 @@ def _add_arguments(p):
                         help="prompt + max_tokens at most (default: the model's max_position_embeddings)")
     engine.add_argument("--no-prefix-caching", action="store_true", help="turn the prefix cache off")
     engine.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
-    engine.add_argument("--disable-cascade-attn", action="store_true",
-                        help="decode reads prefixes that requests share (n > 1, prefix-cache hits) once per row, "
-                             "not once per group")
+    engine.add_argument("--disable-cascade-attn", action=argparse.BooleanOptionalAction, default=True,
+                        help="--no-disable-cascade-attn: decode reads prefixes that requests share (n > 1, "
+                             "prefix-cache hits) once per group, not once per row (default: per row)")
     engine.add_argument("--tensor-parallel-size", type=int, default=1,
                         help="split the model over this many GPUs (processes; on cpu: gloo), one rank each")
     engine.add_argument("--seed", type=int, default=0, help="engine seed (requests without a seed draw from it)")
