@@ -6,7 +6,11 @@ dense K/V side by side on the prefill shapes of bench/README.md: bf16 causal, 32
 head dim 256 (Mistral's and Gemma's options; FlashInfer given the same, SDPA not run).
 
     python bench/bench_paged_prefill.py [--flashinfer-backends fa2,fa3] [--kv-cache-dtype fp8_e4m3]
-                                        [--out FILE] [--append-results]
+                                        [--out FILE] [--append-results] [--warm-anchors]
+
+FlashInfer compiles each kernel variant the first time it is planned (about 15-60 s each on the
+GPU machine); --warm-anchors only does that, on tiny inputs, and exits, so that gpu_check.sh can
+have it done while the GPU tests run.
 
 TFLOP/s counts what causal attention must compute: 4 * H * D per (query, visible key) pair,
 i.e. 2 * B * H * L^2 * D for a full causal prefill (a window sees fewer pairs).
@@ -75,16 +79,42 @@ def causal_flops(batch, q_len, cached, window=None, head_dim=HEAD_DIM):
     return 4 * batch * HEADS * head_dim * visible_pairs
 
 
+def warm_anchors(backends, kv_dtype):
+    """Plans and runs FlashInfer once per backend and kernel variant the shapes need (window or
+    not, soft cap or not, head dim), on one sequence of 128 tokens: its JIT cache then holds them."""
+    if not flashinfer_version():
+        return
+    variants = {(options.get("window") is not None, options.get("soft_cap") is not None,
+                 options.get("head_dim", HEAD_DIM)): options for *_, options in SHAPES}
+    for backend in backends:
+        for options in variants.values():
+            inputs = make_inputs(1, 128, 0, kv_dtype, options.get("head_dim", HEAD_DIM))
+            try:
+                flashinfer_prefill(*inputs, 1, 128, backend, options.get("window"), options.get("soft_cap"))()
+                torch.cuda.synchronize()
+                print(f"FlashInfer {backend} {options or 'plain'}: built")
+            except Exception as err:  # noqa: BLE001  (the timed run reports and skips it too)
+                print(f"FlashInfer {backend} {options or 'plain'}: failed: {str(err)[:200]}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--flashinfer-backends", type=lambda s: s.split(","), default=["fa2", "fa3"],
-                        help="comma-separated FlashInfer backends to run (fa2, fa3, auto)")
+    parser.add_argument("--flashinfer-backends", type=lambda s: s.split(","), default=None,
+                        help="comma-separated FlashInfer backends to run (fa2, fa3, auto; default fa2,fa3, and "
+                             "fa2 alone over an FP8 cache, whose fa3 kernels FlashInfer 0.7.2 fails to compile)")
     parser.add_argument("--kv-cache-dtype", default="bf16", choices=list(KV_DTYPES), help="the caches' type")
     parser.add_argument("--backend", default="auto", choices=list(ops.PREFILL_BACKENDS),
                         help="pagedlm's prefill kernel (paged_prefill_attention's backend)")
     parser.add_argument("--out", help="also write the table to this file")
     parser.add_argument("--append-results", action="store_true", help="append the table to bench/RESULTS.md")
+    parser.add_argument("--warm-anchors", action="store_true",
+                        help="only JIT-compile FlashInfer's kernels for these shapes' options, then exit")
     args = parser.parse_args()
+    if args.flashinfer_backends is None:
+        args.flashinfer_backends = ["fa2", "fa3"] if args.kv_cache_dtype == "bf16" else ["fa2"]
+    if args.warm_anchors:
+        warm_anchors(args.flashinfer_backends, KV_DTYPES[args.kv_cache_dtype])
+        return
     from triton.testing import do_bench
     version = flashinfer_version()
     anchors = [f"FlashInfer {version} {b}" for b in args.flashinfer_backends] if version else []
