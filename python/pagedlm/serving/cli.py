@@ -63,8 +63,8 @@ def _add_arguments(p):
     engine.add_argument("--no-prefix-caching", action="store_true", help="turn the prefix cache off")
     engine.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     engine.add_argument("--disable-cascade-attn", action=argparse.BooleanOptionalAction, default=True,
-                        help="--no-disable-cascade-attn: decode reads prefixes that requests share (n > 1, "
-                             "prefix-cache hits) once per group, not once per row (default: per row)")
+                        help="decode reads prefixes that requests share (n > 1, prefix-cache hits) once per row "
+                             "(default: True); --no-disable-cascade-attn reads each once per group")
     engine.add_argument("--tensor-parallel-size", type=int, default=1,
                         help="split the model over this many GPUs (processes; on cpu: gloo), one rank each")
     engine.add_argument("--seed", type=int, default=0, help="engine seed (requests without a seed draw from it)")
