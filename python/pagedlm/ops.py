@@ -399,10 +399,10 @@ def cascade_decode_attention(query, key_cache, value_cache, prefix_block_tables,
                             block_size, num_blocks)
 
     options = dict(scale=scale, soft_cap=soft_cap, return_lse=True, k_scale=k_scale, v_scale=v_scale)
+    # First: the suffixes' decode checks the query against the caches (heads, head dim, dtypes).
+    suffix_out, suffix_lse = paged_decode_attention(query, key_cache, value_cache, suffix_block_tables, suffix_lens,
+                                                    **options)
     num_heads, num_kv_heads, head_dim = query.shape[1], key_cache.shape[2], query.shape[2]
-    if num_kv_heads == 0 or num_heads % num_kv_heads:
-        raise ValueError(f"query: num_heads ({num_heads}) must be a multiple of the caches' num_kv_heads "
-                         f"({num_kv_heads})")
     per_kv = num_heads // num_kv_heads
     # Each row's group, and the groups with fewer prefix tokens than prefill queries ("short").
     rows = torch.arange(batch, dtype=torch.int32, device=device)
@@ -433,8 +433,6 @@ def cascade_decode_attention(query, key_cache, value_cache, prefix_block_tables,
         shared_lse = shared_lse.view(batch, per_kv, num_kv_heads).transpose(1, 2).reshape(batch, num_heads)
         prefix_out = torch.where(short_row[:, None, None], prefix_out, shared_out)
         prefix_lse = torch.where(short_row[:, None], prefix_lse, shared_lse)
-    suffix_out, suffix_lse = paged_decode_attention(query, key_cache, value_cache, suffix_block_tables, suffix_lens,
-                                                    **options)
     out, lse = merge_attention_states(prefix_out, prefix_lse, suffix_out, suffix_lse, out=out)
     return (out, lse) if return_lse else out
 
