@@ -45,6 +45,7 @@
 #include "fp8.cuh"
 #include "mma.cuh"
 #include "paged_prefill_sm90.h"
+#include "paged_tiles.cuh"
 #include "prefill_schedule.cuh"
 #include "wgmma.cuh"
 
@@ -56,24 +57,6 @@
 
 namespace pagedlm::cuda {
 namespace {
-
-// The cache's element: the queries' 16-bit type, or FP8 bytes of format F that the producer widens.
-template <typename T>
-struct Plain {
-  using Stored = T;
-  static constexpr bool kFp8 = false;
-};
-template <__nv_fp8_interpretation_t F>
-struct Fp8Bytes {
-  using Stored = uint8_t;
-  static constexpr bool kFp8 = true;
-  // Sixteen stored values (lo: the first eight) as sixteen T values, in two 16-byte chunks.
-  template <typename T>
-  __device__ __forceinline__ static void widen(uint4 bytes, uint4& first, uint4& second) {
-    first = widen_fp8x8<T, F>(make_uint2(bytes.x, bytes.y));
-    second = widen_fp8x8<T, F>(make_uint2(bytes.z, bytes.w));
-  }
-};
 
 __device__ __forceinline__ uint4 ld_shared_16(uint32_t address) {
   uint4 v;
@@ -210,10 +193,12 @@ struct ItemSlot {
 
 // kLanePages: block_size is a power of two >= 4, so a K/V tile spans at most 32 pages, which the
 // producer's lanes look up one each.
-template <typename T, typename Cache, int D, bool kLanePages>
+// KV: the caches' element, T or Fp8<format> (paged_tiles.cuh), which the producer widens to T.
+template <typename T, typename KV, int D, bool kLanePages>
 __global__ void __launch_bounds__(Sm90Shape<D>::kThreads, 1) paged_prefill_sm90_kernel(const PagedPrefillParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using namespace sm90;
+  using Cache = CacheElem<T, KV>;
   using Stored = typename Cache::Stored;
   constexpr bool kFp8 = Cache::kFp8;
   using Shape = Sm90Shape<D, kFp8>;
@@ -282,7 +267,7 @@ __global__ void __launch_bounds__(Sm90Shape<D>::kThreads, 1) paged_prefill_sm90_
 #pragma unroll
           for (int v = 0; v < 2; ++v) {  // K, then V
             uint4 first, second;
-            Cache::template widen<T>(ld_shared_16(src + v * kCopyTileBytes + k * D), first, second);
+            Cache::widen16(ld_shared_16(src + v * kCopyTileBytes + k * D), first, second);
             const uint32_t tile = dst + v * kTileBytes;
             st_shared_16(tile + swizzled_offset(kKvTile, row_first + k, 2 * chunk), first);
             st_shared_16(tile + swizzled_offset(kKvTile, row_first + k, 2 * chunk + 1), second);
@@ -668,12 +653,11 @@ __global__ void __launch_bounds__(Sm90Shape<D>::kThreads, 1) paged_prefill_sm90_
 #endif
 }
 
-template <typename T, typename Cache, int D>
+template <typename T, typename KV, int D>
 int launch(const PagedPrefillParams& p, cudaStream_t stream) {
-  using Shape = Sm90Shape<D, Cache::kFp8>;
+  using Shape = Sm90Shape<D, CacheElem<T, KV>::kFp8>;
   const bool lane_pages = (p.block_size & (p.block_size - 1)) == 0 && p.block_size >= 4;
-  auto kernel =
-      lane_pages ? paged_prefill_sm90_kernel<T, Cache, D, true> : paged_prefill_sm90_kernel<T, Cache, D, false>;
+  auto kernel = lane_pages ? paged_prefill_sm90_kernel<T, KV, D, true> : paged_prefill_sm90_kernel<T, KV, D, false>;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Shape::kSmemBytes);
   // Sequence i needs ceil(q_len_i / 128) blocks: at most total_q / 128 + batch in all.
   const int64_t tiles = static_cast<int64_t>(p.total_q) / Shape::kQueryTile + p.batch;
@@ -732,16 +716,17 @@ int paged_prefill_sm90(const PagedPrefillParams& p, cudaStream_t stream) {
     if constexpr (std::is_same<T, float>::value) {
       return static_cast<int>(cudaErrorInvalidValue);
     } else {
-      auto by_head_dim = [&](auto cache) {
-        using Cache = decltype(cache);
-        if (p.head_dim == 64) return launch<T, Cache, 64>(p, stream);
-        if (p.head_dim == 128) return launch<T, Cache, 128>(p, stream);
-        if constexpr (!Cache::kFp8) return launch<T, Cache, 256>(p, stream);  // FP8 at 256 overflows shared memory
+      auto by_head_dim = [&](auto kv) {
+        using KV = decltype(kv);
+        if (p.head_dim == 64) return launch<T, KV, 64>(p, stream);
+        if (p.head_dim == 128) return launch<T, KV, 128>(p, stream);
+        // FP8 at head dim 256 would overflow shared memory (supports() refuses it).
+        if constexpr (std::is_same<KV, T>::value) return launch<T, KV, 256>(p, stream);
         return static_cast<int>(cudaErrorInvalidValue);
       };
-      if (p.kv_dtype == DType::e4m3) return by_head_dim(Fp8Bytes<__NV_E4M3>{});
-      if (p.kv_dtype == DType::e5m2) return by_head_dim(Fp8Bytes<__NV_E5M2>{});
-      return by_head_dim(Plain<T>{});
+      if (p.kv_dtype == DType::e4m3) return by_head_dim(Fp8<__NV_E4M3>{});
+      if (p.kv_dtype == DType::e5m2) return by_head_dim(Fp8<__NV_E5M2>{});
+      return by_head_dim(T{});
     }
   });
 }

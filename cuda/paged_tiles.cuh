@@ -100,6 +100,12 @@ struct CacheElem<T, Fp8<F>> {
   using Stored = uint8_t;
   static constexpr bool kFp8 = true;
 
+  // Sixteen stored values (16 bytes) as sixteen T values: the first eight in `first`, the rest in `second`.
+  __device__ __forceinline__ static void widen16(uint4 bytes, uint4& first, uint4& second) {
+    first = widen_fp8x8<T, F>(make_uint2(bytes.x, bytes.y));
+    second = widen_fp8x8<T, F>(make_uint2(bytes.z, bytes.w));
+  }
+
   // Widens a stage's K and V tiles (2 * Tile rows of D bytes, as PagedTiles stages them) into the
   // 16-bit ldmatrix layout at `dst` (K tile, then V tile). Every thread of the block takes part.
   template <int D, int Tile, int Threads>
@@ -108,11 +114,11 @@ struct CacheElem<T, Fp8<F>> {
     constexpr int kByteChunks = D / 16;
     for (int i = threadIdx.x; i < 2 * Tile * kByteChunks; i += Threads) {
       const int row = i / kByteChunks, c = i % kByteChunks;
-      const uint4 bytes = *reinterpret_cast<const uint4*>(src + row * D + c * 16);
       T* tile = dst + (row / Tile) * Tile * D;
       const int r = row % Tile;
-      *reinterpret_cast<uint4*>(tile + Layout::offset(r, 2 * c)) = widen_fp8x8<T, F>(make_uint2(bytes.x, bytes.y));
-      *reinterpret_cast<uint4*>(tile + Layout::offset(r, 2 * c + 1)) = widen_fp8x8<T, F>(make_uint2(bytes.z, bytes.w));
+      widen16(*reinterpret_cast<const uint4*>(src + row * D + c * 16),
+              *reinterpret_cast<uint4*>(tile + Layout::offset(r, 2 * c)),
+              *reinterpret_cast<uint4*>(tile + Layout::offset(r, 2 * c + 1)));
     }
   }
 };
