@@ -245,7 +245,7 @@ def main():
             print(f"{name}: {elapsed:.2f} s", flush=True)
     command = (f"python bench/bench_engine.py --workload {args.workload}"
                + (f" --kv-cache-dtypes {args.kv_cache_dtypes}" if kv_dtypes != ["auto"] else "")
-               + (f" --cascade {args.cascade}" if args.cascade != "on" else "")
+               + (f" --cascade {args.cascade}" if args.cascade != "off" else "")
                + (f" --tensor-parallel-size {tp}" if tp > 1 else ""))
     lines = [f"### Engine, {'smoke' if args.smoke else args.workload} workload — {card}, "
              f"{datetime.date.today()}, commit {git_commit()}",
