@@ -1,8 +1,16 @@
 """Float64 reference attention over a paged KV cache, written for clarity, not speed: gather
-each sequence's K/V through its block table, then softmax(q k^T * scale) v per head."""
+each sequence's K/V through its block table, then softmax(q k^T * scale) v per head. Also the
+attention tests' shared inputs and the question of which prefill kernels the device runs."""
 import math
 
 import torch
+
+import pagedlm._C
+
+
+def has_wgmma_prefill():
+    """Whether this device and build run the Hopper wgmma prefill kernel (backend "sm90")."""
+    return torch.cuda.get_device_capability() == (9, 0) and "90a" in pagedlm._C.cuda_architectures
 
 
 def gather(cache, block_table, length, block_size):

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-import pagedlm._C
 import pagedlm.ops as ops
-from attention_reference import TOLERANCE, decode_reference, flat_masks, pack_masks, paged_inputs, prefill_reference
+from attention_reference import (TOLERANCE, decode_reference, flat_masks, has_wgmma_prefill, pack_masks, paged_inputs,
+                                 prefill_reference)
 
 FP8 = [torch.float8_e4m3fn, torch.float8_e5m2]
 QUERY_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -400,7 +400,7 @@ def test_cuda_prefill_across_key_tiles_on_both_kernels(cache_dtype, mode, monkey
     # item (persistent grid) and one block per tile; the mma.sync kernel widens in shared memory. A
     # negative k_scale cannot fold into the softmax's exponent: each score is scaled first. A bad
     # block id turns only its sequence's rows into NaN.
-    hopper = torch.cuda.get_device_capability() == (9, 0) and "90a" in pagedlm._C.cuda_architectures
+    hopper = has_wgmma_prefill()
     seq_lens, q_lens = [700, 300, 129, 1, 520], [700, 100, 129, 1, 200]
     query, k8, v8, tables, cu, lens, k_scale, v_scale, kd, vd = prefill_case(
         seq_lens, q_lens, heads=(8, 2), head_dim=128, block_size=16, query_dtype=torch.bfloat16,

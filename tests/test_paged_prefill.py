@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-import pagedlm._C
 import pagedlm.ops as ops
-from attention_reference import (TOLERANCE, flat_masks, pack_masks, paged_inputs, prefill_reference)
+from attention_reference import (TOLERANCE, flat_masks, has_wgmma_prefill, pack_masks, paged_inputs,
+                                 prefill_reference)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -217,7 +217,7 @@ def test_cuda_backends_agree_with_the_reference(dtype, causal):
     # Both tensor-core kernels where the device has them: "mma" everywhere, "sm90" on Hopper.
     batch = make_batch([700, 300, 129], [700, 100, 1], heads=(8, 2), head_dim=128, block_size=16, dtype=dtype,
                        seed=41)
-    hopper = wgmma_backend() == "sm90"
+    hopper = has_wgmma_prefill()
     for backend in ["auto", "mma"] + (["sm90"] if hopper else []):
         cuda_check(batch, dtype, causal=causal, backend=backend)
     if hopper:  # the wgmma kernel takes no custom mask: asking for it there is an error, not a fallback
@@ -228,12 +228,6 @@ def test_cuda_backends_agree_with_the_reference(dtype, causal):
     else:
         with pytest.raises(ValueError, match="backend"):
             ops.paged_prefill_attention(*[t.cuda() for t in batch], backend="sm90")
-
-
-def wgmma_backend():
-    """"sm90" where the device and the build have the wgmma kernel, else "auto"."""
-    hopper = torch.cuda.get_device_capability() == (9, 0) and "90a" in pagedlm._C.cuda_architectures
-    return "sm90" if hopper else "auto"
 
 
 @pytest.mark.gpu
@@ -252,7 +246,7 @@ def test_cuda_windows_and_soft_caps_across_tiles(head_dim, window, soft_cap, cau
     for min_work in (0, 1 << 62):
         monkeypatch.setattr(ops, "PERSISTENT_PREFILL_MIN_WORK", min_work)
         cuda_check(batch, torch.bfloat16, causal=causal, sliding_window=window, soft_cap=soft_cap,
-                   backend=wgmma_backend())
+                   backend="sm90" if has_wgmma_prefill() else "auto")
 
 
 @pytest.mark.gpu
