@@ -68,17 +68,18 @@ def anchor_columns(times, anchors):
 
 class StepClock:
     """Times each step of an LLM, sorted by kind: "decode" when every scheduled sequence
-    computes one token (a CUDA-graph step), "prefill" when some compute a prompt chunk (the
-    scheduler is spied on to tell them apart). Installs itself on llm.
+    computes one token, "prefill" when some compute a prompt chunk (mixed with the decodes of
+    the others; the scheduler is spied on to tell them apart). Installs itself on llm.
 
-    On a GPU, profile=N also runs N decode steps (after the first 16) under torch.profiler and
-    sums their kernels' device time: the device's busy time per decode step, against which the
-    wall time says how much of a step the device waits for the host. Profiled steps are left
-    out of the wall times."""
+    On a GPU, profile=N also runs steps (after the first 16) under torch.profiler until N of
+    each kind are profiled, and sums their kernels' device time: the device's busy time per
+    step of each kind, against which the wall time says how much of a step the device waits
+    for the host. Profiled steps are left out of the wall times."""
 
     def __init__(self, llm, profile=0):
         self.times = {"decode": [], "prefill": []}
-        self.busy = []  # device busy seconds of each profiled decode step
+        self.busy = {"decode": [], "prefill": []}  # device busy seconds of each profiled step
+        self.profile = profile
         schedule, step, kind = llm.scheduler.schedule, llm.step, {}
 
         def spied_schedule():
@@ -88,7 +89,7 @@ class StepClock:
             return scheduled, copies
 
         def timed_step():
-            if profile and len(self.times["decode"]) >= 16 and len(self.busy) < profile:
+            if profile and sum(map(len, self.times.values())) >= 16 and not self.profiled_enough():
                 return self._profiled(step, kind)
             start = time.perf_counter()
             emitted = step()
@@ -97,25 +98,32 @@ class StepClock:
             return emitted
         llm.scheduler.schedule, llm.step = spied_schedule, timed_step
 
+    def profiled_enough(self):
+        return all(len(busy) >= self.profile for busy in self.busy.values())
+
     def _profiled(self, step, kind):
         import torch
         torch.cuda.synchronize()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
             emitted = step()
             torch.cuda.synchronize()
-        if kind.pop("last", None) == "decode":
-            self.busy.append(sum(e.self_device_time_total for e in profiler.key_averages()) / 1e6)
+        name = kind.pop("last", None)
+        if name is not None and len(self.busy[name]) < self.profile:
+            self.busy[name].append(sum(e.self_device_time_total for e in profiler.key_averages()) / 1e6)
         return emitted
 
     def summary(self):
         """'N decode steps (median X ms, total Y s), M prefill steps (...)', and the profiled
-        device busy time per decode step when there is one."""
+        device busy time per step of each kind where there is one."""
         parts = [f"{len(times)} {name} steps (median {_median(times) * 1e3:.1f} ms, {sum(times):.2f} s in all)"
                  for name, times in self.times.items() if times]
-        return ", ".join(parts + ([self.busy_summary()] if self.busy else [])) or "no steps"
+        return ", ".join(parts + ([self.busy_summary()] if self.busy_summary() else [])) or "no steps"
 
     def busy_summary(self):
-        return f"device busy per decode step {_median(self.busy) * 1e3:.2f} ms (median of {len(self.busy)} profiled)"
+        """'device busy per decode step X ms (median of N profiled), per prefill step ...', or ''."""
+        parts = [f"per {name} step {_median(busy) * 1e3:.2f} ms (median of {len(busy)} profiled)"
+                 for name, busy in self.busy.items() if busy]
+        return "device busy " + ", ".join(parts) if parts else ""
 
     def median(self, kind):
         return _median(self.times[kind])

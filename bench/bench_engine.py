@@ -77,7 +77,7 @@ def run_pagedlm(folder, requests, device, tensor_parallel_size=1, kv_cache_dtype
     busy = ""
     if device == "cuda":
         try:
-            busy = device_busy_per_decode_step(llm, requests)
+            busy = device_busy_per_step(llm, requests)
         except Exception as e:  # a diagnostic: never the reason a run has no figures
             busy = f", device busy not measured ({type(e).__name__}: {str(e)[:80]})"
     extra = dict(utilization=sum(utilization) / len(utilization), steps=steps,
@@ -90,18 +90,22 @@ def run_pagedlm(folder, requests, device, tensor_parallel_size=1, kv_cache_dtype
     return outputs, elapsed, extra
 
 
-def device_busy_per_decode_step(llm, requests, steps=5):
-    """After the timed run: the workload again (its prompts now prefix-cache hits) until a few
-    decode steps of the full batch have been profiled, then everything aborted. Returns
-    ', device busy per decode step X ms (...)', the kernels' time in a step whose wall time
-    the timed run gives: the rest is the device waiting for the host."""
+def device_busy_per_step(llm, requests, steps=5, max_steps=400):
+    """After the timed run: the workload again, each prompt's tokens shifted by one so that no
+    prompt is a prefix-cache hit, until a few steps of each kind (decode, and prefill chunks
+    mixed with decodes) have been profiled or max_steps have run, then everything aborted.
+    Returns ', device busy per decode step X ms (...), per prefill step ...': the kernels' time
+    in a step whose wall time the timed run gives; the rest is the device waiting for the host."""
     clock = StepClock(llm, profile=steps)
-    ids = [llm.add_request(r.prompt, greedy(r)) for r in requests]
-    while llm.scheduler.has_work() and len(clock.busy) < steps:
+    vocab = llm.model.args.vocab_size
+    ids = [llm.add_request([(t + 1) % vocab for t in r.prompt], greedy(r)) for r in requests]
+    for _ in range(max_steps):
+        if not llm.scheduler.has_work() or clock.profiled_enough():
+            break
         llm.step()
     for request_id in ids:
         llm.abort(request_id)
-    return ", " + clock.busy_summary() if clock.busy else ""
+    return ", " + clock.busy_summary() if clock.busy_summary() else ""
 
 
 def run_static(model, prompts, max_tokens, batch_size):
