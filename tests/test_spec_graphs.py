@@ -125,17 +125,40 @@ def test_draft_chain_respects_each_sequences_cap(models):
 
 def test_runner_replays_varlen_graphs_for_a_few_tokens_per_sequence(models):
     """Plain steps in which every sequence brings 2..FEW_TOKENS tokens (here short prompts of
-    mixed lengths, as a tree method's recomputed tokens are) replay a varlen graph, and emit
-    what the eager forward does; a longer prompt in the step sends it eagerly."""
+    mixed lengths, as a tree method's recomputed tokens are) replay a few-tokens graph, and emit
+    what the eager forward does; a longer prompt in the step makes it a chunks graph's."""
     from pagedlm.engine.runner import FEW_TOKENS
     g = torch.Generator().manual_seed(11)
     short = [torch.randint(97, (n,), generator=g).tolist() for n in (2, FEW_TOKENS, 5)]
-    for batch, replayed in ((short, True), (short + [list(range(FEW_TOKENS + 1))], False)):
+    for batch, chunks in ((short, False), (short + [list(range(FEW_TOKENS + 1))], True)):
         expected = tokens(engine(models, 4).generate(batch, GREEDY, use_tqdm=False))
         llm = engine(models, 4)
         llm.runner.varlen = VarlenGraphs(llm.model, llm.kv_caches, MAX_SEQS, llm.device, None)
         assert tokens(llm.generate(batch, GREEDY, use_tqdm=False)) == expected
-        assert (llm.runner.varlen.replays > 0) == replayed
+        assert llm.runner.varlen.replays > 0
+        assert {key[-1] for key in llm.runner.varlen.graphs} == {chunks}  # the graphs' kinds: chunks or not
+
+
+@pytest.mark.parametrize("budget", [13, 23, 64])
+def test_chunks_graphs_emit_the_eager_engines_tokens(models, budget):
+    """Prompts of many lengths under a small token budget: prompt chunks join the decodes of the
+    running sequences step after step, through chunks graphs (one logits row per sequence, the
+    padding sequence after the real ones), and every token equals the eager engine's. A request
+    that asks for prompt logprobs sends its steps eagerly, with the same logprobs as eager."""
+    g = torch.Generator().manual_seed(5)
+    batch = [torch.randint(97, (int(torch.randint(1, 60, (1,), generator=g)),), generator=g).tolist()
+             for _ in range(7)]
+    params = [GREEDY] * 6 + [SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, prompt_logprobs=2)]
+    eager = engine(models, 4, max_num_batched_tokens=budget).generate(batch, params, use_tqdm=False)
+    llm = engine(models, 4, max_num_batched_tokens=budget)
+    llm.runner.varlen = VarlenGraphs(llm.model, llm.kv_caches, MAX_SEQS, llm.device, None)
+    graphed = llm.generate(batch, params, use_tqdm=False)
+    assert tokens(graphed) == tokens(eager)
+    for a, b in zip(graphed[-1].prompt_logprobs[1:], eager[-1].prompt_logprobs[1:]):
+        assert a.keys() == b.keys()
+        assert all(abs(a[t].logprob - b[t].logprob) < 1e-5 for t in a)
+    assert any(key[-1] for key in llm.runner.varlen.graphs), "no step replayed a chunks graph"
+    assert llm.runner.varlen.replays > 0
 
 
 @pytest.mark.parametrize("split, per_query", [([(9, 1), (5, 3), (0, 7)], True), ([(9, 1), (0, 60)], False)])
@@ -191,8 +214,8 @@ def test_capture_all_takes_every_bucket_a_step_can_meet(models):
     graphs = VarlenGraphs(llm.model, llm.kv_caches, MAX_SEQS, llm.device, None)
     graphs.capture_all(masked=False)
     keys = set(graphs.graphs)
-    assert {t for t, _, _, _ in keys} == set(TOKEN_BUCKETS)
-    assert all(s <= t + 1 and not masked for t, s, _, masked in keys)
+    assert {t for t, _, _, _, _ in keys} == set(TOKEN_BUCKETS)
+    assert all(s <= t + 1 and not masked and not chunks for t, s, _, masked, chunks in keys)
     assert graphs.captures == len(keys)
     bm = llm.block_manager
     items = []

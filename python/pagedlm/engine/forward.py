@@ -85,12 +85,14 @@ def _lower_triangle(n):
     return tri
 
 
-def paged_forward(model, kv_caches, bm, device, items, graphs=None, *, choices=False, cascade=False):
+def paged_forward(model, kv_caches, bm, device, items, graphs=None, *, choices=False, cascade=False, chunks=False):
     """Runs items (their slots already reserved in bm) through model, replaying one of graphs
     (VarlenGraphs) when the batch fits them; returns float32 logits
     [sum(len(item.logit_rows)), vocab], items in order. choices=True: (logits, their
     greedy_choices), which a replayed graph has computed with the logits. cascade: an eager
-    decode-only forward reads the prefixes its rows share once per group (engine/cascade.py)."""
+    decode-only forward reads the prefixes its rows share once per group (engine/cascade.py).
+    chunks: prompt chunks among the items, each of which wants at most one logits row
+    (VarlenGraphs.graph_for)."""
     counts = [len(it.tokens) for it in items]
     seq_ids = [it.seq_id for it in items]
     seq_lens = [bm.num_tokens(s) for s in seq_ids]
@@ -101,7 +103,7 @@ def paged_forward(model, kv_caches, bm, device, items, graphs=None, *, choices=F
     positions = [p for it in items for p in it.positions()]
     rows = [cu[i] + r for i, it in enumerate(items) for r in it.logit_rows]
     masked = any(it.parents is not None for it in items)
-    graph = None if graphs is None else graphs.graph_for(len(ids), len(items), tables.shape[1], masked)
+    graph = None if graphs is None else graphs.graph_for(len(ids), len(items), tables.shape[1], masked, chunks)
     mask = indptr = None
     if masked:  # each item's [q_len, seq_len] rows, one after another
         indptr = [0, *itertools.accumulate(c * n for c, n in zip(counts, seq_lens))]

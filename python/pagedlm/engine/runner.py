@@ -14,8 +14,9 @@ from pagedlm.engine.sampler import logprob_dicts, sample_step
 from pagedlm.engine.varlen_graphs import VarlenGraphs
 from pagedlm.models import AttentionBatch
 
-# Tokens per sequence up to which a plain step replays a VarlenGraphs graph (the decode steps of
-# tree methods, whose accepted tokens are recomputed with the next token); more run eagerly.
+# Tokens per sequence up to which a plain step replays a VarlenGraphs graph of few tokens per
+# sequence (the decode steps of tree methods, whose accepted tokens are recomputed with the next
+# token); a step with more (prompt chunks) replays a chunks graph, or runs eagerly when large.
 FEW_TOKENS = 8
 NUM_NEW = attrgetter("num_new")
 
@@ -119,9 +120,12 @@ class ModelRunner:
             first += len(logit_rows)
             items.append(ForwardItem(seq.seq_id, seq.token_range(start, start + s.num_new) + extra, start, len(extra),
                                      parents, logit_rows))
-        graphs = self.varlen if drafts or max(counts) <= FEW_TOKENS else None
-        return (*paged_forward(self.model, self.kv_caches, self.bm, self.device, items, graphs, choices=True), rows,
-                prompt_rows)
+        few = bool(drafts) or max(counts) <= FEW_TOKENS
+        # A cache that measures its FP8 scales from the first tokens runs eagerly: a capture's
+        # warm-up would measure the padding, and a replay measures nothing.
+        graphs = None if prompt_rows and not few or _measuring(self.kv_caches) else self.varlen
+        return (*paged_forward(self.model, self.kv_caches, self.bm, self.device, items, graphs, choices=True,
+                               chunks=not few), rows, prompt_rows)
 
     def _record_prompt_logprobs(self, logits, prompt_rows):
         """Appends to each sequence's prompt_logprobs the entries its rows give: at position p,
@@ -185,6 +189,10 @@ class ModelRunner:
         else:
             emitted.update({seq: [entry] for seq, entry in zip(seqs, zip(tokens, logprobs, tops))})
         return emitted
+
+
+def _measuring(kv_caches):
+    return any(getattr(cache, "measure", False) for cache in kv_caches)
 
 
 def _prompt_positions(seq, start, count):

@@ -1,6 +1,7 @@
-"""CUDA graphs for forwards in which each sequence brings a few tokens: speculative verification
-(the last token and its draft), the draft model catching up on the tokens the target
-accepted, a lookahead window under its custom mask, a tree's accepted tokens recomputed."""
+"""CUDA graphs for varlen forwards: those in which each sequence brings a few tokens (speculative
+verification of the last token and its draft, the draft model catching up on the tokens the
+target accepted, a lookahead window under its custom mask, a tree's accepted tokens
+recomputed), and plain steps in which prompt chunks join the running sequences' decodes."""
 import numpy as np
 import torch
 
@@ -8,13 +9,17 @@ from pagedlm.engine.cuda_graphs import MAX_WIDTH, Graph, GraphSet, StaticInputs,
 from pagedlm.engine.sampler import greedy_choices
 from pagedlm.models import AttentionBatch
 
-TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512)  # larger forwards run eagerly
+TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512)  # larger forwards of a few tokens per sequence run eagerly
+# Steps with prompt chunks, which want one logits row per sequence: finer buckets, since each
+# padding token costs the whole model's matmuls (about 3.6 us on an H100 for a 1B model), up to
+# CHUNK_TOKEN_BUCKETS[-1] tokens; a larger step is compute-bound, and runs eagerly.
+CHUNK_TOKEN_BUCKETS = (16, 32, 64, 128, 256, 384, 512, 640, 768, 896, 1024, 1280, 1536, 1792, 2048)
 PER_QUERY_TOKENS = 8  # tokens per sequence bucket up to which causal forwards attend as decode queries
 MASKED_PER_QUERY_TOKENS = 64  # the same for masked forwards
 
 
 class VarlenGraphs(GraphSet):
-    """Graphs keyed by (token bucket, sequence bucket, table width, masked). One graph serves
+    """Graphs keyed by (token bucket, sequence bucket, table width, masked, chunks). One graph serves
     any split of its tokens among its sequences (the prefill kernel walks cu_seqlens_q on the
     device). The padding tokens form one padding sequence after the real ones, which writes no
     KV (slots -1) and reads block 0 (under a custom mask, nothing), so every value stays valid
@@ -25,18 +30,21 @@ class VarlenGraphs(GraphSet):
     Up to PER_QUERY_TOKENS tokens per sequence (MASKED_PER_QUERY_TOKENS under a mask), each
     token attends as a decode query over its sequence's first position + 1 tokens (its row of
     the mask located by an offset): the split-K decode kernel is much faster for such shapes
-    than the prefill kernel, which walks each sequence's keys in one thread block."""
+    than the prefill kernel, which walks each sequence's keys in one thread block.
+
+    A chunks graph serves a step in which prompt chunks join decodes: every token goes through the
+    prefill kernel, and only one logits row per sequence is computed (its last token's)."""
 
     def __init__(self, model, kv_caches, max_num_seqs, device, pool):
         self.model, self.kv_caches, self.device, self.pool = model, kv_caches, device, pool
-        self.max_tokens = TOKEN_BUCKETS[-1]  # the most tokens a replayed forward holds
+        self.max_tokens = TOKEN_BUCKETS[-1]  # the most tokens a replayed forward of drafts holds
         # Few sequence buckets (a spare sequence costs one block that leaves at once), so few
         # graphs: each capture costs a forward and tens of milliseconds.
         self.seq_buckets = [b for b in (4, 16, 64, 256) if b <= max_num_seqs] + [max_num_seqs + 1]
         super().__init__(lambda *key: _VarlenGraph(self, *key))
         self.keys = {}  # (tokens, seqs, table width, masked) of a forward that fits the graphs -> its graph's key
         self.replays = 0
-        # Every graph's outputs, [TOKEN_BUCKETS[-1], vocab] float32 and their greedy choices,
+        # Every graph's outputs, [most rows, vocab] float32 and their greedy choices,
         # allocated at the first capture (or by allocate_outputs): verification graphs read them
         # at fixed addresses.
         self.logits = self.choices = None
@@ -50,22 +58,25 @@ class VarlenGraphs(GraphSet):
         for tokens in reversed(TOKEN_BUCKETS):  # the largest first: the smaller reuse its pool memory
             width = width_of(-(-tokens // block_size))
             for seqs in (s for s in self.seq_buckets if s <= tokens + 1):  # a real sequence brings >= 1 token
-                self._graph((tokens, seqs, width, masked))
+                self._graph((tokens, seqs, width, masked, False))
 
-    def graph_for(self, tokens, seqs, width, masked):
+    def graph_for(self, tokens, seqs, width, masked, chunks=False):
         """The graph that a forward of `tokens` tokens over `seqs` sequences (tables `width`
         blocks wide) replays, captured now if new; None when it runs eagerly. A masked forward
-        writes its mask into the graph's mask_buffer, then calls run."""
-        if tokens > TOKEN_BUCKETS[-1] or seqs >= self.seq_buckets[-1] or width > MAX_WIDTH:
+        writes its mask into the graph's mask_buffer, then calls run. chunks: a plain step with
+        prompt chunks, which wants at most one logits row per sequence."""
+        buckets = CHUNK_TOKEN_BUCKETS if chunks else TOKEN_BUCKETS
+        if tokens > buckets[-1] or seqs >= self.seq_buckets[-1] or width > MAX_WIDTH or (chunks and masked):
             return None
-        shape = tokens, seqs, width, masked
+        shape = tokens, seqs, width, masked, chunks
         key = self.keys.get(shape)
         if key is None:  # a shape not seen before
-            bucket = bucket_of(tokens, TOKEN_BUCKETS)
+            bucket = bucket_of(tokens, buckets)
             block_size = self.kv_caches[0][0].shape[1]
             width = width_of(max(width, -(-bucket // block_size)))  # the padding sequence's blocks fit
             # Room for the padding sequence.
-            key = self.keys[shape] = bucket, bucket_of(seqs + (tokens < bucket), self.seq_buckets), width, masked
+            seq_bucket = bucket_of(seqs + (tokens < bucket), self.seq_buckets)
+            key = self.keys[shape] = bucket, seq_bucket, width, masked, chunks
         return self._graph(key)
 
     def run(self, graph, ids, positions, slots, tables, cu_seqlens, seq_lens, rows, mask_indptr=None):
@@ -86,10 +97,13 @@ class VarlenGraphs(GraphSet):
         return self.row_views[n]
 
     def allocate_outputs(self):
-        """The output buffers that every graph shares, and verification graphs read (once)."""
+        """The output buffers that every graph shares, and verification graphs read (once): as
+        many rows as the most a graph computes (every token of the largest few-tokens bucket,
+        or one per sequence of a chunks graph)."""
         if self.logits is None:
-            self.logits = torch.empty(TOKEN_BUCKETS[-1], self.model.args.vocab_size, device=self.device)
-            self.choices = torch.empty(TOKEN_BUCKETS[-1], 2, dtype=torch.float64, device=self.device)
+            rows = max(TOKEN_BUCKETS[-1], self.seq_buckets[-1])
+            self.logits = torch.empty(rows, self.model.args.vocab_size, device=self.device)
+            self.choices = torch.empty(rows, 2, dtype=torch.float64, device=self.device)
 
     def _graph(self, key):
         self.allocate_outputs()
@@ -97,16 +111,17 @@ class VarlenGraphs(GraphSet):
 
 
 class _VarlenGraph:
-    def __init__(self, owner, tokens, seqs, width, masked):
+    def __init__(self, owner, tokens, seqs, width, masked, chunks):
         self.tokens, self.seqs = tokens, seqs
-        self.per_query = tokens <= (MASKED_PER_QUERY_TOKENS if masked else PER_QUERY_TOKENS) * seqs
+        self.rows = seqs if chunks else tokens  # the most logits rows a replay computes
+        self.per_query = not chunks and tokens <= (MASKED_PER_QUERY_TOKENS if masked else PER_QUERY_TOKENS) * seqs
         self.masked_rows = masked and self.per_query
         # Per token, per sequence; each masked row's sequence length and mask offset; mask_indptr
         # for masked graphs; the block tables; the mask (the sum of q_len x seq_len, padding's too).
         n, b = tokens, seqs
         block_size = owner.kv_caches[0][0].shape[1]
         capacity = tokens * max(width * block_size, tokens) if masked else 0
-        self.inputs = StaticInputs(dict(ids=n, positions=n, slots=n, owners=n, rows=n, cu=b + 1, lens=b,
+        self.inputs = StaticInputs(dict(ids=n, positions=n, slots=n, owners=n, rows=self.rows, cu=b + 1, lens=b,
                                         row_lens=n if self.masked_rows else 0, offsets=n if self.masked_rows else 0,
                                         indptr=b + 1 if masked else 0, tables=((b, width), torch.int32),
                                         mask=(capacity, torch.bool)), owner.device)
@@ -132,8 +147,8 @@ class _VarlenGraph:
                                    cu_seqlens_q=cu_seqlens, decode_only=False, custom_mask=mask,
                                    mask_indptr=f["indptr"].int() if masked else None)
         logits = owner.model(f["ids"], positions, batch, owner.kv_caches, logits_indices=f["rows"],
-                             logits_out=owner.logits[:self.tokens])
-        return logits, greedy_choices(logits, out=owner.choices[:self.tokens])
+                             logits_out=owner.logits[:self.rows])
+        return logits, greedy_choices(logits, out=owner.choices[:self.rows])
 
     def mask_buffer(self, size):
         """The host side of the mask's first `size` elements (flat bool), for the caller to
