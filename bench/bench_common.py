@@ -79,6 +79,7 @@ class StepClock:
     def __init__(self, llm, profile=0):
         self.times = {"decode": [], "prefill": []}
         self.busy = {"decode": [], "prefill": []}  # device busy seconds of each profiled step
+        self.kernels = {}  # kind -> the first profiled step's kernel table (most device time first)
         self.profile = profile
         schedule, step, kind = llm.scheduler.schedule, llm.step, {}
 
@@ -109,7 +110,9 @@ class StepClock:
             torch.cuda.synchronize()
         name = kind.pop("last", None)
         if name is not None and len(self.busy[name]) < self.profile:
-            self.busy[name].append(sum(e.self_device_time_total for e in profiler.key_averages()) / 1e6)
+            events = profiler.key_averages()
+            self.busy[name].append(sum(e.self_device_time_total for e in events) / 1e6)
+            self.kernels.setdefault(name, events.table(sort_by="self_device_time_total", row_limit=16))
         return emitted
 
     def summary(self):

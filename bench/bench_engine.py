@@ -105,6 +105,8 @@ def device_busy_per_step(llm, requests, steps=5, max_steps=400):
         llm.step()
     for request_id in ids:
         llm.abort(request_id)
+    for kind, table in clock.kernels.items():  # to the log: where a step's device time goes
+        print(f"Kernels of one profiled {kind} step:\n{table}")
     return ", " + clock.busy_summary() if clock.busy_summary() else ""
 
 
