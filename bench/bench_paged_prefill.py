@@ -3,7 +3,9 @@ installed; its fa2 and fa3 backends, pagedlm compared with the faster) and torch
 dense K/V side by side on the prefill shapes of bench/README.md: bf16 causal, 32 query /
 8 kv heads (SDPA: 32/32, dense), head_dim 128, page 16, pages scattered; the cache bf16 or FP8
 (e4m3, scale 1; SDPA stays bf16). Three more rows take a 4K sliding window, a soft cap of 50 and
-head dim 256 (Mistral's and Gemma's options; FlashInfer given the same, SDPA not run).
+head dim 256 (Mistral's and Gemma's options), and one a custom mask: a random token tree after
+each sequence's cached prefix, as speculative tree verification has (FlashInfer given the same,
+SDPA not run).
 
     python bench/bench_paged_prefill.py [--flashinfer-backends fa2,fa3] [--kv-cache-dtype fp8_e4m3]
                                         [--out FILE] [--append-results] [--warm-anchors]
@@ -13,7 +15,7 @@ GPU machine); --warm-anchors only does that, on tiny inputs, and exits, so that 
 have it done while the GPU tests run.
 
 TFLOP/s counts what causal attention must compute: 4 * H * D per (query, visible key) pair,
-i.e. 2 * B * H * L^2 * D for a full causal prefill (a window sees fewer pairs).
+i.e. 2 * B * H * L^2 * D for a full causal prefill (a window or a mask sees fewer pairs).
 """
 import argparse
 import datetime
@@ -31,7 +33,26 @@ SHAPES = [("B=8, L=4096", 8, 4096, 0, {}), ("B=1, L=16384", 1, 16384, 0, {}),
           ("chunked: B=16, 512 new over 8192 cached", 16, 512, 8192, {}),
           ("4K window: B=1, L=16384", 1, 16384, 0, {"window": 4096}),
           ("soft cap 50: B=8, L=4096", 8, 4096, 0, {"soft_cap": 50.0}),
-          ("D=256: B=8, L=4096", 8, 4096, 0, {"head_dim": 256})]
+          ("D=256: B=8, L=4096", 8, 4096, 0, {"head_dim": 256}),
+          ("tree mask: B=16, 128 tree tokens over 4096 cached", 16, 128, 4096, {"tree": True})]
+
+
+def tree_mask(batch, q_len, cached, seed=0):
+    """(mask, mask_indptr): for each sequence, a random tree of q_len tokens (each token's parent
+    an earlier one or the cached prefix) whose rows see the whole prefix, their ancestors and
+    themselves; [q_len, cached + q_len] per sequence, flattened one after another."""
+    g = torch.Generator().manual_seed(seed)
+    masks = []
+    for _ in range(batch):
+        tree = torch.zeros(q_len, q_len, dtype=torch.bool)
+        for i in range(q_len):
+            parent = int(torch.randint(-1, i, (1,), generator=g)) if i else -1
+            if parent >= 0:
+                tree[i] = tree[parent]
+            tree[i, i] = True
+        masks.append(torch.cat([torch.ones(q_len, cached, dtype=torch.bool), tree], dim=1).flatten())
+    indptr = torch.arange(batch + 1, dtype=torch.int32) * q_len * (cached + q_len)
+    return torch.cat(masks).cuda(), indptr.cuda()
 
 
 def make_inputs(batch, q_len, cached, kv_dtype, head_dim, seed=0):
@@ -48,15 +69,16 @@ def make_inputs(batch, q_len, cached, kv_dtype, head_dim, seed=0):
     return query, key_cache, value_cache, tables, cu, lens
 
 
-def flashinfer_prefill(query, key_cache, value_cache, tables, cu, lens, batch, length, backend, window, soft_cap):
+def flashinfer_prefill(query, key_cache, value_cache, tables, cu, lens, batch, length, backend, window, soft_cap,
+                       mask=None):
     import flashinfer
     workspace = torch.zeros(256 << 20, dtype=torch.uint8, device="cuda")
     wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD", backend=backend)
     pages = tables.shape[1]
     kv_indptr = torch.arange(batch + 1, dtype=torch.int32, device="cuda") * pages
     last = torch.full((batch,), length - (pages - 1) * PAGE, dtype=torch.int32, device="cuda")
-    wrapper.plan(cu, kv_indptr, tables.flatten(), last, HEADS, KV_HEADS, query.shape[-1], PAGE, causal=True,
-                 q_data_type=torch.bfloat16, kv_data_type=key_cache.dtype,
+    wrapper.plan(cu, kv_indptr, tables.flatten(), last, HEADS, KV_HEADS, query.shape[-1], PAGE,
+                 causal=mask is None, custom_mask=mask, q_data_type=torch.bfloat16, kv_data_type=key_cache.dtype,
                  window_left=-1 if window is None else window - 1, logits_soft_cap=soft_cap)
     return lambda: wrapper.run(query, (key_cache, value_cache))
 
@@ -85,12 +107,13 @@ def warm_anchors(backends, kv_dtype):
     if not flashinfer_version():
         return
     variants = {(options.get("window") is not None, options.get("soft_cap") is not None,
-                 options.get("head_dim", HEAD_DIM)): options for *_, options in SHAPES}
+                 options.get("head_dim", HEAD_DIM), options.get("tree", False)): options for *_, options in SHAPES}
     for backend in backends:
         for options in variants.values():
             inputs = make_inputs(1, 128, 0, kv_dtype, options.get("head_dim", HEAD_DIM))
+            mask = tree_mask(1, 128, 0)[0] if options.get("tree") else None
             try:
-                flashinfer_prefill(*inputs, 1, 128, backend, options.get("window"), options.get("soft_cap"))()
+                flashinfer_prefill(*inputs, 1, 128, backend, options.get("window"), options.get("soft_cap"), mask)()
                 torch.cuda.synchronize()
                 print(f"FlashInfer {backend} {options or 'plain'}: built")
             except Exception as err:  # noqa: BLE001  (the timed run reports and skips it too)
@@ -122,11 +145,13 @@ def main():
     for label, batch, q_len, cached, options in SHAPES:
         window, soft_cap, head_dim = options.get("window"), options.get("soft_cap"), options.get("head_dim", HEAD_DIM)
         query, kc, vc, tables, cu, lens = make_inputs(batch, q_len, cached, KV_DTYPES[args.kv_cache_dtype], head_dim)
-        fns = {"pagedlm": lambda: ops.paged_prefill_attention(query, kc, vc, tables, cu, lens, sliding_window=window,
+        mask, indptr = tree_mask(batch, q_len, cached) if options.get("tree") else (None, None)
+        fns = {"pagedlm": lambda: ops.paged_prefill_attention(query, kc, vc, tables, cu, lens, custom_mask=mask,
+                                                              mask_indptr=indptr, sliding_window=window,
                                                               soft_cap=soft_cap, backend=args.backend)}
         for backend, anchor in zip(args.flashinfer_backends, anchors):
             fns[anchor] = lambda b=backend: flashinfer_prefill(query, kc, vc, tables, cu, lens, batch, cached + q_len, b,
-                                                               window, soft_cap)
+                                                               window, soft_cap, mask)
         reference = fns["pagedlm"]()
         times = {}
         for name, make in fns.items():
@@ -142,8 +167,10 @@ def main():
         if not options:
             times["torch SDPA dense (MHA)"] = do_bench(sdpa_dense(batch, q_len, cached + q_len), warmup=25, rep=100,
                                                        return_mode="median")
-        rows.append((label, causal_flops(batch, q_len, cached, window, head_dim), times))
-        del query, kc, vc, tables, cu, lens
+        flops = (4 * HEADS * head_dim * int(mask.sum()) if mask is not None
+                 else causal_flops(batch, q_len, cached, window, head_dim))
+        rows.append((label, flops, times))
+        del query, kc, vc, tables, cu, lens, mask
         torch.cuda.empty_cache()
 
     names = ["pagedlm", *anchors, "torch SDPA dense (MHA)"]
