@@ -183,6 +183,31 @@ def test_varlen_graph_logits_equal_the_eager_forward(models, split, per_query):
     torch.testing.assert_close(choices, greedy_choices(graphed), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("split", [[(9, 1), (5, 1), (0, 30), (3, 1)], [(30, 1), (2, 13)], [(7, 1), (0, 1), (4, 9)]])
+def test_decode_rows_equal_the_prefill_of_a_mixed_step(models, split, monkeypatch):
+    """A step whose leading sequences decode and whose others bring chunks (a decode after them
+    included): its decode rows through the decode kernel (DecodeRows, the prefill seeing them as
+    one placeholder sequence), eagerly and through a chunks graph, equal the whole step through
+    the prefill kernel, row for row."""
+    import pagedlm.engine.forward as forward
+    from pagedlm.engine.forward import ForwardItem, paged_forward
+    llm = engine(models, 4)
+    bm = llm.block_manager
+    items = []
+    for seq_id, (cached, new) in enumerate(split):
+        tokens = [(31 * seq_id + t) % 97 for t in range(cached + new)]  # no two share a cached block
+        bm.allocate(seq_id, tokens)
+        items.append(ForwardItem(seq_id, tokens[cached:], cached, 0, None, [new - 1]))
+    split_eager = paged_forward(llm.model, llm.kv_caches, bm, llm.device, items).clone()
+    graphs = VarlenGraphs(llm.model, llm.kv_caches, MAX_SEQS, llm.device, None)
+    graphed = paged_forward(llm.model, llm.kv_caches, bm, llm.device, items, graphs, chunks=True).clone()
+    assert graphs.replays == 1 and [key[-1] for key in graphs.graphs] == [True]
+    monkeypatch.setattr(forward, "leading_decodes", lambda counts: 0)  # every row through the prefill kernel
+    prefill_only = paged_forward(llm.model, llm.kv_caches, bm, llm.device, items)
+    torch.testing.assert_close(split_eager, prefill_only, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(graphed, prefill_only, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("trees", [[(9, [-1, -1, 0, 1, 1]), (5, [-1, 0, 1]), (20, [-1, -1, -1, 2])],
                                    [(1, [-1, 0])]])  # a mask smaller than its padding rows' share
 def test_masked_varlen_graph_rows_equal_the_eager_forward(models, trees):

@@ -13,6 +13,7 @@ import pagedlm.ops as ops
 from pagedlm.engine.cascade import plan as cascade_plan
 from pagedlm.engine.sampler import greedy_choices
 from pagedlm.models import AttentionBatch
+from pagedlm.models.llama import DecodeRows
 
 
 def apply_block_copies(kv_caches, copies, device):
@@ -85,6 +86,27 @@ def _lower_triangle(n):
     return tri
 
 
+def leading_decodes(counts):
+    """How many of a step's first sequences bring one token each (its decode rows)."""
+    n = 0
+    while n < len(counts) and counts[n] == 1:
+        n += 1
+    return n
+
+
+def split_decode_rows(n, cu_seqlens, seq_lens, tables, block_size):
+    """The prefill's view of a step whose first n sequences decode (DecodeRows): those rows as
+    one placeholder sequence of n tokens over block 0, whose output their decode replaces, then
+    the other sequences. Returns (cu_seqlens_q, seq_lens, block_tables) of the prefill as numpy
+    arrays, the tables widened where the placeholder's n tokens need it."""
+    width = max(tables.shape[1], -(-n // block_size))
+    prefill_tables = np.zeros((tables.shape[0] - n + 1, width), dtype=np.int32)
+    prefill_tables[1:, :tables.shape[1]] = tables[n:]
+    prefill_cu = np.asarray([0, *cu_seqlens[n:]], dtype=np.int32)
+    prefill_lens = np.asarray([n, *seq_lens[n:]], dtype=np.int32)
+    return prefill_cu, prefill_lens, prefill_tables
+
+
 def paged_forward(model, kv_caches, bm, device, items, graphs=None, *, choices=False, cascade=False, chunks=False):
     """Runs items (their slots already reserved in bm) through model, replaying one of graphs
     (VarlenGraphs) when the batch fits them; returns float32 logits
@@ -115,12 +137,19 @@ def paged_forward(model, kv_caches, bm, device, items, graphs=None, *, choices=F
         return (logits, row_choices) if choices else logits
     decode_only = all(c == 1 for c in counts)
     shared = cascade_plan(tables, seq_lens, bm.block_size) if cascade and decode_only and mask is None else None
+    decodes = leading_decodes(counts) if not decode_only and mask is None else 0
+    decode_rows = None
+    if decodes:
+        decode_rows = DecodeRows(torch.tensor(seq_lens[:decodes], dtype=torch.int32, device=device),
+                                 torch.from_numpy(tables[:decodes]).to(device))
+        cu, seq_lens, tables = split_decode_rows(decodes, cu, seq_lens, tables, bm.block_size)
     batch = AttentionBatch(
         slot_mapping=torch.from_numpy(slots).to(device),
         block_tables=torch.from_numpy(tables).to(device),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
-        cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=device),
+        seq_lens=torch.as_tensor(seq_lens, dtype=torch.int32).to(device),
+        cu_seqlens_q=torch.as_tensor(cu, dtype=torch.int32).to(device),
         decode_only=decode_only,
+        decode_rows=decode_rows,
         custom_mask=None if mask is None else torch.from_numpy(mask).to(device),
         mask_indptr=None if indptr is None else torch.tensor(indptr, dtype=torch.int32, device=device),
         cascade=None if shared is None else shared.tensors(device))

@@ -105,7 +105,11 @@ class ModelRunner:
                 if s.seq.prompt_logprobs is not None and _prompt_positions(s.seq, s.seq.num_cached, 1):
                     prompt_rows.append((s.seq, i, s.seq.num_cached, 1))
             return (*self._decode(computing), {s.seq: i for i, s in enumerate(computing)}, prompt_rows)
-        # Drafts, prompt chunks, or a tree's accepted tokens recomputed: one packed forward.
+        # Drafts, prompt chunks, or a tree's accepted tokens recomputed: one packed forward. With
+        # prompt chunks, the sequences that decode go first: they attend as decode rows (DecodeRows).
+        few = bool(drafts) or max(counts) <= FEW_TOKENS
+        if not few:
+            computing = sorted(computing, key=lambda s: s.num_new != 1)
         items, rows, first = [], {}, 0
         for s in computing:
             seq, start, draft = s.seq, s.seq.num_cached, drafts.get(s.seq)
@@ -120,7 +124,6 @@ class ModelRunner:
             first += len(logit_rows)
             items.append(ForwardItem(seq.seq_id, seq.token_range(start, start + s.num_new) + extra, start, len(extra),
                                      parents, logit_rows))
-        few = bool(drafts) or max(counts) <= FEW_TOKENS
         # A cache that measures its FP8 scales from the first tokens runs eagerly: a capture's
         # warm-up would measure the padding, and a replay measures nothing.
         graphs = None if prompt_rows and not few or _measuring(self.kv_caches) else self.varlen

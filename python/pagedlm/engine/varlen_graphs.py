@@ -6,8 +6,10 @@ import numpy as np
 import torch
 
 from pagedlm.engine.cuda_graphs import MAX_WIDTH, Graph, GraphSet, StaticInputs, bucket_of, width_of
+from pagedlm.engine.forward import leading_decodes, split_decode_rows
 from pagedlm.engine.sampler import greedy_choices
 from pagedlm.models import AttentionBatch
+from pagedlm.models.llama import DecodeRows
 
 TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512)  # larger forwards of a few tokens per sequence run eagerly
 # Steps with prompt chunks, which want one logits row per sequence: finer buckets, since each
@@ -112,19 +114,23 @@ class VarlenGraphs(GraphSet):
 
 class _VarlenGraph:
     def __init__(self, owner, tokens, seqs, width, masked, chunks):
-        self.tokens, self.seqs = tokens, seqs
+        self.tokens, self.seqs, self.chunks = tokens, seqs, chunks
         self.rows = seqs if chunks else tokens  # the most logits rows a replay computes
         self.per_query = not chunks and tokens <= (MASKED_PER_QUERY_TOKENS if masked else PER_QUERY_TOKENS) * seqs
         self.masked_rows = masked and self.per_query
         # Per token, per sequence; each masked row's sequence length and mask offset; mask_indptr
-        # for masked graphs; the block tables; the mask (the sum of q_len x seq_len, padding's too).
-        n, b = tokens, seqs
-        block_size = owner.kv_caches[0][0].shape[1]
+        # for masked graphs; a chunks graph's decode rows (DecodeRows: their lengths and tables);
+        # the block tables; the mask (the sum of q_len x seq_len, padding's too). A chunks graph's
+        # sequences are the prefill's view (split_decode_rows): the decode rows' placeholder first.
+        n, b = tokens, seqs + chunks
+        self.block_size = block_size = owner.kv_caches[0][0].shape[1]
         capacity = tokens * max(width * block_size, tokens) if masked else 0
+        decode_rows = min(seqs, tokens) if chunks else 0
         self.inputs = StaticInputs(dict(ids=n, positions=n, slots=n, owners=n, rows=self.rows, cu=b + 1, lens=b,
                                         row_lens=n if self.masked_rows else 0, offsets=n if self.masked_rows else 0,
-                                        indptr=b + 1 if masked else 0, tables=((b, width), torch.int32),
-                                        mask=(capacity, torch.bool)), owner.device)
+                                        indptr=b + 1 if masked else 0, decode_lens=(decode_rows, torch.int32),
+                                        decode_tables=((decode_rows, width), torch.int32),
+                                        tables=((b, width), torch.int32), mask=(capacity, torch.bool)), owner.device)
         self.fields, self.token_index = self.inputs.host, np.arange(tokens)
         self._copy_inputs([], [], [], np.zeros((0, 1), dtype=np.int32), [0], [], [],
                           [0] if masked else None)  # captured with every token padding
@@ -135,7 +141,12 @@ class _VarlenGraph:
         """The forward over the device fields f; it writes the owner's shared outputs."""
         positions, slots, cu_seqlens = f["positions"], f["slots"], f["cu"].int()
         mask = f["mask"] if masked else None
-        if self.masked_rows:  # token i: a decode query over its sequence, under its row of the mask
+        if self.chunks:  # the decode rows through the decode kernel, the rest through the prefill kernel
+            decode_lens = f["decode_lens"]
+            rows = DecodeRows(decode_lens, f["decode_tables"], (decode_lens > 0)[:, None, None])
+            batch = AttentionBatch(slot_mapping=slots, block_tables=f["tables"], seq_lens=f["lens"].int(),
+                                   cu_seqlens_q=cu_seqlens, decode_only=False, decode_rows=rows)
+        elif self.masked_rows:  # token i: a decode query over its sequence, under its row of the mask
             batch = AttentionBatch(slot_mapping=slots, block_tables=f["tables"][f["owners"]],
                                    seq_lens=f["row_lens"].int(), cu_seqlens_q=cu_seqlens, decode_only=True,
                                    custom_mask=mask, mask_offsets=f["offsets"])
@@ -158,6 +169,12 @@ class _VarlenGraph:
     def _copy_inputs(self, ids, positions, slots, tables, cu_seqlens, seq_lens, rows, mask_indptr):
         """Writes the host fields; returns how many int64 words of them the replay uses."""
         n, f, index = self.tokens, self.fields, self.token_index
+        if self.chunks:  # the leading one-token sequences decode; the prefill sees them as one placeholder
+            decodes = leading_decodes(np.diff(cu_seqlens))
+            f["decode_lens"][:decodes], f["decode_lens"][decodes:] = seq_lens[:decodes], 0
+            f["decode_tables"].fill(0)
+            f["decode_tables"][:decodes, :tables.shape[1]] = tables[:decodes]
+            cu_seqlens, seq_lens, tables = split_decode_rows(decodes, cu_seqlens, seq_lens, tables, self.block_size)
         real, pad = len(ids), n - len(ids)
         f["ids"][:real], f["ids"][real:] = ids, 0
         f["positions"][:real], f["positions"][real:] = positions, index[:pad]

@@ -127,6 +127,15 @@ class Attention(nn.Module):
                                               mask_indptr=batch.mask_indptr, scale=self.scale,
                                               sliding_window=self.sliding_window, soft_cap=self.soft_cap,
                                               k_scale=k_scale, v_scale=v_scale)
+            if batch.decode_rows is not None:
+                d = batch.decode_rows
+                rows = d.seq_lens.shape[0]
+                decoded = ops.paged_decode_attention(q[:rows], key_cache, value_cache, d.block_tables, d.seq_lens,
+                                                     scale=self.scale, sliding_window=self.sliding_window,
+                                                     soft_cap=self.soft_cap, k_scale=k_scale, v_scale=v_scale,
+                                                     out=out[:rows] if d.decoding is None else None)
+                if d.decoding is not None:
+                    out[:rows] = torch.where(d.decoding, decoded, out[:rows])
         return self.o_proj(out.view(tokens, -1))
 
 

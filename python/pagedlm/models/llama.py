@@ -27,6 +27,8 @@ class AttentionBatch:
     table and length) and mask_offsets int64 [tokens] locate the rows' masks instead, as
     paged_decode_attention takes them. cascade (engine.cascade.CascadeBatch): with decode_only,
     the rows' shared prefixes, which layers without a sliding window read once per group.
+    decode_rows (DecodeRows): in a step whose prompt chunks follow decodes, the decode rows,
+    which attend through the decode kernel (engine/forward.py, split_decode_rows).
     """
     slot_mapping: torch.Tensor
     block_tables: torch.Tensor
@@ -37,6 +39,20 @@ class AttentionBatch:
     mask_indptr: torch.Tensor | None = None
     mask_offsets: torch.Tensor | None = None
     cascade: object = None
+    decode_rows: object = None
+
+
+@dataclass
+class DecodeRows:
+    """The first rows of a mixed step that decode: row i < len(seq_lens) is the one new token of
+    a sequence of seq_lens[i] tokens (block_tables[i]) when seq_lens[i] > 0, and is not a decode
+    row otherwise. In the prefill, the decode rows form one placeholder sequence, whose output
+    these rows' decode replaces: rows where `decoding` (bool [rows, 1, 1]) holds, or every row
+    when it is None. The split-K decode kernel reads each K/V row once per kv head; the prefill
+    kernel would take a block of queries per row and query head."""
+    seq_lens: torch.Tensor
+    block_tables: torch.Tensor
+    decoding: torch.Tensor | None = None
 
 
 class DecoderLayer(nn.Module):

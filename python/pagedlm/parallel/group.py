@@ -32,6 +32,7 @@ from pagedlm.engine.forward import apply_block_copies
 from pagedlm.engine.runner import ModelRunner
 from pagedlm.kv_cache import make_layer_caches
 from pagedlm.models import AttentionBatch
+from pagedlm.models.llama import DecodeRows
 from pagedlm.parallel.loader import load_shard, read_args
 
 COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=float(os.environ.get("PAGEDLM_TP_TIMEOUT", 600)))
@@ -168,8 +169,11 @@ class TensorParallelGroup:
     def run_forward(self, forward, input_ids, positions, batch, kv_caches, logits_indices, logits_out):
         """The model's forward on rank 0, after the workers are handed its inputs."""
         self._check()
+        decode_rows = batch.decode_rows  # eager: every one of its rows decodes (no `decoding` mask)
         named = [("input_ids", input_ids), ("positions", positions),
-                 *[(f, getattr(batch, f)) for f in BATCH_FIELDS], ("logits_indices", logits_indices)]
+                 *[(f, getattr(batch, f)) for f in BATCH_FIELDS], ("logits_indices", logits_indices),
+                 ("decode_seq_lens", None if decode_rows is None else decode_rows.seq_lens),
+                 ("decode_block_tables", None if decode_rows is None else decode_rows.block_tables)]
         header, buffer = _pack([(n, t) for n, t in named if t is not None], self.devices[0])
         try:
             self._send(("forward", header, buffer.numel(), bool(batch.decode_only)))
@@ -354,7 +358,10 @@ def _worker_main(rank, size, port, folder, dtype, device, backend, conn):
                 buffer = torch.empty(nbytes, dtype=torch.uint8, device=device)
                 dist.broadcast(buffer, src=0)
                 inputs = _unpack(header, buffer)
-                batch = AttentionBatch(**{f: inputs.get(f) for f in BATCH_FIELDS}, decode_only=decode_only)
+                decode_rows = (DecodeRows(inputs["decode_seq_lens"], inputs["decode_block_tables"])
+                               if "decode_seq_lens" in inputs else None)
+                batch = AttentionBatch(**{f: inputs.get(f) for f in BATCH_FIELDS}, decode_only=decode_only,
+                                       decode_rows=decode_rows)
                 model(inputs["input_ids"], inputs["positions"], batch, caches, inputs.get("logits_indices"))
             else:
                 raise ValueError(f"unknown message {kind!r}")
