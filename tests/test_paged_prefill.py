@@ -188,6 +188,20 @@ def cuda_check(batch, dtype, **kwargs):
     return out, lse
 
 
+def test_many_short_sequences_take_the_persistent_grid():
+    """The grid choice counts the blocks the one-block-per-tile grid would launch: a step of 257
+    short sequences (decodes and a prompt chunk) over 32 heads is mostly spare blocks, and runs
+    persistent; one short sequence does not; a long prefill does."""
+    assert ops.persistent_prefill(512, 257, 32)
+    assert not ops.persistent_prefill(128, 1, 32)
+    assert not ops.persistent_prefill(100, 3, 8)
+    assert ops.persistent_prefill(16384, 1, 32)
+    # At the bound: (rows / 128 + sequences) x heads blocks of 128 rows each.
+    tiles = ops.PERSISTENT_PREFILL_MIN_WORK // ops.PREFILL_QUERY_TILE // 8
+    assert ops.persistent_prefill((tiles - 4) * ops.PREFILL_QUERY_TILE, 4, 8)
+    assert not ops.persistent_prefill((tiles - 5) * ops.PREFILL_QUERY_TILE, 4, 8)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype, heads, head_dim, block_size, window, soft_cap", grid())
 def test_cuda_mixed_batch(dtype, heads, head_dim, block_size, window, soft_cap):

@@ -25,10 +25,21 @@ __all__ = ["write_kv_cache", "copy_blocks", "paged_decode_attention", "paged_pre
 
 DECODE_WORKSPACE_BYTES = 32 << 20
 _workspaces = {}
-# CUDA prefill calls with at least this many (query row, head) pairs get a zeroed work counter, with
-# which the Hopper kernel runs a persistent grid; below it the counter's memset would cost more than
-# the blocks' start-up it saves.
+# CUDA prefill calls whose one-block-per-tile grid would cover at least this many (query row, head)
+# pairs get a zeroed work counter, with which the Hopper kernel runs a persistent grid; below it the
+# counter's memset would cost more than the blocks' start-up it saves. See persistent_prefill.
 PERSISTENT_PREFILL_MIN_WORK = 1 << 16
+PREFILL_QUERY_TILE = 128  # query rows per block of the CUDA prefill kernels
+
+
+def persistent_prefill(total_q, num_seqs, num_heads):
+    """Whether a CUDA prefill of total_q query rows over num_seqs sequences runs the persistent grid.
+    The other grid has a block per query tile and head, bounded on the host by total_q / 128 + one
+    per sequence: a step of many short sequences (decodes mixed with prompt chunks) makes most of
+    those blocks spares. The Hopper kernel fits one block per SM, so spares run in waves, each
+    walking cu_seqlens_q to find it has no tile; the persistent grid's blocks stop at their first."""
+    grid_rows = (total_q // PREFILL_QUERY_TILE + num_seqs) * PREFILL_QUERY_TILE
+    return grid_rows * num_heads >= PERSISTENT_PREFILL_MIN_WORK
 
 
 _INT64_MAX = (1 << 63) - 1
@@ -208,7 +219,8 @@ def _prefill_into(query, key_cache, value_cache, block_tables, cu_seqlens_q, seq
                                       custom_mask is not None and custom_mask.dtype == torch.uint8,
                                       query.shape[0], key_cache.shape[1], key_cache.shape[0])
     large = (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and query.dim() == 3
-             and query.shape[0] * query.shape[1] >= PERSISTENT_PREFILL_MIN_WORK)
+             and cu_seqlens_q.dim() == 1
+             and persistent_prefill(query.shape[0], cu_seqlens_q.shape[0] - 1, query.shape[1]))
     tile_counter = torch.zeros(1, dtype=torch.int32, device=query.device) if large else None
     _C.paged_prefill(query, key_cache, value_cache, block_tables, cu_seqlens_q, seq_lens, out, lse, custom_mask,
                      mask_indptr, causal, scale, sliding_window, soft_cap, tile_counter, k_value, v_value, k_tensor,
