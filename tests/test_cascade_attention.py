@@ -465,11 +465,12 @@ def test_cuda_long_shared_prefix(heads):
 
 @pytest.mark.gpu
 def test_cuda_large_batch_takes_the_persistent_prefill():
-    # 2,048 rows x 32 heads reach ops.PERSISTENT_PREFILL_MIN_WORK: the prefill runs its persistent grid.
+    # 16 groups of 128 rows: each group's prefix (longer than its 128 x 4 packed queries, so none is
+    # short) is one prefill sequence of 512 queries per kv head, through the persistent grid.
     group_sizes = [128] * 16
-    assert sum(group_sizes) * 32 >= ops.PERSISTENT_PREFILL_MIN_WORK
+    assert ops.persistent_prefill(sum(group_sizes) * 4, len(group_sizes), 8)
     suffix_lens = [(11 * b) % 40 for b in range(sum(group_sizes))]
-    args = cascade_inputs(group_sizes, [130 + 16 * g for g in range(16)], suffix_lens, heads=(32, 8), head_dim=64,
+    args = cascade_inputs(group_sizes, [520 + 16 * g for g in range(16)], suffix_lens, heads=(32, 8), head_dim=64,
                           block_size=16, dtype=torch.float16, seed=15)
     run_and_check("cuda", args, dtype=torch.float16)
 

@@ -43,9 +43,11 @@ def bigram_model(model):
 
 
 def stub_forward(llm):
-    """Decode forwards return zero logits without running the model (prompt steps still run it)."""
+    """Decode forwards return zero logits and their greedy choices, as a replayed graph does,
+    without running the model (prompt steps still run it)."""
     logits = torch.zeros(llm.scheduler.max_num_seqs, llm.model.args.vocab_size)
-    llm.runner._decode = lambda computing: (logits[:len(computing)], None)
+    choices = torch.zeros(llm.scheduler.max_num_seqs, 2, dtype=torch.float64)
+    llm.runner._decode = lambda computing: (logits[:len(computing)], choices[:len(computing)])
 
 
 def main():
@@ -57,7 +59,10 @@ def main():
     parser.add_argument("--profile", choices=["plain", *METHODS], help="cProfile this engine's timed rounds")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    prompts = [w[:64].astype(int).tolist() for w in np.load(TINY_CODE / "heldout.npy")[:args.batch]]
+    # The held-out windows, each made distinct by a shift when the batch needs more of them than there are.
+    windows = np.load(TINY_CODE / "heldout.npy")
+    prompts = [((windows[i % len(windows), :64].astype(int) + i // len(windows)) % 4096).tolist()
+               for i in range(args.batch)]
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
     engines = {"plain": LLM(tiny_model("target"), device="cpu", num_blocks=2048)}
     for name, config in METHODS.items():
@@ -79,7 +84,8 @@ def main():
     for _ in range(args.rounds):
         for name, llm in engines.items():
             ids = [llm.add_request(prompt, params) for prompt in prompts]
-            llm.step()  # the prompts' prefill: not timed
+            while llm.scheduler.waiting or any(s.num_cached < len(s.prompt) for s in llm.scheduler.running):
+                llm.step()  # the prompts' prefill: not timed
             steps, start = 0, time.perf_counter()
             if name == args.profile:
                 profiler.enable()
