@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import pagedlm.ops as ops
 from bench_common import anchor_columns, copy_bandwidth, cpu_name, flashinfer_version, git_commit, write_results
 
-GPU_SHAPES = [(1, 32768), (8, 8192), (64, 4096), (256, 2048), (1, 131072), (512, 512)]
+GPU_SHAPES = [(1, 32768), (8, 8192), (64, 4096), (256, 2048), (1, 131072), (512, 512), (8, 32768), (8, 131072)]
 HEADS, KV_HEADS, HEAD_DIM, PAGE = 32, 8, 128, 16
 
 
