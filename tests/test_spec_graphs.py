@@ -183,6 +183,21 @@ def test_varlen_graph_logits_equal_the_eager_forward(models, split, per_query):
     torch.testing.assert_close(choices, greedy_choices(graphed), rtol=0, atol=0)
 
 
+def test_mixtures_of_experts_run_prompt_chunks_eagerly(tmp_path):
+    """A mixture of experts replays no chunks graph (under a capture its experts may run densely,
+    every expert on every token), and emits what the eager engine does."""
+    from model_families import build
+    build(transformers, "mixtral", tmp_path)
+    g = torch.Generator().manual_seed(9)
+    batch = [torch.randint(97, (int(n),), generator=g).tolist() for n in (3, 20, 41, 9)]
+    options = dict(device="cpu", block_size=4, num_blocks=256, max_num_seqs=MAX_SEQS, max_num_batched_tokens=30)
+    expected = tokens(LLM(tmp_path, **options).generate(batch, GREEDY, use_tqdm=False))
+    llm = LLM(tmp_path, **options)
+    llm.runner.varlen = VarlenGraphs(llm.model, llm.kv_caches, MAX_SEQS, llm.device, None)
+    assert tokens(llm.generate(batch, GREEDY, use_tqdm=False)) == expected
+    assert not any(key[-1] for key in llm.runner.varlen.graphs)
+
+
 @pytest.mark.parametrize("split", [[(9, 1), (5, 1), (0, 30), (3, 1)], [(30, 1), (2, 13)], [(7, 1), (0, 1), (4, 9)]])
 def test_decode_rows_equal_the_prefill_of_a_mixed_step(models, split, monkeypatch):
     """A step whose leading sequences decode and whose others bring chunks (a decode after them

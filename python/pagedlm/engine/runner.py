@@ -32,10 +32,15 @@ class ModelRunner:
         self.eos_token_ids = eos_token_ids
         self.decode_token = None  # token id -> its text, for the Logprobs' decoded_token (the LLM's tokenizer)
         self.graphs = DecodeGraphs(model, kv_caches, max_num_seqs, device) if use_cuda_graphs else None
-        # Forwards of a few tokens per sequence (speculative verification, recomputed tokens):
-        # captured on first use, or all at start by a speculative runner.
+        # Forwards of a few tokens per sequence (speculative verification, recomputed tokens) and
+        # steps with prompt chunks: captured on first use, or (the former) all at start by a
+        # speculative runner.
         self.varlen = (VarlenGraphs(model, kv_caches, max_num_seqs, device, self.graphs.pool) if use_cuda_graphs
                        else None)
+        # Prompt chunks replay chunks graphs, but not in mixtures of experts: under a capture their
+        # experts may run densely (every expert on every token, models/moe.py), which for a chunk
+        # of prompt costs far more than the eager step's host time.
+        self.moe = bool(model.args.num_experts)
         self.speculator = speculator
         if speculator is not None and self.varlen is not None:
             speculator.capture_graphs(self.varlen, max_num_seqs)
@@ -126,7 +131,7 @@ class ModelRunner:
                                      parents, logit_rows))
         # A cache that measures its FP8 scales from the first tokens runs eagerly: a capture's
         # warm-up would measure the padding, and a replay measures nothing.
-        graphs = None if prompt_rows and not few or _measuring(self.kv_caches) else self.varlen
+        graphs = None if (not few and (prompt_rows or self.moe)) or _measuring(self.kv_caches) else self.varlen
         return (*paged_forward(self.model, self.kv_caches, self.bm, self.device, items, graphs, choices=True,
                                chunks=not few), rows, prompt_rows)
 

@@ -34,8 +34,9 @@ class VarlenGraphs(GraphSet):
     the mask located by an offset): the split-K decode kernel is much faster for such shapes
     than the prefill kernel, which walks each sequence's keys in one thread block.
 
-    A chunks graph serves a step in which prompt chunks join decodes: every token goes through the
-    prefill kernel, and only one logits row per sequence is computed (its last token's)."""
+    A chunks graph serves a step in which prompt chunks join decodes: its leading one-token
+    sequences attend through the decode kernel (DecodeRows), the others through the prefill
+    kernel, and only one logits row per sequence is computed (its last token's)."""
 
     def __init__(self, model, kv_caches, max_num_seqs, device, pool):
         self.model, self.kv_caches, self.device, self.pool = model, kv_caches, device, pool
@@ -44,7 +45,7 @@ class VarlenGraphs(GraphSet):
         # graphs: each capture costs a forward and tens of milliseconds.
         self.seq_buckets = [b for b in (4, 16, 64, 256) if b <= max_num_seqs] + [max_num_seqs + 1]
         super().__init__(lambda *key: _VarlenGraph(self, *key))
-        self.keys = {}  # (tokens, seqs, table width, masked) of a forward that fits the graphs -> its graph's key
+        self.keys = {}  # (tokens, seqs, table width, masked, chunks) of a forward that fits -> its graph's key
         self.replays = 0
         # Every graph's outputs, [most rows, vocab] float32 and their greedy choices,
         # allocated at the first capture (or by allocate_outputs): verification graphs read them

@@ -169,7 +169,9 @@ class TensorParallelGroup:
     def run_forward(self, forward, input_ids, positions, batch, kv_caches, logits_indices, logits_out):
         """The model's forward on rank 0, after the workers are handed its inputs."""
         self._check()
-        decode_rows = batch.decode_rows  # eager: every one of its rows decodes (no `decoding` mask)
+        decode_rows = batch.decode_rows
+        if decode_rows is not None and decode_rows.decoding is not None:  # only graphs mask them; ranks run eagerly
+            raise ValueError("tensor parallelism runs eagerly: DecodeRows.decoding must be None")
         named = [("input_ids", input_ids), ("positions", positions),
                  *[(f, getattr(batch, f)) for f in BATCH_FIELDS], ("logits_indices", logits_indices),
                  ("decode_seq_lens", None if decode_rows is None else decode_rows.seq_lens),
