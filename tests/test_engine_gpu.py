@@ -1,6 +1,6 @@
 """pagedlm.LLM on the GPU: f32 greedy output equal to transformers', bf16 greedy choices that
-transformers' own logits agree with (within bf16 tolerance), CUDA-graph decode equal to eager,
-and preemption, prefix caching and seeded sampling unchanged from the CPU."""
+transformers' own logits agree with (within bf16 tolerance), CUDA-graph decode and prompt-chunk
+steps equal to eager, and preemption, prefix caching and seeded sampling unchanged from the CPU."""
 import pytest
 import torch
 
@@ -84,6 +84,24 @@ def test_cuda_graph_decode_equals_eager(checkpoint, count, block_size):
     expected = eager.generate(batch, params, use_tqdm=False)
     got = graphed.generate(batch, params, use_tqdm=False)
     assert graphed.runner.graphs.captures > 0 and eager.runner.graphs is None
+    assert tokens(got) == tokens(expected)
+    for a, b in zip(got, expected):
+        assert a.outputs[0].cumulative_logprob == pytest.approx(b.outputs[0].cumulative_logprob, abs=1e-3)
+
+
+@pytest.mark.parametrize("budget", [48, 300])
+def test_cuda_graph_prompt_chunks_equal_eager(checkpoint, budget):
+    """A small token budget makes prompt chunks join the running sequences' decodes step after
+    step: chunks graphs (decode rows through the decode kernel, the rest through the prefill
+    kernel) emit what eager steps do."""
+    folder, _ = checkpoint
+    batch = prompts(12, seed=21, high=400)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    expected = engine(folder, block_size=16, enforce_eager=True, max_num_batched_tokens=budget).generate(
+        batch, params, use_tqdm=False)
+    graphed = engine(folder, block_size=16, max_num_seqs=32, max_num_batched_tokens=budget)
+    got = graphed.generate(batch, params, use_tqdm=False)
+    assert any(key[-1] for key in graphed.runner.varlen.graphs), "no step replayed a chunks graph"
     assert tokens(got) == tokens(expected)
     for a, b in zip(got, expected):
         assert a.outputs[0].cumulative_logprob == pytest.approx(b.outputs[0].cumulative_logprob, abs=1e-3)
