@@ -116,6 +116,41 @@ def test_calculate_kv_scales_measures_the_first_prefill(target, prompts, name):
     assert scales[0][0] * fmax > 0.1  # amax of the first layer's keys: not a degenerate measurement
 
 
+@pytest.mark.parametrize("lengths", [(3, 7, 5), (1, 1)])  # a few-tokens graph's step; prompts that decode at once
+def test_graphs_never_measure_the_scales(target, prompts, lengths, monkeypatch):
+    """With CUDA graphs (emulated on the CPU: a capture runs the forward, a replay reruns it), the
+    scales are measured from the first forward's real tokens, never from a capture's padding: the
+    steps run eagerly until the caches have measured, and measure what the eager engine does."""
+    import pagedlm.engine.cuda_graphs as cuda_graphs
+    from pagedlm.engine.varlen_graphs import VarlenGraphs
+
+    class Replayed:
+        def __init__(self, forward, output):
+            self.forward, self.output = forward, output
+
+        def replay(self):
+            with torch.inference_mode():
+                for out, value in zip(self.output, self.forward()):
+                    out.copy_(value)
+
+    def capture(forward, pool, device):
+        output = forward()
+        return Replayed(forward, output), output
+    monkeypatch.setattr(cuda_graphs, "capture", capture)
+    batch = [p[:n] for p, n in zip(prompts, lengths)]
+    eager = LLM(str(target), device="cpu", num_blocks=64, kv_cache_dtype="fp8", calculate_kv_scales=True)
+    expected = tokens(eager.generate(batch, GREEDY, use_tqdm=False))
+    llm = LLM(str(target), device="cpu", num_blocks=64, kv_cache_dtype="fp8", calculate_kv_scales=True)
+    llm.runner.varlen = VarlenGraphs(llm.model, llm.kv_caches, 8, llm.device, None)
+    llm.runner.graphs = cuda_graphs.DecodeGraphs(llm.model, llm.kv_caches, 8, llm.device)
+    for cache in llm.kv_caches:  # armed after the graphs' start-up captures, as LLM() arms them
+        cache.measure = True
+    got = tokens(llm.generate(batch, GREEDY, use_tqdm=False))
+    assert describe_scales(llm.kv_caches) == describe_scales(eager.kv_caches)
+    assert llm.runner.varlen.replays + llm.runner.graphs.captures > 0  # graphs ran, after the measurement
+    assert got == expected
+
+
 @pytest.mark.parametrize("name", ["fp8", "fp8_e5m2"])
 def test_prefix_caching_and_chunked_prefill_change_nothing_on_fp8(target, prompts, name):
     shared = [prompts[0][:32] + p for p in prompts]

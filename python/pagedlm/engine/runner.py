@@ -158,7 +158,8 @@ class ModelRunner:
         positions = [s.seq.num_cached for s in computing]
         cascade = cascade_plan(tables, [p + 1 for p in positions], self.bm.block_size) if self.cascade else None
         self.cascade_steps += cascade is not None
-        if self.graphs is not None and self.graphs.fits(len(computing), tables.shape[1]):
+        if (self.graphs is not None and self.graphs.fits(len(computing), tables.shape[1])
+                and not _measuring(self.kv_caches)):  # (prompts of one token: the first forward decodes)
             return self.graphs.run(ids, positions, slots, tables, cascade)
         return self._eager_decode(ids, positions, slots, tables, cascade), None
 
