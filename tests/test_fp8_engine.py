@@ -12,6 +12,8 @@ from pagedlm import LLM, BeamSearchParams, SamplingParams
 from pagedlm.data import tiny_model
 from pagedlm.kv_cache import describe_scales
 
+from graph_stand_in import replay_eagerly
+
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
 
 
@@ -123,20 +125,7 @@ def test_graphs_never_measure_the_scales(target, prompts, lengths, monkeypatch):
     steps run eagerly until the caches have measured, and measure what the eager engine does."""
     import pagedlm.engine.cuda_graphs as cuda_graphs
     from pagedlm.engine.varlen_graphs import VarlenGraphs
-
-    class Replayed:
-        def __init__(self, forward, output):
-            self.forward, self.output = forward, output
-
-        def replay(self):
-            with torch.inference_mode():
-                for out, value in zip(self.output, self.forward()):
-                    out.copy_(value)
-
-    def capture(forward, pool, device):
-        output = forward()
-        return Replayed(forward, output), output
-    monkeypatch.setattr(cuda_graphs, "capture", capture)
+    monkeypatch.setattr(cuda_graphs, "capture", replay_eagerly)
     batch = [p[:n] for p, n in zip(prompts, lengths)]
     eager = LLM(str(target), device="cpu", num_blocks=64, kv_cache_dtype="fp8", calculate_kv_scales=True)
     expected = tokens(eager.generate(batch, GREEDY, use_tqdm=False))

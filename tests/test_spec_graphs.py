@@ -15,6 +15,7 @@ from pagedlm.engine.sampler import greedy_choices
 from pagedlm.engine.varlen_graphs import VarlenGraphs
 from pagedlm.speculative.draft_chain import DraftChainGraphs
 
+from graph_stand_in import replay_eagerly
 from llama_checkpoint import save_llama
 from spec_checks import assert_drafts_take_turns
 
@@ -25,24 +26,6 @@ TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=112, num_hidden_lay
 OTHER = dict(TINY, hidden_size=32, intermediate_size=48, num_hidden_layers=1)
 GREEDY = SamplingParams(temperature=0, max_tokens=13, ignore_eos=True)
 MAX_SEQS = 8
-
-
-class _Replayed:
-    """Outputs: the draft chain's tokens, or the varlen graphs' (logits, choices)."""
-
-    def __init__(self, forward, output):
-        self.forward, self.outputs = forward, output if isinstance(output, tuple) else (output,)
-
-    def replay(self):
-        with torch.inference_mode():
-            fresh = self.forward()
-            for output, value in zip(self.outputs, fresh if isinstance(fresh, tuple) else (fresh,)):
-                output.copy_(value)
-
-
-def replay_eagerly(forward, pool, device):
-    output = forward()
-    return _Replayed(forward, output), output
 
 
 @pytest.fixture(autouse=True)

@@ -47,6 +47,12 @@ class LayerKVCache(tuple):
         return self[0].dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
+def measuring(kv_caches):
+    """Whether a layer's cache still waits for the next forward to measure its scales (no CUDA
+    graph may run that forward: a capture's warm-up would measure the padding, a replay nothing)."""
+    return any(isinstance(cache, LayerKVCache) and cache.measure for cache in kv_caches)
+
+
 def kv_cache_scales(kv_cache, key, value):
     """(k_scale, v_scale) to pass the kernels for this layer's cache: 1.0 for a plain pair or a
     16/32-bit cache. A cache asked to measure takes its scales from key and value first (never

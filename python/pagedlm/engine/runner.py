@@ -12,6 +12,7 @@ from pagedlm.engine.cuda_graphs import DecodeGraphs
 from pagedlm.engine.forward import ForwardItem, apply_block_copies, paged_forward
 from pagedlm.engine.sampler import logprob_dicts, sample_step
 from pagedlm.engine.varlen_graphs import VarlenGraphs
+from pagedlm.kv_cache import measuring
 from pagedlm.models import AttentionBatch
 
 # Tokens per sequence up to which a plain step replays a VarlenGraphs graph of few tokens per
@@ -129,9 +130,8 @@ class ModelRunner:
             first += len(logit_rows)
             items.append(ForwardItem(seq.seq_id, seq.token_range(start, start + s.num_new) + extra, start, len(extra),
                                      parents, logit_rows))
-        # A cache that measures its FP8 scales from the first tokens runs eagerly: a capture's
-        # warm-up would measure the padding, and a replay measures nothing.
-        graphs = None if (not few and (prompt_rows or self.moe)) or _measuring(self.kv_caches) else self.varlen
+        # A cache that measures its FP8 scales from the first tokens runs eagerly (kv_cache.measuring).
+        graphs = None if (not few and (prompt_rows or self.moe)) or measuring(self.kv_caches) else self.varlen
         return (*paged_forward(self.model, self.kv_caches, self.bm, self.device, items, graphs, choices=True,
                                chunks=not few), rows, prompt_rows)
 
@@ -159,7 +159,7 @@ class ModelRunner:
         cascade = cascade_plan(tables, [p + 1 for p in positions], self.bm.block_size) if self.cascade else None
         self.cascade_steps += cascade is not None
         if (self.graphs is not None and self.graphs.fits(len(computing), tables.shape[1])
-                and not _measuring(self.kv_caches)):  # (prompts of one token: the first forward decodes)
+                and not measuring(self.kv_caches)):  # (prompts of one token: the first forward decodes)
             return self.graphs.run(ids, positions, slots, tables, cascade)
         return self._eager_decode(ids, positions, slots, tables, cascade), None
 
@@ -198,10 +198,6 @@ class ModelRunner:
         else:
             emitted.update({seq: [entry] for seq, entry in zip(seqs, zip(tokens, logprobs, tops))})
         return emitted
-
-
-def _measuring(kv_caches):
-    return any(getattr(cache, "measure", False) for cache in kv_caches)
 
 
 def _prompt_positions(seq, start, count):
