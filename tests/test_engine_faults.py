@@ -378,6 +378,23 @@ def test_blame_takes_at_most_twice_log2_retries(model, monkeypatch):
     assert [len(llm.sequences(r)[0].output) for r in ids] == [2] * 7 + [1]
 
 
+def test_blame_isolates_culprits_in_both_halves(model, monkeypatch):
+    # 4 requests, the 2nd and 4th bad: both halves fail, a retry goes through ([0]), and the
+    # retries extend to every culprit's: the two bad requests fail, the others go on.
+    llm = engine(model)
+    ids = [llm.add_request([1 + i, 2, 3], GREEDY) for i in range(4)]
+    bad = BadRequest(monkeypatch, llm, [ids[1], ids[3]], "forward", after=1)
+    llm.step()
+    calls = bad.calls
+    with pytest.raises(RuntimeError, match="kernel failure") as failure:
+        llm.step()
+    assert bad.calls - calls == 1 + 2 * 3  # halves, the first half's halves, the second's
+    assert f"request(s) {ids[1]}, {ids[3]} were in the failed step" in str(failure.value.__notes__)
+    check_consistent(llm)
+    assert [s.finish_reason for r in ids for s in llm.sequences(r)] == [None, "error", None, "error"]
+    assert [len(llm.sequences(r)[0].output) for r in ids] == [2, 1, 2, 1]
+
+
 def test_a_failure_every_request_meets_alone_fails_the_step(model, monkeypatch):
     # Every request fails alone (the whole engine is broken): blame falls back to failing the
     # step's requests, within its retries; a request the step did not run is untouched.

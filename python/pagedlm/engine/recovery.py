@@ -122,17 +122,20 @@ class StepRecovery:
         """{request_id: exception} of the failed step's requests to fail (all of a one-request
         step). The step's requests are bisected: both halves of a group known to fail run again
         alone (_retry); a half that goes through has its tokens emitted and carries on, a
-        failing one is split further, and a request that fails on its own is to blame. That
-        takes at most 2 * ceil(log2(requests)) retries, enough to isolate one culprit. Where the
-        failure is not attributable to single requests, every request of the group fails, as
-        the step's requests all would without blame: when neither half fails alone (a failure
-        that needs them together, or a transient one), and when the retries run out (several
-        culprits, or a failure that every request meets alone)."""
+        failing one is split further, and a request that fails on its own is to blame. Until a
+        retry goes through, at most 2 * ceil(log2(requests)) retries run, enough to isolate one
+        culprit; once one has (the failure is some requests', not every one's), up to
+        2 * (requests - 1), enough to isolate every culprit. Where the failure is not
+        attributable to single requests, every request of the group fails, as the step's
+        requests all would without blame: when neither half fails alone (a failure that needs
+        them together, or a transient one), and when the retries run out (a failure that every
+        request meets alone)."""
         units = {}  # request id -> its sequences in the step (unfinished), in the step's order
         for s in batch:
             if s.seq.status != Status.FINISHED:
                 units.setdefault(s.seq.request_id, set()).add(s.seq)
-        retries = 2 * (len(units) - 1).bit_length()
+        one_culprit, every_culprit = 2 * (len(units) - 1).bit_length(), 2 * (len(units) - 1)
+        retries, extended = one_culprit, False
         failed, pending = {}, [(list(units), exc)]  # groups known to fail, with their error
         while pending:
             group, error = pending.pop()
@@ -145,6 +148,8 @@ class StepRecovery:
                 retries -= 1
                 errors.append(self._retry(set().union(*(units[r] for r in half))))
             failing = [(half, e) for half, e in zip(halves, errors) if e is not None]
+            if len(failing) < len(halves) and not extended:  # a retry went through: request-specific
+                retries, extended = retries + every_culprit - one_culprit, True
             if not failing:  # not attributable to a request: the whole group fails
                 failed.update(dict.fromkeys(group, error))
             pending.extend(reversed(failing))
