@@ -54,12 +54,12 @@ class Scheduler:
         """
         batch, copies = [], []
         budget = self.max_num_batched_tokens
-        running = list(self.running)
+        running = self.running[::-1]  # the oldest last, to be popped first
         while running and budget > 0:
-            seq = running.pop(0)
+            seq = running.pop()
             count = min(len(seq) - seq.num_cached, budget)
             while not self._reserve(seq, count, copies):
-                victim = running.pop() if running else seq
+                victim = running.pop(0) if running else seq  # the newest
                 self._preempt(victim)
                 if victim is seq:
                     break
