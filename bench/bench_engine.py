@@ -66,13 +66,14 @@ def run_pagedlm(folder, requests, device, tensor_parallel_size=1, kv_cache_dtype
     torch.cuda.reset_peak_memory_stats() if device == "cuda" else None
     start = time.perf_counter()
     ids = [llm.add_request(r.prompt, greedy(r)) for r in requests]
-    utilization, steps, clock = [], 0, StepClock(llm)
+    utilization, steps, clock, captured = [], 0, StepClock(llm), llm.runner.captures
     while llm.scheduler.has_work():
         llm.step()
         steps += 1
         utilization.append(llm.block_manager.stats()["utilization"])
     _sync(device)
     elapsed = time.perf_counter() - start
+    captured_in_run = llm.runner.captures - captured
     outputs = [llm.take_output(r).outputs[0].token_ids for r in ids]
     busy = ""
     if device == "cuda":
@@ -83,7 +84,7 @@ def run_pagedlm(folder, requests, device, tensor_parallel_size=1, kv_cache_dtype
     extra = dict(utilization=sum(utilization) / len(utilization), steps=steps,
                  preemptions=llm.scheduler.preemptions, kv_blocks=llm.block_manager.num_blocks,
                  kv_tokens=llm.block_manager.num_blocks * llm.block_manager.block_size,
-                 graphs=llm.runner.graphs.captures if llm.runner.graphs else 0, step_times=clock.summary() + busy,
+                 graphs=llm.runner.captures, graphs_in_run=captured_in_run, step_times=clock.summary() + busy,
                  cascade_steps=llm.runner.cascade_steps)
     llm.close()
     del llm
@@ -260,7 +261,8 @@ def main():
              + (f" of n = {requests[0].n} samples" if requests[0].n > 1 else "")
              + f", {total:,} output tokens (greedy, EOS ignored), bf16 weights."]
     for label, extra in runs:
-        lines.append(f"pagedlm ({label}): {extra['steps']} steps, {extra['graphs']} CUDA graphs captured, "
+        lines.append(f"pagedlm ({label}): {extra['steps']} steps, {extra['graphs']} CUDA graphs captured "
+                     f"({extra['graphs_in_run']} during the timed run), "
                      f"{extra['kv_blocks']:,} KV blocks ({extra['kv_tokens']:,} tokens) preallocated (in its peak "
                      f"memory), {extra['preemptions']} preemptions, {extra['cascade_steps']} cascade steps; "
                      f"{extra['step_times']}.")
