@@ -121,10 +121,11 @@ class Graph:
 
 class GraphSet:
     """Graphs by shape key, each made by build(*key) on first use; .captures counts them (a
-    step that captured is no measure of speed). Each kind of graph set is one of these."""
+    step that captured is no measure of speed), .replays the steps its owner replayed. Each kind
+    of graph set is one of these."""
 
     def __init__(self, build):
-        self.build, self.graphs, self.captures = build, {}, 0
+        self.build, self.graphs, self.captures, self.replays = build, {}, 0, 0
 
     def graph(self, key):
         graph = self.graphs.get(key)
@@ -168,6 +169,7 @@ class DecodeGraphs(GraphSet):
             key = bucket, width, bucket_of(len(cascade.prefix_lens) + 1, self.buckets), width_of(
                 cascade.prefix_tables.shape[1])
         graph = self.graph(key)
+        self.replays += 1
         f = graph.inputs.host
         f["ids"][:batch], f["ids"][batch:] = ids, 0
         f["positions"][:batch], f["positions"][batch:] = positions, 0

@@ -46,7 +46,7 @@ class VarlenGraphs(GraphSet):
         self.seq_buckets = [b for b in (4, 16, 64, 256) if b <= max_num_seqs] + [max_num_seqs + 1]
         super().__init__(lambda *key: _VarlenGraph(self, *key))
         self.keys = {}  # (tokens, seqs, table width, masked, chunks) of a forward that fits -> its graph's key
-        self.replays = 0
+        self.chunk_replays = 0  # of .replays, those of chunks graphs
         # Every graph's outputs, [most rows, vocab] float32 and their greedy choices,
         # allocated at the first capture (or by allocate_outputs): verification graphs read them
         # at fixed addresses.
@@ -91,6 +91,7 @@ class VarlenGraphs(GraphSet):
         and tables: the block manager's arrays; mask_indptr (a list): where each sequence's
         rows of the mask start in graph.mask_buffer, and end, as paged_prefill_attention takes it."""
         self.replays += 1
+        self.chunk_replays += graph.chunks
         graph.run(ids, positions, slots, tables, cu_seqlens, seq_lens, rows, mask_indptr)
         return self.first_rows(len(rows))
 
