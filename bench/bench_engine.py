@@ -58,8 +58,10 @@ def greedy(request):
 
 
 def run_pagedlm(folder, requests, device, tensor_parallel_size=1, kv_cache_dtype="auto", disable_cascade_attn=True):
+    started = time.perf_counter()
     llm = LLM(folder, device=device, dtype=torch.bfloat16, tensor_parallel_size=tensor_parallel_size,
               kv_cache_dtype=kv_cache_dtype, disable_cascade_attn=disable_cascade_attn)
+    start_up = time.perf_counter() - started
     prompts = [r.prompt for r in requests]
     llm.generate(prompts[:8], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
     _sync(device)
@@ -84,7 +86,7 @@ def run_pagedlm(folder, requests, device, tensor_parallel_size=1, kv_cache_dtype
     extra = dict(utilization=sum(utilization) / len(utilization), steps=steps,
                  preemptions=llm.scheduler.preemptions, kv_blocks=llm.block_manager.num_blocks,
                  kv_tokens=llm.block_manager.num_blocks * llm.block_manager.block_size,
-                 graphs=llm.runner.captures, graphs_in_run=captured_in_run, step_times=clock.summary() + busy,
+                 graphs=llm.runner.captures, graphs_in_run=captured_in_run, start_up=start_up, step_times=clock.summary() + busy,
                  cascade_steps=llm.runner.cascade_steps)
     llm.close()
     del llm
@@ -261,7 +263,8 @@ def main():
              + (f" of n = {requests[0].n} samples" if requests[0].n > 1 else "")
              + f", {total:,} output tokens (greedy, EOS ignored), bf16 weights."]
     for label, extra in runs:
-        lines.append(f"pagedlm ({label}): {extra['steps']} steps, {extra['graphs']} CUDA graphs captured "
+        lines.append(f"pagedlm ({label}): started in {extra['start_up']:.1f} s; {extra['steps']} steps, "
+                     f"{extra['graphs']} CUDA graphs captured "
                      f"({extra['graphs_in_run']} during the timed run), "
                      f"{extra['kv_blocks']:,} KV blocks ({extra['kv_tokens']:,} tokens) preallocated (in its peak "
                      f"memory), {extra['preemptions']} preemptions, {extra['cascade_steps']} cascade steps; "
