@@ -144,25 +144,6 @@ def test_chunks_graphs_emit_the_eager_engines_tokens(models, budget):
     assert llm.runner.varlen.replays > 0
 
 
-def test_chunks_graphs_captured_up_front_serve_every_chunks_step(models):
-    """The graphs a GPU engine's plain steps replay, captured at start (capture_all, few tokens
-    and chunks), are the ones its steps look up: a run of short and long prompts, in chunks
-    among decodes, captures nothing more, and emits the eager engine's tokens."""
-    g = torch.Generator().manual_seed(6)
-    batch = [torch.randint(97, (int(torch.randint(1, 60, (1,), generator=g)),), generator=g).tolist()
-             for _ in range(7)]
-    eager = engine(models, 4, max_num_batched_tokens=23).generate(batch, GREEDY, use_tqdm=False)
-    llm = engine(models, 4, max_num_batched_tokens=23)
-    llm.runner.varlen = VarlenGraphs(llm.model, llm.kv_caches, MAX_SEQS, llm.device, None)
-    llm.runner.varlen.capture_all(masked=False)
-    llm.runner.varlen.capture_all(chunks=True)
-    captured = llm.runner.varlen.captures
-    assert captured > 0
-    assert tokens(llm.generate(batch, GREEDY, use_tqdm=False)) == tokens(eager)
-    assert llm.runner.varlen.chunk_replays > 0 and llm.runner.varlen.replays > llm.runner.varlen.chunk_replays
-    assert llm.runner.varlen.captures == captured
-
-
 @pytest.mark.parametrize("split, per_query", [([(9, 1), (5, 3), (0, 7)], True), ([(9, 1), (0, 60)], False)])
 def test_varlen_graph_logits_equal_the_eager_forward(models, split, per_query):
     """A mixed batch (a decode, a 3-token draft, a 7-token chunk; or a long chunk) through a

@@ -33,22 +33,15 @@ class ModelRunner:
         self.eos_token_ids = eos_token_ids
         self.decode_token = None  # token id -> its text, for the Logprobs' decoded_token (the LLM's tokenizer)
         self.graphs = DecodeGraphs(model, kv_caches, max_num_seqs, device) if use_cuda_graphs else None
-        # Forwards of a few tokens per sequence (speculative verification, recomputed tokens, short
-        # prompts) and steps with prompt chunks: captured at start at the narrowest width (and the
-        # masked ones by a speculative runner), wider tables on first use.
+        # Forwards of a few tokens per sequence (speculative verification, recomputed tokens) and
+        # steps with prompt chunks: captured on first use, or (the former) all at start by a
+        # speculative runner.
         self.varlen = (VarlenGraphs(model, kv_caches, max_num_seqs, device, self.graphs.pool) if use_cuda_graphs
                        else None)
         # Prompt chunks replay chunks graphs, but not in mixtures of experts: under a capture their
         # experts may run densely (every expert on every token, models/moe.py), which for a chunk
         # of prompt costs far more than the eager step's host time.
         self.moe = bool(model.args.num_experts)
-        if self.varlen is not None and torch.device(device).type == "cuda":
-            # A busy engine meets most of the graphs its plain steps replay within its first
-            # minutes, each capture then a stall of tens of milliseconds: they are captured now,
-            # as the decode graphs are (short prompts' steps of few tokens, and prompt chunks).
-            self.varlen.capture_all(masked=False)
-            if not self.moe:
-                self.varlen.capture_all(chunks=True)
         self.speculator = speculator
         if speculator is not None and self.varlen is not None:
             speculator.capture_graphs(self.varlen, max_num_seqs)

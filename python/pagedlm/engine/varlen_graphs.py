@@ -53,17 +53,15 @@ class VarlenGraphs(GraphSet):
         self.logits = self.choices = None
         self.row_views = {}  # n -> first_rows(n)
 
-    def capture_all(self, masked=False, chunks=False):
-        """Captures every (token bucket, sequence bucket) of few-tokens forwards (or, chunks=True,
-        of steps with prompt chunks) at the narrowest width now, rather than on first use: a
-        speculative engine meets them at unpredictable steps (the timing switch's probes most of
-        all), prompt chunks at most steps of a busy engine, and a capture mid-run costs tens of
-        milliseconds."""
+    def capture_all(self, masked):
+        """Captures every (token bucket, sequence bucket) at the narrowest width now, rather than
+        on first use: a speculative engine meets them at unpredictable steps (the timing
+        switch's probes most of all), and a capture mid-run costs tens of milliseconds."""
         block_size = self.kv_caches[0][0].shape[1]
-        for tokens in reversed(CHUNK_TOKEN_BUCKETS if chunks else TOKEN_BUCKETS):  # the largest first: the
-            width = width_of(-(-tokens // block_size))                             # smaller reuse its memory
+        for tokens in reversed(TOKEN_BUCKETS):  # the largest first: the smaller reuse its pool memory
+            width = width_of(-(-tokens // block_size))
             for seqs in (s for s in self.seq_buckets if s <= tokens + 1):  # a real sequence brings >= 1 token
-                self._graph((tokens, seqs, width, masked, chunks))
+                self._graph((tokens, seqs, width, masked, False))
 
     def graph_for(self, tokens, seqs, width, masked, chunks=False):
         """The graph that a forward of `tokens` tokens over `seqs` sequences (tables `width`
