@@ -121,10 +121,12 @@ def paged_forward(model, kv_caches, bm, device, items, graphs=None, *, choices=F
     cu = [0, *itertools.accumulate(counts)]
     slots = bm.slot_mapping(seq_ids, counts)
     tables = bm.block_tables(seq_ids)
-    ids = [t for it in items for t in it.tokens]
-    positions = [p for it in items for p in it.positions()]
-    rows = [cu[i] + r for i, it in enumerate(items) for r in it.logit_rows]
+    # Per token: numpy arrays (from a prompt chunk's thousands of Python ints, 8x faster than torch.tensor).
+    ids = np.fromiter(itertools.chain.from_iterable(it.tokens for it in items), np.int64, cu[-1])
     masked = any(it.parents is not None for it in items)
+    positions = _token_positions(items, counts, cu, masked)
+    rows = np.fromiter(itertools.chain.from_iterable(map(first.__add__, it.logit_rows) for first, it in zip(cu, items)),
+                       np.int64)
     graph = None if graphs is None else graphs.graph_for(len(ids), len(items), tables.shape[1], masked, chunks)
     mask = indptr = None
     if masked:  # each item's [q_len, seq_len] rows, one after another
@@ -153,6 +155,15 @@ def paged_forward(model, kv_caches, bm, device, items, graphs=None, *, choices=F
         custom_mask=None if mask is None else torch.from_numpy(mask).to(device),
         mask_indptr=None if indptr is None else torch.tensor(indptr, dtype=torch.int32, device=device),
         cascade=None if shared is None else shared.tensors(device))
-    logits = model(torch.tensor(ids, device=device), torch.tensor(positions, device=device), batch, kv_caches,
-                   logits_indices=torch.tensor(rows, device=device))
+    logits = model(torch.from_numpy(ids).to(device), torch.from_numpy(positions).to(device), batch, kv_caches,
+                   logits_indices=torch.from_numpy(rows).to(device))
     return (logits, greedy_choices(logits)) if choices else logits
+
+
+def _token_positions(items, counts, cu, masked):
+    """int64 [tokens]: each item's positions, one after another; without trees, start + i for
+    the item's i-th token, computed for all at once."""
+    if masked:
+        return np.fromiter(itertools.chain.from_iterable(it.positions() for it in items), np.int64, cu[-1])
+    starts = np.fromiter((it.start - first for it, first in zip(items, cu)), np.int64, len(items))
+    return np.arange(cu[-1], dtype=np.int64) + np.repeat(starts, counts)

@@ -5,6 +5,7 @@ sequence, the tokens to emit; the graphs it replays are in cuda_graphs.py and va
 import time
 from operator import attrgetter
 
+import numpy as np
 import torch
 
 from pagedlm.engine.cascade import plan as cascade_plan
@@ -166,8 +167,10 @@ class ModelRunner:
     def _eager_decode(self, ids, positions, slots, tables, cascade=None):
         n = len(ids)
         # One host-to-device copy for ids, positions, lengths (one past each position) and slots.
-        packed = torch.cat([torch.tensor(ids + positions + [p + 1 for p in positions]), torch.from_numpy(slots)])
-        packed = packed.to(self.device, non_blocking=True)
+        host = np.empty(3 * n + len(slots), dtype=np.int64)
+        host[:n], host[n:2 * n], host[3 * n:] = ids, positions, slots
+        np.add(host[n:2 * n], 1, out=host[2 * n:3 * n])
+        packed = torch.from_numpy(host).to(self.device, non_blocking=True)
         batch = AttentionBatch(slot_mapping=packed[3 * n:],
                                block_tables=torch.from_numpy(tables).to(self.device, non_blocking=True),
                                seq_lens=packed[2 * n:3 * n].int(), cu_seqlens_q=None, decode_only=True,
