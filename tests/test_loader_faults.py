@@ -182,3 +182,16 @@ def test_expected_shapes_are_the_built_models(changes):
     built = {name: tuple(param[rows].shape) for name, (param, rows) in checkpoint_names(model).items()
              if not (name == "lm_head.weight" and model.args.tie_word_embeddings)}
     assert dict(expected_shapes(model.args)) == built
+
+
+@pytest.mark.parametrize("field", ["low_freq_factor", "high_freq_factor", "original_max_position_embeddings"])
+def test_null_llama3_scaling_fields_take_their_defaults(folder, field):
+    """A null field of llama3 rope scaling is the field left out (found by the config fuzz: a
+    null original_max_position_embeddings reached the frequencies and raised a TypeError)."""
+    from pagedlm.models.layers import rope_frequencies
+    scaling = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=8192)
+    write_config(folder, rope_scaling={**scaling, field: None})
+    head_dim = CONFIG["hidden_size"] // CONFIG["num_attention_heads"]
+    expected = rope_frequencies(head_dim, 10000.0, scaling)
+    torch.testing.assert_close(load_model(folder, device="cpu").inv_freq, expected, rtol=0, atol=0)

@@ -216,8 +216,7 @@ def _rope_scaling(config, source, model_type, scaling, head_dim, max_positions, 
         raise ValueError(f"{source}: rope type {rope_type!r} is not supported "
                          f"({', '.join(t for t in ROPE_TYPES if t != 'longrope')}; longrope for phi3)")
     if rope_type == "llama3":
-        _check_llama3_scaling(scaling, source)
-        return scaling, rotary_dim, 1.0
+        return _llama3_scaling(scaling, source), rotary_dim, 1.0
     if rope_type == "linear":
         factor = _field(scaling, source, "factor", float, name="rope_scaling.factor", above=0)
         return {"rope_type": "linear", "factor": factor}, rotary_dim, 1.0
@@ -319,13 +318,16 @@ FLOAT32_MAX = 3.4028234663852886e38  # the largest finite float32; a larger floa
 _JSON_NAMES = {bool: "true or false", dict: "object", list: "array"}
 
 
-def _check_llama3_scaling(scaling, source):
-    """The fields rope_frequencies reads from llama3 scaling: a factor > 0, and frequency
-    factors with high > low (their difference divides)."""
+def _llama3_scaling(scaling, source):
+    """llama3 scaling as rope_frequencies reads it, every field a number: a factor > 0, and
+    frequency factors with high > low (their difference divides); a field that is absent or
+    null takes its default, as in the check of every other field."""
     def number(key, default):
         return _field(scaling, source, key, float, default, name=f"rope_scaling.{key}", above=0)
-    number("factor", _MISSING)
+    factor = number("factor", _MISSING)
     low, high = number("low_freq_factor", 1.0), number("high_freq_factor", 4.0)
-    number("original_max_position_embeddings", 8192)
+    context = number("original_max_position_embeddings", 8192)
     if high <= low:
         raise ValueError(f"{source}: rope_scaling.high_freq_factor ({high}) must exceed low_freq_factor ({low})")
+    return {"rope_type": "llama3", "factor": factor, "low_freq_factor": low, "high_freq_factor": high,
+            "original_max_position_embeddings": context}
