@@ -78,16 +78,27 @@ class StepClock:
 
     def __init__(self, llm, profile=0):
         self.times = {"decode": [], "prefill": []}
+        # Per kind, each timed step's (schedule, runner) seconds: the scheduler's, and the runner's
+        # (inputs, launches, the wait for the device, sampling); the rest of a step is emission.
+        self.parts = {"decode": [], "prefill": []}
         self.busy = {"decode": [], "prefill": []}  # device busy seconds of each profiled step
         self.kernels = {}  # kind -> the first profiled step's kernel table (most device time first)
         self.profile = profile
-        schedule, step, kind = llm.scheduler.schedule, llm.step, {}
+        schedule, step, run, kind = llm.scheduler.schedule, llm.step, llm.runner.step, {}
 
         def spied_schedule():
+            start = time.perf_counter()
             scheduled, copies = schedule()
+            kind["schedule"] = time.perf_counter() - start
             if scheduled:
                 kind["last"] = "decode" if all(s.num_new == 1 for s in scheduled) else "prefill"
             return scheduled, copies
+
+        def spied_run(*args):
+            start = time.perf_counter()
+            emitted = run(*args)
+            kind["runner"] = time.perf_counter() - start
+            return emitted
 
         def timed_step():
             if profile and sum(map(len, self.times.values())) >= 16 and not self.profiled_enough():
@@ -95,9 +106,11 @@ class StepClock:
             start = time.perf_counter()
             emitted = step()
             if "last" in kind:
-                self.times[kind.pop("last")].append(time.perf_counter() - start)
+                name = kind.pop("last")
+                self.times[name].append(time.perf_counter() - start)
+                self.parts[name].append((kind.get("schedule", 0.0), kind.pop("runner", 0.0)))
             return emitted
-        llm.scheduler.schedule, llm.step = spied_schedule, timed_step
+        llm.scheduler.schedule, llm.step, llm.runner.step = spied_schedule, timed_step, spied_run
 
     def profiled_enough(self):
         return all(len(busy) >= self.profile for busy in self.busy.values())
@@ -118,9 +131,16 @@ class StepClock:
     def summary(self):
         """'N decode steps (median X ms, total Y s), M prefill steps (...)', and the profiled
         device busy time per step of each kind where there is one."""
-        parts = [f"{len(times)} {name} steps (median {_median(times) * 1e3:.1f} ms, {sum(times):.2f} s in all)"
-                 for name, times in self.times.items() if times]
+        parts = [f"{len(times)} {name} steps (median {_median(times) * 1e3:.1f} ms, {sum(times):.2f} s in all; "
+                 f"{self.split_summary(name)})" for name, times in self.times.items() if times]
         return ", ".join(parts + ([self.busy_summary()] if self.busy_summary() else [])) or "no steps"
+
+    def split_summary(self, kind):
+        """'schedule A ms, runner B ms, emission C ms': the median step's parts (the median of
+        each part over the steps, and the median wall time less both for emission)."""
+        schedule, runner = (_median([p[i] for p in self.parts[kind]]) for i in (0, 1))
+        return (f"schedule {schedule * 1e3:.2f} ms, runner {runner * 1e3:.2f} ms, "
+                f"emission {(self.median(kind) - schedule - runner) * 1e3:.2f} ms")
 
     def busy_summary(self):
         """'device busy per decode step X ms (median of N profiled), per prefill step ...', or ''."""
