@@ -122,11 +122,10 @@ def paged_forward(model, kv_caches, bm, device, items, graphs=None, *, choices=F
     slots = bm.slot_mapping(seq_ids, counts)
     tables = bm.block_tables(seq_ids)
     # Per token: numpy arrays (from a prompt chunk's thousands of Python ints, 8x faster than torch.tensor).
-    ids = np.fromiter(itertools.chain.from_iterable(it.tokens for it in items), np.int64, cu[-1])
+    ids = np.array(list(itertools.chain.from_iterable([it.tokens for it in items])), dtype=np.int64)
     masked = any(it.parents is not None for it in items)
     positions = _token_positions(items, counts, cu, masked)
-    rows = np.fromiter(itertools.chain.from_iterable(map(first.__add__, it.logit_rows) for first, it in zip(cu, items)),
-                       np.int64)
+    rows = np.array([cu[i] + r for i, it in enumerate(items) for r in it.logit_rows], dtype=np.int64)
     graph = None if graphs is None else graphs.graph_for(len(ids), len(items), tables.shape[1], masked, chunks)
     mask = indptr = None
     if masked:  # each item's [q_len, seq_len] rows, one after another
@@ -165,5 +164,5 @@ def _token_positions(items, counts, cu, masked):
     the item's i-th token, computed for all at once."""
     if masked:
         return np.fromiter(itertools.chain.from_iterable(it.positions() for it in items), np.int64, cu[-1])
-    starts = np.fromiter((it.start - first for it, first in zip(items, cu)), np.int64, len(items))
+    starts = np.array([it.start for it in items], dtype=np.int64) - cu[:-1]
     return np.arange(cu[-1], dtype=np.int64) + np.repeat(starts, counts)
