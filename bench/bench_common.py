@@ -110,7 +110,13 @@ class StepClock:
                 self.times[name].append(time.perf_counter() - start)
                 self.parts[name].append((kind.get("schedule", 0.0), kind.pop("runner", 0.0)))
             return emitted
+        self._spied = llm, schedule, step, run
         llm.scheduler.schedule, llm.step, llm.runner.step = spied_schedule, timed_step, spied_run
+
+    def remove(self):
+        """Puts back what the clock spied on: the steps after it are not its to time."""
+        llm, schedule, step, run = self._spied
+        llm.scheduler.schedule, llm.step, llm.runner.step = schedule, step, run
 
     def profiled_enough(self):
         return all(len(busy) >= self.profile for busy in self.busy.values())
