@@ -121,8 +121,9 @@ class Graph:
 
 class GraphSet:
     """Graphs by shape key, each made by build(*key) on first use; .captures counts them (a
-    step that captured is no measure of speed), .replays the steps its owner replayed. Each kind
-    of graph set is one of these."""
+    step that captured is no measure of speed); .replays counts the steps that replayed one of
+    them, where the owner counts (DecodeGraphs and VarlenGraphs do). Each kind of graph set is one
+    of these."""
 
     def __init__(self, build):
         self.build, self.graphs, self.captures, self.replays = build, {}, 0, 0
