@@ -1,10 +1,12 @@
 // CUDA path of the fused layers (cpp/include/pagedlm/fused_layers.h): one kernel where the
-// unfused torch code launches several tiny ones. They are bound by launch latency at decode
-// sizes, so they are plain: a thread block per token row (per slice of a row for
-// silu_and_mul), f32 in registers. Every product
-// and sum that torch rounds separately is written with __fmul_rn / __fadd_rn, so nvcc does
-// not contract it into an FMA that would round once.
+// unfused torch code launches several tiny ones. rms_norm and silu_and_mul are bound by launch
+// latency at decode sizes and by memory bandwidth on prompt chunks (thousands of rows), so they
+// move 16 bytes a thread per access where the rows and pointers allow it (the scalar kernels
+// handle the rest), f32 in registers. Every product and sum that torch rounds separately is
+// written with __fmul_rn / __fadd_rn, so nvcc does not contract it into an FMA that would
+// round once.
 #include <algorithm>
+#include <cstdint>
 
 #include "common.cuh"
 #include "launchers.h"
@@ -29,44 +31,83 @@ __device__ float block_sum(float v) {
   return total;
 }
 
-// Each thread touches the same elements i = threadIdx.x + k * blockDim.x in both passes, so
-// the residual it wrote in the first is what it reads in the second, and out may alias input.
-template <typename T, bool kResidual>
+// Elements of T in one 16-byte access.
+template <typename T>
+constexpr int kPack = 16 / sizeof(T);
+
+// kWidth consecutive elements from src to dst: one 16-byte access when they fill one (both
+// pointers then 16-byte aligned: arrays declared alignas(16), global memory as the launch checks).
+template <int kWidth, typename T>
+__device__ __forceinline__ void copy_elements(T* dst, const T* src) {
+  if constexpr (kWidth * sizeof(T) == 16) {
+    *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+  } else {
+#pragma unroll
+    for (int j = 0; j < kWidth; ++j) dst[j] = src[j];
+  }
+}
+
+// kWidth elements a thread per access: 1, or kPack<T> when hidden is a multiple of it
+// and every pointer 16-byte aligned. Each thread touches the same elements
+// i = (threadIdx.x + k * blockDim.x) * kWidth + j in both passes, so the residual it wrote in
+// the first is what it reads in the second, and out may alias input.
+template <typename T, bool kResidual, int kWidth>
 __global__ void rms_norm_kernel(RMSNormParams p) {
   const int64_t base = static_cast<int64_t>(blockIdx.x) * p.hidden;
   const T* input = static_cast<const T*>(p.input) + base;
   T* residual = kResidual ? static_cast<T*>(p.residual) + base : nullptr;
   const T* weight = static_cast<const T*>(p.weight);
   T* out = static_cast<T*>(p.out) + base;
+  const int64_t step = static_cast<int64_t>(blockDim.x) * kWidth;
   float sum = 0.0f;
-  for (int64_t i = threadIdx.x; i < p.hidden; i += blockDim.x) {
-    float x = to_float(input[i]);
+  for (int64_t i = threadIdx.x * kWidth; i < p.hidden; i += step) {
+    alignas(16) T x[kWidth], r[kWidth];
+    copy_elements<kWidth>(x, input + i);
     if constexpr (kResidual) {
-      const T s = from_float<T>(__fadd_rn(to_float(residual[i]), x));
-      residual[i] = s;
-      x = to_float(s);
+      copy_elements<kWidth>(r, residual + i);
+#pragma unroll
+      for (int j = 0; j < kWidth; ++j) x[j] = from_float<T>(__fadd_rn(to_float(r[j]), to_float(x[j])));
+      copy_elements<kWidth>(residual + i, x);
     }
-    sum = __fadd_rn(sum, __fmul_rn(x, x));
+#pragma unroll
+    for (int j = 0; j < kWidth; ++j) sum = __fadd_rn(sum, __fmul_rn(to_float(x[j]), to_float(x[j])));
   }
   const float mean = block_sum(sum) / static_cast<float>(p.hidden);
   const float inv_rms = rsqrtf(__fadd_rn(mean, p.eps));
-  for (int64_t i = threadIdx.x; i < p.hidden; i += blockDim.x) {
-    const float x = to_float(kResidual ? residual[i] : input[i]);
-    const float normed = to_float(from_float<T>(__fmul_rn(x, inv_rms)));
-    out[i] = from_float<T>(__fmul_rn(normed, to_float(weight[i])));
+  for (int64_t i = threadIdx.x * kWidth; i < p.hidden; i += step) {
+    alignas(16) T x[kWidth], w[kWidth];
+    copy_elements<kWidth>(x, kResidual ? residual + i : input + i);
+    copy_elements<kWidth>(w, weight + i);
+#pragma unroll
+    for (int j = 0; j < kWidth; ++j) {
+      const float normed = to_float(from_float<T>(__fmul_rn(to_float(x[j]), inv_rms)));
+      x[j] = from_float<T>(__fmul_rn(normed, to_float(w[j])));
+    }
+    copy_elements<kWidth>(out + i, x);
   }
 }
 
-// grid (rows, ceil(d / blockDim.x)): one element of out a thread.
+// torch's silu on CUDA, x / (1 + exp(-x)) with the accurate expf, rounded to the dtype; then
+// the product, rounded.
 template <typename T>
+__device__ __forceinline__ T silu_times(T gate, T up) {
+  const float g = to_float(gate);
+  const float silu = to_float(from_float<T>(__fdiv_rn(g, __fadd_rn(1.0f, expf(-g)))));
+  return from_float<T>(__fmul_rn(silu, to_float(up)));
+}
+
+// grid (rows, ceil(d / (blockDim.x * kWidth))): kWidth elements of out a thread (see rms_norm_kernel).
+template <typename T, int kWidth>
 __global__ void silu_and_mul_kernel(SiluAndMulParams p) {
-  const int64_t i = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
+  const int64_t i = (static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) * kWidth;
   if (i >= p.d) return;
   const T* row = static_cast<const T*>(p.input) + static_cast<int64_t>(blockIdx.x) * 2 * p.d;
-  const float gate = to_float(row[i]), up = to_float(row[p.d + i]);
-  // torch's silu on CUDA: x / (1 + exp(-x)) with the accurate expf, rounded to the dtype.
-  const float silu = to_float(from_float<T>(__fdiv_rn(gate, __fadd_rn(1.0f, expf(-gate)))));
-  static_cast<T*>(p.out)[static_cast<int64_t>(blockIdx.x) * p.d + i] = from_float<T>(__fmul_rn(silu, up));
+  alignas(16) T gate[kWidth], up[kWidth];
+  copy_elements<kWidth>(gate, row + i);
+  copy_elements<kWidth>(up, row + p.d + i);
+#pragma unroll
+  for (int j = 0; j < kWidth; ++j) gate[j] = silu_times(gate[j], up[j]);
+  copy_elements<kWidth>(static_cast<T*>(p.out) + static_cast<int64_t>(blockIdx.x) * p.d + i, gate);
 }
 
 // One block per token: the token's cos and sin (head_dim / 2 each) go to shared memory once,
@@ -99,13 +140,19 @@ __global__ void apply_rope_kernel(RopeParams p) {
 
 }  // namespace
 
+static bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
 int rms_norm(const RMSNormParams& p, void* stream) {
   if (p.rows == 0) return 0;
-  // About four elements a thread, in whole warps, at most 1024 threads.
-  const int64_t threads = std::min<int64_t>(1024, std::max<int64_t>(32, (p.hidden / 4 + 31) / 32 * 32));
   return dispatch_dtype(p.dtype, [&](auto t) {
     using T = decltype(t);
-    auto kernel = p.residual ? rms_norm_kernel<T, true> : rms_norm_kernel<T, false>;
+    const bool packed = p.hidden % kPack<T> == 0 && aligned16(p.input) && aligned16(p.weight) && aligned16(p.out) &&
+                        (p.residual == nullptr || aligned16(p.residual));
+    // A pack a thread (else about four elements), in whole warps, at most 1024 threads.
+    const int64_t units = packed ? p.hidden / kPack<T> : p.hidden / 4;
+    const int64_t threads = std::min<int64_t>(1024, std::max<int64_t>(32, (units + 31) / 32 * 32));
+    auto kernel = packed ? (p.residual ? rms_norm_kernel<T, true, kPack<T>> : rms_norm_kernel<T, false, kPack<T>>)
+                         : (p.residual ? rms_norm_kernel<T, true, 1> : rms_norm_kernel<T, false, 1>);
     kernel<<<static_cast<unsigned>(p.rows), static_cast<unsigned>(threads), 0,
              static_cast<cudaStream_t>(stream)>>>(p);
     return static_cast<int>(cudaGetLastError());
@@ -114,10 +161,14 @@ int rms_norm(const RMSNormParams& p, void* stream) {
 
 int silu_and_mul(const SiluAndMulParams& p, void* stream) {
   if (p.rows == 0 || p.d == 0) return 0;
-  const unsigned threads = 256;
-  const dim3 grid(static_cast<unsigned>(p.rows), static_cast<unsigned>((p.d + threads - 1) / threads));
+  const int64_t threads = 256;
   return dispatch_dtype(p.dtype, [&](auto t) {
-    silu_and_mul_kernel<decltype(t)><<<grid, threads, 0, static_cast<cudaStream_t>(stream)>>>(p);
+    using T = decltype(t);
+    const bool packed = p.d % kPack<T> == 0 && aligned16(p.input) && aligned16(p.out);
+    const int64_t width = packed ? kPack<T> : 1;
+    const dim3 grid(static_cast<unsigned>(p.rows), static_cast<unsigned>((p.d + threads * width - 1) / (threads * width)));
+    auto kernel = packed ? silu_and_mul_kernel<T, kPack<T>> : silu_and_mul_kernel<T, 1>;
+    kernel<<<grid, static_cast<unsigned>(threads), 0, static_cast<cudaStream_t>(stream)>>>(p);
     return static_cast<int>(cudaGetLastError());
   });
 }

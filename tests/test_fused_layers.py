@@ -126,15 +126,25 @@ def test_rms_norm_torch_ops_and_opcheck():
     torch.library.opcheck(torch.ops.pagedlm.fused_add_rms_norm.default, (x, residual, weight, 1e-5))
 
 
+def cuda_at_offset(x, offset):
+    """x on the GPU, as a view offset elements into its storage: offset 1 breaks the 16-byte
+    alignment the kernels' wide accesses need, so they take their scalar path."""
+    storage = torch.empty(x.numel() + offset, dtype=x.dtype, device="cuda")
+    view = storage[offset:].view(x.shape)
+    view.copy_(x)
+    return view
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("hidden", HIDDEN + [8192])
 @pytest.mark.parametrize("with_residual", [False, True])
-def test_rms_norm_cuda_matches_cpu(hidden, dtype, with_residual):
+@pytest.mark.parametrize("offset", [0, 1])
+def test_rms_norm_cuda_matches_cpu(hidden, dtype, with_residual, offset):
     rows = 37
     x, residual = rand(rows, hidden, dtype=dtype, scale=3.0), rand(rows, hidden, dtype=dtype)
     weight = rand(hidden, dtype=dtype)
-    xc, weightc, residualc = x.cuda(), weight.cuda(), residual.cuda()
+    xc, weightc, residualc = cuda_at_offset(x, offset), weight.cuda(), cuda_at_offset(residual, offset)
     if with_residual:
         ops.rms_norm(x, weight, 1e-5, residual=residual)
         ops.rms_norm(xc, weightc, 1e-5, residual=residualc)
@@ -236,9 +246,10 @@ def test_silu_and_mul_torch_op_and_opcheck():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("d", HIDDEN + [14336])
-def test_silu_and_mul_cuda_matches_cpu(d, dtype):
+@pytest.mark.parametrize("offset", [0, 1])
+def test_silu_and_mul_cuda_matches_cpu(d, dtype, offset):
     x = rand(37, 2 * d, dtype=dtype, scale=4.0)
-    out = ops.silu_and_mul(x.cuda())
+    out = ops.silu_and_mul(cuda_at_offset(x, offset))
     assert_ulps(out.cpu(), ops.silu_and_mul(x), 4 if dtype == torch.float32 else 3)
     # On the GPU, torch's own silu uses the same expf: the same bits.
     assert torch.equal(out, silu_and_mul_unfused(x.cuda()))
