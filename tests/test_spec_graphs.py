@@ -355,6 +355,38 @@ def test_decode_graphs_emit_the_eager_tokens(models, monkeypatch):
     assert {5, 4, 3, 2, 1} <= set(replays)  # every bucket met, padded and not
 
 
+def test_decode_graphs_keep_the_model_dtype_and_sample_as_eager(models, monkeypatch):
+    """A bf16 engine's DecodeGraphs return logits in bf16 (the float32 copy is made only when a
+    row samples): greedy, sampled, penalized and logprobs requests in one batch emit the eager
+    engine's tokens and log-probabilities exactly, the upcast being the same either way."""
+    from pagedlm.engine.cuda_graphs import DecodeGraphs
+    batch = prompts(4, seed=5)
+    # The penalized and logprobs requests end first: the later steps take the plain sampling path.
+    params = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+              SamplingParams(temperature=0.8, seed=11, max_tokens=12, ignore_eos=True),
+              SamplingParams(temperature=0, repetition_penalty=1.3, max_tokens=4, ignore_eos=True),
+              SamplingParams(temperature=0.7, top_k=20, logprobs=3, seed=4, max_tokens=4, ignore_eos=True)]
+
+    def run(llm):
+        out = llm.generate(batch, params, use_tqdm=False)
+        return tokens(out), [[o.cumulative_logprob for o in r.outputs] for r in out], [r.outputs[0].logprobs
+                                                                                          for r in out]
+
+    expected = run(engine(models, 4, dtype="bfloat16"))
+    llm = engine(models, 4, dtype="bfloat16")
+    llm.runner.graphs = graphs = DecodeGraphs(llm.model, llm.kv_caches, MAX_SEQS, llm.device)
+    dtypes = []
+    replay = graphs.run
+
+    def spied(*args):
+        logits, choices = replay(*args)
+        dtypes.append(logits.dtype)
+        return logits, choices
+    monkeypatch.setattr(graphs, "run", spied)
+    assert run(llm) == expected
+    assert dtypes and set(dtypes) == {torch.bfloat16}
+
+
 def test_cascade_decode_graphs_emit_the_eager_tokens(models, monkeypatch):
     """DecodeGraphs' cascade graphs (rows reordered into groups that share a prefix, the padding
     rows a group of their own), capture replaced as above: n = 3 samples of a 300-token prompt

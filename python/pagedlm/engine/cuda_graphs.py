@@ -160,8 +160,11 @@ class DecodeGraphs(GraphSet):
         return batch <= self.buckets[-1] and width <= MAX_WIDTH
 
     def run(self, ids, positions, slots, tables, cascade=None):
-        """(logits float32 [len(ids), vocab], their greedy_choices) of one decode step (views of
-        the graph's outputs). slots and tables: the block manager's arrays; cascade: the step's
+        """(logits [len(ids), vocab], their greedy_choices) of one decode step (views of the
+        graph's outputs). The logits are in the LM head's dtype: a step whose requests are all
+        greedy reads only the choices, and the float32 copy of a step that samples is made
+        then (sampler.sample), not in every replay (the [batch, vocab] copy and its argmax
+        over twice the bytes cost more than a tenth of a small model's decode step). slots and tables: the block manager's arrays; cascade: the step's
         CascadePlan, or None."""
         batch = len(ids)
         bucket, width = bucket_of(batch, self.buckets), width_of(tables.shape[1])
@@ -208,7 +211,7 @@ class DecodeGraphs(GraphSet):
                                 f["suffix_lens"]) if cascade else None)
         batch = AttentionBatch(slot_mapping=f["slots"], block_tables=f["tables"], seq_lens=f["lens"].int(),
                                cu_seqlens_q=None, decode_only=True, cascade=cascade)
-        logits = self.model(f["ids"], f["positions"], batch, self.kv_caches)
+        logits = self.model(f["ids"], f["positions"], batch, self.kv_caches, float_logits=False)
         return logits, greedy_choices(logits)
 
 

@@ -32,7 +32,8 @@ def sample_step(logits, seqs, choices=None, eos_token_ids=frozenset(), decode=No
     Rows of requests with transforms or logprobs (SamplingParams._special) have their logits
     penalized first (vLLM's order: repetition, frequency, presence; EOS and stop ids masked
     until min_tokens); greedy rows then take the argmax of the penalized logits, and logprobs
-    are the raw log_softmax of the model's logits. A step without such requests is sample()."""
+    are the raw log_softmax of the model's logits. A step without such requests is sample().
+    logits may be in the model's dtype (a decode graph's): each path upcasts what it reads."""
     if not any(s.params._special for s in seqs):  # no transforms, no logprobs: the plain path
         return (*sample(logits, seqs, choices), None)
     raw = logits
@@ -154,15 +155,16 @@ def _no_text(token):
 
 
 def sample(logits, seqs, choices=None):
-    """logits float32 [rows, vocab], one row per sequence in seqs; returns (tokens, logprobs)
-    lists. Greedy rows (temperature 0) take the argmax; sampled ones apply temperature, min_p,
-    top-k and top-p, then pick a token by inverse CDF with a uniform from Philox-4x32-10 (the
-    verification kernels' generator). choices: the logits' greedy_choices when already
-    computed (by a graph)."""
+    """logits [rows, vocab] (float32, or the model's dtype: upcast here unless every row is
+    greedy), one row per sequence in seqs; returns (tokens, logprobs) lists. Greedy rows
+    (temperature 0) take the argmax; sampled ones apply temperature, min_p, top-k and top-p,
+    then pick a token by inverse CDF with a uniform from Philox-4x32-10 (the verification
+    kernels' generator). choices: the logits' greedy_choices when already computed (by a graph)."""
     greedy = [i for i, s in enumerate(seqs) if s.params.temperature == 0]
     if len(greedy) == len(seqs):  # the common step: one copy of the choices to the host
         both = (greedy_choices(logits) if choices is None else choices).cpu().numpy()
         return both[:, 0].astype(np.int64).tolist(), both[:, 1].tolist()
+    logits = logits.float()  # (a no-op on float32; a decode graph's logits are in the model's dtype)
     tokens = torch.empty(len(seqs), dtype=torch.int64, device=logits.device)
     logprobs = torch.empty(len(seqs), dtype=torch.float32, device=logits.device)
     if greedy:

@@ -124,9 +124,12 @@ class LlamaForCausalLM(nn.Module):
                 for _ in range(self.args.num_layers)]
 
     @torch.inference_mode()
-    def forward(self, input_ids, positions, batch, kv_caches, logits_indices=None, logits_out=None):
+    def forward(self, input_ids, positions, batch, kv_caches, logits_indices=None, logits_out=None,
+                float_logits=True):
         """input_ids, positions int64 [tokens]; returns logits float32 [len(logits_indices) or tokens, vocab],
-        written into logits_out if given (a CUDA graph's output buffer: one copy, not a cast and a copy)."""
+        written into logits_out if given (a CUDA graph's output buffer: one copy, not a cast and a copy).
+        float_logits=False: the logits in the LM head's dtype (float32 under a final soft cap), for a
+        caller that upcasts only the rows it needs as float32."""
         x, residual = self.model.embed_tokens(input_ids), None
         if self.args.embed_scale is not None:  # Gemma: the factor rounded to the weights' dtype, as transformers
             x = x * torch.tensor(self.args.embed_scale, dtype=x.dtype).item()
@@ -141,5 +144,5 @@ class LlamaForCausalLM(nn.Module):
         if cap is not None:  # Gemma: cap * tanh(logits / cap), in float32
             logits = torch.tanh(logits.float() / cap) * cap
         if logits_out is None:
-            return logits.float()
+            return logits.float() if float_logits else logits
         return logits_out.copy_(logits)
