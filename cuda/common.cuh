@@ -2,6 +2,8 @@
 // the DType -> C++ type dispatch used by the launchers.
 #pragma once
 
+#include <cstdint>
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -18,6 +20,25 @@ template <typename T> __device__ __forceinline__ T from_float(float x);
 template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
 template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+// Elements of T in one 16-byte access.
+template <typename T>
+constexpr int kPack = 16 / sizeof(T);
+
+// kWidth consecutive elements from src to dst: one 16-byte access when they fill one (both
+// pointers then 16-byte aligned: arrays declared alignas(16), global memory as its launcher
+// checks with aligned16).
+template <int kWidth, typename T>
+__device__ __forceinline__ void copy_elements(T* dst, const T* src) {
+  if constexpr (kWidth * sizeof(T) == 16) {
+    *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+  } else {
+#pragma unroll
+    for (int j = 0; j < kWidth; ++j) dst[j] = src[j];
+  }
+}
+
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // 2^x on the special-function unit alone (ex2.approx.ftz). exp2f adds a fix-up of results under
 // 2^-126, three more instructions per call: softmax weights that small count for nothing next to

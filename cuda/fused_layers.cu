@@ -31,22 +31,6 @@ __device__ float block_sum(float v) {
   return total;
 }
 
-// Elements of T in one 16-byte access.
-template <typename T>
-constexpr int kPack = 16 / sizeof(T);
-
-// kWidth consecutive elements from src to dst: one 16-byte access when they fill one (both
-// pointers then 16-byte aligned: arrays declared alignas(16), global memory as the launch checks).
-template <int kWidth, typename T>
-__device__ __forceinline__ void copy_elements(T* dst, const T* src) {
-  if constexpr (kWidth * sizeof(T) == 16) {
-    *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
-  } else {
-#pragma unroll
-    for (int j = 0; j < kWidth; ++j) dst[j] = src[j];
-  }
-}
-
 // kWidth elements a thread per access: 1, or kPack<T> when hidden is a multiple of it
 // and every pointer 16-byte aligned. Each thread touches the same elements
 // i = (threadIdx.x + k * blockDim.x) * kWidth + j in both passes, so the residual it wrote in
@@ -139,8 +123,6 @@ __global__ void apply_rope_kernel(RopeParams p) {
 }
 
 }  // namespace
-
-static bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 int rms_norm(const RMSNormParams& p, void* stream) {
   if (p.rows == 0) return 0;

@@ -49,23 +49,36 @@ __device__ V block_reduce(V v, Combine combine, V* partial) {
   return v;
 }
 
-template <typename T>
+// kWidth elements a thread per access: 1, or kPack<T> when the rows are whole 16-byte packs and
+// aligned (a row of a large vocabulary is bandwidth-bound: wide accesses keep more bytes in flight).
+template <typename T, int kWidth>
 __global__ void __launch_bounds__(kThreads) argmax_logprob_kernel(ArgmaxLogprobParams p) {
   __shared__ Best best_of_warp[kThreads / 32];
   __shared__ float sum_of_warp[kThreads / 32];
   const T* row = static_cast<const T*>(p.logits) + static_cast<int64_t>(blockIdx.x) * p.vocab;
+  constexpr int64_t kStep = static_cast<int64_t>(kThreads) * kWidth;
   Best best{0.0f, -1};
   // Each thread meets its elements in increasing index order: a later one wins only if larger.
 #pragma unroll 4
-  for (int64_t i = threadIdx.x; i < p.vocab; i += kThreads) {
-    const float x = to_float(row[i]);
-    if (best.index < 0 || x > best.value || (isnan(x) && !isnan(best.value))) best = Best{x, i};
+  for (int64_t i = threadIdx.x * kWidth; i < p.vocab; i += kStep) {
+    alignas(16) T x[kWidth];
+    copy_elements<kWidth>(x, row + i);
+#pragma unroll
+    for (int j = 0; j < kWidth; ++j) {
+      const float v = to_float(x[j]);
+      if (best.index < 0 || v > best.value || (isnan(v) && !isnan(best.value))) best = Best{v, i + j};
+    }
   }
   best = block_reduce(best, better, best_of_warp);
   float sum = 0.0f;
   if (isfinite(best.value)) {  // uniform across the block
 #pragma unroll 4
-    for (int64_t i = threadIdx.x; i < p.vocab; i += kThreads) sum += __expf(to_float(row[i]) - best.value);
+    for (int64_t i = threadIdx.x * kWidth; i < p.vocab; i += kStep) {
+      alignas(16) T x[kWidth];
+      copy_elements<kWidth>(x, row + i);
+#pragma unroll
+      for (int j = 0; j < kWidth; ++j) sum += __expf(to_float(x[j]) - best.value);
+    }
     sum = block_reduce(sum, [](float a, float b) { return a + b; }, sum_of_warp);
   }
   if (threadIdx.x == 0) {
@@ -79,8 +92,10 @@ __global__ void __launch_bounds__(kThreads) argmax_logprob_kernel(ArgmaxLogprobP
 int argmax_logprob(const ArgmaxLogprobParams& p, void* stream) {
   if (p.rows == 0) return 0;
   return dispatch_dtype(p.dtype, [&](auto t) {
-    argmax_logprob_kernel<decltype(t)><<<static_cast<unsigned>(p.rows), kThreads, 0,
-                                         static_cast<cudaStream_t>(stream)>>>(p);
+    using T = decltype(t);
+    const bool packed = p.vocab % kPack<T> == 0 && aligned16(p.logits);
+    auto kernel = packed ? argmax_logprob_kernel<T, kPack<T>> : argmax_logprob_kernel<T, 1>;
+    kernel<<<static_cast<unsigned>(p.rows), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(p);
     return static_cast<int>(cudaGetLastError());
   });
 }

@@ -9,6 +9,8 @@ import torch
 
 import pagedlm.ops as ops
 
+from unaligned import cuda_at_offset
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 VOCABS = [1, 2, 7, 255, 4096, 50257]
 ROWS = [1, 3, 33]
@@ -110,12 +112,13 @@ def test_torch_op_and_opcheck():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("vocab", VOCABS + [131072])
-def test_cuda_matches_cpu_and_the_reference(vocab, dtype):
+@pytest.mark.parametrize("offset", [0, 1])
+def test_cuda_matches_cpu_and_the_reference(vocab, dtype, offset):
     rows = 37
     logits = (torch.randn(rows, vocab, dtype=torch.float64) * 4).to(dtype)
     cpu = ops.argmax_logprob(logits)
     out = poisoned(rows, "cuda")
-    ops.argmax_logprob(logits.cuda(), out=out)
+    ops.argmax_logprob(cuda_at_offset(logits, offset), out=out)
     assert_choices(out, reference(logits))
     assert torch.equal(out[:, 0].cpu(), cpu[:, 0])
     torch.testing.assert_close(out[:, 1].cpu(), cpu[:, 1], rtol=1e-5, atol=1e-5)

@@ -8,6 +8,8 @@ import torch
 import pagedlm.ops as ops
 from pagedlm import _C
 
+from unaligned import cuda_at_offset
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 HIDDEN = [1, 7, 96, 4097]
 ROWS = [1, 3, 17]
@@ -124,15 +126,6 @@ def test_rms_norm_torch_ops_and_opcheck():
     assert torch.equal(torch.ops.pagedlm.rms_norm(x, weight, 1e-5), ops.rms_norm(x, weight, 1e-5))
     torch.library.opcheck(torch.ops.pagedlm.rms_norm.default, (x, weight, 1e-5))
     torch.library.opcheck(torch.ops.pagedlm.fused_add_rms_norm.default, (x, residual, weight, 1e-5))
-
-
-def cuda_at_offset(x, offset):
-    """x on the GPU, as a view offset elements into its storage: offset 1 breaks the 16-byte
-    alignment the kernels' wide accesses need, so they take their scalar path."""
-    storage = torch.empty(x.numel() + offset, dtype=x.dtype, device="cuda")
-    view = storage[offset:].view(x.shape)
-    view.copy_(x)
-    return view
 
 
 @pytest.mark.gpu
