@@ -161,6 +161,23 @@ class PyBlockManager:
             self._register_full_blocks(seq)
         return copies
 
+    def set_token(self, seq_id, position, token):
+        seq = self._find(seq_id)
+        last = len(seq.blocks) - 1
+        if not max(last, 0) * self.block_size <= position < seq.num_tokens:
+            raise ValueError(f"position: {position} is outside the last block")
+        if self.ref_counts[seq.blocks[last]] > 1:
+            raise ValueError("position: the last block is shared")
+        if not self.enable_prefix_caching:
+            return
+        seq.tokens[position] = token
+        if len(seq.chain_id) > last:  # the block is full: its content is entered anew
+            block = seq.blocks[last]
+            if self.cache_id.get(block) == seq.chain_id[-1]:
+                self._unregister(block)
+            seq.chain_id.pop()
+            self._register_full_blocks(seq)
+
     def truncate(self, seq_id, num_tokens):
         seq = self._find(seq_id)
         if not 0 <= num_tokens <= seq.num_tokens:

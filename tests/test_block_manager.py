@@ -124,3 +124,32 @@ def test_stats_and_repr(bm):
     assert s["utilization"] == pytest.approx(6 / 8)
     assert "num_free_blocks=6" in repr(bm)
     assert bm.num_free_blocks == 6 and bm.can_allocate(24) and not bm.can_allocate(25)
+
+
+def test_set_token_names_a_placeholder_and_redoes_the_full_blocks_cache_entry():
+    """A slot reserved with a placeholder (an asynchronous step's input) is named once known: the
+    full block it completed is cached with the real token, so a prompt holding that token hits
+    it and the placeholder's content no longer exists in the cache."""
+    bm = pagedlm.BlockManager(8, 4, True)
+    bm.allocate(1, [5, 6, 7])
+    bm.append(1, [-1])  # the placeholder fills the first block
+    bm.set_token(1, 3, 8)
+    bm.append(1, [9])
+    assert bm.allocate(2, [5, 6, 7, 8, 9]) == 4  # the block [5, 6, 7, 8] is a hit
+    assert bm.allocate(3, [5, 6, 7, -1, 9]) == 0
+    bm.set_token(1, 4, 10)  # in a partly filled last block: only the token changes
+    assert bm.num_tokens(1) == 5
+
+
+@pytest.mark.parametrize("prefix_caching", [False, True])
+def test_set_token_refuses_positions_outside_the_last_block_and_shared_blocks(prefix_caching):
+    bm = pagedlm.BlockManager(8, 4, prefix_caching)
+    bm.allocate(1, [1, 2, 3, 4, 5, 6])
+    for position in (3, 6, -1):
+        with pytest.raises(ValueError, match="position"):
+            bm.set_token(1, position, 0)
+    bm.fork(1, 2)
+    with pytest.raises(ValueError, match="shared"):
+        bm.set_token(1, 5, 0)
+    with pytest.raises(KeyError):
+        bm.set_token(3, 0, 0)

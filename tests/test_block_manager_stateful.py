@@ -1,4 +1,4 @@
-"""Hypothesis drives random allocate/append/fork/truncate/free sequences against the C++
+"""Hypothesis drives random allocate/append/fork/truncate/set_token/free sequences against the C++
 BlockManager and the pure-Python model (tests/py_block_manager.py) side by side, and
 compares every observable after every step: results, errors, block tables, refcounts,
 free counts, copy-on-write pairs, stats. Nothing may leak once every sequence is freed."""
@@ -97,6 +97,24 @@ class BlockManagerMachine(RuleBasedStateMachine):
         self.real.truncate(seq, keep)
         self.model.truncate(seq, keep)
         self.contents[seq] = self.contents[seq][:keep]
+
+    @rule(seq=seqs, data=st.data())
+    def set_token(self, seq, data):
+        """A placeholder named once known: positions in the last block and before it."""
+        if seq not in self.model.seqs or not self.model.num_tokens(seq):
+            return
+        n = self.model.num_tokens(seq)
+        position = data.draw(st.integers(max(0, n - 2 * self.model.block_size), n - 1))
+        token = data.draw(st.integers(0, 2))
+        try:
+            self.model.set_token(seq, position, token)
+        except ValueError:
+            with pytest.raises(ValueError, match="position"):
+                self.real.set_token(seq, position, token)
+            return
+        self.real.set_token(seq, position, token)
+        self.contents[seq][position] = token
+        self.history.append(list(self.contents[seq]))
 
     @rule(seq=consumes(seqs))
     def free(self, seq):

@@ -72,6 +72,9 @@ void bind_block_manager(nb::module_& m) {
            "seq_id"_a, "token_ids"_a,
            "Reserve slots for new tokens; returns the (src, dst) block copies that\n"
            "copy-on-write requires the caller to perform before writing.")
+      .def("set_token", &BlockManager::set_token, "seq_id"_a, "position"_a, "token"_a,
+           "Set the token at position (in the last block) once known: a slot reserved with a\n"
+           "placeholder token; a full block's prefix-cache entry is redone.")
       .def("truncate", &BlockManager::truncate, "seq_id"_a, "num_tokens"_a,
            "Keep only the first num_tokens tokens (drop rejected draft tokens).")
       .def("fork", &BlockManager::fork, "parent_id"_a, "child_id"_a,

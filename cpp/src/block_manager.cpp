@@ -246,6 +246,28 @@ std::vector<std::pair<BlockId, BlockId>> BlockManager::append(SeqId seq_id, cons
   return copies;
 }
 
+void BlockManager::set_token(SeqId seq_id, int64_t position, TokenId token) {
+  Sequence& seq = find(seq_id, "seq_id");
+  const int64_t last = static_cast<int64_t>(seq.blocks.size()) - 1;
+  if (position < last * block_size_ || position >= seq.num_tokens) {
+    throw InvalidArgument("position: " + std::to_string(position) + " is outside the last block [" +
+                          std::to_string(std::max<int64_t>(last, 0) * block_size_) + ", " +
+                          std::to_string(seq.num_tokens) + ") of sequence " + seq_str(seq_id));
+  }
+  if (ref_count_[seq.blocks[static_cast<size_t>(last)]] > 1) {
+    throw InvalidArgument("position: the last block of sequence " + seq_str(seq_id) +
+                          " is shared (its KV is another sequence's too)");
+  }
+  if (!prefix_caching_) return;
+  seq.tokens[static_cast<size_t>(position)] = token;
+  if (static_cast<int64_t>(seq.chain_id.size()) > last) {  // full and entered: enter its new content
+    const BlockId block = seq.blocks[static_cast<size_t>(last)];
+    if (cache_id_[block] == seq.chain_id.back()) unregister(block);  // its own entry, not a shared one's
+    seq.chain_id.pop_back();
+    register_full_blocks(seq);
+  }
+}
+
 void BlockManager::truncate(SeqId seq_id, int64_t num_tokens) {
   Sequence& seq = find(seq_id, "seq_id");
   if (num_tokens < 0 || num_tokens > seq.num_tokens) {

@@ -48,6 +48,12 @@ class BlockManager {
   // copied on write: the returned (src, dst) pairs name the blocks the caller must copy.
   std::vector<std::pair<BlockId, BlockId>> append(SeqId seq_id, const TokenId* tokens, int64_t n);
 
+  // Sets the token at `position`, which must lie in the last block (not shared), to `token`: a caller that
+  // reserved a slot before it knew the token there (an asynchronous step's input, appended as a
+  // placeholder) names it once known. If that block is full, its prefix-cache entry is redone
+  // with the new content. Without prefix caching, only the position is checked.
+  void set_token(SeqId seq_id, int64_t position, TokenId token);
+
   // Keeps the first num_tokens tokens and releases blocks left empty. A kept block that is
   // shared is left untouched; the next append into it copies it on write.
   void truncate(SeqId seq_id, int64_t num_tokens);
