@@ -4,7 +4,7 @@ The engine: random streams of requests (valid and invalid prompts and sampling p
 steps, aborts, outputs taken, generate calls, faults injected into steps (an error in the
 scheduler, the forward or the sampler; an interrupt), and bad requests (each step that runs
 one fails, after writing garbage into the KV slots the step computes), on a tiny random
-model under random engine settings. After every step the block manager must hold exactly
+model under random engine settings (async scheduling among them, over emulated decode graphs). After every step the block manager must hold exactly
 the blocks of the running sequences and every live sequence must be in one queue; a failed
 step must keep the block manager (and so the prefix cache), and fail no request but bad
 ones unless an injected fault fired in it; a bad request must end with an error (or an
@@ -26,12 +26,15 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
+import pagedlm.engine.cuda_graphs as cuda_graphs
 import pagedlm.engine.runner
 from pagedlm import LLM, SamplingParams
+from pagedlm.engine.cuda_graphs import DecodeGraphs
 from pagedlm.engine.sequence import Status
 from pagedlm.models import load_model, random_model
 
 from engine_checks import check_consistent
+from graph_stand_in import replay_eagerly
 from llama_checkpoint import save_random_checkpoint
 
 CONFIG = dict(vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
@@ -57,6 +60,7 @@ class Faults:
         self.bad = set()  # request ids: a step that runs one fails
         self._wrap_bad(llm)
         self._wrap(llm.runner, "step", "forward")
+        self._wrap(llm.runner, "launch_decodes", "forward")
         self._wrap(llm.scheduler, "_reserve", "schedule")
         self.sample = self._wrapped(pagedlm.engine.runner.sample_step, "sample")
 
@@ -76,6 +80,17 @@ class Faults:
                 raise InjectedFault("a bad request")
             return step(scheduled, copies)
         llm.runner.step = call
+        launch = llm.runner.launch_decodes
+
+        def launch_call(seqs, copies, in_flight):  # an asynchronous step's launch, the same way
+            if any(seq.request_id in self.bad for seq in seqs):
+                slots = llm.block_manager.slot_mapping([seq.seq_id for seq in seqs], [1] * len(seqs))
+                for cache in llm.kv_caches:
+                    for t in cache[:2]:
+                        t.view(-1, *t.shape[2:])[torch.from_numpy(slots)] = 7.0
+                raise InjectedFault("a bad request")
+            return launch(seqs, copies, in_flight)
+        llm.runner.launch_decodes = launch_call
 
     def _wrap(self, obj, name, point):
         setattr(obj, name, self._wrapped(getattr(obj, name), point))
@@ -139,18 +154,30 @@ engines = st.fixed_dictionaries({
     "max_num_seqs": st.integers(1, 6),
     "max_num_batched_tokens": st.integers(1, 40), "enable_prefix_caching": st.booleans(),
     "speculative": st.sampled_from([None, None, None, {"method": "ngram", "num_tokens": 2, "max_ngram": 2}]),
-})
+    "async_scheduling": st.booleans(),  # with decode graphs emulated (Run); not with speculation
+}).map(lambda e: {**e, "async_scheduling": e["async_scheduling"] and e["speculative"] is None})
 faults = st.tuples(st.sampled_from(["schedule", "forward", "sample"]), st.integers(0, 2),
                    st.sampled_from([InjectedFault, KeyboardInterrupt]))
-operations = st.lists(st.one_of(
-    st.tuples(st.just("add"), prompts, params, st.sampled_from([False] * 5 + [True])),  # True: a bad request
-    st.tuples(st.just("step"), st.integers(1, 8), st.one_of(st.none(), faults)),
-    st.tuples(st.just("abort"), st.integers(0, 30)),
-    st.tuples(st.just("take"), st.integers(0, 30)),
-    st.tuples(st.just("bad"), st.integers(0, 30)),
-    st.tuples(st.just("generate"), st.lists(st.tuples(prompts, params), min_size=1, max_size=3),
-              st.one_of(st.none(), faults)),
-), min_size=3, max_size=30)
+# Greedy requests without logprobs or penalties: those whose decode steps async scheduling overlaps.
+greedy_params = st.fixed_dictionaries({"temperature": st.just(0)}, optional={
+    "n": st.integers(1, 3), "max_tokens": st.integers(1, 12), "stop_token_ids": st.lists(st.integers(0, VOCAB - 1),
+                                                                                         max_size=2),
+    "ignore_eos": st.booleans()})
+
+
+def streams(params):
+    return st.lists(st.one_of(
+        st.tuples(st.just("add"), prompts, params, st.sampled_from([False] * 5 + [True])),  # True: a bad request
+        st.tuples(st.just("step"), st.integers(1, 8), st.one_of(st.none(), faults)),
+        st.tuples(st.just("abort"), st.integers(0, 30)),
+        st.tuples(st.just("take"), st.integers(0, 30)),
+        st.tuples(st.just("bad"), st.integers(0, 30)),
+        st.tuples(st.just("generate"), st.lists(st.tuples(prompts, params), min_size=1, max_size=3),
+                  st.one_of(st.none(), faults)),
+    ), min_size=3, max_size=30)
+
+
+operations = streams(params)
 
 _alone = {}  # (prompt, params) -> what that request produces alone on a roomy engine
 
@@ -174,6 +201,8 @@ class Run:
     def __init__(self, engine):
         self.llm = LLM(MODEL, device="cpu", **engine)
         self.llm.eos_token_ids = frozenset([CONFIG["eos_token_id"]])  # as if loaded from a folder
+        if engine["async_scheduling"]:  # the decode graphs a GPU engine has, which it overlaps
+            self.llm.runner.graphs = DecodeGraphs(self.llm.model, self.llm.kv_caches, engine["max_num_seqs"], "cpu")
         self.faults = Faults(self.llm)
         self.accepted = {}  # request id -> (prompt token ids, params)
         self.reasons = {}  # (request id, sample index) -> the finish reason first seen
@@ -234,9 +263,11 @@ class Run:
                 self.make_bad(request_id)
 
     def make_bad(self, request_id):
+        """From now on, every step that runs the request fails. A sample with a token in flight
+        (async scheduling) ran before: that token lands, and may end it normally."""
         self.faults.bad.add(request_id)
         self.bad_samples |= {(request_id, s.index) for s in self.llm._requests[request_id]["seqs"]
-                             if s.status != Status.FINISHED}
+                             if s.status != Status.FINISHED and not s.in_flight}
 
     def step(self, count, fault):
         """count steps, the fault (if any) armed for the first."""
@@ -340,6 +371,7 @@ class Run:
 
 
 def run_stream(engine, ops):
+    capture, cuda_graphs.capture = cuda_graphs.capture, replay_eagerly
     run = Run(engine)
     pagedlm.engine.runner.sample_step = run.faults.sample
     try:
@@ -363,6 +395,7 @@ def run_stream(engine, ops):
                 run.check_reasons()
             run.drain()
     finally:
+        cuda_graphs.capture = capture
         pagedlm.engine.runner.sample_step = run.sample_original
         del run.llm.step  # the instance's wrapper: a reference cycle through run
     return run.faults.fired
@@ -378,6 +411,15 @@ def test_fuzzed_request_streams_keep_the_engine_consistent(engine, ops):
 @settings(FUZZ, max_examples=2000)
 @given(engine=engines, ops=operations)
 def test_fuzzed_request_streams_keep_the_engine_consistent_deep(engine, ops):
+    run_stream(engine, ops)
+
+
+@settings(FUZZ, max_examples=300)
+@given(engine=engines.map(lambda e: {**e, "speculative": None, "async_scheduling": True}),
+       ops=streams(st.one_of(greedy_params, greedy_params, greedy_params, params)))
+def test_fuzzed_greedy_streams_with_async_scheduling(engine, ops):
+    """Mostly requests whose decode steps overlap, so that steps launch ahead, land late, meet
+    faults, aborts, EOS and new requests in flight."""
     run_stream(engine, ops)
 
 

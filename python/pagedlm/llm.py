@@ -2,6 +2,7 @@
 pagedlm's paged-attention ops (continuous batching, preemption by recompute, prefix caching,
 n > 1 by copy-on-write forks, speculative decoding). A step: the scheduler picks the tokens,
 the model runner runs them and returns each sequence's new tokens, LLM._emit appends them."""
+import collections
 import functools
 import itertools
 import numbers
@@ -20,6 +21,7 @@ from pagedlm._torch_glue import debug_checks
 from pagedlm.beam_search import BeamSearch, BeamSearchParams, beam_score
 from pagedlm.engine.checks import (check_bool, check_float, check_int, check_token_ids, resolve_device,
                                    resolve_dtype)
+from pagedlm.engine.overlap import OverlappedDecoding
 from pagedlm.engine.recovery import StepRecovery
 from pagedlm.engine.runner import ModelRunner
 from pagedlm.engine.scheduler import Scheduler
@@ -76,12 +78,12 @@ class RequestOutput:
     prompt_logprobs: list | None = None
 
 
-class LLM(StepRecovery):
+class LLM(StepRecovery, OverlappedDecoding):
     def __init__(self, model, *, device=None, dtype=None, block_size=16, num_blocks=None,
                  gpu_memory_utilization=0.9, max_num_seqs=256, max_num_batched_tokens=8192,
                  enable_prefix_caching=True, seed=0, enforce_eager=False, speculative=None,
                  kv_cache_dtype="auto", calculate_kv_scales=False, tensor_parallel_size=1,
-                 disable_cascade_attn=True):
+                 disable_cascade_attn=True, async_scheduling=False):
         """device: "auto" (None), "cpu", "cuda" or "cuda:N"; dtype of the weights loaded from a
         folder: "auto" (None: bfloat16 on a GPU, float32 on the CPU), "float16"/"half",
         "bfloat16", "float32"/"float" or the torch dtype. kv_cache_dtype: "auto" (the model's
@@ -95,7 +97,11 @@ class LLM(StepRecovery):
         disable_cascade_attn (vLLM's name; True by default here, unlike vLLM, until the cascade
         measures faster in the engine): False makes decode steps read a prefix that rows share
         (n > 1 samples, beams, prompts from one prefix-cache entry) once per group (docs/engine.md);
-        steps without such sharing, layers with a sliding window and tensor parallelism never do."""
+        steps without such sharing, layers with a sliding window and tensor parallelism never do.
+        async_scheduling (vLLM's name): while the GPU runs a decode step, the host schedules and
+        launches the next, and emits the tokens of the one before (engine/overlap.py): steady
+        greedy decoding without logprobs or penalties, with CUDA graphs, overlaps; any other step
+        runs as without it. Not with speculative decoding or tensor parallelism."""
         _check_model_arg("model", model)
         self.device = resolve_device(device)
         dtype = resolve_dtype(dtype, self.device)
@@ -110,6 +116,7 @@ class LLM(StepRecovery):
         seed = check_int("seed", seed)
         enforce_eager = check_bool("enforce_eager", enforce_eager)
         disable_cascade_attn = check_bool("disable_cascade_attn", disable_cascade_attn)
+        self.async_scheduling = check_bool("async_scheduling", async_scheduling)
         kv_dtype = resolve_kv_cache_dtype(kv_cache_dtype)
         calculate_kv_scales = check_bool("calculate_kv_scales", calculate_kv_scales)
         if calculate_kv_scales and kv_dtype is None:
@@ -120,6 +127,8 @@ class LLM(StepRecovery):
             if speculative["method"] == "draft":
                 _check_model_arg("speculative['model']", speculative["model"])
         tensor_parallel_size = check_int("tensor_parallel_size", tensor_parallel_size, minimum=1, maximum=INT32_MAX)
+        if async_scheduling and (speculative is not None or tensor_parallel_size > 1):
+            raise ValueError("async_scheduling: not with speculative decoding or tensor_parallel_size > 1")
         check_llm_options(tensor_parallel_size, model_is_object=isinstance(model, LlamaForCausalLM),
                           speculative=speculative, kv_cache_dtype=kv_dtype)
         self.tensor_parallel_size, self._tp = tensor_parallel_size, None
@@ -186,6 +195,7 @@ class LLM(StepRecovery):
             cache.measure = calculate_kv_scales and cache.is_fp8
         self._ids = itertools.count()
         self._requests = {}
+        self._flights = collections.deque()  # launched decode steps not landed yet (async_scheduling)
         # The running step's scheduled sequences, which a failure of it rolls back; None between
         # steps and until the scheduler returns (a failure before that is no request's).
         self._scheduled = None
@@ -335,6 +345,7 @@ class LLM(StepRecovery):
         try:
             return self._step()
         except BaseException as exc:
+            self._land_all()  # steps launched before the failure went through
             failed = self._recover(exc)
             if failed:
                 exc.add_note(f"pagedlm: request(s) {', '.join(sorted(failed, key=int))} were in the failed step and "
@@ -344,6 +355,9 @@ class LLM(StepRecovery):
             self._scheduled = None
 
     def _step(self):
+        kept = self._overlapped_step()
+        if kept is not None:
+            return kept
         scheduled, copies = self.scheduler.schedule()
         self._scheduled = scheduled
         if not scheduled:

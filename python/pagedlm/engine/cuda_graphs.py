@@ -7,6 +7,7 @@ fields packed in one int64 device buffer with a host twin, so a replay's inputs 
 the host and go up in one copy. DecodeGraphs (decode-only steps) is configured here; varlen
 forwards (varlen_graphs.py), the draft model's greedy chain (speculative/draft_chain.py) and
 greedy verification (speculative/verification.py) are the others."""
+import functools
 import gc
 
 import numpy as np
@@ -112,9 +113,12 @@ class Graph:
         self.inputs = inputs
         self.graph, self.output = capture(lambda: forward(inputs.device), pool, device)
 
-    def replay(self, used=None):
-        """Uploads the inputs written into .inputs.host (the first `used` words), then replays."""
+    def replay(self, used=None, feed=None):
+        """Uploads the inputs written into .inputs.host (the first `used` words), then replays.
+        feed(inputs.device) runs between the two: inputs that come from the device."""
         self.inputs.upload(used)
+        if feed is not None:
+            feed(self.inputs.device)
         self.graph.replay()
         return self.output
 
@@ -159,12 +163,14 @@ class DecodeGraphs(GraphSet):
     def fits(self, batch, width):
         return batch <= self.buckets[-1] and width <= MAX_WIDTH
 
-    def run(self, ids, positions, slots, tables, cascade=None):
+    def run(self, ids, positions, slots, tables, cascade=None, feed=None):
         """(logits [len(ids), vocab], their greedy_choices) of one decode step (views of the
         graph's outputs). The logits are in the LM head's dtype: a step whose requests are all
         greedy reads only the choices, and the float32 copy of a step that samples is made
         then (sampler.sample), not in every replay (the [batch, vocab] copy and its argmax
-        over twice the bytes cost more than a tenth of a small model's decode step). slots and tables: the block manager's arrays; cascade: the step's
+        over twice the bytes cost more than a tenth of a small model's decode step). feed:
+        (choices, pairs) of a step still in flight (asynchronous scheduling): row i's input
+        token is choices[j, 0] for each (i, j) in pairs, taken on the device (ids[i] ignored). slots and tables: the block manager's arrays; cascade: the step's
         CascadePlan, or None."""
         batch = len(ids)
         bucket, width = bucket_of(batch, self.buckets), width_of(tables.shape[1])
@@ -184,7 +190,7 @@ class DecodeGraphs(GraphSet):
         f["tables"][:batch, :tables.shape[1]] = tables
         if cascade is not None:
             _write_cascade(f, cascade, batch, bucket)
-        logits, choices = graph.replay()
+        logits, choices = graph.replay(feed=None if feed is None else functools.partial(_feed_ids, *feed))
         view = (*key, batch)
         if view not in self.views:  # made once: on a small model's step, slicing costs as much as a kernel
             self.views[view] = logits[:batch], choices[:batch]
@@ -213,6 +219,13 @@ class DecodeGraphs(GraphSet):
                                cu_seqlens_q=None, decode_only=True, cascade=cascade)
         logits = self.model(f["ids"], f["positions"], batch, self.kv_caches, float_logits=False)
         return logits, greedy_choices(logits)
+
+
+def _feed_ids(choices, pairs, fields):
+    """ids[i] = choices[j, 0] on the device for each (i, j) of pairs: the input tokens that a step
+    in flight samples (its greedy choices, float64 [rows, 2])."""
+    index = torch.from_numpy(np.asarray(pairs, dtype=np.int64).T.copy()).to(choices.device, non_blocking=True)
+    fields["ids"][index[0]] = choices[index[1], 0].long()
 
 
 def _write_cascade(f, cascade, batch, bucket):

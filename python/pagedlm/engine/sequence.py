@@ -174,6 +174,7 @@ class Sequence:
     text: object = None              # a SampleText when stop strings (or a front end) need the text
     error: str | None = None         # why, when finish_reason is "error"
     forwards: int = 0                # steps that emitted its tokens (one forward each)
+    in_flight: int = 0               # tokens sampled on the device, not yet emitted (async_scheduling)
     speculation: object = None       # a speculative engine's counters for it (SequenceRecord), from its first draft
     engine_seed: InitVar[int] = 0    # LLM(seed=...), which seeds the requests that bring none
     seed: int = field(init=False)    # the seed of its random draws (plain and speculative sampling)

@@ -1,0 +1,185 @@
+"""Asynchronous scheduling (LLM(async_scheduling=True), engine/overlap.py) on the CPU, decode
+graphs emulated (graph_stand_in): every engine emits exactly what the same engine without it
+emits — under max_tokens, EOS and stop ids, aborts, requests joining mid-run, sampled
+requests (which do not overlap), a full KV cache, and a failing launch — and it really overlaps:
+steps launch while the one before is in flight, fed its tokens on the device. Slots reserved
+with a placeholder are named once known, so the prefix cache serves generated tokens as before."""
+import pytest
+import torch
+
+import pagedlm.engine.cuda_graphs as cuda_graphs
+from pagedlm import LLM, SamplingParams
+from pagedlm.engine.cuda_graphs import DecodeGraphs
+
+from graph_stand_in import replay_eagerly
+from llama_checkpoint import save_random_checkpoint
+
+TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-5)
+MAX_SEQS = 8
+
+
+@pytest.fixture(autouse=True)
+def eager_capture(monkeypatch):
+    monkeypatch.setattr(cuda_graphs, "capture", replay_eagerly)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("async") / "model"
+    save_random_checkpoint(folder, TINY, seed=5)
+    return folder
+
+
+def engine(model, async_scheduling, **options):
+    """An LLM on the CPU with the decode graphs a GPU engine has (emulated); with
+    async_scheduling, its launches are counted in .launches (batch size, steps in flight)."""
+    options = dict(dict(block_size=4, num_blocks=512), **options)
+    llm = LLM(model, device="cpu", max_num_seqs=MAX_SEQS, async_scheduling=async_scheduling, **options)
+    llm.runner.graphs = DecodeGraphs(llm.model, llm.kv_caches, MAX_SEQS, llm.device)
+    llm.launches = []
+    launch = llm.runner.launch_decodes
+
+    def counted(seqs, copies, in_flight):
+        llm.launches.append((len(seqs), in_flight is not None))
+        return launch(seqs, copies, in_flight)
+    llm.runner.launch_decodes = counted
+    return llm
+
+
+def prompts(count, seed=1, low=3, high=30):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(97, (int(torch.randint(low, high, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(count)]
+
+
+def results(outputs):
+    return [[(o.token_ids, o.finish_reason, round(o.cumulative_logprob, 6)) for o in r.outputs] for r in outputs]
+
+
+def both(model, batch, params, **options):
+    """(outputs of the engine without, outputs with async scheduling, the latter's launches)."""
+    plain = results(engine(model, False, **options).generate(batch, params, use_tqdm=False))
+    llm = engine(model, True, **options)
+    overlapped = results(llm.generate(batch, params, use_tqdm=False))
+    assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks, "blocks leaked"
+    assert not llm._flights and all(s.in_flight == 0 for r in llm._requests.values() for s in r["seqs"])
+    return plain, overlapped, llm.launches
+
+
+def test_greedy_decoding_overlaps_and_emits_the_same_tokens(model):
+    batch = prompts(6)
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (1, 5, 17, 9, 12, 2)]
+    plain, overlapped, launches = both(model, batch, params)
+    assert overlapped == plain
+    fed = [size for size, in_flight in launches if in_flight]
+    assert len(fed) >= 10 and max(fed) >= 3, "steps did not launch while another was in flight"
+    assert all(size <= 6 for size, _ in launches)
+
+
+def test_eos_and_stop_ids_end_sequences_at_the_same_token(model):
+    """A sequence ending at a token in flight has had one more step computed for nothing; it is
+    dropped, and the blocks go back."""
+    batch = prompts(6, seed=2)
+    reference = engine(model, False).generate(batch, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True),
+                                              use_tqdm=False)
+    # Stop at tokens the sequences do produce, at different steps.
+    stops = [r.outputs[0].token_ids[3 + i % 5] for i, r in enumerate(reference)]
+    params = [SamplingParams(temperature=0, max_tokens=16, stop_token_ids=[s]) for s in stops]
+    plain, overlapped, _ = both(model, batch, params)
+    assert overlapped == plain and any(o[0][1] == "stop" for o in plain)
+    eos = reference[0].outputs[0].token_ids[6]
+    plain_llm, async_llm = engine(model, False), engine(model, True)
+    plain_llm.eos_token_ids = async_llm.eos_token_ids = {eos}
+    params = SamplingParams(temperature=0, max_tokens=16)
+    assert (results(async_llm.generate(batch, params, use_tqdm=False))
+            == results(plain_llm.generate(batch, params, use_tqdm=False)))
+
+
+def test_sampled_and_logprobs_requests_run_without_overlap_and_as_before(model):
+    batch = prompts(5, seed=3)
+    params = [SamplingParams(temperature=0, max_tokens=14, ignore_eos=True),
+              SamplingParams(temperature=0.9, seed=7, max_tokens=6, ignore_eos=True),
+              SamplingParams(temperature=0, logprobs=2, max_tokens=4, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=14, ignore_eos=True),
+              SamplingParams(temperature=0, repetition_penalty=1.2, max_tokens=3, ignore_eos=True)]
+    plain, overlapped, launches = both(model, batch, params)
+    assert overlapped == plain
+    assert launches and all(size == 2 for size, _ in launches), "only the two greedy sequences, once alone"
+
+
+def test_requests_joining_and_aborted_mid_run(model):
+    """A request added between steps lands the step in flight first (nothing overlaps while it
+    waits); an aborted one keeps what it had emitted and drops its tokens in flight."""
+    batch = prompts(7, seed=4)
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    runs = []
+    for async_scheduling in (False, True):
+        llm = engine(model, async_scheduling)
+        ids = [llm.add_request(p, params) for p in batch[:4]]
+        steps = 0
+        while llm.scheduler.has_work() or llm._flights:
+            llm.step()
+            steps += 1
+            if steps == 6:
+                ids += [llm.add_request(p, params) for p in batch[4:]]
+            if steps == 9:
+                llm.abort(ids[1])
+        outputs = [llm.take_output(r) for r in ids]
+        assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
+        runs.append(results(outputs))
+    (plain, overlapped) = runs
+    assert overlapped[:1] + overlapped[2:] == plain[:1] + plain[2:]
+    aborted, reference = overlapped[1][0][0], plain[1][0][0]
+    assert overlapped[1][0][1] == "abort" and aborted == reference[:len(aborted)] and len(aborted) >= 3
+
+
+def test_a_full_cache_falls_back_to_steps_that_wait(model):
+    """With few free blocks the next step cannot reserve ahead: such steps run as without
+    async scheduling (preempting as it does), and the tokens are the same."""
+    batch = prompts(8, seed=5, low=10, high=20)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    plain, overlapped, launches = both(model, batch, params, num_blocks=48)
+    assert overlapped == plain and launches
+
+
+def test_generated_tokens_enter_the_prefix_cache_as_without_it(model):
+    """A prompt that repeats a finished request's prompt and output hits the blocks its decode
+    steps wrote, placeholders named: as many cached tokens as without async scheduling."""
+    prompt = prompts(1, seed=6, low=9, high=10)[0]
+    params = SamplingParams(temperature=0, max_tokens=23, ignore_eos=True)
+    hits = []
+    for async_scheduling in (False, True):
+        llm = engine(model, async_scheduling)
+        output = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
+        follow_up = llm.generate([prompt + output + [1, 2]], SamplingParams(max_tokens=1), use_tqdm=False)[0]
+        hits.append((output, follow_up.metrics["cached_prompt_tokens"]))
+    assert hits[0] == hits[1] and hits[1][1] >= 28
+
+
+def test_a_failing_launch_fails_its_requests_and_the_engine_goes_on(model):
+    """A launch that raises: the step in flight before it lands, the failed step is rolled back
+    and blamed as any failed step, and the engine serves new requests."""
+    llm = engine(model, True)
+    launch, calls = llm.runner.launch_decodes, []
+
+    def failing(seqs, copies, in_flight):
+        calls.append(in_flight is not None)
+        if len(calls) == 4:
+            raise RuntimeError("injected launch failure")
+        return launch(seqs, copies, in_flight)
+    llm.runner.launch_decodes = failing
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    with pytest.raises(RuntimeError, match="injected"):
+        llm.generate(prompts(3, seed=7), params, use_tqdm=False)
+    assert not llm._flights and llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
+    llm.runner.launch_decodes = launch
+    again = results(llm.generate(prompts(3, seed=7), params, use_tqdm=False))
+    assert again == results(engine(model, False).generate(prompts(3, seed=7), params, use_tqdm=False))
+
+
+@pytest.mark.parametrize("options", [dict(speculative={"method": "ngram", "num_tokens": 2, "max_ngram": 2}),
+                                     dict(async_scheduling="yes")])
+def test_refused_options_name_async_scheduling(model, options):
+    with pytest.raises((ValueError, TypeError), match="async_scheduling"):
+        LLM(model, device="cpu", num_blocks=64, **dict(dict(async_scheduling=True), **options))
