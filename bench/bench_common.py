@@ -69,7 +69,8 @@ def anchor_columns(times, anchors):
 class StepClock:
     """Times each step of an LLM, sorted by kind: "decode" when every scheduled sequence
     computes one token, "prefill" when some compute a prompt chunk (mixed with the decodes of
-    the others; the scheduler is spied on to tell them apart). Installs itself on llm.
+    the others; the scheduler is spied on to tell them apart), "overlapped" for the decode
+    steps of async scheduling (launched while the one before runs). Installs itself on llm.
 
     On a GPU, profile=N also runs steps (after the first 16) under torch.profiler until N of
     each kind are profiled, and sums their kernels' device time: the device's busy time per
@@ -77,14 +78,21 @@ class StepClock:
     for the host. Profiled steps are left out of the wall times."""
 
     def __init__(self, llm, profile=0):
-        self.times = {"decode": [], "prefill": []}
+        self.times = {"decode": [], "prefill": [], "overlapped": []}
         # Per kind, each timed step's (schedule, runner) seconds: the scheduler's, and the runner's
         # (inputs, launches, the wait for the device, sampling); the rest of a step is emission.
-        self.parts = {"decode": [], "prefill": []}
+        self.parts = {"decode": [], "prefill": [], "overlapped": []}
         self.busy = {"decode": [], "prefill": []}  # device busy seconds of each profiled step
         self.kernels = {}  # kind -> the first profiled step's kernel table (most device time first)
         self.profile = profile
         schedule, step, run, kind = llm.scheduler.schedule, llm.step, llm.runner.step, {}
+        overlapped = llm._overlapped_step
+
+        def spied_overlapped():
+            kept = overlapped()
+            if kept is not None:
+                kind["last"] = "overlapped"
+            return kept
 
         def spied_schedule():
             start = time.perf_counter()
@@ -110,13 +118,14 @@ class StepClock:
                 self.times[name].append(time.perf_counter() - start)
                 self.parts[name].append((kind.get("schedule", 0.0), kind.pop("runner", 0.0)))
             return emitted
-        self._spied = llm, schedule, step, run
+        self._spied = llm, schedule, step, run, overlapped
         llm.scheduler.schedule, llm.step, llm.runner.step = spied_schedule, timed_step, spied_run
+        llm._overlapped_step = spied_overlapped
 
     def remove(self):
         """Puts back what the clock spied on: the steps after it are not its to time."""
-        llm, schedule, step, run = self._spied
-        llm.scheduler.schedule, llm.step, llm.runner.step = schedule, step, run
+        llm, schedule, step, run, overlapped = self._spied
+        llm.scheduler.schedule, llm.step, llm.runner.step, llm._overlapped_step = schedule, step, run, overlapped
 
     def profiled_enough(self):
         return all(len(busy) >= self.profile for busy in self.busy.values())
@@ -128,7 +137,7 @@ class StepClock:
             emitted = step()
             torch.cuda.synchronize()
         name = kind.pop("last", None)
-        if name is not None and len(self.busy[name]) < self.profile:
+        if name in self.busy and len(self.busy[name]) < self.profile:
             events = profiler.key_averages()
             self.busy[name].append(sum(e.self_device_time_total for e in events) / 1e6)
             self.kernels.setdefault(name, events.table(sort_by="self_device_time_total", row_limit=16))
@@ -143,7 +152,10 @@ class StepClock:
 
     def split_summary(self, kind):
         """'schedule A ms, runner B ms, emission C ms': the median step's parts (the median of
-        each part over the steps, and the median wall time less both for emission)."""
+        each part over the steps, and the median wall time less both for emission); for
+        overlapped steps, which have no such parts, what they are."""
+        if kind == "overlapped":
+            return "each launches a step and lands the one before"
         schedule, runner = (_median([p[i] for p in self.parts[kind]]) for i in (0, 1))
         return (f"schedule {schedule * 1e3:.2f} ms, runner {runner * 1e3:.2f} ms, "
                 f"emission {(self.median(kind) - schedule - runner) * 1e3:.2f} ms")

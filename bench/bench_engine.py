@@ -6,6 +6,7 @@ batching, attention "paged|sdpa"). Both engines load the same weights from one f
 
     python bench/bench_engine.py [--workload standard|sharegpt|long-prompts] [--anchors vllm,transformers]
     python bench/bench_engine.py --smoke     # a tiny model and workload, any device
+    python bench/bench_engine.py --async-scheduling both   # pagedlm without, then with async_scheduling
 
 vLLM, when it imports, serves the same folder and requests in a process of its own
 (bench/vllm_engine.py); on a GPU the table also gives the workload's roofline on that card
@@ -21,6 +22,7 @@ the GPU tests' job (tests/test_engine_gpu.py).
 import argparse
 import datetime
 import gc
+import itertools
 import json
 import os
 import subprocess
@@ -60,10 +62,12 @@ def greedy(request):
     return SamplingParams(n=request.n, temperature=0, max_tokens=request.output_tokens, ignore_eos=True)
 
 
-def run_pagedlm(folder, requests, device, tensor_parallel_size=1, kv_cache_dtype="auto", disable_cascade_attn=True):
+def run_pagedlm(folder, requests, device, tensor_parallel_size=1, kv_cache_dtype="auto", disable_cascade_attn=True,
+                async_scheduling=False):
     started = time.perf_counter()
     llm = LLM(folder, device=device, dtype=torch.bfloat16, tensor_parallel_size=tensor_parallel_size,
-              kv_cache_dtype=kv_cache_dtype, disable_cascade_attn=disable_cascade_attn)
+              kv_cache_dtype=kv_cache_dtype, disable_cascade_attn=disable_cascade_attn,
+              async_scheduling=async_scheduling)
     start_up = time.perf_counter() - started
     prompts = [r.prompt for r in requests]
     llm.generate(prompts[:8], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
@@ -84,7 +88,7 @@ def run_pagedlm(folder, requests, device, tensor_parallel_size=1, kv_cache_dtype
     step_times = clock.summary()
     outputs = [llm.take_output(r).outputs[0].token_ids for r in ids]
     busy = ""
-    if device == "cuda":
+    if device == "cuda" and not async_scheduling:  # (its steps overlap: the run without it measures the device)
         try:
             busy = device_busy_per_step(llm, requests)
         except Exception as e:  # a diagnostic: never the reason a run has no figures
@@ -199,6 +203,9 @@ def main():
     parser.add_argument("--cascade", default="off", choices=["on", "off", "both"],
                         help="pagedlm with cascade attention (disable_cascade_attn=False: shared prefixes read "
                              "once per group), without (the default), or both in turn")
+    parser.add_argument("--async-scheduling", default="off", choices=["on", "off", "both"],
+                        help="pagedlm with async_scheduling=True (decode steps launched while the one before "
+                             "runs), without (the default), or both in turn")
     parser.add_argument("--vllm-site", default=os.environ.get("VLLM_SITE"),
                         help="a folder vLLM was pip-installed into with --target (default: $VLLM_SITE, else the "
                              "environment's vllm)")
@@ -225,14 +232,17 @@ def main():
         model.cpu()  # out of the way while pagedlm sizes its cache from free memory
         torch.cuda.empty_cache() if device == "cuda" else None
         cascades = {"on": [False], "off": [True], "both": [False, True]}[args.cascade]
-        for kv_dtype, disable_cascade in ((k, c) for k in kv_dtypes for c in cascades):
-            ours, elapsed, extra = run_pagedlm(folder, requests, device, tp, kv_dtype, disable_cascade)
+        overlaps = {"on": [True], "off": [False], "both": [False, True]}[args.async_scheduling]
+        for kv_dtype, disable_cascade, overlap in itertools.product(kv_dtypes, cascades, overlaps):
+            ours, elapsed, extra = run_pagedlm(folder, requests, device, tp, kv_dtype, disable_cascade, overlap)
             name = "pagedlm.LLM" + (f" (tensor_parallel_size={tp})" if tp > 1 else "")
             name += f", kv_cache_dtype={kv_dtype}" if kv_dtype != "auto" else ""
             name += "" if disable_cascade else ", disable_cascade_attn=False"
+            name += ", async_scheduling=True" if overlap else ""
             kv_bytes = 2 if kv_dtype == "auto" else 1
             rows.append([name, total / elapsed, f"{extra['utilization']:.1%}", _peak_gib(device), ours, kv_bytes])
-            runs.append((f"{kv_dtype} KV" + (", cascade off" if disable_cascade else ""), extra))
+            runs.append((f"{kv_dtype} KV" + (", cascade off" if disable_cascade else "")
+                         + (", async scheduling" if overlap else ""), extra))
             gc.collect()
             torch.cuda.empty_cache() if device == "cuda" else None
             print(f"pagedlm ({runs[-1][0]}): {elapsed:.2f} s, {extra}", flush=True)
@@ -261,6 +271,7 @@ def main():
     command = (f"python bench/bench_engine.py --workload {args.workload}"
                + (f" --kv-cache-dtypes {args.kv_cache_dtypes}" if kv_dtypes != ["auto"] else "")
                + (f" --cascade {args.cascade}" if args.cascade != "off" else "")
+               + (f" --async-scheduling {args.async_scheduling}" if args.async_scheduling != "off" else "")
                + (f" --tensor-parallel-size {tp}" if tp > 1 else ""))
     lines = [f"### Engine, {'smoke' if args.smoke else args.workload} workload — {card}, "
              f"{datetime.date.today()}, commit {git_commit()}",

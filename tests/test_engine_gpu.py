@@ -107,6 +107,34 @@ def test_cuda_graph_prompt_chunks_equal_eager(checkpoint, budget):
         assert a.outputs[0].cumulative_logprob == pytest.approx(b.outputs[0].cumulative_logprob, abs=1e-3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_async_scheduling_emits_what_waiting_steps_emit(checkpoint, dtype):
+    """Decode steps launched while the one before runs (their input tokens taken on the device
+    from it) emit the tokens and log-probabilities of the same engine without async scheduling,
+    with EOS ending some sequences at a token in flight and a stop id others."""
+    folder, _ = checkpoint
+    batch = prompts(9, seed=31, high=200)
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (3, 30, 17, 1, 30, 8, 25, 30, 12)]
+    waiting = engine(folder, block_size=16, dtype=dtype, max_num_seqs=16)
+    overlapped = engine(folder, block_size=16, dtype=dtype, max_num_seqs=16, async_scheduling=True)
+    launches = []
+    launch = overlapped.runner.launch_decodes
+    overlapped.runner.launch_decodes = lambda *args: launches.append(args[2] is not None) or launch(*args)
+    expected = waiting.generate(batch, params, use_tqdm=False)
+    assert tokens(overlapped.generate(batch, params, use_tqdm=False)) == tokens(expected)
+    assert sum(launches) >= 20, "few steps launched while another was in flight"
+    stops = [r.outputs[0].token_ids[min(5, len(r.outputs[0].token_ids) - 1)] for r in expected]
+    eos_params = [SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[s]) for s in stops]
+    waiting.eos_token_ids = overlapped.eos_token_ids = {expected[1].outputs[0].token_ids[9]}
+    expected = waiting.generate(batch, eos_params, use_tqdm=False)
+    got = overlapped.generate(batch, eos_params, use_tqdm=False)
+    assert [[(o.token_ids, o.finish_reason) for o in r.outputs] for r in got] == \
+        [[(o.token_ids, o.finish_reason) for o in r.outputs] for r in expected]
+    for a, b in zip(got, expected):
+        assert a.outputs[0].cumulative_logprob == pytest.approx(b.outputs[0].cumulative_logprob, abs=1e-6)
+    assert overlapped.block_manager.stats()["used_blocks"] == 0 and not overlapped._flights
+
+
 def test_preemption_and_prefix_caching_change_nothing_on_gpu(checkpoint):
     folder, _ = checkpoint
     shared = prompts(1, seed=8, low=40, high=41)[0]
