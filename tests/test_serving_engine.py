@@ -104,6 +104,35 @@ def test_streamed_outputs_equal_offline_generate(engine, llm):
         assert reasons[0] == ref.outputs[0].finish_reason
 
 
+def test_streams_with_async_scheduling_equal_offline_generate(monkeypatch):
+    """The engine thread over an LLM with async scheduling (decode graphs emulated): tokens land
+    a step late, text and stop strings follow them, and the streams equal offline generate."""
+    import pagedlm.engine.cuda_graphs as cuda_graphs
+    from graph_stand_in import replay_eagerly
+    monkeypatch.setattr(cuda_graphs, "capture", replay_eagerly)
+    overlapped = LLM(tiny_model("target"), device="cpu", num_blocks=256, max_num_seqs=8, async_scheduling=True)
+    overlapped.runner.graphs = cuda_graphs.DecodeGraphs(overlapped.model, overlapped.kv_caches, 8, "cpu")
+    fed = []
+    launch = overlapped.runner.launch_decodes
+    overlapped.runner.launch_decodes = lambda *args: fed.append(args[2] is not None) or launch(*args)
+    prompts = ["def add(a, b):", "import os\n", "class Foo:\n    def", "for i in range(10):"]
+    params = SamplingParams(temperature=0, max_tokens=24, stop=["\n\n", "warnings"])  # the first two stop
+    engine = AsyncLLM(overlapped)
+    try:
+        async def main():
+            return await asyncio.gather(*[collect(engine, p, params) for p in prompts])
+        streamed = run(main())
+    finally:
+        engine.shutdown()
+    offline = LLM(tiny_model("target"), device="cpu", num_blocks=256).generate(prompts, params, use_tqdm=False)
+    for (texts, ids, reasons), ref in zip(streamed, offline):
+        assert (ids[0], texts[0], reasons[0]) == (ref.outputs[0].token_ids, ref.outputs[0].text,
+                                                  ref.outputs[0].finish_reason)
+    assert [reasons[0] for _, _, reasons in streamed] == ["stop", "stop", "length", "length"]
+    assert any(fed), "no step launched while another was in flight"
+    assert overlapped.block_manager.stats()["used_blocks"] == 0
+
+
 def test_stop_string_ends_the_sample_and_frees_its_blocks(engine, llm):
     ref_text = llm.generate(["def add(a, b):"], GREEDY, use_tqdm=False)[0].outputs[0].text
     assert "return" in ref_text

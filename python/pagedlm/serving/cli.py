@@ -65,6 +65,8 @@ def _add_arguments(p):
     engine.add_argument("--disable-cascade-attn", action=argparse.BooleanOptionalAction, default=True,
                         help="decode reads prefixes that requests share (n > 1, prefix-cache hits) once per row "
                              "(default: True); --no-disable-cascade-attn reads each once per group")
+    engine.add_argument("--async-scheduling", action="store_true",
+                        help="launch each decode step while the one before runs (steady greedy decoding)")
     engine.add_argument("--tensor-parallel-size", type=int, default=1,
                         help="split the model over this many GPUs (processes; on cpu: gloo), one rank each")
     engine.add_argument("--seed", type=int, default=0, help="engine seed (requests without a seed draw from it)")
@@ -103,7 +105,7 @@ def build(args):
                       max_num_batched_tokens=args.max_num_batched_tokens,
                       enable_prefix_caching=not args.no_prefix_caching, seed=args.seed,
                       enforce_eager=args.enforce_eager, tensor_parallel_size=args.tensor_parallel_size,
-                      disable_cascade_attn=args.disable_cascade_attn)
+                      disable_cascade_attn=args.disable_cascade_attn, async_scheduling=args.async_scheduling)
     template = ChatTemplate(*load_chat_template(folder, args.chat_template))
     return engine, build_app(engine, served_model_name=name or str(args.model), chat_template=template)
 
