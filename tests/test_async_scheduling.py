@@ -1,7 +1,8 @@
 """Asynchronous scheduling (LLM(async_scheduling=True), engine/overlap.py) on the CPU, decode
 graphs emulated (graph_stand_in): every engine emits exactly what the same engine without it
-emits — under max_tokens, EOS and stop ids, aborts, requests joining mid-run, sampled
-requests (which do not overlap), a full KV cache, and a failing launch — and it really overlaps:
+emits — under max_tokens, EOS and stop ids, seeded and unseeded sampling, aborts, requests
+joining mid-run, logprobs and penalties (which do not overlap), a full KV cache, and a failing
+launch — and it really overlaps:
 steps launch while the one before is in flight, fed its tokens on the device. Slots reserved
 with a placeholder are named once known, so the prefix cache serves generated tokens as before."""
 import pytest
@@ -96,16 +97,30 @@ def test_eos_and_stop_ids_end_sequences_at_the_same_token(model):
             == results(plain_llm.generate(batch, params, use_tqdm=False)))
 
 
-def test_sampled_and_logprobs_requests_run_without_overlap_and_as_before(model):
+def test_sampled_requests_overlap_and_draw_the_same_tokens(model):
+    """A draw depends on the sequence's seed and the position it fills, which for a step
+    launched ahead lies past the tokens in flight: the same draws as steps that wait."""
+    batch = prompts(5, seed=8)
+    params = [SamplingParams(temperature=0.9, seed=7, max_tokens=15, ignore_eos=True),
+              SamplingParams(temperature=1.3, top_k=12, top_p=0.8, seed=3, max_tokens=11, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=15, ignore_eos=True),
+              SamplingParams(temperature=0.6, min_p=0.1, max_tokens=9, ignore_eos=True),  # the engine's seed
+              SamplingParams(n=2, temperature=0.8, seed=11, max_tokens=13, ignore_eos=True)]
+    plain, overlapped, launches = both(model, batch, params)
+    assert overlapped == plain
+    assert max(size for size, fed in launches if fed) == 6
+
+
+def test_logprobs_and_penalized_requests_run_without_overlap_and_as_before(model):
     batch = prompts(5, seed=3)
     params = [SamplingParams(temperature=0, max_tokens=14, ignore_eos=True),
-              SamplingParams(temperature=0.9, seed=7, max_tokens=6, ignore_eos=True),
+              SamplingParams(temperature=0.9, seed=7, max_tokens=14, ignore_eos=True),
               SamplingParams(temperature=0, logprobs=2, max_tokens=4, ignore_eos=True),
               SamplingParams(temperature=0, max_tokens=14, ignore_eos=True),
               SamplingParams(temperature=0, repetition_penalty=1.2, max_tokens=3, ignore_eos=True)]
     plain, overlapped, launches = both(model, batch, params)
     assert overlapped == plain
-    assert launches and all(size == 2 for size, _ in launches), "only the two greedy sequences, once alone"
+    assert launches and all(size == 3 for size, _ in launches), "only once the other two have ended"
 
 
 def test_requests_joining_and_aborted_mid_run(model):

@@ -110,12 +110,14 @@ def test_cuda_graph_prompt_chunks_equal_eager(checkpoint, budget):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_async_scheduling_emits_what_waiting_steps_emit(checkpoint, dtype):
     """Decode steps launched while the one before runs (their input tokens taken on the device
-    from it) emit the tokens and log-probabilities of the same engine without async scheduling,
-    with EOS ending some sequences at a token in flight and a stop id others."""
+    from it, seeded draws among them) emit the tokens and log-probabilities of the same engine
+    without async scheduling, with EOS ending some sequences at a token in flight and a stop id
+    others."""
     folder, _ = checkpoint
-    batch = prompts(9, seed=31, high=200)
-    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (3, 30, 17, 1, 30, 8, 25, 30, 12)]
     waiting = engine(folder, block_size=16, dtype=dtype, max_num_seqs=16)
+    batch = prompts(9, seed=31, high=200)
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (3, 30, 17, 1, 30, 8, 25)]
+    params += [SamplingParams(temperature=0.8, top_p=0.9, seed=s, max_tokens=30, ignore_eos=True) for s in (1, 2)]
     overlapped = engine(folder, block_size=16, dtype=dtype, max_num_seqs=16, async_scheduling=True)
     launches = []
     launch = overlapped.runner.launch_decodes

@@ -158,11 +158,11 @@ engines = st.fixed_dictionaries({
 }).map(lambda e: {**e, "async_scheduling": e["async_scheduling"] and e["speculative"] is None})
 faults = st.tuples(st.sampled_from(["schedule", "forward", "sample"]), st.integers(0, 2),
                    st.sampled_from([InjectedFault, KeyboardInterrupt]))
-# Greedy requests without logprobs or penalties: those whose decode steps async scheduling overlaps.
-greedy_params = st.fixed_dictionaries({"temperature": st.just(0)}, optional={
+# Requests without logprobs or penalties, mostly greedy: those whose decode steps async scheduling overlaps.
+plain_params = st.fixed_dictionaries({"temperature": st.sampled_from([0, 0, 0.8])}, optional={
     "n": st.integers(1, 3), "max_tokens": st.integers(1, 12), "stop_token_ids": st.lists(st.integers(0, VOCAB - 1),
                                                                                          max_size=2),
-    "ignore_eos": st.booleans()})
+    "ignore_eos": st.booleans(), "seed": st.integers(0, 99), "top_k": st.sampled_from([-1, 5])})
 
 
 def streams(params):
@@ -416,8 +416,8 @@ def test_fuzzed_request_streams_keep_the_engine_consistent_deep(engine, ops):
 
 @settings(FUZZ, max_examples=300)
 @given(engine=engines.map(lambda e: {**e, "speculative": None, "async_scheduling": True}),
-       ops=streams(st.one_of(greedy_params, greedy_params, greedy_params, params)))
-def test_fuzzed_greedy_streams_with_async_scheduling(engine, ops):
+       ops=streams(st.one_of(plain_params, plain_params, plain_params, params)))
+def test_fuzzed_plain_streams_with_async_scheduling(engine, ops):
     """Mostly requests whose decode steps overlap, so that steps launch ahead, land late, meet
     faults, aborts, EOS and new requests in flight."""
     run_stream(engine, ops)

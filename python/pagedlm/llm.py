@@ -100,8 +100,8 @@ class LLM(StepRecovery, OverlappedDecoding):
         steps without such sharing, layers with a sliding window and tensor parallelism never do.
         async_scheduling (vLLM's name): while the GPU runs a decode step, the host schedules and
         launches the next, and emits the tokens of the one before (engine/overlap.py): steady
-        greedy decoding without logprobs or penalties, with CUDA graphs, overlaps; any other step
-        runs as without it. Not with speculative decoding or tensor parallelism."""
+        decoding without logprobs or penalties, with CUDA graphs, overlaps; any other step runs
+        as without it. Not with speculative decoding or tensor parallelism."""
         _check_model_arg("model", model)
         self.device = resolve_device(device)
         dtype = resolve_dtype(dtype, self.device)

@@ -168,10 +168,11 @@ class DecodeGraphs(GraphSet):
         graph's outputs). The logits are in the LM head's dtype: a step whose requests are all
         greedy reads only the choices, and the float32 copy of a step that samples is made
         then (sampler.sample), not in every replay (the [batch, vocab] copy and its argmax
-        over twice the bytes cost more than a tenth of a small model's decode step). feed:
-        (choices, pairs) of a step still in flight (asynchronous scheduling): row i's input
-        token is choices[j, 0] for each (i, j) in pairs, taken on the device (ids[i] ignored). slots and tables: the block manager's arrays; cascade: the step's
-        CascadePlan, or None."""
+        over twice the bytes cost more than a tenth of a small model's decode step). slots and
+        tables: the block manager's arrays; cascade: the step's CascadePlan, or None. feed:
+        (tokens, pairs) of a step still in flight (asynchronous scheduling; tokens float64
+        [rows, 2] as greedy_choices gives them): row i's input token is tokens[j, 0] for each
+        (i, j) in pairs, taken on the device (ids[i] ignored)."""
         batch = len(ids)
         bucket, width = bucket_of(batch, self.buckets), width_of(tables.shape[1])
         key = bucket, width, 0, 0

@@ -4,7 +4,8 @@ device from the step in flight, and only then waits for that step's tokens and e
 GPU no longer idles while the host schedules, builds a step's inputs and emits its tokens.
 
 Only steady decoding overlaps: nothing waiting, every running sequence computing one token, none
-of them sampling at a temperature or asking for logprobs or penalties, and a decode graph to
+of them asking for logprobs, penalties, logit bias or min_tokens (greedy and sampled ones both
+overlap: a draw depends on the sequence's seed and position alone), and a decode graph to
 replay. Any other step first lands the step in flight (LLM._step). A sequence that ends at a
 token in flight (EOS, a stop id or string) has had one more token computed for nothing;
 max_tokens is known ahead, and costs nothing. A slot reserved before its token is known holds a
@@ -23,8 +24,9 @@ from pagedlm.kv_cache import measuring
 @dataclass
 class DecodeInFlight:
     """A launched decode step whose tokens the host has not read: its sequences, each one's row,
-    its greedy choices on the device (a graph's output: valid until that graph replays again,
-    so read by the next step's feed before its replay) and their copy on their way to the host."""
+    its tokens and their log-probabilities on the device (sampler.sampled_choices, float64
+    [rows, 2]; a graph's output when every row is greedy, valid until that graph replays again,
+    so the next step's feed reads it before its replay) and their copy on its way to the host."""
     seqs: list
     rows: dict
     choices: torch.Tensor
@@ -75,7 +77,7 @@ class OverlappedDecoding:
         seqs, longest = [], 0
         for seq in scheduler.running:
             params = seq.params
-            if (params.temperature != 0 or params._special or seq.prompt_logprobs is not None
+            if (params._special or seq.prompt_logprobs is not None
                     or len(seq) + seq.in_flight - seq.num_cached != 1):
                 return None
             if len(seq.output) + seq.in_flight < params.max_tokens:

@@ -12,7 +12,7 @@ from pagedlm.engine.cascade import plan as cascade_plan
 from pagedlm.engine.cuda_graphs import DecodeGraphs
 from pagedlm.engine.forward import ForwardItem, apply_block_copies, paged_forward
 from pagedlm.engine.overlap import DecodeInFlight
-from pagedlm.engine.sampler import logprob_dicts, sample_step
+from pagedlm.engine.sampler import logprob_dicts, sample_step, sampled_choices
 from pagedlm.engine.varlen_graphs import VarlenGraphs
 from pagedlm.kv_cache import measuring
 from pagedlm.models import AttentionBatch
@@ -167,16 +167,17 @@ class ModelRunner:
 
     def launch_decodes(self, seqs, copies, in_flight):
         """Launches a decode step of seqs (their slots reserved; copies: the block copies to do
-        first) through a decode graph, without waiting for it (asynchronous scheduling, see
-        engine/overlap.py): a sequence with a token in flight takes it as its input from that
-        step's choices on the device. Returns this step's DecodeInFlight."""
+        first) through a decode graph and samples them, without waiting for either (asynchronous
+        scheduling, see engine/overlap.py): a sequence with a token in flight takes it as its
+        input from that step's tokens on the device. Returns this step's DecodeInFlight."""
         apply_block_copies(self.kv_caches, copies, self.device)
         seq_ids = [s.seq_id for s in seqs]
         tables, slots = self.bm.block_tables(seq_ids), self.bm.slot_mapping(seq_ids, [1] * len(seq_ids))
         ids = [0 if s.in_flight else s.token_range(s.num_cached, s.num_cached + 1)[0] for s in seqs]
         fed = [(i, in_flight.rows[s]) for i, s in enumerate(seqs) if s.in_flight]
-        _, choices = self.graphs.run(ids, [s.num_cached for s in seqs], slots, tables,
-                                     feed=(in_flight.choices, fed) if fed else None)
+        logits, choices = self.graphs.run(ids, [s.num_cached for s in seqs], slots, tables,
+                                          feed=(in_flight.choices, fed) if fed else None)
+        choices = sampled_choices(logits, seqs, choices)  # (the graph's own when every row is greedy)
         for s in seqs:
             s.num_cached += 1
             s.in_flight += 1

@@ -159,30 +159,32 @@ def sample(logits, seqs, choices=None):
     greedy), one row per sequence in seqs; returns (tokens, logprobs) lists. Greedy rows
     (temperature 0) take the argmax; sampled ones apply temperature, min_p, top-k and top-p,
     then pick a token by inverse CDF with a uniform from Philox-4x32-10 (the verification
-    kernels' generator). choices: the logits' greedy_choices when already computed (by a graph)."""
+    kernels' generator). choices: the logits' greedy_choices when already computed (by a graph).
+    One copy to the host (of sampled_choices)."""
+    both = sampled_choices(logits, seqs, choices).cpu().numpy()
+    return both[:, 0].astype(np.int64).tolist(), both[:, 1].tolist()
+
+
+def sampled_choices(logits, seqs, choices=None):
+    """sample()'s tokens and log-probabilities as float64 [rows, 2] on the logits' device, as
+    greedy_choices gives them (float64 holds both exactly), without waiting for the device: an
+    asynchronous step's input for the next. A step with sampled rows gives every row's
+    log-probability rounded to float32."""
     greedy = [i for i, s in enumerate(seqs) if s.params.temperature == 0]
-    if len(greedy) == len(seqs):  # the common step: one copy of the choices to the host
-        both = (greedy_choices(logits) if choices is None else choices).cpu().numpy()
-        return both[:, 0].astype(np.int64).tolist(), both[:, 1].tolist()
+    if len(greedy) == len(seqs):  # the common step: the choices themselves
+        return greedy_choices(logits) if choices is None else choices
     logits = logits.float()  # (a no-op on float32; a decode graph's logits are in the model's dtype)
-    tokens = torch.empty(len(seqs), dtype=torch.int64, device=logits.device)
-    logprobs = torch.empty(len(seqs), dtype=torch.float32, device=logits.device)
+    out = torch.empty(len(seqs), 2, dtype=torch.float64, device=logits.device)
     if greedy:
         rows = _index(greedy, logits.device, len(seqs))
-        choices = greedy_choices(logits[rows])
-        tokens[rows], logprobs[rows] = choices[:, 0].long(), choices[:, 1].float()
+        picked = greedy_choices(logits[rows])
+        out[rows, 0], out[rows, 1] = picked[:, 0], picked[:, 1].float().double()
     sampled = [i for i, s in enumerate(seqs) if s.params.temperature != 0]
     if sampled:
         rows = _index(sampled, logits.device, len(seqs))
         chosen, logprob = _sample_rows(logits[rows], [seqs[i] for i in sampled])
-        tokens[rows], logprobs[rows] = chosen, logprob
-    return _to_host(tokens, logprobs)
-
-
-def _to_host(tokens, logprobs):
-    """Both as lists, through one device-to-host copy (as float64, which holds either exactly)."""
-    both = torch.cat([tokens.double(), logprobs]).cpu().numpy()
-    return both[:len(tokens)].astype(np.int64).tolist(), both[len(tokens):].tolist()
+        out[rows, 0], out[rows, 1] = chosen.double(), logprob.double()
+    return out
 
 
 def _index(rows, device, total):
@@ -216,8 +218,8 @@ def probabilities(logits, params):
         probs = scaled.softmax(-1)
         scaled = scaled.masked_fill(probs < min_p[:, None] * probs.amax(-1, keepdim=True), float("-inf"))
     probs = scaled.softmax(-1)
-    top_p = torch.tensor([p.top_p for p in params], device=device)
-    if bool((top_p < 1).any()):
+    if any(p.top_p < 1 for p in params):  # (decided on the host: a device check would wait for the device)
+        top_p = torch.tensor([p.top_p for p in params], device=device)
         sorted_probs, order = probs.sort(-1, descending=True)
         # The smallest nucleus: drop a token once the mass before it already exceeds top_p.
         outside = sorted_probs.cumsum(-1) - sorted_probs > top_p[:, None]
@@ -241,9 +243,10 @@ def _sample_rows(logits, seqs):
 
 
 def _uniform(seq):
-    """A uniform in [0, 1) keyed by (the sequence's seed, its sample index, its position)."""
+    """A uniform in [0, 1) keyed by (the sequence's seed, its sample index, its position: where
+    the token drawn goes, after any tokens in flight)."""
     seed = seq.seed & ((1 << 64) - 1)
-    position = len(seq)
+    position = len(seq) + seq.in_flight
     words = _C.philox4x32_10(seq.index & 0xFFFFFFFF, 0, position & 0xFFFFFFFF, 0,
                              seed & 0xFFFFFFFF, seed >> 32)
     return words[_DRAW_SAMPLE] / 2.0 ** 32
