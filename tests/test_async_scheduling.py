@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import pagedlm.engine.cuda_graphs as cuda_graphs
-from pagedlm import LLM, SamplingParams
+import pagedlm.engine.overlap as overlap
+from pagedlm import LLM, BeamSearchParams, SamplingParams
 from pagedlm.engine.cuda_graphs import DecodeGraphs
 
 from graph_stand_in import replay_eagerly
@@ -52,6 +53,12 @@ def prompts(count, seed=1, low=3, high=30):
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(97, (int(torch.randint(low, high, (1,), generator=g)),), generator=g).tolist()
             for _ in range(count)]
+
+
+def drain(llm, ids):
+    while llm.scheduler.has_work() or llm._flights:
+        llm.step()
+    return [llm.take_output(r) for r in ids]
 
 
 def results(outputs):
@@ -198,3 +205,136 @@ def test_a_failing_launch_fails_its_requests_and_the_engine_goes_on(model):
 def test_refused_options_name_async_scheduling(model, options):
     with pytest.raises((ValueError, TypeError), match="async_scheduling"):
         LLM(model, device="cpu", num_blocks=64, **dict(dict(async_scheduling=True), **options))
+
+
+@pytest.mark.parametrize("fail", ["garbage", "plain_raise", "none"])
+def test_a_failed_launch_leaves_no_unwritten_block_in_the_prefix_cache(model, fail):
+    """A launch fails after reserving a placeholder that fills a block, and the step before it
+    lands a stop id there, ending the sequence: the failed step is rolled back before that
+    landing, so the block (its last slot's KV never computed) is not cached under the real
+    tokens, and a later prompt through it decodes as on the engine without async scheduling."""
+    prompt = prompts(1, seed=6, low=9, high=10)[0]  # 9 tokens
+    P = len(prompt)
+    ref = engine(model, False).generate([prompt], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True),
+                                        use_tqdm=False)[0].outputs[0].token_ids
+    # output[j] sits at position P + j; want it at a block's last slot and first of its kind.
+    j = next(j for j in range(2, 16) if (P + j) % 4 == 3 and ref[j] not in ref[:j])
+    params = SamplingParams(temperature=0, max_tokens=16, stop_token_ids=[ref[j]])
+    follow_up = prompt + ref[:j + 1] + [1, 2, 3]
+    follow_params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+
+    plain = engine(model, False)
+    plain.generate([prompt], params, use_tqdm=False)
+    expected = plain.generate([follow_up], follow_params, use_tqdm=False)[0].outputs[0].token_ids
+
+    llm = engine(model, True)
+    launch, calls = llm.runner.launch_decodes, []
+
+    def failing(seqs, copies, in_flight):
+        calls.append(1)
+        if fail != "none" and len(calls) == j + 1:  # the launch whose placeholder is output[j]'s slot
+            # a step that fails midway, after writing its KV slots (as the engine fuzz's bad requests)
+            if fail == "garbage":
+                slots = llm.block_manager.slot_mapping([s.seq_id for s in seqs], [1] * len(seqs))
+                for cache in llm.kv_caches:
+                    for t in cache[:2]:
+                        t.view(-1, *t.shape[2:])[torch.from_numpy(slots)] = 7.0
+            raise RuntimeError("injected launch failure")
+        return launch(seqs, copies, in_flight)
+    llm.runner.launch_decodes = failing
+    rid = llm.add_request(prompt, params)
+    try:
+        while llm.scheduler.has_work() or llm._flights:
+            llm.step()
+    except RuntimeError as e:
+        assert "injected" in str(e)
+    assert len(calls) >= j + 1
+    out = llm.take_output(rid).outputs[0]
+    assert (out.token_ids, out.finish_reason) == (ref[:j + 1], "stop")  # it ended normally
+    llm.runner.launch_decodes = launch
+    got = llm.generate([follow_up], follow_params, use_tqdm=False)[0]
+    assert got.outputs[0].token_ids == expected, f"cached={got.metrics['cached_prompt_tokens']}"
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_an_interrupt_while_a_step_lands_loses_no_token(model, async_scheduling):
+    """An interrupt while a step's tokens are being emitted: the engine without async scheduling
+    rolls the step back and recomputes; with it, the sequences not yet emitted drop their tokens
+    in flight and recompute them. Either way every request ends with the tokens it would have."""
+    batch = prompts(3, seed=4)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    expected = [o.outputs[0].token_ids for o in engine(model, False).generate(batch, params, use_tqdm=False)]
+
+    llm = engine(model, async_scheduling)
+    emit, calls = llm._emit, []
+
+    def interrupted(seq, tokens):
+        calls.append(1)
+        if len(calls) == 3 * 5 + 2:  # the second sequence of the fifth step's landing
+            raise KeyboardInterrupt
+        return emit(seq, tokens)
+    llm._emit = interrupted
+    errors = []
+    ids = [llm.add_request(p, params) for p in batch]
+    while llm.scheduler.has_work() or llm._flights:
+        try:
+            llm.step()
+        except KeyboardInterrupt:
+            pass
+        except Exception as e:  # a later step that fails
+            errors.append(repr(e))
+    assert len(calls) > 17
+    got = [(o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in map(llm.take_output, ids)]
+    assert (got, errors) == ([(e, "length") for e in expected], [])
+    assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
+
+
+def test_an_interrupt_at_the_end_of_a_launch_leaves_no_token_counted_in_flight(model, monkeypatch):
+    """An interrupt as a launch ends (before its step is in flight): the step is rolled back, no
+    token stays counted in flight, and seeded draws keep their positions."""
+    batch = prompts(2, seed=8)
+    params = [SamplingParams(temperature=0.9, seed=7, max_tokens=14, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=14, ignore_eos=True)]
+    expected = [o.outputs[0].token_ids for o in engine(model, False).generate(batch, params, use_tqdm=False)]
+    llm = engine(model, True)
+    launched, calls = overlap.DecodeInFlight.launched.__func__, []
+
+    def interrupted(cls, seqs, choices):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return launched(cls, seqs, choices)
+    monkeypatch.setattr(overlap.DecodeInFlight, "launched", classmethod(interrupted))
+    ids = [llm.add_request(p, sp) for p, sp in zip(batch, params)]
+    stale = []
+    while llm.scheduler.has_work() or llm._flights:
+        try:
+            llm.step()
+        except KeyboardInterrupt:
+            stale = [s.in_flight for r in ids for s in llm.sequences(r)]
+    got = [llm.take_output(r).outputs[0].token_ids for r in ids]
+    assert got == expected, stale
+    assert stale == [0, 0] and len(calls) > 6
+
+
+def test_a_failing_beam_search_with_a_step_in_flight(model, monkeypatch):
+    """A step is in flight between step() calls; beam search lands it first, and when the search
+    fails (resetting the block manager) the requests still end with their tokens."""
+    import pagedlm.llm as llm_module
+    batch = prompts(2, seed=3)
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    expected = [o.outputs[0].token_ids for o in engine(model, False).generate(batch, params, use_tqdm=False)]
+    llm = engine(model, True)
+    ids = [llm.add_request(p, params) for p in batch]
+    for _ in range(4):
+        llm.step()
+    assert llm._flights
+
+    def broken(self, token_ids):
+        raise RuntimeError("injected beam search failure")
+        yield
+    monkeypatch.setattr(llm_module.BeamSearch, "run_in_waves", broken)
+    with pytest.raises(RuntimeError, match="injected"):
+        llm.beam_search([[1, 2, 3]], BeamSearchParams(beam_width=2, max_tokens=3))
+    got = drain(llm, ids)
+    assert [o.outputs[0].token_ids for o in got] == expected

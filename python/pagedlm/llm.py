@@ -345,7 +345,6 @@ class LLM(StepRecovery, OverlappedDecoding):
         try:
             return self._step()
         except BaseException as exc:
-            self._land_all()  # steps launched before the failure went through
             failed = self._recover(exc)
             if failed:
                 exc.add_note(f"pagedlm: request(s) {', '.join(sorted(failed, key=int))} were in the failed step and "
@@ -476,6 +475,7 @@ class LLM(StepRecovery, OverlappedDecoding):
                                       f"{self.tensor_parallel_size}")
         prompts = _prompt_list(prompts)
         token_ids = [self._token_ids(p, f"prompts[{i}]") for i, p in enumerate(prompts)]
+        self._land_all()  # (async scheduling) the search shares the block manager
         search = BeamSearch(self.model, self.kv_caches, self.block_manager, self.device, self.eos_token_ids, params,
                             cascade=self.runner.cascade)
         search.check_fits(token_ids)

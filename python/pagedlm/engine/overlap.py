@@ -10,7 +10,7 @@ replay. Any other step first lands the step in flight (LLM._step). A sequence th
 token in flight (EOS, a stop id or string) has had one more token computed for nothing;
 max_tokens is known ahead, and costs nothing. A slot reserved before its token is known holds a
 placeholder in the block manager until then (BlockManager.set_token)."""
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -32,6 +32,7 @@ class DecodeInFlight:
     choices: torch.Tensor
     host: torch.Tensor
     done: object  # a CUDA event recorded after the copy, None on the CPU
+    dropped: set = field(default_factory=set)  # sequences whose token here is not to be emitted
 
     @classmethod
     def launched(cls, seqs, choices):
@@ -62,7 +63,7 @@ class OverlappedDecoding:
         returned); with nothing to launch, the step in flight landed alone."""
         seqs = self._overlap_candidates()
         if seqs is not None:
-            self._flights.append(self._launch(seqs, self._flights[-1] if self._flights else None))
+            self._launch(seqs, self._flights[-1] if self._flights else None)
             return self._land_oldest() if len(self._flights) > 1 else 0
         return self._land_oldest() if self._flights else None
 
@@ -84,24 +85,39 @@ class OverlappedDecoding:
                 seqs.append(seq)
                 longest = max(longest, seq.num_cached + 1)
         block_size = self.block_manager.block_size
-        # Each needs at most one new block, and one more for a copy on write.
-        if (not seqs or not runner.graphs.fits(len(seqs), -(-longest // block_size))
+        # Each needs at most one new block, and one more for a copy on write; one token each
+        # within the step's token budget, as the scheduler keeps it.
+        if (not seqs or len(seqs) > scheduler.max_num_batched_tokens
+                or not runner.graphs.fits(len(seqs), -(-longest // block_size))
                 or self.block_manager.num_free_blocks < 2 * len(seqs)):
             return None
         return seqs
 
     def _launch(self, seqs, in_flight):
         """Reserves a slot for each of seqs (a placeholder where its input token is in flight)
-        and launches their decode step; returns its DecodeInFlight. Until it is launched, a
-        failure rolls it back as a failed step (LLM._recover)."""
+        and launches their decode step into self._flights. Until it is in flight, a failure
+        (or an interrupt) rolls it back as a failed step (LLM._recover)."""
         self._scheduled = [Scheduled(seq, 1, seq, seq.num_cached) for seq in seqs]
         copies, bm = [], self.block_manager
         for seq in seqs:
             token = UNMATCHABLE_TOKEN if seq.in_flight else seq.token_range(seq.num_cached, seq.num_cached + 1)[0]
             copies += bm.append(seq.seq_id, [token])
         flight = self.runner.launch_decodes(seqs, copies, in_flight)
-        self._scheduled = None
-        return flight
+        # In flight from here: the counters, the queue and the rollback's batch change together;
+        # an interrupt among them leaves the step to the rollback, as before it launched.
+        was = [seq.in_flight for seq in seqs]
+        try:
+            for seq in seqs:
+                seq.num_cached += 1
+                seq.in_flight += 1
+            self._flights.append(flight)
+            self._scheduled = None
+        except BaseException:
+            if self._scheduled is not None and self._flights and self._flights[-1] is flight:
+                self._flights.pop()
+            for seq, count in zip(seqs, was):
+                seq.in_flight = count
+            raise
 
     def _land_all(self):
         while self._flights:
@@ -109,25 +125,55 @@ class OverlappedDecoding:
 
     def _land_oldest(self):
         """Waits for the oldest step in flight and emits its tokens; returns how many were kept.
-        A sequence that finished meanwhile (at an earlier token, or aborted) drops its token.
-        Interrupted while waiting, the step stays in flight. A step launched after it whose
-        sequences have all ended now is dropped unread."""
+        A sequence that finished meanwhile (at an earlier token, or aborted), or whose token was
+        dropped, skips its token. Interrupted while waiting, the step stays in flight;
+        interrupted while emitting, the sequences whose token is not emitted yet drop their
+        tokens in flight, to be recomputed (_drop_in_flight), as a failed step's are. A step
+        launched after it whose sequences have all ended now is dropped unread."""
         flight = self._flights[0]
         tokens, logprobs = flight.tokens()
         self._flights.popleft()
-        bm, kept = self.block_manager, 0
-        for seq in flight.seqs:
-            seq.in_flight -= 1
-        for seq, token, logprob in zip(flight.seqs, tokens, logprobs):
-            if seq.status == Status.FINISHED:
-                continue
-            position = len(seq)  # the token's place; a later step may have reserved its slot already
-            if bm.num_tokens(seq.seq_id) > position:
-                bm.set_token(seq.seq_id, position, token)
-            kept += self._emit(seq, [(token, logprob, None)])
+        bm, kept, i, before = self.block_manager, 0, 0, None
+        try:
+            for i, seq in enumerate(flight.seqs):
+                before = len(seq.output)
+                if seq in flight.dropped:
+                    continue
+                seq.in_flight -= 1
+                if seq.status == Status.FINISHED:
+                    continue
+                position = len(seq)  # the token's place; a later step may have reserved its slot already
+                if bm.num_tokens(seq.seq_id) > position:
+                    bm.set_token(seq.seq_id, position, tokens[i])
+                kept += self._emit(seq, [(tokens[i], logprobs[i], None)])
+        except BaseException:
+            emitted = before is not None and len(flight.seqs[i].output) > before
+            for seq in flight.seqs[i + emitted:]:
+                if seq not in flight.dropped:
+                    self._drop_in_flight(seq)
+            raise
         # A step in flight whose sequences all ended is dropped unread (its copy to the host
         # keeps its pinned buffer until done).
         while self._flights and all(seq.status == Status.FINISHED for seq in self._flights[0].seqs):
-            for seq in self._flights.popleft().seqs:
-                seq.in_flight -= 1
+            flight = self._flights.popleft()
+            for seq in flight.seqs:
+                seq.in_flight -= seq not in flight.dropped
         return kept
+
+    def _drop_in_flight(self, seq):
+        """seq's tokens in flight are dropped (the steps still run, their tokens for seq unread),
+        and a running seq is cut back to recompute from its last emitted token (LLM._cut), as
+        after a failed step: it draws the same tokens again."""
+        for flight in self._flights:
+            if seq in flight.rows:
+                flight.dropped.add(seq)
+        seq.in_flight = 0
+        if seq.status == Status.RUNNING and seq.num_cached > len(seq) - 1:
+            self._cut(seq, len(seq) - 1)
+
+    def _drop_all_in_flight(self):
+        """Every step in flight dropped, its sequences' tokens unread (LLM._reset recomputes them)."""
+        for flight in self._flights:
+            for seq in flight.seqs:
+                seq.in_flight = 0
+        self._flights.clear()

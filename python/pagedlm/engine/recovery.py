@@ -22,6 +22,9 @@ class StepRecovery:
         why. A failure before the scheduler returned the step is no request's: none fails."""
         batch, self._scheduled = self._scheduled, None
         self._roll_back(batch)
+        # Steps launched before the failed one went through (async scheduling): their tokens are
+        # emitted now, after the rollback, so that none names a slot the failed step reserved.
+        self._land_all()
         if batch is None or not isinstance(exc, Exception):
             return set()
         failed = set()
@@ -190,6 +193,7 @@ class StepRecovery:
         to be recomputed as after a preemption (whose results are the same), and the block
         manager is replaced by an empty one (the prefix cache is lost)."""
         bm = self.block_manager
+        self._drop_all_in_flight()  # (async scheduling) their sequences are recomputed
         self.block_manager = pagedlm.BlockManager(bm.num_blocks, bm.block_size, bm.enable_prefix_caching)
         self.scheduler.bm = self.runner.bm = self.block_manager
         self.scheduler.running, self.scheduler.waiting = [], deque()

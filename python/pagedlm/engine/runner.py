@@ -169,7 +169,8 @@ class ModelRunner:
         """Launches a decode step of seqs (their slots reserved; copies: the block copies to do
         first) through a decode graph and samples them, without waiting for either (asynchronous
         scheduling, see engine/overlap.py): a sequence with a token in flight takes it as its
-        input from that step's tokens on the device. Returns this step's DecodeInFlight."""
+        input from that step's tokens on the device. Returns this step's DecodeInFlight (the
+        caller counts the sequences' tokens cached and in flight)."""
         apply_block_copies(self.kv_caches, copies, self.device)
         seq_ids = [s.seq_id for s in seqs]
         tables, slots = self.bm.block_tables(seq_ids), self.bm.slot_mapping(seq_ids, [1] * len(seq_ids))
@@ -178,9 +179,6 @@ class ModelRunner:
         logits, choices = self.graphs.run(ids, [s.num_cached for s in seqs], slots, tables,
                                           feed=(in_flight.choices, fed) if fed else None)
         choices = sampled_choices(logits, seqs, choices)  # (the graph's own when every row is greedy)
-        for s in seqs:
-            s.num_cached += 1
-            s.in_flight += 1
         return DecodeInFlight.launched(seqs, choices)
 
     def _eager_decode(self, ids, positions, slots, tables, cascade=None):
