@@ -696,8 +696,6 @@ bool current_device_is_sm90() {
   return yes;
 }
 
-bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; }
-
 }  // namespace
 
 bool paged_prefill_sm90_supports(const PagedPrefillParams& p) {

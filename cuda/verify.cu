@@ -700,8 +700,6 @@ int launch(void (*kernel)(Params...), int64_t rows, int cluster_size, size_t sha
   return static_cast<int>(status != cudaSuccess ? status : cudaGetLastError());
 }
 
-bool aligned16(const void* ptr) { return ptr == nullptr || reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
-
 size_t tree_shared_bytes(int32_t nodes, bool speculative) {
   const size_t ints = 16 * ((3 * 4 * static_cast<size_t>(nodes) + 15) / 16);  // parent, token, path
   return speculative ? ints + static_cast<size_t>(nodes) * (8 + 4 + 4) : ints;  // + weight, word, excluded
@@ -728,7 +726,7 @@ int verify_greedy(const ChainVerifyParams& p, void* stream) {
 int verify_speculative(const ChainVerifyParams& p, void* stream) {
   if (p.batch == 0) return 0;
   if (p.vocab < 1 || p.vocab > kMaxSampledVocab) return static_cast<int>(cudaErrorInvalidValue);
-  if (p.vocab % 4 == 0 && aligned16(p.target) && aligned16(p.draft_probs)) {
+  if (p.vocab % 4 == 0 && aligned16(p.target) && (p.draft_probs == nullptr || aligned16(p.draft_probs))) {
     const int cluster = cluster_size_for(p.batch, p.vocab / 4);
     return launch(verify_speculative_kernel<4>, p.batch, cluster, 0, stream, p, cluster);
   }
