@@ -319,7 +319,7 @@ MUTANTS = [
     Mutant("sampler_top_p_not_renormalised", "sampler", SAMPLER,
            "        probs = probs / probs.sum(-1, keepdim=True)\n", "", SAMPLER_TESTS),
     Mutant("sampler_draw_ignores_position", "sampler", SAMPLER,
-           "    position = len(seq)\n", "    position = len(seq.prompt)\n", SAMPLER_TESTS),
+           "    position = len(seq) + seq.in_flight\n", "    position = len(seq.prompt) + seq.in_flight\n", SAMPLER_TESTS),
     Mutant("sampler_draw_ignores_sample_index", "sampler", SAMPLER,
            "_C.philox4x32_10(seq.index & 0xFFFFFFFF,", "_C.philox4x32_10(0,", SAMPLER_TESTS),
     Mutant("sampler_logprob_before_truncation", "sampler", SAMPLER,
