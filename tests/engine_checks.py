@@ -1,7 +1,18 @@
 """The engine's bookkeeping invariant, shared by the fault tests and the engine fuzz."""
+import torch
+
 from pagedlm.engine.sequence import Status
 
 FINISH_REASONS = {"stop", "length", "abort", "refused", "error"}
+
+
+def write_garbage_kv(llm, seq_ids, counts):
+    """What a step that fails midway may leave: garbage in the KV slots of each sequence's last
+    counts[i] tokens, in every layer's cache."""
+    slots = torch.from_numpy(llm.block_manager.slot_mapping(seq_ids, counts))
+    for cache in llm.kv_caches:
+        for t in cache[:2]:
+            t.view(-1, *t.shape[2:])[slots] = 7.0
 
 
 def check_consistent(llm):

@@ -13,6 +13,7 @@ import pagedlm.engine.overlap as overlap
 from pagedlm import LLM, BeamSearchParams, SamplingParams
 from pagedlm.engine.cuda_graphs import DecodeGraphs
 
+from engine_checks import write_garbage_kv
 from graph_stand_in import replay_eagerly
 from llama_checkpoint import save_random_checkpoint
 
@@ -235,10 +236,7 @@ def test_a_failed_launch_leaves_no_unwritten_block_in_the_prefix_cache(model, fa
         if fail != "none" and len(calls) == j + 1:  # the launch whose placeholder is output[j]'s slot
             # a step that fails midway, after writing its KV slots (as the engine fuzz's bad requests)
             if fail == "garbage":
-                slots = llm.block_manager.slot_mapping([s.seq_id for s in seqs], [1] * len(seqs))
-                for cache in llm.kv_caches:
-                    for t in cache[:2]:
-                        t.view(-1, *t.shape[2:])[torch.from_numpy(slots)] = 7.0
+                write_garbage_kv(llm, [s.seq_id for s in seqs], [1] * len(seqs))
             raise RuntimeError("injected launch failure")
         return launch(seqs, copies, in_flight)
     llm.runner.launch_decodes = failing

@@ -33,7 +33,7 @@ from pagedlm.engine.cuda_graphs import DecodeGraphs
 from pagedlm.engine.sequence import Status
 from pagedlm.models import load_model, random_model
 
-from engine_checks import check_consistent
+from engine_checks import check_consistent, write_garbage_kv
 from graph_stand_in import replay_eagerly
 from llama_checkpoint import save_random_checkpoint
 
@@ -73,10 +73,7 @@ class Faults:
         def call(scheduled, copies):
             if any(s.seq.request_id in self.bad for s in scheduled):
                 computing = [s for s in scheduled if s.num_new]
-                slots = llm.block_manager.slot_mapping([s.seq.seq_id for s in computing], [s.num_new for s in computing])
-                for cache in llm.kv_caches:
-                    for t in cache[:2]:
-                        t.view(-1, *t.shape[2:])[torch.from_numpy(slots)] = 7.0
+                write_garbage_kv(llm, [s.seq.seq_id for s in computing], [s.num_new for s in computing])
                 raise InjectedFault("a bad request")
             return step(scheduled, copies)
         llm.runner.step = call
@@ -84,10 +81,7 @@ class Faults:
 
         def launch_call(seqs, copies, in_flight):  # an asynchronous step's launch, the same way
             if any(seq.request_id in self.bad for seq in seqs):
-                slots = llm.block_manager.slot_mapping([seq.seq_id for seq in seqs], [1] * len(seqs))
-                for cache in llm.kv_caches:
-                    for t in cache[:2]:
-                        t.view(-1, *t.shape[2:])[torch.from_numpy(slots)] = 7.0
+                write_garbage_kv(llm, [seq.seq_id for seq in seqs], [1] * len(seqs))
                 raise InjectedFault("a bad request")
             return launch(seqs, copies, in_flight)
         llm.runner.launch_decodes = launch_call
