@@ -1,4 +1,4 @@
-"""The engine's bookkeeping invariant, shared by the fault tests and the engine fuzz."""
+"""What the fault tests and the engine fuzz share: the bookkeeping invariant, and the garbage KV a failing step may leave."""
 import torch
 
 from pagedlm.engine.sequence import Status
