@@ -1,4 +1,5 @@
-"""What the fault tests and the engine fuzz share: the bookkeeping invariant, and the garbage KV a failing step may leave."""
+"""What the fault tests and the engine fuzz share: the engine's bookkeeping invariant, and the
+garbage KV that a failing step may leave."""
 import torch
 
 from pagedlm.engine.sequence import Status
