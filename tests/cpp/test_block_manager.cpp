@@ -1,5 +1,6 @@
 // Unit tests of the C++ block manager: allocation, copy-on-write, truncation, prefix
-// caching with LRU eviction, atomic failure, and the batched builders.
+// caching with LRU eviction, placeholders named later (set_token), atomic failure, and the
+// batched builders.
 #include <gtest/gtest.h>
 
 #include <numeric>
@@ -159,6 +160,20 @@ TEST(PrefixCache, OverwrittenBlockIsNeverServed) {
   append(bm, 1, {50, 51});            // overwrites tokens 6 and 7 in place
   auto original = iota_tokens(9);
   EXPECT_EQ(allocate(bm, 2, original), 4);  // only the first block still matches
+}
+
+TEST(PrefixCache, SetTokenNamesAPlaceholderAndRecachesTheFullBlock) {
+  BlockManager bm(8, 4, true);
+  allocate(bm, 1, {5, 6, 7});
+  append(bm, 1, {-1});  // a placeholder completes the first block
+  bm.set_token(1, 3, 8);
+  append(bm, 1, {9});
+  EXPECT_EQ(allocate(bm, 2, {5, 6, 7, 8, 9}), 4);  // the block [5, 6, 7, 8] is a hit
+  EXPECT_EQ(allocate(bm, 3, {5, 6, 7, -1, 9}), 0);
+  EXPECT_THROW(bm.set_token(1, 3, 0), pagedlm::InvalidArgument);  // not in the last block
+  EXPECT_THROW(bm.set_token(1, 5, 0), pagedlm::InvalidArgument);  // past the last token
+  bm.fork(1, 4);
+  EXPECT_THROW(bm.set_token(1, 4, 0), pagedlm::InvalidArgument);  // the last block is shared
 }
 
 TEST(BatchedBuilders, BlockTablesPadAndSlotMappingFollowsBlocks) {
