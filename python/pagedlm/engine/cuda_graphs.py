@@ -224,7 +224,7 @@ class DecodeGraphs(GraphSet):
 
 def _feed_ids(choices, pairs, fields):
     """ids[i] = choices[j, 0] on the device for each (i, j) of pairs: the input tokens that a step
-    in flight samples (its greedy choices, float64 [rows, 2])."""
+    in flight draws (its tokens and log-probabilities, float64 [rows, 2])."""
     index = torch.from_numpy(np.asarray(pairs, dtype=np.int64).T.copy()).to(choices.device, non_blocking=True)
     fields["ids"][index[0]] = choices[index[1], 0].long()
 

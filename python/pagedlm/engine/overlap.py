@@ -12,10 +12,10 @@ max_tokens is known ahead, and costs nothing. A slot reserved before its token i
 placeholder in the block manager until then (BlockManager.set_token)."""
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from pagedlm.engine.recovery import UNMATCHABLE_TOKEN
+from pagedlm.engine.sampler import choice_lists
 from pagedlm.engine.scheduler import Scheduled
 from pagedlm.engine.sequence import Status
 from pagedlm.kv_cache import measuring
@@ -48,8 +48,7 @@ class DecodeInFlight:
         """(token ids, their logprobs) as lists, once the step is done."""
         if self.done is not None:
             self.done.synchronize()
-        both = self.host.numpy()
-        return both[:, 0].astype(np.int64).tolist(), both[:, 1].tolist()
+        return choice_lists(self.host.numpy())
 
 
 class OverlappedDecoding:

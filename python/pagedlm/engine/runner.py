@@ -151,13 +151,19 @@ class ModelRunner:
         for seq, _, _, count in prompt_rows:
             seq.prompt_logprobs.extend(next(entries) for _ in range(count))
 
+    def _decode_inputs(self, seqs):
+        """(ids, positions, slots, tables) of a decode step of seqs, their slots reserved: each
+        one's next uncached token (0 where it is in flight: a graph's feed puts it there on the
+        device) and its position, and the block manager's slots and tables (numpy)."""
+        seq_ids = [s.seq_id for s in seqs]
+        tables, slots = self.bm.block_tables(seq_ids), self.bm.slot_mapping(seq_ids, [1] * len(seq_ids))
+        ids = [0 if s.in_flight else s.token_range(s.num_cached, s.num_cached + 1)[0] for s in seqs]
+        return ids, [s.num_cached for s in seqs], slots, tables
+
     def _decode(self, computing):
         """(logits, greedy_choices or None) of one new token per sequence: a DecodeGraphs
         replay (which computes the choices) when the batch fits one, else an eager forward."""
-        seq_ids = [s.seq.seq_id for s in computing]
-        tables, slots = self.bm.block_tables(seq_ids), self.bm.slot_mapping(seq_ids, [1] * len(seq_ids))  # numpy
-        ids = [s.seq.token_range(s.seq.num_cached, s.seq.num_cached + 1)[0] for s in computing]
-        positions = [s.seq.num_cached for s in computing]
+        ids, positions, slots, tables = self._decode_inputs([s.seq for s in computing])
         cascade = cascade_plan(tables, [p + 1 for p in positions], self.bm.block_size) if self.cascade else None
         self.cascade_steps += cascade is not None
         if (self.graphs is not None and self.graphs.fits(len(computing), tables.shape[1])
@@ -172,12 +178,8 @@ class ModelRunner:
         input from that step's tokens on the device. Returns this step's DecodeInFlight (the
         caller counts the sequences' tokens cached and in flight)."""
         apply_block_copies(self.kv_caches, copies, self.device)
-        seq_ids = [s.seq_id for s in seqs]
-        tables, slots = self.bm.block_tables(seq_ids), self.bm.slot_mapping(seq_ids, [1] * len(seq_ids))
-        ids = [0 if s.in_flight else s.token_range(s.num_cached, s.num_cached + 1)[0] for s in seqs]
         fed = [(i, in_flight.rows[s]) for i, s in enumerate(seqs) if s.in_flight]
-        logits, choices = self.graphs.run(ids, [s.num_cached for s in seqs], slots, tables,
-                                          feed=(in_flight.choices, fed) if fed else None)
+        logits, choices = self.graphs.run(*self._decode_inputs(seqs), feed=(in_flight.choices, fed) if fed else None)
         choices = sampled_choices(logits, seqs, choices)  # (the graph's own when every row is greedy)
         return DecodeInFlight.launched(seqs, choices)
 

@@ -161,8 +161,13 @@ def sample(logits, seqs, choices=None):
     then pick a token by inverse CDF with a uniform from Philox-4x32-10 (the verification
     kernels' generator). choices: the logits' greedy_choices when already computed (by a graph).
     One copy to the host (of sampled_choices)."""
-    both = sampled_choices(logits, seqs, choices).cpu().numpy()
-    return both[:, 0].astype(np.int64).tolist(), both[:, 1].tolist()
+    return choice_lists(sampled_choices(logits, seqs, choices).cpu().numpy())
+
+
+def choice_lists(host):
+    """(token ids, log-probabilities) as lists from choices on the host (float64 [rows, 2], as
+    greedy_choices gives them)."""
+    return host[:, 0].astype(np.int64).tolist(), host[:, 1].tolist()
 
 
 def sampled_choices(logits, seqs, choices=None):

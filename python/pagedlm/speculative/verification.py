@@ -8,6 +8,7 @@ import torch
 
 import pagedlm.ops as ops
 from pagedlm.engine.cuda_graphs import Graph, GraphSet, StaticInputs
+from pagedlm.engine.sampler import choice_lists
 from pagedlm.speculative.sampling import processed_probs, sample_seed, token_logprobs
 
 
@@ -65,7 +66,7 @@ class Verification:
             flat = _flatten(greedy_verdicts(self.inputs, self.shapes, logits, choices)).cpu().numpy()
         host, *rest = _split(flat, verdict_shapes(len(flat), self.shapes))
         host = host[:len(logits)]
-        argmax, logprob = host[:, 0].astype(np.int64).tolist(), host[:, 1].tolist()
+        argmax, logprob = choice_lists(host)
         self.row_choices = list(zip(argmax, logprob))
         rest = [t.astype(np.int64).tolist() for t in rest]
         results = {}
