@@ -69,8 +69,9 @@ def anchor_columns(times, anchors):
 class StepClock:
     """Times each step of an LLM, sorted by kind: "decode" when every scheduled sequence
     computes one token, "prefill" when some compute a prompt chunk (mixed with the decodes of
-    the others; the scheduler is spied on to tell them apart), "overlapped" for the decode
-    steps of async scheduling (launched while the one before runs). Installs itself on llm.
+    the others; the scheduler is spied on to tell them apart), "overlapped decode" and
+    "overlapped prefill" for the steps of async scheduling (each launches a step and lands the
+    one before). Installs itself on llm.
 
     On a GPU, profile=N also runs steps (after the first 16) under torch.profiler until N of
     each kind are profiled, and sums their kernels' device time: the device's busy time per
@@ -78,21 +79,23 @@ class StepClock:
     for the host. Profiled steps are left out of the wall times."""
 
     def __init__(self, llm, profile=0):
-        self.times = {"decode": [], "prefill": [], "overlapped": []}
+        kinds = ("decode", "prefill", "overlapped decode", "overlapped prefill")
+        self.times = {name: [] for name in kinds}
         # Per kind, each timed step's (schedule, runner) seconds: the scheduler's, and the runner's
         # (inputs, launches, the wait for the device, sampling); the rest of a step is emission.
-        self.parts = {"decode": [], "prefill": [], "overlapped": []}
+        self.parts = {name: [] for name in kinds}
         self.busy = {"decode": [], "prefill": []}  # device busy seconds of each profiled step
         self.kernels = {}  # kind -> the first profiled step's kernel table (most device time first)
         self.profile = profile
         schedule, step, run, kind = llm.scheduler.schedule, llm.step, llm.runner.step, {}
-        overlapped = llm._overlapped_step
+        launch = llm.runner.launch
 
-        def spied_overlapped():
-            kept = overlapped()
-            if kept is not None:
-                kind["last"] = "overlapped"
-            return kept
+        def spied_launch(*args):
+            start = time.perf_counter()
+            flight = launch(*args)
+            kind["runner"] = time.perf_counter() - start
+            kind["last"] = "overlapped " + kind["last"]
+            return flight
 
         def spied_schedule():
             start = time.perf_counter()
@@ -118,14 +121,14 @@ class StepClock:
                 self.times[name].append(time.perf_counter() - start)
                 self.parts[name].append((kind.get("schedule", 0.0), kind.pop("runner", 0.0)))
             return emitted
-        self._spied = llm, schedule, step, run, overlapped
+        self._spied = llm, schedule, step, run, launch
         llm.scheduler.schedule, llm.step, llm.runner.step = spied_schedule, timed_step, spied_run
-        llm._overlapped_step = spied_overlapped
+        llm.runner.launch = spied_launch
 
     def remove(self):
         """Puts back what the clock spied on: the steps after it are not its to time."""
-        llm, schedule, step, run, overlapped = self._spied
-        llm.scheduler.schedule, llm.step, llm.runner.step, llm._overlapped_step = schedule, step, run, overlapped
+        llm, schedule, step, run, launch = self._spied
+        llm.scheduler.schedule, llm.step, llm.runner.step, llm.runner.launch = schedule, step, run, launch
 
     def profiled_enough(self):
         return all(len(busy) >= self.profile for busy in self.busy.values())
@@ -153,12 +156,12 @@ class StepClock:
     def split_summary(self, kind):
         """'schedule A ms, runner B ms, emission C ms': the median step's parts (the median of
         each part over the steps, and the median wall time less both for emission); for
-        overlapped steps, which have no such parts, what they are."""
-        if kind == "overlapped":
-            return "each launches a step and lands the one before"
+        overlapped steps 'schedule A ms, launch B ms, landing C ms' (the landing waits for the
+        step before and emits its tokens)."""
         schedule, runner = (_median([p[i] for p in self.parts[kind]]) for i in (0, 1))
-        return (f"schedule {schedule * 1e3:.2f} ms, runner {runner * 1e3:.2f} ms, "
-                f"emission {(self.median(kind) - schedule - runner) * 1e3:.2f} ms")
+        rest = "landing" if kind.startswith("overlapped") else "emission"
+        return (f"schedule {schedule * 1e3:.2f} ms, {'launch' if rest == 'landing' else 'runner'} "
+                f"{runner * 1e3:.2f} ms, {rest} {(self.median(kind) - schedule - runner) * 1e3:.2f} ms")
 
     def busy_summary(self):
         """'device busy per decode step X ms (median of N profiled), per prefill step ...', or ''."""

@@ -204,7 +204,7 @@ def main():
                         help="pagedlm with cascade attention (disable_cascade_attn=False: shared prefixes read "
                              "once per group), without (the default), or both in turn")
     parser.add_argument("--async-scheduling", default="off", choices=["on", "off", "both"],
-                        help="pagedlm with async_scheduling=True (decode steps launched while the one before "
+                        help="pagedlm with async_scheduling=True (steps launched while the one before "
                              "runs), without (the default), or both in turn")
     parser.add_argument("--vllm-site", default=os.environ.get("VLLM_SITE"),
                         help="a folder vLLM was pip-installed into with --target (default: $VLLM_SITE, else the "

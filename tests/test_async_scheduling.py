@@ -36,17 +36,19 @@ def model(tmp_path_factory):
 
 def engine(model, async_scheduling, **options):
     """An LLM on the CPU with the decode graphs a GPU engine has (emulated); with
-    async_scheduling, its launches are counted in .launches (batch size, steps in flight)."""
+    async_scheduling, its launches are counted in .launches (batch size, whether a step was in
+    flight), and in .fed_chunks those with prompt tokens launched while a step was in flight."""
     options = dict(dict(block_size=4, num_blocks=512), **options)
     llm = LLM(model, device="cpu", max_num_seqs=MAX_SEQS, async_scheduling=async_scheduling, **options)
     llm.runner.graphs = DecodeGraphs(llm.model, llm.kv_caches, MAX_SEQS, llm.device)
-    llm.launches = []
-    launch = llm.runner.launch_decodes
+    llm.launches, llm.fed_chunks = [], 0
+    launch = llm.runner.launch
 
-    def counted(seqs, copies, in_flight):
-        llm.launches.append((len(seqs), in_flight is not None))
-        return launch(seqs, copies, in_flight)
-    llm.runner.launch_decodes = counted
+    def counted(scheduled, copies, in_flight):
+        llm.launches.append((len(scheduled), in_flight is not None))
+        llm.fed_chunks += in_flight is not None and any(s.seq.num_cached < len(s.seq.prompt) for s in scheduled)
+        return launch(scheduled, copies, in_flight)
+    llm.runner.launch = counted
     return llm
 
 
@@ -63,7 +65,11 @@ def drain(llm, ids):
 
 
 def results(outputs):
-    return [[(o.token_ids, o.finish_reason, round(o.cumulative_logprob, 6)) for o in r.outputs] for r in outputs]
+    """Tokens, finish reasons and cumulative logprobs to 5 significant digits: a float32 logprob
+    depends in its last bits on the rest of its step's batch (the CPU's matmuls block by batch
+    size), and async scheduling admits requests into other steps' batches."""
+    return [[(o.token_ids, o.finish_reason, float(f"{o.cumulative_logprob:.5g}")) for o in r.outputs]
+            for r in outputs]
 
 
 def both(model, batch, params, **options):
@@ -132,8 +138,8 @@ def test_logprobs_and_penalized_requests_run_without_overlap_and_as_before(model
 
 
 def test_requests_joining_and_aborted_mid_run(model):
-    """A request added between steps lands the step in flight first (nothing overlaps while it
-    waits); an aborted one keeps what it had emitted and drops its tokens in flight."""
+    """A request added between steps is admitted by a step launched while the one before is in
+    flight; an aborted one keeps what it had emitted and drops its tokens in flight."""
     batch = prompts(7, seed=4)
     params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
     runs = []
@@ -155,6 +161,38 @@ def test_requests_joining_and_aborted_mid_run(model):
     assert overlapped[:1] + overlapped[2:] == plain[:1] + plain[2:]
     aborted, reference = overlapped[1][0][0], plain[1][0][0]
     assert overlapped[1][0][1] == "abort" and aborted == reference[:len(aborted)] and len(aborted) >= 3
+
+
+def test_prompt_chunks_and_admissions_overlap_the_steps_in_flight(model):
+    """Prompts longer than the token budget, prefilled in chunks beside the decodes, and requests
+    admitted (a group of n = 2 forks among them) while others decode: those steps launch with
+    a step in flight too, and emit what the engine without async scheduling does."""
+    batch = prompts(12, seed=9, low=20, high=60)  # more sequences than MAX_SEQS
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (3, 9, 14, 6, 11, 8) * 2]
+    params[7] = SamplingParams(n=2, temperature=0.7, seed=5, max_tokens=7, ignore_eos=True)
+    for budget in (24, 61):
+        llm = engine(model, True, max_num_batched_tokens=budget)
+        overlapped = results(llm.generate(batch, params, use_tqdm=False))
+        plain = results(engine(model, False, max_num_batched_tokens=budget).generate(batch, params, use_tqdm=False))
+        assert overlapped == plain
+        assert llm.fed_chunks >= 3, "no prompt chunk launched while a step was in flight"
+        assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
+
+
+def test_prompt_logprobs_waiting_for_admission_land_the_step_in_flight(model):
+    """A waiting request that asks for prompt logprobs, or a running one owed them, keeps every
+    step from overlapping until it is done; the outputs (its prompt logprobs too) are as without."""
+    batch = prompts(4, seed=10, low=12, high=30)
+    params = [SamplingParams(temperature=0, max_tokens=9, ignore_eos=True)] * 3
+    params.append(SamplingParams(temperature=0, max_tokens=4, prompt_logprobs=1, ignore_eos=True))
+    runs = []
+    for async_scheduling in (False, True):
+        llm = engine(model, async_scheduling, max_num_batched_tokens=16)
+        ids = [llm.add_request(p, sp) for p, sp in zip(batch, params)]
+        outputs = drain(llm, ids)
+        runs.append((results(outputs), [[sorted(e.items()) if e else e for e in o.prompt_logprobs]
+                                        for o in outputs[3:]]))
+    assert runs[1] == runs[0]
 
 
 def test_a_full_cache_falls_back_to_steps_that_wait(model):
@@ -184,19 +222,19 @@ def test_a_failing_launch_fails_its_requests_and_the_engine_goes_on(model):
     """A launch that raises: the step in flight before it lands, the failed step is rolled back
     and blamed as any failed step, and the engine serves new requests."""
     llm = engine(model, True)
-    launch, calls = llm.runner.launch_decodes, []
+    launch, calls = llm.runner.launch, []
 
-    def failing(seqs, copies, in_flight):
+    def failing(scheduled, copies, in_flight):
         calls.append(in_flight is not None)
         if len(calls) == 4:
             raise RuntimeError("injected launch failure")
-        return launch(seqs, copies, in_flight)
-    llm.runner.launch_decodes = failing
+        return launch(scheduled, copies, in_flight)
+    llm.runner.launch = failing
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     with pytest.raises(RuntimeError, match="injected"):
         llm.generate(prompts(3, seed=7), params, use_tqdm=False)
     assert not llm._flights and llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
-    llm.runner.launch_decodes = launch
+    llm.runner.launch = launch
     again = results(llm.generate(prompts(3, seed=7), params, use_tqdm=False))
     assert again == results(engine(model, False).generate(prompts(3, seed=7), params, use_tqdm=False))
 
@@ -229,27 +267,29 @@ def test_a_failed_launch_leaves_no_unwritten_block_in_the_prefix_cache(model, fa
     expected = plain.generate([follow_up], follow_params, use_tqdm=False)[0].outputs[0].token_ids
 
     llm = engine(model, True)
-    launch, calls = llm.runner.launch_decodes, []
+    launch, calls = llm.runner.launch, []
 
-    def failing(seqs, copies, in_flight):
+    def failing(scheduled, copies, in_flight):
         calls.append(1)
-        if fail != "none" and len(calls) == j + 1:  # the launch whose placeholder is output[j]'s slot
+        # The launch whose placeholder is output[j]'s slot: the first launch prefills the prompt
+        # and draws output[0], the k-th takes output[k - 2] in flight as its input.
+        if fail != "none" and len(calls) == j + 2:
             # a step that fails midway, after writing its KV slots (as the engine fuzz's bad requests)
             if fail == "garbage":
-                write_garbage_kv(llm, [s.seq_id for s in seqs], [1] * len(seqs))
+                write_garbage_kv(llm, [s.seq.seq_id for s in scheduled], [s.num_new for s in scheduled])
             raise RuntimeError("injected launch failure")
-        return launch(seqs, copies, in_flight)
-    llm.runner.launch_decodes = failing
+        return launch(scheduled, copies, in_flight)
+    llm.runner.launch = failing
     rid = llm.add_request(prompt, params)
     try:
         while llm.scheduler.has_work() or llm._flights:
             llm.step()
     except RuntimeError as e:
         assert "injected" in str(e)
-    assert len(calls) >= j + 1
+    assert len(calls) >= j + 2
     out = llm.take_output(rid).outputs[0]
     assert (out.token_ids, out.finish_reason) == (ref[:j + 1], "stop")  # it ended normally
-    llm.runner.launch_decodes = launch
+    llm.runner.launch = launch
     got = llm.generate([follow_up], follow_params, use_tqdm=False)[0]
     assert got.outputs[0].token_ids == expected, f"cached={got.metrics['cached_prompt_tokens']}"
 
@@ -295,14 +335,14 @@ def test_an_interrupt_at_the_end_of_a_launch_leaves_no_token_counted_in_flight(m
               SamplingParams(temperature=0, max_tokens=14, ignore_eos=True)]
     expected = [o.outputs[0].token_ids for o in engine(model, False).generate(batch, params, use_tqdm=False)]
     llm = engine(model, True)
-    launched, calls = overlap.DecodeInFlight.launched.__func__, []
+    launched, calls = overlap.StepInFlight.launched.__func__, []
 
     def interrupted(cls, seqs, choices):
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
         return launched(cls, seqs, choices)
-    monkeypatch.setattr(overlap.DecodeInFlight, "launched", classmethod(interrupted))
+    monkeypatch.setattr(overlap.StepInFlight, "launched", classmethod(interrupted))
     ids = [llm.add_request(p, sp) for p, sp in zip(batch, params)]
     stale = []
     while llm.scheduler.has_work() or llm._flights:

@@ -120,8 +120,8 @@ def test_async_scheduling_emits_what_waiting_steps_emit(checkpoint, dtype):
     params += [SamplingParams(temperature=0.8, top_p=0.9, seed=s, max_tokens=30, ignore_eos=True) for s in (1, 2)]
     overlapped = engine(folder, block_size=16, dtype=dtype, max_num_seqs=16, async_scheduling=True)
     launches = []
-    launch = overlapped.runner.launch_decodes
-    overlapped.runner.launch_decodes = lambda *args: launches.append(args[2] is not None) or launch(*args)
+    launch = overlapped.runner.launch
+    overlapped.runner.launch = lambda *args: launches.append(args[2] is not None) or launch(*args)
     expected = waiting.generate(batch, params, use_tqdm=False)
     assert tokens(overlapped.generate(batch, params, use_tqdm=False)) == tokens(expected)
     assert sum(launches) >= 20, "few steps launched while another was in flight"
@@ -135,6 +135,31 @@ def test_async_scheduling_emits_what_waiting_steps_emit(checkpoint, dtype):
     for a, b in zip(got, expected):
         assert a.outputs[0].cumulative_logprob == pytest.approx(b.outputs[0].cumulative_logprob, abs=1e-6)
     assert overlapped.block_manager.stats()["used_blocks"] == 0 and not overlapped._flights
+
+
+def test_async_scheduling_overlaps_prompt_chunks_and_admissions(checkpoint):
+    """Prompt chunks (a small token budget) and requests admitted as others end (more requests
+    than sequences) launch while a step is in flight, chunks graphs and eager steps fed on the
+    device: the same tokens as waiting steps. float32: a step's batch differs between the two
+    engines (admissions come a step later), which in bfloat16 may flip a near tie."""
+    folder, _ = checkpoint
+    batch = prompts(24, seed=33, low=20, high=300)
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (4, 19, 9, 27) * 5]
+    params += [SamplingParams(temperature=0.7, seed=s, max_tokens=12, ignore_eos=True) for s in range(4)]
+    for budget in (64, 4096):  # chunks graphs; eager steps of whole prompts
+        options = dict(block_size=16, dtype=torch.float32, max_num_seqs=8, max_num_batched_tokens=budget)
+        expected = engine(folder, **options).generate(batch, params, use_tqdm=False)
+        overlapped = engine(folder, async_scheduling=True, **options)
+        fed_chunks = []
+        launch = overlapped.runner.launch
+
+        def counted(scheduled, copies, in_flight):
+            fed_chunks.append(in_flight is not None and any(s.seq.num_cached < len(s.seq.prompt) for s in scheduled))
+            return launch(scheduled, copies, in_flight)
+        overlapped.runner.launch = counted
+        assert tokens(overlapped.generate(batch, params, use_tqdm=False)) == tokens(expected)
+        assert sum(fed_chunks) >= 5, "few prompt chunks launched while a step was in flight"
+        assert overlapped.block_manager.stats()["used_blocks"] == 0 and not overlapped._flights
 
 
 def test_preemption_and_prefix_caching_change_nothing_on_gpu(checkpoint):

@@ -60,7 +60,7 @@ class Faults:
         self.bad = set()  # request ids: a step that runs one fails
         self._wrap_bad(llm)
         self._wrap(llm.runner, "step", "forward")
-        self._wrap(llm.runner, "launch_decodes", "forward")
+        self._wrap(llm.runner, "launch", "forward")
         self._wrap(llm.scheduler, "_reserve", "schedule")
         self.sample = self._wrapped(pagedlm.engine.runner.sample_step, "sample")
 
@@ -77,14 +77,15 @@ class Faults:
                 raise InjectedFault("a bad request")
             return step(scheduled, copies)
         llm.runner.step = call
-        launch = llm.runner.launch_decodes
+        launch = llm.runner.launch
 
-        def launch_call(seqs, copies, in_flight):  # an asynchronous step's launch, the same way
-            if any(seq.request_id in self.bad for seq in seqs):
-                write_garbage_kv(llm, [seq.seq_id for seq in seqs], [1] * len(seqs))
+        def launch_call(scheduled, copies, in_flight):  # an asynchronous step's launch, the same way
+            if any(s.seq.request_id in self.bad for s in scheduled):
+                computing = [s for s in scheduled if s.num_new]
+                write_garbage_kv(llm, [s.seq.seq_id for s in computing], [s.num_new for s in computing])
                 raise InjectedFault("a bad request")
-            return launch(seqs, copies, in_flight)
-        llm.runner.launch_decodes = launch_call
+            return launch(scheduled, copies, in_flight)
+        llm.runner.launch = launch_call
 
     def _wrap(self, obj, name, point):
         setattr(obj, name, self._wrapped(getattr(obj, name), point))

@@ -113,8 +113,8 @@ def test_streams_with_async_scheduling_equal_offline_generate(monkeypatch):
     overlapped = LLM(tiny_model("target"), device="cpu", num_blocks=256, max_num_seqs=8, async_scheduling=True)
     overlapped.runner.graphs = cuda_graphs.DecodeGraphs(overlapped.model, overlapped.kv_caches, 8, "cpu")
     fed = []
-    launch = overlapped.runner.launch_decodes
-    overlapped.runner.launch_decodes = lambda *args: fed.append(args[2] is not None) or launch(*args)
+    launch = overlapped.runner.launch
+    overlapped.runner.launch = lambda *args: fed.append(args[2] is not None) or launch(*args)
     prompts = ["def add(a, b):", "import os\n", "class Foo:\n    def", "for i in range(10):"]
     params = SamplingParams(temperature=0, max_tokens=24, stop=["\n\n", "warnings"])  # the first two stop
     engine = AsyncLLM(overlapped)

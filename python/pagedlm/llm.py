@@ -21,7 +21,7 @@ from pagedlm._torch_glue import debug_checks
 from pagedlm.beam_search import BeamSearch, BeamSearchParams, beam_score
 from pagedlm.engine.checks import (check_bool, check_float, check_int, check_token_ids, resolve_device,
                                    resolve_dtype)
-from pagedlm.engine.overlap import OverlappedDecoding
+from pagedlm.engine.overlap import OverlappedSteps
 from pagedlm.engine.recovery import StepRecovery
 from pagedlm.engine.runner import ModelRunner
 from pagedlm.engine.scheduler import Scheduler
@@ -78,7 +78,7 @@ class RequestOutput:
     prompt_logprobs: list | None = None
 
 
-class LLM(StepRecovery, OverlappedDecoding):
+class LLM(StepRecovery, OverlappedSteps):
     def __init__(self, model, *, device=None, dtype=None, block_size=16, num_blocks=None,
                  gpu_memory_utilization=0.9, max_num_seqs=256, max_num_batched_tokens=8192,
                  enable_prefix_caching=True, seed=0, enforce_eager=False, speculative=None,
@@ -98,10 +98,11 @@ class LLM(StepRecovery, OverlappedDecoding):
         measures faster in the engine): False makes decode steps read a prefix that rows share
         (n > 1 samples, beams, prompts from one prefix-cache entry) once per group (docs/engine.md);
         steps without such sharing, layers with a sliding window and tensor parallelism never do.
-        async_scheduling (vLLM's name): while the GPU runs a decode step, the host schedules and
-        launches the next, and emits the tokens of the one before (engine/overlap.py): steady
-        decoding without logprobs or penalties, with CUDA graphs, overlaps; any other step runs
-        as without it. Not with speculative decoding or tensor parallelism."""
+        async_scheduling (vLLM's name): while the GPU runs a step, the host schedules and
+        launches the next, and emits the tokens of the one before (engine/overlap.py): steps
+        whose requests ask for no logprobs, penalties, logit bias or min_tokens overlap, prompt
+        chunks and decodes alike; any other step runs as without it. Not with speculative
+        decoding or tensor parallelism."""
         _check_model_arg("model", model)
         self.device = resolve_device(device)
         dtype = resolve_dtype(dtype, self.device)
@@ -195,7 +196,7 @@ class LLM(StepRecovery, OverlappedDecoding):
             cache.measure = calculate_kv_scales and cache.is_fp8
         self._ids = itertools.count()
         self._requests = {}
-        self._flights = collections.deque()  # launched decode steps not landed yet (async_scheduling)
+        self._flights = collections.deque()  # launched steps not landed yet (async_scheduling)
         # The running step's scheduled sequences, which a failure of it rolls back; None between
         # steps and until the scheduler returns (a failure before that is no request's).
         self._scheduled = None
@@ -354,15 +355,23 @@ class LLM(StepRecovery, OverlappedDecoding):
             self._scheduled = None
 
     def _step(self):
-        kept = self._overlapped_step()
-        if kept is not None:
-            return kept
+        """Schedules, runs and emits one step. With async scheduling, a step that can overlap
+        (engine/overlap.py) is launched, and the step in flight before it is landed; any other
+        first lands the step in flight."""
+        overlaps = self._overlaps()
+        if self._flights and not overlaps:
+            return self._land_oldest()
         scheduled, copies = self.scheduler.schedule()
         self._scheduled = scheduled
         if not scheduled:
+            if self._flights:
+                return self._land_oldest()
             if self.scheduler.waiting and not self.scheduler.running:
                 self._refuse_head()
             return 0
+        if overlaps:
+            self._launch(scheduled, copies)
+            return self._land_oldest() if len(self._flights) > 1 else 0
         kept = 0
         for seq, tokens in self.runner.step(scheduled, copies).items():
             kept += self._emit(seq, tokens)

@@ -7,7 +7,6 @@ fields packed in one int64 device buffer with a host twin, so a replay's inputs 
 the host and go up in one copy. DecodeGraphs (decode-only steps) is configured here; varlen
 forwards (varlen_graphs.py), the draft model's greedy chain (speculative/draft_chain.py) and
 greedy verification (speculative/verification.py) are the others."""
-import functools
 import gc
 
 import numpy as np
@@ -115,10 +114,11 @@ class Graph:
 
     def replay(self, used=None, feed=None):
         """Uploads the inputs written into .inputs.host (the first `used` words), then replays.
-        feed(inputs.device) runs between the two: inputs that come from the device."""
+        feed(the token ids on the device) runs between the two: input tokens that come from the
+        device (async scheduling, overlap.Feed)."""
         self.inputs.upload(used)
         if feed is not None:
-            feed(self.inputs.device)
+            feed(self.inputs.device["ids"])
         self.graph.replay()
         return self.output
 
@@ -169,10 +169,8 @@ class DecodeGraphs(GraphSet):
         greedy reads only the choices, and the float32 copy of a step that samples is made
         then (sampler.sample), not in every replay (the [batch, vocab] copy and its argmax
         over twice the bytes cost more than a tenth of a small model's decode step). slots and
-        tables: the block manager's arrays; cascade: the step's CascadePlan, or None. feed:
-        (tokens, pairs) of a step still in flight (asynchronous scheduling; tokens float64
-        [rows, 2] as greedy_choices gives them): row i's input token is tokens[j, 0] for each
-        (i, j) in pairs, taken on the device (ids[i] ignored)."""
+        tables: the block manager's arrays; cascade: the step's CascadePlan, or None. feed: the
+        input tokens still in flight (async scheduling, overlap.Feed), or None."""
         batch = len(ids)
         bucket, width = bucket_of(batch, self.buckets), width_of(tables.shape[1])
         key = bucket, width, 0, 0
@@ -191,7 +189,7 @@ class DecodeGraphs(GraphSet):
         f["tables"][:batch, :tables.shape[1]] = tables
         if cascade is not None:
             _write_cascade(f, cascade, batch, bucket)
-        logits, choices = graph.replay(feed=None if feed is None else functools.partial(_feed_ids, *feed))
+        logits, choices = graph.replay(feed=feed)
         view = (*key, batch)
         if view not in self.views:  # made once: on a small model's step, slicing costs as much as a kernel
             self.views[view] = logits[:batch], choices[:batch]
@@ -220,13 +218,6 @@ class DecodeGraphs(GraphSet):
                                cu_seqlens_q=None, decode_only=True, cascade=cascade)
         logits = self.model(f["ids"], f["positions"], batch, self.kv_caches, float_logits=False)
         return logits, greedy_choices(logits)
-
-
-def _feed_ids(choices, pairs, fields):
-    """ids[i] = choices[j, 0] on the device for each (i, j) of pairs: the input tokens that a step
-    in flight draws (its tokens and log-probabilities, float64 [rows, 2])."""
-    index = torch.from_numpy(np.asarray(pairs, dtype=np.int64).T.copy()).to(choices.device, non_blocking=True)
-    fields["ids"][index[0]] = choices[index[1], 0].long()
 
 
 def _write_cascade(f, cascade, batch, bucket):

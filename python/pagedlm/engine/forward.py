@@ -107,14 +107,16 @@ def split_decode_rows(n, cu_seqlens, seq_lens, tables, block_size):
     return prefill_cu, prefill_lens, prefill_tables
 
 
-def paged_forward(model, kv_caches, bm, device, items, graphs=None, *, choices=False, cascade=False, chunks=False):
+def paged_forward(model, kv_caches, bm, device, items, graphs=None, *, choices=False, cascade=False, chunks=False,
+                  feed=None):
     """Runs items (their slots already reserved in bm) through model, replaying one of graphs
     (VarlenGraphs) when the batch fits them; returns float32 logits
     [sum(len(item.logit_rows)), vocab], items in order. choices=True: (logits, their
     greedy_choices), which a replayed graph has computed with the logits. cascade: an eager
     decode-only forward reads the prefixes its rows share once per group (engine/cascade.py).
     chunks: prompt chunks among the items, each of which wants at most one logits row
-    (VarlenGraphs.graph_for)."""
+    (VarlenGraphs.graph_for). feed: called on the token ids on the device before the forward
+    (async scheduling: the input tokens still in flight, overlap.Feed)."""
     counts = [len(it.tokens) for it in items]
     seq_ids = [it.seq_id for it in items]
     seq_lens = [bm.num_tokens(s) for s in seq_ids]
@@ -134,28 +136,33 @@ def paged_forward(model, kv_caches, bm, device, items, graphs=None, *, choices=F
         for it, c, n, start in zip(items, counts, seq_lens, indptr):
             write_item_mask(it, mask[start:start + c * n].reshape(c, n))
     if graph is not None:
-        logits, row_choices = graphs.run(graph, ids, positions, slots, tables, cu, seq_lens, rows, indptr)
+        logits, row_choices = graphs.run(graph, ids, positions, slots, tables, cu, seq_lens, rows, indptr, feed)
         return (logits, row_choices) if choices else logits
     decode_only = all(c == 1 for c in counts)
     shared = cascade_plan(tables, seq_lens, bm.block_size) if cascade and decode_only and mask is None else None
     decodes = leading_decodes(counts) if not decode_only and mask is None else 0
+    # Uploads that do not wait for the device: with async scheduling a step is built while the
+    # one before runs (from pageable memory, each is staged before the call returns).
+    def upload(array, dtype=None):
+        return torch.as_tensor(array, dtype=dtype).to(device, non_blocking=True)
     decode_rows = None
     if decodes:
-        decode_rows = DecodeRows(torch.tensor(seq_lens[:decodes], dtype=torch.int32, device=device),
-                                 torch.from_numpy(tables[:decodes]).to(device))
+        decode_rows = DecodeRows(upload(seq_lens[:decodes], torch.int32), upload(tables[:decodes]))
         cu, seq_lens, tables = split_decode_rows(decodes, cu, seq_lens, tables, bm.block_size)
     batch = AttentionBatch(
-        slot_mapping=torch.from_numpy(slots).to(device),
-        block_tables=torch.from_numpy(tables).to(device),
-        seq_lens=torch.as_tensor(seq_lens, dtype=torch.int32).to(device),
-        cu_seqlens_q=torch.as_tensor(cu, dtype=torch.int32).to(device),
+        slot_mapping=upload(slots),
+        block_tables=upload(tables),
+        seq_lens=upload(seq_lens, torch.int32),
+        cu_seqlens_q=upload(cu, torch.int32),
         decode_only=decode_only,
         decode_rows=decode_rows,
-        custom_mask=None if mask is None else torch.from_numpy(mask).to(device),
-        mask_indptr=None if indptr is None else torch.tensor(indptr, dtype=torch.int32, device=device),
+        custom_mask=None if mask is None else upload(mask),
+        mask_indptr=None if indptr is None else upload(indptr, torch.int32),
         cascade=None if shared is None else shared.tensors(device))
-    logits = model(torch.from_numpy(ids).to(device), torch.from_numpy(positions).to(device), batch, kv_caches,
-                   logits_indices=torch.from_numpy(rows).to(device))
+    ids = upload(ids)
+    if feed is not None:
+        feed(ids)
+    logits = model(ids, upload(positions), batch, kv_caches, logits_indices=upload(rows))
     return (logits, greedy_choices(logits)) if choices else logits
 
 

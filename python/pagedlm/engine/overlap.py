@@ -1,32 +1,33 @@
 """Asynchronous scheduling (LLM(async_scheduling=True), vLLM's name): while the GPU runs a
-decode step, the host schedules and launches the next one, whose input tokens it takes on the
-device from the step in flight, and only then waits for that step's tokens and emits them. The
-GPU no longer idles while the host schedules, builds a step's inputs and emits its tokens.
+step, the host schedules and launches the next one, whose input tokens still in flight it takes
+on the device from the step before, and only then waits for that step's tokens and emits them.
+The GPU no longer idles while the host schedules, builds a step's inputs and emits its tokens.
 
-Only steady decoding overlaps: nothing waiting, every running sequence computing one token, none
-of them asking for logprobs, penalties, logit bias or min_tokens (greedy and sampled ones both
-overlap: a draw depends on the sequence's seed and position alone), and a decode graph to
-replay. Any other step first lands the step in flight (LLM._step). A sequence that ends at a
-token in flight (EOS, a stop id or string) has had one more token computed for nothing;
-max_tokens is known ahead, and costs nothing. A slot reserved before its token is known holds a
-placeholder in the block manager until then (BlockManager.set_token)."""
+A step overlaps when none of the sequences it may run asks for logprobs (of its tokens or its
+prompt), penalties, logit bias or min_tokens (greedy and sampled ones both overlap: a draw
+depends on the sequence's seed and position alone), and the free blocks cover what the running
+sequences may reserve (so the scheduler preempts none): decodes, prompt chunks and admissions
+alike. Any other step first lands the step in flight and runs as before (LLM._step). A
+sequence that ends at a token in flight (EOS, a stop id or string) has had one more token
+computed for nothing; max_tokens is known ahead, and costs nothing. A slot reserved before its
+token is known holds a placeholder in the block manager until then (BlockManager.set_token)."""
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
-from pagedlm.engine.recovery import UNMATCHABLE_TOKEN
 from pagedlm.engine.sampler import choice_lists
-from pagedlm.engine.scheduler import Scheduled
 from pagedlm.engine.sequence import Status
 from pagedlm.kv_cache import measuring
 
 
 @dataclass
-class DecodeInFlight:
-    """A launched decode step whose tokens the host has not read: its sequences, each one's row,
-    its tokens and their log-probabilities on the device (sampler.sampled_choices, float64
-    [rows, 2]; a graph's output when every row is greedy, valid until that graph replays again,
-    so the next step's feed reads it before its replay) and their copy on its way to the host."""
+class StepInFlight:
+    """A launched step whose tokens the host has not read: the sequences it draws a token for,
+    each one's row, their tokens and log-probabilities on the device (sampler.sampled_choices,
+    float64 [rows, 2]; a graph's output when every row is greedy, valid until that graph
+    replays again, so the next step's feed reads it before its replay) and their copy on its
+    way to the host."""
     seqs: list
     rows: dict
     choices: torch.Tensor
@@ -44,6 +45,13 @@ class DecodeInFlight:
             done.record()
         return cls(seqs, {seq: i for i, seq in enumerate(seqs)}, choices, host, done)
 
+    def feed(self, at):
+        """The Feed of the next step's input tokens drawn here: at, (index into the step's
+        token ids, seq) of each sequence whose token here is its input; None when empty."""
+        if not at:
+            return None
+        return Feed(self.choices, [(i, self.rows[seq]) for i, seq in at])
+
     def tokens(self):
         """(token ids, their logprobs) as lists, once the step is done."""
         if self.done is not None:
@@ -51,70 +59,75 @@ class DecodeInFlight:
         return choice_lists(self.host.numpy())
 
 
-class OverlappedDecoding:
+@dataclass
+class Feed:
+    """Input tokens a step in flight draws, written into the next step's token ids on the device
+    before it runs: ids[i] = choices[j, 0] for each (i, j) of pairs."""
+    choices: torch.Tensor
+    pairs: list
+
+    def __call__(self, ids):
+        index = torch.from_numpy(np.asarray(self.pairs, dtype=np.int64).T.copy()).to(ids.device, non_blocking=True)
+        ids[index[0]] = self.choices[index[1], 0].long()
+
+
+def _plain(seq):
+    """Whether seq's steps may overlap: none of its tokens needs the host before the next step."""
+    return not seq.params._special and seq.prompt_logprobs is None
+
+
+class OverlappedSteps:
     """A mixin of LLM: steps launched before the step in flight lands, and their landing.
     LLM._flights holds the launched steps not landed yet, oldest first (at most two, the newer
     launched just before the older lands)."""
 
-    def _overlapped_step(self):
-        """One step of asynchronous scheduling, or None when the next step cannot overlap: the
-        next decode step launched, then the step in flight before it landed (the tokens it kept
-        returned); with nothing to launch, the step in flight landed alone."""
-        seqs = self._overlap_candidates()
-        if seqs is not None:
-            self._launch(seqs, self._flights[-1] if self._flights else None)
-            return self._land_oldest() if len(self._flights) > 1 else 0
-        return self._land_oldest() if self._flights else None
-
-    def _overlap_candidates(self):
-        """The sequences the next step decodes, when it can launch before the step in flight
-        lands (see the module docstring); else None. A sequence whose last token is in flight
-        is left out: it ends with that token."""
-        runner, scheduler = self.runner, self.scheduler
-        if (not self.async_scheduling or runner.graphs is None or runner.cascade or scheduler.waiting
-                or not scheduler.running or measuring(self.kv_caches)):
-            return None
-        seqs, longest = [], 0
+    def _overlaps(self):
+        """Whether the next step may launch before the step in flight lands (see the module
+        docstring): every sequence it may run is plain, and the free blocks cover what each
+        running one may reserve (its tokens' blocks, one more for a partly filled first one and
+        one for a copy on write), so the scheduler preempts none; admissions reserve only
+        what is free."""
+        scheduler, bm = self.scheduler, self.block_manager
+        if not self.async_scheduling or self.runner.cascade or measuring(self.kv_caches):
+            return False
+        need, budget = 0, scheduler.max_num_batched_tokens
         for seq in scheduler.running:
-            params = seq.params
-            if (params._special or seq.prompt_logprobs is not None
-                    or len(seq) + seq.in_flight - seq.num_cached != 1):
-                return None
-            if len(seq.output) + seq.in_flight < params.max_tokens:
-                seqs.append(seq)
-                longest = max(longest, seq.num_cached + 1)
-        block_size = self.block_manager.block_size
-        # Each needs at most one new block, and one more for a copy on write; one token each
-        # within the step's token budget, as the scheduler keeps it.
-        if (not seqs or len(seqs) > scheduler.max_num_batched_tokens
-                or not runner.graphs.fits(len(seqs), -(-longest // block_size))
-                or self.block_manager.num_free_blocks < 2 * len(seqs)):
-            return None
-        return seqs
+            if not _plain(seq):
+                return False
+            need += 2 + min(len(seq) + seq.in_flight - seq.num_cached, budget) // bm.block_size
+        if bm.num_free_blocks < need:
+            return False
+        slots = scheduler.max_num_seqs - len(scheduler.running)
+        for group in scheduler.waiting:  # the groups the scheduler may admit
+            if len(group) > slots:
+                break
+            if not all(map(_plain, group)):
+                return False
+            slots -= len(group)
+        return True
 
-    def _launch(self, seqs, in_flight):
-        """Reserves a slot for each of seqs (a placeholder where its input token is in flight)
-        and launches their decode step into self._flights. Until it is in flight, a failure
-        (or an interrupt) rolls it back as a failed step (LLM._recover)."""
-        self._scheduled = [Scheduled(seq, 1, seq, seq.num_cached) for seq in seqs]
-        copies, bm = [], self.block_manager
-        for seq in seqs:
-            token = UNMATCHABLE_TOKEN if seq.in_flight else seq.token_range(seq.num_cached, seq.num_cached + 1)[0]
-            copies += bm.append(seq.seq_id, [token])
-        flight = self.runner.launch_decodes(seqs, copies, in_flight)
+    def _launch(self, scheduled, copies):
+        """Launches the scheduled step (its slots reserved, a placeholder where a token is in
+        flight) into self._flights. Until it is in flight, a failure (or an interrupt) rolls it
+        back as a failed step (LLM._recover)."""
+        flight = self.runner.launch(scheduled, copies, self._flights[-1] if self._flights else None)
         # In flight from here: the counters, the queue and the rollback's batch change together;
         # an interrupt among them leaves the step to the rollback, as before it launched.
-        was = [seq.in_flight for seq in seqs]
+        was = [seq.in_flight for seq in flight.seqs]
         try:
-            for seq in seqs:
-                seq.num_cached += 1
+            for s in scheduled:
+                s.seq.num_cached = s.start + s.num_new
+            for s in scheduled:  # a fork holds its parent's cached tokens
+                if s.seq is not s.logits_of:
+                    s.seq.num_cached = s.logits_of.num_cached
+            for seq in flight.seqs:
                 seq.in_flight += 1
             self._flights.append(flight)
             self._scheduled = None
         except BaseException:
             if self._scheduled is not None and self._flights and self._flights[-1] is flight:
                 self._flights.pop()
-            for seq, count in zip(seqs, was):
+            for seq, count in zip(flight.seqs, was):
                 seq.in_flight = count
             raise
 

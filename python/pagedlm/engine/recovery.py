@@ -6,9 +6,7 @@ A mixin of LLM: it works on the engine's scheduler, block manager, runner and re
 from collections import deque
 
 import pagedlm
-from pagedlm.engine.sequence import Status
-
-UNMATCHABLE_TOKEN = -1  # in no prompt, so a block holding it never matches one in the prefix cache
+from pagedlm.engine.sequence import UNMATCHABLE_TOKEN, Status
 
 
 class StepRecovery:

@@ -11,7 +11,7 @@ import torch
 from pagedlm.engine.cascade import plan as cascade_plan
 from pagedlm.engine.cuda_graphs import DecodeGraphs
 from pagedlm.engine.forward import ForwardItem, apply_block_copies, paged_forward
-from pagedlm.engine.overlap import DecodeInFlight
+from pagedlm.engine.overlap import StepInFlight
 from pagedlm.engine.sampler import logprob_dicts, sample_step, sampled_choices
 from pagedlm.engine.varlen_graphs import VarlenGraphs
 from pagedlm.kv_cache import measuring
@@ -101,26 +101,31 @@ class ModelRunner:
             speculator.switch.record(len(scheduled), bool(drafts), tokens, time.perf_counter() - started)
         return emitted
 
-    def _forward(self, computing, drafts):
+    def _forward(self, computing, drafts, in_flight=None):
         """(logits, their greedy_choices or None, rows, prompt_rows): the logits of each computing
         sequence's last token, then of its draft's tokens, and before those, for a sequence
         still owed prompt logprobs, of its chunk's positions that give them; rows: seq -> its
-        last token's row; prompt_rows: (seq, first row, first position, count) of the latter."""
+        last token's row; prompt_rows: (seq, first row, first position, count) of the latter.
+        in_flight: the StepInFlight holding the input token of each sequence with one in
+        flight (async scheduling), taken on the device."""
         counts = [s.num_new for s in computing]
         prompt_rows = []
         if not drafts and max(counts) == 1:
             for i, s in enumerate(computing):  # a one-token chunk of a prompt gives one prompt row
                 if s.seq.prompt_logprobs is not None and _prompt_positions(s.seq, s.seq.num_cached, 1):
                     prompt_rows.append((s.seq, i, s.seq.num_cached, 1))
-            return (*self._decode(computing), {s.seq: i for i, s in enumerate(computing)}, prompt_rows)
+            return (*self._decode(computing, in_flight), {s.seq: i for i, s in enumerate(computing)}, prompt_rows)
         # Drafts, prompt chunks, or a tree's accepted tokens recomputed: one packed forward. With
         # prompt chunks, the sequences that decode go first: they attend as decode rows (DecodeRows).
         few = bool(drafts) or max(counts) <= FEW_TOKENS
         if not few:
             computing = sorted(computing, key=lambda s: s.num_new != 1)
-        items, rows, first = [], {}, 0
+        items, rows, first, fed, token = [], {}, 0, [], 0
         for s in computing:
             seq, start, draft = s.seq, s.seq.num_cached, drafts.get(s.seq)
+            if seq.in_flight:  # its one token, in flight
+                fed.append((token, seq))
+            token += s.num_new + (len(draft.tokens) if draft is not None else 0)
             extra, parents = (draft.tokens, draft.parents) if draft is not None else ([], None)
             logit_rows = list(range(s.num_new - 1, s.num_new + len(extra)))
             span = _prompt_positions(seq, start, s.num_new) if seq.prompt_logprobs is not None else None
@@ -130,12 +135,12 @@ class ModelRunner:
                 logit_rows = list(range(low, high)) + [r for r in logit_rows if r >= high]
             rows[seq] = first + logit_rows.index(s.num_new - 1)
             first += len(logit_rows)
-            items.append(ForwardItem(seq.seq_id, seq.token_range(start, start + s.num_new) + extra, start, len(extra),
-                                     parents, logit_rows))
+            items.append(ForwardItem(seq.seq_id, seq.input_tokens(start, start + s.num_new, 0) + extra, start,
+                                     len(extra), parents, logit_rows))
         # A cache that measures its FP8 scales from the first tokens runs eagerly (kv_cache.measuring).
         graphs = None if (not few and (prompt_rows or self.moe)) or measuring(self.kv_caches) else self.varlen
         return (*paged_forward(self.model, self.kv_caches, self.bm, self.device, items, graphs, choices=True,
-                               chunks=not few), rows, prompt_rows)
+                               chunks=not few, feed=in_flight and in_flight.feed(fed)), rows, prompt_rows)
 
     def _record_prompt_logprobs(self, logits, prompt_rows):
         """Appends to each sequence's prompt_logprobs the entries its rows give: at position p,
@@ -153,43 +158,52 @@ class ModelRunner:
 
     def _decode_inputs(self, seqs):
         """(ids, positions, slots, tables) of a decode step of seqs, their slots reserved: each
-        one's next uncached token (0 where it is in flight: a graph's feed puts it there on the
+        one's next uncached token (0 where it is in flight: the step's feed puts it there on the
         device) and its position, and the block manager's slots and tables (numpy)."""
         seq_ids = [s.seq_id for s in seqs]
         tables, slots = self.bm.block_tables(seq_ids), self.bm.slot_mapping(seq_ids, [1] * len(seq_ids))
-        ids = [0 if s.in_flight else s.token_range(s.num_cached, s.num_cached + 1)[0] for s in seqs]
+        ids = [s.input_tokens(s.num_cached, s.num_cached + 1, 0)[0] for s in seqs]
         return ids, [s.num_cached for s in seqs], slots, tables
 
-    def _decode(self, computing):
+    def _decode(self, computing, in_flight=None):
         """(logits, greedy_choices or None) of one new token per sequence: a DecodeGraphs
-        replay (which computes the choices) when the batch fits one, else an eager forward."""
-        ids, positions, slots, tables = self._decode_inputs([s.seq for s in computing])
+        replay (which computes the choices) when the batch fits one, else an eager forward.
+        in_flight: as _forward's."""
+        seqs = [s.seq for s in computing]
+        ids, positions, slots, tables = self._decode_inputs(seqs)
+        feed = in_flight and in_flight.feed([(i, seq) for i, seq in enumerate(seqs) if seq.in_flight])
         cascade = cascade_plan(tables, [p + 1 for p in positions], self.bm.block_size) if self.cascade else None
         self.cascade_steps += cascade is not None
         if (self.graphs is not None and self.graphs.fits(len(computing), tables.shape[1])
                 and not measuring(self.kv_caches)):  # (prompts of one token: the first forward decodes)
-            return self.graphs.run(ids, positions, slots, tables, cascade)
-        return self._eager_decode(ids, positions, slots, tables, cascade), None
+            return self.graphs.run(ids, positions, slots, tables, cascade, feed)
+        return self._eager_decode(ids, positions, slots, tables, cascade, feed), None
 
-    def launch_decodes(self, seqs, copies, in_flight):
-        """Launches a decode step of seqs (their slots reserved; copies: the block copies to do
-        first) through a decode graph and samples them, without waiting for either (asynchronous
-        scheduling, see engine/overlap.py): a sequence with a token in flight takes it as its
-        input from that step's tokens on the device. Returns this step's DecodeInFlight (the
-        caller counts the sequences' tokens cached and in flight)."""
+    def launch(self, scheduled, copies, in_flight):
+        """Launches a scheduled step and draws its tokens on the device, without waiting for
+        either (async scheduling, engine/overlap.py; a step without drafts, prompt logprobs or
+        logits transforms): a sequence whose input token is in flight takes it on the device
+        from in_flight (the StepInFlight before, or None). Returns this step's StepInFlight,
+        of the sequences that then have every token cached (the caller counts the tokens cached
+        and in flight)."""
         apply_block_copies(self.kv_caches, copies, self.device)
-        fed = [(i, in_flight.rows[s]) for i, s in enumerate(seqs) if s.in_flight]
-        logits, choices = self.graphs.run(*self._decode_inputs(seqs), feed=(in_flight.choices, fed) if fed else None)
-        choices = sampled_choices(logits, seqs, choices)  # (the graph's own when every row is greedy)
-        return DecodeInFlight.launched(seqs, choices)
+        computing = [s for s in scheduled if s.num_new > 0]
+        logits, choices, rows, _ = self._forward(computing, {}, in_flight)
+        complete = {s.seq for s in computing if s.start + s.num_new == len(s.seq) + s.seq.in_flight}
+        ready = [s for s in scheduled if s.logits_of in complete]
+        logits, choices = _rows_of(ready, logits, choices, rows)
+        seqs = [s.seq for s in ready]
+        return StepInFlight.launched(seqs, sampled_choices(logits, seqs, choices))
 
-    def _eager_decode(self, ids, positions, slots, tables, cascade=None):
+    def _eager_decode(self, ids, positions, slots, tables, cascade=None, feed=None):
         n = len(ids)
         # One host-to-device copy for ids, positions, lengths (one past each position) and slots.
         host = np.empty(3 * n + len(slots), dtype=np.int64)
         host[:n], host[n:2 * n], host[3 * n:] = ids, positions, slots
         np.add(host[n:2 * n], 1, out=host[2 * n:3 * n])
         packed = torch.from_numpy(host).to(self.device, non_blocking=True)
+        if feed is not None:
+            feed(packed[:n])
         batch = AttentionBatch(slot_mapping=packed[3 * n:],
                                block_tables=torch.from_numpy(tables).to(self.device, non_blocking=True),
                                seq_lens=packed[2 * n:3 * n].int(), cu_seqlens_q=None, decode_only=True,
@@ -209,10 +223,7 @@ class ModelRunner:
             ready = [s for s in ready if s.seq not in emitted]
             if not ready:
                 return emitted
-        index = [rows[s.logits_of] for s in ready]
-        if index != list(range(logits.shape[0])):
-            index = torch.tensor(index, device=self.device)
-            logits, choices = logits[index], None if choices is None else choices[index]
+        logits, choices = _rows_of(ready, logits, choices, rows)
         seqs = [s.seq for s in ready]
         tokens, logprobs, tops = sample_step(logits, seqs, choices, self.eos_token_ids, self.decode_token)
         if tops is None:  # no request asks for logprobs
@@ -220,6 +231,16 @@ class ModelRunner:
         else:
             emitted.update({seq: [entry] for seq, entry in zip(seqs, zip(tokens, logprobs, tops))})
         return emitted
+
+
+def _rows_of(ready, logits, choices, rows):
+    """(logits, choices or None) of each ready sequence's last token (a fork's: its parent's), in
+    ready's order; rows: seq -> its last token's row."""
+    index = [rows[s.logits_of] for s in ready]
+    if index == list(range(logits.shape[0])):
+        return logits, choices
+    index = torch.tensor(index, dtype=torch.int64, device=logits.device)
+    return logits[index], None if choices is None else choices[index]
 
 
 def _prompt_positions(seq, start, count):

@@ -175,6 +175,8 @@ def sampled_choices(logits, seqs, choices=None):
     greedy_choices gives them (float64 holds both exactly), without waiting for the device: an
     asynchronous step's input for the next. A step with sampled rows gives every row's
     log-probability rounded to float32."""
+    if not seqs:  # a step of prompt chunks that all go on
+        return torch.empty(0, 2, dtype=torch.float64, device=logits.device)
     greedy = [i for i, s in enumerate(seqs) if s.params.temperature == 0]
     if len(greedy) == len(seqs):  # the common step: the choices themselves
         return greedy_choices(logits) if choices is None else choices

@@ -6,7 +6,7 @@ from collections import deque
 from dataclasses import dataclass
 
 import pagedlm
-from pagedlm.engine.sequence import Status
+from pagedlm.engine.sequence import UNMATCHABLE_TOKEN, Status
 
 
 @dataclass
@@ -47,7 +47,9 @@ class Scheduler:
         prefilled in chunks, mixed with decodes.
 
         A running sequence computes its uncached tokens: one after a decode step, or the next
-        chunk of a prompt that did not fit the token budget. Slots are reserved only for the
+        chunk of a prompt that did not fit the token budget. With async scheduling, a token in
+        flight counts as known (its slot holds a placeholder until it is), and a sequence whose
+        last token is in flight computes nothing more. Slots are reserved only for the
         tokens computed in this step, so a block enters the prefix cache in the step that
         writes its KV (and a sequence admitted in the same step reads that KV after it is
         written, since every layer writes the whole batch's KV before attending).
@@ -57,7 +59,9 @@ class Scheduler:
         running = self.running[::-1]  # the oldest last, to be popped first
         while running and budget > 0:
             seq = running.pop()
-            count = min(len(seq) - seq.num_cached, budget)
+            if seq.ends_in_flight:
+                continue
+            count = min(len(seq) + seq.in_flight - seq.num_cached, budget)
             while not self._reserve(seq, count, copies):
                 victim = running.pop(0) if running else seq  # the newest
                 self._preempt(victim)
@@ -103,7 +107,8 @@ class Scheduler:
     def _reserve(self, seq, count, copies):
         """Slots for the seq's next `count` uncached tokens; False when blocks ran out."""
         try:
-            copies += self.bm.append(seq.seq_id, seq.token_range(seq.num_cached, seq.num_cached + count))
+            copies += self.bm.append(seq.seq_id, seq.input_tokens(seq.num_cached, seq.num_cached + count,
+                                                                  UNMATCHABLE_TOKEN))
             return True
         except pagedlm.OutOfBlocksError:
             return False

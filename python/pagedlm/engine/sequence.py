@@ -6,6 +6,11 @@ from enum import Enum
 
 from pagedlm.engine.checks import check_bool, check_float, check_int, check_token_ids
 
+# A token id in no prompt: a block holding it never matches one in the prefix cache. It holds
+# the slot of a token in flight (async scheduling) until the token is known, and marks blocks a
+# failed step may have left unwritten (LLM._cut).
+UNMATCHABLE_TOKEN = -1
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -198,6 +203,19 @@ class Sequence:
         if start >= prompt_len:
             return self.output[start - prompt_len:stop - prompt_len]
         return self.prompt[start:stop] + self.output[:max(0, stop - prompt_len)]
+
+    def input_tokens(self, start, stop, placeholder):
+        """token_range(start, stop), with `placeholder` at a position whose token is in flight
+        (async scheduling: past the tokens known on the host)."""
+        tokens = self.token_range(start, stop)
+        if len(tokens) < stop - start:
+            tokens = tokens + [placeholder] * (stop - start - len(tokens))
+        return tokens
+
+    @property
+    def ends_in_flight(self):
+        """Whether a token in flight is its last (max_tokens): it computes nothing more."""
+        return self.in_flight and len(self.output) + self.in_flight >= self.params.max_tokens
 
     def __len__(self):
         return len(self.prompt) + len(self.output)

@@ -82,15 +82,16 @@ class VarlenGraphs(GraphSet):
             key = self.keys[shape] = bucket, seq_bucket, width, masked, chunks
         return self._graph(key)
 
-    def run(self, graph, ids, positions, slots, tables, cu_seqlens, seq_lens, rows, mask_indptr=None):
+    def run(self, graph, ids, positions, slots, tables, cu_seqlens, seq_lens, rows, mask_indptr=None, feed=None):
         """Replays graph (from graph_for) over these inputs: (logits float32 [len(rows), vocab],
         their greedy_choices) of the tokens at rows (indices into ids), the first rows of the
         buffers self.logits and self.choices, valid until any of these graphs replays. slots
         and tables: the block manager's arrays; mask_indptr (a list): where each sequence's
-        rows of the mask start in graph.mask_buffer, and end, as paged_prefill_attention takes it."""
+        rows of the mask start in graph.mask_buffer, and end, as paged_prefill_attention takes it.
+        feed: called on the graph's token ids on the device before it replays (overlap.Feed)."""
         self.replays += 1
         self.chunk_replays += graph.chunks
-        graph.run(ids, positions, slots, tables, cu_seqlens, seq_lens, rows, mask_indptr)
+        graph.run(ids, positions, slots, tables, cu_seqlens, seq_lens, rows, mask_indptr, feed)
         return self.first_rows(len(rows))
 
     def first_rows(self, n):
@@ -209,6 +210,7 @@ class _VarlenGraph:
         f["mask"][mask_indptr[-1]:end] = False
         return self.inputs.ends["tables"] + -(-end // 8)
 
-    def run(self, ids, positions, slots, tables, cu_seqlens, seq_lens, rows, mask_indptr):
+    def run(self, ids, positions, slots, tables, cu_seqlens, seq_lens, rows, mask_indptr, feed=None):
         """Replays over these inputs (the mask already in mask_buffer), into the owner's logits and choices."""
-        self.graph.replay(self._copy_inputs(ids, positions, slots, tables, cu_seqlens, seq_lens, rows, mask_indptr))
+        self.graph.replay(self._copy_inputs(ids, positions, slots, tables, cu_seqlens, seq_lens, rows, mask_indptr),
+                          feed)
