@@ -132,8 +132,11 @@ def test_async_scheduling_emits_what_waiting_steps_emit(checkpoint, dtype):
     got = overlapped.generate(batch, eos_params, use_tqdm=False)
     assert [[(o.token_ids, o.finish_reason) for o in r.outputs] for r in got] == \
         [[(o.token_ids, o.finish_reason) for o in r.outputs] for r in expected]
+    # A sequence ending at a token in flight is in one step more than without async scheduling,
+    # so some steps' batches differ (another graph bucket, other matmul kernels): the
+    # log-probabilities agree to float32 rounding, not bit for bit.
     for a, b in zip(got, expected):
-        assert a.outputs[0].cumulative_logprob == pytest.approx(b.outputs[0].cumulative_logprob, abs=1e-6)
+        assert a.outputs[0].cumulative_logprob == pytest.approx(b.outputs[0].cumulative_logprob, rel=1e-5)
     assert overlapped.block_manager.stats()["used_blocks"] == 0 and not overlapped._flights
 
 

@@ -12,7 +12,7 @@ from pagedlm.engine.cascade import plan as cascade_plan
 from pagedlm.engine.cuda_graphs import DecodeGraphs
 from pagedlm.engine.forward import ForwardItem, apply_block_copies, paged_forward
 from pagedlm.engine.overlap import StepInFlight
-from pagedlm.engine.sampler import logprob_dicts, sample_step, sampled_choices
+from pagedlm.engine.sampler import logprob_dicts, on_device, sample_step, sampled_choices
 from pagedlm.engine.varlen_graphs import VarlenGraphs
 from pagedlm.kv_cache import measuring
 from pagedlm.models import AttentionBatch
@@ -151,7 +151,7 @@ class ModelRunner:
             index += range(row, row + count)
             targets += seq.prompt[position + 1:position + 1 + count]
             widths += [seq.params.prompt_logprobs] * count
-        entries = iter(logprob_dicts(logits[torch.tensor(index, device=logits.device)], targets, widths,
+        entries = iter(logprob_dicts(logits[on_device(index, logits.device, torch.int64)], targets, widths,
                                      self.decode_token))
         for seq, _, _, count in prompt_rows:
             seq.prompt_logprobs.extend(next(entries) for _ in range(count))
@@ -239,7 +239,7 @@ def _rows_of(ready, logits, choices, rows):
     index = [rows[s.logits_of] for s in ready]
     if index == list(range(logits.shape[0])):
         return logits, choices
-    index = torch.tensor(index, dtype=torch.int64, device=logits.device)
+    index = on_device(index, logits.device, torch.int64)
     return logits[index], None if choices is None else choices[index]
 
 

@@ -15,6 +15,13 @@ from pagedlm.engine.sequence import Logprob
 _DRAW_SAMPLE = 1  # the Philox word the kernels use for sampling a token (philox.h: kDrawSample)
 
 
+
+def on_device(values, device, dtype=None):
+    """values (a list, or a number) as a tensor on device, copied without waiting for the device:
+    torch.tensor(values, device=...) waits for the stream (its copy synchronizes), which would
+    stall a step launched while the one before runs (async scheduling)."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
 def greedy_choices(logits, out=None):
     """float64 [rows, 2]: each row's argmax and its log-probability (float64 holds both
     exactly), in one kernel (pagedlm.ops.argmax_logprob); written into out if given. logits:
@@ -61,8 +68,8 @@ def apply_penalties(logits, seqs, eos_token_ids=frozenset()):
               for token, bias in seqs[i].params.logit_bias.items()]
     if biased:
         row, token, bias = zip(*biased)
-        out.index_put_((torch.tensor(row, device=device), torch.tensor(token, device=device)),
-                       torch.tensor(bias, dtype=out.dtype, device=device), accumulate=True)
+        out.index_put_((on_device(row, device, torch.int64), on_device(token, device, torch.int64)),
+                       on_device(bias, device, out.dtype), accumulate=True)
     penalized = [i for i in rows if seqs[i].params.repetition_penalty != 1 or seqs[i].params.frequency_penalty != 0
                  or seqs[i].params.presence_penalty != 0]
     if penalized:
@@ -71,9 +78,9 @@ def apply_penalties(logits, seqs, eos_token_ids=frozenset()):
         seen = _token_counts([seqs[i].prompt for i in penalized], vocab, device) > 0
         seen |= counts > 0
         params = [seqs[i].params for i in penalized]
-        repetition = torch.tensor([p.repetition_penalty for p in params], device=device)[:, None]
-        frequency = torch.tensor([p.frequency_penalty for p in params], device=device)[:, None]
-        presence = torch.tensor([p.presence_penalty for p in params], device=device)[:, None]
+        repetition = on_device([p.repetition_penalty for p in params], device)[:, None]
+        frequency = on_device([p.frequency_penalty for p in params], device)[:, None]
+        presence = on_device([p.presence_penalty for p in params], device)[:, None]
         repeated = torch.where(sub > 0, sub / repetition, sub * repetition)
         sub = torch.where(seen, repeated, sub)
         sub = sub - frequency * counts - presence * (counts > 0).float()
@@ -94,7 +101,7 @@ def _token_counts(lists, vocab, device):
     flat = [t for tokens in lists for t in tokens]
     if flat:
         row = torch.repeat_interleave(torch.arange(len(lists)), torch.tensor([len(t) for t in lists]))
-        index = torch.stack([row, torch.tensor(flat)]).to(device)
+        index = torch.stack([row, torch.tensor(flat)]).to(device, non_blocking=True)
         counts.index_put_((index[0], index[1]), torch.ones(len(flat), device=device), accumulate=True)
     return counts
 
@@ -105,7 +112,7 @@ def top_logprobs(logits, seqs, tokens, decode=None):
     rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
     out = [None] * len(seqs)
     if rows:
-        index = slice(None) if len(rows) == len(seqs) else torch.tensor(rows, device=logits.device)
+        index = slice(None) if len(rows) == len(seqs) else on_device(rows, logits.device, torch.int64)
         entries = logprob_dicts(logits[index], [tokens[i] for i in rows], [seqs[i].params.logprobs for i in rows],
                                 decode)
         for i, entry in zip(rows, entries):
@@ -124,7 +131,7 @@ def logprob_dicts(logits, tokens, widths, decode=None):
     -> its text (each Logprob's decoded_token), or None. One host copy."""
     device, vocab = logits.device, logits.shape[-1]
     width = min(max(widths), vocab)
-    chosen = torch.tensor(tokens, device=device)[:, None]
+    chosen = on_device(tokens, device, torch.int64)[:, None]
     parts = []
     for start in range(0, len(tokens), ROWS_AT_ONCE):
         logprobs = torch.log_softmax(logits[start:start + ROWS_AT_ONCE].float(), -1)
@@ -197,7 +204,7 @@ def sampled_choices(logits, seqs, choices=None):
 def _index(rows, device, total):
     if len(rows) == total:
         return slice(None)
-    return torch.tensor(rows, device=device)
+    return on_device(rows, device, torch.int64)
 
 
 def probabilities(logits, params):
@@ -209,24 +216,24 @@ def probabilities(logits, params):
     # quotient stays finite for any temperature > 0: a tiny one would take a logit to inf and
     # the softmax to nan, where this way the largest logit stays 0 and the others go to -inf at
     # worst (the greedy limit). Temperatures below float32's smallest normal count as it.
-    temperature = torch.tensor([p.temperature for p in params], device=device)
+    temperature = on_device([p.temperature for p in params], device)
     temperature = temperature.clamp_min(torch.finfo(torch.float32).tiny)
     scaled = (logits - logits.amax(-1, keepdim=True)) / temperature[:, None]
     top_k = [p.top_k if p.top_k > 0 else scaled.shape[-1] for p in params]
     if min(top_k) < scaled.shape[-1]:
         # Keep the logits at least as large as the k-th largest (ties kept).
-        kth_index = torch.tensor([min(k, scaled.shape[-1]) - 1 for k in top_k], device=device)
+        kth_index = on_device([min(k, scaled.shape[-1]) - 1 for k in top_k], device, torch.int64)
         kth = scaled.sort(-1, descending=True).values.gather(-1, kth_index[:, None])
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
     if any(p.min_p > 0 for p in params):
         # vLLM's min_p, on the temperature's distribution: keep the tokens at least min_p times
         # as likely as the most likely one (that one always stays).
-        min_p = torch.tensor([p.min_p for p in params], device=device)
+        min_p = on_device([p.min_p for p in params], device)
         probs = scaled.softmax(-1)
         scaled = scaled.masked_fill(probs < min_p[:, None] * probs.amax(-1, keepdim=True), float("-inf"))
     probs = scaled.softmax(-1)
     if any(p.top_p < 1 for p in params):  # (decided on the host: a device check would wait for the device)
-        top_p = torch.tensor([p.top_p for p in params], device=device)
+        top_p = on_device([p.top_p for p in params], device)
         sorted_probs, order = probs.sort(-1, descending=True)
         # The smallest nucleus: drop a token once the mass before it already exceeds top_p.
         outside = sorted_probs.cumsum(-1) - sorted_probs > top_p[:, None]
@@ -240,7 +247,7 @@ def _sample_rows(logits, seqs):
     probs = probabilities(logits, [s.params for s in seqs])
     cdf = probs.cumsum(-1)
     total = cdf[:, -1:]
-    uniform = torch.tensor([_uniform(s) for s in seqs], dtype=torch.float32, device=device)
+    uniform = on_device([_uniform(s) for s in seqs], device, torch.float32)
     # Kept below the total so rounding can never run past the last token.
     target = torch.minimum(uniform[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
     # The first token whose CDF exceeds the draw: never a zero-probability token, whose CDF
