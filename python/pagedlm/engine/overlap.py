@@ -67,6 +67,10 @@ class Feed:
     pairs: list
 
     def __call__(self, ids):
+        n = len(self.pairs)
+        if all(i == j == k for k, (i, j) in enumerate(self.pairs)):  # ids[:n] = rows 0..n-1 (steady decoding)
+            ids[:n] = self.choices[:n, 0]
+            return
         index = torch.from_numpy(np.asarray(self.pairs, dtype=np.int64).T.copy()).to(ids.device, non_blocking=True)
         ids[index[0]] = self.choices[index[1], 0].long()
 

@@ -162,7 +162,7 @@ class ModelRunner:
         device) and its position, and the block manager's slots and tables (numpy)."""
         seq_ids = [s.seq_id for s in seqs]
         tables, slots = self.bm.block_tables(seq_ids), self.bm.slot_mapping(seq_ids, [1] * len(seq_ids))
-        ids = [s.input_tokens(s.num_cached, s.num_cached + 1, 0)[0] for s in seqs]
+        ids = [0 if s.in_flight else s.token_range(s.num_cached, s.num_cached + 1)[0] for s in seqs]
         return ids, [s.num_cached for s in seqs], slots, tables
 
     def _decode(self, computing, in_flight=None):
