@@ -66,8 +66,8 @@ def _add_arguments(p):
                         help="decode reads prefixes that requests share (n > 1, prefix-cache hits) once per row "
                              "(default: True); --no-disable-cascade-attn reads each once per group")
     engine.add_argument("--async-scheduling", action="store_true",
-                        help="launch each decode step while the one before runs (steady decoding without logprobs or "
-                             "penalties)")
+                        help="launch each step while the one before runs (steps whose requests ask for no logprobs, "
+                             "penalties, logit bias or min_tokens)")
     engine.add_argument("--tensor-parallel-size", type=int, default=1,
                         help="split the model over this many GPUs (processes; on cpu: gloo), one rank each")
     engine.add_argument("--seed", type=int, default=0, help="engine seed (requests without a seed draw from it)")
