@@ -244,7 +244,8 @@ MUTANTS = [
            "        seq.status, seq.num_cached = Status.WAITING, 0\n"
            "        if len(seq.output) > 1:\n            seq.output.pop()\n", ENGINE_TESTS),
     Mutant("sched_running_ignores_budget", "engine", SCHED,
-           "count = min(len(seq) - seq.num_cached, budget)", "count = len(seq) - seq.num_cached", ENGINE_TESTS),
+           "count = min(len(seq) + seq.in_flight - seq.num_cached, budget)",
+           "count = len(seq) + seq.in_flight - seq.num_cached", ENGINE_TESTS),
     Mutant("sched_waiting_ignores_budget", "engine", SCHED,
            "count = len(first) if len(group) > 1 else min(len(first), budget)", "count = len(first)", ENGINE_TESTS),
     Mutant("sched_cached_prefix_forgotten", "engine", SCHED,
