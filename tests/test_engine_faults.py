@@ -256,16 +256,18 @@ class BadRequest:
                 self._check([s.seq for s in scheduled], [s for s in scheduled if s.num_new]), step(scheduled, copies))[1])
         elif point == "forward":
             forward = llm.runner._forward
-            monkeypatch.setattr(llm.runner, "_forward", lambda computing, drafts: (
-                self._check([s.seq for s in computing], computing), forward(computing, drafts))[1])
-        else:
-            sample = pagedlm.engine.runner.sample_step
-            monkeypatch.setattr(pagedlm.engine.runner, "sample_step", lambda logits, seqs, *args: (
-                self._check(seqs), sample(logits, seqs, *args))[1])
+            monkeypatch.setattr(llm.runner, "_forward", lambda computing, *args: (
+                self._check([s.seq for s in computing], computing), forward(computing, *args))[1])
+        else:  # a step that waits samples on the host; a launched one (async scheduling) on the device
+            for name in ("sample_step", "sampled_choices"):
+                sample = getattr(pagedlm.engine.runner, name)
+                monkeypatch.setattr(pagedlm.engine.runner, name, lambda logits, seqs, *args, sample=sample: (
+                    self._check(seqs), sample(logits, seqs, *args))[1])
 
     def _check(self, seqs, computing=None):
         self.calls += 1
-        if self.armed and any(self.is_bad(s) and len(s.output) >= self.after for s in seqs):
+        # (A token in flight counts: with async scheduling it is emitted after the step launches.)
+        if self.armed and any(self.is_bad(s) and len(s.output) + s.in_flight >= self.after for s in seqs):
             if computing is not None:
                 slots = self.llm.block_manager.slot_mapping([s.seq.seq_id for s in computing],
                                                             [s.num_new for s in computing])
@@ -279,7 +281,7 @@ class BadRequest:
 def run_to_the_end(llm):
     """Steps until nothing is left, checking the engine after each step; returns the errors raised."""
     errors = []
-    while llm.scheduler.has_work():
+    while llm.scheduler.has_work() or llm._flights:
         try:
             llm.step()
         except RuntimeError as e:
@@ -301,6 +303,16 @@ PROMPTS = [[1, 2, 3, 4, 5, 6, 7, 8, 9], [1, 2, 3, 4, 5, 6, 7, 8, 10], [11, 12, 1
 @pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
 def test_a_request_that_fails_steps_fails_alone(model, monkeypatch, point, after, prefix_caching, params):
     check_blamed_alone(model, monkeypatch, point, after, params, enable_prefix_caching=prefix_caching)
+
+
+@pytest.mark.parametrize("point", ["forward", "sample"])
+@pytest.mark.parametrize("after", [0, 1, 3])
+@pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
+def test_a_request_that_fails_launched_steps_fails_alone(model, monkeypatch, point, after, params):
+    """The same with async scheduling: the failing step was launched while another was in flight
+    (its prompts admitted, or its decodes fed on the device); it is rolled back, the step in
+    flight lands, and the blame's retries run as steps that wait."""
+    check_blamed_alone(model, monkeypatch, point, after, params, async_scheduling=True)
 
 
 @pytest.mark.parametrize("speculative", ["ngram", "draft", "lookahead", "jacobi", None])
