@@ -94,12 +94,13 @@ class OverlappedSteps:
         scheduler, bm = self.scheduler, self.block_manager
         if not self.async_scheduling or self.runner.cascade or measuring(self.kv_caches):
             return False
-        need, budget = 0, scheduler.max_num_batched_tokens
-        for seq in scheduler.running:
-            if not _plain(seq):
-                return False
-            need += 2 + min(len(seq) + seq.in_flight - seq.num_cached, budget) // bm.block_size
-        if bm.num_free_blocks < need:
+        running, budget, size = scheduler.running, scheduler.max_num_batched_tokens, bm.block_size
+        if not all(map(_plain, running)):
+            return False
+        # The step reserves at most `budget` tokens: their whole blocks, plus a partly filled and
+        # a copied block per sequence. Only a nearly full cache counts each sequence's own need.
+        if (bm.num_free_blocks < budget // size + 2 * len(running) and bm.num_free_blocks
+                < sum(2 + min(len(seq) + seq.in_flight - seq.num_cached, budget) // size for seq in running)):
             return False
         slots = scheduler.max_num_seqs - len(scheduler.running)
         for group in scheduler.waiting:  # the groups the scheduler may admit
