@@ -12,6 +12,7 @@ import pagedlm.engine.cuda_graphs as cuda_graphs
 import pagedlm.engine.overlap as overlap
 from pagedlm import LLM, BeamSearchParams, SamplingParams
 from pagedlm.engine.cuda_graphs import DecodeGraphs
+from pagedlm.engine.varlen_graphs import VarlenGraphs
 
 from engine_checks import write_garbage_kv
 from graph_stand_in import replay_eagerly
@@ -35,12 +36,13 @@ def model(tmp_path_factory):
 
 
 def engine(model, async_scheduling, **options):
-    """An LLM on the CPU with the decode graphs a GPU engine has (emulated); with
+    """An LLM on the CPU with the decode and varlen graphs a GPU engine has (emulated); with
     async_scheduling, its launches are counted in .launches (batch size, whether a step was in
     flight), and in .fed_chunks those with prompt tokens launched while a step was in flight."""
     options = dict(dict(block_size=4, num_blocks=512), **options)
     llm = LLM(model, device="cpu", max_num_seqs=MAX_SEQS, async_scheduling=async_scheduling, **options)
     llm.runner.graphs = DecodeGraphs(llm.model, llm.kv_caches, MAX_SEQS, llm.device)
+    llm.runner.varlen = VarlenGraphs(llm.model, llm.kv_caches, MAX_SEQS, llm.device, None)
     llm.launches, llm.fed_chunks = [], 0
     launch = llm.runner.launch
 
@@ -177,6 +179,24 @@ def test_prompt_chunks_and_admissions_overlap_the_steps_in_flight(model):
         assert overlapped == plain
         assert llm.fed_chunks >= 3, "no prompt chunk launched while a step was in flight"
         assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
+
+
+def test_a_graph_captured_while_a_step_is_in_flight_leaves_its_tokens_alone(model):
+    """Varlen graphs share their output buffers, and capturing one runs its forward once: a step
+    launched while another is in flight, whose shape is new, must not read the capture's output
+    as the input tokens of the step in flight (a launched step keeps its own copy of its tokens)."""
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    runs = []
+    for async_scheduling in (False, True):
+        llm = engine(model, async_scheduling, max_num_batched_tokens=64)
+        ids = [llm.add_request([5, 6, 7], params)]
+        llm.step(), llm.step()
+        ids.append(llm.add_request([9, 10, 11, 12, 13], params))  # a prompt beside a decode: a new chunks shape
+        llm.step()
+        ids.append(llm.add_request(list(range(3, 23)), params))
+        runs.append(results(drain(llm, ids)))
+        captures = llm.runner.varlen.captures
+    assert runs[1] == runs[0] and captures >= 2
 
 
 def test_prompt_logprobs_waiting_for_admission_land_the_step_in_flight(model):

@@ -30,6 +30,7 @@ import pagedlm.engine.cuda_graphs as cuda_graphs
 import pagedlm.engine.runner
 from pagedlm import LLM, SamplingParams
 from pagedlm.engine.cuda_graphs import DecodeGraphs
+from pagedlm.engine.varlen_graphs import VarlenGraphs
 from pagedlm.engine.sequence import Status
 from pagedlm.models import load_model, random_model
 
@@ -196,8 +197,10 @@ class Run:
     def __init__(self, engine):
         self.llm = LLM(MODEL, device="cpu", **engine)
         self.llm.eos_token_ids = frozenset([CONFIG["eos_token_id"]])  # as if loaded from a folder
-        if engine["async_scheduling"]:  # the decode graphs a GPU engine has, which it overlaps
-            self.llm.runner.graphs = DecodeGraphs(self.llm.model, self.llm.kv_caches, engine["max_num_seqs"], "cpu")
+        if engine["async_scheduling"]:  # the decode and varlen graphs a GPU engine has, which it overlaps
+            llm, seqs = self.llm, engine["max_num_seqs"]
+            llm.runner.graphs = DecodeGraphs(llm.model, llm.kv_caches, seqs, "cpu")
+            llm.runner.varlen = VarlenGraphs(llm.model, llm.kv_caches, seqs, "cpu", None)
         self.faults = Faults(self.llm)
         self.accepted = {}  # request id -> (prompt token ids, params)
         self.reasons = {}  # (request id, sample index) -> the finish reason first seen

@@ -25,9 +25,9 @@ from pagedlm.kv_cache import measuring
 class StepInFlight:
     """A launched step whose tokens the host has not read: the sequences it draws a token for,
     each one's row, their tokens and log-probabilities on the device (sampler.sampled_choices,
-    float64 [rows, 2]; a graph's output when every row is greedy, valid until that graph
-    replays again, so the next step's feed reads it before its replay) and their copy on its
-    way to the host."""
+    float64 [rows, 2]; never a graph's output buffer, which the next step may overwrite before
+    its feed reads it: capturing a new graph runs its forward once, and varlen graphs share
+    their outputs) and their copy on its way to the host."""
     seqs: list
     rows: dict
     choices: torch.Tensor

@@ -123,8 +123,8 @@ class ModelRunner:
         items, rows, first, fed, token = [], {}, 0, [], 0
         for s in computing:
             seq, start, draft = s.seq, s.seq.num_cached, drafts.get(s.seq)
-            if seq.in_flight:  # its one token, in flight
-                fed.append((token, seq))
+            if seq.in_flight:  # its last token (its only one), in flight
+                fed.append((token + s.num_new - 1, seq))
             token += s.num_new + (len(draft.tokens) if draft is not None else 0)
             extra, parents = (draft.tokens, draft.parents) if draft is not None else ([], None)
             logit_rows = list(range(s.num_new - 1, s.num_new + len(extra)))
@@ -193,7 +193,10 @@ class ModelRunner:
         ready = [s for s in scheduled if s.logits_of in complete]
         logits, choices = _rows_of(ready, logits, choices, rows)
         seqs = [s.seq for s in ready]
-        return StepInFlight.launched(seqs, sampled_choices(logits, seqs, choices))
+        drawn = sampled_choices(logits, seqs, choices)
+        if drawn is choices:  # (a graph's output, which the next step's graph capture may overwrite first)
+            drawn = drawn.clone()
+        return StepInFlight.launched(seqs, drawn)
 
     def _eager_decode(self, ids, positions, slots, tables, cascade=None, feed=None):
         n = len(ids)
