@@ -11,7 +11,7 @@ import torch
 
 import pagedlm.ops as ops
 from pagedlm.engine.cascade import plan as cascade_plan
-from pagedlm.engine.sampler import greedy_choices
+from pagedlm.engine.sampler import greedy_choices, on_device
 from pagedlm.models import AttentionBatch
 from pagedlm.models.llama import DecodeRows
 
@@ -141,10 +141,10 @@ def paged_forward(model, kv_caches, bm, device, items, graphs=None, *, choices=F
     decode_only = all(c == 1 for c in counts)
     shared = cascade_plan(tables, seq_lens, bm.block_size) if cascade and decode_only and mask is None else None
     decodes = leading_decodes(counts) if not decode_only and mask is None else 0
-    # Uploads that do not wait for the device: with async scheduling a step is built while the
-    # one before runs (from pageable memory, each is staged before the call returns).
-    def upload(array, dtype=None):
-        return torch.as_tensor(array, dtype=dtype).to(device, non_blocking=True)
+    # (Uploads that do not wait for the device: with async scheduling a step is built while the
+    # one before runs.)
+    def upload(values, dtype=None):
+        return on_device(values, device, dtype)
     decode_rows = None
     if decodes:
         decode_rows = DecodeRows(upload(seq_lens[:decodes], torch.int32), upload(tables[:decodes]))

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from pagedlm.engine.sampler import choice_lists
+from pagedlm.engine.scheduler import count_cached
 from pagedlm.engine.sequence import Status
 from pagedlm.kv_cache import measuring
 
@@ -120,11 +121,7 @@ class OverlappedSteps:
         # an interrupt among them leaves the step to the rollback, as before it launched.
         was = [seq.in_flight for seq in flight.seqs]
         try:
-            for s in scheduled:
-                s.seq.num_cached = s.start + s.num_new
-            for s in scheduled:  # a fork holds its parent's cached tokens
-                if s.seq is not s.logits_of:
-                    s.seq.num_cached = s.logits_of.num_cached
+            count_cached(scheduled)
             for seq in flight.seqs:
                 seq.in_flight += 1
             self._flights.append(flight)

@@ -13,6 +13,7 @@ from pagedlm.engine.cuda_graphs import DecodeGraphs
 from pagedlm.engine.forward import ForwardItem, apply_block_copies, paged_forward
 from pagedlm.engine.overlap import StepInFlight
 from pagedlm.engine.sampler import logprob_dicts, on_device, sample_step, sampled_choices
+from pagedlm.engine.scheduler import count_cached
 from pagedlm.engine.varlen_graphs import VarlenGraphs
 from pagedlm.kv_cache import measuring
 from pagedlm.models import AttentionBatch
@@ -83,11 +84,7 @@ class ModelRunner:
             logits, choices, rows, prompt_rows = self._forward(computing, drafts)
             if prompt_rows:
                 self._record_prompt_logprobs(logits, prompt_rows)
-            for s in computing:
-                s.seq.num_cached += s.num_new
-        for s in scheduled:  # a fork holds its parent's cached tokens
-            if s.seq is not s.logits_of:
-                s.seq.num_cached = s.logits_of.num_cached
+        count_cached(scheduled)
         ready = [s for s in scheduled if s.logits_of.num_cached == len(s.logits_of)]
         if not drafts:
             emitted = self._sample(ready, logits, choices, rows) if ready else {}

@@ -15,12 +15,13 @@ from pagedlm.engine.sequence import Logprob
 _DRAW_SAMPLE = 1  # the Philox word the kernels use for sampling a token (philox.h: kDrawSample)
 
 
-
 def on_device(values, device, dtype=None):
-    """values (a list, or a number) as a tensor on device, copied without waiting for the device:
-    torch.tensor(values, device=...) waits for the stream (its copy synchronizes), which would
-    stall a step launched while the one before runs (async scheduling)."""
-    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+    """values (a list, a number or a numpy array) as a tensor on device, copied without waiting
+    for the device: torch.tensor(values, device=...) waits for the stream (its copy
+    synchronizes), which would stall a step launched while the one before runs (async
+    scheduling). From pageable memory, the copy is staged before the call returns."""
+    return torch.as_tensor(values, dtype=dtype).to(device, non_blocking=True)
+
 
 def greedy_choices(logits, out=None):
     """float64 [rows, 2]: each row's argmax and its log-probability (float64 holds both

@@ -20,6 +20,16 @@ class Scheduled:
     admitted: bool = False
 
 
+def count_cached(scheduled):
+    """After a step ran: each scheduled sequence's computed tokens counted cached (a fork holds
+    its parent's)."""
+    for s in scheduled:
+        s.seq.num_cached += s.num_new
+    for s in scheduled:
+        if s.seq is not s.logits_of:
+            s.seq.num_cached = s.logits_of.num_cached
+
+
 def owes_prompt_logprobs(seq):
     """Whether seq's request asks for prompt logprobs that are not all computed yet."""
     return seq.prompt_logprobs is not None and len(seq.prompt_logprobs) < len(seq.prompt)
