@@ -266,6 +266,12 @@ def test_refused_options_name_async_scheduling(model, options):
         LLM(model, device="cpu", num_blocks=64, **dict(dict(async_scheduling=True), **options))
 
 
+def test_by_default_off_on_the_cpu_and_with_speculation(model):
+    assert not LLM(model, device="cpu", num_blocks=64).async_scheduling
+    assert not LLM(model, device="cpu", num_blocks=64, speculative={"method": "ngram", "num_tokens": 2,
+                                                                     "max_ngram": 2}).async_scheduling
+
+
 @pytest.mark.parametrize("fail", ["garbage", "plain_raise", "none"])
 def test_a_failed_launch_leaves_no_unwritten_block_in_the_prefix_cache(model, fail):
     """A launch fails after reserving a placeholder that fills a block, and the step before it

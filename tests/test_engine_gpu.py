@@ -114,7 +114,7 @@ def test_async_scheduling_emits_what_waiting_steps_emit(checkpoint, dtype):
     without async scheduling, with EOS ending some sequences at a token in flight and a stop id
     others."""
     folder, _ = checkpoint
-    waiting = engine(folder, block_size=16, dtype=dtype, max_num_seqs=16)
+    waiting = engine(folder, block_size=16, dtype=dtype, max_num_seqs=16, async_scheduling=False)
     batch = prompts(9, seed=31, high=200)
     params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (3, 30, 17, 1, 30, 8, 25)]
     params += [SamplingParams(temperature=0.8, top_p=0.9, seed=s, max_tokens=30, ignore_eos=True) for s in (1, 2)]
@@ -154,7 +154,7 @@ def test_async_scheduling_overlaps_prompt_chunks_and_admissions(checkpoint):
     params += [SamplingParams(temperature=0.7, seed=s, max_tokens=12, ignore_eos=True) for s in range(4)]
     for budget in (64, 4096):  # chunks graphs; eager steps of whole prompts
         options = dict(block_size=16, dtype=torch.float32, max_num_seqs=8, max_num_batched_tokens=budget)
-        expected = engine(folder, **options).generate(batch, params, use_tqdm=False)
+        expected = engine(folder, async_scheduling=False, **options).generate(batch, params, use_tqdm=False)
         overlapped = engine(folder, async_scheduling=True, **options)
         fed_chunks = []
         launch = overlapped.runner.launch
@@ -166,6 +166,14 @@ def test_async_scheduling_overlaps_prompt_chunks_and_admissions(checkpoint):
         assert tokens(overlapped.generate(batch, params, use_tqdm=False)) == tokens(expected)
         assert sum(fed_chunks) >= 5, "few prompt chunks launched while a step was in flight"
         assert overlapped.block_manager.stats()["used_blocks"] == 0 and not overlapped._flights
+
+
+def test_async_scheduling_is_on_by_default_where_supported(checkpoint):
+    folder, _ = checkpoint
+    assert engine(folder).async_scheduling
+    assert not engine(folder, async_scheduling=False).async_scheduling
+    assert not engine(folder, speculative={"method": "ngram", "num_tokens": 2, "max_ngram": 2}).async_scheduling
+    assert not engine(folder, device="cpu").async_scheduling
 
 
 def test_preemption_and_prefix_caching_change_nothing_on_gpu(checkpoint):

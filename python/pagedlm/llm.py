@@ -83,7 +83,7 @@ class LLM(StepRecovery, OverlappedSteps):
                  gpu_memory_utilization=0.9, max_num_seqs=256, max_num_batched_tokens=8192,
                  enable_prefix_caching=True, seed=0, enforce_eager=False, speculative=None,
                  kv_cache_dtype="auto", calculate_kv_scales=False, tensor_parallel_size=1,
-                 disable_cascade_attn=True, async_scheduling=False):
+                 disable_cascade_attn=True, async_scheduling=None):
         """device: "auto" (None), "cpu", "cuda" or "cuda:N"; dtype of the weights loaded from a
         folder: "auto" (None: bfloat16 on a GPU, float32 on the CPU), "float16"/"half",
         "bfloat16", "float32"/"float" or the torch dtype. kv_cache_dtype: "auto" (the model's
@@ -101,8 +101,10 @@ class LLM(StepRecovery, OverlappedSteps):
         async_scheduling (vLLM's name): while the GPU runs a step, the host schedules and
         launches the next, and emits the tokens of the one before (engine/overlap.py): steps
         whose requests ask for no logprobs, penalties, logit bias or min_tokens overlap, prompt
-        chunks and decodes alike; any other step runs as without it. Not with speculative
-        decoding or tensor parallelism."""
+        chunks and decodes alike; any other step runs as without it. None (the default): on
+        for a CUDA device without speculative decoding or tensor parallelism, which it does not
+        support; True there raises. On the CPU, where a step's host and compute work take turns
+        anyway, it gains nothing."""
         _check_model_arg("model", model)
         self.device = resolve_device(device)
         dtype = resolve_dtype(dtype, self.device)
@@ -117,7 +119,6 @@ class LLM(StepRecovery, OverlappedSteps):
         seed = check_int("seed", seed)
         enforce_eager = check_bool("enforce_eager", enforce_eager)
         disable_cascade_attn = check_bool("disable_cascade_attn", disable_cascade_attn)
-        self.async_scheduling = check_bool("async_scheduling", async_scheduling)
         kv_dtype = resolve_kv_cache_dtype(kv_cache_dtype)
         calculate_kv_scales = check_bool("calculate_kv_scales", calculate_kv_scales)
         if calculate_kv_scales and kv_dtype is None:
@@ -128,7 +129,11 @@ class LLM(StepRecovery, OverlappedSteps):
             if speculative["method"] == "draft":
                 _check_model_arg("speculative['model']", speculative["model"])
         tensor_parallel_size = check_int("tensor_parallel_size", tensor_parallel_size, minimum=1, maximum=INT32_MAX)
-        if async_scheduling and (speculative is not None or tensor_parallel_size > 1):
+        supports_async = speculative is None and tensor_parallel_size == 1
+        if async_scheduling is None:
+            async_scheduling = supports_async and self.device.type == "cuda"
+        self.async_scheduling = check_bool("async_scheduling", async_scheduling)
+        if async_scheduling and not supports_async:
             raise ValueError("async_scheduling: not with speculative decoding or tensor_parallel_size > 1")
         check_llm_options(tensor_parallel_size, model_is_object=isinstance(model, LlamaForCausalLM),
                           speculative=speculative, kv_cache_dtype=kv_dtype)

@@ -65,9 +65,10 @@ def _add_arguments(p):
     engine.add_argument("--disable-cascade-attn", action=argparse.BooleanOptionalAction, default=True,
                         help="decode reads prefixes that requests share (n > 1, prefix-cache hits) once per row "
                              "(default: True); --no-disable-cascade-attn reads each once per group")
-    engine.add_argument("--async-scheduling", action="store_true",
+    engine.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                         help="launch each step while the one before runs (steps whose requests ask for no logprobs, "
-                             "penalties, logit bias or min_tokens)")
+                             "penalties, logit bias or min_tokens; default: on a GPU without speculation or tensor "
+                             "parallelism); --no-async-scheduling runs each step to its end first")
     engine.add_argument("--tensor-parallel-size", type=int, default=1,
                         help="split the model over this many GPUs (processes; on cpu: gloo), one rank each")
     engine.add_argument("--seed", type=int, default=0, help="engine seed (requests without a seed draw from it)")
