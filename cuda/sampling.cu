@@ -1,6 +1,7 @@
-// CUDA path of argmax_logprob (cpp/include/pagedlm/sampling.h): a thread block per row, two
-// passes over it (the row's maximum and its index, then the sum of exponentials, which rereads
-// the row from L1/L2). One kernel where torch launches four; the sum is accumulated in f32.
+// CUDA path of argmax_logprob (cpp/include/pagedlm/sampling.h): a thread block per row, one pass
+// over it. Each thread keeps its best candidate and an online softmax sum (the sum of
+// exp(x - m) over its elements, m their running maximum, rescaled when m grows); the block then
+// merges the threads' states. One kernel where torch launches four; the sum is accumulated in f32.
 #include <cmath>
 #include <cstdint>
 
@@ -10,80 +11,102 @@
 namespace pagedlm::cuda {
 namespace {
 
-constexpr int kThreads = 256;
+constexpr int kThreads = 512;
+constexpr int kLoads = 4;  // accesses a thread issues before it waits for the first
 
-// A candidate for a row's argmax: its value and index (-1: none yet).
-struct Best {
+// What a thread knows of its part of a row: the argmax candidate (index -1: none yet) and the
+// sum of exp(x - max) over its elements, max their largest (-inf while there is none).
+struct RowState {
   float value;
   int64_t index;
+  float max;
+  float sum;
 };
 
-// The better of two candidates: a NaN beats any number (as torch.argmax), then the larger
-// value, then on a tie the smaller index.
-__device__ __forceinline__ Best better(Best a, Best b) {
-  if (a.index < 0) return b;
-  if (b.index < 0) return a;
-  const bool nan_a = isnan(a.value), nan_b = isnan(b.value);
-  if (nan_a != nan_b) return nan_a ? a : b;
-  if (nan_a || a.value == b.value) return a.index < b.index ? a : b;
-  return a.value > b.value ? a : b;
+// sum * exp(max - to), counting nothing for a part with no finite maximum yet.
+__device__ __forceinline__ float rescaled(float sum, float max, float to) {
+  return max == -INFINITY ? 0.0f : sum * __expf(max - to);
 }
 
-template <typename Combine, typename V>
-__device__ V block_reduce(V v, Combine combine, V* partial) {
+// Two parts' states as one: a NaN candidate beats any number (as torch.argmax), then the larger
+// value, then on a tie the smaller index; the sums meet at the larger maximum.
+__device__ __forceinline__ RowState merge(const RowState& a, const RowState& b) {
+  RowState r;
+  const bool nan_a = isnan(a.value), nan_b = isnan(b.value);
+  bool take_a;
+  if (a.index < 0 || b.index < 0) take_a = b.index < 0;
+  else if (nan_a != nan_b) take_a = nan_a;
+  else if (nan_a || a.value == b.value) take_a = a.index < b.index;
+  else take_a = a.value > b.value;
+  r.value = take_a ? a.value : b.value;
+  r.index = take_a ? a.index : b.index;
+  r.max = fmaxf(a.max, b.max);
+  r.sum = rescaled(a.sum, a.max, r.max) + rescaled(b.sum, b.max, r.max);
+  return r;
+}
+
+__device__ RowState block_merge(RowState s, RowState* of_warp) {
+#pragma unroll
   for (int offset = 16; offset > 0; offset /= 2) {
-    V other;
-    if constexpr (sizeof(V) == sizeof(float)) {
-      other = __shfl_xor_sync(0xffffffffu, v, offset);
-    } else {
-      other.value = __shfl_xor_sync(0xffffffffu, v.value, offset);
-      other.index = __shfl_xor_sync(0xffffffffu, v.index, offset);
-    }
-    v = combine(v, other);
+    RowState other;
+    other.value = __shfl_xor_sync(0xffffffffu, s.value, offset);
+    other.index = __shfl_xor_sync(0xffffffffu, s.index, offset);
+    other.max = __shfl_xor_sync(0xffffffffu, s.max, offset);
+    other.sum = __shfl_xor_sync(0xffffffffu, s.sum, offset);
+    s = merge(s, other);
   }
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (lane == 0) partial[warp] = v;
+  if (lane == 0) of_warp[warp] = s;
   __syncthreads();
-  v = partial[0];
-  for (int w = 1; w < kThreads / 32; ++w) v = combine(v, partial[w]);
-  return v;
+  s = of_warp[0];
+  for (int w = 1; w < kThreads / 32; ++w) s = merge(s, of_warp[w]);
+  return s;
 }
 
 // kWidth elements a thread per access: 1, or kPack<T> when the rows are whole 16-byte packs and
 // aligned (a row of a large vocabulary is bandwidth-bound: wide accesses keep more bytes in flight).
 template <typename T, int kWidth>
 __global__ void __launch_bounds__(kThreads) argmax_logprob_kernel(ArgmaxLogprobParams p) {
-  __shared__ Best best_of_warp[kThreads / 32];
-  __shared__ float sum_of_warp[kThreads / 32];
+  __shared__ RowState of_warp[kThreads / 32];
   const T* row = static_cast<const T*>(p.logits) + static_cast<int64_t>(blockIdx.x) * p.vocab;
   constexpr int64_t kStep = static_cast<int64_t>(kThreads) * kWidth;
-  Best best{0.0f, -1};
-  // Each thread meets its elements in increasing index order: a later one wins only if larger.
-#pragma unroll 4
-  for (int64_t i = threadIdx.x * kWidth; i < p.vocab; i += kStep) {
-    alignas(16) T x[kWidth];
-    copy_elements<kWidth>(x, row + i);
+  RowState s{0.0f, -1, -INFINITY, 0.0f};
+  // kLoads packs loaded before any is used, so that many accesses a thread are in flight. Each
+  // thread meets its elements in increasing index order: a later one wins only if larger.
+  for (int64_t first = threadIdx.x * kWidth; first < p.vocab; first += kLoads * kStep) {
+    alignas(16) T x[kLoads][kWidth];
 #pragma unroll
-    for (int j = 0; j < kWidth; ++j) {
-      const float v = to_float(x[j]);
-      if (best.index < 0 || v > best.value || (isnan(v) && !isnan(best.value))) best = Best{v, i + j};
+    for (int u = 0; u < kLoads; ++u) {
+      if (first + u * kStep < p.vocab) copy_elements<kWidth>(x[u], row + first + u * kStep);
+    }
+#pragma unroll
+    for (int u = 0; u < kLoads; ++u) {
+      const int64_t i = first + u * kStep;
+      if (i >= p.vocab) break;
+      float v[kWidth], pack_max = -INFINITY;
+#pragma unroll
+      for (int j = 0; j < kWidth; ++j) {
+        v[j] = to_float(x[u][j]);
+        if (s.index < 0 || v[j] > s.value || (isnan(v[j]) && !isnan(s.value))) {
+          s.value = v[j];
+          s.index = i + j;
+        }
+        pack_max = fmaxf(pack_max, v[j]);  // NaNs aside: a NaN makes the result NaN anyway
+      }
+      if (pack_max > s.max) {  // once per pack, not per element
+        s.sum = rescaled(s.sum, s.max, pack_max);
+        s.max = pack_max;
+      }
+      if (s.max != -INFINITY) {
+#pragma unroll
+        for (int j = 0; j < kWidth; ++j) s.sum += __expf(v[j] - s.max);
+      }
     }
   }
-  best = block_reduce(best, better, best_of_warp);
-  float sum = 0.0f;
-  if (isfinite(best.value)) {  // uniform across the block
-#pragma unroll 4
-    for (int64_t i = threadIdx.x * kWidth; i < p.vocab; i += kStep) {
-      alignas(16) T x[kWidth];
-      copy_elements<kWidth>(x, row + i);
-#pragma unroll
-      for (int j = 0; j < kWidth; ++j) sum += __expf(to_float(x[j]) - best.value);
-    }
-    sum = block_reduce(sum, [](float a, float b) { return a + b; }, sum_of_warp);
-  }
+  s = block_merge(s, of_warp);
   if (threadIdx.x == 0) {
-    p.out[2 * blockIdx.x] = static_cast<double>(best.index);
-    p.out[2 * blockIdx.x + 1] = isfinite(best.value) ? 0.0 - log(static_cast<double>(sum)) : NAN;  // +0.0, not -0.0
+    p.out[2 * blockIdx.x] = static_cast<double>(s.index);
+    p.out[2 * blockIdx.x + 1] = isfinite(s.value) ? 0.0 - log(static_cast<double>(s.sum)) : NAN;  // +0.0, not -0.0
   }
 }
 
