@@ -1,13 +1,16 @@
 """The fused layer kernels at the sizes an engine step gives them: pagedlm.ops.rms_norm (with the
 residual add, as every decoder layer runs it), silu_and_mul, and argmax_logprob (a decode step's
-greedy choices over Llama 3's 128,256-token vocabulary), beside the torch code they replace, in achieved bandwidth (bytes the kernel must move over its median time) against the
-card's copy bandwidth. Rows: a decode step of 256 sequences, a prompt chunk of 8,192 tokens.
+greedy choices over Llama 3's 128,256-token vocabulary), beside the torch code they replace, in
+achieved bandwidth (bytes the kernel must move over its median time) against the card's copy
+bandwidth. Rows: a decode step of 256 sequences, a prompt chunk of 8,192 tokens; argmax_logprob
+also at 32 rows, fewer than the card has SMs (a thread block per row).
 Llama-3.2-1B's widths (hidden 2,048, intermediate 8,192) and Llama-3.1-8B's (4,096 / 14,336), bf16.
 
     python bench/bench_fused_layers.py [--out FILE] [--append-results]
 """
 import argparse
 import datetime
+import itertools
 
 import torch
 from triton.testing import do_bench
@@ -18,6 +21,7 @@ from bench_common import copy_bandwidth, git_commit, write_results
 ROWS = [256, 8192]
 WIDTHS = [(2048, 8192), (4096, 14336)]  # (hidden, intermediate)
 VOCAB = 128256
+ARGMAX_ROWS = [256, 32]
 
 
 def rms_norm_unfused(x, residual, weight, eps=1e-5):
@@ -68,12 +72,12 @@ def main():
             moved = 3 * rows * intermediate * gate_up.element_size()
             lines.append(f"| silu_and_mul | {rows} x {intermediate} | {ours:.1f} | {moved / ours / 1e3:,.0f} | "
                          f"{moved / ours / 1e3 / (bandwidth / 1e9):.0%} | {theirs:.1f} | {theirs / ours:.2f}x |")
-    for dtype in (torch.bfloat16, torch.float32):
-        logits = torch.randn(ROWS[0], VOCAB, device="cuda").to(dtype)
+    for dtype, rows in itertools.product((torch.bfloat16, torch.float32), ARGMAX_ROWS):
+        logits = torch.randn(rows, VOCAB, device="cuda").to(dtype)
         ours = median_us(lambda: ops.argmax_logprob(logits))
         theirs = median_us(lambda: argmax_logprob_unfused(logits))
-        moved = logits.numel() * logits.element_size()  # read once (the second pass hits L2)
-        lines.append(f"| argmax_logprob, {str(dtype)[6:]} | {ROWS[0]} x {VOCAB} | {ours:.1f} | "
+        moved = logits.numel() * logits.element_size()  # read once, nothing written but [rows, 2]
+        lines.append(f"| argmax_logprob, {str(dtype)[6:]} | {rows} x {VOCAB} | {ours:.1f} | "
                      f"{moved / ours / 1e3:,.0f} | {moved / ours / 1e3 / (bandwidth / 1e9):.0%} | {theirs:.1f} | "
                      f"{theirs / ours:.2f}x |")
     write_results("\n".join(lines), args.out, args.append_results)
