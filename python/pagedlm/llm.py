@@ -26,7 +26,7 @@ from pagedlm.engine.recovery import StepRecovery
 from pagedlm.engine.runner import ModelRunner
 from pagedlm.engine.scheduler import Scheduler
 from pagedlm.engine.sequence import Logprob, SamplingParams, Sequence, Status
-from pagedlm.engine.text import SampleText
+from pagedlm.engine.text import SampleText, completion_text
 from pagedlm.models import LlamaForCausalLM, load_model
 from pagedlm.kv_cache import checkpoint_kv_scales, make_layer_caches, resolve_kv_cache_dtype
 from pagedlm.models.loader import _weight_files, eos_token_ids
@@ -143,29 +143,33 @@ class LLM(StepRecovery, OverlappedSteps):
         self.tokenizer, eos_ids = None, frozenset()
         if isinstance(model, LlamaForCausalLM):
             self.model = model.to(self.device)
-        elif tensor_parallel_size > 1:  # rank 0's shard; the workers load theirs
-            self._tp = TensorParallelGroup(model, tensor_parallel_size, dtype=dtype, device=self.device)
-            self.model = self._tp.model
-            eos_ids = eos_token_ids(model)
-            self.tokenizer = _load_tokenizer(Path(model))
         else:
-            self.model = load_model(model, dtype=dtype, device=self.device)
+            if tensor_parallel_size > 1:  # rank 0's shard; the workers load theirs
+                self._tp = TensorParallelGroup(model, tensor_parallel_size, dtype=dtype, device=self.device)
+                self.model = self._tp.model
+            else:
+                self.model = load_model(model, dtype=dtype, device=self.device)
             eos_ids = eos_token_ids(model)
             self.tokenizer = _load_tokenizer(Path(model))
         _check_cuda_head_dim(self.model, self.device, "model")
-        draft = (self._load_draft(speculative["model"], dtype)
-                 if speculative is not None and speculative["method"] == "draft" else None)
-        if draft is not None:
+        draft = None
+        if speculative is not None and speculative["method"] == "draft":
+            draft = speculative["model"]
+            draft = (draft.to(self.device) if isinstance(draft, LlamaForCausalLM)
+                     else load_model(draft, dtype=dtype, device=self.device))
+            if draft.args.vocab_size != self.model.args.vocab_size:
+                raise ValueError(f"speculative['model']: vocabulary of {draft.args.vocab_size} tokens, the target's "
+                                 f"is {self.model.args.vocab_size}")
             _check_cuda_head_dim(draft, self.device, "speculative['model']")
+        # A draft model's cache has as many blocks as the target's.
+        bytes_per_block = (_kv_block_bytes(self.model, block_size, kv_dtype)
+                           + (_kv_block_bytes(draft, block_size) if draft is not None else 0))
         if num_blocks is None:
-            # A draft model's cache has as many blocks as the target's.
-            bytes_per_block = (_kv_block_bytes(self.model, block_size, kv_dtype)
-                               + (_kv_block_bytes(draft, block_size) if draft is not None else 0))
             budget = ((torch.cuda.mem_get_info(self.device)[0] if self._tp is None else self._tp.free_memory())
                       * gpu_memory_utilization
                       if self.device.type == "cuda" else CPU_KV_BUDGET_BYTES)
             num_blocks = max(1, int(budget // bytes_per_block))
-        _check_kv_fits(self.model, draft, num_blocks, block_size, self.device, kv_dtype)
+        _check_kv_fits(num_blocks * bytes_per_block, num_blocks, block_size, self.device)
         # The checkpoint's KV scales, if it has them (read before the cache is allocated: a bad one
         # refuses the engine).
         scales = (checkpoint_kv_scales(_weight_files(model), self.model.args.num_layers, self.model.args.num_kv_heads)
@@ -541,22 +545,8 @@ class LLM(StepRecovery, OverlappedSteps):
         return RequestOutput(request_id, r["prompt"], r["token_ids"], outputs, metrics,
                              None if prompt_logprobs is None else list(prompt_logprobs))
 
-    def _load_draft(self, model, dtype):
-        draft = model.to(self.device) if isinstance(model, LlamaForCausalLM) else load_model(model, dtype=dtype,
-                                                                                               device=self.device)
-        if draft.args.vocab_size != self.model.args.vocab_size:
-            raise ValueError(f"speculative['model']: vocabulary of {draft.args.vocab_size} tokens, the target's is "
-                             f"{self.model.args.vocab_size}")
-        return draft
-
     def _completion_text(self, prompt, output):
-        """The text the output adds to the prompt: decoding the two together and dropping the
-        prompt's text keeps the spaces and merges that decoding the output alone would lose."""
-        if not self.tokenizer or not output:
-            return ""
-        prompt_text = self.tokenizer.decode(prompt)
-        full_text = self.tokenizer.decode(prompt + output)
-        return full_text[len(prompt_text):] if full_text.startswith(prompt_text) else self.tokenizer.decode(output)
+        return completion_text(self.tokenizer, prompt, output)
 
 
 def _check_model_arg(name, model):
@@ -575,12 +565,10 @@ def _prompt_list(prompts):
     return list(prompts)
 
 
-def _check_kv_fits(model, draft, num_blocks, block_size, device, kv_dtype=None):
-    """The KV cache of num_blocks blocks (a draft model's as large) must fit the device's memory:
-    a larger one would fail in allocation after the weights loaded, or on the CPU be granted
-    and then exhaust the machine's memory as it is zeroed."""
-    need = num_blocks * (_kv_block_bytes(model, block_size, kv_dtype)
-                         + (_kv_block_bytes(draft, block_size) if draft is not None else 0))
+def _check_kv_fits(need, num_blocks, block_size, device):
+    """The KV cache of num_blocks blocks, need bytes (a draft model's included), must fit the
+    device's memory: a larger one would fail in allocation after the weights loaded, or on the
+    CPU be granted and then exhaust the machine's memory as it is zeroed."""
     have = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
             else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     if need > have:

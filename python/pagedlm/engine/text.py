@@ -6,6 +6,15 @@ REPLACEMENT = "\ufffd"
 PREFIX_WINDOW = 6  # prompt tokens decoded with the first output tokens (context for merges)
 
 
+def completion_text(tokenizer, prompt, output):
+    """The text output adds to prompt: decoding the two together and dropping the prompt's text
+    keeps the spaces and merges that decoding the output alone would lose."""
+    if tokenizer is None or not output:
+        return ""
+    prompt_text, full_text = tokenizer.decode(prompt), tokenizer.decode(prompt + output)
+    return full_text[len(prompt_text):] if full_text.startswith(prompt_text) else tokenizer.decode(output)
+
+
 class IncrementalDetokenizer:
     """Turns a growing list of token ids into text deltas by decoding a short window (as vLLM
     does): the tokens from prefix_offset to the end against those from prefix_offset to
@@ -39,10 +48,7 @@ class IncrementalDetokenizer:
         """The rest of the text once no token will come: the whole decode decides."""
         if self.tokenizer is None or len(self.ids) == self.prompt_len:
             return ""
-        prompt_text = self.tokenizer.decode(self.ids[:self.prompt_len])
-        full = self.tokenizer.decode(self.ids)
-        text = (full[len(prompt_text):] if full.startswith(prompt_text)
-                else self.tokenizer.decode(self.ids[self.prompt_len:]))
+        text = completion_text(self.tokenizer, self.ids[:self.prompt_len], self.ids[self.prompt_len:])
         delta = text[len(self.text):] if text.startswith(self.text) else ""
         self.text += delta
         return delta
