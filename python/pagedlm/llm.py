@@ -250,11 +250,10 @@ class LLM(StepRecovery, OverlappedSteps):
         if params.n > self.scheduler.max_num_seqs:
             raise ValueError(f"{params_name}.n: {params.n} samples run at once, max_num_seqs is "
                              f"{self.scheduler.max_num_seqs}")
-        block_size, num_blocks = self.block_manager.block_size, self.block_manager.num_blocks
-        if params.n > 1 and -(-(len(token_ids) + params.n) // block_size) > num_blocks:
-            raise ValueError(f"{params_name}.n: {params.n} samples of a {len(token_ids)}-token prompt need "
-                             f"{-(-(len(token_ids) + params.n) // block_size)} KV blocks to start together, "
-                             f"the cache has {num_blocks}")
+        blocks = -(-(len(token_ids) + params.n) // self.block_manager.block_size)
+        if params.n > 1 and blocks > self.block_manager.num_blocks:
+            raise ValueError(f"{params_name}.n: {params.n} samples of a {len(token_ids)}-token prompt need {blocks} "
+                             f"KV blocks to start together, the cache has {self.block_manager.num_blocks}")
         return token_ids
 
     def _enqueue(self, prompt, token_ids, params, detokenize=False):
@@ -282,16 +281,16 @@ class LLM(StepRecovery, OverlappedSteps):
         return request_id
 
     def _token_ids(self, prompt, name):
+        vocab_size = self.model.args.vocab_size
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError(f"{name}: text needs a tokenizer.json in the model folder; pass token ids")
-            token_ids = self.tokenizer.encode(prompt).ids
+            # (Checked too: a tokenizer may have a larger vocabulary than the model.)
+            token_ids = check_token_ids(f"{name} (tokenized)", self.tokenizer.encode(prompt).ids, vocab_size)
         else:
-            token_ids = check_token_ids(name, prompt, self.model.args.vocab_size)
+            token_ids = check_token_ids(name, prompt, vocab_size)
         if not token_ids:
             raise ValueError(f"{name}: empty prompt")
-        if isinstance(prompt, str):  # a tokenizer of a larger vocabulary than the model's
-            check_token_ids(f"{name} (tokenized)", token_ids, self.model.args.vocab_size)
         return token_ids
 
     def sequences(self, request_id):

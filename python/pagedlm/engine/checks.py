@@ -12,23 +12,19 @@ import torch
 def check_int(name, value, minimum=None, maximum=None):
     """value as an int within [minimum, maximum] (None: unbounded). Bools and floats are
     refused rather than rounded: 1.5 tokens or True samples are a mistake, not a request."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+    if (isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral)
+            or (minimum is not None and value < minimum) or (maximum is not None and value > maximum)):
         raise ValueError(f"{name}: must be an int{_range(minimum, maximum)}, got {value!r}")
-    value = int(value)
-    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
-        raise ValueError(f"{name}: must be an int{_range(minimum, maximum)}, got {value!r}")
-    return value
+    return int(value)
 
 
 def check_float(name, value, minimum=None, maximum=None, *, above=None):
     """value as a finite float within [minimum, maximum], and > above when given."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"{name}: must be a finite number{_range(minimum, maximum, above)}, got {value!r}")
-    value = float(value)
-    if ((minimum is not None and value < minimum) or (maximum is not None and value > maximum)
+    if (isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not math.isfinite(value)
+            or (minimum is not None and value < minimum) or (maximum is not None and value > maximum)
             or (above is not None and value <= above)):
         raise ValueError(f"{name}: must be a finite number{_range(minimum, maximum, above)}, got {value!r}")
-    return value
+    return float(value)
 
 
 def check_bool(name, value):

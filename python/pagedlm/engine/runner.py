@@ -52,9 +52,7 @@ class ModelRunner:
     @property
     def captures(self):
         """CUDA graphs captured so far by every graph set a step can replay."""
-        captures = 0 if self.graphs is None else self.graphs.captures
-        captures += 0 if self.varlen is None else self.varlen.captures
-        return captures + (0 if self.speculator is None else self.speculator.captures)
+        return sum(owner.captures for owner in (self.graphs, self.varlen, self.speculator) if owner is not None)
 
     def forget(self, seq):
         """seq ended, or restarts from nothing after a failed step: what the runner keeps for it
@@ -226,10 +224,8 @@ class ModelRunner:
         logits, choices = _rows_of(ready, logits, choices, rows)
         seqs = [s.seq for s in ready]
         tokens, logprobs, tops = sample_step(logits, seqs, choices, self.eos_token_ids, self.decode_token)
-        if tops is None:  # no request asks for logprobs
-            emitted.update({seq: [(token, logprob, None)] for seq, token, logprob in zip(seqs, tokens, logprobs)})
-        else:
-            emitted.update({seq: [entry] for seq, entry in zip(seqs, zip(tokens, logprobs, tops))})
+        tops = tops or [None] * len(seqs)  # (None: no request asks for logprobs)
+        emitted.update({seq: [entry] for seq, entry in zip(seqs, zip(tokens, logprobs, tops))})
         return emitted
 
 

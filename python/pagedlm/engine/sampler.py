@@ -113,9 +113,8 @@ def top_logprobs(logits, seqs, tokens, decode=None):
     rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
     out = [None] * len(seqs)
     if rows:
-        index = slice(None) if len(rows) == len(seqs) else on_device(rows, logits.device, torch.int64)
-        entries = logprob_dicts(logits[index], [tokens[i] for i in rows], [seqs[i].params.logprobs for i in rows],
-                                decode)
+        entries = logprob_dicts(logits[_index(rows, logits.device, len(seqs))], [tokens[i] for i in rows],
+                                [seqs[i].params.logprobs for i in rows], decode)
         for i, entry in zip(rows, entries):
             out[i] = entry
     return out
@@ -146,7 +145,7 @@ def logprob_dicts(logits, tokens, widths, decode=None):
     host = torch.cat(parts).cpu().numpy()
     ids, ranks, values = host[:, 0].astype(np.int64).tolist(), host[:, 1].astype(np.int64).tolist(), host[:, 2].tolist()
     top_ids, top_values = host[:, 3:3 + width].astype(np.int64).tolist(), host[:, 3 + width:].tolist()
-    decode = decode or _no_text
+    decode = decode or (lambda token: None)
     out = []
     for r, n in enumerate(widths):
         entry = {ids[r]: Logprob(values[r], ranks[r], decode(ids[r]))}
@@ -156,10 +155,6 @@ def logprob_dicts(logits, tokens, widths, decode=None):
                 entry[token] = Logprob(top_values[r][k], k + 1, decode(token))
         out.append(entry)
     return out
-
-
-def _no_text(token):
-    return None
 
 
 def sample(logits, seqs, choices=None):

@@ -44,8 +44,7 @@ class Speculator:
     @property
     def captures(self):
         """CUDA graphs captured so far by the verification graphs and the proposer."""
-        verification = self.verification_graphs.captures if self.verification_graphs is not None else 0
-        return verification + self.proposer.captures
+        return sum(owner.captures for owner in (self.verification_graphs, self.proposer) if owner is not None)
 
     def capture_graphs(self, varlen, max_num_seqs):
         """Captures now every graph a speculative step can replay, rather than at unpredictable
