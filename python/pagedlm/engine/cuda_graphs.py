@@ -53,12 +53,14 @@ def bucket_of(size, buckets):
     return next(b for b in buckets if b >= size)
 
 
+def power_of_two(n):
+    """The smallest power of two >= n (0 for n = 0)."""
+    return 0 if n == 0 else 1 << (n - 1).bit_length()
+
+
 def width_of(blocks):
     """The captured table width for a table of `blocks` columns: a power of two >= MIN_WIDTH."""
-    width = MIN_WIDTH
-    while width < blocks:
-        width *= 2
-    return width
+    return max(MIN_WIDTH, power_of_two(blocks))
 
 
 def batch_buckets(max_num_seqs):

@@ -51,7 +51,7 @@ class VarlenGraphs(GraphSet):
         # allocated at the first capture (or by allocate_outputs): verification graphs read them
         # at fixed addresses.
         self.logits = self.choices = None
-        self.row_views = {}  # n -> first_rows(n)
+        self.row_views = {}  # n -> (logits[:n], choices[:n])
 
     def capture_all(self, masked):
         """Captures every (token bucket, sequence bucket) at the narrowest width now, rather than
@@ -92,13 +92,9 @@ class VarlenGraphs(GraphSet):
         self.replays += 1
         self.chunk_replays += graph.chunks
         graph.run(ids, positions, slots, tables, cu_seqlens, seq_lens, rows, mask_indptr, feed)
-        return self.first_rows(len(rows))
-
-    def first_rows(self, n):
-        """(logits[:n], choices[:n]) of the shared outputs, made once per n: on a small model's
-        step, slicing a tensor costs the host as much as a kernel."""
-        if n not in self.row_views:
-            self.row_views[n] = (self.logits[:n], self.choices[:n])
+        n = len(rows)
+        if n not in self.row_views:  # made once per n: on a small model's step, slicing costs as much as a kernel
+            self.row_views[n] = self.logits[:n], self.choices[:n]
         return self.row_views[n]
 
     def allocate_outputs(self):

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 import pagedlm.ops as ops
-from pagedlm.engine.cuda_graphs import Graph, GraphSet, StaticInputs
+from pagedlm.engine.cuda_graphs import Graph, GraphSet, StaticInputs, power_of_two
 from pagedlm.engine.sampler import choice_lists
 from pagedlm.speculative.sampling import processed_probs, sample_seed, token_logprobs
 
@@ -184,20 +184,16 @@ class VerificationGraphs(GraphSet):
         """The graph for these (chains, draft length, trees, nodes), or None (verify eagerly)
         when its padded logits gather would hold more than MAX_GATHER_BYTES: the memory of a
         graph's intermediates stays reserved in its pool."""
-        key = tuple(_power_of_two(n) for n in shapes)
+        key = tuple(power_of_two(n) for n in shapes)
         c, k, t, nodes = key
         if (c * (k + 1) + t * nodes) * self.varlen.logits.shape[1] * 4 > MAX_GATHER_BYTES:
             return None
         return super().graph(key)
 
 
-def _power_of_two(n):
-    return 0 if n == 0 else 1 << (n - 1).bit_length()
-
-
 def _powers_of_two(n):
-    """1, 2, 4, ... up to _power_of_two(n); nothing for n = 0."""
-    return [1 << i for i in range(_power_of_two(n).bit_length())]
+    """1, 2, 4, ... up to power_of_two(n); nothing for n = 0."""
+    return [1 << i for i in range(power_of_two(n).bit_length())]
 
 
 class _VerificationGraph:
