@@ -380,10 +380,7 @@ class LLM(StepRecovery, OverlappedSteps):
         if overlaps:
             self._launch(scheduled, copies)
             return self._land_oldest() if len(self._flights) > 1 else 0
-        kept = 0
-        for seq, tokens in self.runner.step(scheduled, copies).items():
-            kept += self._emit(seq, tokens)
-        return kept
+        return sum(self._emit(seq, tokens) for seq, tokens in self.runner.step(scheduled, copies).items())
 
     def _refuse_head(self):
         """Nothing runs and the first waiting group still cannot be admitted: it never will be

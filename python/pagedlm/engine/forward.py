@@ -88,10 +88,7 @@ def _lower_triangle(n):
 
 def leading_decodes(counts):
     """How many of a step's first sequences bring one token each (its decode rows)."""
-    n = 0
-    while n < len(counts) and counts[n] == 1:
-        n += 1
-    return n
+    return next((i for i, count in enumerate(counts) if count != 1), len(counts))
 
 
 def split_decode_rows(n, cu_seqlens, seq_lens, tables, block_size):

@@ -69,29 +69,28 @@ class Verification:
         argmax, logprob = choice_lists(host)
         self.row_choices = list(zip(argmax, logprob))
         rest = [t.astype(np.int64).tolist() for t in rest]
-        results = {}
+        greedy = {}  # seq -> (path, tokens)
         if self.chains:
             out, accepted, rest = rest[0], rest[1], rest[2:]
             for i, seq in enumerate(self.chains):
-                first, count = self.spans[seq]
-                path = list(range(accepted[i] + 1))
-                results[seq] = (path, out[i][:len(path)], [logprob[first + r] for r in path],
-                                argmax[first:first + count])
+                greedy[seq] = list(range(accepted[i] + 1)), out[i][:accepted[i] + 1]
         if self.trees:
             nodes, accepted, next_token = rest
             for j, (seq, (tokens, _, rows)) in enumerate(zip(self.trees, self.views)):
-                first, count = self.spans[seq]
                 accepted_nodes = nodes[j][:accepted[j] + 1]
-                path = [rows[n] for n in accepted_nodes]
-                emitted = [tokens[n] for n in accepted_nodes[1:]] + [next_token[j]]
-                results[seq] = (path, emitted, [logprob[first + r] for r in path], argmax[first:first + count])
+                greedy[seq] = ([rows[n] for n in accepted_nodes],
+                               [tokens[n] for n in accepted_nodes[1:]] + [next_token[j]])
+        results = {}
         for seq in self.seqs:
-            if seq.params.temperature > 0:
-                first, count = self.spans[seq]
+            first, count = self.spans[seq]
+            if seq in greedy:
+                path, tokens = greedy[seq]
+                logprobs = [logprob[first + r] for r in path]
+            else:
                 rows = logits[first:first + count]
                 path, tokens = _sampled(seq, self.drafts[seq], rows)
-                results[seq] = (path, tokens, token_logprobs(rows[path], seq.params, tokens),
-                                argmax[first:first + count])
+                logprobs = token_logprobs(rows[path], seq.params, tokens)
+            results[seq] = (path, tokens, logprobs, argmax[first:first + count])
         return results
 
 
