@@ -2,11 +2,9 @@
 
 A GraphSet keys graphs by a shape its owner buckets (batch size, token count, table width, ...)
 and captures each on first use, or up front when the owner asks (largest first, so that the
-smaller reuse its pool memory). A Graph replays one captured forward over StaticInputs: named
-fields packed in one int64 device buffer with a host twin, so a replay's inputs are written on
-the host and go up in one copy. DecodeGraphs (decode-only steps) is configured here; varlen
-forwards (varlen_graphs.py), the draft model's greedy chain (speculative/draft_chain.py) and
-greedy verification (speculative/verification.py) are the others."""
+smaller reuse its pool memory). A Graph replays one captured forward over StaticInputs, whose
+inputs are written on the host and go up in one copy. DecodeGraphs (decode-only steps) is here;
+the others are varlen_graphs.py, speculative/draft_chain.py and speculative/verification.py."""
 import gc
 
 import numpy as np
@@ -128,11 +126,11 @@ class Graph:
 class GraphSet:
     """Graphs by shape key, each made by build(*key) on first use; .captures counts them (a
     step that captured is no measure of speed); .replays counts the steps that replayed one of
-    them, where the owner counts (DecodeGraphs and VarlenGraphs do). Each kind of graph set is one
-    of these."""
+    them, where the owner counts (DecodeGraphs and VarlenGraphs do)."""
 
     def __init__(self, build):
         self.build, self.graphs, self.captures, self.replays = build, {}, 0, 0
+        self.views = {}  # first_rows' views by key
 
     def graph(self, key):
         graph = self.graphs.get(key)
@@ -140,6 +138,14 @@ class GraphSet:
             graph = self.graphs[key] = self.build(*key)
             self.captures += 1
         return graph
+
+    def first_rows(self, key, outputs, n):
+        """The first n rows of each of outputs, sliced once per key: on a small model's step,
+        slicing a tensor costs the host as much as a kernel."""
+        views = self.views.get(key)
+        if views is None:
+            views = self.views[key] = tuple(output[:n] for output in outputs)
+        return views
 
 
 class DecodeGraphs(GraphSet):
@@ -157,7 +163,6 @@ class DecodeGraphs(GraphSet):
         self.buckets = batch_buckets(max_num_seqs)
         self.pool = graph_pool(device)
         super().__init__(self._capture)
-        self.views = {}  # (bucket, width, batch) -> the first batch rows of that graph's outputs
         # The common width is captured up front, largest bucket first; other widths on first use.
         for bucket in reversed(self.buckets):
             self.graph((bucket, MIN_WIDTH, 0, 0))
@@ -167,12 +172,10 @@ class DecodeGraphs(GraphSet):
 
     def run(self, ids, positions, slots, tables, cascade=None, feed=None):
         """(logits [len(ids), vocab], their greedy_choices) of one decode step (views of the
-        graph's outputs). The logits are in the LM head's dtype: a step whose requests are all
-        greedy reads only the choices, and the float32 copy of a step that samples is made
-        then (sampler.sample), not in every replay (the [batch, vocab] copy and its argmax
-        over twice the bytes cost more than a tenth of a small model's decode step). slots and
-        tables: the block manager's arrays; cascade: the step's CascadePlan, or None. feed: the
-        input tokens still in flight (async scheduling, overlap.Feed), or None."""
+        graph's outputs). The logits are in the LM head's dtype: a greedy step reads only the
+        choices, and a step that samples upcasts them then (sampler.sample), not every replay.
+        slots and tables: the block manager's arrays; cascade: the step's CascadePlan, or None.
+        feed: the input tokens still in flight (async scheduling, overlap.Feed), or None."""
         batch = len(ids)
         bucket, width = bucket_of(batch, self.buckets), width_of(tables.shape[1])
         key = bucket, width, 0, 0
@@ -191,11 +194,7 @@ class DecodeGraphs(GraphSet):
         f["tables"][:batch, :tables.shape[1]] = tables
         if cascade is not None:
             _write_cascade(f, cascade, batch, bucket)
-        logits, choices = graph.replay(feed=feed)
-        view = (*key, batch)
-        if view not in self.views:  # made once: on a small model's step, slicing costs as much as a kernel
-            self.views[view] = logits[:batch], choices[:batch]
-        return self.views[view]
+        return self.first_rows((*key, batch), graph.replay(feed=feed), batch)
 
     def _capture(self, bucket, width, groups, prefix_width):
         fields = dict(ids=bucket, positions=bucket, slots=bucket, lens=bucket, tables=((bucket, width), torch.int32))

@@ -51,7 +51,6 @@ class VarlenGraphs(GraphSet):
         # allocated at the first capture (or by allocate_outputs): verification graphs read them
         # at fixed addresses.
         self.logits = self.choices = None
-        self.row_views = {}  # n -> (logits[:n], choices[:n])
 
     def capture_all(self, masked):
         """Captures every (token bucket, sequence bucket) at the narrowest width now, rather than
@@ -92,10 +91,7 @@ class VarlenGraphs(GraphSet):
         self.replays += 1
         self.chunk_replays += graph.chunks
         graph.run(ids, positions, slots, tables, cu_seqlens, seq_lens, rows, mask_indptr, feed)
-        n = len(rows)
-        if n not in self.row_views:  # made once per n: on a small model's step, slicing costs as much as a kernel
-            self.row_views[n] = self.logits[:n], self.choices[:n]
-        return self.row_views[n]
+        return self.first_rows(len(rows), (self.logits, self.choices), len(rows))
 
     def allocate_outputs(self):
         """The output buffers that every graph shares, and verification graphs read (once): as
