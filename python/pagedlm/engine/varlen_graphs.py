@@ -13,8 +13,7 @@ from pagedlm.models.llama import DecodeRows
 
 TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512)  # larger forwards of a few tokens per sequence run eagerly
 # Steps with prompt chunks, which want one logits row per sequence: finer buckets, since each
-# padding token costs the whole model's matmuls (about 3.6 us on an H100 for a 1B model), up to
-# CHUNK_TOKEN_BUCKETS[-1] tokens; a larger step is compute-bound, and runs eagerly.
+# padding token costs the whole model's matmuls; a larger step is compute-bound, and runs eagerly.
 CHUNK_TOKEN_BUCKETS = (16, 32, 64, 128, 256, 384, 512, 640, 768, 896, 1024, 1280, 1536, 1792, 2048)
 PER_QUERY_TOKENS = 8  # tokens per sequence bucket up to which causal forwards attend as decode queries
 MASKED_PER_QUERY_TOKENS = 64  # the same for masked forwards
@@ -47,15 +46,13 @@ class VarlenGraphs(GraphSet):
         super().__init__(lambda *key: _VarlenGraph(self, *key))
         self.keys = {}  # (tokens, seqs, table width, masked, chunks) of a forward that fits -> its graph's key
         self.chunk_replays = 0  # of .replays, those of chunks graphs
-        # Every graph's outputs, [most rows, vocab] float32 and their greedy choices,
-        # allocated at the first capture (or by allocate_outputs): verification graphs read them
-        # at fixed addresses.
+        # Every graph's outputs, [most rows, vocab] float32 and their greedy choices, allocated
+        # at the first capture (allocate_outputs): verification graphs read them at fixed addresses.
         self.logits = self.choices = None
 
     def capture_all(self, masked):
         """Captures every (token bucket, sequence bucket) at the narrowest width now, rather than
-        on first use: a speculative engine meets them at unpredictable steps (the timing
-        switch's probes most of all), and a capture mid-run costs tens of milliseconds."""
+        on first use (Speculator.capture_graphs says why)."""
         block_size = self.kv_caches[0][0].shape[1]
         for tokens in reversed(TOKEN_BUCKETS):  # the largest first: the smaller reuse its pool memory
             width = width_of(-(-tokens // block_size))

@@ -17,7 +17,6 @@ __all__ = ["Speculator", "check_config", "make_speculator"]
 
 _KEYS = {"ngram": {"num_tokens", "max_ngram"}, "draft": {"model", "num_tokens"}, "jacobi": {"num_tokens"},
          "lookahead": {"window", "ngram", "guesses"}}
-_FLAGS = {"adaptive", "pool_from_prompt"}  # optional True/False keys
 
 
 def check_config(config):
@@ -25,7 +24,7 @@ def check_config(config):
     if not isinstance(config, dict) or config.get("method") not in _KEYS:
         raise ValueError(f"speculative: expected a dict with method in {sorted(_KEYS)}, got {config!r}")
     method = config["method"]
-    flags = {"adaptive"} | ({"pool_from_prompt"} if method == "lookahead" else set())
+    flags = {"adaptive"} | ({"pool_from_prompt"} if method == "lookahead" else set())  # optional True/False keys
     given = set(config) - {"method"} - flags
     if given != _KEYS[method]:
         raise ValueError(f"speculative: method {method!r} takes keys {sorted(_KEYS[method])} (and optionally "
@@ -33,9 +32,8 @@ def check_config(config):
     for flag in flags & set(config):
         if not isinstance(config[flag], bool):
             raise ValueError(f"speculative['{flag}']: must be True or False, got {config[flag]!r}")
-    ints = {k: v for k, v in config.items() if k not in ("method", "model") and k not in _FLAGS}
-    for key, value in ints.items():
-        smallest = 2 if key == "ngram" else 1
+    for key in [k for k in config if k in _KEYS[method] - {"model"}]:  # the int keys, in the given order
+        value, smallest = config[key], 2 if key == "ngram" else 1
         if isinstance(value, bool) or not isinstance(value, int) or value < smallest:
             raise ValueError(f"speculative['{key}']: must be an int >= {smallest}, got {value!r}")
 

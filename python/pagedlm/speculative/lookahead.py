@@ -20,7 +20,9 @@ class LookaheadProposer(Proposer):
     def __init__(self, window, ngram, guesses, pool_from_prompt=True):
         self.W, self.N, self.G = window, ngram, guesses
         self.pool_from_prompt = pool_from_prompt
-        self.window_parents = [self._parent(level, j) for level in range(self.N - 1) for j in range(self.W)]
+        # Level 0 is a chain from the last token (-1); level l > 0 continues column j of level l - 1.
+        self.window_parents = [j - 1 if level == 0 else (level - 1) * self.W + j
+                               for level in range(self.N - 1) for j in range(self.W)]
         self.verification_bounds = (0, 1 + self.G * (self.N - 1))  # a trie of G branches of N - 1 tokens
         self.windows = {}  # seq -> N-1 levels of W tokens
         self.pools = {}    # seq -> {first token: {continuation (N-1 tokens): None}, newest last}
@@ -90,11 +92,6 @@ class LookaheadProposer(Proposer):
         self.windows.pop(seq, None)
         self.pools.pop(seq, None)
         self.pooled.pop(seq, None)
-
-    def _parent(self, level, j):
-        if level == 0:
-            return j - 1  # -1 for column 0: the last token
-        return (level - 1) * self.W + j
 
     def _initial_window(self, seq):
         # Random prompt tokens, as the paper starts, seeded by the content so that a sampled

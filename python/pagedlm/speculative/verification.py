@@ -167,11 +167,9 @@ class VerificationGraphs(GraphSet):
         return self.varlen.logits is not None and logits.data_ptr() == self.varlen.logits.data_ptr()
 
     def capture_all(self, max_seqs, chain_drafts=0, tree_nodes=0):
-        """Captures up front the graph of every shape bucket a step can meet, rather than on first
-        use: a speculative engine meets new ones at unpredictable steps (the timing switch's
-        probes most of all, a batch's chains after some sequences finished), and at batch 16 one
-        capture costs as much time as dozens of steps. chain_drafts: the longest chain drafted;
-        tree_nodes: the most nodes (root included) of a verification tree."""
+        """Captures up front the graph of every shape bucket a step can meet (Speculator.capture_graphs
+        says why). chain_drafts: the longest chain drafted; tree_nodes: the most nodes (root
+        included) of a verification tree."""
         self.varlen.allocate_outputs()
         for seqs in _powers_of_two(max_seqs):
             for k in _powers_of_two(chain_drafts):
