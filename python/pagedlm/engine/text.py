@@ -131,10 +131,3 @@ class SampleText:
         self.text += released
         self.stopped = self.stopped or hit
         return hit
-
-    def finish(self):
-        """The sample ended outside the engine's emit (an abort): the rest of its text."""
-        if self.stopped:
-            return
-        delta = self.detokenizer.finish()
-        self.text += self.stops.feed(delta, final=True)[0] if self.stops is not None else delta

@@ -30,7 +30,7 @@ class DraftChainGraphs(GraphSet):
 
 class _ChainGraph:
     def __init__(self, owner, bucket, width):
-        self.bucket, self.steps = bucket, owner.steps
+        self.steps = owner.steps
         self.first = torch.zeros(bucket, dtype=torch.int64, device=owner.device)  # from the device, not the host
         # Positions, slots and lengths per step, then the tables: one buffer, one copy.
         self.inputs = StaticInputs(dict(meta=(3, owner.steps, bucket), tables=((bucket, width), torch.int32)),
