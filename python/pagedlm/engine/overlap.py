@@ -88,10 +88,7 @@ class OverlappedSteps:
 
     def _overlaps(self):
         """Whether the next step may launch before the step in flight lands (see the module
-        docstring): every sequence it may run is plain, and the free blocks cover what each
-        running one may reserve (its tokens' blocks, one more for a partly filled first one and
-        one for a copy on write), so the scheduler preempts none; admissions reserve only
-        what is free."""
+        docstring): every sequence it may run is plain, and the scheduler will preempt none."""
         scheduler, bm = self.scheduler, self.block_manager
         if not self.async_scheduling or self.runner.cascade or measuring(self.kv_caches):
             return False

@@ -12,12 +12,10 @@ from pagedlm.engine.sequence import UNMATCHABLE_TOKEN, Status
 class StepRecovery:
     def _recover(self, exc):
         """Makes the engine consistent after a step that raised exc, wherever it stopped (blocks
-        reserved, KV half written, tokens sampled but not emitted); returns the ids of the
-        requests it failed. The step is rolled back (_roll_back): the sequences not in it are
-        untouched, and the prefix cache keeps every block whose KV an earlier step wrote. An
-        interrupt fails no request; an exception is blamed on the step's requests that make it
-        fail (_blame), which finish with finish_reason "error", each sequence's `error` saying
-        why. A failure before the scheduler returned the step is no request's: none fails."""
+        reserved, KV half written, tokens sampled but not emitted): rolls it back (_roll_back),
+        and fails the requests an exception is blamed on (_blame; an interrupt, or a failure
+        before the scheduler returned the step, fails none), each sequence's `error` saying why.
+        Returns the ids of the requests it failed."""
         batch, self._scheduled = self._scheduled, None
         self._roll_back(batch)
         # Steps launched before the failed one went through (async scheduling): their tokens are

@@ -151,21 +151,16 @@ class ModelRunner:
         for seq, _, _, count in prompt_rows:
             seq.prompt_logprobs.extend(next(entries) for _ in range(count))
 
-    def _decode_inputs(self, seqs):
-        """(ids, positions, slots, tables) of a decode step of seqs, their slots reserved: each
-        one's next uncached token (0 where it is in flight: the step's feed puts it there on the
-        device) and its position, and the block manager's slots and tables (numpy)."""
-        seq_ids = [s.seq_id for s in seqs]
-        tables, slots = self.bm.block_tables(seq_ids), self.bm.slot_mapping(seq_ids, [1] * len(seq_ids))
-        ids = [0 if s.in_flight else s.token_range(s.num_cached, s.num_cached + 1)[0] for s in seqs]
-        return ids, [s.num_cached for s in seqs], slots, tables
-
     def _decode(self, computing, in_flight=None):
         """(logits, greedy_choices or None) of one new token per sequence: a DecodeGraphs
         replay (which computes the choices) when the batch fits one, else an eager forward.
         in_flight: as _forward's."""
         seqs = [s.seq for s in computing]
-        ids, positions, slots, tables = self._decode_inputs(seqs)
+        seq_ids = [s.seq_id for s in seqs]
+        tables, slots = self.bm.block_tables(seq_ids), self.bm.slot_mapping(seq_ids, [1] * len(seq_ids))
+        # Each one's next uncached token (0 where it is in flight: the feed puts it there on the device).
+        ids = [0 if s.in_flight else s.token_range(s.num_cached, s.num_cached + 1)[0] for s in seqs]
+        positions = [s.num_cached for s in seqs]
         feed = in_flight and in_flight.feed([(i, seq) for i, seq in enumerate(seqs) if seq.in_flight])
         cascade = cascade_plan(tables, [p + 1 for p in positions], self.bm.block_size) if self.cascade else None
         self.cascade_steps += cascade is not None

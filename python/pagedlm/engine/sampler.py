@@ -31,17 +31,12 @@ def greedy_choices(logits, out=None):
 
 
 def sample_step(logits, seqs, choices=None, eos_token_ids=frozenset(), decode=None):
-    """(tokens, logprobs, tops): sample() with the per-request transforms of SamplingParams
-    (penalties, min_tokens; eos_token_ids are the ids min_tokens holds back). tops is None when
-    no row asks for logprobs, else one entry per row: None, or {token_id: raw Logprob} with the
-    sampled token first, then the params.logprobs most likely tokens by rank (logprob_dicts;
-    decode gives their decoded_token).
-
-    Rows of requests with transforms or logprobs (SamplingParams._special) have their logits
-    penalized first (vLLM's order: repetition, frequency, presence; EOS and stop ids masked
-    until min_tokens); greedy rows then take the argmax of the penalized logits, and logprobs
-    are the raw log_softmax of the model's logits. A step without such requests is sample().
-    logits may be in the model's dtype (a decode graph's): each path upcasts what it reads."""
+    """(tokens, logprobs, tops): sample() after the per-request transforms of SamplingParams
+    (apply_penalties; eos_token_ids are the ids min_tokens holds back), greedy rows taking the
+    argmax of the transformed logits. tops is None when no row asks for logprobs, else one
+    entry per row: None, or top_logprobs' dict of the model's raw logits (decode gives their
+    decoded_token). logits may be in the model's dtype (a decode graph's): each path upcasts
+    what it reads."""
     if not any(s.params._special for s in seqs):  # no transforms, no logprobs: the plain path
         return (*sample(logits, seqs, choices), None)
     raw = logits
@@ -158,12 +153,10 @@ def logprob_dicts(logits, tokens, widths, decode=None):
 
 
 def sample(logits, seqs, choices=None):
-    """logits [rows, vocab] (float32, or the model's dtype: upcast here unless every row is
-    greedy), one row per sequence in seqs; returns (tokens, logprobs) lists. Greedy rows
-    (temperature 0) take the argmax; sampled ones apply temperature, min_p, top-k and top-p,
-    then pick a token by inverse CDF with a uniform from Philox-4x32-10 (the verification
-    kernels' generator). choices: the logits' greedy_choices when already computed (by a graph).
-    One copy to the host (of sampled_choices)."""
+    """(tokens, logprobs) lists of logits [rows, vocab] (float32, or the model's dtype), one row
+    per sequence in seqs: greedy rows (temperature 0) take the argmax, sampled ones draw from
+    probabilities() by inverse CDF with a Philox-4x32-10 uniform (the verification kernels'
+    generator). choices: the logits' greedy_choices when a graph computed them. One host copy."""
     return choice_lists(sampled_choices(logits, seqs, choices).cpu().numpy())
 
 
