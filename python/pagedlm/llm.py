@@ -181,9 +181,8 @@ class LLM(StepRecovery, OverlappedSteps):
         if self._tp is not None:
             self._tp.make_caches(num_blocks, block_size)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
-        # Decode steps replay CUDA graphs on the GPU unless enforce_eager (as vLLM's option) or
-        # PAGEDLM_DEBUG=1, whose value checks synchronize, which no capture allows.
-        # With tensor parallelism, steps run eagerly.
+        # Steps replay CUDA graphs on a GPU, except with enforce_eager (vLLM's option), tensor
+        # parallelism or PAGEDLM_DEBUG=1 (below).
         use_cuda_graphs = self.device.type == "cuda" and not enforce_eager and self._tp is None
         if use_cuda_graphs and debug_checks():
             warnings.warn("PAGEDLM_DEBUG=1: CUDA graphs are off (the ops' value checks synchronize, which no "
