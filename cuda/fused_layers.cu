@@ -95,7 +95,8 @@ __global__ void silu_and_mul_kernel(SiluAndMulParams p) {
 }
 
 // One block per token: the token's cos and sin (head_dim / 2 each) go to shared memory once,
-// then the block's threads rotate every (head, i) pair of its query and key heads.
+// then the block's threads rotate every (head, i) pair of its query and key heads (the query's
+// into query_out when given).
 template <typename T>
 __global__ void apply_rope_kernel(RopeParams p) {
   extern __shared__ float cos_sin[];
@@ -113,12 +114,15 @@ __global__ void apply_rope_kernel(RopeParams p) {
   const int pairs = (p.num_heads + p.num_kv_heads) * half;
   for (int j = threadIdx.x; j < pairs; j += blockDim.x) {
     const int head = j / half, i = j % half;
-    T* x = head < p.num_heads
-               ? static_cast<T*>(p.query) + t * p.query_token_stride + head * p.query_head_stride
-               : static_cast<T*>(p.key) + t * p.key_token_stride + (head - p.num_heads) * p.key_head_stride;
+    const bool is_query = head < p.num_heads;
+    T* x = is_query ? static_cast<T*>(p.query) + t * p.query_token_stride + head * p.query_head_stride
+                    : static_cast<T*>(p.key) + t * p.key_token_stride + (head - p.num_heads) * p.key_head_stride;
+    T* out = is_query && p.query_out != nullptr
+                 ? static_cast<T*>(p.query_out) + (t * p.num_heads + head) * p.head_dim
+                 : x;
     const float x1 = to_float(x[i]), x2 = to_float(x[half + i]);
-    x[i] = from_float<T>(__fsub_rn(__fmul_rn(x1, cos_t[i]), __fmul_rn(x2, sin_t[i])));
-    x[half + i] = from_float<T>(__fadd_rn(__fmul_rn(x2, cos_t[i]), __fmul_rn(x1, sin_t[i])));
+    out[i] = from_float<T>(__fsub_rn(__fmul_rn(x1, cos_t[i]), __fmul_rn(x2, sin_t[i])));
+    out[half + i] = from_float<T>(__fadd_rn(__fmul_rn(x2, cos_t[i]), __fmul_rn(x1, sin_t[i])));
   }
 }
 

@@ -323,6 +323,42 @@ def test_apply_rope_with_free_head_strides_and_llama3_frequencies():
     ops.apply_rope(torch.empty(0, 4, 64), torch.empty(0, 2, 64), torch.empty(0, dtype=torch.int64), inv_freq)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(1, 1, 2), (7, 1, 6), (4, 2, 64)])
+@pytest.mark.parametrize("tokens", [0, 1, 5])
+def test_apply_rope_into_query_out_equals_in_place(tokens, heads, kv_heads, head_dim, dtype, device="cpu"):
+    """The rotated query written into a contiguous query_out: the same bits as the rotation in
+    place, the query left as it was, and every element of query_out written."""
+    qkv, q, k, v = fused_qkv(tokens, heads, kv_heads, head_dim, dtype, device)
+    positions = torch.randint(0, 100_000, (tokens,), device=device)
+    inv_freq = inv_freq_of(head_dim).to(device)
+    expected_q, expected_k = ops.apply_rope(q.clone(), k.clone(), positions, inv_freq)
+    q0, v0 = q.clone(), v.clone()
+    query_out = torch.full((tokens, heads, head_dim), float("nan"), dtype=dtype, device=device)
+    out_q, out_k = ops.apply_rope(q, k, positions, inv_freq, query_out=query_out)
+    assert out_q is query_out and out_k is k
+    assert torch.equal(query_out, expected_q) and torch.equal(k, expected_k)
+    assert torch.equal(q, q0) and torch.equal(v, v0)
+
+
+@pytest.mark.parametrize("make_out, error", [
+    (lambda q, k: torch.empty(3, 4, 8, dtype=torch.float64), TypeError),      # another dtype
+    (lambda q, k: torch.empty(3, 3, 8), ValueError),                          # another head count
+    (lambda q, k: torch.empty(2, 4, 8), ValueError),                          # another token count
+    (lambda q, k: torch.empty(3, 8, 4).transpose(1, 2), ValueError),           # not contiguous
+    (lambda q, k: torch.empty(4, 3, 8).transpose(0, 1), ValueError),           # not contiguous
+    (lambda q, k: q, ValueError),                                             # the query itself
+    (lambda q, k: k.as_strided((3, 4, 8), (32, 8, 1)), ValueError),           # the key's memory
+    ([3, 4, 8], TypeError),                                                   # not a tensor
+])
+def test_apply_rope_bad_query_out_raises_naming_it(make_out, error):
+    q, k = torch.zeros(3, 4, 8), torch.zeros(12, 2, 8)[:3]
+    out = make_out if isinstance(make_out, list) else make_out(q, k)
+    with pytest.raises(error, match="query_out"):
+        ops.apply_rope(q, k, torch.arange(3), inv_freq_of(8), query_out=out)
+    assert torch.all(q == 0) and torch.all(k == 0)
+
+
 @pytest.mark.parametrize("call, error, argument", [
     (lambda q, k, p, f: ops.apply_rope(q[0], k, p, f), ValueError, "query"),
     (lambda q, k, p, f: ops.apply_rope(q[..., :7], k[..., :7], p, f[:3]), ValueError, "query"),
@@ -352,6 +388,17 @@ def test_apply_rope_torch_op_and_opcheck():
     torch.ops.pagedlm.apply_rope(q, k, positions, inv_freq)
     assert torch.equal(q, expected_q) and torch.equal(k, expected_k)
     torch.library.opcheck(torch.ops.pagedlm.apply_rope.default, (q, k, positions, inv_freq))
+    query_out = torch.empty_like(q)
+    torch.ops.pagedlm.apply_rope(q, k, positions, inv_freq, query_out=query_out)
+    torch.library.opcheck(torch.ops.pagedlm.apply_rope.default, (q, k, positions, inv_freq),
+                          {"query_out": query_out})
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(1, 1, 2), (32, 8, 64), (8, 2, 128)])
+def test_apply_rope_cuda_into_query_out_equals_in_place(heads, kv_heads, head_dim, dtype):
+    test_apply_rope_into_query_out_equals_in_place(19, heads, kv_heads, head_dim, dtype, device="cuda")
 
 
 @pytest.mark.gpu

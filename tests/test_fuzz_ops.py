@@ -405,7 +405,9 @@ def _apply_rope(runner, device, debug, data):
                               for _ in range(tokens)], dtype=torch.int64)
     inv_freq = 10000.0 ** (-torch.arange(0, dim, 2, dtype=torch.float32) / dim)
     q0, k0 = query.clone(), key.clone()
-    outcome = runner("apply_rope", query, key, positions, inv_freq, device=device, debug=debug)
+    # The rotated query into a fresh contiguous tensor, or in place.
+    query_out = torch.full((tokens, heads, dim), float("nan")).to(dtype) if draw(st.booleans()) else None
+    outcome = runner("apply_rope", query, key, positions, inv_freq, query_out=query_out, device=device, debug=debug)
     if overlap:
         expect_named_error(outcome, {"key", "query"})
         return

@@ -124,8 +124,10 @@ void expect_rope_views_apart(const MutTensor& query, const MutTensor& key, int64
   if (!fused || r < q_len || r + k_len > stride) fail("key", "must not share memory with query");
 }
 
-// query, key rotated in place by positions [tokens] (int64) and inv_freq [head_dim / 2] (float32).
-void apply_rope(MutTensor query, MutTensor key, Tensor positions, Tensor inv_freq, uintptr_t stream) {
+// query, key rotated in place by positions [tokens] (int64) and inv_freq [head_dim / 2] (float32);
+// the query into query_out instead when given (contiguous, the query's shape and dtype).
+void apply_rope(MutTensor query, MutTensor key, Tensor positions, Tensor inv_freq, std::optional<MutTensor> query_out,
+                uintptr_t stream) {
   expect_rank(query, 3, "query");
   const DType dtype = float_dtype(query, "query");
   const Placement where = placement_of(query);
@@ -151,10 +153,20 @@ void apply_rope(MutTensor query, MutTensor key, Tensor positions, Tensor inv_fre
   if ((static_cast<int64_t>(query.shape(1)) + key.shape(1)) * head_dim >= (int64_t{1} << 31)) {
     fail("query", "(num_heads + num_kv_heads) * head_dim must be below 2^31");
   }
+  if (query_out) {
+    check_rope_heads(*query_out, tokens, head_dim, dtype, where, "query_out");
+    expect_dim(*query_out, 1, query.shape(1), "query_out", "heads of query");
+    expect_contiguous(*query_out, "query_out");
+    expect_apart(*query_out, query, "query_out", "query");
+    expect_apart(*query_out, key, "query_out", "key");
+    expect_apart(*query_out, positions, "query_out", "positions");
+    expect_apart(*query_out, inv_freq, "query_out", "inv_freq");
+  }
 
   RopeParams p;
   p.query = query.data();
   p.key = key.data();
+  p.query_out = query_out ? query_out->data() : nullptr;
   p.positions = static_cast<const int64_t*>(positions.data());
   p.inv_freq = static_cast<const float*>(inv_freq.data());
   p.tokens = tokens;
@@ -174,7 +186,7 @@ void bind_fused_layers(nb::module_& m) {
         "stream"_a);
   m.def("silu_and_mul", &silu_and_mul, "x"_a, "out"_a.noconvert(), "stream"_a);
   m.def("apply_rope", &apply_rope, "query"_a.noconvert(), "key"_a.noconvert(), "positions"_a, "inv_freq"_a,
-        "stream"_a);
+        "query_out"_a.noconvert().none(), "stream"_a);
 }
 
 }  // namespace pagedlm::bindings

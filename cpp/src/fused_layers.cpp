@@ -81,18 +81,27 @@ void apply_rope_cpu(const RopeParams& p) {
       cos[i] = std::cos(angle);
       sin[i] = std::sin(angle);
     }
-    auto rotate = [&](void* x, int heads, int64_t token_stride, int64_t head_stride) {
+    // Head h of x (at its strides) rotated into head h of out (at out's).
+    auto rotate = [&](const void* x, int64_t token_stride, int64_t head_stride, void* out, int64_t out_token_stride,
+                      int64_t out_head_stride, int heads) {
       for (int h = 0; h < heads; ++h) {
-        const int64_t base = t * token_stride + h * head_stride;
+        const int64_t from = t * token_stride + h * head_stride, to = t * out_token_stride + h * out_head_stride;
         for (int i = 0; i < half; ++i) {
-          const float x1 = load_as_float(x, base + i, p.dtype), x2 = load_as_float(x, base + half + i, p.dtype);
-          store_from_float(x, base + i, p.dtype, x1 * cos[i] - x2 * sin[i]);
-          store_from_float(x, base + half + i, p.dtype, x2 * cos[i] + x1 * sin[i]);
+          const float x1 = load_as_float(x, from + i, p.dtype), x2 = load_as_float(x, from + half + i, p.dtype);
+          store_from_float(out, to + i, p.dtype, x1 * cos[i] - x2 * sin[i]);
+          store_from_float(out, to + half + i, p.dtype, x2 * cos[i] + x1 * sin[i]);
         }
       }
     };
-    rotate(p.query, p.num_heads, p.query_token_stride, p.query_head_stride);
-    rotate(p.key, p.num_kv_heads, p.key_token_stride, p.key_head_stride);
+    if (p.query_out != nullptr) {
+      rotate(p.query, p.query_token_stride, p.query_head_stride, p.query_out,
+             static_cast<int64_t>(p.num_heads) * p.head_dim, p.head_dim, p.num_heads);
+    } else {
+      rotate(p.query, p.query_token_stride, p.query_head_stride, p.query, p.query_token_stride, p.query_head_stride,
+             p.num_heads);
+    }
+    rotate(p.key, p.key_token_stride, p.key_head_stride, p.key, p.key_token_stride, p.key_head_stride,
+           p.num_kv_heads);
   });
 }
 

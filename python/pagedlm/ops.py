@@ -479,16 +479,18 @@ def silu_and_mul(x):
     return out
 
 
-def apply_rope(query, key, positions, inv_freq):
+def apply_rope(query, key, positions, inv_freq, *, query_out=None):
     """Rotary embedding (rotate-half convention, as Hugging Face's Llama) of query
     [tokens, num_heads, head_dim] and key [tokens, num_kv_heads, head_dim] in place, in one
     kernel. Their last dimension must be contiguous; token and head strides are free, so they
     may be views of one fused qkv output (but must not overlap). positions int64 [tokens];
     inv_freq float32 [head_dim / 2]. Angles, cos, sin and the rotation are float32, as
-    pagedlm.models.layers computes them. Returns (query, key), the same tensors."""
-    expect_tensors(query=query, key=key, positions=positions, inv_freq=inv_freq)
-    _C.apply_rope(query, key, positions, inv_freq, stream_of(query))
-    return query, key
+    pagedlm.models.layers computes them. query_out: a contiguous tensor of query's shape and
+    dtype that receives the rotated query instead (query is left as it was), as the attention
+    ops take it, sparing a copy of a strided query. Returns (query_out or query, key)."""
+    expect_tensors(query=query, key=key, positions=positions, inv_freq=inv_freq, query_out=query_out)
+    _C.apply_rope(query, key, positions, inv_freq, query_out, stream_of(query))
+    return (query if query_out is None else query_out), key
 
 
 def argmax_logprob(logits, *, out=None):
@@ -530,7 +532,8 @@ _lib.define("merge_attention_states(Tensor out_a, Tensor lse_a, Tensor out_b, Te
 _lib.define("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor")
 _lib.define("fused_add_rms_norm(Tensor(a!) x, Tensor(b!) residual, Tensor weight, float eps) -> ()")
 _lib.define("silu_and_mul(Tensor x) -> Tensor")
-_lib.define("apply_rope(Tensor(a!) query, Tensor(b!) key, Tensor positions, Tensor inv_freq) -> ()")
+_lib.define("apply_rope(Tensor(a!) query, Tensor(b!) key, Tensor positions, Tensor inv_freq, *, "
+            "Tensor(c!)? query_out=None) -> ()")
 _lib.define("argmax_logprob(Tensor logits) -> Tensor")
 
 
@@ -579,8 +582,8 @@ def _fused_add_rms_norm(x, residual, weight, eps):
     rms_norm(x, weight, eps, residual=residual)
 
 
-def _apply_rope(query, key, positions, inv_freq):
-    apply_rope(query, key, positions, inv_freq)
+def _apply_rope(query, key, positions, inv_freq, *, query_out=None):
+    apply_rope(query, key, positions, inv_freq, query_out=query_out)
 
 
 for _key in ("CPU", "CUDA"):
@@ -653,7 +656,7 @@ def _(x):
 
 
 @torch.library.register_fake("pagedlm::apply_rope")
-def _(query, key, positions, inv_freq):
+def _(query, key, positions, inv_freq, *, query_out=None):
     return None
 
 

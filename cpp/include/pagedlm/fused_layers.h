@@ -47,9 +47,13 @@ void silu_and_mul_cpu(const SiluAndMulParams& p);
 // For i < head_dim / 2: angle = f32(positions[t]) * inv_freq[i], cos and sin in f32, and
 // (x1, x2) = (x[i], x[i + head_dim / 2]) become (x1 cos - x2 sin, x2 cos + x1 sin), each
 // product and sum rounded to f32, the result to the dtype. query and key must not overlap.
+// query_out, when set, receives the rotated query instead, contiguous [tokens, num_heads,
+// head_dim] (query is then only read): the attention kernels take a contiguous query, and a
+// query head slice of a fused qkv output would otherwise be copied once more.
 struct RopeParams {
   void* query = nullptr;
   void* key = nullptr;
+  void* query_out = nullptr;
   const int64_t* positions = nullptr;  // [tokens]
   const float* inv_freq = nullptr;  // [head_dim / 2]
   int64_t tokens = 0;

@@ -54,10 +54,12 @@ def rope_frequencies(head_dim, theta, scaling):
     return torch.where(medium, (1 - blend) * inv_freq / factor + blend * inv_freq, scaled)
 
 
-def apply_rope(query, key, positions, inv_freq):
-    """query [tokens, heads, head_dim] and key [tokens, kv_heads, head_dim] rotated in place,
-    rotate-half convention (as Hugging Face's Llama), in float32, by one kernel."""
-    return ops.apply_rope(query, key, positions, inv_freq.to(device=query.device, dtype=torch.float32))
+def apply_rope(query, key, positions, inv_freq, query_out=None):
+    """query [tokens, heads, head_dim] and key [tokens, kv_heads, head_dim] rotated in place
+    (the query into query_out when given), rotate-half convention (as Hugging Face's Llama), in
+    float32, by one kernel."""
+    return ops.apply_rope(query, key, positions, inv_freq.to(device=query.device, dtype=torch.float32),
+                          query_out=query_out)
 
 
 class Attention(nn.Module):
@@ -97,8 +99,9 @@ class Attention(nn.Module):
             q = self.q_norm(q.reshape(-1, self.head_dim)).view(tokens, self.num_heads, self.head_dim)
             k = self.k_norm(k.reshape(-1, self.head_dim)).view(tokens, self.num_kv_heads, self.head_dim)
         rotary = self.rotary_dim
-        if rotary == self.head_dim:
-            q, k = apply_rope(q, k, positions, inv_freqs[self.rope_table])
+        if rotary == self.head_dim:  # the rotated query lands contiguous, as the attention kernels take it
+            query_out = None if q.is_contiguous() else torch.empty(q.shape, dtype=q.dtype, device=q.device)
+            q, k = apply_rope(q, k, positions, inv_freqs[self.rope_table], query_out)
         else:  # partial rotary: the leading dims of each head (views: the kernel takes strided heads)
             apply_rope(q[..., :rotary], k[..., :rotary], positions, inv_freqs[self.rope_table])
             if self.rotated_factor != 1.0:
