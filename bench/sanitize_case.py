@@ -25,6 +25,18 @@ for dtype, head_dim in [(torch.bfloat16, 128), (torch.float32, 64), (torch.float
     logits = torch.randn(5, 4099, device="cuda", dtype=dtype)  # odd vocabulary: unaligned rows
     logits[1, 7] = float("nan")
     ops.argmax_logprob(logits)
+    # The fused layers: odd widths (their scalar paths) and 16-byte packs.
+    for width in (1027, 1024):
+        x = torch.randn(7, 2 * width, device="cuda", dtype=dtype)
+        ops.rms_norm(x[:, :width].contiguous(), torch.randn(width, device="cuda", dtype=dtype), 1e-5,
+                     residual=torch.randn(7, width, device="cuda", dtype=dtype))
+        ops.silu_and_mul(x)
+    qkv = torch.randn(5, 14, head_dim, device="cuda", dtype=dtype)  # 8 query, 2 key, 2 value heads, padded
+    positions = torch.arange(5, device="cuda") * 1000
+    inv_freq = torch.rand(head_dim // 2, device="cuda")
+    ops.apply_rope(qkv[:, :8], qkv[:, 8:10], positions, inv_freq)
+    ops.apply_rope(qkv[:, :8], qkv[:, 8:10], positions, inv_freq, query_out=torch.empty(5, 8, head_dim, device="cuda",
+                                                                                         dtype=dtype))
 # A row long enough to be split (split-K and the merge kernel), a bad block id in its last split.
 kc = torch.randn(300, 16, 2, 128, device="cuda", dtype=torch.bfloat16)
 vc = torch.randn_like(kc)
