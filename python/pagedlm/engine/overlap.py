@@ -43,7 +43,7 @@ class StepInFlight:
         done = None
         if choices.is_cuda:
             done = torch.cuda.Event()
-            done.record()
+            done.record(torch.cuda.current_stream(choices.device))  # the copy's stream, on any cuda:N
         return cls(seqs, {seq: i for i, seq in enumerate(seqs)}, choices, host, done)
 
     def feed(self, at):
