@@ -124,6 +124,43 @@ def test_cuda_matches_cpu_and_the_reference(vocab, dtype, offset):
     torch.testing.assert_close(out[:, 1].cpu(), cpu[:, 1], rtol=1e-5, atol=1e-5)
 
 
+def far_apart_rows(vocab, device="cpu"):
+    """Rows of a large vocabulary whose deciding entries lie in different 16-byte packs, loads
+    and threads of a row's pass: increasing and decreasing rows (the running maximum changes at
+    every element, or never), ties and NaNs far apart (the first wins), a lone finite entry at
+    the end, and a near-uniform row."""
+    rows = torch.randn(8, vocab, device=device)
+    steps = torch.arange(vocab, device=device, dtype=torch.float32)
+    rows[0] = steps * 1e-4                                  # increasing: the last entry
+    rows[1] = -steps * 1e-4                                 # decreasing: the first entry
+    far = [i for i in (2048, 4100, 9000, 100_000, vocab - 1) if i < vocab]
+    rows[2, far] = 30.0                                     # ties: the first of them
+    rows[3, far[1:]] = float("nan")                         # NaNs: the first of them, log-probability NaN
+    rows[4] = float("-inf")
+    rows[4, vocab - 1] = 3.0                                # one finite entry, the last: log-probability 0
+    rows[5] = 1.0 + steps * 1e-9                            # nearly uniform: about -log(vocab)
+    rows[6, far[-1]] = float("inf")                         # +inf late: its index, NaN
+    rows[7] = -rows[7].abs()
+    rows[7, far[0]] = 0.0                                   # the maximum among negative entries
+    return rows
+
+
+@pytest.mark.parametrize("vocab", [131071, 513])
+def test_far_apart_entries_match_the_reference(vocab):
+    rows = far_apart_rows(vocab)
+    assert_choices(ops.argmax_logprob(rows), reference(rows))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("vocab", [131072, 131071, 4100 + 3, 513])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_far_apart_entries_match_cpu_and_the_reference(vocab, dtype):
+    rows = far_apart_rows(vocab, "cuda").to(dtype)
+    out = ops.argmax_logprob(rows)
+    assert_choices(out, reference(rows))
+    assert_choices(out, ops.argmax_logprob(rows.cpu()))
+
+
 @pytest.mark.gpu
 def test_cuda_ties_nans_and_infinities_match_cpu():
     rows = special_rows("cuda")
