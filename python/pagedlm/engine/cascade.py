@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pagedlm.engine.sampler import on_device
+
 # When cascading pays: its attention runs three more kernels a layer than plain decode, which
 # at a few microseconds each a small model's layer repays with about 16K tokens' K/V not read.
 # (Rough: tune against bench/bench_cascade.py on the card.)
@@ -31,8 +33,7 @@ class CascadePlan:
 
     def tensors(self, device):
         """The plan as a CascadeBatch of tensors on device."""
-        return CascadeBatch(*(torch.from_numpy(np.ascontiguousarray(a)).to(device, non_blocking=True)
-                              for a in (self.order, self.group_indptr, self.prefix_tables, self.prefix_lens,
+        return CascadeBatch(*(on_device(np.ascontiguousarray(a), device) for a in (self.order, self.group_indptr, self.prefix_tables, self.prefix_lens,
                                         self.suffix_tables, self.suffix_lens)))
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from pagedlm.engine.cascade import CascadeBatch
-from pagedlm.engine.sampler import greedy_choices
+from pagedlm.engine.sampler import greedy_choices, staged
 from pagedlm.models import AttentionBatch
 
 MIN_WIDTH = 64          # blocks per table row in the narrowest graphs
@@ -70,9 +70,9 @@ def batch_buckets(max_num_seqs):
 
 class StaticInputs:
     """A graph's inputs: named fields packed in one int64 buffer on the device (.device[name])
-    with a pageable host twin (.host[name], numpy). A replay writes its inputs into .host in
-    place and upload() sends them up in one copy; the same host array serves every replay,
-    since a copy from pageable memory has read it when copy_ returns. fields: name -> shape
+    with a host twin (.host[name], numpy). A replay writes its inputs into .host in place and
+    upload() sends them up in one copy, staged (sampler.staged: through a pinned block of its
+    own), so the same host array serves every replay. fields: name -> shape
     (int64), or (shape, dtype) with dtype torch.int32 or torch.bool; each field starts on an
     int64 boundary, in the order given, and ends[name] is where it ends (in int64 words), for
     an upload of the fields up to it."""
@@ -101,7 +101,7 @@ class StaticInputs:
     def upload(self, used=None):
         """The first `used` int64 words (all by default) of the host twin to the device."""
         used = len(self._host) if used is None else used
-        self.tensor[:used].copy_(self._host_tensor[:used], non_blocking=True)
+        self.tensor[:used].copy_(staged(self._host_tensor[:used], self.tensor.device), non_blocking=True)
 
 
 class Graph:

@@ -19,7 +19,7 @@ from pagedlm.models.llama import DecodeRows
 def apply_block_copies(kv_caches, copies, device):
     """The copy-on-write (src, dst) block pairs BlockManager.append returned, in every layer."""
     if copies:
-        mapping = torch.tensor(copies, dtype=torch.int64).to(device, non_blocking=True)
+        mapping = on_device(copies, device, torch.int64)
         ops.copy_blocks([k for k, _ in kv_caches], [v for _, v in kv_caches], mapping)
 
 

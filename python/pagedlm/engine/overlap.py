@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from pagedlm.engine.sampler import choice_lists
+from pagedlm.engine.sampler import choice_lists, on_device
 from pagedlm.engine.scheduler import count_cached
 from pagedlm.engine.sequence import Status
 from pagedlm.kv_cache import measuring
@@ -72,7 +72,7 @@ class Feed:
         if all(i == j == k for k, (i, j) in enumerate(self.pairs)):  # ids[:n] = rows 0..n-1 (steady decoding)
             ids[:n] = self.choices[:n, 0]
             return
-        index = torch.from_numpy(np.asarray(self.pairs, dtype=np.int64).T.copy()).to(ids.device, non_blocking=True)
+        index = on_device(np.asarray(self.pairs, dtype=np.int64).T.copy(), ids.device)
         ids[index[0]] = self.choices[index[1], 0].long()
 
 

@@ -194,11 +194,11 @@ class ModelRunner:
         host = np.empty(3 * n + len(slots), dtype=np.int64)
         host[:n], host[n:2 * n], host[3 * n:] = ids, positions, slots
         np.add(host[n:2 * n], 1, out=host[2 * n:3 * n])
-        packed = torch.from_numpy(host).to(self.device, non_blocking=True)
+        packed = on_device(host, self.device)
         if feed is not None:
             feed(packed[:n])
         batch = AttentionBatch(slot_mapping=packed[3 * n:],
-                               block_tables=torch.from_numpy(tables).to(self.device, non_blocking=True),
+                               block_tables=on_device(tables, self.device),
                                seq_lens=packed[2 * n:3 * n].int(), cu_seqlens_q=None, decode_only=True,
                                cascade=None if cascade is None else cascade.tensors(self.device))
         return self.model(packed[:n], packed[n:2 * n], batch, self.kv_caches)

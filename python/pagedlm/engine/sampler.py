@@ -15,12 +15,19 @@ from pagedlm.engine.sequence import Logprob
 _DRAW_SAMPLE = 1  # the Philox word the kernels use for sampling a token (philox.h: kDrawSample)
 
 
+def staged(host, device):
+    """host, a CPU tensor, as the source of a copy to device that does not wait for the device:
+    pinned when device is a GPU. torch.tensor(values, device=...) waits for the stream (its copy
+    synchronizes), and from pageable memory the driver may too (it stages a large copy itself),
+    either of which would stall a step launched while the one before runs (async scheduling).
+    torch's caching host allocator keeps the pinned block until the copy has run."""
+    return host.pin_memory() if torch.device(device).type == "cuda" else host
+
+
 def on_device(values, device, dtype=None):
-    """values (a list, a number or a numpy array) as a tensor on device, copied without waiting
-    for the device: torch.tensor(values, device=...) waits for the stream (its copy
-    synchronizes), which would stall a step launched while the one before runs (async
-    scheduling). From pageable memory, the copy is staged before the call returns."""
-    return torch.as_tensor(values, dtype=dtype).to(device, non_blocking=True)
+    """values (a list, a number, a numpy array or a CPU tensor) as a tensor on device, copied
+    without waiting for the device (staged)."""
+    return staged(torch.as_tensor(values, dtype=dtype), device).to(device, non_blocking=True)
 
 
 def greedy_choices(logits, out=None):
@@ -97,7 +104,7 @@ def _token_counts(lists, vocab, device):
     flat = [t for tokens in lists for t in tokens]
     if flat:
         row = torch.repeat_interleave(torch.arange(len(lists)), torch.tensor([len(t) for t in lists]))
-        index = torch.stack([row, torch.tensor(flat)]).to(device, non_blocking=True)
+        index = on_device(torch.stack([row, torch.tensor(flat)]), device)
         counts.index_put_((index[0], index[1]), torch.ones(len(flat), device=device), accumulate=True)
     return counts
 

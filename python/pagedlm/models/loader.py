@@ -2,7 +2,6 @@
 or from a config with seeded random weights. Nothing is fetched from a hub; a missing or
 malformed file raises an error naming it."""
 import json
-import math
 from pathlib import Path
 
 import torch

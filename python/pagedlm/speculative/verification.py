@@ -8,7 +8,7 @@ import torch
 
 import pagedlm.ops as ops
 from pagedlm.engine.cuda_graphs import Graph, GraphSet, StaticInputs, power_of_two
-from pagedlm.engine.sampler import choice_lists
+from pagedlm.engine.sampler import choice_lists, on_device
 from pagedlm.speculative.sampling import processed_probs, sample_seed, token_logprobs
 
 
@@ -50,8 +50,7 @@ class Verification:
         if self.graph is not None:
             self.graph.load(values)
         else:
-            flat = torch.from_numpy(values)
-            self.inputs = (flat.pin_memory() if device.type == "cuda" else flat).to(device, non_blocking=True)
+            self.inputs = on_device(values, device)
         self.row_choices = None
 
     def accept(self, logits, choices):
