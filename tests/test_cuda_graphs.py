@@ -1,5 +1,6 @@
 """The CUDA-graph mechanism's parts that need no GPU: StaticInputs' packing of named fields into
-one int64 buffer with a host twin, GraphSet's build-once bookkeeping, and the bucket helpers."""
+one int64 buffer with a host twin, GraphSet's build-once bookkeeping and its reuse of wider
+graphs (in an engine too, with capture emulated), and the bucket helpers."""
 import numpy as np
 import pytest
 import torch
@@ -70,3 +71,48 @@ def test_batch_buckets(max_num_seqs, expected):
 
 def test_width_of_is_a_power_of_two_from_the_minimum():
     assert [width_of(n) for n in (0, 1, 64, 65, 1000)] == [64, 64, 64, 128, 1024]
+
+
+def test_a_made_graph_up_to_twice_as_wide_serves_a_narrower_table():
+    graphs = GraphSet(lambda *key: object())
+    graphs.graph((4, 256, 0))
+    graphs.graph((4, 512, 0))
+    assert graphs.served_by((4, 256, 0), 1) == (4, 256, 0)        # made: itself
+    assert graphs.served_by((4, 128, 0), 1) == (4, 256, 0)        # the narrowest made one, twice as wide
+    assert graphs.served_by((4, 64, 0), 1) == (4, 64, 0)          # four times as wide is too wide: made anew
+    assert graphs.served_by((8, 128, 0), 1) == (8, 128, 0)        # another bucket
+    assert graphs.served_by((4, 128, 1), 1) == (4, 128, 1)        # another trailing field
+    assert graphs.served_by((4, 1024, 0), 1) == (4, 1024, 0)      # never a narrower one
+    graphs.graph((4, 64, 0))
+    assert graphs.served_by((4, 64, 0), 1) == (4, 64, 0) and graphs.captures == 3
+
+
+def test_an_engine_steps_narrower_tables_through_a_wider_graph(tmp_path, monkeypatch):
+    """Decode and prompt-chunk steps whose tables need half the width of graphs made for an
+    earlier, longer request replay those graphs (no capture) and emit what an eager engine emits."""
+    from pagedlm import LLM, SamplingParams
+    from pagedlm.engine.cuda_graphs import DecodeGraphs
+    from pagedlm.engine.varlen_graphs import VarlenGraphs
+
+    from graph_stand_in import replay_eagerly
+    from llama_checkpoint import save_random_checkpoint
+
+    monkeypatch.setattr(cuda_graphs, "capture", replay_eagerly)
+    save_random_checkpoint(tmp_path, dict(vocab_size=97, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2,
+                                          max_position_embeddings=2048, rms_norm_eps=1e-5), seed=3)
+    options = dict(device="cpu", block_size=4, num_blocks=1024, max_num_seqs=4, max_num_batched_tokens=256)
+    graphed, eager = LLM(tmp_path, **options), LLM(tmp_path, **options)
+    graphed.runner.graphs = DecodeGraphs(graphed.model, graphed.kv_caches, 4, graphed.device)
+    graphed.runner.varlen = VarlenGraphs(graphed.model, graphed.kv_caches, 4, graphed.device, None)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    g = torch.Generator().manual_seed(5)
+    long_prompt, short_prompt = (torch.randint(97, (n,), generator=g).tolist() for n in (700, 400))
+    # 700 tokens: tables of 176 blocks, graphs 256 wide; 400 tokens: 100 blocks, a width of 128.
+    for prompt in (long_prompt, short_prompt):
+        decode, chunks = graphed.runner.graphs.captures, graphed.runner.varlen.captures
+        got = graphed.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
+        assert got == eager.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
+    assert graphed.runner.graphs.captures == decode and graphed.runner.varlen.captures == chunks
+    assert graphed.runner.graphs.replays > 0 and graphed.runner.varlen.chunk_replays > 0
+    assert {key[1] for key in graphed.runner.graphs.graphs} == {64, 256}  # none made 128 wide

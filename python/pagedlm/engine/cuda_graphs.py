@@ -16,6 +16,7 @@ from pagedlm.models import AttentionBatch
 
 MIN_WIDTH = 64          # blocks per table row in the narrowest graphs
 MAX_WIDTH = 1 << 16     # wider tables run eagerly
+WIDER_REUSE = 2         # a graph made for tables up to this many times as wide serves a step
 _NUMPY = {torch.int64: np.int64, torch.int32: np.int32, torch.bool: np.bool_}
 
 
@@ -131,6 +132,23 @@ class GraphSet:
     def __init__(self, build):
         self.build, self.graphs, self.captures, self.replays = build, {}, 0, 0
         self.views = {}  # first_rows' views by key
+        self.served = {}  # key -> the key of the graph that serves it (served_by)
+
+    def served_by(self, key, width_at):
+        """The key whose graph serves a step of key: key itself if made, else a made one equal
+        to it but for a table width (key[width_at]) at most WIDER_REUSE times as wide, the
+        narrowest, else key (to be made). Capturing costs a forward and tens of milliseconds; a
+        wider table costs its extra columns' bytes in each upload (padding that no kernel
+        reads) and, as the decode kernel sizes split-K from the table's capacity, at most
+        WIDER_REUSE times its pieces, the extra ones empty."""
+        served = self.served.get(key)
+        if served is None:
+            width = key[width_at]
+            wider = [k for k in self.graphs if k[:width_at] == key[:width_at]
+                     and k[width_at + 1:] == key[width_at + 1:] and width < k[width_at] <= WIDER_REUSE * width]
+            served = key if key in self.graphs or not wider else min(wider, key=lambda k: k[width_at])
+            self.served[key] = served
+        return served
 
     def graph(self, key):
         graph = self.graphs.get(key)
@@ -156,7 +174,8 @@ class DecodeGraphs(GraphSet):
     cascade step, a group of their own with no prefix), so they cost little and change
     nothing. Tables are captured at a few widths (powers of two from MIN_WIDTH blocks) because
     the decode kernel sizes its split-K from the table's capacity: a table sized for the
-    model's longest context would split short sequences into many empty pieces."""
+    model's longest context would split short sequences into many empty pieces. A graph of up
+    to twice the width needed serves a step rather than a new capture (GraphSet.served_by)."""
 
     def __init__(self, model, kv_caches, max_num_seqs, device):
         self.model, self.kv_caches, self.device = model, kv_caches, device
@@ -182,6 +201,7 @@ class DecodeGraphs(GraphSet):
         if cascade is not None:  # room for the padding rows' group
             key = bucket, width, bucket_of(len(cascade.prefix_lens) + 1, self.buckets), width_of(
                 cascade.prefix_tables.shape[1])
+        key = self.served_by(key, 1)
         graph = self.graph(key)
         self.replays += 1
         f = graph.inputs.host

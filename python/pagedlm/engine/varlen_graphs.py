@@ -75,7 +75,7 @@ class VarlenGraphs(GraphSet):
             width = width_of(max(width, -(-bucket // block_size)))  # the padding sequence's blocks fit
             # Room for the padding sequence.
             seq_bucket = bucket_of(seqs + (tokens < bucket), self.seq_buckets)
-            key = self.keys[shape] = bucket, seq_bucket, width, masked, chunks
+            key = self.keys[shape] = self.served_by((bucket, seq_bucket, width, masked, chunks), 2)
         return self._graph(key)
 
     def run(self, graph, ids, positions, slots, tables, cu_seqlens, seq_lens, rows, mask_indptr=None, feed=None):
