@@ -33,8 +33,9 @@ class CascadePlan:
 
     def tensors(self, device):
         """The plan as a CascadeBatch of tensors on device."""
-        return CascadeBatch(*(on_device(np.ascontiguousarray(a), device) for a in (self.order, self.group_indptr, self.prefix_tables, self.prefix_lens,
-                                        self.suffix_tables, self.suffix_lens)))
+        arrays = (self.order, self.group_indptr, self.prefix_tables, self.prefix_lens, self.suffix_tables,
+                  self.suffix_lens)
+        return CascadeBatch(*(on_device(np.ascontiguousarray(a), device) for a in arrays))
 
 
 @dataclass

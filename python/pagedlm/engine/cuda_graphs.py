@@ -72,8 +72,8 @@ def batch_buckets(max_num_seqs):
 class StaticInputs:
     """A graph's inputs: named fields packed in one int64 buffer on the device (.device[name])
     with a host twin (.host[name], numpy). A replay writes its inputs into .host in place and
-    upload() sends them up in one copy, staged (sampler.staged: through a pinned block of its
-    own), so the same host array serves every replay. fields: name -> shape
+    upload() sends them up in one copy, staged (sampler.staged: copied into a pinned block
+    that the copy owns), so the same host array serves every replay. fields: name -> shape
     (int64), or (shape, dtype) with dtype torch.int32 or torch.bool; each field starts on an
     int64 boundary, in the order given, and ends[name] is where it ends (in int64 words), for
     an upload of the fields up to it."""
@@ -139,8 +139,8 @@ class GraphSet:
         to it but for a table width (key[width_at]) at most WIDER_REUSE times as wide, the
         narrowest, else key (to be made). Capturing costs a forward and tens of milliseconds; a
         wider table costs its extra columns' bytes in each upload (padding that no kernel
-        reads) and, as the decode kernel sizes split-K from the table's capacity, at most
-        WIDER_REUSE times its pieces, the extra ones empty."""
+        reads) and, as the decode kernel bounds split-K by the table's capacity, up to
+        WIDER_REUSE times as many (shorter) pieces for a small batch, and their merge."""
         served = self.served.get(key)
         if served is None:
             width = key[width_at]
