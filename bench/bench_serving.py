@@ -18,6 +18,7 @@ idle), output tokens/s.
 """
 import argparse
 import asyncio
+import concurrent.futures
 import datetime
 import json
 import math
@@ -88,7 +89,8 @@ async def one_request(client, url, model, prompt, output_len):
             else:
                 gaps += [(now - last) / count] * count
             last, tokens = now, tokens + count
-    return dict(ttft=ttft, itl=gaps, e2e=time.perf_counter() - start, tokens=tokens)
+    end = time.perf_counter()
+    return dict(ttft=ttft, itl=gaps, e2e=end - start, tokens=tokens, start=start, end=end)
 
 
 async def poll_kv(client, url, samples, stop):
@@ -105,23 +107,51 @@ async def poll_kv(client, url, samples, stop):
             pass
 
 
-async def run_rate(url, model, prompts, output_len, rate, seed):
-    """All prompts sent at Poisson arrivals of `rate` per second (inf: at once)."""
+async def send_all(url, model, prompts, output_len, rate, seed):
+    """Sends prompts at Poisson arrivals of `rate` per second (inf: at once) and reads their
+    streams; (per-request results, client CPU seconds). Each result has its start and end on
+    the machine-wide monotonic clock (time.perf_counter), comparable across processes."""
     rng = random.Random(seed)
+    cpu = time.process_time()
     limits = httpx.Limits(max_connections=len(prompts) + 4, max_keepalive_connections=len(prompts) + 4)
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
-        kv, stop = [], asyncio.Event()
-        poller = asyncio.ensure_future(poll_kv(client, url, kv, stop))
         tasks = []
-        start = time.perf_counter()
         for prompt in prompts:
             tasks.append(asyncio.ensure_future(one_request(client, url, model, prompt, output_len)))
-            if math.isfinite(rate):
+            if math.isfinite(rate) and rate > 0:
                 await asyncio.sleep(rng.expovariate(rate))
         results = await asyncio.gather(*tasks)
-        elapsed = time.perf_counter() - start
+    return results, time.process_time() - cpu
+
+
+def client_process(job):
+    """send_all in a process of its own (client_procs > 1)."""
+    return asyncio.run(send_all(*job))
+
+
+async def run_rate(url, model, prompts, output_len, rate, seed, client_procs=1, server_pid=None):
+    """All prompts sent at Poisson arrivals of `rate` per second (inf: at once), by client_procs
+    processes, each sending every client_procs-th prompt at rate / client_procs (together a
+    Poisson process of `rate`): one Python process parsing hundreds of streams is slower than
+    the server it measures. server_pid: the server's process, whose CPU time per output token
+    is reported (Linux)."""
+    jobs = [(url, model, prompts[j::client_procs], output_len, rate / client_procs, seed * 1000 + j)
+            for j in range(client_procs)]
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0)) as client:
+        kv, stop = [], asyncio.Event()
+        poller = asyncio.ensure_future(poll_kv(client, url, kv, stop))
+        server_cpu = process_cpu_seconds(server_pid)
+        if client_procs == 1:
+            parts = [await send_all(*jobs[0])]
+        else:
+            with concurrent.futures.ProcessPoolExecutor(client_procs) as pool:
+                parts = await asyncio.gather(*(asyncio.wrap_future(pool.submit(client_process, job)) for job in jobs))
+        server_cpu = process_cpu_seconds(server_pid) - server_cpu if server_cpu is not None else None
         stop.set()
         await poller
+    results = [r for part, _ in parts for r in part]
+    elapsed = max(r["end"] for r in results) - min(r["start"] for r in results)
+    client_busy = sum(cpu for _, cpu in parts) / (elapsed * client_procs)
     tokens = sum(r["tokens"] for r in results)
     itl = [g for r in results for g in r["itl"]]
     return dict(rate=rate, requests=len(results), elapsed=elapsed, req_per_s=len(results) / elapsed,
@@ -130,7 +160,18 @@ async def run_rate(url, model, prompts, output_len, rate, seed):
                 ttft_p99=percentile([r["ttft"] for r in results], 0.99),
                 itl_p50=percentile(itl, 0.5), itl_p99=percentile(itl, 0.99),
                 e2e_p50=percentile([r["e2e"] for r in results], 0.5),
-                kv_mean=statistics.fmean(kv) if kv else float("nan"), kv_max=max(kv, default=float("nan")))
+                kv_mean=statistics.fmean(kv) if kv else float("nan"), kv_max=max(kv, default=float("nan")),
+                client_busy=client_busy,
+                server_us_per_token=None if server_cpu is None else server_cpu / tokens * 1e6)
+
+
+def process_cpu_seconds(pid):
+    """User + system CPU seconds of process pid so far (None without a pid, or off Linux)."""
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    except (OSError, TypeError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def offline(args, prompts):
@@ -218,6 +259,8 @@ def main():
     parser.add_argument("--input-len", default="64,512", help="prompt tokens, min,max")
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--client-procs", type=int, default=max(1, min(8, (os.cpu_count() or 1) // 4)),
+                        help="client processes sending the requests (default: a quarter of the CPUs, at most 8)")
     parser.add_argument("--no-offline", action="store_true", help="skip the offline LLM.generate comparison")
     parser.add_argument("--out", help="append the table to this file")
     parser.add_argument("--append-results", action="store_true", help="append the table to bench/RESULTS.md")
@@ -244,7 +287,8 @@ def main():
         model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
         warm_up = workload(4, input_len, vocab, args.seed + 10_000)
         asyncio.run(run_rate(url, model, warm_up, 4, math.inf, args.seed))
-        rows = [asyncio.run(run_rate(url, model, prompts, args.output_len, rate, args.seed + i))
+        rows = [asyncio.run(run_rate(url, model, prompts, args.output_len, rate, args.seed + i, args.client_procs,
+                                     proc and proc.pid))
                 for i, (rate, prompts) in enumerate(zip(rates, per_rate))]
     finally:
         if proc is not None:
@@ -260,17 +304,22 @@ def main():
              f"{datetime.date.today().isoformat()}",
              "",
              f"{args.num_prompts} requests per rate, prompts {input_len[0]}-{input_len[1]} tokens, "
-             f"{args.output_len} output tokens each (EOS ignored), streamed over HTTP.",
+             f"{args.output_len} output tokens each (EOS ignored), streamed over HTTP, read by "
+             f"{args.client_procs} client process(es). Server CPU: the server process's CPU time per output "
+             f"token; client CPU: the share of the client processes' time they were busy (near 100%, the "
+             f"client, not the server, bounds the rate).",
              "",
              "| rate (req/s) | req/s | output tok/s | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | e2e p50 "
-             "| KV mean | KV max |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| KV mean | KV max | server CPU | client CPU |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         rate = "at once" if math.isinf(r["rate"]) else f"{r['rate']:g}"
         lines.append(f"| {rate} | {r['req_per_s']:.2f} | "
                      f"{r['tok_per_s']:.0f} | {r['ttft_p50'] * 1e3:.0f} ms | {r['ttft_p99'] * 1e3:.0f} ms | "
                      f"{r['itl_p50'] * 1e3:.1f} ms | {r['itl_p99'] * 1e3:.1f} ms | {r['e2e_p50']:.2f} s | "
-                     f"{r['kv_mean']:.1%} | {r['kv_max']:.1%} |")
+                     f"{r['kv_mean']:.1%} | {r['kv_max']:.1%} | "
+                     + ("—" if r["server_us_per_token"] is None else f"{r['server_us_per_token']:.0f} µs/token")
+                     + f" | {r['client_busy']:.0%} |")
     if ref is not None:
         at_once = rows[at_once[0]] if at_once else None
         lines += ["", f"Offline LLM.generate, same prompts: {ref['tok_per_s']:.0f} output tok/s "

@@ -13,7 +13,8 @@ from pagedlm.data import tiny_model  # noqa: E402
 from pagedlm.engine.sequence import SamplingParams  # noqa: E402
 from pagedlm.llm import LLM  # noqa: E402
 from pagedlm.serving import (AsyncLLM, EngineOverloaded, EngineStopped, PromptTooLong,  # noqa: E402
-                             RequestFailed)
+                             RequestFailed, RequestStream, SampleDelta, StreamOutput)
+from pagedlm.serving.async_llm import merge_outputs  # noqa: E402
 from pagedlm.serving.chat_template import (DEFAULT_CHAT_TEMPLATE, ChatTemplate, ChatTemplateError,  # noqa: E402
                                            load_chat_template)
 from pagedlm.serving.detokenizer import IncrementalDetokenizer, StopStrings  # noqa: E402
@@ -131,6 +132,45 @@ def test_streams_with_async_scheduling_equal_offline_generate(monkeypatch):
     assert [reasons[0] for _, _, reasons in streamed] == ["stop", "stop", "length", "length"]
     assert any(fed), "no step launched while another was in flight"
     assert overlapped.block_manager.stats()["used_blocks"] == 0
+
+
+def test_merge_outputs_joins_each_samples_deltas_in_order():
+    first = StreamOutput("r", [1, 2], [SampleDelta(0, "a", [5], None, [{5: -0.5}]), SampleDelta(1, "x", [7], None)],
+                         False, prompt_logprobs=[None, {2: -1.0}])
+    second = StreamOutput("r", [1, 2], [SampleDelta(1, "yz", [8, 9], "stop")], False)
+    third = StreamOutput("r", [1, 2], [SampleDelta(0, "b", [6], "length", [{6: -0.25}])], True)
+    merged = merge_outputs([first, second, third])
+    assert merged.finished and merged.prompt_logprobs == [None, {2: -1.0}]
+    assert [(d.index, d.text, d.token_ids, d.finish_reason, d.logprobs) for d in merged.outputs] == [
+        (0, "ab", [5, 6], "length", [{5: -0.5}, {6: -0.25}]), (1, "xyz", [7, 8, 9], "stop", None)]
+    assert first.outputs[0].token_ids == [5] and first.outputs[0].logprobs == [{5: -0.5}]  # the inputs unchanged
+    assert merge_outputs([second]) is second
+
+
+def test_a_stream_that_falls_behind_takes_its_queued_outputs_at_once_then_the_error():
+    async def main():
+        stream = RequestStream(None, "r", [1], GREEDY, asyncio.get_running_loop())
+        for token in (3, 4, 5):
+            stream._put(StreamOutput("r", [1], [SampleDelta(0, str(token), [token], None)], False))
+        stream._put(RequestFailed("boom"))
+        merged = await stream.__anext__()
+        with pytest.raises(RequestFailed, match="boom"):
+            await stream.__anext__()
+        with pytest.raises(StopAsyncIteration):
+            await stream.__anext__()
+        return merged
+    merged = run(main())
+    assert [(d.text, d.token_ids) for d in merged.outputs] == [("345", [3, 4, 5])] and not merged.finished
+
+
+def test_generation_tokens_metric_counts_every_streamed_token(engine):
+    def generated():
+        return engine.metrics.registry.get_sample_value("pagedlm_generation_tokens_total") or 0.0
+    before = generated()
+    params = SamplingParams(temperature=0, max_tokens=7, n=2)
+    _, ids, _ = run(collect(engine, "def f(x):", params))
+    assert [len(i) for i in ids] == [7, 7]
+    assert generated() - before == 14
 
 
 def test_stop_string_ends_the_sample_and_frees_its_blocks(engine, llm):

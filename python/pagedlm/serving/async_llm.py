@@ -78,20 +78,31 @@ class RequestStream:
         self.finished = False
         self._loop = loop
         self._queue = asyncio.Queue()
+        self._error = None  # an error queued after outputs, raised once they are taken
         self._accepted = loop.create_future()
 
     def __aiter__(self):
         return self
 
     async def __anext__(self):
+        """The next output: every output queued since the last one, merged (merge_outputs), so a
+        consumer that falls behind the engine (many streams on one event loop) takes several
+        steps' tokens at once rather than lagging further; an error comes after the outputs
+        queued before it."""
         if self.finished:
             raise StopAsyncIteration
-        item = await self._queue.get()
-        if isinstance(item, BaseException):
-            self.finished = True
-            raise item
-        self.finished = item.finished
-        return item
+        if self._error is None:
+            queued = [await self._queue.get()]
+            while not self._queue.empty():
+                queued.append(self._queue.get_nowait())
+            if isinstance(queued[-1], BaseException):
+                self._error = queued.pop()
+            if queued:
+                item = merge_outputs(queued)
+                self.finished = item.finished
+                return item
+        self.finished = True
+        raise self._error
 
     def abort(self):
         """Ends the request now (its blocks are freed before the engine's next step)."""
@@ -101,6 +112,31 @@ class RequestStream:
 
     def _put(self, item):  # on the stream's event loop
         self._queue.put_nowait(item)
+
+
+def merge_outputs(outputs):
+    """One StreamOutput of a request's consecutive outputs: each sample's deltas joined (text,
+    token ids and logprobs in order; the last finish reason), the prompt's logprobs from the
+    one that has them, finished if the last one is."""
+    if len(outputs) == 1:
+        return outputs[0]
+    samples = {}
+    for out in outputs:
+        for d in out.outputs:
+            merged = samples.get(d.index)
+            if merged is None:
+                samples[d.index] = SampleDelta(d.index, d.text, list(d.token_ids), d.finish_reason,
+                                               None if d.logprobs is None else list(d.logprobs))
+                continue
+            merged.text += d.text
+            merged.token_ids += d.token_ids
+            merged.finish_reason = d.finish_reason or merged.finish_reason
+            if d.logprobs is not None:
+                merged.logprobs = (merged.logprobs or []) + d.logprobs
+    prompt_logprobs = next((out.prompt_logprobs for out in outputs if out.prompt_logprobs is not None), None)
+    last = outputs[-1]
+    return StreamOutput(last.request_id, last.prompt_token_ids, list(samples.values()), last.finished,
+                        prompt_logprobs)
 
 
 @dataclass(eq=False)
@@ -364,27 +400,30 @@ class AsyncLLM:
 
     def _collect(self, outbox):
         """New tokens of every live request since the last step, as deltas on their streams."""
-        now = time.perf_counter()
+        now, generated = time.perf_counter(), 0
         for live in list(self._live.values()):
             try:
-                self._collect_one(live, now, outbox)
+                generated += self._collect_one(live, now, outbox)
             except Exception as e:  # a fault in one request's text handling fails that request only
                 log.exception("request %s: reading its outputs failed", live.stream.request_id)
                 if live.stream.request_id in self._live:
                     self._end(live, RequestFailed(f"the server failed on this request's output: {e!r}"), outbox)
+        if generated and self.metrics:  # once a step: each update of a metric takes its lock
+            self.metrics.generation_tokens.inc(generated)
 
     def _collect_one(self, live, now, outbox):
+        """Posts live's deltas since the last step; returns how many tokens it generated."""
         metrics = self.metrics
-        deltas, failure = [], None
+        deltas, failure, generated = [], None, 0
         for i, seq in enumerate(live.seqs):
             if live.done[i]:
                 continue
             new = seq.output[live.seen[i]:]
             logprobs = None if seq.logprobs is None else seq.logprobs[live.seen[i]:]
             live.seen[i] = len(seq.output)
+            generated += len(new)
             reason = seq.finish_reason
             if new and metrics:
-                metrics.generation_tokens.inc(len(new))
                 if live.first_token is None:
                     metrics.ttft.observe(now - live.arrival)
                 if live.last_token[i] is not None:
@@ -423,6 +462,7 @@ class AsyncLLM:
             self._count_finished(deltas[-1].finish_reason if deltas else "stop")
             if metrics:
                 metrics.e2e.observe(now - live.arrival)
+        return generated
 
     @staticmethod
     def _text(seq):
