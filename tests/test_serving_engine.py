@@ -5,6 +5,8 @@ import contextlib
 import json
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("prometheus_client")
 pytest.importorskip("jinja2")
@@ -69,6 +71,48 @@ def test_detokenizer_final_text_keeps_invalid_bytes_as_the_offline_text_does(llm
     detok = IncrementalDetokenizer(tok, prompt)
     streamed = "".join(detok.add([t]) for t in output) + detok.finish()
     assert streamed == llm._completion_text(prompt, output)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_detokenizer_deltas_add_up_to_the_offline_text_for_any_ids(llm, data):
+    """Any token ids (byte tokens that split characters, special tokens), fed in groups of any
+    size after any prompt: the deltas and finish() give the offline text, whether the stream
+    is primed (the prompt ends on a character boundary) or the windowed decode runs."""
+    vocab = llm.tokenizer.get_vocab_size()
+    prompt = data.draw(st.lists(st.integers(0, vocab - 1), max_size=12), label="prompt")
+    output = data.draw(st.lists(st.integers(0, vocab - 1), min_size=1, max_size=30), label="output")
+    sizes = data.draw(st.lists(st.integers(1, 4), min_size=len(output), max_size=len(output)), label="groups")
+    detok = IncrementalDetokenizer(llm.tokenizer, prompt)
+    streamed, i = "", 0
+    for size in sizes:
+        streamed += detok.add(output[i:i + size])
+        i += size
+    assert streamed + detok.finish() == llm._completion_text(prompt, output)
+
+
+def test_detokenizer_streams_text_prompts_and_goes_on_when_the_stream_fails(llm):
+    tok = llm.tokenizer
+    prompt, output = tok.encode("s = '").ids, tok.encode("héllo 世界 😀 'done'\n").ids
+    steps = []
+
+    class FailingStream:  # DecodeStream as it raises InvalidPrefix at the fourth token
+        def __init__(self, stream):
+            self.stream = stream
+
+        def step(self, tokenizer, token):
+            steps.append(token)
+            if len(steps) == 4:
+                raise Exception("InvalidPrefix")
+            return self.stream.step(tokenizer, token)
+
+    detok = IncrementalDetokenizer(tok, prompt)
+    assert detok.stream is not None  # a text prompt ends on a character boundary: the stream is primed
+    detok.stream = FailingStream(detok.stream)
+    deltas = [detok.add([t]) for t in output] + [detok.finish()]
+    assert len(steps) == 4 and detok.stream is None
+    assert "".join(deltas) == llm._completion_text(prompt, output)
+    assert not any("\ufffd" in d for d in deltas)
 
 
 def test_stop_strings_across_deltas_are_cut_and_never_streamed_in_part():

@@ -2,6 +2,8 @@
 (LLM.generate) and the server (AsyncLLM), through SampleText, one sample's text as the
 engine emits its tokens."""
 
+from tokenizers.decoders import DecodeStream
+
 REPLACEMENT = "\ufffd"
 PREFIX_WINDOW = 6  # prompt tokens decoded with the first output tokens (context for merges)
 
@@ -16,33 +18,59 @@ def completion_text(tokenizer, prompt, output):
 
 
 class IncrementalDetokenizer:
-    """Turns a growing list of token ids into text deltas by decoding a short window (as vLLM
-    does): the tokens from prefix_offset to the end against those from prefix_offset to
-    read_offset. A byte-level BPE token can hold part of a multi-byte character; while the
-    window's text ends in U+FFFD the delta waits for the next token. finish() returns whatever
-    is left, so that the deltas add up to the text pagedlm.LLM gives offline."""
+    """Turns a growing list of token ids into text deltas. A byte-level BPE token can hold part
+    of a multi-byte character; the delta then waits for the token that completes it. finish()
+    returns whatever is left, so that the deltas add up to the text pagedlm.LLM gives offline.
+
+    The tokenizers library's DecodeStream does the work, primed with the prompt's last tokens
+    (context for merges and leading spaces): one call into Rust per token. Where it cannot run
+    (the prompt ends inside a character, which its priming would emit, or it finds the text
+    no longer extends what it emitted) a windowed decode takes over: the tokens from
+    prefix_offset on against those from prefix_offset to read_offset, as vLLM's Python one,
+    two decodes per token."""
 
     def __init__(self, tokenizer, prompt_ids):
         self.tokenizer = tokenizer
         self.prompt_len = len(prompt_ids)
         self.ids = list(prompt_ids)
         self.prefix_offset = max(len(self.ids) - PREFIX_WINDOW, 0)
-        self.read_offset = len(self.ids)
+        self.read_offset = len(self.ids)  # the tokens before it are in the text
         self.text = ""  # the output's text so far (what the deltas add up to)
+        tail = self.ids[self.prefix_offset:]
+        self.stream = (DecodeStream(ids=tail, skip_special_tokens=True)
+                       if tokenizer is not None and not tokenizer.decode(tail).endswith(REPLACEMENT) else None)
 
     def add(self, new_ids):
         """Appends token ids; returns the text they complete ("" while a character is split)."""
+        start = len(self.ids)
         self.ids.extend(new_ids)
         if self.tokenizer is None or not new_ids:
             return ""
+        delta = self._streamed(start) if self.stream is not None else self._windowed()
+        self.text += delta
+        return delta
+
+    def _streamed(self, start):
+        pieces = []
+        for i in range(start, len(self.ids)):
+            try:
+                piece = self.stream.step(self.tokenizer, self.ids[i])
+            except Exception:  # tokenizers' InvalidPrefix: the windowed decode goes on from the text so far
+                self.stream = None
+                self.prefix_offset = max(self.read_offset - PREFIX_WINDOW, 0)
+                return "".join(pieces) + self._windowed()
+            if piece:
+                pieces.append(piece)
+                self.read_offset = i + 1
+        return "".join(pieces)
+
+    def _windowed(self):
         prefix_text = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset])
         new_text = self.tokenizer.decode(self.ids[self.prefix_offset:])
         if len(new_text) <= len(prefix_text) or new_text.endswith(REPLACEMENT) or not new_text.startswith(prefix_text):
             return ""
-        delta = new_text[len(prefix_text):]
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        self.text += delta
-        return delta
+        return new_text[len(prefix_text):]
 
     def finish(self):
         """The rest of the text once no token will come: the whole decode decides."""
