@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -575,3 +576,14 @@ def test_sigterm_drains_and_exits_cleanly(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_serving_overhead_tool_streams_every_token():
+    """tools/serving_overhead.py (the server's host cost over a stub engine) runs end to end: its
+    stub still fits the runner, and every stream ends with [DONE]."""
+    tool = Path(__file__).resolve().parents[1] / "tools" / "serving_overhead.py"
+    result = subprocess.run([sys.executable, str(tool), "--requests", "6", "--output-len", "5", "--rounds", "1",
+                             "--step-ms", "0"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    server, offline = result.stdout.splitlines()
+    assert server.startswith("server") and "us CPU/token" in server and offline.startswith("offline")
