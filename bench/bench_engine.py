@@ -14,7 +14,9 @@ vLLM, when it imports, serves the same folder and requests in a process of its o
 
 Figures: output tokens/s over the whole run (wall clock, after a warm-up), KV utilization
 (tokens stored / allocated slots, mean over every 8th step; pagedlm only), peak GPU memory, and how
-many requests' first token and first 16 tokens equal transformers' static-batch output. A
+many requests' first token and first 16 tokens equal transformers' static-batch output. On a
+GPU, pagedlm's line also counts the caching allocator's retries and cudaFree calls during the
+timed run: each synchronizes, so a step that meets one leaves the GPU idle. A
 random-weight model's logits are nearly flat, so bf16 rounding flips near-ties and greedy
 continuations part early in every engine (transformers' two paths included); correctness is
 the GPU tests' job (tests/test_engine_gpu.py).
@@ -73,6 +75,7 @@ def run_pagedlm(folder, requests, device, tensor_parallel_size=1, kv_cache_dtype
     llm.generate(prompts[:8], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
     _sync(device)
     torch.cuda.reset_peak_memory_stats() if device == "cuda" else None
+    allocator = _allocator_counts(device)
     start = time.perf_counter()
     ids = [llm.add_request(r.prompt, greedy(r)) for r in requests]
     utilization, steps, clock, captured = [], 0, StepClock(llm), llm.runner.captures
@@ -83,6 +86,7 @@ def run_pagedlm(folder, requests, device, tensor_parallel_size=1, kv_cache_dtype
             utilization.append(llm.block_manager.stats()["utilization"])
     _sync(device)
     elapsed = time.perf_counter() - start
+    allocator = {key: count - allocator[key] for key, count in _allocator_counts(device).items()}
     captured_in_run = llm.runner.captures - captured
     clock.remove()  # the profiled re-run below is not the timed run's
     step_times = clock.summary()
@@ -97,7 +101,7 @@ def run_pagedlm(folder, requests, device, tensor_parallel_size=1, kv_cache_dtype
                  preemptions=llm.scheduler.preemptions, kv_blocks=llm.block_manager.num_blocks,
                  kv_tokens=llm.block_manager.num_blocks * llm.block_manager.block_size,
                  graphs=llm.runner.captures, graphs_in_run=captured_in_run, start_up=start_up, step_times=step_times + busy,
-                 cascade_steps=llm.runner.cascade_steps)
+                 cascade_steps=llm.runner.cascade_steps, allocator=allocator)
     llm.close()
     del llm
     return outputs, elapsed, extra
@@ -185,6 +189,16 @@ def run_vllm(folder, requests, site=None, log_path=None):
 def _sync(device):
     if device == "cuda":
         torch.cuda.synchronize()
+
+
+def _allocator_counts(device):
+    """The CUDA caching allocator's counts that mean a synchronization: a retry (an allocation
+    that failed, freed the cached blocks and tried again) and each cudaFree, which waits for the
+    device. A step that meets one idles the GPU while the host catches up."""
+    if device != "cuda":
+        return {}
+    stats = torch.cuda.memory_stats()
+    return {"allocator retries": stats.get("num_alloc_retries", 0), "cudaFree calls": stats.get("num_device_free", 0)}
 
 
 def _peak_gib(device):
@@ -284,8 +298,9 @@ def main():
                      f"{extra['graphs']} CUDA graphs captured "
                      f"({extra['graphs_in_run']} during the timed run), "
                      f"{extra['kv_blocks']:,} KV blocks ({extra['kv_tokens']:,} tokens) preallocated (in its peak "
-                     f"memory), {extra['preemptions']} preemptions, {extra['cascade_steps']} cascade steps; "
-                     f"{extra['step_times']}.")
+                     f"memory), {extra['preemptions']} preemptions, {extra['cascade_steps']} cascade steps"
+                     + "".join(f", {count} {key}" for key, count in extra["allocator"].items())
+                     + f"; {extra['step_times']}.")
     rooflines = {}
     if device == "cuda":
         flops, bandwidth = matmul_rate(), copy_bandwidth()
