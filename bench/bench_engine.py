@@ -7,6 +7,7 @@ batching, attention "paged|sdpa"). Both engines load the same weights from one f
     python bench/bench_engine.py [--workload standard|sharegpt|long-prompts] [--anchors vllm,transformers]
     python bench/bench_engine.py --smoke     # a tiny model and workload, any device
     python bench/bench_engine.py --async-scheduling both   # pagedlm without, then with async_scheduling
+    python bench/bench_engine.py --workload long-prompts --async-scheduling on --anchors none --sync-debug
 
 vLLM, when it imports, serves the same folder and requests in a process of its own
 (bench/vllm_engine.py); on a GPU the table also gives the workload's roofline on that card
@@ -65,7 +66,7 @@ def greedy(request):
 
 
 def run_pagedlm(folder, requests, device, tensor_parallel_size=1, kv_cache_dtype="auto", disable_cascade_attn=True,
-                async_scheduling=False):
+                async_scheduling=False, sync_debug=False):
     started = time.perf_counter()
     llm = LLM(folder, device=device, dtype=torch.bfloat16, tensor_parallel_size=tensor_parallel_size,
               kv_cache_dtype=kv_cache_dtype, disable_cascade_attn=disable_cascade_attn,
@@ -76,6 +77,8 @@ def run_pagedlm(folder, requests, device, tensor_parallel_size=1, kv_cache_dtype
     _sync(device)
     torch.cuda.reset_peak_memory_stats() if device == "cuda" else None
     allocator = _allocator_counts(device)
+    if sync_debug and device == "cuda":  # every synchronizing torch call of the timed run warns, once per place
+        torch.cuda.set_sync_debug_mode("warn")
     start = time.perf_counter()
     ids = [llm.add_request(r.prompt, greedy(r)) for r in requests]
     utilization, steps, clock, captured = [], 0, StepClock(llm), llm.runner.captures
@@ -84,6 +87,8 @@ def run_pagedlm(folder, requests, device, tensor_parallel_size=1, kv_cache_dtype
         steps += 1
         if steps % UTILIZATION_EVERY == 1:  # stats() walks every block: not on every timed step
             utilization.append(llm.block_manager.stats()["utilization"])
+    if sync_debug and device == "cuda":
+        torch.cuda.set_sync_debug_mode("default")
     _sync(device)
     elapsed = time.perf_counter() - start
     allocator = {key: count - allocator[key] for key, count in _allocator_counts(device).items()}
@@ -224,6 +229,9 @@ def main():
                         help="a folder vLLM was pip-installed into with --target (default: $VLLM_SITE, else the "
                              "environment's vllm)")
     parser.add_argument("--smoke", action="store_true", help="a tiny model and workload, any device")
+    parser.add_argument("--sync-debug", action="store_true",
+                        help="warn at each synchronizing torch call in pagedlm's timed run (its time then means "
+                             "little): where an overlapped step waits for the one before")
     parser.add_argument("--tensor-parallel-size", type=int, default=1,
                         help="pagedlm over this many GPUs (its peak memory is the first GPU's)")
     parser.add_argument("--out", help="also write the table to this file (and vLLM's log beside it)")
@@ -248,7 +256,8 @@ def main():
         cascades = {"on": [False], "off": [True], "both": [False, True]}[args.cascade]
         overlaps = {"on": [True], "off": [False], "both": [False, True]}[args.async_scheduling]
         for kv_dtype, disable_cascade, overlap in itertools.product(kv_dtypes, cascades, overlaps):
-            ours, elapsed, extra = run_pagedlm(folder, requests, device, tp, kv_dtype, disable_cascade, overlap)
+            ours, elapsed, extra = run_pagedlm(folder, requests, device, tp, kv_dtype, disable_cascade, overlap,
+                                               args.sync_debug)
             name = "pagedlm.LLM" + (f" (tensor_parallel_size={tp})" if tp > 1 else "")
             name += f", kv_cache_dtype={kv_dtype}" if kv_dtype != "auto" else ""
             name += "" if disable_cascade else ", disable_cascade_attn=False"
