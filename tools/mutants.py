@@ -38,6 +38,7 @@ ENGINE_TESTS = ("tests/test_engine_logprobs.py", "tests/test_engine.py::test_n_s
                 "tests/test_engine.py::test_chunked_prefill_changes_nothing")
 CASCADE = "python/pagedlm/engine/cascade.py"
 GRAPHS = "python/pagedlm/engine/cuda_graphs.py"
+SERVING_TESTS = ("tests/test_serving_engine.py",)
 CASCADE_TESTS = ("tests/test_cascade_engine.py",
                  "tests/test_spec_graphs.py::test_cascade_decode_graphs_emit_the_eager_tokens")
 GRAPH_TESTS = ("tests/test_spec_graphs.py",)
@@ -360,6 +361,12 @@ MUTANTS = [
     Mutant("graphs_reuse_a_narrower_graph", "engine", GRAPHS,
            "and width < k[width_at] <= WIDER_REUSE * width]", "and 0 < k[width_at] <= WIDER_REUSE * width]",
            ("tests/test_cuda_graphs.py",)),
+    Mutant("serving_merge_keeps_the_last_text", "serving", "python/pagedlm/serving/async_llm.py",
+           "merged.text += d.text", "merged.text = d.text", SERVING_TESTS),
+    Mutant("serving_stream_drops_the_queued_error", "serving", "python/pagedlm/serving/async_llm.py",
+           "                self._error = queued.pop()\n", "                queued.pop()\n", SERVING_TESTS),
+    Mutant("detokenizer_primed_inside_a_character", "serving", "python/pagedlm/engine/text.py",
+           " and not tokenizer.decode(tail).endswith(REPLACEMENT) else None)", " else None)", SERVING_TESTS),
     Mutant("budget_days_ignore_gpus", "scaling", "python/pagedlm/scaling/budget.py",
            "/ n_gpus / 24.0", "/ 24.0", SCALING_TESTS),
     Mutant("design_gpus_ignore_memory", "scaling", "python/pagedlm/scaling/design.py",
