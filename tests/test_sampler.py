@@ -171,6 +171,26 @@ def test_penalties_and_min_tokens_equal_their_definitions():
     assert torch.equal(got[5], logits[5])
 
 
+@pytest.mark.parametrize("penalty", [1e-40, 1e-300])  # below float32's normals; 0 in float32
+def test_a_vanishing_repetition_penalty_keeps_every_row_a_distribution(penalty):
+    """Positive logits divided by a penalty near 0 leave float32's range: they saturate (tied for
+    the most likely), so greedy and sampled rows draw a token of the vocabulary with a finite
+    log-probability rather than from a nan distribution."""
+    g = torch.Generator().manual_seed(8)
+    logits = torch.randn(4, 30, generator=g)
+    logits += logits.sign() * 0.1  # |logit| >= 0.1: each positive one over the penalty passes float32's range
+    params = [SamplingParams(temperature=t, repetition_penalty=penalty, seed=i) for i, t in enumerate((0, 0, 1, 0.5))]
+    seqs = [Sequence(i, str(i), 0, list(range(30)), p) for i, p in enumerate(params)]
+    penalized = apply_penalties(logits, seqs)
+    assert not torch.isnan(penalized).any() and not torch.isposinf(penalized).any()
+    saturated = logits > 0  # every token is in the prompt, so each positive logit is divided by the penalty
+    assert torch.equal(penalized == torch.finfo(torch.float32).max, saturated)
+    tokens, logprobs, _ = sample_step(logits, seqs)
+    assert all(saturated[i, token] for i, token in enumerate(tokens))
+    assert tokens[:2] == [int(saturated[i].nonzero()[0]) for i in range(2)]  # greedy ties: the lowest id
+    assert np.isfinite(logprobs).all()
+
+
 def test_greedy_rows_with_penalties_take_the_penalized_argmax_and_report_raw_logprobs():
     g = torch.Generator().manual_seed(6)
     logits = torch.randn(3, 30, generator=g)

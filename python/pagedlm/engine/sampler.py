@@ -62,7 +62,7 @@ def apply_penalties(logits, seqs, eos_token_ids=frozenset()):
     requests without any are copied unchanged), in vLLM's order. logit_bias added first; then
     repetition (prompt and output tokens: positive logits divided by it, others multiplied),
     frequency (times each token's count in the output) and presence (once per token in the
-    output) subtracted; then, while a sequence has fewer than min_tokens output tokens, its stop
+    output) subtracted, a logit past float32's range held at its largest value; then, while a sequence has fewer than min_tokens output tokens, its stop
     ids and EOS (unless ignore_eos) are masked to -inf."""
     rows = [i for i, s in enumerate(seqs) if s.params._transforms_logits]
     out = logits.float().clone()
@@ -87,7 +87,10 @@ def apply_penalties(logits, seqs, eos_token_ids=frozenset()):
         repeated = torch.where(sub > 0, sub / repetition, sub * repetition)
         sub = torch.where(seen, repeated, sub)
         sub = sub - frequency * counts - presence * (counts > 0).float()
-        out[penalized] = sub
+        # A penalty near 0 (or below float32's range, where it is 0) sends positive logits to
+        # +inf, whose softmax is nan and whose draw would fall past the vocabulary: they stop at
+        # float32's largest value instead, tied for the most likely.
+        out[penalized] = sub.clamp_max(torch.finfo(torch.float32).max)
     for i in rows:
         seq = seqs[i]
         if len(seq.output) < seq.params.min_tokens:
