@@ -14,6 +14,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
@@ -587,3 +589,92 @@ def test_serving_overhead_tool_streams_every_token():
     assert result.returncode == 0, result.stderr
     server, offline = result.stdout.splitlines()
     assert server.startswith("server") and "us CPU/token" in server and offline.startswith("offline")
+
+
+# -- fuzzing ----------------------------------------------------------------------------------
+# Request bodies: a usable base (a prompt or messages of the shipped model) with a few fields
+# the endpoints know (or a stray one) set to a value a client might mean or to any other JSON
+# value; sizes stay small so that an accepted body runs in a few steps.
+_JUNK = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70),
+                  st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=6),
+                  st.lists(st.integers(-5, 5000), max_size=3), st.dictionaries(st.text(max_size=3), st.integers(-3, 3),
+                                                                               max_size=2))
+def _one_of(low, high):
+    """Each integer in [low, high] equally likely (st.integers favours a few)."""
+    return st.sampled_from(range(low, high + 1))
+
+
+_TOKEN_IDS = st.lists(st.integers(-2, 4200), min_size=0, max_size=6)
+_COMMON = {
+    "model": st.one_of(st.just(MODEL), st.text(max_size=4)),
+    "max_tokens": _one_of(-2, 6), "temperature": st.floats(-1, 3), "top_p": st.floats(0, 1.5),
+    "top_k": st.integers(-2, 50), "min_p": st.floats(-0.5, 1.5), "n": _one_of(-1, 3),
+    "seed": st.integers(-2**64, 2**64), "stop": st.one_of(st.text(max_size=3), st.lists(st.text(max_size=3), max_size=5)),
+    "stream": st.booleans(), "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
+    "stop_token_ids": _TOKEN_IDS, "ignore_eos": st.booleans(), "return_token_ids": st.booleans(),
+    "presence_penalty": st.floats(-3, 3), "frequency_penalty": st.floats(-3, 3), "repetition_penalty": st.floats(-1, 3),
+    "min_tokens": _one_of(-1, 8), "include_stop_str_in_output": st.booleans(),
+    "logit_bias": st.dictionaries(st.one_of(st.integers(-1, 4200).map(str), st.text(max_size=3)), st.floats(-150, 150),
+                                  max_size=3),
+    "user": st.text(max_size=4), "unknown_field": _JUNK,
+}
+_COMPLETION = {**_COMMON,
+               "prompt": st.one_of(st.text(max_size=12), _TOKEN_IDS, st.lists(st.text(max_size=6), max_size=3),
+                                   st.lists(_TOKEN_IDS, max_size=3)),
+               "logprobs": _one_of(-1, 22), "echo": st.booleans(), "best_of": _one_of(0, 3),
+               "suffix": st.text(max_size=2), "prompt_logprobs": _one_of(-1, 22)}
+_ROLES = st.sampled_from(["system", "developer", "user", "assistant", "tool", "wizard"])
+_CHAT = {**_COMMON,
+         "messages": st.lists(st.fixed_dictionaries({"role": _ROLES, "content": st.one_of(st.text(max_size=12),
+                                                                                            st.none(), _JUNK)}),
+                              max_size=3),
+         "max_completion_tokens": _one_of(-1, 6), "logprobs": st.booleans(), "top_logprobs": _one_of(-1, 22),
+         "response_format": st.fixed_dictionaries({"type": st.sampled_from(["text", "json_object"])}),
+         "tools": st.just([]), "add_generation_prompt": st.booleans()}
+_BASES = {"/v1/completions": st.fixed_dictionaries({"prompt": st.text(min_size=1, max_size=12)}),
+          "/v1/chat/completions": st.fixed_dictionaries({"messages": st.lists(st.fixed_dictionaries(
+              {"role": st.just("user"), "content": st.text(max_size=12)}), min_size=1, max_size=2)})}
+
+
+@st.composite
+def _bodies(draw, path, fields):
+    """The base, streamed or not, with up to six fields set (max_tokens 4 unless one of them),
+    each to a plausible value three times in four, else to any JSON value."""
+    body = {"max_tokens": 4, "stream": draw(st.booleans()), **draw(_BASES[path])}
+    for key in draw(st.lists(st.sampled_from(sorted(fields)), max_size=6, unique=True)):
+        body[key] = draw(_JUNK if draw(st.sampled_from([False, False, False, True])) else fields[key])
+    return body
+
+
+@pytest.mark.parametrize("path,fields", [("/v1/completions", _COMPLETION), ("/v1/chat/completions", _CHAT)],
+                         ids=["completions", "chat"])
+def test_any_request_body_gets_an_answer_or_an_openai_error_and_leaves_the_server_idle(server, path, fields):
+    """No body makes the server fail (a 5xx, an error event, an engine step that fails) or hang:
+    it answers 200 with OpenAI's shape (a whole response, or server-sent events ending in
+    [DONE]) or 4xx with OpenAI's error object, and afterwards holds no request and no block."""
+    @settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(body=_bodies(path, fields))
+    def check(body):
+        failures.clear()
+        r = httpx.post(f"{server.url}{path}", json=body, timeout=60)
+        event(f"HTTP {r.status_code}")
+        assert r.status_code in (200, 400, 404), (body, r.status_code, r.text)
+        if r.status_code != 200:
+            error = r.json()["error"]
+            assert error["message"] and error["type"], body
+        elif body.get("stream") is True:
+            events = [line[len("data: "):] for line in r.text.split("\n\n") if line.startswith("data: ")]
+            assert events[-1] == "[DONE]", (body, r.text)
+            assert not any("error" in json.loads(e) for e in events[:-1]), (body, r.text)
+        else:
+            assert r.json()["choices"], body
+        assert _idle(server), (body, server.bm.stats())
+        assert not failures, (body, failures)
+    failures = []
+    step_failed = server.engine._step_failed
+    server.engine._step_failed = lambda error, outbox: failures.append(repr(error)) or step_failed(error, outbox)
+    try:
+        check()
+    finally:
+        del server.engine._step_failed
+    assert httpx.get(f"{server.url}/health").status_code == 200

@@ -32,7 +32,6 @@ import collections
 import os
 import pathlib
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -210,6 +209,12 @@ def main(argv=None):
     if not ok:
         print(log[-4000:], file=sys.stderr)
         print("mutate: the unmutated tree does not build", file=sys.stderr)
+        return 2
+    imported = run([python_exe(), "-c", "import pagedlm; print(pagedlm.__file__)"], cwd=TREE, env=test_env())
+    if not imported.stdout.strip().startswith(str(TREE)):
+        # An editable install's import hook comes before PYTHONPATH: every mutant would "survive".
+        print(f"mutate: the tests would import pagedlm from {imported.stdout.strip() or '(nowhere)'}, not from the "
+              f"scratch tree {TREE}; install pagedlm as a wheel (tools/test.sh does), not editable", file=sys.stderr)
         return 2
     if not args.no_baseline:
         union = list(dict.fromkeys(t for m in mutants for t in m.tests))
