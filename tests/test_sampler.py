@@ -6,6 +6,8 @@ definitions in numpy."""
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pagedlm.engine.sampler import apply_penalties, greedy_choices, probabilities, sample, sample_step
 from pagedlm.engine.sequence import SamplingParams, Sequence
@@ -189,6 +191,35 @@ def test_a_vanishing_repetition_penalty_keeps_every_row_a_distribution(penalty):
     assert all(saturated[i, token] for i, token in enumerate(tokens))
     assert tokens[:2] == [int(saturated[i].nonzero()[0]) for i in range(2)]  # greedy ties: the lowest id
     assert np.isfinite(logprobs).all()
+
+
+_EXTREMES = st.sampled_from([0.0, 1e-300, 1e-40, 1e-3, 0.7, 1.0, 3.0, 1e40, 1e300])
+
+
+@settings(max_examples=150, deadline=None)
+@given(temperature=_EXTREMES, repetition=_EXTREMES.filter(lambda x: x > 0), frequency=st.sampled_from([-2.0, 0.0, 2.0]),
+       top_k=st.sampled_from([-1, 1, 3, 40]), top_p=st.sampled_from([1e-300, 0.5, 1.0]),
+       min_p=st.sampled_from([0.0, 0.5, 1.0]), min_tokens=st.sampled_from([0, 5]),
+       bias=st.sampled_from([None, {0: 100.0, 1: -100.0}]), seed=st.integers(0, 2**32 - 1))
+def test_any_sampling_params_draw_a_token_of_the_vocabulary(temperature, repetition, frequency, top_k, top_p, min_p,
+                                                            min_tokens, bias, seed):
+    """Whatever the params (temperatures and penalties at float32's limits and past them), over
+    logits with zeros and -inf: each row draws a token of the vocabulary, never one its
+    transforms ruled out, with a log-probability that is not nan."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(3, 12, generator=g) * 4
+    logits[0, :4] = 0.0
+    logits[1, 5] = float("-inf")
+    params = SamplingParams(temperature=temperature, repetition_penalty=repetition, frequency_penalty=frequency,
+                            top_k=top_k, top_p=top_p, min_p=min_p, min_tokens=min_tokens, stop_token_ids=[2],
+                            logit_bias=bias, seed=seed)
+    seqs = [Sequence(i, str(i), 0, [1, 3, 7, 9], params, output=[3, 3, 8]) for i in range(3)]
+    tokens, logprobs, _ = sample_step(logits, seqs, eos_token_ids={4})
+    assert all(0 <= t < 12 for t in tokens), tokens
+    assert not np.isnan(logprobs).any(), logprobs
+    assert tokens[1] != 5  # -inf: never drawn
+    if min_tokens:
+        assert not {2, 4} & set(tokens)  # held back: 3 tokens out of min_tokens
 
 
 def test_greedy_rows_with_penalties_take_the_penalized_argmax_and_report_raw_logprobs():

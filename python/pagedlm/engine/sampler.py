@@ -62,7 +62,7 @@ def apply_penalties(logits, seqs, eos_token_ids=frozenset()):
     requests without any are copied unchanged), in vLLM's order. logit_bias added first; then
     repetition (prompt and output tokens: positive logits divided by it, others multiplied),
     frequency (times each token's count in the output) and presence (once per token in the
-    output) subtracted, a logit past float32's range held at its largest value; then, while a sequence has fewer than min_tokens output tokens, its stop
+    output) subtracted, a logit past float32's range held at its largest magnitude; then, while a sequence has fewer than min_tokens output tokens, its stop
     ids and EOS (unless ignore_eos) are masked to -inf."""
     rows = [i for i, s in enumerate(seqs) if s.params._transforms_logits]
     out = logits.float().clone()
@@ -76,7 +76,7 @@ def apply_penalties(logits, seqs, eos_token_ids=frozenset()):
     penalized = [i for i in rows if seqs[i].params.repetition_penalty != 1 or seqs[i].params.frequency_penalty != 0
                  or seqs[i].params.presence_penalty != 0]
     if penalized:
-        sub = out[penalized]
+        sub = given = out[penalized]
         counts = _token_counts([seqs[i].output for i in penalized], vocab, device)
         seen = _token_counts([seqs[i].prompt for i in penalized], vocab, device) > 0
         seen |= counts > 0
@@ -85,12 +85,14 @@ def apply_penalties(logits, seqs, eos_token_ids=frozenset()):
         frequency = on_device([p.frequency_penalty for p in params], device)[:, None]
         presence = on_device([p.presence_penalty for p in params], device)[:, None]
         repeated = torch.where(sub > 0, sub / repetition, sub * repetition)
-        sub = torch.where(seen, repeated, sub)
+        sub = torch.where(seen & (sub != 0), repeated, sub)  # (a zero logit stays 0: 0 * inf is nan)
         sub = sub - frequency * counts - presence * (counts > 0).float()
-        # A penalty near 0 (or below float32's range, where it is 0) sends positive logits to
-        # +inf, whose softmax is nan and whose draw would fall past the vocabulary: they stop at
-        # float32's largest value instead, tied for the most likely.
-        out[penalized] = sub.clamp_max(torch.finfo(torch.float32).max)
+        # A penalty near 0 or past float32's range (where it is 0 or inf) sends logits to +-inf,
+        # where a row's softmax can be nan and its draw fall past the vocabulary: they stop at
+        # float32's largest magnitude instead (ties for the most, or the least, likely). A -inf
+        # the logits had stays: that token is never drawn.
+        finite = torch.finfo(torch.float32).max
+        out[penalized] = sub.clamp(-finite, finite).masked_fill(given == float("-inf"), float("-inf"))
     for i in rows:
         seq = seqs[i]
         if len(seq.output) < seq.params.min_tokens:
@@ -214,9 +216,10 @@ def probabilities(logits, params):
     # Each row's largest logit is subtracted before dividing (softmax does not change), so the
     # quotient stays finite for any temperature > 0: a tiny one would take a logit to inf and
     # the softmax to nan, where this way the largest logit stays 0 and the others go to -inf at
-    # worst (the greedy limit). Temperatures below float32's smallest normal count as it.
-    temperature = on_device([p.temperature for p in params], device)
-    temperature = temperature.clamp_min(torch.finfo(torch.float32).tiny)
+    # worst (the greedy limit). Temperatures below float32's smallest normal count as it, and
+    # those past its range as its largest (an infinite one would take -inf, a masked logit, to nan).
+    finfo = torch.finfo(torch.float32)
+    temperature = on_device([p.temperature for p in params], device).clamp(finfo.tiny, finfo.max)
     scaled = (logits - logits.amax(-1, keepdim=True)) / temperature[:, None]
     top_k = [p.top_k if p.top_k > 0 else scaled.shape[-1] for p in params]
     if min(top_k) < scaled.shape[-1]:
