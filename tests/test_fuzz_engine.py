@@ -119,7 +119,7 @@ bad_prompts = st.one_of(
 prompts = st.one_of(good_prompts, good_prompts, good_prompts, good_prompts, bad_prompts)
 good_params = st.fixed_dictionaries({}, optional={
     "n": st.integers(1, 3),
-    "temperature": st.sampled_from([0, 0, 0.7, 1.0, 1e-40, 5.0]),
+    "temperature": st.sampled_from([0, 0, 0.7, 1.0, 1e-40, 5.0, 1e300]),
     "top_k": st.integers(-1, VOCAB + 3).filter(lambda k: k != 0),
     "top_p": st.floats(0.05, 1.0),
     "max_tokens": st.integers(1, 10),
@@ -129,7 +129,7 @@ good_params = st.fixed_dictionaries({}, optional={
     "min_p": st.sampled_from([0.0, 0.05, 0.5]),
     "presence_penalty": st.sampled_from([0.0, 1.5, -2.0]),
     "frequency_penalty": st.sampled_from([0.0, 0.7]),
-    "repetition_penalty": st.sampled_from([1.0, 1.3, 0.5]),
+    "repetition_penalty": st.sampled_from([1.0, 1.3, 0.5, 1e-300, 1e300]),
     "min_tokens": st.integers(0, 1),
     "logprobs": st.sampled_from([None, 0, 3]),
     "prompt_logprobs": st.sampled_from([None, None, 0, 2]),
