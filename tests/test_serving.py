@@ -459,6 +459,12 @@ def test_bad_input_gets_an_openai_error(server, path, body, status, param):
     assert httpx.get(f"{server.url}/health").status_code == 200
 
 
+def test_logprobs_in_json_are_never_infinite_or_nan():
+    from pagedlm.serving.app import _finite
+    assert [_finite(x) for x in (-1.5, 0.0, float("-inf"), float("nan"), -1e6)] == [-1.5, 0.0, -9999.0, -9999.0,
+                                                                                        -9999.0]
+
+
 def test_openai_client_raises_its_errors(server):
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
         server.client.completions.create(model=MODEL, prompt="x", max_tokens=-1)

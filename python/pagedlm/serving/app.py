@@ -292,8 +292,10 @@ def _event(data):
 
 
 def _finite(logprob):
-    """A log-probability for JSON, which has no -inf: at least -9999.0, as vLLM reports it."""
-    return max(float(logprob), -9999.0)
+    """A log-probability for JSON, which has no -inf or nan: at least -9999.0, as vLLM reports
+    it (a nan, which only a model whose logits are nan gives, too)."""
+    value = float(logprob)
+    return value if value >= -9999.0 else -9999.0
 
 
 class _Logprobs:
