@@ -549,6 +549,38 @@ def test_200_concurrent_streams_get_exactly_their_tokens(server, offline):
     assert _idle(server)
 
 
+@settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@given(plan=st.lists(st.tuples(st.integers(1, 40), st.none() | st.integers(0, 6)), min_size=1, max_size=12))
+def test_streams_that_hang_up_at_any_point_leave_the_others_exact_and_the_server_idle(server, offline, plan):
+    """Concurrent greedy streams (max_tokens each), some hanging up after a few chunks: the
+    others get exactly offline generate's tokens, and the server ends holding nothing."""
+    prompts = [f"def f_{i}(x):" for i in range(len(plan))]
+
+    async def one(i, max_tokens, hang_up_after):
+        body = {"model": MODEL, "prompt": prompts[i], "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                "return_token_ids": True}
+        ids, chunks = [], 0
+        async with httpx.AsyncClient(timeout=60) as client:
+            async with client.stream("POST", f"{server.url}/v1/completions", json=body) as r:
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    chunks += 1
+                    ids += json.loads(line[len("data: "):])["choices"][0].get("token_ids", [])
+                    if hang_up_after is not None and chunks > hang_up_after:
+                        return None
+        return ids
+
+    async def main():
+        return await asyncio.gather(*[one(i, m, h) for i, (m, h) in enumerate(plan)])
+
+    results = asyncio.run(asyncio.wait_for(main(), 120))
+    refs = offline.generate(prompts, [SamplingParams(temperature=0, max_tokens=m) for m, _ in plan], use_tqdm=False)
+    for ids, ref in zip(results, refs):
+        assert ids is None or ids == ref.outputs[0].token_ids
+    assert _idle(server), server.bm.stats()
+
+
 # -- shutting down -------------------------------------------------------------------------------
 def test_sigterm_drains_and_exits_cleanly(tmp_path):
     sock = _free_socket()
