@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from pagedlm import LLM, BeamSearchParams
+from pagedlm.beam_search import Beam, beam_score
 
 from llama_checkpoint import save_llama
 
@@ -84,3 +85,22 @@ def test_bad_params_name_the_field():
                                                                              "max_tokens")]:
         with pytest.raises(ValueError, match=field):
             BeamSearchParams(**kwargs)
+
+
+def test_a_penalty_past_floats_range_scores_the_limit():
+    """length ** length_penalty overflows (or rounds to 0) for a penalty of a few hundred: the
+    score is the quotient's limit, and a search with such a penalty runs."""
+    beam = Beam(0, [1] * 7, -3.5)
+    assert beam_score(beam, 1.0) == -0.5
+    assert beam_score(beam, 400.0) == 0.0 and math.copysign(1, beam_score(beam, 400.0)) == -1
+    assert beam_score(beam, -400.0) == -math.inf
+    assert beam_score(Beam(0, [1] * 7, 0.0), -400.0) == 0.0
+
+
+@pytest.mark.parametrize("length_penalty", [400.0, -400.0, 1e300])
+def test_a_search_with_an_extreme_length_penalty_returns_its_beams(checkpoint, length_penalty):
+    folder, _ = checkpoint
+    llm = LLM(folder, device="cpu", block_size=4, num_blocks=128)
+    out = llm.beam_search(PROMPTS[:2], BeamSearchParams(beam_width=3, max_tokens=4, length_penalty=length_penalty))
+    assert [len(o.outputs) for o in out] == [3, 3]
+    assert llm.block_manager.stats()["used_blocks"] == 0

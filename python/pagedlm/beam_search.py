@@ -11,6 +11,7 @@ completed and live beams are ranked by cum_logprob / length ** length_penalty, t
 counting the prompt and not a final EOS, and the best beam_width are returned.
 """
 import itertools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -42,8 +43,16 @@ class Beam:
 
 
 def beam_score(beam, length_penalty):
+    """cum_logprob / length ** length_penalty. Where the power leaves float's range (a penalty
+    of a few hundred, either sign), the quotient's limit: -0.0 under a large penalty, -inf under
+    a large negative one (a beam of log-probability 0 scores 0)."""
     length = len(beam.tokens) - beam.finished  # a finished beam ends in EOS, which does not count
-    return beam.cum_logprob / length ** length_penalty
+    try:
+        return beam.cum_logprob / length ** length_penalty
+    except OverflowError:  # length ** length_penalty past float's largest value
+        return -0.0 if beam.cum_logprob < 0 else 0.0
+    except ZeroDivisionError:  # length ** length_penalty rounded to 0
+        return -math.inf if beam.cum_logprob < 0 else 0.0
 
 
 class BeamSearch:
