@@ -84,7 +84,9 @@ class LLM(StepRecovery, OverlappedSteps):
                  enable_prefix_caching=True, seed=0, enforce_eager=False, speculative=None,
                  kv_cache_dtype="auto", calculate_kv_scales=False, tensor_parallel_size=1,
                  disable_cascade_attn=True, async_scheduling=None):
-        """device: "auto" (None), "cpu", "cuda" or "cuda:N"; dtype of the weights loaded from a
+        """gpu_memory_utilization: the share of the GPU memory free once the weights are loaded
+        that the KV cache takes (vLLM's counts the weights and activations in its share of the
+        whole card). device: "auto" (None), "cpu", "cuda" or "cuda:N"; dtype of the weights loaded from a
         folder: "auto" (None: bfloat16 on a GPU, float32 on the CPU), "float16"/"half",
         "bfloat16", "float32"/"float" or the torch dtype. kv_cache_dtype: "auto" (the model's
         dtype), "fp8" (= "fp8_e4m3") or "fp8_e5m2": an FP8 KV cache, one byte per element, with
