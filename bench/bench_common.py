@@ -1,6 +1,7 @@
 """What every benchmark script shares: the machine's and the commit's names for the
-results header, the card's ceilings (copy bandwidth, matmul rate), FlashInfer's version and
-the best anchor, and appending a table to bench/RESULTS.md or another file."""
+results header, a process's CPU time, the card's ceilings (copy bandwidth, matmul rate),
+FlashInfer's version and the best anchor, and appending a table to bench/RESULTS.md or
+another file."""
 import os
 import platform
 import subprocess
@@ -25,6 +26,15 @@ def cpu_name():
             return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         return platform.processor() or "unknown CPU"
+
+
+def process_cpu_seconds(pid):
+    """User + system CPU seconds of process pid so far (None without a pid, or off Linux)."""
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    except (OSError, TypeError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def copy_bandwidth():

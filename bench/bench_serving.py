@@ -32,7 +32,7 @@ import time
 
 import httpx
 
-from bench_common import StepClock, cpu_name, git_commit, write_results
+from bench_common import StepClock, cpu_name, git_commit, process_cpu_seconds, write_results
 
 
 def workload(count, input_len, vocab_size, seed):
@@ -118,7 +118,7 @@ async def send_all(url, model, prompts, output_len, rate, seed):
         tasks = []
         for prompt in prompts:
             tasks.append(asyncio.ensure_future(one_request(client, url, model, prompt, output_len)))
-            if math.isfinite(rate) and rate > 0:
+            if math.isfinite(rate):
                 await asyncio.sleep(rng.expovariate(rate))
         results = await asyncio.gather(*tasks)
     return results, time.process_time() - cpu
@@ -163,15 +163,6 @@ async def run_rate(url, model, prompts, output_len, rate, seed, client_procs=1, 
                 kv_mean=statistics.fmean(kv) if kv else float("nan"), kv_max=max(kv, default=float("nan")),
                 client_busy=client_busy,
                 server_us_per_token=None if server_cpu is None else server_cpu / tokens * 1e6)
-
-
-def process_cpu_seconds(pid):
-    """User + system CPU seconds of process pid so far (None without a pid, or off Linux)."""
-    try:
-        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    except (OSError, TypeError):
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def offline(args, prompts):

@@ -29,6 +29,9 @@ import torch
 from pagedlm import LLM, SamplingParams
 from pagedlm.data import TINY_CODE, tiny_model
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
+from bench_common import process_cpu_seconds  # noqa: E402
+
 
 def stub_engine(step_ms):
     """The shipped model's LLM on the CPU with every decode forward replaced: it sleeps step_ms
@@ -90,11 +93,6 @@ async def stream_all(port, prompts, output_len):
     return time.perf_counter() - start, sum(chunks)
 
 
-def cpu_seconds(pid):
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=256)
@@ -124,9 +122,9 @@ def main():
                 time.sleep(0.2)
         asyncio.run(stream_all(port, prompts[:8], 4))  # warm-up
         for _ in range(args.rounds):
-            cpu = cpu_seconds(server.pid)
+            cpu = process_cpu_seconds(server.pid)
             elapsed, chunks = asyncio.run(stream_all(port, prompts, args.output_len))
-            cpu = cpu_seconds(server.pid) - cpu
+            cpu = process_cpu_seconds(server.pid) - cpu
             print(f"server  {tokens / elapsed:8.0f} output tok/s  {chunks / tokens:.2f} chunks/token  "
                   f"{cpu / tokens * 1e6:5.0f} us CPU/token")
     finally:
